@@ -48,7 +48,7 @@ def epd_step_backward(grad_out, grads, weights, h, o):
     scale = (1.0 + o.to(acc)) * h.to(acc)
     coef = scale[:, None] * weights.to(acc)  # [B, K]
     gy = grad_out.to(acc)
-    grad_grads = (coef.t()[:, :, None] * gy[None]).to(grads.dtype)
+    grad_grads = (coef.t()[:, :, None] * gy[None]).to(grads.dtype).contiguous()
     dots = torch.einsum("bn,kbn->bk", gy, grads.to(acc))
     return grad_grads, dots
 
@@ -57,7 +57,7 @@ def branch_states(x, d, c):
     """out[k, b, n] = x[b, n] + c[b, k] * d[b, n]  ->  [K, B, N] in x's dtype."""
     acc = opmath_dtype(x.dtype)
     out = x.to(acc)[None] + c.to(acc).t()[:, :, None] * d.to(acc)[None]
-    return out.to(x.dtype)
+    return out.to(x.dtype).contiguous()
 
 
 def branch_states_backward(grad_out, d, c):

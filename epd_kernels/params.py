@@ -1,0 +1,448 @@
+"""EPD-Solver parameters: the per-step branch points, weights and perturbations.
+
+`EPDParams` holds the NATURAL (constrained) values the sampler uses, so that exact
+settings such as ``r = 0`` (a branch at the start point) or a one-hot weight vector are
+representable. For ``S`` steps and ``K`` parallel branches (DESIGN.md section 1):
+
+    r       [S, K]  in [0, 1]   branch point  tau_k = t'^{r_k} * t^{1 - r_k}
+    weights [S, K]  simplex     lambda_k >= 0, sum_k lambda_k = 1
+    delta   [S, K]  > -1        the branch is evaluated at sigma (1 + delta_k) * tau_k
+    o       [S]     > -1        the update is scaled by (1 + o_n)
+    sigmas  [S+1]   float64     the time grid, strictly decreasing, all > 0
+
+plus metadata: ``nfe`` (latency NFE = 2 S - afs), ``afs`` (analytic first step),
+``plugin`` (EPD-Plugin on iPNDM), ``max_order`` (iPNDM order of the plugin), ``schedule``
+(the name or description of the grid) and ``meta`` (free-form, JSON-serialisable: teacher,
+training settings, ...).
+
+The tensors may require grad (distillation optimises unconstrained latents and maps them
+here); `validate` and `save` always look at detached values.
+
+File format (`save` / `load`): one safetensors file with the tensors ``r``, ``weights``,
+``delta``, ``o``, ``sigmas`` and, in the header's string-to-string metadata, JSON-encoded
+values for ``format_version``, ``solver`` ("epd" / "epd-ipndm"), ``K``, ``S``, ``nfe``,
+``schedule``, ``afs``, ``plugin``, ``max_order``, ``package_version``, ``meta`` and
+``checksum`` (sha256 over the tensors' names, dtypes, shapes and bytes, so that a
+corrupted data section is detected). Files are written atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["EPDParams", "FORMAT_VERSION", "epd_latency_nfe", "epd_total_evaluations"]
+
+#: Version of the file layout written by `EPDParams.save`. Readers refuse newer versions.
+FORMAT_VERSION = 1
+
+_TENSOR_FIELDS = ("r", "weights", "delta", "o", "sigmas")
+_META_KEYS = ("format_version", "solver", "K", "S", "nfe", "schedule", "afs", "plugin",
+              "max_order", "package_version", "meta", "checksum")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def epd_latency_nfe(num_steps: int, afs: bool) -> int:
+    """Sequential denoiser evaluations of EPD: 2 per step, minus 1 with AFS."""
+    return 2 * num_steps - int(bool(afs))
+
+
+def epd_total_evaluations(num_steps: int, num_points: int, afs: bool) -> int:
+    """All denoiser evaluations (samples x calls / B) of EPD: (K + 1) per step, minus 1 with AFS."""
+    return (num_points + 1) * num_steps - int(bool(afs))
+
+
+def _simplex_tol(dtype: torch.dtype) -> float:
+    return 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+
+
+def _as_tensor(name, value, dtype=None):
+    if isinstance(value, torch.Tensor):
+        return value if dtype is None else value.to(dtype)
+    try:
+        return torch.as_tensor(value, dtype=dtype or torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"EPDParams.{name}: cannot make a tensor from {type(value).__name__}: {e}")
+
+
+@dataclass
+class EPDParams:
+    """Natural-valued EPD / EPD-Plugin parameters for one time grid (see module docstring).
+
+    Build one with `EPDParams.init(sigmas, num_points)` (a sensible untrained start), from
+    a distillation, or with `EPDParams.load(path)`.
+    """
+
+    r: torch.Tensor
+    weights: torch.Tensor
+    delta: torch.Tensor
+    o: torch.Tensor
+    sigmas: torch.Tensor
+    nfe: Optional[int] = None
+    afs: bool = True
+    plugin: bool = False
+    max_order: int = 4
+    schedule: Union[str, dict, None] = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("r", "weights", "delta", "o"):
+            setattr(self, name, _as_tensor(name, getattr(self, name)))
+        # The grid is data, never optimised: always float64.
+        self.sigmas = _as_tensor("sigmas", self.sigmas).detach().to(torch.float64)
+        self.afs = bool(self.afs)
+        self.plugin = bool(self.plugin)
+        self.max_order = int(self.max_order)
+        if self.meta is None:
+            self.meta = {}
+        if self.nfe is None and self.sigmas.dim() == 1:
+            self.nfe = epd_latency_nfe(self.sigmas.numel() - 1, self.afs)
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def init(cls, sigmas, num_points: int, *, afs: bool = True, plugin: bool = False,
+             max_order: int = 4, schedule: Union[str, dict, None] = None,
+             r_init: str = "gauss", dtype: torch.dtype = torch.float64,
+             device: Union[str, torch.device, None] = None,
+             meta: Optional[dict] = None) -> "EPDParams":
+        """A starting point on `sigmas` ([S+1], decreasing) with `num_points` branches.
+
+        ``r`` is spread inside (0, 1): the Gauss-Legendre nodes on [0, 1] (``r_init="gauss"``;
+        K=1 gives the log-midpoint 0.5, K=2 gives 0.211, 0.789) or ``(k + 1) / (K + 1)``
+        (``r_init="linspace"``). Weights are equal (1/K); ``delta = o = 0``.
+        """
+        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
+            raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}")
+        sig = _as_tensor("sigmas", sigmas).detach().to(torch.float64)
+        if sig.dim() != 1 or sig.numel() < 2:
+            raise ValueError(f"EPDParams.sigmas must be a 1-D grid of S+1 >= 2 values, got "
+                             f"shape {list(sig.shape)}")
+        S, K = sig.numel() - 1, num_points
+        if r_init == "gauss":
+            import numpy as np
+            nodes = np.polynomial.legendre.leggauss(K)[0]
+            r_row = torch.tensor((nodes + 1.0) / 2.0, dtype=torch.float64)
+        elif r_init == "linspace":
+            r_row = torch.arange(1, K + 1, dtype=torch.float64) / (K + 1)
+        else:
+            raise ValueError(f"r_init must be 'gauss' or 'linspace', got {r_init!r}")
+        kw = dict(dtype=dtype, device=device)
+        params = cls(
+            r=r_row.to(**kw).expand(S, K).clone(),
+            weights=torch.full((S, K), 1.0 / K, **kw),
+            delta=torch.zeros(S, K, **kw),
+            o=torch.zeros(S, **kw),
+            sigmas=sig.to(device) if device is not None else sig,
+            afs=afs, plugin=plugin, max_order=max_order, schedule=schedule,
+            meta=dict(meta or {}),
+        )
+        params.validate()
+        return params
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def num_steps(self) -> int:
+        """S, the number of solver steps."""
+        return int(self.sigmas.numel()) - 1
+
+    @property
+    def num_points(self) -> int:
+        """K, the number of parallel branches per step."""
+        return int(self.r.shape[-1]) if self.r.dim() >= 1 else 0
+
+    @property
+    def solver(self) -> str:
+        return "epd-ipndm" if self.plugin else "epd"
+
+    @property
+    def total_evaluations(self) -> int:
+        return epd_total_evaluations(self.num_steps, self.num_points, self.afs)
+
+    # ---------------------------------------------------------------- conversions
+
+    def _replace(self, **tensors) -> "EPDParams":
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        kw.update(tensors)
+        kw["meta"] = dict(self.meta)
+        return EPDParams(**kw)
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "EPDParams":
+        """A copy on `device`; `dtype` converts r, weights, delta, o (sigmas stay float64)."""
+        kw = {n: getattr(self, n).to(device=device, dtype=dtype) for n in ("r", "weights", "delta", "o")}
+        kw["sigmas"] = self.sigmas.to(device=device)
+        return self._replace(**kw)
+
+    def detach(self) -> "EPDParams":
+        """A copy whose tensors are detached from any autograd graph (and cloned)."""
+        return self._replace(**{n: getattr(self, n).detach().clone() for n in _TENSOR_FIELDS})
+
+    def step(self, n: int):
+        """(r[n], weights[n], delta[n], o[n]) for step n."""
+        return self.r[n], self.weights[n], self.delta[n], self.o[n]
+
+    # ---------------------------------------------------------------- checks
+
+    def check_structure(self) -> None:
+        """Shapes, dtypes, devices and metadata types (no value checks, no device sync)."""
+        for name in _TENSOR_FIELDS:
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"EPDParams.{name} must be a tensor, got {type(t).__name__}")
+            if t.dtype not in _FLOAT_DTYPES:
+                raise ValueError(f"EPDParams.{name} must be a floating tensor, got {t.dtype}")
+        if self.sigmas.dim() != 1 or self.sigmas.numel() < 2:
+            raise ValueError(f"EPDParams.sigmas must be a 1-D grid of S+1 >= 2 values, got "
+                             f"shape {list(self.sigmas.shape)}")
+        S = self.num_steps
+        if self.r.dim() != 2 or self.r.shape[0] != S or self.r.shape[1] < 1:
+            raise ValueError(f"EPDParams.r must have shape [S, K] = [{S}, K>=1] (S from "
+                             f"sigmas of length {S + 1}), got {list(self.r.shape)}")
+        K = self.num_points
+        for name in ("weights", "delta"):
+            t = getattr(self, name)
+            if tuple(t.shape) != (S, K):
+                raise ValueError(f"EPDParams.{name} must have shape [S, K] = [{S}, {K}], "
+                                 f"got {list(t.shape)}")
+        if tuple(self.o.shape) != (S,):
+            raise ValueError(f"EPDParams.o must have shape [S] = [{S}], got {list(self.o.shape)}")
+        devices = {getattr(self, n).device for n in ("r", "weights", "delta", "o")}
+        if len(devices) > 1:
+            raise ValueError(f"EPDParams tensors r, weights, delta, o are on several devices: "
+                             f"{sorted(map(str, devices))}")
+        if not isinstance(self.nfe, int) or isinstance(self.nfe, bool):
+            raise ValueError(f"EPDParams.nfe must be an int, got {self.nfe!r}")
+        expected = epd_latency_nfe(S, self.afs)
+        if self.nfe != expected:
+            raise ValueError(f"EPDParams.nfe = {self.nfe} does not match S = {S} steps with "
+                             f"afs={self.afs}: EPD has latency NFE 2*S - afs = {expected}")
+        if not 1 <= self.max_order <= 4:
+            raise ValueError(f"EPDParams.max_order must be in 1..4 (iPNDM), got {self.max_order}")
+        if self.schedule is not None and not isinstance(self.schedule, (str, dict)):
+            raise ValueError(f"EPDParams.schedule must be a str, a dict or None, got "
+                             f"{type(self.schedule).__name__}")
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"EPDParams.meta must be a dict, got {type(self.meta).__name__}")
+
+    def validate(self) -> "EPDParams":
+        """Full check: structure plus finiteness and ranges. Returns self; raises ValueError.
+
+        r in [0, 1]; weights >= 0 summing to 1 per step (tolerance 1e-5, 1e-2 for half
+        dtypes); delta > -1 and o > -1 (a positive sigma and a forward step); sigmas finite,
+        > 0 and strictly decreasing.
+        """
+        self.check_structure()
+        vals = {n: getattr(self, n).detach().to("cpu", torch.float64) for n in _TENSOR_FIELDS}
+        for name, v in vals.items():
+            if not torch.isfinite(v).all():
+                raise ValueError(f"EPDParams.{name} has non-finite values (nan or inf)")
+        r = vals["r"]
+        if (r < 0).any() or (r > 1).any():
+            raise ValueError(f"EPDParams.r must lie in [0, 1], got values in "
+                             f"[{r.min().item():.6g}, {r.max().item():.6g}]")
+        w = vals["weights"]
+        tol = _simplex_tol(self.weights.dtype)
+        if (w < -tol).any():
+            raise ValueError(f"EPDParams.weights must be >= 0 (on the simplex), min is "
+                             f"{w.min().item():.6g}")
+        sums = w.sum(1)
+        bad = (sums - 1).abs() > tol
+        if bad.any():
+            n = int(bad.nonzero()[0, 0])
+            raise ValueError(f"EPDParams.weights must sum to 1 per step (simplex); step {n} sums "
+                             f"to {sums[n].item():.8g} (tolerance {tol:g})")
+        for name in ("delta", "o"):
+            if (vals[name] <= -1).any():
+                raise ValueError(f"EPDParams.{name} must be > -1 (1 + {name} is a positive "
+                                 f"scale), min is {vals[name].min().item():.6g}")
+        s = vals["sigmas"]
+        if (s <= 0).any():
+            raise ValueError(f"EPDParams.sigmas must be > 0 (the last is sigma_min), min is "
+                             f"{s.min().item():.6g}")
+        if not (s[1:] < s[:-1]).all():
+            raise ValueError("EPDParams.sigmas must be strictly decreasing (sigma_max first)")
+        return self
+
+    def check_compatible(self, nfe: Optional[int] = None, num_points: Optional[int] = None,
+                         sigmas=None, *, rtol: float = 1e-5, atol: float = 1e-8) -> None:
+        """Raises ValueError unless these params fit the requested nfe, K and grid."""
+        if nfe is not None and int(nfe) != self.nfe:
+            raise ValueError(f"EPD params were made for latency NFE {self.nfe} "
+                             f"({self.num_steps} steps, afs={self.afs}) but NFE {nfe} was asked")
+        if num_points is not None and int(num_points) != self.num_points:
+            raise ValueError(f"EPD params have K = {self.num_points} parallel points but "
+                             f"K = {num_points} was asked")
+        if sigmas is not None:
+            s = _as_tensor("sigmas", sigmas).detach().to("cpu", torch.float64).reshape(-1)
+            mine = self.sigmas.detach().to("cpu", torch.float64)
+            if s.numel() != mine.numel():
+                raise ValueError(f"EPD params have {mine.numel()} sigmas ({self.num_steps} steps) "
+                                 f"but the grid given has {s.numel()} ({s.numel() - 1} steps)")
+            if not torch.allclose(s, mine, rtol=rtol, atol=atol):
+                i = int(((s - mine).abs() > atol + rtol * mine.abs()).nonzero()[0, 0])
+                raise ValueError(f"EPD params were distilled on a different time grid: sigma[{i}] "
+                                 f"is {mine[i].item():.8g} in the params but {s[i].item():.8g} "
+                                 f"in the grid given (schedule {self.schedule!r})")
+
+    # ---------------------------------------------------------------- files
+
+    def _tensors_for_file(self):
+        return {n: getattr(self, n).detach().to("cpu").contiguous().clone() for n in _TENSOR_FIELDS}
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes a safetensors file (atomically: temp file in the same folder + os.replace)."""
+        from safetensors.torch import save as st_save
+        from . import __version__
+
+        self.validate()
+        tensors = self._tensors_for_file()
+        fields = {
+            "format_version": FORMAT_VERSION,
+            "solver": self.solver,
+            "K": self.num_points,
+            "S": self.num_steps,
+            "nfe": self.nfe,
+            "schedule": self.schedule,
+            "afs": self.afs,
+            "plugin": self.plugin,
+            "max_order": self.max_order,
+            "package_version": __version__,
+            "meta": self.meta,
+            "checksum": _checksum(tensors),
+        }
+        try:
+            metadata = {k: json.dumps(v, sort_keys=True) for k, v in fields.items()}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"EPDParams.meta / schedule must be JSON-serialisable: {e}") from e
+        data = st_save(tensors, metadata=metadata)
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device=None) -> "EPDParams":
+        """Reads and fully validates a file written by `save`.
+
+        FileNotFoundError for a missing file; ValueError (naming the file and the problem)
+        for a truncated or corrupted file, a newer format_version, missing keys, wrong
+        shapes or out-of-range values.
+        """
+        from safetensors.torch import load as st_load
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"EPD params file not found: {path}")
+        with open(path, "rb") as f:
+            data = f.read()
+        raw_meta = _read_header_metadata(data, path)
+        try:
+            tensors = st_load(data)
+        except Exception as e:  # safetensors raises its own error type
+            raise ValueError(f"{path}: corrupted safetensors data: {e}") from e
+
+        def fail(msg):
+            raise ValueError(f"{path}: {msg}")
+
+        missing = [k for k in _META_KEYS if k not in raw_meta]
+        if "format_version" in missing:
+            fail("no 'format_version' in the metadata: not an epd_kernels EPD params file")
+        meta = {}
+        for k, v in raw_meta.items():
+            try:
+                meta[k] = json.loads(v)
+            except json.JSONDecodeError as e:
+                fail(f"metadata field {k!r} is not valid JSON ({e}): the file is corrupted")
+        version = meta["format_version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            fail(f"invalid format_version {version!r}")
+        if version > FORMAT_VERSION:
+            fail(f"format_version {version} is newer than this epd_kernels supports "
+                 f"({FORMAT_VERSION}); upgrade epd_kernels to read it")
+        if missing:
+            fail(f"metadata is missing the keys {missing}")
+        missing_t = [k for k in _TENSOR_FIELDS if k not in tensors]
+        if missing_t:
+            fail(f"missing tensors {missing_t} (has {sorted(tensors)})")
+        extra = sorted(set(tensors) - set(_TENSOR_FIELDS))
+        if extra:
+            fail(f"unexpected tensors {extra}")
+        if meta["checksum"] != _checksum({k: tensors[k] for k in _TENSOR_FIELDS}):
+            fail("checksum mismatch: the tensor data is corrupted")
+        if meta["solver"] not in ("epd", "epd-ipndm"):
+            fail(f"solver must be 'epd' or 'epd-ipndm', got {meta['solver']!r}")
+        for k in ("afs", "plugin"):
+            if not isinstance(meta[k], bool):
+                fail(f"metadata {k!r} must be true/false, got {meta[k]!r}")
+        for k in ("K", "S", "nfe", "max_order"):
+            if not isinstance(meta[k], int) or isinstance(meta[k], bool):
+                fail(f"metadata {k!r} must be an integer, got {meta[k]!r}")
+        if (meta["solver"] == "epd-ipndm") != meta["plugin"]:
+            fail(f"solver {meta['solver']!r} contradicts plugin={meta['plugin']}")
+        if not isinstance(meta["meta"], dict):
+            fail(f"metadata 'meta' must be an object, got {type(meta['meta']).__name__}")
+        K, S = meta["K"], meta["S"]
+        expect = {"r": (S, K), "weights": (S, K), "delta": (S, K), "o": (S,), "sigmas": (S + 1,)}
+        for k, shape in expect.items():
+            if tuple(tensors[k].shape) != shape:
+                fail(f"tensor {k!r} has shape {list(tensors[k].shape)}, expected {list(shape)} "
+                     f"(K={K}, S={S})")
+        try:
+            params = cls(r=tensors["r"], weights=tensors["weights"], delta=tensors["delta"],
+                         o=tensors["o"], sigmas=tensors["sigmas"], nfe=meta["nfe"],
+                         afs=meta["afs"], plugin=meta["plugin"], max_order=meta["max_order"],
+                         schedule=meta["schedule"], meta=meta["meta"])
+            params.validate()
+        except ValueError as e:
+            fail(str(e))
+        return params.to(device) if device is not None else params
+
+
+def _checksum(tensors) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _read_header_metadata(data: bytes, path: str) -> dict:
+    """The string metadata of a safetensors file, with clear errors for damaged headers."""
+    if len(data) < 8:
+        raise ValueError(f"{path}: truncated or not a safetensors file ({len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n == 0 or 8 + n > len(data):
+        raise ValueError(f"{path}: truncated or corrupted safetensors file (header of {n} "
+                         f"bytes, file of {len(data)} bytes)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupted safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupted safetensors header (not a JSON object)")
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{path}: no epd_kernels metadata in the safetensors header: not an "
+                         f"EPD params file")
+    return meta

@@ -1,0 +1,29 @@
+"""Test-session setup.
+
+TRITON_INTERPRET must be set before triton is first imported: it makes @triton.jit return
+interpreted kernels that run on CPU tensors, which is how the Triton backend is tested on a
+machine without a GPU. Tests that compile for real GPU targets run in a subprocess without it.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def require_cpp() -> bool:
+    """In CI (or when asked) the C++ backend must be present: missing it is a failure, not a skip."""
+    return os.environ.get("CI", "") not in ("", "0", "false") or os.environ.get(
+        "EPD_KERNELS_REQUIRE_CPP", "0") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend():
+    from epd_kernels import backends
+
+    yield
+    backends.set_backend("auto")

@@ -1,0 +1,511 @@
+"""The public fused ops on every backend against the float64 reference.
+
+Oracle: `epd_kernels.reference` evaluated in float64 on the same (already rounded) inputs.
+Tolerances are per dtype and scale with an error bound computed from absolute values, so
+a sum of large terms that cancels is judged against the size of its terms, as rounding is.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import epd_kernels
+from epd_kernels import backends, branch_states, branch_states_into, epd_step
+from epd_kernels import reference as ref
+
+from conftest import require_cpp
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Relative to the magnitude bound: the output rounding (half an ulp) plus fp32 accumulation.
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# Reductions (grad_weights, grad_h, grad_o) come back in float32 (float64): their error is
+# accumulation only, judged against the sum of |terms|.
+RTOL_REDUCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+ATOL = {torch.float64: 1e-300, torch.float32: 1e-30, torch.float16: 1e-7, torch.bfloat16: 1e-30}
+
+BACKENDS = ["cpp", "triton", "reference"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    name = request.param
+    if backends.get(name) is None:
+        if name == "cpp" and require_cpp():
+            pytest.fail("the C++ extension epd_kernels._C is not built but CI requires it")
+        if name == "triton" and require_cpp():
+            pytest.fail("triton is not importable but CI requires the Triton backend tests")
+        pytest.skip(f"backend {name} not available here")
+    backends.set_backend(name)
+    return name
+
+
+# --------------------------------------------------------------------------------------
+# input generation
+
+
+def _values(shape, gen, scale=1.0):
+    return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+
+
+def _with_layout(values, layout, dtype):
+    """The same values as a tensor of the requested memory layout."""
+    if layout == "contiguous":
+        return values.to(dtype)
+    if layout == "strided":
+        # Interleave with junk along the last dim and take every other element.
+        big = torch.full(values.shape[:-1] + (2 * values.shape[-1],), float("nan"),
+                         dtype=torch.float64)
+        big[..., ::2] = values
+        out = big.to(dtype)[..., ::2]
+        assert not out.is_contiguous() or values.shape[-1] <= 1
+        return out
+    if layout == "transposed":
+        return values.transpose(0, -1).contiguous().to(dtype).transpose(0, -1)
+    raise AssertionError(layout)
+
+
+def _expanded(values_one, batch, dtype, batch_dim):
+    """A tensor whose batch dimension has stride 0 (broadcast of one sample)."""
+    shape = list(values_one.shape)
+    shape[batch_dim] = batch
+    return values_one.to(dtype).expand(shape)
+
+
+@st.composite
+def step_cases(draw, small=False):
+    K = draw(st.integers(1, 8))
+    B = draw(st.integers(1, 4 if small else 6))
+    ndim = draw(st.integers(0, 3))
+    dims = [draw(st.integers(1, 5 if small else 9)) for _ in range(ndim)]
+    if not small and draw(st.integers(0, 9)) == 0:
+        dims = [draw(st.integers(4000, 20000))]  # occasionally a larger sample
+    dtype = draw(st.sampled_from(DTYPES))
+    x_layout = draw(st.sampled_from(["contiguous", "strided", "transposed", "expanded"]))
+    g_layout = draw(st.sampled_from(["contiguous", "strided", "transposed", "expanded", "list"]))
+    w_form = draw(st.sampled_from(["K", "BK", "BK_expanded"]))
+    h_form = draw(st.sampled_from(["float", "0d", "B"]))
+    o_form = draw(st.sampled_from(["default", "float", "0d", "B"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(K=K, B=B, dims=dims, dtype=dtype, x_layout=x_layout, g_layout=g_layout,
+                w_form=w_form, h_form=h_form, o_form=o_form, seed=seed)
+
+
+def build_step_inputs(case, requires_grad=False):
+    """User-facing inputs (in the case's layouts) and float64 canonical copies for the oracle."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    K, B, dims, dtype = case["K"], case["B"], case["dims"], case["dtype"]
+    xshape = [B] + dims
+    if case["x_layout"] == "expanded":
+        x = _expanded(_values([1] + dims, gen), B, dtype, 0)
+    else:
+        x = _with_layout(_values(xshape, gen), case["x_layout"], dtype)
+    gl = case["g_layout"]
+    if gl == "expanded":
+        g = _expanded(_values([K, 1] + dims, gen), B, dtype, 1)
+    elif gl == "list":
+        g = [_with_layout(_values(xshape, gen), "strided", dtype) for _ in range(K)]
+    else:
+        g = _with_layout(_values([K] + xshape, gen), gl, dtype)
+    acc = ref.opmath_dtype(dtype)
+    wf = case["w_form"]
+    if wf == "K":
+        w = _values([K], gen).to(acc)
+    elif wf == "BK":
+        w = _values([B, K], gen).to(acc)
+    else:
+        w = _values([1, K], gen).to(acc).expand(B, K)
+
+    def scalar(form, lo, hi):
+        u = torch.rand([B], generator=gen, dtype=torch.float64) * (hi - lo) + lo
+        if form == "float":
+            return float(u[0])
+        if form == "0d":
+            return u[0].to(acc)
+        if form == "B":
+            return u.to(acc)
+        return None
+
+    h = scalar(case["h_form"], -1.0, 1.0)
+    o = scalar(case["o_form"], -0.3, 0.3)
+    if requires_grad:
+        x = x.detach().requires_grad_(True)
+        if isinstance(g, list):
+            g = [t.detach().requires_grad_(True) for t in g]
+        else:
+            g = g.detach().requires_grad_(True)
+        w = w.detach().requires_grad_(True)
+        if isinstance(h, torch.Tensor):
+            h = h.detach().requires_grad_(True)
+        if isinstance(o, torch.Tensor):
+            o = o.detach().requires_grad_(True)
+    return x, g, w, h, o
+
+
+def _f64(t):
+    if isinstance(t, torch.Tensor):
+        return t.detach().to(torch.float64)
+    if isinstance(t, list):
+        return torch.stack([_f64(v) for v in t])
+    return t
+
+
+def _call(x, g, w, h, o):
+    return epd_step(x, g, w, h) if o is None else epd_step(x, g, w, h, o)
+
+
+def _oracle_forward(x, g, w, h, o):
+    """float64 reference on canonical shapes plus a magnitude bound of the same shape."""
+    B = x.shape[0]
+    x64, g64 = _f64(x).reshape(B, -1), _f64(g).reshape(g.shape[0] if not isinstance(g, list) else len(g), B, -1)
+    K = g64.shape[0]
+    w64 = _f64(w).expand(B, K) if _f64(w).dim() == 2 else _f64(w)[None].expand(B, K)
+
+    def vec(v):
+        if v is None:
+            return torch.zeros(B, dtype=torch.float64)
+        if isinstance(v, torch.Tensor):
+            return _f64(v).expand(B)
+        return torch.full((B,), float(v), dtype=torch.float64)
+
+    h64, o64 = vec(h), vec(o)
+    y = ref.epd_step(x64, g64, w64, h64, o64)
+    bound = ref.epd_step(x64.abs(), g64.abs(), w64.abs(), h64.abs(), (1 + o64).abs() - 1)
+    return y.reshape(x.shape), bound.reshape(x.shape)
+
+
+def _assert_close(actual, expected, bound, rtol, atol, what):
+    err = (actual.to(torch.float64) - expected).abs()
+    tol = rtol * bound + atol
+    bad = ~(err <= tol)  # NaN counts as bad
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} elements off; first at {i}: got "
+            f"{actual[tuple(i)].item()!r}, want {expected[tuple(i)].item()!r}, tol {tol[tuple(i)].item():.3g}")
+
+
+# --------------------------------------------------------------------------------------
+# forward and backward against the oracle
+
+
+def _run_forward_case(case):
+    x, g, w, h, o = build_step_inputs(case)
+    y = _call(x, g, w, h, o)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    want, bound = _oracle_forward(x, g, w, h, o)
+    _assert_close(y, want, bound, RTOL[case["dtype"]], ATOL[case["dtype"]], f"forward {case}")
+
+
+def _run_backward_case(case):
+    x, g, w, h, o = build_step_inputs(case, requires_grad=True)
+    y = _call(x, g, w, h, o)
+    gen = torch.Generator().manual_seed(case["seed"] + 1)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
+    leaves = [x] + (g if isinstance(g, list) else [g]) + [w] + [v for v in (h, o) if isinstance(v, torch.Tensor)]
+    got = torch.autograd.grad(y, leaves, gy)
+
+    # Oracle: autograd of the float64 reference, from the same rounded values.
+    leaves64 = [v.detach().to(torch.float64).requires_grad_(True) for v in leaves]
+    it = iter(leaves64)
+    x64 = next(it)
+    g64 = [next(it) for _ in g] if isinstance(g, list) else next(it)
+    w64 = next(it)
+    h64 = next(it) if isinstance(h, torch.Tensor) else h
+    o64 = next(it) if isinstance(o, torch.Tensor) else o
+    B = x.shape[0]
+    gs = torch.stack(g64) if isinstance(g64, list) else g64
+
+    def expand_b(v):
+        if v is None:
+            return torch.zeros(B, dtype=torch.float64)
+        if isinstance(v, torch.Tensor):
+            return v.expand(B)
+        return torch.full((B,), float(v), dtype=torch.float64)
+
+    wk = w64 if w64.dim() == 2 else w64[None].expand(B, -1)
+    y64 = ref.epd_step(x64.reshape(B, -1), gs.reshape(gs.shape[0], B, -1), wk, expand_b(h64), expand_b(o64))
+    want = torch.autograd.grad(y64, leaves64, gy.to(torch.float64).reshape(B, -1))
+    # Bounds: the same gradients of the reference with every term made non-negative:
+    # |x|, |g|, |w|, |h| and (1 + o) -> |1 + o| (o itself stays a signed leaf so that the
+    # derivative of |1 + o| has the magnitude |h| * sum |w||g.gy|).
+    o_leaf_index = len(leaves) - 1 if isinstance(o, torch.Tensor) else -1
+    bound_leaves = [v.detach().clone() if i == o_leaf_index else v.detach().abs()
+                    for i, v in enumerate(leaves64)]
+    bound_leaves = [v.requires_grad_(True) for v in bound_leaves]
+    it = iter(bound_leaves)
+    ax = next(it)
+    ag = [next(it) for _ in g] if isinstance(g, list) else next(it)
+    aw = next(it)
+    ah = next(it) if isinstance(h, torch.Tensor) else abs(h)
+    ao = next(it) if isinstance(o, torch.Tensor) else (0.0 if o is None else o)
+    ags = torch.stack(ag) if isinstance(ag, list) else ag
+    awk = aw if aw.dim() == 2 else aw[None].expand(B, -1)
+    o_mag = (1 + expand_b(ao)).abs() - 1
+    yb = ref.epd_step(ax.reshape(B, -1), ags.reshape(ags.shape[0], B, -1), awk, expand_b(ah), o_mag)
+    bounds = torch.autograd.grad(yb, bound_leaves, gy.abs().to(torch.float64).reshape(B, -1))
+    dtype = case["dtype"]
+    n_data = 1 + (len(g) if isinstance(g, list) else 1)
+    for i, (a, e, b) in enumerate(zip(got, want, bounds)):
+        rtol = RTOL[dtype] if i < n_data else RTOL_REDUCE[dtype]
+        _assert_close(a, e, b.abs(), rtol, ATOL[dtype], f"grad #{i} {case}")
+
+
+# The interpreter runs Triton programs in Python, one launch costing ~0.1 s: it gets
+# fewer and smaller examples than the compiled backends.
+EXAMPLES = {"cpp": 60, "reference": 30, "triton": 12}
+_HYPO = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                   HealthCheck.too_slow])
+
+
+def _use_backend(name):
+    if backends.get(name) is None:
+        if require_cpp():
+            pytest.fail(f"backend {name} is not available but CI requires it")
+        pytest.skip(f"backend {name} not available here")
+    backends.set_backend(name)
+
+
+def _forward_property(name):
+    @settings(max_examples=EXAMPLES[name], **_HYPO)
+    @given(case=step_cases(small=name == "triton"))
+    def test(case):
+        _use_backend(name)
+        _run_forward_case(case)
+    test.__name__ = f"test_forward_matches_float64_reference_{name}"
+    return test
+
+
+def _backward_property(name):
+    @settings(max_examples=EXAMPLES[name], **_HYPO)
+    @given(case=step_cases(small=name == "triton"))
+    def test(case):
+        _use_backend(name)
+        _run_backward_case(case)
+    test.__name__ = f"test_backward_matches_float64_reference_{name}"
+    return test
+
+
+for _name in BACKENDS:
+    globals()[f"test_forward_matches_float64_reference_{_name}"] = _forward_property(_name)
+    globals()[f"test_backward_matches_float64_reference_{_name}"] = _backward_property(_name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_forward_and_backward(backend, dtype):
+    """One large case per dtype (more than a block/thread chunk, odd length)."""
+    n = 1_000_003 if backend != "triton" else 20_001
+    case = dict(K=3, B=2, dims=[n // 2], dtype=dtype, x_layout="contiguous",
+                g_layout="contiguous", w_form="BK", h_form="B", o_form="B", seed=7)
+    _run_forward_case(case)
+    _run_backward_case(case)
+
+
+# --------------------------------------------------------------------------------------
+# gradcheck, opcheck, torch.compile
+
+
+def test_gradcheck_float64(backend):
+    gen = torch.Generator().manual_seed(0)
+    # Numerical Jacobians call the op twice per input element: tiny shapes for the interpreter.
+    tail = (2,) if backend == "triton" else (4, 5)
+    x = torch.randn(3, *tail, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, *tail, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    h = torch.rand(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    o = torch.rand(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(epd_step, (x, g, w, h, o))
+    wk = torch.rand(2, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, g, w: epd_step(x, g, w, -0.3, 0.05), (x, g, wk))
+    d = torch.randn(3, *tail, generator=gen, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(branch_states, (x, d, c))
+
+
+def test_opcheck(backend):
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64):
+        acc = ref.opmath_dtype(dtype)
+        x = torch.randn(3, 10, generator=gen).to(dtype)
+        g = torch.randn(2, 3, 10, generator=gen).to(dtype)
+        w, h, o = torch.rand(3, 2).to(acc), torch.rand(3).to(acc), torch.rand(3).to(acc)
+        torch.library.opcheck(torch.ops.epd_kernels.epd_step.default, (x, g, w, h, o))
+        torch.library.opcheck(
+            torch.ops.epd_kernels.epd_step.default,
+            (x.requires_grad_(), g.requires_grad_(), w.requires_grad_(), h.requires_grad_(), o))
+        d, c = torch.randn(3, 10).to(dtype), torch.rand(3, 4).to(acc)
+        torch.library.opcheck(torch.ops.epd_kernels.branch_states.default, (x.detach(), d, c))
+        out = torch.empty(4, 3, 10, dtype=dtype)
+        torch.library.opcheck(torch.ops.epd_kernels.branch_states_out.default, (x.detach(), d, c, out))
+
+
+def test_torch_compile_fullgraph(backend):
+    if backend == "triton":
+        pytest.skip("compile over the interpreter adds nothing over the cpp/reference runs")
+
+    def f(x, g, w, h):
+        return epd_step(x, g, w, h, 0.1) * 2
+
+    cf = torch.compile(f, fullgraph=True)
+    x, g, w = torch.randn(4, 8, 8), torch.randn(3, 4, 8, 8), torch.softmax(torch.randn(3), 0)
+    h = torch.rand(4)
+    torch.testing.assert_close(cf(x, g, w, h), f(x, g, w, h))
+    xr = x.clone().requires_grad_()
+    cf(xr, g, w, h).sum().backward()
+    torch.testing.assert_close(xr.grad, torch.full_like(x, 2.0))
+
+
+def test_second_order_gradients_refused():
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    y = epd_step(x, g, w, 0.5)
+    (gw,) = torch.autograd.grad(y.pow(2).sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="second-order"):
+        gw.sum().backward()
+
+
+# --------------------------------------------------------------------------------------
+# branch states
+
+
+@st.composite
+def branch_cases(draw):
+    return dict(K=draw(st.integers(1, 8)), B=draw(st.integers(1, 5)),
+                dims=draw(st.lists(st.integers(1, 9), max_size=3)),
+                dtype=draw(st.sampled_from(DTYPES)), c_form=draw(st.sampled_from(["K", "BK"])),
+                layout=draw(st.sampled_from(["contiguous", "strided"])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _branch_property(name):
+    @settings(max_examples=EXAMPLES[name], **_HYPO)
+    @given(case=branch_cases())
+    def test(case):
+        _use_backend(name)
+        _run_branch_case(**case)
+    test.__name__ = f"test_branch_states_match_reference_{name}"
+    return test
+
+
+def _run_branch_case(K, B, dims, dtype, c_form, layout, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = [B] + dims
+    x = _with_layout(_values(shape, gen), layout if dims else "contiguous", dtype)
+    d = _with_layout(_values(shape, gen), layout if dims else "contiguous", dtype)
+    acc = ref.opmath_dtype(dtype)
+    c = (_values([K], gen) if c_form == "K" else _values([B, K], gen)).to(acc)
+    out = branch_states(x, d, c)
+    assert out.shape == (K, *shape) and out.dtype == dtype
+    c64 = c.to(torch.float64)
+    c64 = c64[None].expand(B, K) if c64.dim() == 1 else c64
+    x64, d64 = x.to(torch.float64).reshape(B, -1), d.to(torch.float64).reshape(B, -1)
+    want = ref.branch_states(x64, d64, c64).reshape(out.shape)
+    bound = ref.branch_states(x64.abs(), d64.abs(), c64.abs()).reshape(out.shape)
+    _assert_close(out, want, bound, RTOL[dtype], ATOL[dtype], "branch_states")
+    buf = torch.full((K * B, *dims), float("nan"), dtype=dtype)
+    branch_states_into(x, d, c, buf)
+    _assert_close(buf.reshape(out.shape), want, bound, RTOL[dtype], ATOL[dtype], "branch_states_into")
+    # backward
+    xr, dr, cr = (t.detach().clone().requires_grad_(True) for t in (x, d, c))
+    gout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype).to(torch.float64)
+    got = torch.autograd.grad(branch_states(xr, dr, cr), (xr, dr, cr), gout.to(dtype))
+    l64 = [t.detach().to(torch.float64).requires_grad_(True) for t in (x, d, c)]
+    cc = l64[2][None].expand(B, K) if l64[2].dim() == 1 else l64[2]
+    want_g = torch.autograd.grad(ref.branch_states(l64[0].reshape(B, -1), l64[1].reshape(B, -1), cc),
+                                 l64, gout.reshape(K, B, -1))
+    a64 = [t.detach().abs().requires_grad_(True) for t in l64]
+    ca = a64[2][None].expand(B, K) if a64[2].dim() == 1 else a64[2]
+    bnd = torch.autograd.grad(ref.branch_states(a64[0].reshape(B, -1), a64[1].reshape(B, -1), ca),
+                              a64, gout.abs().reshape(K, B, -1))
+    for i, (a, e, b) in enumerate(zip(got, want_g, bnd)):
+        rtol = RTOL[dtype] if i < 2 else RTOL_REDUCE[dtype]
+        _assert_close(a, e, b, rtol, ATOL[dtype], f"branch_states grad #{i}")
+
+
+for _name in BACKENDS:
+    globals()[f"test_branch_states_match_reference_{_name}"] = _branch_property(_name)
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+
+
+def _good():
+    return torch.randn(2, 3), torch.randn(4, 2, 3), torch.rand(4)
+
+
+@pytest.mark.parametrize("make, exc, pattern", [
+    (lambda: (torch.randn(2, 3), torch.randn(4, 3, 3), torch.rand(4), 0.1), ValueError, "batch mismatch"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 5), torch.rand(4), 0.1), ValueError, "trailing shape"),
+    (lambda: (torch.randn(2, 3), torch.randn(0, 2, 3), torch.rand(0), 0.1), ValueError, "K = 0"),
+    (lambda: (torch.randn(2, 3), [], torch.rand(0), 0.1), ValueError, "K >= 1"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 3), torch.rand(3), 0.1), ValueError, "weights must have shape"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 3), torch.rand(3, 4), 0.1), ValueError, "weights must have shape"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 3), torch.rand(4), torch.rand(3)), ValueError, "h must be"),
+    (lambda: (torch.randint(0, 3, (2, 3)), torch.randn(4, 2, 3), torch.rand(4), 0.1), TypeError, "x must be float"),
+    (lambda: (torch.randn(2, 3), torch.randint(0, 3, (4, 2, 3)), torch.rand(4), 0.1), TypeError, "grads must be float"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 3), torch.randint(0, 2, (4,)), 0.1), TypeError, "weights must be float"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 3, dtype=torch.float64), torch.rand(4), 0.1), TypeError, "grads has dtype"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 3), torch.rand(4), "0.1"), TypeError, "h must be a float"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 3), torch.rand(4), 0.1, torch.rand(5)), ValueError, "o must be"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 3), torch.rand(4), torch.tensor([1, 2])), TypeError, "h must be a floating"),
+    (lambda: (torch.randn(2, 3), torch.randn(2, 3), torch.rand(4), 0.1), ValueError, "grads must have shape"),
+    (lambda: (torch.randn(2, 3), [torch.randn(2, 3), torch.randn(2, 4)], torch.rand(2), 0.1), ValueError, r"grads\[1\]"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 3, device="meta"), torch.rand(4), 0.1), ValueError, "grads is on meta"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 3), torch.rand(4, device="meta"), 0.1), ValueError, "weights is on meta"),
+    (lambda: (torch.randn(2, 3), torch.randn(4, 2, 3), torch.rand(4), torch.rand(2, device="meta")), ValueError, "h is on meta"),
+])
+def test_bad_input_is_named(make, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        epd_step(*make())
+
+
+def test_bad_branch_state_inputs():
+    x, d = torch.randn(2, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="d has shape"):
+        branch_states(x, torch.randn(2, 4), torch.rand(3))
+    with pytest.raises(ValueError, match="c must have shape"):
+        branch_states(x, d, torch.rand(3, 3))
+    with pytest.raises(ValueError, match="K = 0"):
+        branch_states(x, d, torch.rand(0))
+    with pytest.raises(ValueError, match="out must be contiguous with K\\*B\\*N = 18"):
+        branch_states_into(x, d, torch.rand(3), torch.empty(3, 2, 4))
+    with pytest.raises(ValueError, match="non-contiguous"):
+        branch_states_into(x, d, torch.rand(3), torch.empty(3, 2, 6)[..., ::2])
+    with pytest.raises(TypeError, match="out has dtype"):
+        branch_states_into(x, d, torch.rand(3), torch.empty(3, 2, 3, dtype=torch.float64))
+
+
+def test_non_finite_values_pass_through(backend):
+    x = torch.tensor([[1.0, float("nan"), 3.0]])
+    g = torch.tensor([[[float("inf"), 1.0, 1.0]], [[1.0, 1.0, -2.0]]])
+    y = epd_step(x, g, torch.tensor([0.5, 0.5]), 1.0)
+    assert math.isinf(y[0, 0].item()) and math.isnan(y[0, 1].item())
+    assert y[0, 2].item() == pytest.approx(2.5)
+
+
+def test_empty_trailing_dims(backend):
+    x, g = torch.randn(3, 0), torch.randn(2, 3, 0)
+    assert epd_step(x, g, torch.rand(2), 0.5).shape == (3, 0)
+
+
+def test_fallback_warns_once_when_extension_missing(monkeypatch):
+    """Without the C++ extension the CPU op uses the reference and says so once."""
+    monkeypatch.setitem(backends._cache, "cpp", None)
+    monkeypatch.setattr(backends, "_warned_fallback", False)
+    backends.set_backend("auto")
+    x, g, w = _good()
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ extension"):
+        y = epd_step(x, g, w, 0.5)
+    torch.testing.assert_close(y, ref.epd_step(x, g, w[None].expand(2, 4), torch.full((2,), 0.5), torch.zeros(2)))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        epd_step(x, g, w, 0.5)  # second call: silent
+
+
+def test_public_names():
+    for name in ("epd_step", "branch_states", "branch_states_into", "set_backend"):
+        assert hasattr(epd_kernels, name)

@@ -1,0 +1,339 @@
+"""EPDParams: construction, validation, compatibility, save/load and every broken-file case."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from epd_kernels.params import FORMAT_VERSION, EPDParams, _checksum
+
+F64 = torch.float64
+
+
+def grid(S, smax=80.0, smin=0.002, rho=7.0):
+    i = torch.arange(S + 1, dtype=F64) / S
+    return (smax ** (1 / rho) + i * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+
+
+def trained_like(S=3, K=2, seed=0, dtype=F64, **kw):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(S, K, generator=g, dtype=F64) + 0.05
+    return EPDParams(r=torch.rand(S, K, generator=g, dtype=F64).to(dtype),
+                     weights=(w / w.sum(1, keepdim=True)).to(dtype),
+                     delta=(0.1 * torch.randn(S, K, generator=g, dtype=F64)).to(dtype),
+                     o=(0.05 * torch.randn(S, generator=g, dtype=F64)).to(dtype),
+                     sigmas=grid(S), **kw).validate()
+
+
+def assert_same(a: EPDParams, b: EPDParams):
+    for n in ("r", "weights", "delta", "o", "sigmas"):
+        ta, tb = getattr(a, n), getattr(b, n)
+        assert ta.dtype == tb.dtype and torch.equal(ta, tb), n
+    for n in ("nfe", "afs", "plugin", "max_order", "schedule", "meta"):
+        assert getattr(a, n) == getattr(b, n), n
+
+
+# --------------------------------------------------------------------------------------
+# construction
+
+
+def test_init_defaults():
+    p = EPDParams.init(grid(3), 2)
+    assert p.num_steps == 3 and p.num_points == 2 and p.nfe == 5 and p.afs and not p.plugin
+    assert p.solver == "epd" and p.total_evaluations == 8
+    torch.testing.assert_close(p.r[0], torch.tensor([0.5 - 0.5 / math.sqrt(3), 0.5 + 0.5 / math.sqrt(3)],
+                                                    dtype=F64))
+    assert torch.all(p.weights == 0.5) and torch.all(p.delta == 0) and torch.all(p.o == 0)
+    assert p.sigmas.dtype == F64
+    assert torch.all(EPDParams.init(grid(2), 1).r == 0.5)
+    lin = EPDParams.init(grid(2), 3, r_init="linspace", afs=False, plugin=True)
+    torch.testing.assert_close(lin.r[1], torch.tensor([0.25, 0.5, 0.75], dtype=F64))
+    assert lin.nfe == 4 and lin.solver == "epd-ipndm"
+    for K in range(1, 6):
+        r = EPDParams.init(grid(2), K).r
+        assert torch.all((r > 0) & (r < 1)) and torch.all(r[:, 1:] > r[:, :-1])
+
+
+def test_init_bad_arguments():
+    with pytest.raises(ValueError, match="num_points"):
+        EPDParams.init(grid(2), 0)
+    with pytest.raises(ValueError, match="sigmas"):
+        EPDParams.init(torch.tensor([1.0]), 1)
+    with pytest.raises(ValueError, match="r_init"):
+        EPDParams.init(grid(2), 1, r_init="nope")
+    with pytest.raises(ValueError, match="sigmas"):
+        EPDParams.init(torch.tensor([1.0, 2.0]), 1)   # increasing
+
+
+def test_to_detach_step_and_lists():
+    p = trained_like()
+    q = p.to(dtype=torch.float32)
+    assert q.r.dtype == torch.float32 and q.sigmas.dtype == F64 and p.r.dtype == F64
+    rg = p.r.clone().requires_grad_()
+    p2 = EPDParams(r=rg * 1, weights=p.weights, delta=p.delta, o=p.o, sigmas=p.sigmas)
+    d = p2.detach()
+    assert not d.r.requires_grad and torch.equal(d.r, p.r)
+    p2.validate()                       # works on tensors that require grad
+    r, w, delta, o = p.step(1)
+    assert torch.equal(r, p.r[1]) and o.dim() == 0
+    lp = EPDParams(r=[[0.5]], weights=[[1.0]], delta=[[0.0]], o=[0.0], sigmas=[2.0, 1.0])
+    assert lp.validate().nfe == 1 and lp.r.dtype == F64
+
+
+# --------------------------------------------------------------------------------------
+# validation
+
+
+def _broken(field, value, **kw):
+    p = trained_like(**kw)
+    setattr(p, field, value)
+    return p
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("r", torch.full((3, 2), 1.5, dtype=F64), "r must lie in"),
+    ("r", torch.full((3, 2), -0.1, dtype=F64), "r must lie in"),
+    ("r", torch.full((3, 3), 0.5, dtype=F64), "weights must have shape"),
+    ("r", torch.full((2, 2), 0.5, dtype=F64), "r must have shape"),
+    ("r", torch.full((3, 2), float("nan"), dtype=F64), "r has non-finite"),
+    ("weights", torch.full((3, 2), 0.6, dtype=F64), "weights must sum to 1"),
+    ("weights", torch.tensor([[1.5, -0.5]] * 3, dtype=F64), "weights must be >= 0"),
+    ("weights", torch.ones(3, dtype=F64), "weights must have shape"),
+    ("delta", torch.full((3, 2), -1.0, dtype=F64), "delta must be > -1"),
+    ("delta", torch.full((3, 2), float("inf"), dtype=F64), "delta has non-finite"),
+    ("o", torch.full((3,), -2.0, dtype=F64), "o must be > -1"),
+    ("o", torch.zeros(3, 1, dtype=F64), "o must have shape"),
+    ("sigmas", torch.tensor([80.0, 1.0, 2.0, 0.1], dtype=F64), "strictly decreasing"),
+    ("sigmas", torch.tensor([80.0, 1.0, 0.5, 0.0], dtype=F64), "sigmas must be > 0"),
+    ("nfe", 7, "nfe = 7"),
+    ("max_order", 5, "max_order"),
+    ("schedule", 3, "schedule"),
+    ("meta", [1], "meta must be a dict"),
+    ("r", torch.zeros(3, 2, dtype=torch.int64), "floating"),
+])
+def test_validate_names_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        _broken(field, value).validate()
+
+
+def test_validate_tolerates_float32_rounding():
+    p = trained_like(dtype=torch.float32)
+    p.weights = torch.softmax(torch.randn(3, 2), 1)
+    p.validate()
+
+
+def test_check_compatible():
+    p = trained_like()
+    p.check_compatible(nfe=5, num_points=2, sigmas=grid(3))
+    p.check_compatible(sigmas=grid(3).float())                     # float32 rounding is fine
+    with pytest.raises(ValueError, match="NFE 7"):
+        p.check_compatible(nfe=7)
+    with pytest.raises(ValueError, match="K = 3"):
+        p.check_compatible(num_points=3)
+    with pytest.raises(ValueError, match="4 steps"):
+        p.check_compatible(sigmas=grid(4))
+    with pytest.raises(ValueError, match="different time grid"):
+        p.check_compatible(sigmas=grid(3, rho=5.0))
+
+
+# --------------------------------------------------------------------------------------
+# save / load
+
+
+def test_roundtrip(tmp_path):
+    p = trained_like(schedule={"name": "polynomial", "rho": 7}, plugin=True, max_order=3,
+                     meta={"teacher": "dpm2", "M": 3, "lr": 0.01})
+    path = tmp_path / "sub" / "p.safetensors"
+    p.save(path)
+    q = EPDParams.load(path)
+    assert_same(p, q)
+    assert q.solver == "epd-ipndm"
+    assert not [f for f in os.listdir(path.parent) if f.startswith(".tmp")]
+    q32 = trained_like(dtype=torch.float32)
+    q32.save(str(path))                                            # overwrite, str path
+    assert_same(q32, EPDParams.load(str(path)))
+
+
+def test_header_metadata_is_readable(tmp_path):
+    from safetensors import safe_open
+    path = tmp_path / "p.safetensors"
+    trained_like(schedule="polynomial").save(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["format_version"]) == FORMAT_VERSION
+    assert json.loads(meta["solver"]) == "epd" and json.loads(meta["K"]) == 2
+    assert json.loads(meta["nfe"]) == 5 and json.loads(meta["schedule"]) == "polynomial"
+    assert json.loads(meta["afs"]) is True and "package_version" in meta
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(S=st.integers(1, 8), K=st.integers(1, 6), afs=st.booleans(), plugin=st.booleans(),
+       order=st.integers(1, 4), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_roundtrip_hypothesis(tmp_path, S, K, afs, plugin, order, seed, dtype):
+    p = trained_like(S=S, K=K, seed=seed, dtype=dtype, afs=afs, plugin=plugin, max_order=order,
+                     meta={"seed": seed})
+    path = tmp_path / f"h-{S}-{K}.safetensors"
+    p.save(path)
+    assert_same(p, EPDParams.load(path))
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        EPDParams.load(path)
+
+
+def _saved(tmp_path, **kw):
+    path = tmp_path / "p.safetensors"
+    trained_like(**kw).save(path)
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("cut", [0, 4, 8, 20, "header-1", "data-1", "data-half"])
+def test_truncated_file(tmp_path, cut):
+    path, data = _saved(tmp_path)
+    n = int.from_bytes(data[:8], "little")
+    cut = {"header-1": 8 + n - 1, "data-1": len(data) - 1,
+           "data-half": 8 + n + (len(data) - 8 - n) // 2}.get(cut, cut)
+    path.write_bytes(data[:cut])
+    with pytest.raises(ValueError, match="p.safetensors"):
+        EPDParams.load(path)
+
+
+def test_corrupted_header_and_garbage(tmp_path):
+    path, data = _saved(tmp_path)
+    bad = bytearray(data)
+    bad[9] = ord("#")                                               # inside the JSON header
+    path.write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="corrupted"):
+        EPDParams.load(path)
+    path.write_bytes(os.urandom(200))
+    with pytest.raises(ValueError):
+        EPDParams.load(path)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="truncated"):
+        EPDParams.load(path)
+
+
+def test_corrupted_tensor_bytes(tmp_path):
+    path, data = _saved(tmp_path)
+    bad = bytearray(data)
+    bad[-3] ^= 0x10                                                 # a bit in the data section
+    path.write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="checksum"):
+        EPDParams.load(path)
+
+
+def _write_raw(path, tensors, fields):
+    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in fields.items()})
+
+
+def _good_raw(S=3, K=2):
+    p = trained_like(S=S, K=K)
+    tensors = p._tensors_for_file()
+    fields = {"format_version": FORMAT_VERSION, "solver": "epd", "K": K, "S": S, "nfe": p.nfe,
+              "schedule": None, "afs": True, "plugin": False, "max_order": 4,
+              "package_version": "0.1.0", "meta": {}, "checksum": _checksum(tensors)}
+    return tensors, fields
+
+
+def test_raw_writer_is_valid(tmp_path):
+    tensors, fields = _good_raw()
+    _write_raw(tmp_path / "p.safetensors", tensors, fields)
+    EPDParams.load(tmp_path / "p.safetensors")
+
+
+def test_future_format_version(tmp_path):
+    tensors, fields = _good_raw()
+    fields["format_version"] = FORMAT_VERSION + 1
+    _write_raw(tmp_path / "p.safetensors", tensors, fields)
+    with pytest.raises(ValueError, match="newer"):
+        EPDParams.load(tmp_path / "p.safetensors")
+
+
+@pytest.mark.parametrize("key", ["solver", "K", "nfe", "afs", "checksum", "meta"])
+def test_missing_metadata_key(tmp_path, key):
+    tensors, fields = _good_raw()
+    del fields[key]
+    _write_raw(tmp_path / "p.safetensors", tensors, fields)
+    with pytest.raises(ValueError, match=f"missing the keys.*{key}"):
+        EPDParams.load(tmp_path / "p.safetensors")
+
+
+def test_not_an_epd_file(tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="not an EPD params file"):
+        EPDParams.load(tmp_path / "x.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "y.safetensors"), metadata={"a": "b"})
+    with pytest.raises(ValueError, match="format_version"):
+        EPDParams.load(tmp_path / "y.safetensors")
+
+
+@pytest.mark.parametrize("name", ["r", "weights", "delta", "o", "sigmas"])
+def test_missing_tensor(tmp_path, name):
+    tensors, fields = _good_raw()
+    del tensors[name]
+    fields["checksum"] = _checksum(tensors)
+    _write_raw(tmp_path / "p.safetensors", tensors, fields)
+    with pytest.raises(ValueError, match=f"missing tensors \\['{name}'\\]"):
+        EPDParams.load(tmp_path / "p.safetensors")
+
+
+@pytest.mark.parametrize("name,shape", [("r", (3, 3)), ("weights", (2, 2)), ("delta", (3,)),
+                                        ("o", (3, 2)), ("sigmas", (3,))])
+def test_wrong_shape(tmp_path, name, shape):
+    tensors, fields = _good_raw()
+    tensors[name] = torch.full(shape, 0.5, dtype=F64)
+    fields["checksum"] = _checksum(tensors)
+    _write_raw(tmp_path / "p.safetensors", tensors, fields)
+    with pytest.raises(ValueError, match=f"tensor '{name}' has shape"):
+        EPDParams.load(tmp_path / "p.safetensors")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t, f: t["r"].fill_(2.0), "r must lie in"),
+    (lambda t, f: f.update(nfe=9), "nfe = 9"),
+    (lambda t, f: f.update(solver="euler"), "solver"),
+    (lambda t, f: f.update(solver="epd-ipndm"), "contradicts"),
+    (lambda t, f: f.update(afs="yes"), "afs"),
+    (lambda t, f: f.update(K=2.5), "'K' must be an integer"),
+    (lambda t, f: f.update(meta=[1]), "meta"),
+    (lambda t, f: t.update(extra=torch.zeros(1)), "unexpected tensors"),
+])
+def test_bad_values_in_file(tmp_path, edit, match):
+    tensors, fields = _good_raw()
+    edit(tensors, fields)
+    fields["checksum"] = _checksum(tensors)
+    _write_raw(tmp_path / "p.safetensors", tensors, fields)
+    with pytest.raises(ValueError, match=match):
+        EPDParams.load(tmp_path / "p.safetensors")
+
+
+def test_atomic_save_keeps_old_file_on_error(tmp_path):
+    path = tmp_path / "p.safetensors"
+    good = trained_like()
+    good.save(path)
+    before = path.read_bytes()
+    bad = trained_like(meta={"f": object()})
+    with pytest.raises(ValueError, match="JSON"):
+        bad.save(path)
+    invalid = trained_like()
+    invalid.r = invalid.r + 5
+    with pytest.raises(ValueError, match="r must lie"):
+        invalid.save(path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["p.safetensors"]
+
+
+def test_load_to_device(tmp_path):
+    path = tmp_path / "p.safetensors"
+    trained_like().save(path)
+    q = EPDParams.load(path, device="cpu")
+    assert q.r.device.type == "cpu"

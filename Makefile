@@ -1,0 +1,46 @@
+# Two commands on a fresh machine:
+#   make demo   set up (venv, pinned torch, build) and run the main job
+#   make test   set up and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup demo test bench bench-quick dev clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch goes in first and alone: the pinned CPU build lies on disk, while an unpinned
+# torch would download a multi-GB CUDA build. Then the package is built against it with
+# --no-build-isolation so pip never fetches another torch into a build environment.
+$(STAMP): $(VENV)/bin/python pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-build-isolation --no-deps .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Development: an editable install that rebuilds the C++ extension in place.
+dev: $(VENV)/bin/python
+	$(PIP) install -q torch==2.13.0 && $(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+demo: setup
+	$(VENV)/bin/epd demo --out epd_demo_out
+
+# The installed package is tested (pytest's entry point keeps the source tree off sys.path).
+test: setup
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+bench-quick: setup
+	$(PY) benchmarks/run.py --quick --all --markdown BENCHMARKS.md
+
+bench: setup
+	$(PY) benchmarks/run.py --all --markdown BENCHMARKS.md
+
+clean:
+	rm -rf build *.egg-info $(VENV) epd_demo_out benchmarks/results

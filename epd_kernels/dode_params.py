@@ -1,0 +1,398 @@
+"""D-ODE solver parameters: one scalar lambda per step on one time grid.
+
+A D-ODE solver (Kim, Tang, Yu, CVPR 2024; `epd_kernels.solvers.dode`) replaces its base
+solver's gradient estimate ``v_n`` by ``O_n = v_n + lambda_n (v_n - v_{n-1})``. For ``S``
+steps:
+
+    lambdas [S]    float64   lambda_n; lambdas[0] = 0 (step 0 has no previous estimate)
+    sigmas  [S+1]  float64   the time grid, strictly decreasing, all > 0
+
+plus metadata: ``base`` ("euler", "heun" or "ipndm"; the solver name is ``"d-" + base``),
+``afs`` (analytic first step), ``nfe`` (latency NFE, the base solver's rule: ``S - afs``
+for euler / ipndm, ``2 S - afs`` for heun), ``max_order`` (iPNDM order cap, used by
+d-ipndm only), ``schedule`` (the name or description of the grid) and ``meta``
+(free-form, JSON-serialisable: teacher, fitting losses, ...).
+
+File format (`save` / `load`), modelled on `EPDParams`: one safetensors file with the
+tensors ``lambdas`` and ``sigmas`` and, in the header's string-to-string metadata,
+JSON-encoded values for ``format_version``, ``kind`` (always "d-ode"), ``solver``,
+``base``, ``S``, ``nfe``, ``afs``, ``max_order``, ``schedule``, ``package_version``,
+``meta`` and ``checksum`` (sha256 over the tensors' names, dtypes, shapes and bytes).
+Files are written atomically (temporary file in the same folder, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from .params import _checksum
+
+__all__ = ["DODEParams", "DODE_FORMAT_VERSION", "DODE_BASES", "dode_latency_nfe",
+           "normalize_dode_base"]
+
+#: Version of the file layout written by `DODEParams.save`. Readers refuse newer versions.
+DODE_FORMAT_VERSION = 1
+
+#: Base solvers with a D-ODE variant and their sequential denoiser calls per step.
+DODE_BASES = {"euler": 1, "heun": 2, "ipndm": 1}
+_BASE_ALIASES = {"euler": "euler", "ddim": "euler", "heun": "heun", "edm": "heun",
+                 "ipndm": "ipndm"}
+
+_TENSOR_FIELDS = ("lambdas", "sigmas")
+_META_KEYS = ("format_version", "kind", "solver", "base", "S", "nfe", "afs", "max_order",
+              "schedule", "package_version", "meta", "checksum")
+_KIND = "d-ode"
+
+
+def normalize_dode_base(name) -> str:
+    """"euler" / "heun" / "ipndm" from a base or D-ODE solver name ("d-ddim" -> "euler")."""
+    if isinstance(name, str):
+        key = name.strip().lower()
+        if key.startswith("d-"):
+            key = key[2:]
+        if key in _BASE_ALIASES:
+            return _BASE_ALIASES[key]
+    raise ValueError(f"unknown D-ODE solver {name!r}; known: 'd-euler' (alias 'd-ddim'), "
+                     f"'d-heun' (alias 'd-edm'), 'd-ipndm' (or the base names "
+                     f"{sorted(_BASE_ALIASES)})")
+
+
+def dode_latency_nfe(num_steps: int, base: str, afs: bool) -> int:
+    """Sequential denoiser calls of a D-ODE solver: the same as its base solver,
+    ``S - afs`` (euler, ipndm) or ``2 S - afs`` (heun)."""
+    return DODE_BASES[normalize_dode_base(base)] * int(num_steps) - int(bool(afs))
+
+
+def _as_f64(name, value) -> torch.Tensor:
+    try:
+        t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(
+            value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"DODEParams.{name}: cannot make a tensor from "
+                         f"{type(value).__name__}: {e}") from None
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"DODEParams.{name} must hold real numbers, got dtype {t.dtype}")
+    return t.to("cpu", torch.float64)
+
+
+@dataclass
+class DODEParams:
+    """Per-step lambdas of a D-ODE solver on one time grid (see module docstring).
+
+    Build one with `fit_dode` (closed-form least squares against a teacher), with
+    `DODEParams.zeros(sigmas, base)` (lambda = 0: exactly the base solver), or with
+    `DODEParams.load(path)`. ``lambdas`` and ``sigmas`` are kept as float64 CPU tensors
+    (the solver reads the lambdas as Python floats).
+    """
+
+    lambdas: torch.Tensor
+    sigmas: torch.Tensor
+    base: str = "euler"
+    nfe: Optional[int] = None
+    afs: Optional[bool] = None
+    max_order: int = 4
+    schedule: Union[str, dict, None] = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.base = normalize_dode_base(self.base)
+        self.lambdas = _as_f64("lambdas", self.lambdas)
+        self.sigmas = _as_f64("sigmas", self.sigmas)
+        if self.afs is None:  # the base solver's default in `sample` (AFS on for heun)
+            self.afs = self.base == "heun"
+        if not isinstance(self.afs, bool):
+            raise ValueError(f"DODEParams.afs must be True or False, got {self.afs!r}")
+        if isinstance(self.max_order, bool) or not isinstance(self.max_order, int):
+            raise ValueError(f"DODEParams.max_order must be an int in 1..4, got "
+                             f"{self.max_order!r}")
+        if self.meta is None:
+            self.meta = {}
+        if self.nfe is None and self.sigmas.dim() == 1:
+            self.nfe = dode_latency_nfe(self.sigmas.numel() - 1, self.base, self.afs)
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def zeros(cls, sigmas, base: str = "euler", *, afs: Optional[bool] = None,
+              max_order: int = 4, schedule: Union[str, dict, None] = None,
+              meta: Optional[dict] = None) -> "DODEParams":
+        """All lambdas 0 on `sigmas`: the D-ODE solver is then exactly its base solver."""
+        sig = _as_f64("sigmas", sigmas)
+        if sig.dim() != 1 or sig.numel() < 2:
+            raise ValueError(f"DODEParams.sigmas must be a 1-D grid of S+1 >= 2 values, got "
+                             f"shape {list(sig.shape)}")
+        p = cls(lambdas=torch.zeros(sig.numel() - 1, dtype=torch.float64), sigmas=sig,
+                base=base, afs=afs, max_order=max_order, schedule=schedule,
+                meta=dict(meta or {}))
+        return p.validate()
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def num_steps(self) -> int:
+        """S, the number of solver steps."""
+        return int(self.sigmas.numel()) - 1
+
+    @property
+    def solver(self) -> str:
+        """The `sample` name: "d-euler", "d-heun" or "d-ipndm"."""
+        return "d-" + self.base
+
+    @property
+    def evals_per_step(self) -> int:
+        return DODE_BASES[self.base]
+
+    def replace(self, **changes) -> "DODEParams":
+        """A copy with some fields changed (``nfe`` is recomputed unless given)."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        kw["lambdas"] = self.lambdas.clone()
+        kw["sigmas"] = self.sigmas.clone()
+        kw["meta"] = dict(self.meta)
+        if "nfe" not in changes and ({"sigmas", "base", "afs"} & set(changes)):
+            kw["nfe"] = None
+        kw.update(changes)
+        return DODEParams(**kw)
+
+    # ---------------------------------------------------------------- checks
+
+    def check_structure(self) -> None:
+        """Shapes, metadata types and the NFE rule (no value checks)."""
+        if self.sigmas.dim() != 1 or self.sigmas.numel() < 2:
+            raise ValueError(f"DODEParams.sigmas must be a 1-D grid of S+1 >= 2 values, got "
+                             f"shape {list(self.sigmas.shape)}")
+        S = self.num_steps
+        if tuple(self.lambdas.shape) != (S,):
+            raise ValueError(f"DODEParams.lambdas must have shape [S] = [{S}] (S from sigmas "
+                             f"of length {S + 1}), got {list(self.lambdas.shape)}")
+        if isinstance(self.nfe, bool) or not isinstance(self.nfe, int):
+            raise ValueError(f"DODEParams.nfe must be an int, got {self.nfe!r}")
+        expected = dode_latency_nfe(S, self.base, self.afs)
+        if self.nfe != expected:
+            rule = "2*S - afs" if self.base == "heun" else "S - afs"
+            raise ValueError(f"DODEParams.nfe = {self.nfe} does not match S = {S} steps of "
+                             f"{self.solver} with afs={self.afs}: the latency NFE is "
+                             f"{rule} = {expected}")
+        if expected < 1:
+            raise ValueError(f"DODEParams: {S} step(s) of {self.solver} with afs={self.afs} "
+                             f"make no denoiser call (nfe = {expected}); use more steps")
+        if not 1 <= self.max_order <= 4:
+            raise ValueError(f"DODEParams.max_order must be in 1..4 (iPNDM), got "
+                             f"{self.max_order}")
+        if self.schedule is not None and not isinstance(self.schedule, (str, dict)):
+            raise ValueError(f"DODEParams.schedule must be a str, a dict or None, got "
+                             f"{type(self.schedule).__name__}")
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"DODEParams.meta must be a dict, got {type(self.meta).__name__}")
+
+    def validate(self) -> "DODEParams":
+        """Full check: structure, finite lambdas, ``lambdas[0] == 0``, and a valid grid
+        (finite, > 0, strictly decreasing). Returns self; raises ValueError."""
+        self.check_structure()
+        lam, s = self.lambdas, self.sigmas
+        if not torch.isfinite(lam).all():
+            raise ValueError(f"DODEParams.lambdas has non-finite values: {lam.tolist()}")
+        if lam[0].item() != 0.0:
+            raise ValueError(f"DODEParams.lambdas[0] must be 0 (step 0 has no previous "
+                             f"gradient estimate to extrapolate from), got {lam[0].item()!r}")
+        if not torch.isfinite(s).all():
+            raise ValueError("DODEParams.sigmas has non-finite values (nan or inf)")
+        if (s <= 0).any():
+            raise ValueError(f"DODEParams.sigmas must be > 0 (the last is sigma_min), min is "
+                             f"{s.min().item():.6g}")
+        if not (s[1:] < s[:-1]).all():
+            raise ValueError("DODEParams.sigmas must be strictly decreasing (sigma_max first)")
+        return self
+
+    def check_compatible(self, nfe: Optional[int] = None, sigmas=None, *, solver=None,
+                         afs: Optional[bool] = None, rtol: float = 1e-5,
+                         atol: float = 1e-8) -> None:
+        """Raises ValueError unless these params fit the requested solver, nfe, afs, grid."""
+        if solver is not None and normalize_dode_base(solver) != self.base:
+            raise ValueError(f"these D-ODE params are for solver {self.solver!r}, not "
+                             f"{solver!r}")
+        if afs is not None and bool(afs) != self.afs:
+            raise ValueError(f"afs={bool(afs)} was asked but the D-ODE params were fitted with "
+                             f"afs={self.afs}")
+        if nfe is not None and int(nfe) != self.nfe:
+            raise ValueError(f"D-ODE params were fitted for latency NFE {self.nfe} "
+                             f"({self.num_steps} steps of {self.solver}, afs={self.afs}) but "
+                             f"NFE {nfe} was asked")
+        if sigmas is not None:
+            s = _as_f64("sigmas", sigmas).reshape(-1)
+            mine = self.sigmas
+            if s.numel() != mine.numel():
+                raise ValueError(f"D-ODE params have {mine.numel()} sigmas ({self.num_steps} "
+                                 f"steps) but the grid given has {s.numel()} "
+                                 f"({s.numel() - 1} steps)")
+            if not torch.allclose(s, mine, rtol=rtol, atol=atol):
+                i = int(((s - mine).abs() > atol + rtol * mine.abs()).nonzero()[0, 0])
+                raise ValueError(f"D-ODE params were fitted on a different time grid: "
+                                 f"sigma[{i}] is {mine[i].item():.8g} in the params but "
+                                 f"{s[i].item():.8g} in the grid given (schedule "
+                                 f"{self.schedule!r})")
+
+    # ---------------------------------------------------------------- files
+
+    def _tensors_for_file(self):
+        return {n: getattr(self, n).detach().to("cpu", torch.float64).contiguous().clone()
+                for n in _TENSOR_FIELDS}
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes a safetensors file atomically (temp file in the same folder + os.replace);
+        an invalid or unserialisable object leaves an existing file untouched."""
+        from safetensors.torch import save as st_save
+        from . import __version__
+
+        self.validate()
+        tensors = self._tensors_for_file()
+        fields = {
+            "format_version": DODE_FORMAT_VERSION,
+            "kind": _KIND,
+            "solver": self.solver,
+            "base": self.base,
+            "S": self.num_steps,
+            "nfe": self.nfe,
+            "afs": self.afs,
+            "max_order": self.max_order,
+            "schedule": self.schedule,
+            "package_version": __version__,
+            "meta": self.meta,
+            "checksum": _checksum(tensors),
+        }
+        try:
+            metadata = {k: json.dumps(v, sort_keys=True, allow_nan=False)
+                        for k, v in fields.items()}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"DODEParams.meta / schedule must be JSON-serialisable (finite "
+                             f"numbers, str, list, dict): {e}") from e
+        data = st_save(tensors, metadata=metadata)
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "DODEParams":
+        """Reads and fully validates a file written by `save`.
+
+        FileNotFoundError for a missing file; ValueError naming the file and the problem for
+        a truncated or corrupted file, a file of another kind (e.g. EPD params), a newer
+        format_version, missing keys, wrong shapes, an nfe that does not match the sigmas,
+        or out-of-range values.
+        """
+        from safetensors.torch import load as st_load
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"D-ODE params file not found: {path}")
+        with open(path, "rb") as f:
+            data = f.read()
+
+        def fail(msg):
+            raise ValueError(f"{path}: {msg}")
+
+        raw_meta = _read_header_metadata(data, path)
+        try:
+            tensors = st_load(data)
+        except Exception as e:  # safetensors raises its own error type
+            fail(f"corrupted safetensors data: {e}")
+        if "format_version" not in raw_meta:
+            fail("no 'format_version' in the metadata: not an epd_kernels D-ODE params file")
+        meta = {}
+        for k, v in raw_meta.items():
+            try:
+                meta[k] = json.loads(v)
+            except json.JSONDecodeError as e:
+                fail(f"metadata field {k!r} is not valid JSON ({e}): the file is corrupted")
+        if meta.get("kind") != _KIND:
+            other = meta.get("solver")
+            hint = (" (it holds EPD params: use EPDParams.load)"
+                    if other in ("epd", "epd-ipndm") else "")
+            fail(f"not a D-ODE params file: metadata kind is {meta.get('kind')!r}, expected "
+                 f"{_KIND!r}{hint}")
+        version = meta["format_version"]
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            fail(f"invalid format_version {version!r}")
+        if version > DODE_FORMAT_VERSION:
+            fail(f"format_version {version} is newer than this epd_kernels supports "
+                 f"({DODE_FORMAT_VERSION}); upgrade epd_kernels to read it")
+        missing = [k for k in _META_KEYS if k not in meta]
+        if missing:
+            fail(f"metadata is missing the keys {missing}")
+        missing_t = [k for k in _TENSOR_FIELDS if k not in tensors]
+        if missing_t:
+            fail(f"missing tensors {missing_t} (has {sorted(tensors)})")
+        extra = sorted(set(tensors) - set(_TENSOR_FIELDS))
+        if extra:
+            fail(f"unexpected tensors {extra}")
+        if meta["checksum"] != _checksum({k: tensors[k] for k in _TENSOR_FIELDS}):
+            fail("checksum mismatch: the tensor data is corrupted")
+        for k in _TENSOR_FIELDS:
+            if tensors[k].dtype != torch.float64:
+                fail(f"tensor {k!r} must be float64, got {tensors[k].dtype}")
+        try:
+            base = normalize_dode_base(meta["base"])
+        except ValueError as e:
+            fail(f"metadata 'base': {e}")
+        if meta["solver"] != "d-" + base:
+            fail(f"solver {meta['solver']!r} contradicts base {meta['base']!r}")
+        if not isinstance(meta["afs"], bool):
+            fail(f"metadata 'afs' must be true/false, got {meta['afs']!r}")
+        for k in ("S", "nfe", "max_order"):
+            if not isinstance(meta[k], int) or isinstance(meta[k], bool):
+                fail(f"metadata {k!r} must be an integer, got {meta[k]!r}")
+        if not isinstance(meta["meta"], dict):
+            fail(f"metadata 'meta' must be an object, got {type(meta['meta']).__name__}")
+        S = meta["S"]
+        for k, shape in (("lambdas", (S,)), ("sigmas", (S + 1,))):
+            if tuple(tensors[k].shape) != shape:
+                fail(f"tensor {k!r} has shape {list(tensors[k].shape)}, expected {list(shape)} "
+                     f"(S={S})")
+        try:
+            params = cls(lambdas=tensors["lambdas"], sigmas=tensors["sigmas"], base=base,
+                         nfe=meta["nfe"], afs=meta["afs"], max_order=meta["max_order"],
+                         schedule=meta["schedule"], meta=meta["meta"])
+            params.validate()
+        except ValueError as e:
+            fail(str(e))
+        return params
+
+
+def _read_header_metadata(data: bytes, path: str) -> dict:
+    """The string metadata of a safetensors file, with clear errors for damaged headers."""
+    if len(data) < 8:
+        raise ValueError(f"{path}: truncated or not a safetensors file ({len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n == 0 or 8 + n > len(data):
+        raise ValueError(f"{path}: truncated or corrupted safetensors file (header of {n} "
+                         f"bytes, file of {len(data)} bytes)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupted safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupted safetensors header (not a JSON object)")
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"{path}: no epd_kernels metadata in the safetensors header: not a "
+                         f"D-ODE params file")
+    return meta

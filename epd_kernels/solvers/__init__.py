@@ -1,0 +1,62 @@
+"""Solvers: schedules, the baseline ODE solvers, and (in `epd`) EPD-Solver / EPD-Plugin.
+
+Every baseline solver has one signature (k-diffusion style)::
+
+    x_final = solver(denoiser, x, sigmas, *, callback=None, progress=False, afs=False, **cond)
+
+where ``x = noise * sigmas[0]``, ``denoiser(x, sigma [B], **cond) -> x0_hat`` and the ODE
+gradient is ``d = (x - D) / sigma``; the result is the state at ``sigmas[-1] > 0``. The
+solvers are autograd-transparent (`epd_kernels.sample` runs them under ``torch.no_grad``).
+
+``SOLVERS`` maps the baseline names to functions. The EPD sampler lives in
+`epd_kernels.solvers.epd` and is imported lazily (``from epd_kernels.solvers import
+epd_sampler`` works once that module is present).
+"""
+from .common import afs_d
+from .deis import deis_coefficients, sample_deis
+from .dpm2 import sample_dpm2
+from .dpmpp3m import sample_dpmpp3m
+from .euler import sample_ddim, sample_euler
+from .heun import sample_heun
+from .ipndm import sample_ipndm
+from .schedules import SCHEDULES, check_sigmas, get_sigmas, vp_sigma, vp_sigma_inv
+from .unipc import sample_unipc
+
+#: Baseline solvers by name ("ddim" is an alias of "euler").
+SOLVERS = {
+    "euler": sample_euler,
+    "ddim": sample_ddim,
+    "heun": sample_heun,
+    "dpm2": sample_dpm2,
+    "dpmpp3m": sample_dpmpp3m,
+    "unipc": sample_unipc,
+    "ipndm": sample_ipndm,
+    "deis": sample_deis,
+}
+
+__all__ = [
+    "SOLVERS",
+    "SCHEDULES",
+    "get_sigmas",
+    "check_sigmas",
+    "vp_sigma",
+    "vp_sigma_inv",
+    "afs_d",
+    "sample_euler",
+    "sample_ddim",
+    "sample_heun",
+    "sample_dpm2",
+    "sample_dpmpp3m",
+    "sample_unipc",
+    "sample_ipndm",
+    "sample_deis",
+    "deis_coefficients",
+]
+
+
+def __getattr__(name):
+    if name == "epd_sampler":
+        from .epd import epd_sampler
+
+        return epd_sampler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,200 @@
+"""Noise-level grids (time schedules) for the samplers, in EDM's sigma convention.
+
+``get_sigmas(kind, num_steps)`` returns ``num_steps + 1`` noise levels, strictly
+decreasing, from ``sigma_max`` to ``sigma_min`` (no appended zero: sampling ends at
+``sigma_min > 0``). With ``i = 0..N`` and ``N = num_steps``:
+
+- ``"polynomial"`` (Karras et al. 2022, EDM eq. 5)::
+
+      sigma_i = (sigma_max^(1/rho) + i/N * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+
+  ``rho = 1`` is uniform in sigma; larger ``rho`` puts more steps at low noise; as
+  ``rho -> inf`` it tends to the log-SNR grid.
+- ``"logsnr"``: uniform in ``log sigma`` (= uniform in the half log-SNR ``lambda = -log sigma``
+  for EDM's ``alpha = 1``)::
+
+      sigma_i = exp(log sigma_max + i/N * (log sigma_min - log sigma_max))
+
+- ``"time-uniform"``: the VP-SDE time grid the EPD authors use, ``beta_d = 19.9``,
+  ``beta_min = 0.1``::
+
+      sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1),
+      t_i = t(sigma_max) + i/N * (t(sigma_min) - t(sigma_max)),   sigma_i = sigma(t_i)
+
+  where ``t(sigma)`` is the exact inverse of ``sigma(t)``. The two ends are set to exactly
+  ``sigma_max`` and ``sigma_min`` (the round trip is exact to ~1 ulp anyway).
+- ``"explicit"``: the list/tensor given as ``sigmas`` (strictly decreasing, all > 0).
+
+Everything is computed in float64 and cast to ``dtype`` at the end.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = [
+    "SCHEDULES",
+    "get_sigmas",
+    "check_sigmas",
+    "vp_sigma",
+    "vp_sigma_inv",
+    "VP_BETA_D",
+    "VP_BETA_MIN",
+]
+
+VP_BETA_D = 19.9
+VP_BETA_MIN = 0.1
+
+#: Canonical schedule names.
+SCHEDULES = ("polynomial", "logsnr", "time-uniform", "explicit")
+
+_ALIASES = {
+    "polynomial": "polynomial",
+    "karras": "polynomial",
+    "edm": "polynomial",
+    "logsnr": "logsnr",
+    "log-snr": "logsnr",
+    "log_snr": "logsnr",
+    "time-uniform": "time-uniform",
+    "time_uniform": "time-uniform",
+    "timeuniform": "time-uniform",
+    "vp": "time-uniform",
+    "explicit": "explicit",
+}
+
+SigmasLike = Union[torch.Tensor, Sequence[float]]
+
+
+def vp_sigma(t, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) of the VP-SDE (tensor or float)."""
+    if isinstance(t, torch.Tensor):
+        return torch.sqrt(torch.expm1(0.5 * beta_d * t * t + beta_min * t))
+    return math.sqrt(math.expm1(0.5 * beta_d * t * t + beta_min * t))
+
+
+def vp_sigma_inv(sigma, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
+    """The exact inverse t(sigma) of `vp_sigma`, written without cancellation at small sigma.
+
+    Solving ``beta_d t^2 / 2 + beta_min t = L``, ``L = log(1 + sigma^2)``, for t > 0 gives
+    ``t = (sqrt(beta_min^2 + 2 beta_d L) - beta_min) / beta_d = 2 L / (sqrt(...) + beta_min)``.
+    """
+    if isinstance(sigma, torch.Tensor):
+        L = torch.log1p(sigma * sigma)
+        return 2.0 * L / (torch.sqrt(beta_min ** 2 + 2.0 * beta_d * L) + beta_min)
+    L = math.log1p(sigma * sigma)
+    return 2.0 * L / (math.sqrt(beta_min ** 2 + 2.0 * beta_d * L) + beta_min)
+
+
+def _check_positive_real(name, value):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise ValueError(f"{name} must be a positive real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    return v
+
+
+def check_sigmas(sigmas: SigmasLike, name: str = "sigmas") -> torch.Tensor:
+    """Validates an explicit grid; returns it as a 1-D float64 CPU tensor.
+
+    Requires at least two values (one step), all finite and > 0, strictly decreasing.
+    Raises ValueError naming `name` otherwise.
+    """
+    if sigmas is None:
+        raise ValueError(f"{name} must be given (a 1-D list or tensor of noise levels)")
+    try:
+        s = torch.as_tensor(sigmas.detach() if isinstance(sigmas, torch.Tensor) else sigmas,
+                            dtype=torch.float64).cpu()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{name} must be a 1-D list or tensor of numbers: {e}") from None
+    if s.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {list(s.shape)}")
+    if s.numel() < 2:
+        raise ValueError(f"{name} must hold at least 2 noise levels (one step), got {s.numel()}")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"{name} must be finite, got {s.tolist()}")
+    if not (s > 0).all():
+        raise ValueError(
+            f"{name} must all be > 0 (sampling ends at sigma_min > 0; a trailing 0 is not "
+            f"supported), got {s.tolist()}")
+    steps = s[1:] - s[:-1]
+    if not (steps < 0).all():
+        i = int(torch.nonzero(steps >= 0)[0])
+        raise ValueError(
+            f"{name} must be strictly decreasing, but {name}[{i}] = {s[i].item()!r} <= "
+            f"{name}[{i + 1}] = {s[i + 1].item()!r}")
+    return s
+
+
+def get_sigmas(kind: str, num_steps: Optional[int] = None, sigma_min: float = 0.002,
+               sigma_max: float = 80.0, rho: float = 7.0, sigmas: Optional[SigmasLike] = None,
+               device: Union[str, torch.device, None] = None,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``num_steps + 1`` noise levels from ``sigma_max`` down to ``sigma_min`` (see module doc).
+
+    Args:
+        kind: "polynomial" (alias "karras"), "logsnr", "time-uniform" (alias "vp") or
+            "explicit".
+        num_steps: number of solver steps N >= 1. For "explicit" it may be None (taken from
+            the list) or must equal ``len(sigmas) - 1``.
+        sigma_min, sigma_max: the ends, ``0 < sigma_min < sigma_max`` (ignored for "explicit").
+        rho: the polynomial exponent (> 0), only used by "polynomial".
+        sigmas: the explicit grid, only with ``kind="explicit"``.
+        device, dtype: of the returned tensor (computed in float64 first).
+
+    Returns: a 1-D tensor of ``num_steps + 1`` strictly decreasing values.
+    """
+    if not isinstance(kind, str):
+        raise ValueError(f"kind must be one of {SCHEDULES}, got {kind!r}")
+    key = _ALIASES.get(kind.strip().lower())
+    if key is None:
+        raise ValueError(f"kind must be one of {SCHEDULES} (or an alias: "
+                         f"{sorted(set(_ALIASES) - set(SCHEDULES))}), got {kind!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(
+            num_steps, numbers.Integral) or num_steps < 1):
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+
+    if key == "explicit":
+        if sigmas is None:
+            raise ValueError("sigmas must be given when kind='explicit'")
+        s = check_sigmas(sigmas, "sigmas")
+        if num_steps is not None and int(num_steps) != s.numel() - 1:
+            raise ValueError(f"num_steps={num_steps} does not match the explicit sigmas, which "
+                             f"have {s.numel()} values = {s.numel() - 1} steps")
+    else:
+        if sigmas is not None:
+            raise ValueError(f"sigmas is only used with kind='explicit', not kind={kind!r}")
+        if num_steps is None:
+            raise ValueError(f"num_steps must be given for kind={kind!r}")
+        n = int(num_steps)
+        lo = _check_positive_real("sigma_min", sigma_min)
+        hi = _check_positive_real("sigma_max", sigma_max)
+        if not lo < hi:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={lo!r}, "
+                             f"sigma_max={hi!r}")
+        frac = torch.arange(n + 1, dtype=torch.float64) / n
+        if key == "polynomial":
+            r = _check_positive_real("rho", rho)
+            a, b = hi ** (1.0 / r), lo ** (1.0 / r)
+            s = (a + frac * (b - a)) ** r
+        elif key == "logsnr":
+            s = torch.exp(math.log(hi) + frac * (math.log(lo) - math.log(hi)))
+        else:  # time-uniform
+            t_hi, t_lo = vp_sigma_inv(hi), vp_sigma_inv(lo)
+            s = vp_sigma(t_hi + frac * (t_lo - t_hi))
+        # Exact ends (the formulas agree to an ulp; make them bit-exact).
+        s[0], s[-1] = hi, lo
+        if not (s[1:] < s[:-1]).all():  # only possible for absurdly many steps
+            raise ValueError(f"num_steps={n} is too large: neighbouring sigmas coincide in float64")
+
+    out = s.to(dtype=dtype)
+    if out.numel() > 1 and not (out[1:] < out[:-1]).all():
+        raise ValueError(f"the schedule is not strictly decreasing once cast to {dtype} "
+                         f"(num_steps too large for this dtype); use dtype=torch.float64")
+    return out.to(device) if device is not None else out

@@ -1,0 +1,123 @@
+"""UniPC (Zhao et al. 2023): unified predictor-corrector, data prediction, variant bh2.
+
+Notation as in `dpmpp3m`: ``lambda = -log sigma``, ``h = lambda_{n+1} - lambda_n``,
+``m_k = D(x_k, sigma_k)`` the model outputs, ``psi_k`` from `common.phi`. For points
+``lambda_n + r_k h`` with values ``m_(k)``, UniPC writes a step as
+
+    x_{n+1} = e^{-h} x_n + psi_1(h) m_n + B(h) sum_k a_k (m_(k) - m_n) / r_k
+
+and picks ``a`` so that the Taylor terms of the exact solution
+``sum_j psi_{j+1}(h) D^(j)(lambda_n)`` are matched up to ``j = K`` (K points):
+
+    sum_k a_k r_k^(j-1) = j! psi_{j+1}(h) / (h^j B(h)),     j = 1..K
+
+(the paper's ``R_p(h) a_p = g_p(h) / B(h)``; ``B(h) = 1 - e^{-h}`` is "bh2", ``B(h) = h``
+is "bh1"). For K >= 2 points the Vandermonde system is solved exactly (then ``B a`` does
+not depend on B). For a single point (order-2 predictor, order-1 corrector) UniPC uses
+``a_1 = 1/2``, the h -> 0 limit of the exact ``psi_2(h) / (h B(h))``; this keeps the order
+and is where the choice of B matters (bh2: ``(1 - e^{-h}) / 2`` times the difference).
+
+* UniP-p (predictor, order p): the K = p - 1 previous outputs, ``r_k = (lambda_{n-k} -
+  lambda_n) / h < 0``.
+* UniC (corrector): after evaluating ``m_{n+1} = D(x~_{n+1}, sigma_{n+1})`` at the
+  predicted state, the step from x_n is redone with the same points plus ``r = 1``
+  (``m_{n+1}``), raising the order by one. ``m_{n+1}`` (at the predicted state) is then
+  used for the next step too, so the corrector costs no extra evaluation.
+* No corrector after the final step (there is no next evaluation to reuse).
+
+Order schedule: ``p = min(order, n + 1)`` and, for fewer than 10 steps, ``p <= N - n``
+(``lower_order_final``; the threshold of 10 follows the DPM-Solver reference code and is
+shared with `dpmpp3m`, so that the asymptotic order is not lowered by an order-1 final
+step on long grids). With predictor order p the method has
+global order p + 1 (UniPC paper, Thm. 3.1); ``order = 3`` is the usual setting for
+unconditional sampling (global order 4), ``order = 2`` gives global order 3.
+
+NFE rule: one denoiser call per step (at sigma_0 and at each predicted state except the
+last), N steps -> N; with ``afs=True`` the first model output is ``x_0 - sigma_0 d_0`` from
+the analytic first gradient, N steps -> N - 1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .common import afs_d, denoise, emit, lam, phi, sigma_list, step_range
+from .dpmpp3m import multistep_order
+
+__all__ = ["sample_unipc", "unipc_coefficients"]
+
+
+def unipc_coefficients(rs: Sequence[float], h: float, variant: str = "bh2") -> Tuple[float, List[float]]:
+    """(B(h), a) for the relative points ``rs`` (see module docstring), in float64."""
+    if variant == "bh2":
+        B = phi(1, h)
+    elif variant == "bh1":
+        B = h
+    else:
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    K = len(rs)
+    if K == 0:
+        return B, []
+    if K == 1:
+        return B, [0.5]
+    R = np.array([[r ** (j - 1) for r in rs] for j in range(1, K + 1)], dtype=np.float64)
+    g = np.array([math.factorial(j) * phi(j + 1, h) / (h ** j * B) for j in range(1, K + 1)])
+    return B, np.linalg.solve(R, g).tolist()
+
+
+def _unipc_update(x, m0, lam0, h, points, variant):
+    """e^{-h} x + psi_1 m0 + B sum_k a_k (m_k - m0) / r_k over points = [(lambda_k, m_k)]."""
+    out = math.exp(-h) * x + phi(1, h) * m0
+    if points:
+        rs = [(lk - lam0) / h for lk, _ in points]
+        B, a = unipc_coefficients(rs, h, variant)
+        acc = None
+        for ak, rk, (_, mk) in zip(a, rs, points):
+            term = (ak / rk) * (mk - m0)
+            acc = term if acc is None else acc + term
+        out = out + B * acc
+    return out
+
+
+def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optional[Callable] = None,
+                 progress: bool = False, afs: bool = False, order: int = 3,
+                 variant: str = "bh2", lower_order_final: bool = True, **cond) -> torch.Tensor:
+    """UniPC from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` (see module docstring).
+
+    ``order`` in 1..3 is the predictor order p (global order p + 1); ``variant`` "bh2"
+    (default) or "bh1".
+    """
+    if isinstance(order, bool) or int(order) != order or not 1 <= order <= 3:
+        raise ValueError(f"order must be an integer in 1..3, got {order!r}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    s = sigma_list(sigmas)
+    N = len(s) - 1
+    lams = [lam(v) for v in s]
+    if afs:
+        m = x - s[0] * afs_d(x, s[0])
+    else:
+        m = denoise(denoiser, x, s[0], cond)
+    hist: List[Tuple[float, torch.Tensor]] = [(lams[0], m)]  # newest first
+    prev = None  # (x_n, previous points used by the predictor) for the corrector
+    for i in step_range(N, progress, "unipc"):
+        if i > 0:
+            m_new = denoise(denoiser, x, s[i], cond)
+            x_base, m_base, pts = prev
+            # UniC: redo the step from x_{i-1} with the new value at r = 1.
+            x = _unipc_update(x_base, m_base, lams[i - 1], lams[i] - lams[i - 1],
+                              pts + [(lams[i], m_new)], variant)
+            hist.insert(0, (lams[i], m_new))
+            del hist[int(order):]
+        p = multistep_order(i, N, int(order), lower_order_final)
+        m_i = hist[0][1]
+        pts = hist[1:p]
+        h = lams[i + 1] - lams[i]
+        x_next = _unipc_update(x, m_i, lams[i], h, pts, variant)  # UniP-p
+        emit(callback, i, x, x_next, s[i], s[i + 1], m_i)
+        prev = (x, m_i, pts)
+        x = x_next
+    return x

@@ -222,6 +222,9 @@ register_solver("epd", lazy=".solvers.epd:epd_sampler", evals_per_step=2, defaul
                 needs_params=True, plugin=False)
 register_solver("epd-ipndm", lazy=".solvers.epd:epd_sampler", evals_per_step=2,
                 default_afs=True, needs_params=True, plugin=True)
+# ParaDiGMS: Picard iterations over a sliding window of a 4x finer Euler grid; the budget
+# counts batched rounds (solvers/paradigms.py).
+register_solver("paradigms", lazy=".solvers.paradigms:paradigms_sampler")
 # D-ODE: the base solver with one distilled scalar per step (solvers/dode.py); the NFE
 # rule is the base solver's.
 register_solver("d-euler", lazy=".solvers.dode:dode_sampler", needs_params=True,
@@ -329,7 +332,7 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm", nfe: 
         noise: ``[B, ...]`` standard normal noise (see `make_noise`).
         solver: one of `solver_names()`: "euler" ("ddim"), "heun", "dpm2", "dpmpp3m",
             "unipc", "ipndm", "deis", "epd", "epd-ipndm", "d-euler" ("d-ddim"),
-            "d-heun", "d-ipndm".
+            "d-heun", "d-ipndm", "paradigms".
         nfe: latency budget (sequential denoiser calls), mapped exactly to steps (module
             docstring); None takes it from an explicit schedule or from ``params``.
         params: `EPDParams` for "epd" / "epd-ipndm", `DODEParams` for the "d-*" solvers

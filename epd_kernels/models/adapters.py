@@ -1,0 +1,241 @@
+"""Adapters: turn other libraries' networks into ``D(x, sigma [B], **cond) -> x0_hat``.
+
+All solvers here work in EDM's variance-exploding convention ``x = x0 + sigma n``. The
+adapters do the conversions:
+
+`DiffusersDenoiser` (a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` trained as a
+discrete-time VP model with ``alphas_cumprod`` ``a_t``):
+
+- VP <-> VE: ``x_vp = sqrt(a) x0 + sqrt(1 - a) n`` with ``sigma = sqrt((1 - a) / a)``, so
+  ``x_vp = x / sqrt(1 + sigma^2)``;
+- timestep: the (fractional) index ``t`` where the table ``sigma_t = sqrt((1-a_t)/a_t)``
+  takes the value sigma, by linear interpolation of ``log sigma_t`` between neighbouring
+  integers (sigmas outside the table are clamped to its ends; ``quantize=True`` rounds to
+  the nearest integer timestep);
+- output: ``"epsilon"``: ``D = x - sigma eps``; ``"v_prediction"`` (``v = alpha eps - s x0``
+  with ``alpha = 1/sqrt(1+sigma^2)``, ``s = sigma alpha``): ``D = x / (1 + sigma^2) -
+  sigma / sqrt(1 + sigma^2) v``; ``"sample"``: D is the output.
+
+Conditioning keywords are passed to the unet (``class_labels`` for ``UNet2DModel`` with
+class embeddings, ``encoder_hidden_states`` for ``UNet2DConditionModel``); they must
+already be repeated per sample (the solvers and `epd_kernels.branches` do that).
+
+`KDiffusionDenoiser` wraps any k-diffusion-style ``model(x, sigma, **kw) -> denoised``
+(already in EDM's convention); `EpsDenoiser` wraps an eps-prediction model in sigma space
+(``D = x - sigma eps(c_in x, sigma)``), `VDenoiser` a v-prediction model in sigma space
+with a given sigma_data.
+
+diffusers is an optional dependency (``pip install diffusers``): it is imported only by
+`DiffusersDenoiser.from_pretrained`; wrapping an already-built unet needs no import.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["DiffusersDenoiser", "KDiffusionDenoiser", "EpsDenoiser", "VDenoiser",
+           "require_diffusers"]
+
+
+def require_diffusers():
+    """Imports diffusers or raises an ImportError saying how to install it."""
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ImportError("this needs the optional dependency diffusers: "
+                          "pip install diffusers   (or pip install 'epd_kernels[diffusers]')"
+                          ) from e
+    return diffusers
+
+
+def _sigma_vec(sigma, x: torch.Tensor, dtype=None) -> torch.Tensor:
+    s = torch.as_tensor(sigma, dtype=dtype or x.dtype, device=x.device)
+    if s.dim() == 0:
+        s = s.expand(x.shape[0])
+    if s.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a float, 0-d or [B]={x.shape[0]} tensor, got "
+                         f"{list(s.shape)}")
+    return s
+
+
+def _bview(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return s.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+class DiffusersDenoiser(nn.Module):
+    """EDM-style denoiser from a diffusers discrete-time (VP) unet.
+
+    Args:
+        unet: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (or any callable
+            ``unet(sample, timestep [B], **cond)`` returning a tensor, a tuple or an object
+            with ``.sample``).
+        alphas_cumprod: ``[T]`` cumulative products of ``1 - beta_t`` (``scheduler.alphas_cumprod``).
+        prediction_type: "epsilon", "v_prediction" or "sample" (``scheduler.config.prediction_type``).
+        quantize: round the timestep to the nearest integer instead of passing a fractional one.
+
+    ``sigma_min`` / ``sigma_max`` are the ends of the model's sigma table.
+    """
+
+    def __init__(self, unet: Callable, alphas_cumprod, prediction_type: str = "epsilon",
+                 quantize: bool = False):
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', "
+                             f"got {prediction_type!r}")
+        if not callable(unet):
+            raise ValueError("unet must be callable")
+        self.unet = unet
+        a = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu().reshape(-1)
+        if a.numel() < 2 or not ((a > 0) & (a < 1)).all():
+            raise ValueError("alphas_cumprod must hold >= 2 values in (0, 1)")
+        sig = torch.sqrt((1 - a) / a)
+        if not (sig[1:] > sig[:-1]).all():
+            raise ValueError("alphas_cumprod must be strictly decreasing (sigma increasing with t)")
+        self.register_buffer("log_sigmas", sig.log(), persistent=False)
+        self.prediction_type = prediction_type
+        self.quantize = bool(quantize)
+        self.sigma_min = float(sig[0])
+        self.sigma_max = float(sig[-1])
+        cfg = getattr(unet, "config", None)
+        get = (lambda k: (cfg.get(k) if isinstance(cfg, dict) else getattr(cfg, k, None))
+               ) if cfg is not None else (lambda k: None)
+        size, chans = get("sample_size"), get("in_channels")
+        if size is not None and chans is not None:
+            hw = (size, size) if isinstance(size, int) else tuple(size)
+            self.shape = (int(chans),) + tuple(int(v) for v in hw)
+        else:
+            self.shape = None
+        self.out_channels = get("out_channels")
+        ncls = get("num_class_embeds")
+        if ncls:
+            self.num_classes = int(ncls)
+
+    @classmethod
+    def from_scheduler(cls, unet, scheduler, **kw) -> "DiffusersDenoiser":
+        """From a diffusers scheduler: its ``alphas_cumprod`` and ``config.prediction_type``."""
+        return cls(unet, scheduler.alphas_cumprod,
+                   prediction_type=scheduler.config.prediction_type, **kw)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, unet_subfolder: Optional[str] = "unet",
+                        scheduler_subfolder: Optional[str] = "scheduler", device=None,
+                        dtype: torch.dtype = torch.float32, **kw) -> "DiffusersDenoiser":
+        """Loads ``UNet2DModel`` and the DDPM noise table of a diffusers model directory
+        (or hub id, if your environment can reach the hub). Needs diffusers."""
+        diffusers = require_diffusers()
+        unet = diffusers.UNet2DModel.from_pretrained(name_or_path, subfolder=unet_subfolder)
+        sched = diffusers.DDPMScheduler.from_pretrained(name_or_path, subfolder=scheduler_subfolder)
+        unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return cls.from_scheduler(unet, sched, **kw)
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional timestep of each sigma (piecewise linear in log sigma; clamped)."""
+        ls = self.log_sigmas.to(sigma.device)
+        log_s = sigma.detach().to(ls.dtype).clamp_min(1e-30).log()
+        T = ls.numel()
+        hi = torch.searchsorted(ls, log_s).clamp(1, T - 1)
+        lo = hi - 1
+        w = ((log_s - ls[lo]) / (ls[hi] - ls[lo])).clamp(0, 1)
+        t = lo.to(ls.dtype) + w
+        return t.round() if self.quantize else t
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of `sigma_to_t` (linear interpolation of log sigma between integers)."""
+        ls = self.log_sigmas.to(t.device)
+        t = t.to(ls.dtype).clamp(0, ls.numel() - 1)
+        lo = t.floor().long().clamp(max=ls.numel() - 2)
+        w = t - lo
+        return torch.exp(ls[lo] + w * (ls[lo + 1] - ls[lo]))
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        s = _sigma_vec(sigma, x)
+        sv = _bview(s, x)
+        x_vp = x / torch.sqrt(1 + sv * sv)
+        t = self.sigma_to_t(s)
+        param = next(iter(self.unet.parameters()), None) if isinstance(self.unet, nn.Module) \
+            else None
+        net_dtype = param.dtype if param is not None else x.dtype
+        # Timesteps in float32 (what diffusers' embeddings compute in), float64 for float64 x.
+        t = t.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        out = self.unet(x_vp.to(net_dtype), t, **cond)
+        if hasattr(out, "sample"):
+            out = out.sample
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        out = out.to(x.dtype)
+        if out.shape[1] != x.shape[1]:  # learned variance: [eps, var] -> eps
+            out = out[:, :x.shape[1]]
+        if self.prediction_type == "epsilon":
+            return x - sv * out
+        if self.prediction_type == "v_prediction":
+            return x / (1 + sv * sv) - sv / torch.sqrt(1 + sv * sv) * out
+        return out
+
+
+class KDiffusionDenoiser(nn.Module):
+    """Wraps a k-diffusion-style ``model(x, sigma [B], **kw) -> denoised`` (EDM convention).
+
+    Makes sigma a ``[B]`` tensor in x's dtype/device and forwards the conditioning;
+    ``shape``, ``sigma_min``, ``sigma_max`` and ``num_classes`` are copied from the model
+    when it has them (or given here).
+    """
+
+    def __init__(self, model: Callable, shape=None, sigma_min: Optional[float] = None,
+                 sigma_max: Optional[float] = None):
+        super().__init__()
+        if not callable(model):
+            raise ValueError("model must be callable")
+        self.inner = model
+        self.shape = shape if shape is not None else getattr(model, "shape", None)
+        for name, val in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+            v = val if val is not None else getattr(model, name, None)
+            if v is not None:
+                setattr(self, name, float(v))
+        if getattr(model, "num_classes", None) is not None:
+            self.num_classes = model.num_classes
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        return self.inner(x, _sigma_vec(sigma, x), **cond)
+
+
+class EpsDenoiser(KDiffusionDenoiser):
+    """Wraps a noise-prediction model in sigma space: ``D = x - sigma * eps``.
+
+    ``eps = model(c_in * x, sigma [B], **cond)`` with ``c_in = 1`` (``input_scaling="none"``,
+    the model sees ``x = x0 + sigma n``) or ``c_in = 1 / sqrt(1 + sigma^2)``
+    (``input_scaling="vp"``, the model sees the VP-scaled input).
+    """
+
+    def __init__(self, model: Callable, input_scaling: str = "none", **kw):
+        super().__init__(model, **kw)
+        if input_scaling not in ("none", "vp"):
+            raise ValueError("input_scaling must be 'none' or 'vp'")
+        self.input_scaling = input_scaling
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        s = _sigma_vec(sigma, x)
+        sv = _bview(s, x)
+        xin = x / torch.sqrt(1 + sv * sv) if self.input_scaling == "vp" else x
+        return x - sv * self.inner(xin, s, **cond)
+
+
+class VDenoiser(KDiffusionDenoiser):
+    """Wraps a v-prediction model in sigma space with data std ``sigma_data``:
+
+    ``D = c_skip x + c_out v(c_in x, sigma)``, ``c_skip = sd^2/(sigma^2+sd^2)``,
+    ``c_out = -sigma sd / sqrt(sigma^2+sd^2)``, ``c_in = 1/sqrt(sigma^2+sd^2)``.
+    """
+
+    def __init__(self, model: Callable, sigma_data: float = 1.0, **kw):
+        super().__init__(model, **kw)
+        self.sigma_data = float(sigma_data)
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        s = _sigma_vec(sigma, x)
+        sv = _bview(s, x)
+        sd2 = self.sigma_data ** 2
+        r = torch.sqrt(sv * sv + sd2)
+        v = self.inner(x / r, s, **cond)
+        return sd2 / (sv * sv + sd2) * x - sv * self.sigma_data / r * v

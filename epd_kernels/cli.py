@@ -1,0 +1,226 @@
+"""The ``epd`` command line (also ``python -m epd_kernels``).
+
+    epd demo [--out DIR] [--model NAME] [--quick]        compare every solver, write figures
+    epd distill --model M --solver epd --nfe 5 --out p.safetensors
+    epd sample --model M --solver epd --params p.safetensors --seeds 0-99 --out DIR|X.npz
+    epd eval --samples DIR|X.npz [--model M | --data F] [--reference DIR|X.npz] [--json F]
+    epd list                                             solvers, NFE rules, models
+
+Errors the user can fix (bad model spec, unknown solver, unmet budget, params that do not
+fit, bad seeds, unwritable output) print one line ``epd: error: ...`` and exit with code
+2. ``distill`` and ``sample`` run unchanged under ``torchrun --nproc_per_node=N``.
+Each command lives in `epd_kernels.workflow` (one module per job); this file only parses
+arguments and dispatches.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``epd: error: ...``, exit code 2)."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected budgets >= 1, got {text!r}")
+    return vals
+
+
+def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+    if device:
+        p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models.registry import DEFAULT_MODEL
+
+    ap = _Parser(prog="epd", description="Few-step diffusion sampling: EPD-Solver, EPD-Plugin, "
+                 "D-ODE and baseline solvers. 'epd COMMAND --help' for details.")
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"epd_kernels {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # ---- demo
+    p = sub.add_parser("demo", help="distill and compare every solver on the default model",
+                       description="Distills EPD (and EPD-Plugin when time allows) and D-ODE, "
+                       "samples with every solver at NFE 3, 5, 7, 9 from the same noise, and "
+                       "writes a table, a sample grid, an error-vs-NFE plot, the params and a "
+                       "JSON of all figures.")
+    p.add_argument("--out", default="epd_demo", help="output folder (default ./epd_demo)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model name or 'package.module:factory' (default {DEFAULT_MODEL})")
+    p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
+    p.add_argument("--nfes", type=_int_list, default=None,
+                   help="budgets for the baseline solvers (default 3,5,7,9)")
+    p.add_argument("--num-samples", type=_positive_int, default=None,
+                   help="samples per solver for the metrics (default 256)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds the demo aims to stay within; EPD-Plugin is distilled only "
+                        "if it fits (default 240)")
+    p.add_argument("--threads", default="auto",
+                   help="torch CPU threads, or 'auto' (default: time 1 vs all and pick)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--device", default="cpu")
+
+    # ---- distill
+    p = sub.add_parser("distill", help="distill EPD / EPD-Plugin params or fit D-ODE params",
+                       description="Writes a params file (atomically). EPD runs resume from "
+                       "--checkpoint and run unchanged under torchrun (--batch-size per "
+                       "process; only rank 0 writes).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or 'package.module:factory'")
+    p.add_argument("--solver", required=True, help="epd, epd-ipndm, d-euler, d-heun or d-ipndm")
+    p.add_argument("--nfe", type=_positive_int, required=True, help="latency budget")
+    p.add_argument("--num-points", type=int, default=None, help="EPD parallel points K (default 2)")
+    p.add_argument("--iterations", type=int, default=None, help="EPD iterations (default 300)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch per process (EPD, default 32) or fitting batch (D-ODE, default 128)")
+    p.add_argument("--lr", type=float, default=None, help="EPD learning rate (default 0.05)")
+    p.add_argument("--teacher-points", type=_nonneg_int, default=None,
+                   help="EPD teacher: extra points M per student interval (library default)")
+    p.add_argument("--pool", default=None,
+                   help="EPD: fixed pool of N training noises with cached teacher targets, or "
+                        "'none' for fresh noise (default: the library's; 'none' for per-row "
+                        "class labels)")
+    p.add_argument("--seed", type=int, default=0, help="training noise seed")
+    p.add_argument("--checkpoint", default=None, help="EPD checkpoint file (resume)")
+    p.add_argument("--class-label", default=None,
+                   help="conditional models: 'seed' (row %% classes, default), an int, or 'none'")
+    p.add_argument("--out", required=True, help="params file (.safetensors)")
+    _common(p)
+
+    # ---- sample
+    p = sub.add_parser("sample", help="sample seeds to PNG/.npy files or an .npz",
+                       description="One generator per seed: the output does not depend on "
+                       "the batch size or the number of processes. Finished seeds are "
+                       "skipped on rerun (resume).",
+                       epilog="Output: a folder gets seed-NNNNNN.npy (float32) and, for "
+                       "images, seed-NNNNNN.png per seed, plus run.json (the settings; "
+                       "resuming with other settings is refused). X.npz: per-seed shards "
+                       "go to X.npz.parts/ and are assembled into X.npz (samples, seeds, "
+                       "class_labels, run) at the end; rerunning reuses the seeds an "
+                       "existing X.npz holds. All files are written atomically. Under "
+                       "torchrun each process takes every W-th unfinished seed.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or 'package.module:factory'")
+    p.add_argument("--solver", required=True, help="solver name (see 'epd list')")
+    p.add_argument("--nfe", type=_positive_int, default=None,
+                   help="latency budget (taken from --params when given)")
+    p.add_argument("--params", default=None, help="params file for epd / epd-ipndm / d-*")
+    p.add_argument("--seeds", required=True, help="seeds, e.g. '0-99' or '0-9,100'")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
+    grp = p.add_mutually_exclusive_group()
+    grp.add_argument("--class-label", default=None,
+                     help="conditional models: one label for all samples, or 'none'")
+    grp.add_argument("--class-labels", choices=["seed"], default=None,
+                     help="'seed': label = seed %% num_classes (the default)")
+    p.add_argument("--png-scale", type=_nonneg_int, default=0,
+                   help="upscale factor of the per-seed PNGs (0: auto, to >= 64 px)")
+    p.add_argument("--out", required=True, help="output folder, or a file ending in .npz")
+    _common(p)
+
+    # ---- eval
+    p = sub.add_parser("eval", help="metrics of samples: RMSE to a reference, Frechet distance",
+                       description="RMSE to --reference (matched by seed) and Frechet distance "
+                       "in pixel space to the model's data (--model) or to --data.")
+    p.add_argument("--samples", required=True, help="folder of seed-*.npy files or an .npz")
+    p.add_argument("--model", default=None, help="model whose data the samples are compared with")
+    p.add_argument("--data", default=None,
+                   help="data file (.npy, or .npz with samples/images/data)")
+    p.add_argument("--reference", default=None, help="reference samples (folder or .npz)")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--threads", type=_positive_int, default=None)
+
+    # ---- list
+    sub.add_parser("list", help="solvers with their NFE rules and valid budgets; models")
+    return ap
+
+
+def _dispatch(args) -> int:
+    from .workflow.resolve import set_threads
+
+    if args.command == "list":
+        from .workflow.listing import run_list
+
+        return run_list(args)
+    if args.command == "demo":
+        from .workflow.demo import run_demo
+
+        return run_demo(args)
+    set_threads(getattr(args, "threads", None))
+    if args.command == "distill":
+        from .workflow.distill_job import run_distill
+
+        return run_distill(args)
+    if args.command == "sample":
+        from .workflow.sample_job import run_sample
+
+        return run_sample(args)
+    if args.command == "eval":
+        from .workflow.eval_job import run_eval
+
+        return run_eval(args)
+    raise AssertionError(args.command)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    from .workflow.errors import UserError, one_line
+
+    try:
+        return int(_dispatch(args) or 0)
+    except UserError as e:
+        sys.stderr.write(f"epd: error: {one_line(e)}\n")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("epd: interrupted\n")
+        return 130
+    except BrokenPipeError:  # e.g. 'epd list | head'
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""`epd demo`: distil EPD and D-ODE, compare every solver at equal latency, draw it.
+
+On one model (default the embedded digits U-Net, class-conditional, labels = seed % 10):
+
+1. a reference: a high-order solver with many steps (UniPC, 60 steps) from the same
+   noise as every solver, computed once; its own error is estimated against half the
+   steps on a subset and reported (about 1e-4, 200x below the best 9-NFE solver);
+2. every solver of `solver_names()` that needs no params (aliases skipped) at NFE
+   3, 5, 7, 9 (a budget a solver cannot meet is skipped and listed);
+3. D-ODE (d-euler, d-ipndm; closed-form fit) and EPD (distilled) at NFE 3 and 5; all
+   sampled from the same noise;
+4. optional runs, each only if its estimated time still fits ``--budget`` (default
+   200 s): parallel solvers above NFE 5 (ParaDiGMS spends ~NFE^2 evaluations, ~180 per
+   sample at NFE 9), then EPD-Plugin (epd-ipndm) at NFE 5 and 3; skipped runs are
+   listed with the reason;
+5. a table (RMSE to the reference, Frechet distance in pixel space to the data, latency
+   NFE, total evaluations, wall time) printed and saved, ``samples_grid.png`` (rows =
+   solvers, columns = NFE), ``rmse_vs_nfe.png``, the params under ``params/`` and
+   ``results.json`` with every figure.
+
+``--quick`` uses tiny settings (seconds) for tests and runs everything. The default
+settings were chosen to finish in about 2-3 minutes on 2 CPU cores; the threads are
+picked by timing one batch with 1 and with all cores (a busy machine is often much faster
+with one).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..metrics import feature_stats, frechet_distance_from_stats, rmse
+from ..sampling import make_noise, sample, solver_names, valid_budgets
+from . import outputs, plots
+from .errors import UserError, one_line
+from .resolve import (check_budget, class_labels_for, is_alias, load_model_or_fail,
+                      model_shape, needs_params)
+
+__all__ = ["run_demo", "DemoConfig", "DEFAULT", "QUICK"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    num_samples: int = 256            # samples per solver for RMSE and Frechet distance
+    nfes: Tuple[int, ...] = (3, 5, 7, 9)
+    distill_nfes: Tuple[int, ...] = (3, 5)
+    ref_solver: str = "unipc"         # reference: a 3rd-order multistep solver, many steps
+    ref_nfe: int = 60
+    ref_check_samples: int = 32       # its error is estimated against ref_nfe // 2 steps
+    epd_iterations: int = 40
+    epd_batch: int = 16
+    epd_lr: float = 0.1
+    plugin_lr: float = 0.2            # EPD-Plugin starts further from its optimum
+    epd_teacher_points: int = 3       # M: DPM-Solver-2 teacher with 4 sub-steps per step
+    num_points: int = 2
+    dode_solvers: Tuple[str, ...] = ("d-euler", "d-ipndm")
+    dode_batch: int = 64
+    dode_teacher_factor: int = 10     # teacher sub-steps per student step
+    show: int = 6                     # samples per grid cell
+    chunk: int = 512                  # samples per sampling call
+    defer_above: int = 5              # parallel solvers above this NFE run if time allows
+    budget_s: float = 200.0
+
+
+DEFAULT = DemoConfig()
+QUICK = DemoConfig(num_samples=12, nfes=(3, 5), distill_nfes=(3, 5), ref_nfe=20,
+                   ref_check_samples=4, epd_iterations=2, epd_batch=4, dode_batch=8,
+                   dode_teacher_factor=2, show=4,
+                   budget_s=1e9)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _pick_threads(spec, model, shape, cond_fn, device) -> int:
+    """1 or all cores, whichever runs a batch of the model faster (busy machines often
+    run much faster with one thread)."""
+    most = torch.get_num_threads()
+    if most <= 1 or device != "cpu":
+        return most
+    B = 128
+    x = torch.randn((B,) + tuple(shape))
+    s = torch.full((B,), 1.0)
+    cond = cond_fn(range(B))
+    best, best_t = most, math.inf
+    for n in (1, most):
+        torch.set_num_threads(n)
+        with torch.no_grad():
+            model(x, s, **cond)
+            t0 = time.perf_counter()
+            for _ in range(2):
+                model(x, s, **cond)
+            dt = time.perf_counter() - t0
+        if dt < best_t:
+            best, best_t = n, dt
+    torch.set_num_threads(best)
+    return best
+
+
+class _Runner:
+    """Samples the demo's fixed noise with one solver, in chunks; collects stats."""
+
+    def __init__(self, model, noise, cond, chunk):
+        self.model, self.noise, self.cond, self.chunk = model, noise, cond, chunk
+        self.evals_done = 0.0
+        self.seconds = 0.0
+
+    def __call__(self, solver, nfe, params=None, progress=False):
+        outs, wall, st0 = [], 0.0, None
+        N = self.noise.shape[0]
+        for a in range(0, N, self.chunk):
+            b = min(N, a + self.chunk)
+            cond = {k: v[a:b] for k, v in self.cond.items()}
+            x, st = sample(self.model, self.noise[a:b], solver=solver, nfe=nfe, params=params,
+                           return_stats=True, progress=progress, **cond)
+            outs.append(x.detach().cpu())
+            wall += st.wall_time_s
+            st0 = st0 or st
+        self.evals_done += float(st0.total_evals) * N
+        self.seconds += wall
+        return torch.cat(outs), st0, wall
+
+    @property
+    def sec_per_eval(self) -> float:
+        return self.seconds / self.evals_done if self.evals_done else 1e-3
+
+
+def _data_for(spec: str, model) -> Optional[np.ndarray]:
+    from .eval_job import model_data
+
+    try:
+        return model_data(spec)
+    except UserError:
+        return None
+
+
+def _fmt(v, digits=4):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
+            return f"{v:.{digits - 1}e}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _table(rows: List[dict], ref: dict) -> str:
+    head = ["solver", "NFE", "latency NFE", "total evals", "RMSE to ref", "FD (pixels)",
+            "wall (s)", "ms/sample"]
+    lines = []
+    r0 = ref
+    lines.append([f"reference: {r0['solver']}", str(r0["nfe"]), str(r0["latency_nfe"]),
+                  _fmt(r0["total_evals"]), _fmt(r0.get("error_estimate")) + " (est.)",
+                  _fmt(r0.get("fd")), f"{r0['wall_time_s']:.2f}",
+                  f"{1000 * r0['wall_time_s'] / r0['num_samples']:.2f}"])
+    best = {}
+    for r in rows:
+        if r["rmse"] is not None:
+            best[r["nfe"]] = min(best.get(r["nfe"], math.inf), r["rmse"])
+    for r in sorted(rows, key=lambda r: (r["nfe"], r["distilled"], r["order"])):
+        star = " *" if r["rmse"] is not None and r["rmse"] == best.get(r["nfe"]) else ""
+        lines.append([r["solver"], str(r["nfe"]), str(r["latency_nfe"]), _fmt(r["total_evals"]),
+                      _fmt(r["rmse"]) + star, _fmt(r["fd"]), f"{r['wall_time_s']:.2f}",
+                      f"{1000 * r['wall_time_s'] / r['num_samples']:.2f}"])
+    w = [max(len(head[i]), *(len(l[i]) for l in lines)) for i in range(len(head))]
+    out = ["| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(head)) + " |",
+           "|" + "|".join("-" * (w[i] + 2) for i in range(len(head))) + "|"]
+    for l in lines:
+        out.append("| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(l)) + " |")
+    return "\n".join(out)
+
+
+def run_demo(args) -> int:
+    cfg = QUICK if args.quick else DEFAULT
+    over = {}
+    if args.nfes:
+        over["nfes"] = tuple(args.nfes)
+    if args.num_samples:
+        over["num_samples"] = int(args.num_samples)
+    if args.budget is not None:
+        over["budget_s"] = float(args.budget)
+    cfg = dataclasses.replace(cfg, **over)
+    if cfg.num_samples < 2:
+        raise UserError("--num-samples must be >= 2 (the Frechet distance needs 2)")
+    t_start = time.perf_counter()
+    timings: Dict[str, float] = {}
+    out = outputs.ensure_writable_dir(args.out)
+    pdir = outputs.ensure_writable_dir(os.path.join(out, "params"))
+    outputs.remove_stale_temporaries(out)
+    device = args.device
+
+    # ---- model, noise, labels, data
+    model = load_model_or_fail(args.model, device=device)
+    shape = model_shape(model)
+    N = cfg.num_samples
+    seeds = list(range(N))
+
+    def cond_for(keys):
+        lab = class_labels_for(model, keys, "seed")
+        return {} if lab is None else {"class_labels": lab.to(device)}
+
+    if args.threads == "auto" and args.quick:
+        threads = 1  # tiny batches never gain from more threads
+        torch.set_num_threads(1)
+    elif args.threads == "auto":
+        threads = _pick_threads(args.model, model, shape, cond_for, device)
+    else:
+        try:
+            threads = int(args.threads)
+        except ValueError:
+            raise UserError(f"--threads must be an integer or 'auto', got "
+                            f"{args.threads!r}") from None
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    noise = make_noise(seeds, shape, device=device)
+    cond = cond_for(seeds)
+    data = _data_for(args.model, model)
+    data_stats = feature_stats(data) if data is not None else None
+    run = _Runner(model, noise, cond, cfg.chunk)
+    _log(f"epd demo: model {args.model} (shape {list(shape)}"
+         + (f", labels = seed % {model.num_classes}" if cond else "") + f"), {N} samples, "
+         f"{threads} thread(s), output {out}" + (" [quick]" if args.quick else ""))
+
+    def fd_of(x):
+        if data_stats is None:
+            return None
+        mu, cov = feature_stats(x.numpy())
+        return frechet_distance_from_stats(mu, cov, *data_stats)
+
+    # ---- reference
+    t0 = time.perf_counter()
+    _log(f"[1/5] reference: {cfg.ref_solver} with {cfg.ref_nfe} steps")
+    ref, ref_st, ref_wall = run(cfg.ref_solver, cfg.ref_nfe, progress=args.progress)
+    m = min(cfg.ref_check_samples, N)
+    half = sample(model, noise[:m], solver=cfg.ref_solver, nfe=cfg.ref_nfe // 2,
+                  **{k: v[:m] for k, v in cond.items()})
+    ref_info = {"solver": cfg.ref_solver, "nfe": cfg.ref_nfe, "latency_nfe": ref_st.latency_nfe,
+                "steps": ref_st.steps, "total_evals": ref_st.total_evals,
+                "error_estimate": rmse(half.cpu(), ref[:m]) / 7.0,  # 3rd order: (2^3 - 1)
+                "error_check": f"rmse to {cfg.ref_nfe // 2} steps on {m} samples / 7",
+                "fd": fd_of(ref), "wall_time_s": ref_wall, "num_samples": N}
+    timings["reference"] = time.perf_counter() - t0
+
+    rows: List[dict] = []
+    skipped: List[dict] = []
+    cells: Dict[Tuple[str, int], np.ndarray] = {}
+    order = {}
+
+    def record(name, nfe, x, st, wall, distilled):
+        order.setdefault(name, len(order))
+        r = {"solver": name, "nfe": int(nfe), "latency_nfe": st.latency_nfe,
+             "total_evals": st.total_evals, "steps": st.steps, "rmse": rmse(x, ref),
+             "fd": fd_of(x), "wall_time_s": wall, "num_samples": N, "distilled": distilled,
+             "order": order[name]}
+        rows.append(r)
+        cells[(name, int(nfe))] = x[:cfg.show].numpy()
+        return r
+
+    # ---- baselines (parallel solvers above NFE 5 are deferred: they cost far more
+    # evaluations than their latency NFE and run at the end if the time budget allows)
+    t0 = time.perf_counter()
+    baselines = [s for s in solver_names() if not needs_params(s) and not is_alias(s)]
+    jobs = []
+    for s in baselines:
+        ok = set(valid_budgets(s, up_to=max(cfg.nfes)))
+        for n in cfg.nfes:
+            if n in ok:
+                jobs.append((s, n))
+            else:
+                skipped.append({"solver": s, "nfe": n, "reason": f"budget not reachable "
+                                f"(valid: {', '.join(map(str, sorted(ok)))})"})
+    jobs.sort(key=lambda j: (j[1], baselines.index(j[0])))
+    cost: Dict[str, Tuple[int, float, float]] = {}   # solver -> (nfe, evals/sample, s/eval)
+    deferred = []
+
+    def run_baseline(s, n):
+        try:
+            x, st, wall = run(s, n)
+        except (ValueError, RuntimeError) as e:
+            skipped.append({"solver": s, "nfe": n, "reason": one_line(e)})
+            _log(f"  skipped {s} at NFE {n}: {one_line(e)}")
+            return
+        record(s, n, x, st, wall, False)
+        cost[s] = (n, float(st.total_evals), wall / max(float(st.total_evals) * N, 1e-9))
+
+    def expensive(s):
+        c = cost.get(s)
+        return c is not None and c[1] > 2 * c[0]
+
+    _log(f"[2/5] baselines: {len(baselines)} solvers x NFE {list(cfg.nfes)}")
+    bar = _bar(len(jobs), "baselines", args.progress)
+    for s, n in jobs:
+        if n > cfg.defer_above and expensive(s):
+            deferred.append((s, n))
+        else:
+            run_baseline(s, n)
+        if bar:
+            bar.update(1)
+            bar.set_postfix_str(f"{s} nfe={n}")
+    if bar:
+        bar.close()
+    if deferred:
+        _log("  deferred (many evaluations per latency NFE; run at the end if time allows): "
+             + ", ".join(f"{s} NFE {n}" for s, n in deferred))
+    timings["baselines"] = time.perf_counter() - t0
+
+    # ---- distillation
+    params_files = []
+    distilled = []
+
+    def save(params, name, nfe, seconds):
+        params.meta.update({"model": args.model, "shape": list(shape), "class_labels": "seed",
+                            "command": "epd demo"})
+        path = os.path.join(pdir, f"{name}-nfe{nfe}.safetensors")
+        params.save(path)
+        params_files.append({"solver": name, "nfe": int(nfe), "path": path,
+                             "seconds": seconds, "final_loss": params.meta.get("final_loss")})
+        return path
+
+    def sample_distilled(name, nfe, params):
+        x, st, wall = run(name, nfe, params=params)
+        r = record(name, nfe, x, st, wall, True)
+        if name not in distilled:
+            distilled.append(name)
+        _log(f"  {name} nfe={nfe}: RMSE {r['rmse']:.4g}, FD {_fmt(r['fd'])}")
+
+    from ..dode_fit import fit_dode
+
+    t0 = time.perf_counter()
+    _log(f"[3/5] D-ODE: {', '.join(cfg.dode_solvers)} at NFE {list(cfg.distill_nfes)} "
+         f"(closed form, batch {cfg.dode_batch})")
+    for name in cfg.dode_solvers:
+        for nfe in cfg.distill_nfes:
+            check_budget(name, nfe)
+            t1 = time.perf_counter()
+            p = fit_dode(model, solver=name, nfe=nfe, shape=shape, batch_size=cfg.dode_batch,
+                         teacher_factor=cfg.dode_teacher_factor, device=device,
+                         **cond_for(range(cfg.dode_batch)))
+            save(p, name, nfe, time.perf_counter() - t1)
+            sample_distilled(name, nfe, p)
+    timings["d-ode"] = time.perf_counter() - t0
+
+    from ..distill import distill
+
+    def distill_epd(name, nfe):
+        t1 = time.perf_counter()
+        p = distill(model, nfe=nfe, shape=shape, num_points=cfg.num_points,
+                    plugin=name == "epd-ipndm", iterations=cfg.epd_iterations,
+                    batch_size=cfg.epd_batch,
+                    lr=cfg.plugin_lr if name == "epd-ipndm" else cfg.epd_lr,
+                    M=cfg.epd_teacher_points,
+                    pool=None, device=device, progress=args.progress,
+                    **cond_for(range(cfg.epd_batch)))
+        sec = time.perf_counter() - t1
+        save(p, name, nfe, sec)
+        sample_distilled(name, nfe, p)
+        return sec
+
+    t0 = time.perf_counter()
+    _log(f"[4/5] EPD: distilling at NFE {list(cfg.distill_nfes)} (K={cfg.num_points}, "
+         f"{cfg.epd_iterations} iterations of batch {cfg.epd_batch})")
+    epd_seconds = {}
+    for nfe in cfg.distill_nfes:
+        epd_seconds[nfe] = distill_epd("epd", nfe)
+    timings["epd"] = time.perf_counter() - t0
+
+    # ---- optional work, in order, each only if its estimated time fits the budget
+    t0 = time.perf_counter()
+    optional = [("baseline", s, n) for s, n in deferred]
+    optional += [("plugin", "epd-ipndm", n) for n in sorted(cfg.distill_nfes, reverse=True)]
+    reserve = 5.0  # figures and files
+
+    def estimate(kind, s, n):
+        if kind == "plugin":
+            return 1.15 * epd_seconds[n]
+        n0, evals0, spe = cost[s]
+        return evals0 * (n / n0) ** 2 * N * spe  # parallel solvers: evaluations ~ NFE^2
+
+    if optional:
+        _log(f"[4/5] optional runs within the {cfg.budget_s:.0f} s budget: "
+             + ", ".join(f"{s} NFE {n}" for _, s, n in optional))
+    for kind, s, n in optional:
+        elapsed = time.perf_counter() - t_start
+        need = estimate(kind, s, n)
+        if elapsed + need + reserve > cfg.budget_s:
+            reason = (f"time budget: {elapsed:.0f} s used, about {need:.0f} s more needed, "
+                      f"budget {cfg.budget_s:.0f} s (raise --budget to include it)")
+            skipped.append({"solver": s, "nfe": n, "reason": reason})
+            _log(f"  skipped {s} at NFE {n}: {reason}")
+        elif kind == "plugin":
+            _log(f"  EPD-Plugin (epd-ipndm) at NFE {n}, about {need:.0f} s")
+            distill_epd("epd-ipndm", n)
+        else:
+            _log(f"  {s} at NFE {n}, about {need:.0f} s")
+            run_baseline(s, n)
+    timings["optional"] = time.perf_counter() - t0
+
+    # ---- outputs
+    t0 = time.perf_counter()
+    _log("[5/5] figures and files")
+    files = {"params": [p["path"] for p in params_files]}
+    grid_path = os.path.join(out, "samples_grid.png")
+    plot_path = os.path.join(out, "rmse_vs_nfe.png")
+    row_names = [s for s in baselines if any(k[0] == s for k in cells)] + distilled
+    grid_nfes = sorted(set(cfg.nfes) | set(cfg.distill_nfes))
+    title = f"{args.model}: seeds 0-{cfg.show - 1}" + (
+        f", labels 0-{min(cfg.show, model.num_classes) - 1}" if cond else "")
+    try:
+        labelled = plots.sample_grid_png(grid_path, cells, row_names, grid_nfes, shape,
+                                         reference=ref[:cfg.show].numpy(), title=title)
+        files["samples_grid"] = grid_path
+        if not labelled:
+            _log("  (matplotlib not installed: the grid has no labels; pip install matplotlib)")
+    except ValueError as e:
+        _log(f"  no sample grid: {e}")
+    series: Dict[str, List[Tuple[int, float]]] = {}
+    for r in rows:
+        series.setdefault(r["solver"], []).append((r["latency_nfe"], r["rmse"]))
+    if plots.error_plot_png(plot_path, series, distilled=distilled,
+                            title=f"{args.model}: RMSE to the reference ({N} samples)"):
+        files["rmse_plot"] = plot_path
+    else:
+        _log("  no RMSE plot: matplotlib is not installed (pip install matplotlib)")
+    table = _table(rows, ref_info)
+    table_path = os.path.join(out, "table.md")
+    outputs.atomic_write_bytes(table_path, (table + "\n").encode())
+    files["table"] = table_path
+    timings["outputs"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    results = {
+        "model": args.model, "shape": list(shape), "num_samples": N, "seeds": f"0-{N - 1}",
+        "class_labels": "seed % num_classes" if cond else None, "threads": threads,
+        "quick": bool(args.quick), "config": dataclasses.asdict(cfg),
+        "reference": ref_info,
+        "results": [{k: v for k, v in r.items() if k != "order"} for r in rows],
+        "skipped": skipped, "params": params_files, "files": files, "timings": timings,
+        "command": "epd " + " ".join(sys.argv[1:]),
+    }
+    json_path = os.path.join(out, "results.json")
+    files["results"] = json_path
+    outputs.write_json(json_path, results)
+
+    _log("")
+    _log(table)
+    _log(f"\n* = lowest RMSE at that NFE. RMSE: per-sample RMS difference to the reference "
+         f"solution of the same ODE from the same noise, mean over {N} samples; FD: Frechet "
+         f"distance in pixel space to the data. Wall time: sampling the {N} samples on CPU.")
+    _log("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    _log("files: " + ", ".join([json_path] + [v for k, v in files.items()
+                                                if isinstance(v, str) and v != json_path]))
+    return 0
+
+
+def _bar(total, desc, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True)

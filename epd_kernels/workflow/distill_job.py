@@ -1,0 +1,140 @@
+"""`epd distill`: EPD / EPD-Plugin distillation or D-ODE fitting, to a params file.
+
+* ``epd``, ``epd-ipndm``: `epd_kernels.distill` (Adam against a DPM-Solver-2 teacher
+  with ``--teacher-points`` M extra points per interval; training noise fresh every
+  iteration or drawn from a fixed ``--pool``, whose teacher targets are cached; per-row
+  class labels need fresh noise, so conditional models use ``pool=None`` unless one
+  label is given); resumable with ``--checkpoint``; under torchrun every process takes
+  ``--batch-size`` rows of the global batch and gradients are averaged, so W processes
+  with batch b train exactly like one with batch W b; only rank 0 writes.
+* ``d-euler``, ``d-heun``, ``d-ipndm``: `fit_dode` (closed-form least squares against a
+  10x-step Heun teacher on ``--batch-size`` samples, default 128); computed by rank 0.
+
+Conditional models are distilled with labels ``row % num_classes`` (``--class-label L``
+for one class, ``none`` for unconditional). The params record the model spec and the
+sample shape in their ``meta``, which `epd sample` checks.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .distributed import distributed_context, local_device
+from .errors import UserError, one_line
+from .resolve import (DISTILLABLE, check_budget, class_labels_for, load_model_or_fail,
+                      model_shape, parse_class_label)
+from . import outputs
+
+__all__ = ["run_distill"]
+
+
+def run_distill(args) -> int:
+    solver = (args.solver or "").strip().lower()
+    if solver not in DISTILLABLE:
+        raise UserError(f"cannot distill solver {args.solver!r}; distillable solvers: "
+                        f"{', '.join(DISTILLABLE)}")
+    is_epd = solver in ("epd", "epd-ipndm")
+    if not is_epd:
+        given = [f"--{n.replace('_', '-')}" for n in ("num_points", "iterations", "lr",
+                                                      "checkpoint", "pool", "teacher_points")
+                 if getattr(args, n) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to the EPD solvers; D-ODE "
+                            f"({solver}) is fitted in closed form")
+    check_budget(solver, args.nfe)
+    for name in ("num_points", "iterations", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.lr is not None and not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if not os.fspath(args.out).endswith(".safetensors"):
+        raise UserError(f"--out must be a .safetensors file, got {args.out!r}")
+    outputs.ensure_writable_file(args.out)
+    if args.checkpoint:
+        outputs.ensure_writable_file(args.checkpoint)
+    label_mode = parse_class_label(args.class_label)
+    args.device = local_device(args.device)
+    model = load_model_or_fail(args.model, device=args.device)
+    shape = model_shape(model)
+
+    with distributed_context(args.device) as dist:
+        t0 = time.perf_counter()
+        if is_epd:
+            params = _distill_epd(args, solver, model, shape, label_mode, dist)
+        else:
+            params = None
+            if dist.is_main:
+                params = _fit_dode(args, solver, model, shape, label_mode)
+        if dist.is_main:
+            params.meta.update({"model": args.model, "shape": list(shape),
+                                "class_labels": label_mode if isinstance(label_mode, str)
+                                else int(label_mode),
+                                "command": "epd " + " ".join(sys.argv[1:])})
+            params.save(args.out)
+            loss = params.meta.get("final_loss")
+            extra = f", final loss {loss:.4g}" if isinstance(loss, float) else ""
+            print(f"epd distill: {solver} nfe={params.nfe} on {args.model}: wrote {args.out} "
+                  f"({time.perf_counter() - t0:.1f} s{extra}"
+                  + (f", {dist.world} processes" if dist.active else "") + ")", flush=True)
+        dist.barrier()
+    return 0
+
+
+def _distill_epd(args, solver, model, shape, label_mode, dist):
+    from ..distill import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_LR, distill
+
+    bs = args.batch_size or DEFAULT_BATCH_SIZE
+    cond = {}
+    labels = class_labels_for(model, range(bs * dist.world), label_mode)
+    extra = {}
+    if labels is not None:
+        cond["class_labels"] = labels.to(args.device)
+    if args.pool is not None:
+        pool = _parse_pool(args.pool)
+        if pool is not None and labels is not None and label_mode == "seed":
+            raise UserError("--pool cannot be used with per-row class labels (a fixed noise "
+                            "pool cannot follow them): add --class-label L or --class-label "
+                            "none, or drop --pool")
+        extra["pool"] = pool
+    elif labels is not None and label_mode == "seed":
+        extra["pool"] = None   # per-row labels need fresh noise every iteration
+    if args.teacher_points is not None:
+        extra["M"] = args.teacher_points
+    try:
+        return distill(model, nfe=args.nfe, shape=shape, num_points=args.num_points or 2,
+                       plugin=solver == "epd-ipndm",
+                       iterations=args.iterations or DEFAULT_ITERATIONS, batch_size=bs,
+                       lr=args.lr or DEFAULT_LR, seed=args.seed, device=args.device,
+                       checkpoint=args.checkpoint, progress=args.progress and dist.is_main,
+                       **extra, **cond)
+    except ValueError as e:
+        raise UserError(one_line(e)) from None
+
+
+def _parse_pool(text):
+    if str(text).lower() == "none":
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        raise UserError(f"--pool must be an integer >= 1 or 'none', got {text!r}") from None
+    if v < 1:
+        raise UserError(f"--pool must be an integer >= 1 or 'none', got {v}")
+    return v
+
+
+def _fit_dode(args, solver, model, shape, label_mode):
+    from ..dode_fit import fit_dode
+
+    bs = args.batch_size or 128
+    cond = {}
+    labels = class_labels_for(model, range(bs), label_mode)
+    if labels is not None:
+        cond["class_labels"] = labels.to(args.device)
+    try:
+        return fit_dode(model, solver=solver, nfe=args.nfe, shape=shape, batch_size=bs,
+                        seed=args.seed, device=args.device, **cond)
+    except ValueError as e:
+        raise UserError(one_line(e)) from None

@@ -1,0 +1,100 @@
+"""Rank and world size from the torchrun environment; process-group set-up and tear-down.
+
+    with distributed_context() as dist:      # a no-op in a plain process
+        mine = seeds[dist.rank::dist.world]
+        ...
+        dist.barrier()
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the default process group is
+initialised from the environment (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
+``WORLD_SIZE``) with gloo on CPU, or nccl when CUDA is present and ``device`` is cuda,
+and destroyed on exit. A group initialised by the caller is used as is and left alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+
+__all__ = ["Dist", "env_world", "distributed_context", "local_device"]
+
+
+def env_world() -> tuple:
+    """``(rank, world_size)`` from the torchrun environment variables ((0, 1) if absent)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0, 1
+    if world < 1 or not 0 <= rank < world:
+        return 0, 1
+    return rank, world
+
+
+def local_device(device: str) -> str:
+    """``"cuda"`` becomes ``"cuda:<LOCAL_RANK>"`` under torchrun (one GPU per process)."""
+    if str(device) == "cuda" and "LOCAL_RANK" in os.environ and env_world()[1] > 1:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return str(device)
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj`` (a list indexed by rank); ``[obj]`` in one process."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (to stop all ranks together)."""
+        if not self.active:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        torch.distributed.all_reduce(t)
+        return bool(t.item())
+
+
+@contextlib.contextmanager
+def distributed_context(device: str = "cpu"):
+    """Yields a `Dist`; initialises (and later destroys) the default group under torchrun."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        yield Dist(d.get_rank(), d.get_world_size(), owns_group=False)
+        return
+    rank, world = env_world()
+    if world == 1:
+        yield Dist(0, 1, owns_group=False)
+        return
+    if not d.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this "
+                           "PyTorch build")
+    backend = "nccl" if (str(device).startswith("cuda") and torch.cuda.is_available()) else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(local_device(device)))
+    d.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
+    try:
+        yield Dist(rank, world, owns_group=True)
+    finally:
+        with contextlib.suppress(Exception):
+            d.destroy_process_group()

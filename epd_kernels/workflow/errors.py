@@ -1,0 +1,18 @@
+"""`UserError`: a problem with what the user asked for (bad model, budget, seeds, paths...).
+
+The command line prints it as one line, ``epd: error: <message>``, and exits with code 2,
+without a traceback. Anything else that escapes is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+__all__ = ["UserError", "one_line"]
+
+
+class UserError(Exception):
+    """An error in the user's request; ``str(e)`` is the message shown."""
+
+
+def one_line(msg) -> str:
+    """The message on one line (library messages sometimes list details on several)."""
+    parts = [p.strip() for p in str(msg).splitlines() if p.strip()]
+    return "; ".join(parts) if parts else "unknown error"

@@ -1,0 +1,261 @@
+"""Atomic output files (PNG, .npy, .npz, JSON) and the per-seed layout of `epd sample`.
+
+Every file is written to a temporary file in the destination folder, flushed, fsync'ed
+and moved over the destination with `os.replace`, so a process killed at any moment
+leaves either no file or a complete one, never a torn one. Temporaries are named
+``.tmp-<name>.<random>`` and removed by `remove_stale_temporaries`.
+
+Per-seed layout (a folder): ``seed-<seed:06d>.npy`` (the exact float32 sample) and, for
+image-shaped samples, ``seed-<seed:06d>.png``. The PNG is written first and the .npy
+last, so a seed counts as finished exactly when its .npy exists (`finished_seeds`).
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+import zlib
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import UserError
+
+__all__ = ["atomic_write_bytes", "write_png", "png_bytes", "write_npy", "write_npz",
+           "write_json", "to_uint8_image", "seed_stem", "seed_npy_path", "seed_png_path",
+           "finished_seeds", "remove_stale_temporaries", "ensure_writable_dir",
+           "ensure_writable_file", "is_png", "image_layout", "load_seed_files"]
+
+_TMP_PREFIX = ".tmp-"
+_SEED_RE = re.compile(r"^seed-(\d+)\.npy$")
+
+
+# --------------------------------------------------------------------------------------
+# atomic writes
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (temp file in the same folder + os.replace)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + os.path.basename(path) + ".", dir=folder)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder) -> int:
+    """Deletes ``.tmp-*`` files a killed writer left in ``folder``; returns how many."""
+    n = 0
+    for tmp in glob.glob(os.path.join(glob.escape(os.fspath(folder)), _TMP_PREFIX + "*")):
+        try:
+            os.unlink(tmp)
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def write_npy(path, array) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_npz(path, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_json(path, obj) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def ensure_writable_dir(path) -> str:
+    """Creates ``path`` (and parents) if needed and checks files can be written there."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"cannot write to {path!r}: it exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=_TMP_PREFIX + "probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {path!r}: {e.strerror or e}") from None
+    return path
+
+
+def ensure_writable_file(path) -> str:
+    """Checks that a file can be created at ``path`` (its folder is created if needed)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"output {path!r} is a folder, expected a file name")
+    ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# PNG (a small encoder: 8-bit grayscale or RGB, no dependency)
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + tag + data
+            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """PNG file contents for a uint8 image ``[H, W]`` (gray) or ``[H, W, 3]`` (RGB)."""
+    img = np.ascontiguousarray(img)
+    if img.dtype != np.uint8:
+        raise ValueError("png_bytes expects a uint8 image")
+    if img.ndim == 2:
+        color, h, w = 0, img.shape[0], img.shape[1]
+    elif img.ndim == 3 and img.shape[2] == 3:
+        color, h, w = 2, img.shape[0], img.shape[1]
+    else:
+        raise ValueError(f"png_bytes expects [H, W] or [H, W, 3], got {list(img.shape)}")
+    rows = img.reshape(h, -1)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter 0
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
+            + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b""))
+
+
+def write_png(path, img: np.ndarray) -> None:
+    atomic_write_bytes(path, png_bytes(img))
+
+
+def is_png(path) -> bool:
+    """True if ``path`` starts with the PNG signature and has an IHDR and an IEND chunk."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return (data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+            and data[-8:-4] == b"IEND")
+
+
+def image_layout(shape: Sequence[int]) -> Optional[tuple]:
+    """How a sample of ``shape`` is drawn as an image: ``(H, W, C)`` or None.
+
+    ``[C, H, W]`` with C in (1, 3) is an image; ``[H, W]`` is gray; a flat vector whose
+    length is a perfect square is shown as a square gray image (e.g. the 64-dim models).
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 3 and shape[0] in (1, 3):
+        return shape[1], shape[2], shape[0]
+    if len(shape) == 2:
+        return shape[0], shape[1], 1
+    if len(shape) == 1:
+        s = int(math.isqrt(shape[0]))
+        if s * s == shape[0] and s > 1:
+            return s, s, 1
+    return None
+
+
+def to_uint8_image(x, shape: Sequence[int], scale: int = 1, lo: float = -1.0,
+                   hi: float = 1.0) -> np.ndarray:
+    """One sample as a uint8 image ``[H*scale, W*scale(, 3)]``: ``[lo, hi]`` -> 0..255
+    (clipped), upscaled by pixel repetition (nearest)."""
+    layout = image_layout(shape)
+    if layout is None:
+        raise ValueError(f"samples of shape {list(shape)} are not images")
+    h, w, c = layout
+    a = np.asarray(x, dtype=np.float64).reshape((c, h, w) if len(shape) == 3 else (h, w))
+    if len(shape) == 3:
+        a = a.transpose(1, 2, 0)
+        if c == 1:
+            a = a[:, :, 0]
+    a = np.clip(np.round((a - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+    if scale > 1:
+        a = a.repeat(scale, axis=0).repeat(scale, axis=1)
+    return a
+
+
+# --------------------------------------------------------------------------------------
+# per-seed files
+
+
+def seed_stem(seed: int) -> str:
+    return f"seed-{int(seed):06d}"
+
+
+def seed_npy_path(folder, seed: int) -> str:
+    return os.path.join(os.fspath(folder), seed_stem(seed) + ".npy")
+
+
+def seed_png_path(folder, seed: int) -> str:
+    return os.path.join(os.fspath(folder), seed_stem(seed) + ".png")
+
+
+def finished_seeds(folder) -> Dict[int, str]:
+    """``{seed: path of its .npy}`` for the seeds whose sample is complete in ``folder``."""
+    out = {}
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return out
+    for name in os.listdir(folder):
+        m = _SEED_RE.match(name)
+        if m:
+            out[int(m.group(1))] = os.path.join(folder, name)
+    return out
+
+
+def load_seed_files(folder, seeds: Optional[Iterable[int]] = None):
+    """``(seeds [N] int64, samples [N, ...])`` from the .npy files of ``folder``, sorted
+    by seed (only the given seeds, if any)."""
+    done = finished_seeds(folder)
+    chosen: List[int] = sorted(done) if seeds is None else [int(s) for s in seeds]
+    missing = [s for s in chosen if s not in done]
+    if missing:
+        raise UserError(f"{folder}: no sample file for seed(s) {missing[:10]}")
+    if not chosen:
+        raise UserError(f"{folder}: no per-seed sample files (seed-NNNNNN.npy)")
+    arrays = []
+    for s in chosen:
+        try:
+            arrays.append(np.load(done[s], allow_pickle=False))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {done[s]}: {e}") from None
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise UserError(f"{folder}: sample files have different shapes {sorted(shapes)}")
+    return np.asarray(chosen, dtype=np.int64), np.stack(arrays)

@@ -1,0 +1,195 @@
+"""What every command needs first: the model, the solver and its budget, params, labels.
+
+All problems the user can fix are raised as `UserError` with the valid choices named.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from ..sampling import _spec, nfe_to_steps, solver_names, valid_budgets
+from .errors import UserError, one_line
+
+__all__ = ["load_model_or_fail", "model_shape", "num_classes", "check_solver", "needs_params",
+           "check_budget", "budget_rule", "class_labels_for", "parse_class_label",
+           "load_params", "file_sha256", "set_threads", "DISTILLABLE", "is_alias"]
+
+#: Solvers `epd distill` can produce params for.
+DISTILLABLE = ("epd", "epd-ipndm", "d-euler", "d-heun", "d-ipndm")
+#: Names that are aliases of another solver (same function, same settings).
+_ALIASES = {"ddim": "euler", "d-ddim": "d-euler"}
+
+
+def set_threads(n: Optional[int]) -> None:
+    if n is not None:
+        if n < 1:
+            raise UserError(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(int(n))
+
+
+def load_model_or_fail(spec: str, device: str = "cpu"):
+    """`load_model(spec)` with the library's ValueError turned into a `UserError`; checks
+    the model has a per-sample ``.shape``."""
+    from ..models.registry import load_model
+
+    try:
+        model = load_model(spec, device=device)
+    except ValueError as e:
+        raise UserError(one_line(e)) from None
+    if model_shape(model) is None:
+        raise UserError(f"model {spec!r} has no .shape attribute (the per-sample shape, e.g. "
+                        f"(3, 32, 32)); set it on the object the factory returns")
+    return model
+
+
+def model_shape(model) -> Optional[tuple]:
+    shape = getattr(model, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(n) for n in shape)
+    except TypeError:
+        return None
+
+
+def num_classes(model) -> int:
+    n = getattr(model, "num_classes", 0) or 0
+    try:
+        return int(n)
+    except (TypeError, ValueError):
+        return 0
+
+
+def is_alias(name: str) -> bool:
+    return name in _ALIASES
+
+
+def check_solver(name: str) -> str:
+    key = (name or "").strip().lower()
+    if key not in solver_names():
+        raise UserError(f"unknown solver {name!r}; known solvers: {', '.join(solver_names())}")
+    return key
+
+
+def needs_params(name: str) -> bool:
+    return bool(_spec(name).needs_params)
+
+
+def budget_rule(name: str) -> str:
+    """Human-readable NFE rule of a solver (its default afs)."""
+    spec = _spec(name)
+    if spec.evals_per_step == 1:
+        return "NFE = steps" + (" - 1 (analytic first step)" if spec.default_afs else "")
+    return "NFE = 2*steps" + (" - 1 (analytic first step)" if spec.default_afs else "")
+
+
+def check_budget(name: str, nfe: int) -> int:
+    """The number of steps for ``nfe``; `UserError` listing the valid budgets otherwise."""
+    try:
+        return nfe_to_steps(name, nfe)
+    except ValueError:
+        ok = ", ".join(map(str, valid_budgets(name, up_to=15)))
+        raise UserError(f"solver {name!r} cannot meet a budget of nfe={nfe} ({budget_rule(name)});"
+                        f" valid budgets: {ok}, ...") from None
+
+
+def parse_class_label(text: Optional[str]):
+    """``--class-label`` value: None (per seed), "none" (unconditional) or an int."""
+    if text is None or text == "seed":
+        return "seed"
+    if text.lower() == "none":
+        return "none"
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--class-label must be an integer, 'seed' or 'none', got "
+                        f"{text!r}") from None
+
+
+def class_labels_for(model, keys: Sequence[int], mode) -> Optional[torch.Tensor]:
+    """Integer labels ``[len(keys)]`` for a conditional model, or None.
+
+    ``mode``: "seed" (label = key % num_classes; keys are seeds or batch rows), "none"
+    (no conditioning) or an int (the same label for all).
+    """
+    nc = num_classes(model)
+    if mode == "none":
+        return None
+    if nc <= 0:
+        if isinstance(mode, int):
+            raise UserError(f"--class-label {mode} given but the model is not class-conditional")
+        return None
+    if mode == "seed":
+        return torch.tensor([int(k) % nc for k in keys], dtype=torch.int64)
+    if not 0 <= int(mode) < nc:
+        raise UserError(f"--class-label {mode} is out of range: the model has {nc} classes "
+                        f"(0..{nc - 1})")
+    return torch.full((len(keys),), int(mode), dtype=torch.int64)
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
+                nfe: Optional[int] = None):
+    """Loads the params file of ``solver`` and checks it fits the solver, nfe and model."""
+    from ..dode_params import DODEParams
+    from ..params import EPDParams
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"params file not found: {path}")
+    is_dode = solver.startswith("d-")
+    try:
+        params = DODEParams.load(path) if is_dode else EPDParams.load(path)
+    except ValueError as e:
+        msg = one_line(e)
+        if is_dode and "EPD params" in msg:
+            msg = (f"{path} holds EPD params (for solver 'epd' / 'epd-ipndm'), not D-ODE "
+                   f"params for {solver!r}")
+        elif not is_dode and ("d-ode" in msg.lower() or _looks_like_dode(path)):
+            msg = f"{path} holds D-ODE params, not EPD params for {solver!r}"
+        raise UserError(msg) from None
+    made_for = params.solver
+    if is_dode:
+        from ..dode_params import normalize_dode_base
+
+        if normalize_dode_base(solver) != params.base:
+            raise UserError(f"{path} holds params for solver {made_for!r}, not {solver!r}")
+    elif made_for != solver:
+        raise UserError(f"{path} holds params for solver {made_for!r}, not {solver!r}")
+    if nfe is not None and int(nfe) != int(params.nfe):
+        raise UserError(f"{path} was made for nfe={params.nfe}, but --nfe {nfe} was asked "
+                        f"(omit --nfe or distill params for nfe={nfe})")
+    meta = params.meta or {}
+    if model is not None:
+        shape = model_shape(model)
+        p_shape = meta.get("shape")
+        if p_shape is not None and shape is not None and tuple(p_shape) != tuple(shape):
+            raise UserError(f"{path} was distilled for samples of shape {list(p_shape)} "
+                            f"(model {meta.get('model', '?')!r}) but model "
+                            f"{model_spec!r} makes shape {list(shape)}")
+        p_model = meta.get("model")
+        if p_model is not None and model_spec is not None and p_model != model_spec:
+            import warnings
+
+            warnings.warn(f"{path} was distilled on model {p_model!r}, not {model_spec!r}; "
+                          f"the params will work but may be far from optimal", stacklevel=2)
+    return params
+
+
+def _looks_like_dode(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b"d-ode" in head

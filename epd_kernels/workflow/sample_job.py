@@ -1,0 +1,241 @@
+"""`epd sample`: per-seed sampling with resume, atomic files and multi-process sharing.
+
+Output (``--out``):
+
+* a folder: ``seed-NNNNNN.npy`` (the float32 sample) and, for image-shaped samples,
+  ``seed-NNNNNN.png`` per seed, plus ``run.json`` (the settings that made them);
+* a file ``X.npz``: per-seed shards are written to the sidecar folder ``X.npz.parts/``
+  (the same layout as above, without PNGs), then assembled into ``X.npz`` with
+  ``samples [N, ...]``, ``seeds [N]``, ``class_labels [N]`` (-1: unconditional) and
+  ``run`` (the settings as JSON), in the order of ``--seeds``; the sidecar is removed
+  after a successful assembly.
+
+Resume: a seed whose .npy exists is finished and skipped (its PNG is written before its
+.npy, so both are complete). For .npz output, the shards are the resume state; rerunning
+with an existing .npz takes the seeds it already holds from it. ``run.json`` guards
+against mixing: resuming into a folder made with another model, solver, NFE, params file
+or labelling is refused.
+
+Every sample is drawn from its own generator (`make_noise`), so a seed gives the same
+sample whatever the batch size or the number of processes (bit for bit when the model's
+kernels do not depend on the batch size, as for the analytic models; convolutional
+networks may differ in the last float32 bits, about 1e-5 for the digits U-Net). Under
+torchrun rank r takes ``pending[r::world]`` of the unfinished seeds and writes its own files; for .npz output,
+rank 0 assembles after a barrier.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import List
+
+import numpy as np
+import torch
+
+from ..sampling import make_noise, sample
+from . import outputs
+from .distributed import distributed_context, local_device
+from .errors import UserError, one_line
+from .resolve import (check_budget, check_solver, class_labels_for, file_sha256,
+                      load_model_or_fail, load_params, model_shape, needs_params,
+                      parse_class_label)
+from .seeds import format_seeds, parse_seeds
+
+__all__ = ["run_sample", "MANIFEST"]
+
+MANIFEST = "run.json"
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+
+
+def _manifest(args, solver, nfe, shape, label_mode) -> dict:
+    return {
+        "model": args.model,
+        "solver": solver,
+        "nfe": int(nfe),
+        "params_sha256": file_sha256(args.params) if args.params else None,
+        "class_labels": label_mode if isinstance(label_mode, str) else int(label_mode),
+        "shape": list(shape),
+        "dtype": "float32",
+    }
+
+
+def _check_manifest(folder: str, current: dict) -> None:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return  # unreadable: it will be rewritten
+    diff = [k for k in current if saved.get(k) != current[k]]
+    if diff:
+        what = ", ".join(f"{k}: {saved.get(k)!r} there vs {current[k]!r} now" for k in diff)
+        raise UserError(f"{folder} holds samples made with other settings ({what}); use "
+                        f"another --out or delete it")
+
+
+def _absorb_existing_npz(npz_path: str, parts: str, manifest: dict, wanted: set) -> int:
+    """Moves the wanted seeds of an existing final .npz into shards (rank 0, before work)."""
+    if not os.path.exists(npz_path):
+        return 0
+    try:
+        with np.load(npz_path, allow_pickle=False) as f:
+            run = json.loads(str(f["run"])) if "run" in f else None
+            seeds, samples = f["seeds"], f["samples"]
+    except Exception as e:  # damaged or foreign file
+        raise UserError(f"cannot resume from existing {npz_path}: {one_line(e)}; delete it "
+                        f"or choose another --out") from None
+    if run is not None:
+        diff = [k for k in manifest if run.get(k) != manifest[k]]
+        if diff:
+            what = ", ".join(f"{k}: {run.get(k)!r} there vs {manifest[k]!r} now" for k in diff)
+            raise UserError(f"{npz_path} holds samples made with other settings ({what}); use "
+                            f"another --out or delete it")
+    n = 0
+    done = outputs.finished_seeds(parts)
+    for s, x in zip(seeds.tolist(), samples):
+        if s in wanted and s not in done:
+            outputs.write_npy(outputs.seed_npy_path(parts, s), x.astype(np.float32))
+            n += 1
+    return n
+
+
+def run_sample(args) -> int:
+    solver = check_solver(args.solver)
+    seeds = parse_seeds(args.seeds)
+    label_mode = parse_class_label(args.class_label)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if needs_params(solver) and not args.params:
+        raise UserError(f"solver {solver!r} needs --params FILE (make one with "
+                        f"'epd distill --solver {solver} ...')")
+    if args.params and not needs_params(solver):
+        raise UserError(f"solver {solver!r} takes no params; --params is only for the "
+                        f"distilled solvers (epd, epd-ipndm, d-*)")
+    out = os.fspath(args.out)
+    to_npz = out.lower().endswith(".npz")
+    folder = out + ".parts" if to_npz else out
+    if to_npz:
+        outputs.ensure_writable_file(out)
+    outputs.ensure_writable_dir(folder)
+
+    args.device = local_device(args.device)
+    model = load_model_or_fail(args.model, device=args.device)
+    shape = model_shape(model)
+    params = None
+    if args.params:
+        params = load_params(solver, args.params, model=model, model_spec=args.model,
+                             nfe=args.nfe)
+        nfe = int(params.nfe)
+    else:
+        if args.nfe is None:
+            raise UserError(f"give --nfe (the latency budget) for solver {solver!r}")
+        nfe = int(args.nfe)
+        check_budget(solver, nfe)
+    if params is not None and hasattr(params, "to") and solver in ("epd", "epd-ipndm"):
+        params = params.to(args.device)
+    class_labels_for(model, seeds[:1], label_mode)  # validates the label early
+    manifest = _manifest(args, solver, nfe, shape, label_mode)
+    png = (not to_npz) and outputs.image_layout(shape) is not None
+    scale = args.png_scale if args.png_scale else max(1, 64 // max(
+        outputs.image_layout(shape)[:2])) if png else 1
+
+    with distributed_context(args.device) as dist:
+        if dist.is_main:
+            outputs.remove_stale_temporaries(folder)
+            _check_manifest(folder, manifest)
+            if to_npz:
+                _absorb_existing_npz(out, folder, manifest, set(seeds))
+            outputs.write_json(os.path.join(folder, MANIFEST), manifest)
+        dist.barrier()
+        done = outputs.finished_seeds(folder)
+        pending = [s for s in seeds if s not in done]
+        mine = pending[dist.rank::dist.world]
+        if dist.is_main:
+            print(f"epd sample: {solver} nfe={nfe} on {args.model}: {len(seeds)} seeds, "
+                  f"{len(seeds) - len(pending)} already finished, {len(pending)} to compute"
+                  + (f" on {dist.world} processes" if dist.active else ""), flush=True)
+
+        bar = _progress(len(mine), args.progress and dist.is_main and len(mine) > 0,
+                        f"sample {solver} nfe={nfe}")
+        stats_list = []
+        t0 = time.perf_counter()
+        for a in range(0, len(mine), args.batch_size):
+            chunk = mine[a:a + args.batch_size]
+            noise = make_noise(chunk, shape, device=args.device)
+            cond = {}
+            labels = class_labels_for(model, chunk, label_mode)
+            if labels is not None:
+                cond["class_labels"] = labels.to(args.device)
+            try:
+                x, st = sample(model, noise, solver=solver, nfe=nfe, params=params,
+                               return_stats=True, **cond)
+            except ValueError as e:
+                raise UserError(one_line(e)) from None
+            stats_list.append((len(chunk), st))
+            arr = x.detach().to("cpu", torch.float32).numpy()
+            for s, xs in zip(chunk, arr):
+                if png:
+                    outputs.write_png(outputs.seed_png_path(folder, s),
+                                      outputs.to_uint8_image(xs, shape, scale))
+                outputs.write_npy(outputs.seed_npy_path(folder, s), xs)
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        wall = time.perf_counter() - t0
+
+        summary = _summarise(stats_list, len(mine), wall)
+        all_summaries = dist.all_gather_object(summary)
+        dist.barrier()
+        if dist.is_main:
+            if to_npz:
+                _assemble(out, folder, seeds, model, label_mode, manifest)
+            _report(solver, nfe, all_summaries, out)
+        dist.barrier()
+    return 0
+
+
+def _summarise(stats_list, n, wall) -> dict:
+    if not stats_list:
+        return {"computed": 0, "latency_nfe": None, "total_evals": None, "steps": None,
+                "sampling_s": 0.0, "wall_s": wall}
+    # latency NFE and total evaluations per sample are the same for every batch
+    st = stats_list[0][1]
+    return {"computed": n, "latency_nfe": st.latency_nfe, "total_evals": st.total_evals,
+            "steps": st.steps, "sampling_s": sum(s.wall_time_s for _, s in stats_list),
+            "wall_s": wall}
+
+
+def _report(solver, nfe, summaries: List[dict], out: str) -> None:
+    computed = sum(s["computed"] for s in summaries)
+    first = next((s for s in summaries if s["computed"]), None)
+    if first is None:
+        print(f"epd sample: nothing to compute, all seeds were finished; output {out}")
+        return
+    wall = max(s["wall_s"] for s in summaries)
+    samp = sum(s["sampling_s"] for s in summaries)
+    print(f"epd sample: computed {computed} seed(s); solver {solver}, nfe {nfe}: latency NFE "
+          f"{first['latency_nfe']}, total evaluations {first['total_evals']} per sample, "
+          f"{first['steps']} steps; sampling time {samp:.2f} s, wall time {wall:.2f} s "
+          f"({1000 * wall / max(computed, 1):.1f} ms/sample); output {out}", flush=True)
+
+
+def _assemble(out: str, folder: str, seeds: List[int], model, label_mode, manifest) -> None:
+    chosen, samples = outputs.load_seed_files(folder, seeds)
+    labels = class_labels_for(model, seeds, label_mode)
+    lab = (labels.numpy() if labels is not None else np.full(len(seeds), -1, np.int64))
+    outputs.write_npz(out, samples=samples.astype(np.float32), seeds=chosen,
+                      class_labels=lab.astype(np.int64), run=np.asarray(json.dumps(manifest)))
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"epd sample: wrote {out} ({len(seeds)} samples, seeds {format_seeds(seeds)})")

@@ -5,3 +5,29 @@ from .backends import set_backend
 __version__ = "0.1.0"
 
 __all__ = ["epd_step", "branch_states", "branch_states_into", "set_backend", "__version__"]
+
+# Sampling side: schedules, baseline solvers, sample() with exact NFE accounting.
+from .solvers.schedules import get_sigmas  # noqa: E402
+from .sampling import (  # noqa: E402
+    CountingDenoiser,
+    SampleStats,
+    make_noise,
+    parallel_calls,
+    sample,
+)
+
+__all__ += ["get_sigmas", "sample", "SampleStats", "CountingDenoiser", "make_noise",
+            "parallel_calls"]
+
+# Distillation side: EPD parameters and their distillation. (The name `distill` is the
+# function; its modules stay importable as `epd_kernels.distill.<module>`.)
+from .params import EPDParams  # noqa: E402
+from .distill import distill  # noqa: E402
+
+__all__ += ["EPDParams", "distill"]
+
+# D-ODE: one distilled scalar per step, fitted in closed form.
+from .dode_params import DODEParams  # noqa: E402
+from .dode_fit import fit_dode  # noqa: E402
+
+__all__ += ["DODEParams", "fit_dode"]

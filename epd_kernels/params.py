@@ -38,7 +38,8 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["EPDParams", "FORMAT_VERSION", "epd_latency_nfe", "epd_total_evaluations"]
+__all__ = ["EPDParams", "FORMAT_VERSION", "epd_latency_nfe", "epd_total_evaluations",
+           "write_atomic", "temp_prefix"]
 
 #: Version of the file layout written by `EPDParams.save`. Readers refuse newer versions.
 FORMAT_VERSION = 1
@@ -322,23 +323,7 @@ class EPDParams:
             metadata = {k: json.dumps(v, sort_keys=True) for k, v in fields.items()}
         except (TypeError, ValueError) as e:
             raise ValueError(f"EPDParams.meta / schedule must be JSON-serialisable: {e}") from e
-        data = st_save(tensors, metadata=metadata)
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomic(path, st_save(tensors, metadata=metadata))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device=None) -> "EPDParams":
@@ -416,6 +401,33 @@ class EPDParams:
         except ValueError as e:
             fail(str(e))
         return params.to(device) if device is not None else params
+
+
+def temp_prefix(path) -> str:
+    """Name prefix of the temporary files `write_atomic` creates next to ``path``."""
+    return ".tmp-" + os.path.basename(os.fspath(path)) + "."
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically: a temporary file in the same folder, flushed
+    and fsync'ed, then moved over ``path`` with ``os.replace`` (a process killed at any
+    moment leaves the old file or the new one, never a torn one)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _checksum(tensors) -> str:

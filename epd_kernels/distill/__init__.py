@@ -1,0 +1,76 @@
+"""EPD distillation: fit EPD-Solver / EPD-Plugin parameters to an accurate teacher.
+
+    params = distill(denoiser, nfe=5, shape=(C, H, W), num_points=2)
+    x0 = sample(denoiser, noise, solver="epd", params=params)
+
+Method (DESIGN.md section 1; arXiv 2507.14797):
+
+* Student grid: ``get_sigmas`` of the schedule (default polynomial, rho = 7, sigma in
+  [0.002, 80]) with ``S = (nfe + afs) / 2`` steps.
+* Teacher: DPM-Solver-2 (``teacher="dpm2"``) or Heun on the student grid with ``M`` extra
+  points inside every interval (`teacher.refine_sigmas`), run without autograd from the
+  same starting state ``noise * sigma_max``; its states at the student sigmas are the
+  targets (`teacher.teacher_targets`).
+* Student: `epd_sampler` unrolled with ``return_trajectory=True`` on `EPDParams` whose
+  tensors are differentiable images of free latents (`latent.LatentEPD`:
+  ``r = sigmoid(a)``, ``weights = softmax(b)``, ``delta = delta_max tanh(c)``,
+  ``o = o_max tanh(e)``, bounds 0.1 / 0.1 by default), started from `EPDParams.init`
+  (or ``init=``). The fused `epd_step` backward carries gradients to weights and o (and
+  to the states), the denoiser carries them to r and delta; its weights are frozen
+  (``requires_grad_(False)`` for the run, restored afterwards).
+* Loss: ``sum_n loss(x_n, y_n)`` over the S student states, default the mean squared
+  distance (`mse_loss`); ``loss=callable(student, teacher) -> scalar`` replaces it (e.g.
+  a feature distance). It must be a mean over the batch for multi-process runs.
+* Adam, cosine learning-rate decay to 0 over ``iterations`` (`cosine_lr`).
+* Training noise (`batches.TeacherBatches`): a fixed pool of ``pool`` draws whose teacher
+  targets are computed once (default), or fresh noise every iteration (``pool=None``);
+  both are pure functions of (seed, iteration, row), see `noise`.
+* A non-finite loss or gradient skips the step with a RuntimeWarning; ``max_failures``
+  (5) in a row raise RuntimeError.
+
+Defaults, found by experiment on the 64-dim Gaussian mixture of
+benchmarks/bench_distill.py (8 components, NFE 5, K = 2, RMSE to the ODE solution on 1024
+held-out draws, 2 seeds each; the 64-dim Gaussian in brackets)::
+
+    iterations = 300   150: 0.139 [0.021]   300: 0.116-0.121 [0.017]   600: 0.114-0.121 [0.012]
+    lr = 0.05          0.02: 0.157-0.163    0.05: 0.116-0.121          0.1: 0.115-0.119
+    batch_size = 32    16, 32, 64 all 0.115-0.122 (batch noise is not the limit)
+    M = 15             3: 0.131-0.136 [0.065]   7: 0.116-0.122 [0.022]   15: 0.116-0.121 [0.017]
+                       (M = 3, the paper's value, leaves the teacher itself as the error)
+    pool = 1024        fresh noise and pools of 256 / 1024 / 4096 generalise the same to
+                       held-out noise (Gaussian, 3 seeds: 0.0105-0.0117 everywhere; mixture
+                       within seed noise); the pool runs 2-4x faster (one teacher pass)
+
+Neither wider bounds (delta_max = o_max = 0.3 or 0.5), more branches (K = 3, 4, 8), Heun
+as teacher, nor a final-state-only loss did better. The schedule matters most on the
+mixture (rho 7: 0.22-0.26, rho 3.5: 0.11-0.12, time-uniform: 0.12-0.20): most of its
+error comes from a few samples that end in another mixture component; the default stays
+polynomial rho = 7 and the benchmark picks a schedule per NFE on validation noise. On a
+2-core machine the 64-dim runs take 1-4 s (300 iterations) with ``torch.set_num_threads(1)``;
+intra-op threads make such tiny problems up to 10x slower under load.
+
+Checkpoints (``checkpoint=path``): written atomically every ``checkpoint_every``
+iterations, at the end, and on KeyboardInterrupt (then re-raised). Rerunning the same call
+resumes (a finished checkpoint returns at once); a checkpoint written with other settings
+raises ValueError listing the differences. A run killed at any moment and resumed ends
+with the parameters of an uninterrupted run.
+
+Multi-process (``torch.distributed`` initialised, e.g. by torchrun; gloo on CPU, nccl on
+GPU): ``batch_size`` is per process; rank r takes rows ``[r b, (r + 1) b)`` of the global
+batch of iteration i, so W processes with batch b train exactly like one with batch W b;
+the loss and gradients are averaged with one all-reduce per iteration; only rank 0 writes
+the checkpoint (every rank reads it on resume: use a shared file system) and shows the
+progress bar; the teacher pass over a pool is split between the ranks. Conditioning tensors whose leading dimension
+is the global batch are sliced per rank; other conditioning is passed as is.
+"""
+from .checkpoint import load_checkpoint, save_checkpoint
+from .latent import DELTA_MAX, O_MAX, LatentEPD
+from .loop import (DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_M, DEFAULT_POOL,
+                   cosine_lr, distill, mse_loss)
+from .noise import row_seed, training_noise
+from .teacher import refine_sigmas, teacher_targets
+
+__all__ = ["distill", "mse_loss", "cosine_lr", "LatentEPD", "DELTA_MAX", "O_MAX",
+           "refine_sigmas", "teacher_targets", "training_noise", "row_seed",
+           "save_checkpoint", "load_checkpoint", "DEFAULT_ITERATIONS", "DEFAULT_BATCH_SIZE",
+           "DEFAULT_LR", "DEFAULT_M", "DEFAULT_POOL"]

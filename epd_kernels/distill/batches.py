@@ -1,0 +1,82 @@
+"""What one iteration trains on: starting states and teacher targets for a rank's rows.
+
+Two sources, both pure functions of (seed, iteration, global row), so that resumed and
+multi-process runs see exactly the data of one uninterrupted process:
+
+* fresh noise (``pool=None``, the default): row j of iteration i is
+  ``training_noise(seed, i, [j])``; the teacher runs on every batch.
+* a fixed pool of P noise draws (``pool=P``): row j of iteration i is pool entry
+  ``row_seed(seed, i, j) mod P``, whose noise is row p of iteration -1. The
+  teacher runs once over the whole pool (in chunks of `POOL_CHUNK` rows, on the first
+  batch; split between the processes of a multi-process run) and its targets are kept,
+  so an iteration only unrolls the student. Conditioning must then be the same for every
+  row (no per-row tensors).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .noise import row_seed, training_noise
+from .teacher import teacher_targets
+
+__all__ = ["TeacherBatches", "POOL_CHUNK"]
+
+#: Rows per teacher call when the pool is filled.
+POOL_CHUNK = 256
+
+
+class TeacherBatches:
+    """``batch(iteration, rows) -> (x [b, ...] at sigmas[0], targets [S, b, ...])``."""
+
+    def __init__(self, denoiser: Callable, sigmas: torch.Tensor, shape, *, seed: int,
+                 M: int, teacher: str, insert: str, rho: float, device, dtype,
+                 pool: Optional[int] = None, cond: Optional[dict] = None, world: int = 1,
+                 rank: int = 0):
+        self.denoiser = denoiser
+        self.sigmas = sigmas
+        self.shape = tuple(shape)
+        self.seed = seed
+        self.teacher_kw = dict(M=M, teacher=teacher, insert=insert, rho=rho)
+        self.device, self.dtype = device, dtype
+        self.pool = pool
+        self.cond = dict(cond or {})
+        self.world, self.rank = world, rank
+        self._pool_x = self._pool_y = None
+
+    def _teacher(self, x, cond):
+        return teacher_targets(self.denoiser, x, self.sigmas, **self.teacher_kw, **cond)
+
+    def _fill_pool(self, cond, scale):
+        """Teacher over the whole pool; with W processes (and P divisible by W) rank r
+        computes rows [r P/W, (r+1) P/W) and the shards are all-gathered."""
+        world, rank = (self.world, self.rank) if self.pool % self.world == 0 else (1, 0)
+        share = self.pool // world
+        xs, ys = [], []
+        for start in range(rank * share, (rank + 1) * share, POOL_CHUNK):
+            rows = range(start, min(start + POOL_CHUNK, (rank + 1) * share))
+            xs.append(training_noise(self.seed, -1, rows, self.shape, self.device,
+                                     self.dtype) * scale)
+            ys.append(self._teacher(xs[-1], cond))
+        x, y = torch.cat(xs), torch.cat(ys, dim=1)
+        if world > 1:
+            x_all = [torch.empty_like(x) for _ in range(world)]
+            y_all = [torch.empty_like(y) for _ in range(world)]
+            torch.distributed.all_gather(x_all, x.contiguous())
+            torch.distributed.all_gather(y_all, y.contiguous())
+            x, y = torch.cat(x_all), torch.cat(y_all, dim=1)
+        self._pool_x, self._pool_y = x, y
+
+    def batch(self, iteration: int, rows: range):
+        cond = self.cond
+        scale = float(self.sigmas[0])
+        if self.pool is None:
+            noise = training_noise(self.seed, iteration, rows, self.shape, self.device, self.dtype)
+            x = noise * scale
+            return x, self._teacher(x, cond)
+        if self._pool_x is None:
+            self._fill_pool(cond, scale)
+        idx = torch.tensor([row_seed(self.seed, iteration, j) % self.pool for j in rows],
+                           device=self._pool_x.device)
+        return self._pool_x[idx], self._pool_y[:, idx]

@@ -1,0 +1,100 @@
+"""Unconstrained latent parameters of EPD and their map to `EPDParams`.
+
+The optimiser works on four free tensors; the sampler sees their images, which always lie
+inside the ranges `EPDParams.validate` demands, whatever the optimiser does:
+
+    r       = sigmoid(a)                    in (0, 1)
+    weights = softmax(b, dim=-1)            on the open simplex
+    delta   = delta_max * tanh(c)           in (-delta_max, delta_max)
+    o       = o_max * tanh(e)               in (-o_max, o_max)
+
+``delta_max`` and ``o_max`` default to `DELTA_MAX` = `O_MAX` = 0.1: delta and o are small
+corrections (of the evaluation noise level and of the step length) in the paper, and 10 %
+is already far more than an accurate denoiser needs; a bounded tanh keeps a badly
+conditioned start from sending them to values where ``1 + delta`` or ``1 + o`` would be
+close to zero. The latents are kept in float64 (they are tiny) and the map is
+differentiable, so gradients reach a, b, c, e from the sampler's natural parameters.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..params import EPDParams
+
+__all__ = ["DELTA_MAX", "O_MAX", "LatentEPD"]
+
+#: Default bound of |delta| (evaluation noise level (1 + delta) tau).
+DELTA_MAX = 0.1
+#: Default bound of |o| (update scale 1 + o).
+O_MAX = 0.1
+
+# Natural values are clamped this far inside their open ranges before inverting the map,
+# so that an exact 0 / 1 / one-hot start gives finite latents.
+_EPS = 1e-6
+
+
+def _atanh_scaled(v: torch.Tensor, bound: float, name: str) -> torch.Tensor:
+    if bound <= 0:
+        raise ValueError(f"{name}_max must be > 0, got {bound}")
+    if (v.abs() > bound).any():
+        raise ValueError(f"the start value of {name} ({v.abs().max().item():.4g} in absolute "
+                         f"value) is outside the latent range |{name}| < {name}_max = {bound}")
+    return torch.atanh((v / bound).clamp(-1 + _EPS, 1 - _EPS))
+
+
+class LatentEPD(nn.Module):
+    """Free parameters ``a, b [S, K]``, ``c [S, K]``, ``e [S]`` behind an `EPDParams`.
+
+    Build with `LatentEPD.from_params(start)`; `natural()` gives the differentiable
+    `EPDParams` on the same grid with the same metadata as ``start``.
+    """
+
+    def __init__(self, template: EPDParams, a, b, c, e, delta_max: float = DELTA_MAX,
+                 o_max: float = O_MAX):
+        super().__init__()
+        self.template = template.detach()
+        self.delta_max = float(delta_max)
+        self.o_max = float(o_max)
+        self.a = nn.Parameter(a)
+        self.b = nn.Parameter(b)
+        self.c = nn.Parameter(c)
+        self.e = nn.Parameter(e)
+
+    @classmethod
+    def from_params(cls, params: EPDParams, delta_max: float = DELTA_MAX, o_max: float = O_MAX,
+                    device=None) -> "LatentEPD":
+        """The latents whose image is ``params`` (r, weights clamped 1e-6 inside their range)."""
+        params.validate()
+        nat = {n: getattr(params, n).detach().to(device=device, dtype=torch.float64)
+               for n in ("r", "weights", "delta", "o")}
+        r = nat["r"].clamp(_EPS, 1 - _EPS)
+        a = torch.log(r) - torch.log1p(-r)
+        b = torch.log(nat["weights"].clamp_min(_EPS))
+        b = b - b.mean(dim=-1, keepdim=True)  # softmax is shift invariant: centre it
+        c = _atanh_scaled(nat["delta"], delta_max, "delta")
+        e = _atanh_scaled(nat["o"], o_max, "o")
+        return cls(params, a, b, c, e, delta_max, o_max)
+
+    def natural(self, meta: Optional[dict] = None) -> EPDParams:
+        """The `EPDParams` image of the latents (differentiable in a, b, c, e)."""
+        t = self.template
+        return EPDParams(r=torch.sigmoid(self.a), weights=torch.softmax(self.b, dim=-1),
+                         delta=self.delta_max * torch.tanh(self.c),
+                         o=self.o_max * torch.tanh(self.e), sigmas=t.sigmas, nfe=t.nfe,
+                         afs=t.afs, plugin=t.plugin, max_order=t.max_order,
+                         schedule=t.schedule, meta=dict(t.meta if meta is None else meta))
+
+    def flat_grads(self) -> torch.Tensor:
+        """All gradients in one vector (zeros where a gradient is missing)."""
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in self.parameters()])
+
+    def set_flat_grads(self, flat: torch.Tensor) -> None:
+        i = 0
+        for p in self.parameters():
+            n = p.numel()
+            p.grad = flat[i:i + n].view_as(p).clone()
+            i += n

@@ -1,0 +1,349 @@
+"""`distill`: fit EPD / EPD-Plugin parameters to a teacher (see the package docstring)."""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import time
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from ..branches import BranchRunner
+from ..params import EPDParams
+from ..sampling import _resolve_sigmas, nfe_to_steps
+from ..solvers.epd import epd_sampler
+from . import checkpoint as ckpt
+from .latent import DELTA_MAX, O_MAX, LatentEPD
+from .batches import TeacherBatches
+from .teacher import INSERTIONS, TEACHERS
+
+__all__ = ["distill", "mse_loss", "cosine_lr", "DEFAULT_ITERATIONS", "DEFAULT_BATCH_SIZE",
+           "DEFAULT_LR", "DEFAULT_M", "DEFAULT_POOL"]
+
+#: Defaults chosen by experiment on the 64-dim Gaussian mixture (package docstring).
+DEFAULT_ITERATIONS = 300
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_LR = 0.05
+DEFAULT_M = 15
+DEFAULT_POOL = 1024
+
+
+def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance over batch and elements (the default distance)."""
+    return (student - teacher).pow(2).mean()
+
+
+def cosine_lr(lr: float, iteration: int, iterations: int) -> float:
+    """Cosine decay from ``lr`` at iteration 0 towards 0 at ``iterations``."""
+    return 0.5 * lr * (1.0 + math.cos(math.pi * iteration / iterations))
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def _dist():
+    """(world_size, rank), (1, 0) without an initialised process group."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_world_size(), d.get_rank()
+    return 1, 0
+
+
+@contextlib.contextmanager
+def _frozen(denoiser):
+    """Sets requires_grad False on an nn.Module's parameters; restores the flags afterwards."""
+    if not isinstance(denoiser, torch.nn.Module):
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in denoiser.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _default_device(denoiser):
+    if isinstance(denoiser, torch.nn.Module):
+        for t in list(denoiser.parameters()) + list(denoiser.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+def _int_arg(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _schedule_description(schedule):
+    if schedule is None:
+        return {"kind": "polynomial", "rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0}
+    if isinstance(schedule, (str, dict)):
+        return schedule
+    return {"kind": "explicit"}
+
+
+def _rank_cond(cond: dict, global_batch: int, rows: range) -> dict:
+    """Tensors whose leading dim is the global batch are sliced to this rank's rows."""
+    out = {}
+    for k, v in cond.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == global_batch:
+            v = v[rows.start:rows.stop]
+        out[k] = v
+    return out
+
+
+def _clone(obj):
+    """A copy of nested dicts / lists / tuples whose tensors are cloned (cheaper than
+    copy.deepcopy for an optimizer state_dict, which is taken every iteration)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
+
+
+def _callable_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+# --------------------------------------------------------------------------------------
+# distill
+
+
+def distill(denoiser: Callable, *, nfe: int, shape, num_points: int = 2, plugin: bool = False,
+            teacher: str = "dpm2", M: int = DEFAULT_M, schedule=None, afs: bool = True,
+            iterations: int = DEFAULT_ITERATIONS, batch_size: int = DEFAULT_BATCH_SIZE,
+            lr: float = DEFAULT_LR, seed: int = 0, device=None, checkpoint=None,
+            progress: bool = True, loss: Optional[Callable] = None, max_order: int = 4,
+            insert: str = "polynomial", checkpoint_every: int = 25,
+            dtype: torch.dtype = torch.float32, init: Optional[EPDParams] = None,
+            delta_max: float = DELTA_MAX, o_max: float = O_MAX, max_failures: int = 5,
+            pool: Optional[int] = DEFAULT_POOL,
+            **cond) -> EPDParams:
+    """Distils EPD-Solver (or EPD-Plugin) parameters for ``denoiser`` at latency ``nfe``.
+
+    The method, how the defaults were chosen (by experiment on the 64-dim Gaussian
+    mixture: ``iterations=300``, ``batch_size=32``, ``lr=0.05``, ``M=15``, ``pool=1024``),
+    checkpoints and multi-process runs are described in the `epd_kernels.distill` package
+    docstring.
+
+    Args:
+        denoiser: ``D(x [B, *shape], sigma [B], **cond) -> x0_hat``; an ``nn.Module``'s
+            weights are frozen during the run and their ``requires_grad`` restored after.
+        nfe: latency budget, ``2 S - afs`` (odd with AFS: 3, 5, 7, 9, ...).
+        shape: per-sample shape, e.g. ``(C, H, W)``.
+        num_points: K parallel branches. plugin: EPD-Plugin (iPNDM direction,
+            ``max_order``) instead of EPD.
+        teacher: "dpm2" or "heun". M: points inserted in every student interval.
+            insert: "polynomial" (uniform in sigma^(1/rho)) or "logsnr" / "geometric".
+        schedule: None (polynomial, rho 7, sigma 0.002..80), a kind name, a dict of
+            `get_sigmas` arguments, or explicit sigmas (as in `sample`).
+        afs: analytic first step (default on).
+        iterations, batch_size (per process), lr: Adam with cosine decay.
+        seed: the training noise is a pure function of (seed, iteration, row).
+        pool: size of the fixed noise pool (teacher run once), or None for fresh noise
+            every iteration (needed with per-sample conditioning).
+        device: where to train (default: the denoiser's device, else CPU). dtype: of the
+            states (the latents are float64).
+        checkpoint: path of a resumable checkpoint; checkpoint_every: iterations between
+            writes.
+        progress: tqdm bar with the loss (rank 0).
+        loss: ``callable(student_state, teacher_state) -> scalar``, summed over the S
+            steps; default `mse_loss`.
+        init: starting `EPDParams` (same grid, K, afs, plugin); default `EPDParams.init`.
+        delta_max, o_max: bounds of |delta| and |o| (`latent`).
+        max_failures: consecutive non-finite steps tolerated before RuntimeError.
+        **cond: conditioning for the denoiser (see the package docstring for how it is
+            split between processes).
+
+    Returns:
+        Detached, validated `EPDParams` (float64) whose ``meta`` records the settings
+        (teacher, M, pool, iterations, lr, batch, seed, ...), ``initial_loss``,
+        ``final_loss`` (mean of the last 10 finite losses), ``skipped_steps`` and
+        ``wall_time_s`` (summed over resumed runs).
+
+    Raises:
+        ValueError: invalid arguments, an NFE the grid cannot meet, or a checkpoint
+            written with other settings. RuntimeError: ``max_failures`` non-finite steps
+            in a row.
+    """
+    # ---- arguments
+    nfe = _int_arg("nfe", nfe, 1)
+    K = _int_arg("num_points", num_points, 1)
+    M = _int_arg("M", M, 0)
+    iterations = _int_arg("iterations", iterations, 1)
+    batch_size = _int_arg("batch_size", batch_size, 1)
+    checkpoint_every = _int_arg("checkpoint_every", checkpoint_every, 1)
+    max_failures = _int_arg("max_failures", max_failures, 1)
+    seed = int(seed)
+    shape = tuple(int(n) for n in ((shape,) if isinstance(shape, numbers.Integral) else shape))
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher must be one of {sorted(TEACHERS)}, got {teacher!r}")
+    if insert not in INSERTIONS:
+        raise ValueError(f"insert must be one of {INSERTIONS}, got {insert!r}")
+    if not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    steps = nfe_to_steps("epd", nfe, afs)
+    sigmas = _resolve_sigmas(schedule, steps)
+    rho = float(schedule.get("rho", 7.0)) if isinstance(schedule, dict) else 7.0
+    loss_fn = mse_loss if loss is None else loss
+    device = torch.device(device) if device is not None else _default_device(denoiser)
+
+    if init is None:
+        start = EPDParams.init(sigmas, K, afs=afs, plugin=plugin, max_order=max_order,
+                               schedule=_schedule_description(schedule))
+    else:
+        init.check_compatible(nfe=nfe, num_points=K, sigmas=sigmas)
+        if init.afs != bool(afs) or init.plugin != bool(plugin):
+            raise ValueError(f"init params have afs={init.afs}, plugin={init.plugin} but "
+                             f"afs={afs}, plugin={plugin} was asked")
+        start = init.detach()
+        start.max_order = max_order
+    latent = LatentEPD.from_params(start, delta_max, o_max, device=device)
+    optimizer = torch.optim.Adam(latent.parameters(), lr=lr)
+
+    world, rank = _dist()
+    global_batch = world * batch_size
+    rows = range(rank * batch_size, (rank + 1) * batch_size)
+    rank_cond = _rank_cond(cond, global_batch, rows)
+    if pool is not None:
+        pool = _int_arg("pool", pool, 1)
+        per_row = [k for k, v in cond.items() if isinstance(v, torch.Tensor) and v.dim() >= 1
+                   and v.shape[0] == global_batch]
+        if per_row:
+            raise ValueError(f"conditioning {per_row} has one row per sample of the batch, which "
+                             f"a fixed noise pool cannot follow: pass pool=None (fresh noise "
+                             f"every iteration) to distil with per-sample conditioning")
+
+    settings = {
+        "nfe": nfe, "shape": list(shape), "num_points": K, "plugin": bool(plugin),
+        "afs": bool(afs), "max_order": int(max_order), "teacher": teacher, "M": M,
+        "insert": insert, "sigmas": sigmas.tolist(), "iterations": iterations,
+        "global_batch_size": global_batch, "lr": float(lr), "seed": seed,
+        "dtype": str(dtype), "delta_max": float(delta_max), "o_max": float(o_max),
+        "loss": _callable_name(loss_fn), "init": start.r.tolist() + start.weights.tolist()
+        + start.delta.tolist() + [start.o.tolist()],
+        "cond": sorted(cond), "pool": pool,
+    }
+
+    # ---- state (fresh or resumed)
+    it, failures, skipped, losses, elapsed = 0, 0, 0, [], 0.0
+    if checkpoint is not None:
+        if rank == 0:
+            ckpt.remove_stale_temporaries(checkpoint)
+        saved = ckpt.load_checkpoint(checkpoint)
+        if saved is not None:
+            ckpt.check_settings(checkpoint, saved["settings"], settings)
+            latent.load_state_dict(saved["latent"])
+            optimizer.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["torch_rng"])
+            it, failures = int(saved["iteration"]), int(saved["failures"])
+            skipped = int(saved["skipped"])
+            losses, elapsed = list(saved["losses"]), float(saved["elapsed"])
+        if world > 1:
+            torch.distributed.barrier()
+
+    def snapshot():
+        return {"settings": settings, "iteration": it, "failures": failures, "skipped": skipped,
+                "latent": _clone(latent.state_dict()),
+                "optimizer": _clone(optimizer.state_dict()),
+                "torch_rng": torch.get_rng_state(), "num_losses": len(losses),
+                "elapsed": elapsed + (time.perf_counter() - t0)}
+
+    def write(state):
+        if checkpoint is not None and rank == 0:
+            state = dict(state)
+            state["losses"] = losses[:state.pop("num_losses")]
+            ckpt.save_checkpoint(checkpoint, state)
+
+    # ---- training
+    runner = BranchRunner(denoiser, K)
+    data = TeacherBatches(denoiser, sigmas, shape, seed=seed, M=M, teacher=teacher,
+                          insert=insert, rho=rho, device=device, dtype=dtype, pool=pool,
+                          cond=rank_cond, world=world, rank=rank)
+    S = steps
+    first = it
+    t0 = time.perf_counter()
+    last = snapshot()
+    bar = None
+    if progress and rank == 0 and it < iterations:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=iterations, initial=it, desc="distill " + start.solver,
+                   dynamic_ncols=True)
+    try:
+        with _frozen(denoiser):
+            while it < iterations:
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(lr, it, iterations)
+                x, targets = data.batch(it, rows)
+                _, traj = epd_sampler(denoiser, x, sigmas, params=latent.natural(),
+                                      runner=runner, return_trajectory=True, **rank_cond)
+                value = sum(loss_fn(traj[n + 1], targets[n]) for n in range(S))
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                flat = torch.cat([value.detach().reshape(1).to(torch.float64),
+                                  latent.flat_grads()])
+                if world > 1:
+                    torch.distributed.all_reduce(flat)
+                    flat /= world
+                loss_value = float(flat[0])
+                if torch.isfinite(flat).all():
+                    latent.set_flat_grads(flat[1:])
+                    optimizer.step()
+                    failures = 0
+                else:
+                    failures += 1
+                    skipped += 1
+                    warnings.warn(f"distill: iteration {it}: non-finite "
+                                  f"{'loss' if not math.isfinite(loss_value) else 'gradient'}"
+                                  f" ({failures} in a row); the step is skipped",
+                                  RuntimeWarning, stacklevel=2)
+                    if failures >= max_failures:
+                        raise RuntimeError(
+                            f"distill: {failures} consecutive iterations (the last {it}) gave "
+                            f"a non-finite loss or gradient; giving up. Check the denoiser "
+                            f"(does it return NaN/inf at some sigma?), lower lr "
+                            f"(now {lr}) or use dtype=torch.float64.")
+                losses.append(loss_value)
+                it += 1
+                last = snapshot()
+                if it % checkpoint_every == 0 and it < iterations:
+                    write(last)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
+    except KeyboardInterrupt:
+        write(last)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if it > first:  # the finished state: rerunning the same call returns at once
+        write(last)
+
+    finite = [v for v in losses if math.isfinite(v)]
+    tail = finite[-10:]
+    meta = {
+        "teacher": teacher, "M": M, "insert": insert, "pool": pool, "iterations": iterations,
+        "lr": float(lr), "lr_schedule": "cosine", "optimizer": "adam",
+        "batch_size": global_batch, "batch_per_rank": batch_size, "world_size": world,
+        "seed": seed, "dtype": str(dtype), "delta_max": float(delta_max),
+        "o_max": float(o_max), "loss": settings["loss"],
+        "initial_loss": finite[0] if finite else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "skipped_steps": skipped,
+        "wall_time_s": float(last["elapsed"]),
+    }
+    params = latent.natural(meta={**start.meta, **meta}).detach()
+    return params.validate()

@@ -1,0 +1,69 @@
+"""Teacher trajectories: an accurate solver on the student grid refined M times.
+
+For the student grid ``t_0 > t_1 > ... > t_S`` the teacher grid inserts M points inside
+every student interval, ``S (M + 1) + 1`` levels in all, the student's among them:
+
+* ``insert="polynomial"`` (default): uniform in ``sigma^(1/rho)`` inside each interval.
+  For the default polynomial student grid this is exactly the polynomial grid of
+  ``S (M + 1)`` steps with the same rho.
+* ``insert="logsnr"`` (alias "geometric"): uniform in ``log sigma`` (geometric means).
+
+The teacher (DPM-Solver-2 or Heun, no analytic first step: the teacher should be
+accurate, not cheap) integrates the refined grid from the same starting state as the
+student, without autograd; its states at the student levels ``t_1 .. t_S`` are the
+distillation targets.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..solvers.dpm2 import sample_dpm2
+from ..solvers.heun import sample_heun
+from ..solvers.schedules import check_sigmas
+
+__all__ = ["TEACHERS", "INSERTIONS", "refine_sigmas", "teacher_targets"]
+
+#: Teacher solvers by name.
+TEACHERS = {"dpm2": sample_dpm2, "heun": sample_heun}
+#: Ways to insert the M extra points, by name.
+INSERTIONS = ("polynomial", "logsnr", "geometric")
+
+
+def refine_sigmas(sigmas, M: int, insert: str = "polynomial", rho: float = 7.0) -> torch.Tensor:
+    """The student grid with ``M`` points inserted inside every interval ([S (M+1) + 1], float64)."""
+    s = check_sigmas(sigmas, "sigmas")
+    if isinstance(M, bool) or not isinstance(M, int) or M < 0:
+        raise ValueError(f"M (points inserted per student interval) must be an integer >= 0, "
+                         f"got {M!r}")
+    if insert not in INSERTIONS:
+        raise ValueError(f"insert must be one of {INSERTIONS}, got {insert!r}")
+    frac = torch.arange(M + 2, dtype=torch.float64)[:-1] / (M + 1)   # 0, 1/(M+1), ..., M/(M+1)
+    hi, lo = s[:-1, None], s[1:, None]
+    if insert == "polynomial":
+        a, b = hi ** (1.0 / rho), lo ** (1.0 / rho)
+        inner = (a + frac * (b - a)) ** rho
+    else:
+        inner = torch.exp(torch.log(hi) + frac * (torch.log(lo) - torch.log(hi)))
+    inner[:, 0] = s[:-1]  # the student levels exactly
+    return torch.cat([inner.reshape(-1), s[-1:]])
+
+
+@torch.no_grad()
+def teacher_targets(denoiser: Callable, x: torch.Tensor, sigmas, M: int, teacher: str = "dpm2",
+                    insert: str = "polynomial", rho: float = 7.0, **cond) -> torch.Tensor:
+    """Teacher states at ``sigmas[1:]`` from ``x`` at ``sigmas[0]``: ``[S, *x.shape]``."""
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher must be one of {sorted(TEACHERS)}, got {teacher!r}")
+    fine = refine_sigmas(sigmas, M, insert, rho)
+    S = fine.numel() // (M + 1)
+    states = []
+
+    def keep(info):
+        if (info["i"] + 1) % (M + 1) == 0:
+            states.append(info["x_next"])
+
+    TEACHERS[teacher](denoiser, x, fine, callback=keep, afs=False, **cond)
+    assert len(states) == S
+    return torch.stack(states)

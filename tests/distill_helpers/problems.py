@@ -1,0 +1,43 @@
+"""Small distillation problems shared by tests/test_distill*.py and their subprocess workers."""
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+import torch
+
+from epd_kernels.models import GaussianModel
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_distill import mixture_64 as mixture  # noqa: E402,F401  (the benchmark's model)
+
+F64 = torch.float64
+
+
+def gaussian(dim: int = 8, seed: int = 0) -> GaussianModel:
+    g = torch.Generator().manual_seed(seed)
+    return GaussianModel(0.5 * torch.randn(dim, generator=g, dtype=F64),
+                         0.2 + 0.8 * torch.rand(dim, generator=g, dtype=F64))
+
+
+class Slow(torch.nn.Module):
+    """Wraps a denoiser and sleeps on every call, so that a run lasts long enough to be
+    killed in the middle."""
+
+    def __init__(self, inner, seconds: float):
+        super().__init__()
+        self.inner = inner
+        self.seconds = seconds
+
+    def forward(self, x, sigma, **cond):
+        time.sleep(self.seconds)
+        return self.inner(x, sigma, **cond)
+
+
+#: Settings of the small runs that the resume and multi-process tests compare.
+SMALL = dict(nfe=5, num_points=2, M=3, iterations=12, lr=0.05, seed=3, dtype=F64,
+             progress=False)

@@ -1,0 +1,692 @@
+"""Benchmark section `kernels`: the fused EPD step against eager PyTorch and torch.compile.
+
+    y = x + (1 + o) * h * sum_k w_k * g_k          x [B, N/B], g [K, B, N/B], w [K], h, o [B]
+
+Three implementations of the same maths are timed side by side, interleaved, in one run:
+
+- fused:   `epd_kernels.epd_step` through the public API (argument checks included), on
+           whichever backend `epd_kernels.backends.for_device` picks (C++ on CPU, Triton on
+           CUDA, or the plain-PyTorch reference when the extension is not built);
+- eager:   the fastest of several reasonable eager PyTorch forms (broadcast-sum, einsum,
+           matmul/gemv, addcmul chain), chosen by timing them in this same run, separately
+           for forward and backward and per dtype, at the target size;
+- compile: `torch.compile` (default inductor, dynamic=False) of the broadcast-sum form,
+           compiled once per shape; compile time is reported but excluded from timings.
+
+Forward is timed in inference (inputs do not require grad), as used by samplers. Backward
+is timed as `torch.autograd.grad(y, (x, g, w, h, o), gy, retain_graph=True)` on a graph
+built once: this excludes the forward exactly, and the fresh gradient tensors are what a
+real backward allocates (no accumulation into `.grad`).
+
+Byte floors: forward (K + 2) * N * itemsize (x and K grads read, y written); backward
+(2K + 1) * N * itemsize (grad_out and K grads read, K grad_grads written). Achieved GB/s =
+floor bytes / median time. The copy bandwidth (`dst.copy_(src)`, 64 MB fp32 on CPU,
+bytes = 2 * numel * itemsize) is measured at the start and, interleaved with the kernels,
+in every row, so that the "% of copy" ratio is always taken under the same machine load.
+
+Timing: every sample times `inner` back-to-back calls (inner chosen so a sample lasts a few
+ms), implementations are interleaved round-robin with a rotating order, and the reported
+number is the median over repeats (min and quartiles are in the JSON). The garbage
+collector is paused while timing. On CUDA, timing uses CUDA events after a warm-up and
+torch.cuda.synchronize().
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import pathlib
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.plot` importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from benchmarks.plot import line_panels, size_label  # noqa: E402
+from epd_kernels import epd_step  # noqa: E402
+
+__all__ = ["run", "EAGER_FORMS", "TARGETS", "Timer", "bench_interleaved"]
+
+KI, MI = 1 << 10, 1 << 20
+IMPLS = ("fused", "eager", "compile")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+BATCH = 4
+
+# select_n: size at which the eager forms are raced (the largest run size <= select_n).
+FULL = dict(sizes=[64 * KI, 256 * KI, 1 * MI, 4 * MI, 16 * MI], ks=[2, 3, 4],
+            dtypes=["float32", "bfloat16"], repeats=15, warmup=3, min_sample_s=0.010,
+            select_n=4 * MI, select_forms=("bcast", "einsum", "matmul", "addcmul"),
+            select_repeats=7)
+QUICK = dict(sizes=[256 * KI, 4 * MI], ks=[2, 4], dtypes=["float32", "bfloat16"],
+             bf16_sizes=[4 * MI], repeats=5, warmup=1, min_sample_s=0.003,
+             select_n=1 * MI, select_forms=("bcast", "einsum", "matmul"), select_repeats=3)
+
+# Targets, per device type. Rows outside the scope get no verdict ("-").
+TARGETS = {
+    "cpu": dict(min_n=4 * MI, dtypes=("float32",),
+                fwd_frac_copy=0.85, fwd_speedup_vs_compile=1.3,
+                bwd_frac_copy=0.70, bwd_speedup_vs_eager=1.0, bwd_speedup_vs_compile=1.0),
+}
+TARGET_TEXT = {
+    "cpu": ("CPU, fp32, N >= 4M, K = 2..4: forward >= 85% of copy bandwidth and >= 1.3x "
+            "faster than torch.compile; backward (floor bytes / time) >= 70% of copy "
+            "bandwidth and faster than eager and than torch.compile's autograd"),
+}
+
+
+# --------------------------------------------------------------------------------------
+# the maths in eager PyTorch (user-facing shapes; w, h, o stay float32 like EPD params)
+
+
+def eager_bcast(x, g, w, h, o):
+    s = ((1 + o) * h).to(x.dtype)
+    return x + s[:, None] * (w.to(x.dtype)[:, None, None] * g).sum(0)
+
+
+def eager_einsum(x, g, w, h, o):
+    s = ((1 + o) * h).to(x.dtype)
+    return x + s[:, None] * torch.einsum("k,kbn->bn", w.to(x.dtype), g)
+
+
+def eager_matmul(x, g, w, h, o):
+    s = ((1 + o) * h).to(x.dtype)
+    combo = (w.to(x.dtype) @ g.reshape(g.shape[0], -1)).view_as(x)  # a gemv over K
+    return torch.addcmul(x, s[:, None], combo)
+
+
+def eager_addcmul(x, g, w, h, o):
+    sw = (((1 + o) * h)[:, None] * w[None, :]).to(x.dtype)  # [B, K]
+    y = torch.addcmul(x, sw[:, 0:1], g[0])
+    for k in range(1, g.shape[0]):
+        y = y.addcmul_(sw[:, k:k + 1], g[k])
+    return y
+
+
+EAGER_FORMS: Dict[str, Callable] = {
+    "bcast": eager_bcast,      # x + s[:,None] * (w[:,None,None] * g).sum(0)
+    "einsum": eager_einsum,    # x + s[:,None] * einsum('k,kbn->bn', w, g)
+    "matmul": eager_matmul,    # addcmul(x, s[:,None], (w @ g.view(K, -1)).view_as(x))
+    "addcmul": eager_addcmul,  # K chained addcmul_ with per-sample coefficients
+}
+EAGER_FORM_TEXT = {
+    "bcast": "x + s[:,None]*(w[:,None,None]*g).sum(0)",
+    "einsum": "x + s[:,None]*einsum('k,kbn->bn', w, g)",
+    "matmul": "addcmul(x, s[:,None], (w @ g.view(K,-1)).view_as(x))",
+    "addcmul": "K chained addcmul_(s*w_k, g_k)",
+}
+COMPILE_FORM = "bcast"
+
+
+def fused_step(x, g, w, h, o):
+    return epd_step(x, g, w, h, o)
+
+
+# --------------------------------------------------------------------------------------
+# timing
+
+
+class Timer:
+    """Seconds per call of `fn`, averaged over `inner` back-to-back calls."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def measure(self, fn: Callable, inner: int) -> float:
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / inner
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t0) / inner
+
+
+def _stats(samples: List[float], inner: int) -> dict:
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=4, method="inclusive") if len(s) >= 2 else [s[0]] * 3
+    return dict(median_s=statistics.median(s), min_s=s[0], q25_s=q[0], q75_s=q[2],
+                repeats=len(s), inner=inner)
+
+
+def bench_interleaved(timer: Timer, fns: Dict[str, Callable], *, repeats: int, warmup: int,
+                      min_sample_s: float) -> Dict[str, dict]:
+    """Times every fn; samples are interleaved round-robin with a rotating start."""
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        timer.sync()
+        t = timer.measure(fn, 1)
+        inner[name] = max(1, min(1000, math.ceil(min_sample_s / max(t, 1e-7))))
+    names = list(fns)
+    samples: Dict[str, List[float]] = {n: [] for n in names}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            shift = r % len(names)
+            for n in names[shift:] + names[:shift]:
+                samples[n].append(timer.measure(fns[n], inner[n]))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {n: _stats(samples[n], inner[n]) for n in names}
+
+
+# --------------------------------------------------------------------------------------
+# inputs, checks
+
+
+def _inputs(dtype, K, N, device, seed=0):
+    B = BATCH if (N % BATCH == 0 and N >= BATCH) else 1
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(B, N // B, dtype=dtype, device=device, generator=gen)
+    g = torch.randn(K, B, N // B, dtype=dtype, device=device, generator=gen)
+    w = torch.softmax(torch.randn(K, device=device, generator=gen), 0)
+    h = -0.5 + 0.01 * torch.randn(B, device=device, generator=gen)
+    o = 0.01 * torch.randn(B, device=device, generator=gen)
+    gy = torch.randn(B, N // B, dtype=dtype, device=device, generator=gen)
+    return B, x, g, w, h, o, gy
+
+
+def _upcast(ts):
+    """float32 copies of low-precision tensors (float32/float64 ones are returned as is)."""
+    return [t.float() if t.dtype in (torch.bfloat16, torch.float16) else t for t in ts]
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / max(scale, 1e-30)
+
+
+def _tol(dtype) -> float:
+    return 1e-4 if dtype == torch.float32 else 5e-2
+
+
+def _grad_fns(graphs: Dict[str, torch.Tensor], leaves, gy) -> Dict[str, Callable]:
+    return {n: (lambda y=y: torch.autograd.grad(y, leaves, gy, retain_graph=True))
+            for n, y in graphs.items()}
+
+
+class CopyBuffers:
+    """A float32 src/dst pair of `mbytes` MB each (pages touched), for bandwidth probes."""
+
+    def __init__(self, device, mbytes):
+        self.mbytes = mbytes
+        self.src = torch.full((mbytes * MI // 4,), 1.5, device=device)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)
+        self.copy_bytes = 2 * self.src.numel() * 4  # read + write
+
+    def copy(self):
+        return self.dst.copy_(self.src)
+
+
+def measure_bandwidth(timer, buf: CopyBuffers, repeats, warmup, min_sample_s) -> dict:
+    src = buf.src
+    fns = {"copy": buf.copy, "clone": lambda: src.clone(), "sum": lambda: src.sum()}
+    st = bench_interleaved(timer, fns, repeats=repeats, warmup=warmup, min_sample_s=min_sample_s)
+    nbytes = src.numel() * 4
+    return dict(
+        tensor_mb=buf.mbytes,
+        copy_gbps=buf.copy_bytes / st["copy"]["median_s"] / 1e9,
+        clone_gbps=2 * nbytes / st["clone"]["median_s"] / 1e9,
+        read_gbps=nbytes / st["sum"]["median_s"] / 1e9,
+        stats=st,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# one configuration
+
+
+def _select_eager_forms(timer, device, dtype, K, N, p, forms: Sequence[str]) -> dict:
+    """Times the candidate eager forms (fwd and bwd) and returns the fastest of each."""
+    B, x, g, w, h, o, gy = _inputs(dtype, K, N, device)
+    with torch.no_grad():
+        ref = EAGER_FORMS["bcast"](x, g, w, h, o)
+        fwd_fns = {}
+        for f in forms:
+            err = _rel_err(EAGER_FORMS[f](x, g, w, h, o), ref)
+            if err > _tol(dtype):
+                raise AssertionError(f"eager form {f} disagrees with bcast: rel err {err:.2e}")
+            fwd_fns[f] = (lambda fn=EAGER_FORMS[f]: fn(x, g, w, h, o))
+        fwd = bench_interleaved(timer, fwd_fns, repeats=p["repeats"], warmup=p["warmup"],
+                                min_sample_s=p["min_sample_s"])
+    leaves = [t.requires_grad_(True) for t in (x, g, w, h, o)]
+    graphs = {f: EAGER_FORMS[f](*leaves) for f in forms}
+    bwd = bench_interleaved(timer, _grad_fns(graphs, leaves, gy), repeats=p["repeats"],
+                            warmup=p["warmup"], min_sample_s=p["min_sample_s"])
+    del graphs, leaves
+    return dict(
+        at=dict(K=K, N=N),
+        fwd=min(forms, key=lambda f: fwd[f]["median_s"]),
+        bwd=min(forms, key=lambda f: bwd[f]["median_s"]),
+        fwd_median_s={f: fwd[f]["median_s"] for f in forms},
+        bwd_median_s={f: bwd[f]["median_s"] for f in forms},
+    )
+
+
+def _bench_config(timer, device, dtype_name, K, N, impls, eager_forms, p, copy) -> dict:
+    dtype = DTYPES[dtype_name]
+    B, x, g, w, h, o, gy = _inputs(dtype, K, N, device)
+    isz = x.element_size()
+    row = dict(dtype=dtype_name, K=K, N=N, B=B, itemsize=isz,
+               fwd_floor_bytes=(K + 2) * N * isz, bwd_floor_bytes=(2 * K + 1) * N * isz,
+               loadavg_start=_loadavg(), eager_fwd_form=eager_forms["fwd"],
+               eager_bwd_form=eager_forms["bwd"], compile_s={}, check={})
+    ef, eb = EAGER_FORMS[eager_forms["fwd"]], EAGER_FORMS[eager_forms["bwd"]]
+    compiled = None
+    if "compile" in impls:
+        torch._dynamo.reset()
+        compiled = torch.compile(EAGER_FORMS[COMPILE_FORM], dynamic=False)
+
+    # ---- forward, inference
+    with torch.no_grad():
+        fns = {}
+        if "fused" in impls:
+            fns["fused"] = lambda: fused_step(x, g, w, h, o)
+        if "eager" in impls:
+            fns["eager"] = lambda: ef(x, g, w, h, o)
+        if compiled is not None:
+            t0 = time.perf_counter()
+            compiled(x, g, w, h, o)
+            timer.sync()
+            row["compile_s"]["fwd"] = time.perf_counter() - t0
+            fns["compile"] = lambda: compiled(x, g, w, h, o)
+        ref = eager_bcast(*_upcast((x, g, w, h, o)))  # float32 maths as the reference
+        for n, fn in fns.items():
+            row["check"][f"fwd_{n}"] = _rel_err(fn(), ref)
+        fns["copy"] = copy
+        st = bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"],
+                               min_sample_s=p["min_sample_s"])
+        del ref
+    row["fwd"] = st
+
+    # ---- backward, on a retained graph (forward excluded)
+    leaves = [t.requires_grad_(True) for t in (x, g, w, h, o)]
+    graphs = {}
+    if "fused" in impls:
+        graphs["fused"] = fused_step(*leaves)
+    if "eager" in impls:
+        graphs["eager"] = eb(*leaves)
+    if compiled is not None:
+        t0 = time.perf_counter()
+        graphs["compile"] = compiled(*leaves)
+        torch.autograd.grad(graphs["compile"], leaves, gy, retain_graph=True)
+        timer.sync()
+        row["compile_s"]["fwd_bwd"] = time.perf_counter() - t0
+    ref_leaves = [t.detach().requires_grad_(True) for t in _upcast(leaves)]
+    ref = torch.autograd.grad(eager_bcast(*ref_leaves), ref_leaves, gy.float())
+    del ref_leaves
+    for n, y in graphs.items():
+        got = torch.autograd.grad(y, leaves, gy, retain_graph=True)
+        row["check"][f"bwd_{n}"] = max(_rel_err(a, b) for a, b in zip(got, ref))
+        del got
+    del ref
+    fns = _grad_fns(graphs, leaves, gy)
+    fns["copy"] = copy
+    row["bwd"] = bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"],
+                                   min_sample_s=p["min_sample_s"])
+    row["loadavg_end"] = _loadavg()
+    del graphs, leaves, fns
+    if compiled is not None:
+        torch._dynamo.reset()
+    return row
+
+
+def _derive(row: dict, copy_bytes: int) -> None:
+    """GB/s, % of copy, speedups, from the medians of one row (same-run ratios only)."""
+    for d in ("fwd", "bwd"):
+        st = row[d]
+        floor = row[f"{d}_floor_bytes"]
+        copy_gbps = copy_bytes / st["copy"]["median_s"] / 1e9
+        out = dict(copy_gbps=copy_gbps)
+        for n in IMPLS:
+            if n in st:
+                t = st[n]["median_s"]
+                out[f"{n}_ms"] = t * 1e3
+                out[f"{n}_gbps"] = floor / t / 1e9
+                out[f"{n}_frac_copy"] = out[f"{n}_gbps"] / copy_gbps
+        if "fused" in st:
+            for n in ("eager", "compile"):
+                if n in st:
+                    out[f"speedup_vs_{n}"] = st[n]["median_s"] / st["fused"]["median_s"]
+        row[f"{d}_metrics"] = out
+
+
+def _verdict(row: dict, device_type: str) -> None:
+    tg = TARGETS.get(device_type)
+    row["target_fwd"] = row["target_bwd"] = None
+    if tg is None or row["N"] < tg["min_n"] or row["dtype"] not in tg["dtypes"]:
+        return
+    for d, checks in (
+        ("fwd", [("fused_frac_copy", tg["fwd_frac_copy"], "of copy bw"),
+                 ("speedup_vs_compile", tg["fwd_speedup_vs_compile"], "vs compile")]),
+        ("bwd", [("fused_frac_copy", tg["bwd_frac_copy"], "of copy bw"),
+                 ("speedup_vs_eager", tg["bwd_speedup_vs_eager"], "vs eager"),
+                 ("speedup_vs_compile", tg["bwd_speedup_vs_compile"], "vs compile")]),
+    ):
+        m = row[f"{d}_metrics"]
+        misses, missing = [], []
+        for key, need, what in checks:
+            if key not in m:
+                missing.append(what)
+                continue
+            val = m[key]
+            # "faster than" (need == 1) is strict; ratios with a threshold are inclusive
+            ok = val > need if need == 1.0 and not key.startswith("fused") else val >= need
+            if not ok:
+                if key.startswith("fused"):
+                    misses.append(f"{val:.0%}<{need:.0%} {what}")
+                else:
+                    misses.append(f"{val:.2f}x{'<=' if need == 1.0 else '<'}{need:g}x {what}")
+        if missing:
+            verdict = "n/a (not run: " + ", ".join(missing) + ")"
+        else:
+            verdict = "PASS" if not misses else "MISS: " + "; ".join(misses)
+        row[f"target_{d}"] = verdict
+
+
+# --------------------------------------------------------------------------------------
+# tables, plot
+
+
+def _fmt_ms(v: Optional[float]) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if v < 1000 else f"{v:.0f}"
+
+
+def _fmt(v: Optional[float], spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _fmt_num(v: Optional[float]) -> str:
+    """3 significant digits, no exponent for the ranges seen here (GB/s, ratios)."""
+    if v is None:
+        return "-"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 0.1:
+        return f"{v:.3g}" if v >= 10 else f"{v:.2f}"
+    return f"{v:.2g}"
+
+
+def _tables(rows: List[dict], impls: Sequence[str]) -> List[dict]:
+    tables = []
+    for d, title in (("fwd", "Forward (inference): y = x + (1+o)*h*sum_k w_k*g_k"),
+                     ("bwd", "Backward: autograd.grad(y, (x, g, w, h, o), gy) on a retained graph")):
+        cols = ["dtype", "K", "N"]
+        cols += [f"{n} ms" for n in impls]
+        cols += [f"{n} GB/s" for n in impls]
+        cols += ["copy GB/s", "fused %copy"]
+        if "fused" in impls:
+            cols += [f"x{n}" for n in ("eager", "compile") if n in impls]
+        cols += ["target"]
+        body = []
+        for r in rows:
+            m = r[f"{d}_metrics"]
+            line = [SHORT.get(r["dtype"], r["dtype"]), str(r["K"]), size_label(r["N"])]
+            line += [_fmt_ms(m.get(f"{n}_ms")) for n in impls]
+            line += [_fmt_num(m.get(f"{n}_gbps")) for n in impls]
+            line += [_fmt_num(m["copy_gbps"]), _fmt(m.get("fused_frac_copy"), ".0%")]
+            if "fused" in impls:
+                line += [_fmt_num(m.get(f"speedup_vs_{n}")) for n in ("eager", "compile")
+                         if n in impls]
+            line += [r[f"target_{d}"] or "-"]
+            body.append(line)
+        tables.append(dict(title=title, columns=cols, rows=body))
+    return tables
+
+
+def _plot(rows, impls, copy_gbps, path, title) -> Optional[pathlib.Path]:
+    dtypes = sorted({r["dtype"] for r in rows}, key=lambda s: list(DTYPES).index(s))
+    panels = []
+    for d, dname in (("fwd", "forward"), ("bwd", "backward")):
+        for dt in dtypes:
+            series = []
+            for n in impls:
+                for K in sorted({r["K"] for r in rows if r["dtype"] == dt}):
+                    pts = sorted((r["N"], r[f"{d}_metrics"].get(f"{n}_gbps")) for r in rows
+                                 if r["dtype"] == dt and r["K"] == K)
+                    pts = [(x, y) for x, y in pts if y is not None]
+                    if pts:
+                        series.append(dict(label=f"{n} K={K}", group=n, variant=f"K={K}",
+                                           x=[a for a, _ in pts], y=[b for _, b in pts]))
+            panels.append(dict(title=f"{dname}, {SHORT.get(dt, dt)} (floor bytes / median time)",
+                               xlabel="N (elements of x)", ylabel="GB/s", series=series,
+                               hlines=[dict(y=copy_gbps, label=f"copy_ {copy_gbps:.1f} GB/s")]))
+    return line_panels(path, panels, title=title, ncols=len(dtypes))
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def _configs(quick, sizes, ks, dtypes):
+    if quick and sizes is None and ks is None and dtypes is None:
+        out = [("float32", K, N) for N in QUICK["sizes"] for K in QUICK["ks"]]
+        out += [("bfloat16", K, N) for N in QUICK["bf16_sizes"] for K in QUICK["ks"]]
+        return out
+    base = QUICK if quick else FULL
+    sizes = list(sizes or base["sizes"])
+    ks = list(ks or base["ks"])
+    dtypes = list(dtypes or base["dtypes"])
+    for dt in dtypes:
+        if dt not in DTYPES:
+            raise ValueError(f"unknown dtype {dt!r}; choose from {sorted(DTYPES)}")
+    return [(dt, K, N) for dt in dtypes for N in sizes for K in ks]
+
+
+def _json_safe(v):
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
+        sizes: Optional[Sequence[int]] = None, ks: Optional[Sequence[int]] = None,
+        dtypes: Optional[Sequence[str]] = None, repeats: Optional[int] = None,
+        impls: Optional[Sequence[str]] = None, backend: Optional[str] = None,
+        verbose: bool = True) -> dict:
+    """Runs the section; writes out_dir/kernels.json and out_dir/kernels.png."""
+    from epd_kernels import backends
+
+    t_start = time.perf_counter()
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch.cuda.is_available() is False")
+    impls = [n for n in IMPLS if n in (impls or IMPLS)]
+    if not impls:
+        raise ValueError(f"impls must name at least one of {IMPLS}")
+    p = dict(QUICK if quick else FULL)
+    if repeats is not None:
+        p["repeats"] = max(1, int(repeats))
+    configs = _configs(quick, sizes, ks, dtypes)
+    timer = Timer(dev)
+    def say(*a):
+        if verbose:
+            print(f"[kernels +{time.perf_counter() - t_start:5.1f}s]", *a, flush=True)
+
+
+    prev_forced = backends.current_forced() if backend else None
+    if backend:
+        backends.set_backend(backend)
+    stack = contextlib.ExitStack()
+    if "compile" in impls and dev.type == "cpu":
+        # One compile worker: on a small machine the worker pool's start-up dominates the
+        # compile time. Only compile time changes, not the generated code.
+        import torch._inductor.config as inductor_config
+
+        stack.enter_context(inductor_config.patch(compile_threads=1))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backend_name = backends.for_device(dev).name
+        notes = [f"backend timed as 'fused': {backend_name} (device {dev.type}; available: "
+                 f"{', '.join(backends.available())})"]
+        if backend_name == "reference":
+            notes.append("the C++/Triton extension is not in use, so 'fused' times the "
+                         "plain-PyTorch reference fallback (einsum), not a fused kernel")
+        notes += [f"warning: {w.message}" for w in caught]
+        say(notes[0])
+        say(f"{len(configs)} configurations, {p['repeats']} repeats, "
+            f"{torch.get_num_threads()} threads, impls: {', '.join(impls)}")
+
+        copy_mb = 64 if dev.type == "cpu" else 256
+        buf = CopyBuffers(dev, copy_mb)
+        copy, copy_bytes = buf.copy, buf.copy_bytes
+        bw_start = measure_bandwidth(timer, buf, max(p["repeats"], 5), p["warmup"],
+                                     p["min_sample_s"])
+        say(f"copy_ bandwidth {bw_start['copy_gbps']:.2f} GB/s, clone {bw_start['clone_gbps']:.2f},"
+            f" read (sum) {bw_start['read_gbps']:.2f}  ({copy_mb} MB fp32)")
+
+        # eager form: fastest candidate per dtype and direction, at the target size
+        eager_forms = {}
+        if "eager" in impls:
+            run_sizes = sorted({N for _, _, N in configs})
+            if run_sizes[0] <= p["select_n"] <= run_sizes[-1]:
+                n_sel = p["select_n"]
+            else:
+                n_sel = max([N for N in run_sizes if N <= p["select_n"]] or run_sizes[:1])
+            psel = dict(p, repeats=min(p["repeats"], p["select_repeats"]))
+            for dt in dict.fromkeys(dt for dt, _, _ in configs):
+                k_sel = max(K for d, K, _ in configs if d == dt)
+                sel = _select_eager_forms(timer, dev, DTYPES[dt], k_sel, n_sel, psel,
+                                          list(p["select_forms"]))
+                eager_forms[dt] = sel
+                say(f"eager form {SHORT.get(dt, dt)} (K={k_sel}, N={size_label(n_sel)}): "
+                    f"fwd {sel['fwd']}, bwd {sel['bwd']}  medians ms fwd "
+                    + ", ".join(f"{f} {t * 1e3:.3g}" for f, t in sel["fwd_median_s"].items())
+                    + " | bwd "
+                    + ", ".join(f"{f} {t * 1e3:.3g}" for f, t in sel["bwd_median_s"].items()))
+                notes.append(f"eager {SHORT.get(dt, dt)}: forward = {sel['fwd']} "
+                             f"[{EAGER_FORM_TEXT[sel['fwd']]}], backward = {sel['bwd']} "
+                             f"[{EAGER_FORM_TEXT[sel['bwd']]}] (fastest of "
+                             f"{', '.join(p['select_forms'])} at K={k_sel}, "
+                             f"N={size_label(n_sel)}, timed in this run)")
+
+        rows = []
+        for dt, K, N in configs:
+            forms = eager_forms.get(dt, dict(fwd=COMPILE_FORM, bwd=COMPILE_FORM))
+            row = _bench_config(timer, dev, dt, K, N, impls, forms, p, copy)
+            _derive(row, copy_bytes)
+            _verdict(row, dev.type)
+            rows.append(row)
+            fm, bm = row["fwd_metrics"], row["bwd_metrics"]
+            say(f"{SHORT.get(dt, dt)} K={K} N={size_label(N)}: fwd "
+                + " ".join(f"{n} {fm[n + '_ms']:.3g}ms" for n in impls)
+                + " | bwd " + " ".join(f"{n} {bm[n + '_ms']:.3g}ms" for n in impls)
+                + (f" | compile {sum(row['compile_s'].values()):.1f}s" if row["compile_s"] else ""))
+            for key, err in row["check"].items():
+                if err > _tol(DTYPES[dt]):
+                    notes.append(f"MISMATCH {SHORT.get(dt, dt)} K={K} N={size_label(N)} {key}: "
+                                 f"relative error {err:.2e} vs float32 eager maths")
+            gc.collect()
+
+        bw_end = measure_bandwidth(timer, buf, max(p["repeats"], 5), p["warmup"],
+                                   p["min_sample_s"])
+    finally:
+        stack.close()
+        if backend:
+            backends.set_backend(prev_forced or "auto")
+
+    copy_ref = max(bw_start["copy_gbps"], bw_end["copy_gbps"])
+    notes.append(f"copy_ bandwidth ({copy_mb} MB fp32, 2 bytes moved per byte copied): "
+                 f"{bw_start['copy_gbps']:.2f} GB/s at start, {bw_end['copy_gbps']:.2f} at end; "
+                 f"clone (alloc + copy) {bw_start['clone_gbps']:.2f}; read-only sum "
+                 f"{bw_start['read_gbps']:.2f}. '%copy' uses the copy_ timed interleaved in the "
+                 "same row")
+    notes.append("GB/s = byte floor / median time; floors: forward (K+2)*N*itemsize, "
+                 "backward (2K+1)*N*itemsize; 'x eager' / 'x compile' = their median time / "
+                 "fused median time (> 1: fused is faster)")
+    notes.append("backward is timed with torch.autograd.grad(..., retain_graph=True) on a "
+                 "graph built once, so the forward is excluded exactly; compile = "
+                 f"torch.compile(dynamic=False) of the {COMPILE_FORM} form, its AOTAutograd "
+                 "backward for 'compile' backward; compile time excluded")
+    loads = [r[k][0] for r in rows for k in ("loadavg_start", "loadavg_end") if r.get(k)]
+    ncpu = os.cpu_count() or 1
+    if loads and max(loads) > 1.5 * ncpu:
+        notes.insert(0, f"WARNING: 1-min load average reached {max(loads):.1f} on {ncpu} CPUs "
+                        "during this run (this benchmark alone accounts for about "
+                        f"{torch.get_num_threads()}): other processes competed for the cores, "
+                        "so absolute times are inflated and noisy; same-row ratios are "
+                        "less affected but still unreliable")
+    if dev.type in TARGET_TEXT:
+        verdicts = [r[f"target_{d}"] for r in rows for d in ("fwd", "bwd") if r[f"target_{d}"]]
+        n_pass = sum(v == "PASS" for v in verdicts)
+        notes.append(f"targets ({TARGET_TEXT[dev.type]}): " + (
+            f"{n_pass}/{len(verdicts)} PASS" if verdicts else "no row of this run is in scope"))
+    else:
+        notes.append(f"no targets defined for device {dev.type}")
+
+    result = dict(
+        section="kernels",
+        device=dev.type,
+        device_name=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else None),
+        backend=backend_name,
+        backends_available=backends.available(),
+        quick=quick,
+        threads=torch.get_num_threads(),
+        batch=BATCH,
+        params=dict(repeats=p["repeats"], warmup=p["warmup"], min_sample_s=p["min_sample_s"],
+                    impls=impls, configs=[list(c) for c in configs]),
+        bandwidth=dict(start=bw_start, end=bw_end, copy_gbps=copy_ref),
+        eager_forms=eager_forms,
+        eager_form_text=EAGER_FORM_TEXT,
+        compile_form=COMPILE_FORM,
+        targets=dict(scope=TARGETS.get(dev.type), text=TARGET_TEXT.get(dev.type)),
+        results=rows,
+        notes=notes,
+        tables=_tables(rows, impls),
+        wall_time_s=None,
+        files=["kernels.json"],
+    )
+    png = _plot(rows, impls, copy_ref, out_dir / "kernels.png",
+                f"epd_step on {dev.type} ({backend_name} backend), {torch.get_num_threads()} threads")
+    if png is not None:
+        result["files"].append("kernels.png")
+        result["plot"] = "kernels.png"
+    result["wall_time_s"] = time.perf_counter() - t_start
+    with open(out_dir / "kernels.json", "w") as f:
+        json.dump(_json_safe(result), f, indent=1)
+    say(f"done in {result['wall_time_s']:.1f} s -> {out_dir / 'kernels.json'}")
+    return result
+
+
+if __name__ == "__main__":  # convenience: python benchmarks/bench_kernels.py [--quick]
+    run("--quick" in sys.argv, pathlib.Path("benchmarks/results"))

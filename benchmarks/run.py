@@ -1,0 +1,530 @@
+#!/usr/bin/env python
+"""Benchmark driver: runs benchmark sections, writes JSON/PNG, prints tables, and keeps
+the generated blocks of BENCHMARKS.md in step with a real run.
+
+    python benchmarks/run.py [--quick] [--all] [--sections kernels,solvers,branches,distill]
+                             [--out benchmarks/results] [--markdown BENCHMARKS.md]
+                             [--device cpu|cuda] [--backend auto|cpp|triton|reference]
+                             [--sizes 256K,4M] [--ks 2,4] [--dtypes float32,bfloat16]
+                             [--repeats N] [--impls fused,eager,compile] [--threads N]
+
+Sections. Section NAME lives in `benchmarks/bench_NAME.py` and exposes
+`run(quick: bool, out_dir: pathlib.Path) -> dict`. Modules are imported lazily, only when
+their section runs; a missing module (or one that fails to import) is reported as skipped
+with the reason. Keyword options (`device`, `backend`, `sizes`, `ks`, `dtypes`, `repeats`,
+`impls`) are passed to `run` only when its signature names them.
+
+What `run` returns (all keys optional; the dict is also dumped to out/NAME.json when the
+section did not write that file itself):
+    "tables": [{"title": str, "columns": [str], "rows": [[cell, ...] or {column: cell}]}]
+    "rows":   [{column: cell}]          (a single untitled table, when there is no "tables")
+    "table":  str                       (preformatted text, printed as is)
+    "notes":  [str]                     (printed under the tables, bullets in markdown)
+    "plot" / "plots": file name(s) in out_dir, linked from the markdown block
+
+Machine information (CPU model, cores, torch version and threads, backend, date, git
+commit, the exact command line) goes to out/machine.json. With `--markdown PATH`, the
+block between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` is rewritten for
+every section that ran successfully (file and markers are created when absent); text
+outside the markers is never touched. Exit status: 1 when a section raised, else 0.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import inspect
+import json
+import os
+import pathlib
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+SECTIONS = ("kernels", "solvers", "branches", "distill")  # canonical order
+DEFAULT_SECTIONS = ("kernels",)
+
+for _p in (str(ROOT), str(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+# --------------------------------------------------------------------------------------
+# sections
+
+
+def known_sections() -> List[str]:
+    """The canonical sections, then any other benchmarks/bench_*.py, in name order."""
+    extra = sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
+    return list(SECTIONS) + [s for s in extra if s not in SECTIONS]
+
+
+def module_path(name: str) -> pathlib.Path:
+    return HERE / f"bench_{name}.py"
+
+
+def load_section(name: str):
+    """(module, None) or (None, reason it is skipped)."""
+    path = module_path(name)
+    if not path.exists():
+        return None, f"{path.relative_to(ROOT)} not found (section not written yet)"
+    try:
+        mod = importlib.import_module(f"benchmarks.bench_{name}")
+    except Exception as e:  # noqa: BLE001 - any import failure means: skip, say why
+        return None, f"import of benchmarks.bench_{name} failed: {type(e).__name__}: {e}"
+    if not callable(getattr(mod, "run", None)):
+        return None, f"benchmarks/bench_{name}.py has no run(quick, out_dir) function"
+    return mod, None
+
+
+def call_run(mod, quick: bool, out_dir: pathlib.Path, options: dict) -> Tuple[dict, dict]:
+    """Calls mod.run with the options its signature names; returns (result, passed)."""
+    params = inspect.signature(mod.run).parameters
+    passed = {k: v for k, v in options.items() if v is not None and k in params}
+    result = mod.run(quick, out_dir, **passed)
+    if result is None:
+        result = {}
+    if not isinstance(result, dict):
+        result = {"result": result}
+    return result, passed
+
+
+# --------------------------------------------------------------------------------------
+# tables
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def section_tables(result: dict) -> List[dict]:
+    """Normalises a section's result into [{"title", "columns", "rows": [[str]]}]."""
+    raw = result.get("tables")
+    if raw is None and isinstance(result.get("rows"), list) and result["rows"] \
+            and all(isinstance(r, dict) for r in result["rows"]):
+        raw = [dict(title=result.get("title", ""), rows=result["rows"])]
+    out = []
+    for t in raw or []:
+        rows = t.get("rows", [])
+        cols = list(t.get("columns") or [])
+        if not cols:
+            for r in rows:
+                if isinstance(r, dict):
+                    cols += [k for k in r if k not in cols]
+        body = []
+        for r in rows:
+            if isinstance(r, dict):
+                body.append([_cell(r.get(c)) for c in cols])
+            else:
+                body.append([_cell(c) for c in r])
+        out.append(dict(title=t.get("title", ""), columns=[str(c) for c in cols], rows=body))
+    return out
+
+
+_NUM = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?[%xKMG]?$")
+
+
+def _numeric_column(rows, i) -> bool:
+    cells = [r[i] for r in rows if i < len(r) and r[i] not in ("-", "")]
+    return bool(cells) and all(_NUM.match(c) for c in cells)
+
+
+def text_table(t: dict) -> str:
+    cols, rows = t["columns"], t["rows"]
+    widths = [len(c) for c in cols]
+    for r in rows:
+        for i, c in enumerate(r):
+            if i < len(widths):
+                widths[i] = max(widths[i], len(c))
+    right = [_numeric_column(rows, i) for i in range(len(cols))]
+    fmt = lambda r: "  ".join(c.rjust(w) if right[i] else c.ljust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    lines = [t["title"]] if t.get("title") else []
+    lines += [fmt(cols), fmt(["-" * w for w in widths])]
+    lines += [fmt(r) for r in rows]
+    return "\n".join(lines)
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(t: dict) -> str:
+    cols = t["columns"]
+    lines = []
+    if t.get("title"):
+        lines += [f"**{_md_escape(t['title'])}**", ""]
+    lines.append("| " + " | ".join(_md_escape(c) for c in cols) + " |")
+    lines.append("|" + "|".join("---:" if _numeric_column(t["rows"], i) else "---"
+                                for i in range(len(cols))) + "|")
+    lines += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in t["rows"]]
+    return "\n".join(lines)
+
+
+def render_text(name: str, result: dict) -> str:
+    parts = [text_table(t) for t in section_tables(result)]
+    if isinstance(result.get("table"), str):
+        parts.append(result["table"])
+    notes = result.get("notes") or []
+    if notes:
+        parts.append("\n".join(f"  * {n}" for n in notes))
+    return "\n\n".join(parts) if parts else f"(section {name} returned no table)"
+
+
+# --------------------------------------------------------------------------------------
+# machine information
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _git(*args) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _pkg_version(name: str) -> Optional[str]:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def command_line() -> str:
+    return shlex.join(["python"] + sys.argv)
+
+
+def machine_info(device: str = "cpu") -> dict:
+    import torch
+
+    cpuinfo = _read("/proc/cpuinfo")
+    m = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    cpu_model = m.group(1).strip() if m else (platform.processor() or platform.machine())
+    cores = {(a, b) for a, b in re.findall(
+        r"^physical id\s*:\s*(\d+)$.*?^core id\s*:\s*(\d+)$", cpuinfo, re.M | re.S)}
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = set(flags.group(1).split()) if flags else set()
+    mem = re.search(r"^MemTotal:\s*(\d+) kB", _read("/proc/meminfo"), re.M)
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+
+    backend, backends_available, backend_note = None, None, None
+    try:
+        from epd_kernels import backends
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            backend = backends.for_device(torch.device(device)).name
+        backends_available = backends.available()
+        backend_note = "; ".join(str(w.message) for w in caught) or None
+    except Exception as e:  # noqa: BLE001
+        backend_note = f"could not query epd_kernels.backends: {type(e).__name__}: {e}"
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    info = dict(
+        cpu_model=cpu_model,
+        logical_cpus=os.cpu_count(),
+        usable_cpus=affinity,
+        physical_cores=len(cores) or None,
+        cpu_flags=sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16",
+                                                  "fma", "f16c", "avx512bw", "avx512vl")),
+        mem_total_gb=round(int(mem.group(1)) / 2**20, 1) if mem else None,
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        torch_interop_threads=torch.get_num_interop_threads(),
+        numpy=_pkg_version("numpy"),
+        triton=_pkg_version("triton"),
+        cuda_available=torch.cuda.is_available(),
+        cuda_version=torch.version.cuda,
+        gpu=(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
+        device=device,
+        backend=backend,
+        backends_available=backends_available,
+        backend_note=backend_note,
+        date_utc=now.isoformat(timespec="seconds"),
+        git_commit=commit,
+        git_dirty=(bool(dirty) if dirty is not None else None),
+        git_branch=_git("rev-parse", "--abbrev-ref", "HEAD"),
+        command=command_line(),
+        argv=sys.argv,
+        cwd=os.getcwd(),
+        executable=sys.executable,
+        env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                        "EPD_KERNELS_BACKEND", "TRITON_INTERPRET",
+                                        "CUDA_VISIBLE_DEVICES") if k in os.environ},
+        loadavg_start=_loadavg(),
+    )
+    return info
+
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def machine_line(info: dict) -> str:
+    commit = (info.get("git_commit") or "unknown")[:10]
+    if info.get("git_dirty"):
+        commit += " + uncommitted changes"
+    parts = [
+        info.get("cpu_model") or "unknown CPU",
+        f"{info.get('logical_cpus')} logical CPUs",
+        f"torch {info.get('torch')}",
+        f"{info.get('torch_threads')} threads",
+        f"device {info.get('device')}" + (f" ({info['gpu']})" if info.get("gpu") else ""),
+        f"backend `{info.get('backend')}`",
+        f"commit `{commit}`",
+        f"{info.get('date_utc')}",
+    ]
+    if info.get("loadavg_start"):
+        parts.append(f"load avg at start {info['loadavg_start'][0]}")
+    return " · ".join(parts)
+
+
+# --------------------------------------------------------------------------------------
+# markdown
+
+
+def markers(section: str) -> Tuple[str, str]:
+    return f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
+
+
+MARKDOWN_HEADER = (
+    "# Benchmarks\n\n"
+    "Every number between `<!-- bench:...:start/end -->` markers is written by "
+    "`python benchmarks/run.py --markdown BENCHMARKS.md` from a real run; do not edit "
+    "inside the markers (it is overwritten). Text outside them is kept.\n"
+)
+
+
+def update_markdown(path: pathlib.Path, section: str, body: str) -> str:
+    """(Re)writes the generated block of `section` in `path`; returns 'created',
+    'appended' or 'replaced'. Raises ValueError on malformed markers (nothing written)."""
+    path = pathlib.Path(path)
+    start, end = markers(section)
+    block = f"{start}\n{body.strip()}\n{end}"
+    if path.exists():
+        text = path.read_text()
+        how = None
+    else:
+        text = MARKDOWN_HEADER
+        how = "created"
+    n_start, n_end = text.count(start), text.count(end)
+    if n_start == 1 and n_end == 1 and text.index(start) < text.index(end):
+        i, j = text.index(start), text.index(end) + len(end)
+        text = text[:i] + block + text[j:]
+        how = how or "replaced"
+    elif n_start == 0 and n_end == 0:
+        text = text.rstrip("\n") + f"\n\n## {section}\n\n{block}\n"
+        how = how or "appended"
+    else:
+        raise ValueError(f"{path}: malformed markers for section {section!r} "
+                         f"({n_start} x {start!r}, {n_end} x {end!r}); fix them by hand")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return how
+
+
+def markdown_body(name: str, result: dict, info: dict, out_dir: pathlib.Path,
+                  md_path: pathlib.Path) -> str:
+    lines = [
+        f"_Generated by `{info['command']}` — do not edit inside this block; rerun instead._",
+        "",
+        f"**Machine:** {machine_line(info)}",
+        "",
+    ]
+    if result.get("wall_time_s") is not None:
+        lines += [f"Section wall time: {result['wall_time_s']:.1f} s.", ""]
+    for t in section_tables(result):
+        lines += [markdown_table(t), ""]
+    if isinstance(result.get("table"), str):
+        lines += ["```", result["table"].rstrip(), "```", ""]
+    for n in result.get("notes") or []:
+        lines.append(f"- {n}")
+    if result.get("notes"):
+        lines.append("")
+    plots = result.get("plots") or ([result["plot"]] if result.get("plot") else [])
+    for p in plots:
+        target = (out_dir / p).resolve()
+        try:
+            rel = os.path.relpath(target, md_path.resolve().parent)
+        except ValueError:  # different drive (Windows)
+            rel = str(target)
+        lines += [f"![{name}: {p}]({pathlib.PurePath(rel).as_posix()})", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# command line
+
+
+def _int_list(s: str) -> List[int]:
+    out = []
+    for tok in s.split(","):
+        tok = tok.strip().upper()
+        if not tok:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(tok[-1], 1)
+        num = tok[:-1] if mult > 1 else tok
+        try:
+            out.append(int(float(num) * mult))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a size: {tok!r} (use e.g. 4096, 256K, 4M)")
+    return out
+
+
+def _str_list(s: str) -> List[str]:
+    return [t.strip() for t in s.split(",") if t.strip()]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few sizes and repeats (< 1 min/section)")
+    ap.add_argument("--all", action="store_true", help="every section whose module exists")
+    ap.add_argument("--sections", type=_str_list, default=None,
+                    help=f"comma list from {','.join(SECTIONS)} (default: kernels)")
+    ap.add_argument("--out", type=pathlib.Path, default=HERE / "results",
+                    help="output folder for JSON/PNG (default benchmarks/results)")
+    ap.add_argument("--markdown", type=pathlib.Path, default=None,
+                    help="rewrite the generated blocks of this markdown file")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--backend", default=None, choices=["auto", "cpp", "triton", "reference"],
+                    help="force an epd_kernels backend (default: per device)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    g = ap.add_argument_group("section options (passed to sections whose run() accepts them)")
+    g.add_argument("--sizes", type=_int_list, default=None, help="e.g. 256K,4M (elements of x)")
+    g.add_argument("--ks", type=_int_list, default=None, help="branch counts, e.g. 2,3,4")
+    g.add_argument("--dtypes", type=_str_list, default=None, help="e.g. float32,bfloat16")
+    g.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
+    g.add_argument("--impls", type=_str_list, default=None, help="e.g. fused,eager,compile")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    known = known_sections()
+    if args.all:
+        wanted = known
+    else:
+        wanted = args.sections or list(DEFAULT_SECTIONS)
+    unknown = [s for s in wanted if s not in known]
+    if unknown:
+        print(f"error: unknown section(s) {', '.join(unknown)}; known: {', '.join(known)}",
+              file=sys.stderr)
+        return 2
+    out_dir = args.out.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    import torch  # after argument parsing, so --help stays fast
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.backend:
+        from epd_kernels import backends
+
+        backends.set_backend(args.backend)  # for every section (and the machine info)
+    info = machine_info(args.device)
+    print(f"machine: {machine_line(info)}")
+    print(f"command: {info['command']}")
+    if info.get("backend_note"):
+        print(f"note: {info['backend_note']}")
+    info["sections"] = {}
+
+    def write_machine():
+        info["loadavg_end"] = _loadavg()
+        with open(out_dir / "machine.json", "w") as f:
+            json.dump(info, f, indent=1, default=str)
+
+    write_machine()
+    options = dict(device=args.device, backend=args.backend, sizes=args.sizes, ks=args.ks,
+                   dtypes=args.dtypes, repeats=args.repeats, impls=args.impls)
+    failed = False
+    for name in wanted:
+        print(f"\n=== section {name} ===", flush=True)
+        mod, why = load_section(name)
+        if mod is None:
+            print(f"skipped: {why}")
+            info["sections"][name] = dict(status="skipped", reason=why)
+            write_machine()
+            continue
+        t0, started = time.perf_counter(), time.time()
+        try:
+            result, passed = call_run(mod, args.quick, out_dir, options)
+        except Exception as e:  # noqa: BLE001 - report, keep going with the other sections
+            failed = True
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr)
+            info["sections"][name] = dict(status="failed", error=f"{type(e).__name__}: {e}",
+                                          wall_time_s=time.perf_counter() - t0)
+            write_machine()
+            continue
+        wall = time.perf_counter() - t0
+        result.setdefault("wall_time_s", wall)
+        json_path = out_dir / f"{name}.json"
+        if not json_path.exists() or json_path.stat().st_mtime < started - 1:
+            with open(json_path, "w") as f:  # the section did not write its own JSON
+                json.dump(result, f, indent=1, default=str)
+        print()
+        print(render_text(name, result))
+        print(f"\n[{name}] {wall:.1f} s; wrote {json_path}")
+        entry = dict(status="ok", wall_time_s=wall, options=passed, json=str(json_path))
+        if args.markdown:
+            body = markdown_body(name, result, info, out_dir, args.markdown)
+            try:
+                how = update_markdown(args.markdown, name, body)
+            except ValueError as e:
+                failed = True
+                print(f"error: {e}", file=sys.stderr)
+                entry["markdown"] = f"not written: {e}"
+            else:
+                print(f"[{name}] markdown block {how} in {args.markdown}")
+                entry["markdown"] = f"{how} in {args.markdown}"
+        info["sections"][name] = entry
+        write_machine()
+
+    print("\nsummary: " + "; ".join(
+        f"{n}: {e['status']}" + (f" ({e['wall_time_s']:.1f} s)" if "wall_time_s" in e else "")
+        + (f" ({e['reason']})" if e.get("reason") else "")
+        for n, e in info["sections"].items()))
+    print(f"machine info: {out_dir / 'machine.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

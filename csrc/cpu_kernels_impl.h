@@ -1,0 +1,561 @@
+// The CPU kernels proper. Included once per instruction set by cpu_kernels_<isa>.cpp,
+// with CPU_CAPABILITY (DEFAULT, AVX2, AVX512) defined; see cpu_kernels.h for why.
+// No include guard on purpose, and no namespace-scope object needing a run-time
+// initialiser: such code would run at load time with AVX instructions on any CPU.
+//
+// All four ops are memory bound (one fused multiply-add per element and stream), so
+// the design goal is to touch each byte of DRAM exactly once:
+//   * parallelise over the flattened [B, N] index space, not over rows, so that both
+//     B = 1 with a huge N and a large B with a tiny N keep every core busy;
+//   * split each thread's range into row segments and hoist the per-row coefficients
+//     ((1 + o) * h * w[k], or c[k]) into vector registers once per segment;
+//   * do all maths in opmath (float for half/bfloat16/float, double for double),
+//     converting reduced types to float vectors on load and back on store;
+//   * backward ops produce their elementwise outputs and their per-row reductions in
+//     one sweep (block by block, the second use of a block hitting cache), so the
+//     inputs are read from memory once.
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including cpu_kernels_impl.h"
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace epd_kernels::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Elements per parallel task of the elementwise passes: big enough that OpenMP
+// overhead vanishes, small enough that tiny inputs stay on one thread.
+constexpr int64_t kGrain = 32768;
+// Reductions use fixed chunks (independent of the thread count) so that the result is
+// bitwise reproducible whatever the number of threads.
+constexpr int64_t kReduceChunk = 16384;
+// Backward ops work on blocks of kBlock elements of a row segment: one pass writes the
+// elementwise outputs, a second pass re-reads the block (now in L1/L2, so no extra
+// DRAM traffic) for the K dot products. Keeping the two apart leaves a single loop-
+// carried accumulator per loop; K accumulators carried through one loop were kept in
+// memory by GCC (a store-to-load chain per iteration). The float partial of each block
+// is added to a double: a vector lane sums at most kBlock / 16 products, so fp32
+// reductions over millions of elements stay as accurate as a pairwise sum.
+constexpr int64_t kBlock = 1024;
+// branch_states_out writes at least this many bytes into a caller's buffer with
+// streaming (non-temporal) stores: the denoiser that reads the batch next could not find
+// it in cache anyway, and skipping the read-for-ownership of each output line cuts the
+// DRAM traffic by up to a third (measured faster from 64 MiB up; ordinary stores win
+// at 16 MiB, where the batch stays in cache for its consumer). Freshly allocated
+// outputs never stream: above glibc's 32 MiB mmap threshold each one is new pages that
+// the kernel has just zeroed through the cache on first touch, and streaming over those
+// lines measured slower.
+constexpr int64_t kStreamBytes = int64_t(64) << 20;
+
+// One "pack": the elements of one Vectorized<T>, held as opmath vectors. Half and
+// bfloat16 widen to two float vectors; float and double are a single vector.
+template <typename T>
+struct Pack {
+  using A = at::opmath_type<T>;
+  using VA = Vectorized<A>;
+  static constexpr bool kReduced = at::vec::is_reduced_floating_point_v<T>;
+  static constexpr int kParts = kReduced ? 2 : 1;
+  static constexpr int64_t kSize = Vectorized<T>::size();
+  static_assert(kSize == kParts * VA::size(), "unexpected vector widths");
+
+  struct V {
+    VA p[kParts];
+  };
+
+  // `n < kSize` only for the tail of a segment; lanes past n load as zero, which
+  // reductions rely on. In the main loops n is the constant kSize, so the branch folds.
+  static inline V load(const T* ptr, int64_t n = kSize) {
+    V v;
+    if constexpr (kReduced) {
+      auto raw = n == kSize ? Vectorized<T>::loadu(ptr) : Vectorized<T>::loadu(ptr, n);
+      std::tie(v.p[0], v.p[1]) = at::vec::convert_to_float<T>(raw);
+    } else {
+      v.p[0] = n == kSize ? VA::loadu(ptr) : VA::loadu(ptr, n);
+    }
+    return v;
+  }
+
+  static inline void store(T* ptr, const V& v, int64_t n = kSize) {
+    if constexpr (kReduced) {
+      auto raw = at::vec::convert_from_float<T>(v.p[0], v.p[1]);
+      n == kSize ? raw.store(ptr) : raw.store(ptr, n);
+    } else {
+      n == kSize ? v.p[0].store(ptr) : v.p[0].store(ptr, n);
+    }
+  }
+
+  // Streaming stores exist for the AVX2/AVX-512 copies only; they need an address
+  // aligned to the full vector.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  static constexpr bool kCanStream = true;
+#else
+  static constexpr bool kCanStream = false;
+#endif
+  static constexpr int64_t kAlign = kSize * sizeof(T);
+
+  // Stores n elements (a full pack when the tag is true_type, then streaming).
+  template <typename Stream>
+  static inline void put(T* ptr, const V& v, int64_t n, Stream) {
+    if constexpr (Stream::value) {
+      store_stream(ptr, v);
+    } else {
+      store(ptr, v, n);
+    }
+  }
+
+  static inline void store_stream(T* ptr, const V& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kReduced) {
+      const __m512i raw = at::vec::convert_from_float<T>(v.p[0], v.p[1]);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(ptr), raw);
+    } else if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(ptr, v.p[0]);
+    } else {
+      _mm512_stream_pd(ptr, v.p[0]);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kReduced) {
+      const __m256i raw = at::vec::convert_from_float<T>(v.p[0], v.p[1]);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(ptr), raw);
+    } else if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(ptr, v.p[0]);
+    } else {
+      _mm256_stream_pd(ptr, v.p[0]);
+    }
+#else
+    store(ptr, v);
+#endif
+  }
+
+  static inline V broadcast(A a) {
+    V v;
+    for (int j = 0; j < kParts; ++j) v.p[j] = VA(a);
+    return v;
+  }
+};
+
+// Streaming stores are weakly ordered: each thread fences them before the results are
+// handed to other threads (and to the caller).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Whether `bytes` of output in K branches `kstride` elements apart get streaming
+// stores: large enough, and every branch equally misaligned, so that the alignment
+// peel of for_each_pack serves all K.
+template <typename T>
+inline bool use_streaming(int64_t bytes, int64_t kstride) {
+  using P = Pack<T>;
+  return P::kCanStream && bytes >= kStreamBytes &&
+         (kstride * int64_t(sizeof(T))) % P::kAlign == 0;
+}
+
+// Runs body(i, n, tag) over [0, len) in packs; n < kSize only for a ragged head or tail.
+// With `stream`, a head is peeled until `out + i` is vector aligned and the full packs
+// after it get tag true_type (streaming stores); otherwise every tag is false_type.
+template <typename T, typename Body>
+inline void for_each_pack(int64_t len, const T* out, bool stream, const Body& body) {
+  using P = Pack<T>;
+  int64_t i = 0;
+  if (P::kCanStream && stream) {
+    const int64_t mis = int64_t(reinterpret_cast<uintptr_t>(out) % P::kAlign) / sizeof(T);
+    const int64_t head = mis == 0 ? 0 : std::min(len, P::kSize - mis);
+    if (head > 0) body(int64_t(0), head, std::false_type{});
+    for (i = head; i + P::kSize <= len; i += P::kSize) body(i, P::kSize, std::true_type{});
+  } else {
+    for (; i + P::kSize <= len; i += P::kSize) body(i, P::kSize, std::false_type{});
+  }
+  if (i < len) body(i, len - i, std::false_type{});
+}
+
+// Sum of the lanes of one opmath vector. at::vec reduces float vectors with in-register
+// shuffles; its generic path (used for double) goes through memory element by element,
+// which costs more than the short dot products of small rows, so double lanes are summed
+// from one store instead.
+template <typename VA>
+inline double hsum(const VA& v) {
+  using A = typename VA::value_type;
+  if constexpr (std::is_same_v<A, float>) {
+    return static_cast<double>(at::vec::vec_reduce_all<float>(std::plus<VA>(), v));
+  } else {
+    __at_align__ A lanes[VA::size()];
+    v.store(lanes);
+    double s = 0.0;
+    for (int64_t i = 0; i < VA::size(); ++i) s += lanes[i];
+    return s;
+  }
+}
+
+// <a, b> over n elements (n <= kBlock), accumulated in opmath vectors.
+template <typename T>
+inline double dot_block(const T* a, const T* b, int64_t n) {
+  using P = Pack<T>;
+  auto acc = P::broadcast(0);
+  int64_t i = 0;
+  for (; i + P::kSize <= n; i += P::kSize) {
+    const auto av = P::load(a + i), bv = P::load(b + i);
+    for (int j = 0; j < P::kParts; ++j) acc.p[j] = at::vec::fmadd(av.p[j], bv.p[j], acc.p[j]);
+  }
+  if (i < n) {  // lanes past n load as zero
+    const auto av = P::load(a + i, n - i), bv = P::load(b + i, n - i);
+    for (int j = 0; j < P::kParts; ++j) acc.p[j] = at::vec::fmadd(av.p[j], bv.p[j], acc.p[j]);
+  }
+  for (int j = 1; j < P::kParts; ++j) acc.p[0] = acc.p[0] + acc.p[j];
+  return hsum(acc.p[0]);
+}
+
+// Calls f(b, n0, n1) for every row segment of the flattened range [begin, end).
+template <typename F>
+inline void for_each_row_segment(int64_t begin, int64_t end, int64_t N, const F& f) {
+  int64_t b = begin / N;
+  int64_t n0 = begin - b * N;
+  for (int64_t pos = begin; pos < end; ++b, n0 = 0) {
+    const int64_t n1 = std::min(N, n0 + (end - pos));
+    f(b, n0, n1);
+    pos += n1 - n0;
+  }
+}
+
+// out[b, k] = sum over the row of the partials that seg(b, n0, n1, part[K]) adds into
+// part (which starts at zero). Rows that fit in one chunk are written directly; a row
+// cut by chunk boundaries leaves its pieces in per-chunk slots that are combined in
+// double and in chunk order afterwards.
+template <typename A, typename Seg>
+void reduce_rows(int64_t B, int64_t N, int64_t K, A* out, const Seg& seg) {
+  const int64_t total = B * N;
+  if (K == 0) return;
+  if (total == 0) {
+    std::fill(out, out + B * K, A(0));
+    return;
+  }
+  const int64_t nchunks = (total + kReduceChunk - 1) / kReduceChunk;
+  // A chunk holds at most two partial rows: the one it starts in and the one it ends in.
+  std::vector<int64_t> slot_row(2 * nchunks, -1);
+  std::vector<double> slot_sum(2 * nchunks * K, 0.0);
+
+  const int64_t grain = std::max<int64_t>(1, kGrain / kReduceChunk);
+  at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
+    std::vector<double> part(K);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * kReduceChunk;
+      const int64_t end = std::min(total, begin + kReduceChunk);
+      int slot = 0;
+      for_each_row_segment(begin, end, N, [&](int64_t b, int64_t n0, int64_t n1) {
+        std::fill(part.begin(), part.end(), 0.0);
+        seg(b, n0, n1, part.data());
+        if (n0 == 0 && n1 == N) {
+          for (int64_t k = 0; k < K; ++k) out[b * K + k] = static_cast<A>(part[k]);
+        } else {
+          const int64_t s = 2 * c + slot++;
+          slot_row[s] = b;
+          std::copy(part.begin(), part.end(), slot_sum.begin() + s * K);
+        }
+      });
+    }
+  });
+
+  // Pieces of one row sit in consecutive slots, so one ordered scan combines them.
+  std::vector<double> acc(K, 0.0);
+  int64_t row = -1;
+  auto flush = [&] {
+    if (row < 0) return;
+    for (int64_t k = 0; k < K; ++k) out[row * K + k] = static_cast<A>(acc[k]);
+    std::fill(acc.begin(), acc.end(), 0.0);
+  };
+  for (int64_t s = 0; s < 2 * nchunks; ++s) {
+    if (slot_row[s] < 0) continue;
+    if (slot_row[s] != row) {
+      flush();
+      row = slot_row[s];
+    }
+    for (int64_t k = 0; k < K; ++k) acc[k] += slot_sum[s * K + k];
+  }
+  flush();
+}
+
+// Compile-time K (KS > 0) lets the compiler unroll the branch loop and keep the
+// coefficients and accumulators in registers; KS == 0 is the general path for any K.
+// The dispatch covers the K an EPD solver uses in practice.
+template <typename F>
+inline void dispatch_k(int64_t K, const F& f) {
+  switch (K) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+// Per-row coefficients as vectors. For a compile-time K they are hoisted into
+// registers once per segment; for a run-time K they are broadcast on use (a broadcast
+// is far cheaper than the loads it feeds).
+template <typename T, int KS>
+struct RowCoef {
+  using A = at::opmath_type<T>;
+  using VA = Vectorized<A>;
+  const A* w;  // K coefficients of this row, multiplied by `scale`
+  A scale;
+  VA v[KS > 0 ? KS : 1];
+
+  RowCoef(const A* w_, A scale_, int64_t K) : w(w_), scale(scale_) {
+    if constexpr (KS > 0) {
+      for (int k = 0; k < KS; ++k) v[k] = VA(scale * w[k]);
+    }
+    (void)K;
+  }
+  inline VA operator[](int64_t k) const {
+    if constexpr (KS > 0) {
+      return v[k];
+    } else {
+      return VA(scale * w[k]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// epd_step forward: y = x + sum_k coef_k * g_k over one row segment of length len.
+// g points at branch 0; branch k is g + k * kstride.
+template <typename T, int KS>
+inline void step_fwd_segment(T* y, const T* x, const T* g, int64_t kstride,
+                             const RowCoef<T, KS>& coef, int64_t K, int64_t len) {
+  using P = Pack<T>;
+  const int64_t nk = KS > 0 ? KS : K;
+  for_each_pack(len, y, /*stream=*/false, [&](int64_t i, int64_t n, auto tag) {
+    auto acc = P::load(x + i, n);
+    for (int64_t k = 0; k < nk; ++k) {
+      const auto gv = P::load(g + k * kstride + i, n);
+      const auto ck = coef[k];
+      for (int j = 0; j < P::kParts; ++j) acc.p[j] = at::vec::fmadd(ck, gv.p[j], acc.p[j]);
+    }
+    P::put(y + i, acc, n, tag);
+  });
+}
+
+template <typename T, int KS>
+void step_fwd_typed(const at::Tensor& x, const at::Tensor& grads, const at::Tensor& weights,
+                    const at::Tensor& h, const at::Tensor& o, const at::Tensor& y) {
+  using A = at::opmath_type<T>;
+  const int64_t B = x.size(0), N = x.size(1), K = grads.size(0);
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = grads.const_data_ptr<T>();
+  const A* wp = weights.const_data_ptr<A>();
+  const A* hp = h.const_data_ptr<A>();
+  const A* op = o.const_data_ptr<A>();
+  T* yp = y.mutable_data_ptr<T>();
+  const int64_t kstride = B * N;
+
+  at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_row_segment(begin, end, N, [&](int64_t b, int64_t n0, int64_t n1) {
+      const RowCoef<T, KS> coef(wp + b * K, (A(1) + op[b]) * hp[b], K);
+      const int64_t off = b * N + n0;
+      step_fwd_segment<T, KS>(yp + off, xp + off, gp + off, kstride, coef, K, n1 - n0);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// epd_step backward over one row segment: gg_k = coef_k * go and part[k] += <go, g_k>.
+template <typename T, int KS>
+inline void step_bwd_segment(T* gg, const T* go, const T* g, int64_t kstride,
+                             const RowCoef<T, KS>& coef, int64_t K, int64_t len,
+                             double* part) {
+  using P = Pack<T>;
+  const int64_t nk = KS > 0 ? KS : K;
+  for (int64_t blk = 0; blk < len; blk += kBlock) {
+    const int64_t blk_end = std::min(len, blk + kBlock);
+    const int64_t blk_len = blk_end - blk;
+    for_each_pack(blk_len, gg + blk, /*stream=*/false, [&](int64_t i, int64_t n, auto tag) {
+      i += blk;
+      const auto gov = P::load(go + i, n);
+      for (int64_t k = 0; k < nk; ++k) {
+        const auto ck = coef[k];
+        typename P::V out;
+        for (int j = 0; j < P::kParts; ++j) out.p[j] = ck * gov.p[j];
+        P::put(gg + k * kstride + i, out, n, tag);
+      }
+    });
+    for (int64_t k = 0; k < nk; ++k) {
+      part[k] += dot_block(go + blk, g + k * kstride + blk, blk_end - blk);
+    }
+  }
+}
+
+template <typename T, int KS>
+void step_bwd_typed(const at::Tensor& grad_out, const at::Tensor& grads,
+                    const at::Tensor& weights, const at::Tensor& h, const at::Tensor& o,
+                    const at::Tensor& grad_grads, const at::Tensor& dots) {
+  using A = at::opmath_type<T>;
+  const int64_t B = grad_out.size(0), N = grad_out.size(1), K = grads.size(0);
+  const T* gop = grad_out.const_data_ptr<T>();
+  const T* gp = grads.const_data_ptr<T>();
+  const A* wp = weights.const_data_ptr<A>();
+  const A* hp = h.const_data_ptr<A>();
+  const A* op = o.const_data_ptr<A>();
+  T* ggp = grad_grads.mutable_data_ptr<T>();
+  const int64_t kstride = B * N;
+
+  reduce_rows<A>(B, N, K, dots.mutable_data_ptr<A>(),
+                 [&](int64_t b, int64_t n0, int64_t n1, double* part) {
+                   const RowCoef<T, KS> coef(wp + b * K, (A(1) + op[b]) * hp[b], K);
+                   const int64_t off = b * N + n0;
+                   step_bwd_segment<T, KS>(ggp + off, gop + off, gp + off, kstride, coef, K,
+                                           n1 - n0, part);
+                 });
+}
+
+// ---------------------------------------------------------------------------------
+// branch_states: out_k = x + c_k * d over one row segment.
+template <typename T, int KS>
+inline void branch_fwd_segment(T* out, const T* x, const T* d, int64_t kstride,
+                               const RowCoef<T, KS>& coef, int64_t K, int64_t len,
+                               bool stream) {
+  using P = Pack<T>;
+  const int64_t nk = KS > 0 ? KS : K;
+  for_each_pack(len, out, stream, [&](int64_t i, int64_t n, auto tag) {
+    const auto xv = P::load(x + i, n);
+    const auto dv = P::load(d + i, n);
+    for (int64_t k = 0; k < nk; ++k) {
+      const auto ck = coef[k];
+      typename P::V r;
+      for (int j = 0; j < P::kParts; ++j) r.p[j] = at::vec::fmadd(ck, dv.p[j], xv.p[j]);
+      P::put(out + k * kstride + i, r, n, tag);
+    }
+  });
+}
+
+template <typename T, int KS>
+void branch_fwd_typed(const at::Tensor& x, const at::Tensor& d, const at::Tensor& c,
+                      const at::Tensor& out, bool may_stream) {
+  using A = at::opmath_type<T>;
+  const int64_t B = x.size(0), N = x.size(1), K = c.size(1);
+  const T* xp = x.const_data_ptr<T>();
+  const T* dp = d.const_data_ptr<T>();
+  const A* cp = c.const_data_ptr<A>();
+  T* outp = out.mutable_data_ptr<T>();
+  const int64_t kstride = B * N;
+  const bool stream =
+      may_stream && use_streaming<T>(K * B * N * int64_t(sizeof(T)), kstride);
+
+  at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_row_segment(begin, end, N, [&](int64_t b, int64_t n0, int64_t n1) {
+      const RowCoef<T, KS> coef(cp + b * K, A(1), K);
+      const int64_t off = b * N + n0;
+      branch_fwd_segment<T, KS>(outp + off, xp + off, dp + off, kstride, coef, K, n1 - n0,
+                                stream);
+    });
+    stream_fence();
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// branch_states backward over one row segment:
+//   gx = sum_k go_k,  gdd = sum_k c_k * go_k,  part[k] += <go_k, d>.
+template <typename T, int KS>
+inline void branch_bwd_segment(T* gx, T* gdd, const T* go, const T* d, int64_t kstride,
+                               const RowCoef<T, KS>& coef, int64_t K, int64_t len,
+                               double* part) {
+  using P = Pack<T>;
+  using V = typename P::V;
+  const int64_t nk = KS > 0 ? KS : K;
+  for (int64_t blk = 0; blk < len; blk += kBlock) {
+    const int64_t blk_end = std::min(len, blk + kBlock);
+    const int64_t blk_len = blk_end - blk;
+    for_each_pack(blk_len, gx + blk, /*stream=*/false, [&](int64_t i, int64_t n, auto tag) {
+      i += blk;
+      V sx = P::broadcast(0), sd = P::broadcast(0);
+      for (int64_t k = 0; k < nk; ++k) {
+        const auto gk = P::load(go + k * kstride + i, n);
+        const auto ck = coef[k];
+        for (int j = 0; j < P::kParts; ++j) {
+          sx.p[j] = sx.p[j] + gk.p[j];
+          sd.p[j] = at::vec::fmadd(ck, gk.p[j], sd.p[j]);
+        }
+      }
+      P::put(gx + i, sx, n, tag);
+      P::put(gdd + i, sd, n, tag);
+    });
+    for (int64_t k = 0; k < nk; ++k) {
+      part[k] += dot_block(go + k * kstride + blk, d + blk, blk_end - blk);
+    }
+  }
+}
+
+template <typename T, int KS>
+void branch_bwd_typed(const at::Tensor& grad_out, const at::Tensor& d, const at::Tensor& c,
+                      const at::Tensor& grad_x, const at::Tensor& grad_d,
+                      const at::Tensor& grad_c) {
+  using A = at::opmath_type<T>;
+  const int64_t B = d.size(0), N = d.size(1), K = c.size(1);
+  const T* gop = grad_out.const_data_ptr<T>();
+  const T* dp = d.const_data_ptr<T>();
+  const A* cp = c.const_data_ptr<A>();
+  T* gxp = grad_x.mutable_data_ptr<T>();
+  T* gdp = grad_d.mutable_data_ptr<T>();
+  const int64_t kstride = B * N;
+
+  if (K == 0) {  // no branch: the gradients of x and d are zero
+    std::fill(gxp, gxp + B * N, T(0));
+    std::fill(gdp, gdp + B * N, T(0));
+    return;
+  }
+  reduce_rows<A>(B, N, K, grad_c.mutable_data_ptr<A>(),
+                 [&](int64_t b, int64_t n0, int64_t n1, double* part) {
+                   const RowCoef<T, KS> coef(cp + b * K, A(1), K);
+                   const int64_t off = b * N + n0;
+                   branch_bwd_segment<T, KS>(gxp + off, gdp + off, gop + off, dp + off,
+                                             kstride, coef, K, n1 - n0, part);
+                 });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------
+// Entry points declared in cpu_kernels.h: dtype and K dispatch only.
+
+void epd_step_fwd(const at::Tensor& x, const at::Tensor& grads, const at::Tensor& weights,
+                  const at::Tensor& h, const at::Tensor& o, const at::Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "epd_step_fwd", [&] {
+    dispatch_k(grads.size(0), [&](auto ks) {
+      step_fwd_typed<scalar_t, decltype(ks)::value>(x, grads, weights, h, o, y);
+    });
+  });
+}
+
+void epd_step_bwd(const at::Tensor& grad_out, const at::Tensor& grads,
+                  const at::Tensor& weights, const at::Tensor& h, const at::Tensor& o,
+                  const at::Tensor& grad_grads, const at::Tensor& dots) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "epd_step_bwd", [&] {
+    dispatch_k(grads.size(0), [&](auto ks) {
+      step_bwd_typed<scalar_t, decltype(ks)::value>(grad_out, grads, weights, h, o,
+                                                    grad_grads, dots);
+    });
+  });
+}
+
+void branch_states(const at::Tensor& x, const at::Tensor& d, const at::Tensor& c,
+                   const at::Tensor& out, bool may_stream) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "branch_states", [&] {
+    dispatch_k(c.size(1), [&](auto ks) {
+      branch_fwd_typed<scalar_t, decltype(ks)::value>(x, d, c, out, may_stream);
+    });
+  });
+}
+
+void branch_states_bwd(const at::Tensor& grad_out, const at::Tensor& d, const at::Tensor& c,
+                       const at::Tensor& grad_x, const at::Tensor& grad_d,
+                       const at::Tensor& grad_c) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "branch_states_bwd", [&] {
+    dispatch_k(c.size(1), [&](auto ks) {
+      branch_bwd_typed<scalar_t, decltype(ks)::value>(grad_out, d, c, grad_x, grad_d, grad_c);
+    });
+  });
+}
+
+}  // namespace epd_kernels::cpu::CPU_CAPABILITY

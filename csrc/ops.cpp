@@ -1,0 +1,229 @@
+// Op registration for the C++ CPU kernels: schemas, input validation, output
+// allocation, and the choice of the instruction-set copy of the kernels.
+//
+// The Python op layer (epd_kernels/ops.py) registers fake kernels and autograd on top
+// of these and brings user inputs to the canonical shapes; the checks below repeat its
+// contract so that a direct call with bad inputs fails with a message instead of
+// reading out of bounds.
+//
+// Canonical shapes (T = data dtype, A = opmath dtype: double for double, else float):
+//   x, d, grad_out (step) [B, N] T     grads, grad_out (branches) [K, B, N] T
+//   weights, c [B, K] A                h, o [B] A
+#include <Python.h>
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Version.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu_kernels.h"
+
+// `import epd_kernels._C` must succeed so that loading the module registers the ops;
+// the module itself exposes nothing (ops are reached through torch.ops.epd_kernels_cpp).
+extern "C" {
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // m_name
+      "C++ CPU kernels of epd_kernels, registered as torch.ops.epd_kernels_cpp",
+      -1,    // m_size
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace epd_kernels {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------
+// Validation.
+
+at::ScalarType opmath_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_tensor(const Tensor& t, const char* op, const char* name, at::IntArrayRef shape,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Returns the data dtype after checking that `t` is a supported [..., N]-style input.
+at::ScalarType check_data_tensor(const Tensor& t, const char* op, const char* name,
+                                 int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", dt);
+  return dt;
+}
+
+int64_t check_coef(const Tensor& t, const char* op, const char* name, int64_t B,
+                   at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [B, K], got shape ", t.sizes());
+  const int64_t K = t.size(1);
+  check_tensor(t, op, name, {B, K}, dtype);
+  return K;
+}
+
+// ---------------------------------------------------------------------------------
+// Instruction-set choice: follow torch's own CPU capability (which honours the
+// ATEN_CPU_CAPABILITY environment variable), read once.
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+  static const Isa isa = [] {
+#if EPD_KERNELS_X86_ISA_COPIES
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512") return Isa::kAvx512;
+    if (cap == "AVX2") return Isa::kAvx2;
+#endif
+    return Isa::kDefault;
+  }();
+  return isa;
+}
+
+#if EPD_KERNELS_X86_ISA_COPIES
+#define EPD_KERNELS_CALL(fn, ...)                          \
+  switch (cpu_isa()) {                                     \
+    case Isa::kAvx512: return cpu::AVX512::fn(__VA_ARGS__); \
+    case Isa::kAvx2: return cpu::AVX2::fn(__VA_ARGS__);     \
+    default: return cpu::DEFAULT::fn(__VA_ARGS__);          \
+  }
+#else
+#define EPD_KERNELS_CALL(fn, ...) return cpu::DEFAULT::fn(__VA_ARGS__);
+#endif
+
+void call_epd_step_fwd(const Tensor& x, const Tensor& grads, const Tensor& weights,
+                       const Tensor& h, const Tensor& o, const Tensor& y) {
+  EPD_KERNELS_CALL(epd_step_fwd, x, grads, weights, h, o, y)
+}
+void call_epd_step_bwd(const Tensor& grad_out, const Tensor& grads, const Tensor& weights,
+                       const Tensor& h, const Tensor& o, const Tensor& grad_grads,
+                       const Tensor& dots) {
+  EPD_KERNELS_CALL(epd_step_bwd, grad_out, grads, weights, h, o, grad_grads, dots)
+}
+void call_branch_states(const Tensor& x, const Tensor& d, const Tensor& c, const Tensor& out,
+                        bool may_stream) {
+  EPD_KERNELS_CALL(branch_states, x, d, c, out, may_stream)
+}
+void call_branch_states_bwd(const Tensor& grad_out, const Tensor& d, const Tensor& c,
+                            const Tensor& grad_x, const Tensor& grad_d, const Tensor& grad_c) {
+  EPD_KERNELS_CALL(branch_states_bwd, grad_out, d, c, grad_x, grad_d, grad_c)
+}
+
+#undef EPD_KERNELS_CALL
+
+// ---------------------------------------------------------------------------------
+// Ops.
+
+// Checks the common inputs of epd_step_fwd/bwd; `data` is x or grad_out ([B, N]).
+int64_t check_step_inputs(const char* op, const char* data_name, const Tensor& data,
+                          const Tensor& grads, const Tensor& weights, const Tensor& h,
+                          const Tensor& o) {
+  const auto dt = check_data_tensor(data, op, data_name, 2);
+  const int64_t B = data.size(0), N = data.size(1);
+  check_tensor(data, op, data_name, {B, N}, dt);
+  TORCH_CHECK(grads.dim() == 3, op, ": grads must be 3-D [K, B, N], got shape ", grads.sizes());
+  const int64_t K = grads.size(0);
+  check_tensor(grads, op, "grads", {K, B, N}, dt);
+  check_tensor(weights, op, "weights", {B, K}, opmath_of(dt));
+  check_tensor(h, op, "h", {B}, opmath_of(dt));
+  check_tensor(o, op, "o", {B}, opmath_of(dt));
+  return K;
+}
+
+Tensor epd_step_fwd(const Tensor& x, const Tensor& grads, const Tensor& weights,
+                    const Tensor& h, const Tensor& o) {
+  check_step_inputs("epd_step_fwd", "x", x, grads, weights, h, o);
+  Tensor y = at::empty(x.sizes(), x.options());
+  call_epd_step_fwd(x, grads, weights, h, o, y);
+  return y;
+}
+
+std::tuple<Tensor, Tensor> epd_step_bwd(const Tensor& grad_out, const Tensor& grads,
+                                        const Tensor& weights, const Tensor& h,
+                                        const Tensor& o) {
+  const int64_t K = check_step_inputs("epd_step_bwd", "grad_out", grad_out, grads, weights, h, o);
+  Tensor grad_grads = at::empty(grads.sizes(), grads.options());
+  Tensor dots = at::empty({grad_out.size(0), K}, weights.options());
+  call_epd_step_bwd(grad_out, grads, weights, h, o, grad_grads, dots);
+  return {grad_grads, dots};
+}
+
+// Checks x/d/c of branch_states; returns K.
+int64_t check_branch_inputs(const char* op, const Tensor& x, const Tensor& d, const Tensor& c) {
+  const auto dt = check_data_tensor(x, op, "x", 2);
+  const int64_t B = x.size(0), N = x.size(1);
+  check_tensor(x, op, "x", {B, N}, dt);
+  check_tensor(d, op, "d", {B, N}, dt);
+  return check_coef(c, op, "c", B, opmath_of(dt));
+}
+
+Tensor branch_states(const Tensor& x, const Tensor& d, const Tensor& c) {
+  const int64_t K = check_branch_inputs("branch_states", x, d, c);
+  Tensor out = at::empty({K, x.size(0), x.size(1)}, x.options());
+  call_branch_states(x, d, c, out, /*may_stream=*/false);
+  return out;
+}
+
+// Writes the [K, B, N] branch states into any contiguous buffer with K*B*N elements
+// (e.g. the static [K*B, C, H, W] batch that the denoiser reads).
+void branch_states_out(const Tensor& x, const Tensor& d, const Tensor& c, const Tensor& out) {
+  const char* op = "branch_states_out";
+  const int64_t K = check_branch_inputs(op, x, d, c);
+  TORCH_CHECK(out.device().is_cpu(), op, ": out must be a CPU tensor, got ", out.device());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have dtype ",
+              x.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
+  TORCH_CHECK(out.numel() == K * x.numel(), op, ": out must have K*B*N = ", K * x.numel(),
+              " elements, got ", out.numel(), " (shape ", out.sizes(), ")");
+  // Branch k is written while x and d are still being read.
+  at::assert_no_overlap(out, x);
+  at::assert_no_overlap(out, d);
+  call_branch_states(x, d, c, out, /*may_stream=*/true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> branch_states_bwd(const Tensor& grad_out, const Tensor& d,
+                                                     const Tensor& c) {
+  const char* op = "branch_states_bwd";
+  const auto dt = check_data_tensor(d, op, "d", 2);
+  const int64_t B = d.size(0), N = d.size(1);
+  check_tensor(d, op, "d", {B, N}, dt);
+  const int64_t K = check_coef(c, op, "c", B, opmath_of(dt));
+  check_tensor(grad_out, op, "grad_out", {K, B, N}, dt);
+  Tensor grad_x = at::empty({B, N}, d.options());
+  Tensor grad_d = at::empty({B, N}, d.options());
+  Tensor grad_c = at::empty({B, K}, c.options());
+  call_branch_states_bwd(grad_out, d, c, grad_x, grad_d, grad_c);
+  return {grad_x, grad_d, grad_c};
+}
+
+}  // namespace
+}  // namespace epd_kernels
+
+TORCH_LIBRARY(epd_kernels_cpp, m) {
+  m.def("epd_step_fwd(Tensor x, Tensor grads, Tensor weights, Tensor h, Tensor o) -> Tensor");
+  m.def("epd_step_bwd(Tensor grad_out, Tensor grads, Tensor weights, Tensor h, Tensor o) -> (Tensor, Tensor)");
+  m.def("branch_states(Tensor x, Tensor d, Tensor c) -> Tensor");
+  m.def("branch_states_out(Tensor x, Tensor d, Tensor c, Tensor(a!) out) -> ()");
+  m.def("branch_states_bwd(Tensor grad_out, Tensor d, Tensor c) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(epd_kernels_cpp, CPU, m) {
+  m.impl("epd_step_fwd", &epd_kernels::epd_step_fwd);
+  m.impl("epd_step_bwd", &epd_kernels::epd_step_bwd);
+  m.impl("branch_states", &epd_kernels::branch_states);
+  m.impl("branch_states_out", &epd_kernels::branch_states_out);
+  m.impl("branch_states_bwd", &epd_kernels::branch_states_bwd);
+}

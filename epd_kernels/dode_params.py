@@ -25,12 +25,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
+
+from .fileio import read_safetensors_metadata, write_atomic
 
 from .params import _checksum
 
@@ -273,22 +273,7 @@ class DODEParams:
             raise ValueError(f"DODEParams.meta / schedule must be JSON-serialisable (finite "
                              f"numbers, str, list, dict): {e}") from e
         data = st_save(tensors, metadata=metadata)
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomic(path, data)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "DODEParams":
@@ -310,7 +295,7 @@ class DODEParams:
         def fail(msg):
             raise ValueError(f"{path}: {msg}")
 
-        raw_meta = _read_header_metadata(data, path)
+        raw_meta = read_safetensors_metadata(data, path, "a D-ODE params file")
         try:
             tensors = st_load(data)
         except Exception as e:  # safetensors raises its own error type
@@ -375,24 +360,3 @@ class DODEParams:
         except ValueError as e:
             fail(str(e))
         return params
-
-
-def _read_header_metadata(data: bytes, path: str) -> dict:
-    """The string metadata of a safetensors file, with clear errors for damaged headers."""
-    if len(data) < 8:
-        raise ValueError(f"{path}: truncated or not a safetensors file ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n == 0 or 8 + n > len(data):
-        raise ValueError(f"{path}: truncated or corrupted safetensors file (header of {n} "
-                         f"bytes, file of {len(data)} bytes)")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupted safetensors header: {e}") from e
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupted safetensors header (not a JSON object)")
-    meta = header.get("__metadata__")
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise ValueError(f"{path}: no epd_kernels metadata in the safetensors header: not a "
-                         f"D-ODE params file")
-    return meta

@@ -31,12 +31,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import struct
-import tempfile
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
+
+from .fileio import read_safetensors_metadata, temp_prefix, write_atomic
 
 __all__ = ["EPDParams", "FORMAT_VERSION", "epd_latency_nfe", "epd_total_evaluations",
            "write_atomic", "temp_prefix"]
@@ -340,7 +340,7 @@ class EPDParams:
             raise FileNotFoundError(f"EPD params file not found: {path}")
         with open(path, "rb") as f:
             data = f.read()
-        raw_meta = _read_header_metadata(data, path)
+        raw_meta = read_safetensors_metadata(data, path, "an EPD params file")
         try:
             tensors = st_load(data)
         except Exception as e:  # safetensors raises its own error type
@@ -403,33 +403,6 @@ class EPDParams:
         return params.to(device) if device is not None else params
 
 
-def temp_prefix(path) -> str:
-    """Name prefix of the temporary files `write_atomic` creates next to ``path``."""
-    return ".tmp-" + os.path.basename(os.fspath(path)) + "."
-
-
-def write_atomic(path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` atomically: a temporary file in the same folder, flushed
-    and fsync'ed, then moved over ``path`` with ``os.replace`` (a process killed at any
-    moment leaves the old file or the new one, never a torn one)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _checksum(tensors) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -439,22 +412,3 @@ def _checksum(tensors) -> str:
     return h.hexdigest()
 
 
-def _read_header_metadata(data: bytes, path: str) -> dict:
-    """The string metadata of a safetensors file, with clear errors for damaged headers."""
-    if len(data) < 8:
-        raise ValueError(f"{path}: truncated or not a safetensors file ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n == 0 or 8 + n > len(data):
-        raise ValueError(f"{path}: truncated or corrupted safetensors file (header of {n} "
-                         f"bytes, file of {len(data)} bytes)")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupted safetensors header: {e}") from e
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: corrupted safetensors header (not a JSON object)")
-    meta = header.get("__metadata__")
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise ValueError(f"{path}: no epd_kernels metadata in the safetensors header: not an "
-                         f"EPD params file")
-    return meta

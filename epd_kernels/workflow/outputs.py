@@ -24,6 +24,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from ..fileio import write_atomic
+
 from .errors import UserError
 
 __all__ = ["atomic_write_bytes", "write_png", "png_bytes", "write_npy", "write_npz",
@@ -39,31 +41,7 @@ _SEED_RE = re.compile(r"^seed-(\d+)\.npy$")
 # atomic writes
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` atomically (temp file in the same folder + os.replace)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + os.path.basename(path) + ".", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+atomic_write_bytes = write_atomic  # one implementation for every file we write
 
 
 def remove_stale_temporaries(folder) -> int:

@@ -293,12 +293,13 @@ def test_bad_inputs_name_the_argument():
         ops.branch_states_bwd(g[:1], x, c)
 
 
-_ISA_SCRIPT = textwrap.dedent("""
+_SUBPROCESS_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {test_dir!r})
     import test_cpp_kernels as T
-    assert torch.backends.cpu.get_cpu_capability() == {isa!r}.upper()
-    for K, B, N in [(1, 1, 1), (3, 2, 2049), (9, 2, 77), (2, 1, 20001)]:
+    assert torch.backends.cpu.get_cpu_capability() == {isa!r}
+    # Even N gives vector-aligned branches (streaming when forced), odd N does not.
+    for K, B, N in [(1, 1, 1), (3, 2, 2048), (3, 2, 2049), (9, 2, 77), (2, 1, 20001)]:
         for dtype in T.DTYPES:
             for check in T.CHECKS:
                 check(K, B, N, dtype, seed=K + B + N)
@@ -306,22 +307,24 @@ _ISA_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_other_instruction_set_copies():
+def test_instruction_set_copies_and_streaming_stores():
     # The kernels are compiled once per instruction set and chosen from torch's CPU
     # capability at first use; ATEN_CPU_CAPABILITY forces a lower one in a subprocess.
+    # Streaming stores normally start at 64 MiB; EPD_KERNELS_STREAMING=always forces
+    # them (where the outputs are suitably aligned) on these small shapes.
     order = ["DEFAULT", "AVX2", "AVX512"]
     have = torch.backends.cpu.get_cpu_capability()
-    lower = order[:order.index(have)] if have in order else []
-    if not lower:
-        pytest.skip(f"this CPU/torch runs {have}: no lower instruction set to exercise")
+    if have not in order:
+        pytest.skip(f"torch runs {have} here; the x86 instruction-set copies are not built")
+    runs = [("DEFAULT", "auto")] + [(isa, "always") for isa in order[1:order.index(have) + 1]]
     test_dir = os.path.dirname(os.path.abspath(__file__))
-    procs = {
-        isa: subprocess.Popen(
-            [sys.executable, "-c", _ISA_SCRIPT.format(test_dir=test_dir, isa=isa.lower())],
-            env=dict(os.environ, ATEN_CPU_CAPABILITY=isa.lower()),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for isa in lower
-    }
-    for isa, proc in procs.items():
+    procs = []
+    for isa, streaming in runs:
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=isa.lower(), EPD_KERNELS_STREAMING=streaming)
+        script = _SUBPROCESS_SCRIPT.format(test_dir=test_dir, isa=isa)
+        procs.append((isa, streaming, subprocess.Popen(
+            [sys.executable, "-c", script], env=env, cwd=test_dir,  # not the source tree:
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    for isa, streaming, proc in procs:
         out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0 and "ok" in out, f"{isa}:\n{out}{err}"
+        assert proc.returncode == 0 and "ok" in out, f"{isa}, streaming={streaming}:\n{out}{err}"

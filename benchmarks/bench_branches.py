@@ -35,7 +35,7 @@ from torch import nn
 
 HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))
+    sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
 from epd_kernels.branches import BranchRunner  # noqa: E402
 from epd_kernels.ops import epd_step  # noqa: E402

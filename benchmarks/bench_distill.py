@@ -49,7 +49,7 @@ import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))
+    sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
 from epd_kernels import make_noise, sample  # noqa: E402
 from epd_kernels.distill import DEFAULT_ITERATIONS, distill  # noqa: E402

@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks.plot` importable
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    sys.path.append(str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks.plot import line_panels, size_label  # noqa: E402
 from epd_kernels import epd_step  # noqa: E402

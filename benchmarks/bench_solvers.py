@@ -43,7 +43,7 @@ import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))
+    sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
 from epd_kernels.models import GaussianMixtureModel, GaussianModel  # noqa: E402
 from epd_kernels.sampling import make_noise, sample  # noqa: E402

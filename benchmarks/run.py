@@ -54,7 +54,7 @@ DEFAULT_SECTIONS = ("kernels",)
 
 for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
-        sys.path.insert(0, _p)
+        sys.path.append(_p)  # after site-packages: an installed epd_kernels wins
 
 
 # --------------------------------------------------------------------------------------

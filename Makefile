@@ -37,10 +37,10 @@ test: setup
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench-quick: setup
-	$(PY) benchmarks/run.py --quick --all --markdown BENCHMARKS.md
+	$(PY) benchmarks/run.py --quick --all --markdown BENCHMARKS.md --readme README.md
 
 bench: setup
-	$(PY) benchmarks/run.py --all --markdown BENCHMARKS.md
+	$(PY) benchmarks/run.py --all --markdown BENCHMARKS.md --readme README.md
 
 clean:
 	rm -rf build *.egg-info $(VENV) epd_demo_out benchmarks/results

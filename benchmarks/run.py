@@ -421,6 +421,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help=f"comma list from {','.join(SECTIONS)} (default: kernels)")
     ap.add_argument("--out", type=pathlib.Path, default=HERE / "results",
                     help="output folder for JSON/PNG (default benchmarks/results)")
+    ap.add_argument("--readme", type=pathlib.Path, default=None,
+                    help="also write each section's headline table into this file "
+                         "(between <!-- bench:readme-SECTION:start/end --> markers)")
     ap.add_argument("--markdown", type=pathlib.Path, default=None,
                     help="rewrite the generated blocks of this markdown file")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -515,6 +518,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 print(f"[{name}] markdown block {how} in {args.markdown}")
                 entry["markdown"] = f"{how} in {args.markdown}"
+        if args.readme:
+            # The README shows each section's headline table; BENCHMARKS.md has the rest.
+            tables = section_tables(result)
+            if tables:
+                head = tables[0]
+                body = (f"_{head['title']}_ — {machine_line(info)}; `{info['command']}`\n\n"
+                        f"{markdown_table(head)}\n")
+                how = update_markdown(args.readme, f"readme-{name}", body)
+                print(f"[{name}] headline table {how} in {args.readme}")
         info["sections"][name] = entry
         write_machine()
 

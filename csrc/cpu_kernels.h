@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <tuple>
 #include <type_traits>
@@ -41,8 +42,6 @@ namespace epd_kernels::cpu {
 
 // Inputs are validated and outputs allocated by ops.cpp; the kernels only compute.
 // All tensors are contiguous CPU tensors with the shapes documented in ops.cpp.
-// branch_states may use streaming stores for a large `out` when `may_stream` is set
-// (the caller's reused buffer, not a freshly allocated one; see kStreamBytes).
 #define EPD_KERNELS_DECLARE_CPU_KERNELS                                                 \
   void epd_step_fwd(const at::Tensor& x, const at::Tensor& grads,                      \
                     const at::Tensor& weights, const at::Tensor& h, const at::Tensor& o, \
@@ -51,7 +50,7 @@ namespace epd_kernels::cpu {
                     const at::Tensor& weights, const at::Tensor& h, const at::Tensor& o, \
                     const at::Tensor& grad_grads, const at::Tensor& dots);              \
   void branch_states(const at::Tensor& x, const at::Tensor& d, const at::Tensor& c,     \
-                     const at::Tensor& out, bool may_stream);                           \
+                     const at::Tensor& out);                                            \
   void branch_states_bwd(const at::Tensor& grad_out, const at::Tensor& d,              \
                          const at::Tensor& c, const at::Tensor& grad_x,                 \
                          const at::Tensor& grad_d, const at::Tensor& grad_c);
@@ -69,5 +68,10 @@ EPD_KERNELS_DECLARE_CPU_KERNELS
 #endif
 
 #undef EPD_KERNELS_DECLARE_CPU_KERNELS
+
+// Whether elementwise outputs of `bytes` in total, split evenly between the buffers
+// starting at `outs`, should be written with streaming (non-temporal) stores. Defined
+// in ops.cpp, i.e. compiled for the baseline ISA; see there for the policy.
+bool want_streaming_stores(int64_t bytes, std::initializer_list<const void*> outs);
 
 }  // namespace epd_kernels::cpu

@@ -34,22 +34,14 @@ constexpr int64_t kGrain = 32768;
 // bitwise reproducible whatever the number of threads.
 constexpr int64_t kReduceChunk = 16384;
 // Backward ops work on blocks of kBlock elements of a row segment: one pass writes the
-// elementwise outputs, a second pass re-reads the block (now in L1/L2, so no extra
-// DRAM traffic) for the K dot products. Keeping the two apart leaves a single loop-
-// carried accumulator per loop; K accumulators carried through one loop were kept in
-// memory by GCC (a store-to-load chain per iteration). The float partial of each block
-// is added to a double: a vector lane sums at most kBlock / 16 products, so fp32
-// reductions over millions of elements stay as accurate as a pairwise sum.
+// elementwise outputs, a second pass re-reads the block (now in L1, so no extra DRAM
+// traffic) for the K dot products. Keeping the two apart leaves a single loop-carried
+// accumulator per loop; K accumulators carried through one loop were kept in memory by
+// GCC (a store-to-load chain per iteration). The float partial of each block is added
+// to a double: a vector lane sums at most 128 products, so fp32 reductions over
+// millions of elements stay as accurate as a pairwise sum. (Blocks of 4 KiB for every
+// dtype, i.e. 2048 bfloat16 elements, measured no different.)
 constexpr int64_t kBlock = 1024;
-// branch_states_out writes at least this many bytes into a caller's buffer with
-// streaming (non-temporal) stores: the denoiser that reads the batch next could not find
-// it in cache anyway, and skipping the read-for-ownership of each output line cuts the
-// DRAM traffic by up to a third (measured faster from 64 MiB up; ordinary stores win
-// at 16 MiB, where the batch stays in cache for its consumer). Freshly allocated
-// outputs never stream: above glibc's 32 MiB mmap threshold each one is new pages that
-// the kernel has just zeroed through the cache on first touch, and streaming over those
-// lines measured slower.
-constexpr int64_t kStreamBytes = int64_t(64) << 20;
 
 // One "pack": the elements of one Vectorized<T>, held as opmath vectors. Half and
 // bfloat16 widen to two float vectors; float and double are a single vector.
@@ -146,14 +138,18 @@ inline void stream_fence() {
 #endif
 }
 
-// Whether `bytes` of output in K branches `kstride` elements apart get streaming
-// stores: large enough, and every branch equally misaligned, so that the alignment
-// peel of for_each_pack serves all K.
+// Whether outputs of `bytes` in total get streaming stores (policy: ops.cpp). Every
+// output stream of one loop (`out`, `out2`, and the branches `kstride` elements apart)
+// must be equally misaligned, so that the single alignment peel of for_each_pack
+// serves them all.
 template <typename T>
-inline bool use_streaming(int64_t bytes, int64_t kstride) {
+inline bool use_streaming(int64_t bytes, int64_t kstride, const T* out,
+                          const T* out2 = nullptr) {
   using P = Pack<T>;
-  return P::kCanStream && bytes >= kStreamBytes &&
-         (kstride * int64_t(sizeof(T))) % P::kAlign == 0;
+  if (!P::kCanStream || (kstride * int64_t(sizeof(T))) % P::kAlign != 0) return false;
+  auto misalign = [](const T* p) { return reinterpret_cast<uintptr_t>(p) % P::kAlign; };
+  if (out2 == nullptr) return want_streaming_stores(bytes, {out});
+  return misalign(out2) == misalign(out) && want_streaming_stores(bytes, {out, out2});
 }
 
 // Runs body(i, n, tag) over [0, len) in packs; n < kSize only for a ragged head or tail.
@@ -258,6 +254,7 @@ void reduce_rows(int64_t B, int64_t N, int64_t K, A* out, const Seg& seg) {
         }
       });
     }
+    stream_fence();
   });
 
   // Pieces of one row sit in consecutive slots, so one ordered scan combines them.
@@ -324,10 +321,11 @@ struct RowCoef {
 // g points at branch 0; branch k is g + k * kstride.
 template <typename T, int KS>
 inline void step_fwd_segment(T* y, const T* x, const T* g, int64_t kstride,
-                             const RowCoef<T, KS>& coef, int64_t K, int64_t len) {
+                             const RowCoef<T, KS>& coef, int64_t K, int64_t len,
+                             bool stream) {
   using P = Pack<T>;
   const int64_t nk = KS > 0 ? KS : K;
-  for_each_pack(len, y, /*stream=*/false, [&](int64_t i, int64_t n, auto tag) {
+  for_each_pack(len, y, stream, [&](int64_t i, int64_t n, auto tag) {
     auto acc = P::load(x + i, n);
     for (int64_t k = 0; k < nk; ++k) {
       const auto gv = P::load(g + k * kstride + i, n);
@@ -350,13 +348,16 @@ void step_fwd_typed(const at::Tensor& x, const at::Tensor& grads, const at::Tens
   const A* op = o.const_data_ptr<A>();
   T* yp = y.mutable_data_ptr<T>();
   const int64_t kstride = B * N;
+  const bool stream = use_streaming<T>(B * N * int64_t(sizeof(T)), 0, yp);
 
   at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
     for_each_row_segment(begin, end, N, [&](int64_t b, int64_t n0, int64_t n1) {
       const RowCoef<T, KS> coef(wp + b * K, (A(1) + op[b]) * hp[b], K);
       const int64_t off = b * N + n0;
-      step_fwd_segment<T, KS>(yp + off, xp + off, gp + off, kstride, coef, K, n1 - n0);
+      step_fwd_segment<T, KS>(yp + off, xp + off, gp + off, kstride, coef, K, n1 - n0,
+                              stream);
     });
+    stream_fence();
   });
 }
 
@@ -365,13 +366,13 @@ void step_fwd_typed(const at::Tensor& x, const at::Tensor& grads, const at::Tens
 template <typename T, int KS>
 inline void step_bwd_segment(T* gg, const T* go, const T* g, int64_t kstride,
                              const RowCoef<T, KS>& coef, int64_t K, int64_t len,
-                             double* part) {
+                             bool stream, double* part) {
   using P = Pack<T>;
   const int64_t nk = KS > 0 ? KS : K;
   for (int64_t blk = 0; blk < len; blk += kBlock) {
     const int64_t blk_end = std::min(len, blk + kBlock);
     const int64_t blk_len = blk_end - blk;
-    for_each_pack(blk_len, gg + blk, /*stream=*/false, [&](int64_t i, int64_t n, auto tag) {
+    for_each_pack(blk_len, gg + blk, stream, [&](int64_t i, int64_t n, auto tag) {
       i += blk;
       const auto gov = P::load(go + i, n);
       for (int64_t k = 0; k < nk; ++k) {
@@ -400,13 +401,14 @@ void step_bwd_typed(const at::Tensor& grad_out, const at::Tensor& grads,
   const A* op = o.const_data_ptr<A>();
   T* ggp = grad_grads.mutable_data_ptr<T>();
   const int64_t kstride = B * N;
+  const bool stream = use_streaming<T>(K * B * N * int64_t(sizeof(T)), kstride, ggp);
 
   reduce_rows<A>(B, N, K, dots.mutable_data_ptr<A>(),
                  [&](int64_t b, int64_t n0, int64_t n1, double* part) {
                    const RowCoef<T, KS> coef(wp + b * K, (A(1) + op[b]) * hp[b], K);
                    const int64_t off = b * N + n0;
                    step_bwd_segment<T, KS>(ggp + off, gop + off, gp + off, kstride, coef, K,
-                                           n1 - n0, part);
+                                           n1 - n0, stream, part);
                  });
 }
 
@@ -432,7 +434,7 @@ inline void branch_fwd_segment(T* out, const T* x, const T* d, int64_t kstride,
 
 template <typename T, int KS>
 void branch_fwd_typed(const at::Tensor& x, const at::Tensor& d, const at::Tensor& c,
-                      const at::Tensor& out, bool may_stream) {
+                      const at::Tensor& out) {
   using A = at::opmath_type<T>;
   const int64_t B = x.size(0), N = x.size(1), K = c.size(1);
   const T* xp = x.const_data_ptr<T>();
@@ -440,8 +442,7 @@ void branch_fwd_typed(const at::Tensor& x, const at::Tensor& d, const at::Tensor
   const A* cp = c.const_data_ptr<A>();
   T* outp = out.mutable_data_ptr<T>();
   const int64_t kstride = B * N;
-  const bool stream =
-      may_stream && use_streaming<T>(K * B * N * int64_t(sizeof(T)), kstride);
+  const bool stream = use_streaming<T>(K * B * N * int64_t(sizeof(T)), kstride, outp);
 
   at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
     for_each_row_segment(begin, end, N, [&](int64_t b, int64_t n0, int64_t n1) {
@@ -460,14 +461,14 @@ void branch_fwd_typed(const at::Tensor& x, const at::Tensor& d, const at::Tensor
 template <typename T, int KS>
 inline void branch_bwd_segment(T* gx, T* gdd, const T* go, const T* d, int64_t kstride,
                                const RowCoef<T, KS>& coef, int64_t K, int64_t len,
-                               double* part) {
+                               bool stream, double* part) {
   using P = Pack<T>;
   using V = typename P::V;
   const int64_t nk = KS > 0 ? KS : K;
   for (int64_t blk = 0; blk < len; blk += kBlock) {
     const int64_t blk_end = std::min(len, blk + kBlock);
     const int64_t blk_len = blk_end - blk;
-    for_each_pack(blk_len, gx + blk, /*stream=*/false, [&](int64_t i, int64_t n, auto tag) {
+    for_each_pack(blk_len, gx + blk, stream, [&](int64_t i, int64_t n, auto tag) {
       i += blk;
       V sx = P::broadcast(0), sd = P::broadcast(0);
       for (int64_t k = 0; k < nk; ++k) {
@@ -499,6 +500,7 @@ void branch_bwd_typed(const at::Tensor& grad_out, const at::Tensor& d, const at:
   T* gxp = grad_x.mutable_data_ptr<T>();
   T* gdp = grad_d.mutable_data_ptr<T>();
   const int64_t kstride = B * N;
+  const bool stream = use_streaming<T>(2 * B * N * int64_t(sizeof(T)), 0, gxp, gdp);
 
   if (K == 0) {  // no branch: the gradients of x and d are zero
     std::fill(gxp, gxp + B * N, T(0));
@@ -510,7 +512,7 @@ void branch_bwd_typed(const at::Tensor& grad_out, const at::Tensor& d, const at:
                    const RowCoef<T, KS> coef(cp + b * K, A(1), K);
                    const int64_t off = b * N + n0;
                    branch_bwd_segment<T, KS>(gxp + off, gdp + off, gop + off, dp + off,
-                                             kstride, coef, K, n1 - n0, part);
+                                             kstride, coef, K, n1 - n0, stream, part);
                  });
 }
 
@@ -540,10 +542,10 @@ void epd_step_bwd(const at::Tensor& grad_out, const at::Tensor& grads,
 }
 
 void branch_states(const at::Tensor& x, const at::Tensor& d, const at::Tensor& c,
-                   const at::Tensor& out, bool may_stream) {
+                   const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "branch_states", [&] {
     dispatch_k(c.size(1), [&](auto ks) {
-      branch_fwd_typed<scalar_t, decltype(ks)::value>(x, d, c, out, may_stream);
+      branch_fwd_typed<scalar_t, decltype(ks)::value>(x, d, c, out);
     });
   });
 }

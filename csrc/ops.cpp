@@ -16,7 +16,14 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #include "cpu_kernels.h"
 
@@ -36,6 +43,79 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 namespace epd_kernels {
+
+// ---------------------------------------------------------------------------------
+// Streaming-store policy (called by the kernels; compiled for the baseline ISA).
+//
+// Streaming (non-temporal) stores skip the read-for-ownership of each output line, so a
+// copy-like kernel moves up to a third fewer bytes, but the data leaves the cache.
+// Measured on the build machine (Xeon VM, single thread, fp32, K = 2..4):
+//   * into memory that is already resident (branch_states_out's reused static batch, or
+//     outputs from an allocator that recycles large blocks) streaming is 1.2x faster for
+//     epd_step_fwd including the consumer's read, and up to 1.9x faster for the kernel
+//     alone, at 64 and 128 MiB;
+//   * into fresh pages it is 1.35x slower: glibc maps every block above 32 MiB anew, and
+//     the OS zeroes each page through the cache on first touch;
+//   * smaller outputs may stay in the last-level cache for the op that reads them next.
+// Hence: stream when at least kStreamMinBytes are written into pages that are already
+// resident (sampled with mincore). EPD_KERNELS_STREAMING=always|never overrides (the
+// tests use `always` to exercise the streaming paths on small tensors).
+namespace cpu {
+namespace {
+
+constexpr int64_t kStreamMinBytes = int64_t(64) << 20;
+
+enum class StreamMode { kAuto, kAlways, kNever };
+
+StreamMode stream_mode() {
+  static const StreamMode mode = [] {
+    const char* env = std::getenv("EPD_KERNELS_STREAMING");
+    if (env == nullptr || std::strcmp(env, "auto") == 0) return StreamMode::kAuto;
+    if (std::strcmp(env, "always") == 0) return StreamMode::kAlways;
+    if (std::strcmp(env, "never") == 0) return StreamMode::kNever;
+    TORCH_WARN("EPD_KERNELS_STREAMING=", env, " is not one of auto, always, never; using auto");
+    return StreamMode::kAuto;
+  }();
+  return mode;
+}
+
+// Whether the pages at the start, middle and end of [ptr, ptr + bytes) are mapped in.
+bool pages_resident(const void* ptr, int64_t bytes) {
+#if defined(__linux__)
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(ptr);
+  for (uintptr_t at : {begin, begin + bytes / 2, begin + bytes - 1}) {
+    unsigned char resident = 0;
+    if (mincore(reinterpret_cast<void*>(at & ~(page - 1)), 1, &resident) != 0 ||
+        (resident & 1) == 0) {
+      return false;
+    }
+  }
+  return true;
+#else
+  (void)ptr;
+  (void)bytes;
+  return false;
+#endif
+}
+
+}  // namespace
+
+bool want_streaming_stores(int64_t bytes, std::initializer_list<const void*> outs) {
+  switch (stream_mode()) {
+    case StreamMode::kAlways: return true;
+    case StreamMode::kNever: return false;
+    default: break;
+  }
+  if (bytes < kStreamMinBytes) return false;
+  for (const void* p : outs) {
+    if (!pages_resident(p, bytes / static_cast<int64_t>(outs.size()))) return false;
+  }
+  return true;
+}
+
+}  // namespace cpu
+
 namespace {
 
 using at::Tensor;
@@ -113,9 +193,8 @@ void call_epd_step_bwd(const Tensor& grad_out, const Tensor& grads, const Tensor
                        const Tensor& dots) {
   EPD_KERNELS_CALL(epd_step_bwd, grad_out, grads, weights, h, o, grad_grads, dots)
 }
-void call_branch_states(const Tensor& x, const Tensor& d, const Tensor& c, const Tensor& out,
-                        bool may_stream) {
-  EPD_KERNELS_CALL(branch_states, x, d, c, out, may_stream)
+void call_branch_states(const Tensor& x, const Tensor& d, const Tensor& c, const Tensor& out) {
+  EPD_KERNELS_CALL(branch_states, x, d, c, out)
 }
 void call_branch_states_bwd(const Tensor& grad_out, const Tensor& d, const Tensor& c,
                             const Tensor& grad_x, const Tensor& grad_d, const Tensor& grad_c) {
@@ -173,7 +252,7 @@ int64_t check_branch_inputs(const char* op, const Tensor& x, const Tensor& d, co
 Tensor branch_states(const Tensor& x, const Tensor& d, const Tensor& c) {
   const int64_t K = check_branch_inputs("branch_states", x, d, c);
   Tensor out = at::empty({K, x.size(0), x.size(1)}, x.options());
-  call_branch_states(x, d, c, out, /*may_stream=*/false);
+  call_branch_states(x, d, c, out);
   return out;
 }
 
@@ -191,7 +270,7 @@ void branch_states_out(const Tensor& x, const Tensor& d, const Tensor& c, const 
   // Branch k is written while x and d are still being read.
   at::assert_no_overlap(out, x);
   at::assert_no_overlap(out, d);
-  call_branch_states(x, d, c, out, /*may_stream=*/true);
+  call_branch_states(x, d, c, out);
 }
 
 std::tuple<Tensor, Tensor, Tensor> branch_states_bwd(const Tensor& grad_out, const Tensor& d,

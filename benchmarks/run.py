@@ -45,7 +45,7 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -58,6 +58,17 @@ def afs_d(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x / math.sqrt(1.0 + float(sigma) ** 2)
 
 
+def gradient(denoiser: Callable, x: torch.Tensor, sigma: float, cond: dict, *,
+             analytic: bool = False):
+    """``(d, denoised)`` at ``(x, sigma)``: one denoiser call, or with ``analytic`` the
+    analytic first step (AFS) and the denoised value it implies, with no call."""
+    if analytic:
+        d = afs_d(x, sigma)
+        return d, x - sigma * d
+    denoised = denoise(denoiser, x, sigma, cond)
+    return to_d(x, denoised, sigma), denoised
+
+
 def denoise(denoiser: Callable, x: torch.Tensor, sigma: float, cond: dict) -> torch.Tensor:
     """One sequential denoiser call ``D(x, sigma * ones(B), **cond)``, cast to x's dtype."""
     out = denoiser(x, sigma_batch(x, sigma), **cond)

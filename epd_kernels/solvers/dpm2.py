@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .common import afs_d, denoise, emit, sigma_list, step_range, to_d
+from .common import denoise, emit, gradient, sigma_list, step_range, to_d
 
 __all__ = ["sample_dpm2"]
 
@@ -35,12 +35,7 @@ def sample_dpm2(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Option
     """DPM-Solver-2 from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` (see module docstring)."""
     s = sigma_list(sigmas)
     for i in step_range(len(s) - 1, progress, "dpm2"):
-        if afs and i == 0:
-            d = afs_d(x, s[0])
-            denoised = x - s[0] * d
-        else:
-            denoised = denoise(denoiser, x, s[i], cond)
-            d = to_d(x, denoised, s[i])
+        d, denoised = gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
         s_mid = math.sqrt(s[i] * s[i + 1])
         u = x + (s_mid - s[i]) * d
         d_mid = to_d(u, denoise(denoiser, u, s_mid, cond), s_mid)

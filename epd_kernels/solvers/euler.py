@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .common import afs_d, denoise, emit, sigma_list, step_range, to_d
+from .common import emit, gradient, sigma_list, step_range
 
 __all__ = ["sample_euler", "sample_ddim"]
 
@@ -27,12 +27,7 @@ def sample_euler(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optio
     """Euler / DDIM from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` (see module docstring)."""
     s = sigma_list(sigmas)
     for i in step_range(len(s) - 1, progress, "euler"):
-        if afs and i == 0:
-            d = afs_d(x, s[0])
-            denoised = x - s[0] * d
-        else:
-            denoised = denoise(denoiser, x, s[i], cond)
-            d = to_d(x, denoised, s[i])
+        d, denoised = gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
         x_next = x + (s[i + 1] - s[i]) * d
         emit(callback, i, x, x_next, s[i], s[i + 1], denoised)
         x = x_next

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .common import afs_d, denoise, emit, sigma_list, step_range, to_d
+from .common import denoise, emit, gradient, sigma_list, step_range, to_d
 
 __all__ = ["sample_heun"]
 
@@ -29,12 +29,7 @@ def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Option
     """EDM Heun from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` (see module docstring)."""
     s = sigma_list(sigmas)
     for i in step_range(len(s) - 1, progress, "heun"):
-        if afs and i == 0:
-            d = afs_d(x, s[0])
-            denoised = x - s[0] * d
-        else:
-            denoised = denoise(denoiser, x, s[i], cond)
-            d = to_d(x, denoised, s[i])
+        d, denoised = gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
         h = s[i + 1] - s[i]
         x_pred = x + h * d
         d_pred = to_d(x_pred, denoise(denoiser, x_pred, s[i + 1], cond), s[i + 1])

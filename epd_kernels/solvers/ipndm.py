@@ -25,7 +25,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .common import afs_d, denoise, emit, sigma_list, step_range, to_d
+from .common import emit, gradient, sigma_list, step_range
 
 __all__ = ["sample_ipndm", "AB_COEFFS"]
 
@@ -50,12 +50,7 @@ def sample_ipndm(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optio
     s = sigma_list(sigmas)
     history: List[torch.Tensor] = []  # newest first
     for i in step_range(len(s) - 1, progress, "ipndm"):
-        if afs and i == 0:
-            d = afs_d(x, s[0])
-            denoised = x - s[0] * d
-        else:
-            denoised = denoise(denoiser, x, s[i], cond)
-            d = to_d(x, denoised, s[i])
+        d, denoised = gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
         history.insert(0, d)
         del history[int(max_order):]
         coeffs = AB_COEFFS[len(history) - 1]

@@ -8,6 +8,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 __all__ = [
     "INTERPRET",
@@ -22,6 +23,9 @@ __all__ = [
     "check_data",
     "check_opmath",
     "check_k",
+    "check_per_row",
+    "row_tile_1d",
+    "row_tile_2d",
 ]
 
 
@@ -115,3 +119,50 @@ def check_opmath(name: str, t: torch.Tensor, shape, data_dtype: torch.dtype, dev
 def check_k(K: int) -> None:
     if K < 1:
         raise ValueError(f"K (number of branches) must be >= 1, got {K}")
+
+
+def check_per_row(name: str, t, B: int) -> int:
+    """`t` must be a [B, K] tensor (one row of per-branch scalars per sample); returns K."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != B:
+        raise ValueError(f"{name} must be a [B, K] tensor with B = {B}")
+    K = t.shape[1]
+    check_k(K)
+    return K
+
+
+# --------------------------------------------------------------------------------------
+# Program -> tile maps shared by the kernels (inlined by the compiler).
+#
+# The grid is B * cdiv(N, BLOCK) programs; program pid covers block `blk` of row `b`, so
+# a tile never straddles two rows and per-row scalars are loaded once. Row offsets are
+# int64 (K*B*N may exceed 2^31); offsets within a row stay int32 (< N + BLOCK).
+
+
+@triton.jit
+def row_tile_1d(N, BLOCK: tl.constexpr):
+    """(b64, offs [BLOCK], mask) of this program's 1D tile."""
+    pid = tl.program_id(0)
+    nblk = tl.cdiv(N, BLOCK)
+    b = pid // nblk
+    blk = pid - b * nblk
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    return b.to(tl.int64), offs, offs < N
+
+
+@triton.jit
+def row_tile_2d(N, NSUB, S: tl.constexpr, SUB: tl.constexpr):
+    """(b64, offs [S, SUB], mask, slot [S], slot_mask) of this program's 2D tile.
+
+    The tile is S consecutive slices of SUB elements; slice `slot` of the row owns
+    partial-sum slot `slot` of the [B, NSUB, K] scratch, so the scratch layout does not
+    depend on the tuned S.
+    """
+    BLOCK: tl.constexpr = S * SUB
+    pid = tl.program_id(0)
+    nblk = tl.cdiv(N, BLOCK)
+    b = pid // nblk
+    blk = pid - b * nblk
+    rows = tl.arange(0, S)
+    offs = blk * BLOCK + rows[:, None] * SUB + tl.arange(0, SUB)[None, :]
+    slot = blk * S + rows
+    return b.to(tl.int64), offs, offs < N, slot, slot < NSUB

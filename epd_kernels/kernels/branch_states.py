@@ -24,11 +24,13 @@ from ._common import (
     FP_FUSION,
     SUB,
     check_data,
-    check_k,
     check_opmath,
+    check_per_row,
     configs_1d,
     configs_2d,
     opmath_dtype,
+    row_tile_1d,
+    row_tile_2d,
 )
 
 __all__ = ["branch_states", "branch_states_out", "branch_states_bwd"]
@@ -45,13 +47,7 @@ def _branch_states_kernel(
     K: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    nblk = tl.cdiv(N, BLOCK)
-    b = pid // nblk
-    blk = pid - b * nblk
-    b64 = b.to(tl.int64)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    b64, offs, mask = row_tile_1d(N, BLOCK)
 
     c0 = tl.load(c_ptr + b64 * K)
     acc_ty = c0.dtype
@@ -78,17 +74,7 @@ def _branch_states_bwd_kernel(
     SUB: tl.constexpr,
     S: tl.constexpr,
 ):
-    BLOCK: tl.constexpr = S * SUB
-    pid = tl.program_id(0)
-    nblk = tl.cdiv(N, BLOCK)
-    b = pid // nblk
-    blk = pid - b * nblk
-    b64 = b.to(tl.int64)
-    rows = tl.arange(0, S)
-    offs = blk * BLOCK + rows[:, None] * SUB + tl.arange(0, SUB)[None, :]   # [S, SUB]
-    mask = offs < N
-    slot = blk * S + rows
-    slot_mask = slot < NSUB
+    b64, offs, mask, slot, slot_mask = row_tile_2d(N, NSUB, S, SUB)
 
     c0 = tl.load(c_ptr + b64 * K)
     acc_ty = c0.dtype
@@ -118,10 +104,7 @@ def _check_fwd(x, d, c):
     if x.dim() != 2:
         raise ValueError(f"x must be [B, N], got shape {tuple(x.shape)}")
     B, N = x.shape
-    if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[0] != B:
-        raise ValueError(f"c must be a [B, K] tensor with B = {B}")
-    K = c.shape[1]
-    check_k(K)
+    K = check_per_row("c", c, B)
     check_data("d", d, (B, N), x.dtype, x.device)
     check_opmath("c", c, (B, K), x.dtype, x.device)
     return B, N, K
@@ -169,10 +152,7 @@ def branch_states_bwd(grad_out: torch.Tensor, d: torch.Tensor, c: torch.Tensor):
     if d.dim() != 2:
         raise ValueError(f"d must be [B, N], got shape {tuple(d.shape)}")
     B, N = d.shape
-    if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[0] != B:
-        raise ValueError(f"c must be a [B, K] tensor with B = {B}")
-    K = c.shape[1]
-    check_k(K)
+    K = check_per_row("c", c, B)
     check_data("grad_out", grad_out, (K, B, N), d.dtype, d.device)
     check_opmath("c", c, (B, K), d.dtype, d.device)
     acc = opmath_dtype(d.dtype)

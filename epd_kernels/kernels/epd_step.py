@@ -28,6 +28,8 @@ from ._common import (
     configs_1d,
     configs_2d,
     opmath_dtype,
+    row_tile_1d,
+    row_tile_2d,
 )
 
 __all__ = ["epd_step_fwd", "epd_step_bwd"]
@@ -46,13 +48,7 @@ def _epd_step_fwd_kernel(
     K: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    nblk = tl.cdiv(N, BLOCK)
-    b = pid // nblk
-    blk = pid - b * nblk
-    b64 = b.to(tl.int64)                       # row offsets in int64: K*B*N may exceed 2^31
-    offs = blk * BLOCK + tl.arange(0, BLOCK)   # within a row: < N + BLOCK
-    mask = offs < N
+    b64, offs, mask = row_tile_1d(N, BLOCK)
 
     h = tl.load(h_ptr + b64)
     o = tl.load(o_ptr + b64)
@@ -88,17 +84,7 @@ def _epd_step_bwd_kernel(
     S: tl.constexpr,
 ):
     # One program covers S consecutive slices of SUB elements of one row b.
-    BLOCK: tl.constexpr = S * SUB
-    pid = tl.program_id(0)
-    nblk = tl.cdiv(N, BLOCK)
-    b = pid // nblk
-    blk = pid - b * nblk
-    b64 = b.to(tl.int64)
-    rows = tl.arange(0, S)
-    offs = blk * BLOCK + rows[:, None] * SUB + tl.arange(0, SUB)[None, :]   # [S, SUB]
-    mask = offs < N
-    slot = blk * S + rows                                                  # [S]
-    slot_mask = slot < NSUB
+    b64, offs, mask, slot, slot_mask = row_tile_2d(N, NSUB, S, SUB)
 
     h = tl.load(h_ptr + b64)
     o = tl.load(o_ptr + b64)

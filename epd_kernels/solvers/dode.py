@@ -52,8 +52,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from ..dode_params import DODEParams
-from .common import afs_d, denoise, sigma_list, step_range, to_d
-from .ipndm import AB_COEFFS
+from .common import denoise, gradient, sigma_list, step_range, to_d
+from .ipndm import ab_direction
 
 __all__ = ["sample_d_euler", "sample_d_ddim", "sample_d_heun", "sample_d_ipndm",
            "dode_sampler", "DODE_SOLVERS"]
@@ -103,11 +103,7 @@ def _emit(callback, i, x, x_next, sigma, sigma_next, denoised, lam):
 
 def _gradient(denoiser, x, s, i, afs, cond):
     """(d, denoised) at (x, s[i]); the analytic first step on step 0 with AFS."""
-    if afs and i == 0:
-        d = afs_d(x, s[0])
-        return d, x - s[0] * d
-    denoised = denoise(denoiser, x, s[i], cond)
-    return to_d(x, denoised, s[i]), denoised
+    return gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
 
 
 def sample_d_euler(denoiser: Callable, x: torch.Tensor, sigmas, *, lambdas: Lambdas,
@@ -185,10 +181,7 @@ def sample_d_ipndm(denoiser: Callable, x: torch.Tensor, sigmas, *, lambdas: Lamb
         d, denoised = _gradient(denoiser, x, s, i, afs, cond)
         history.insert(0, d)
         del history[int(max_order):]
-        coeffs = AB_COEFFS[len(history) - 1]
-        v = coeffs[0] * history[0]
-        for c, d_old in zip(coeffs[1:], history[1:]):
-            v = v + c * d_old
+        v = ab_direction(history)
         h = s[i + 1] - s[i]
         a = x + h * v                                   # the iPNDM step
         x_next, lam = _dode_update(rule, i, a, h, v, v_prev)

@@ -57,29 +57,21 @@ from ..branches import BranchRunner
 from ..ops import epd_step
 from ..params import EPDParams, epd_latency_nfe, epd_total_evaluations
 from ..reference import opmath_dtype
+from .ipndm import AB_COEFFS, ab_direction
 
 __all__ = ["epd_sampler", "ipndm_direction", "IPNDM_COEFFS", "epd_latency_nfe",
            "epd_total_evaluations"]
 
-#: Adams-Bashforth coefficients of iPNDM, newest gradient first.
-IPNDM_COEFFS = (
-    (1.0,),
-    (3.0 / 2.0, -1.0 / 2.0),
-    (23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0),
-    (55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0),
-)
+#: Adams-Bashforth coefficients of iPNDM, newest gradient first (the same table as
+#: `sample_ipndm`'s).
+IPNDM_COEFFS = AB_COEFFS
 
 
 def ipndm_direction(d: torch.Tensor, history: List[torch.Tensor], max_order: int = 4) -> torch.Tensor:
-    """AB_p(d, history[-1], history[-2], ...) with p = min(max_order, len(history) + 1)."""
+    """AB_p(d, history[-1], history[-2], ...) with p = min(max_order, len(history) + 1)
+    (``history`` oldest first, as the plugin keeps it)."""
     order = min(max_order, len(history) + 1)
-    if order == 1:
-        return d
-    coeffs = IPNDM_COEFFS[order - 1]
-    v = coeffs[0] * d
-    for j in range(1, order):
-        v = v + coeffs[j] * history[-j]
-    return v
+    return ab_direction([d] + history[::-1][:order - 1])
 
 
 def _sigma_list(sigmas, params: EPDParams):

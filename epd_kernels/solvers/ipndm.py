@@ -27,7 +27,7 @@ import torch
 
 from .common import emit, gradient, sigma_list, step_range
 
-__all__ = ["sample_ipndm", "AB_COEFFS"]
+__all__ = ["sample_ipndm", "AB_COEFFS", "ab_direction"]
 
 #: Adams-Bashforth coefficients, newest gradient first, for orders 1..4.
 AB_COEFFS = (
@@ -36,6 +36,16 @@ AB_COEFFS = (
     (23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0),
     (55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0),
 )
+
+
+def ab_direction(history: List[torch.Tensor]) -> torch.Tensor:
+    """Adams-Bashforth combination of ``history`` (newest gradient first) at the order
+    ``len(history)`` (1..4): the fixed iPNDM coefficients, whatever the step sizes."""
+    coeffs = AB_COEFFS[len(history) - 1]
+    direction = coeffs[0] * history[0]
+    for c, d_old in zip(coeffs[1:], history[1:]):
+        direction = direction + c * d_old
+    return direction
 
 
 def sample_ipndm(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optional[Callable] = None,
@@ -53,11 +63,7 @@ def sample_ipndm(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optio
         d, denoised = gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
         history.insert(0, d)
         del history[int(max_order):]
-        coeffs = AB_COEFFS[len(history) - 1]
-        direction = coeffs[0] * history[0]
-        for c, d_old in zip(coeffs[1:], history[1:]):
-            direction = direction + c * d_old
-        x_next = x + (s[i + 1] - s[i]) * direction
+        x_next = x + (s[i + 1] - s[i]) * ab_direction(history)
         emit(callback, i, x, x_next, s[i], s[i + 1], denoised)
         x = x_next
     return x

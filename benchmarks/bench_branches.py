@@ -1,28 +1,37 @@
 #!/usr/bin/env python
-"""Branch benchmark: wall time of ONE EPD step, batched K*B call vs K sequential calls.
+"""Branch benchmark: the K branch evaluations of one EPD step, batched vs sequential.
 
-A step of EPD with K branches costs one main-point call (batch B) plus the K branch
-evaluations. They can run as one batched call of size K*B (`BranchRunner`, what the
-sampler does) or as K sequential calls of size B. The reference is a single-evaluation
-step (Euler: one call of batch B). Reported per K: medians over repeats and the ratios
+An EPD step with K branches makes one main-point call ``d_n = (x - D(x, t)) / t`` (batch
+B) and then needs the K branch gradients ``g_k = (x_k - D(x_k, tau_k)) / tau_k``. They can
+come from ONE call on a ``[K*B, ...]`` batch (`BranchRunner.run`, what the sampler does:
+branch states written into a static buffer, labels repeated, one forward) or from K
+sequential calls of batch B. Timed per batch size B and K = 1..4, on the model of
+``epd demo`` (the trained class-conditional digits U-Net, `registry.DEFAULT_MODEL`,
+labels ``row % 10``):
 
-    batched / single      (the latency price of K parallel branches)
-    sequential / single   (what it would cost without batching)
+    main        one forward of batch B (the main-point call)
+    batched     branch states + one forward of batch K*B + gradients (BranchRunner.run)
+    sequential  K x (branch state + one forward of batch B + gradient)
 
-The denoiser is a small convolutional network built here (random init, eval mode, no
-grad): EDM-style preconditioning around Conv2d 3->C->C->3 with a sigma embedding, on
-``[8, 3, 32, 32]`` inputs. On a GPU, the batched call is also timed with CUDA-graph replay
-vs eager; without a GPU that row is skipped with a note.
+and the ratios ``batched / main`` (the latency price of K parallel branches: 1 would mean
+free), ``sequential / main`` and ``sequential / batched`` (what batching saves). For each
+B, every variant of every K is timed round-robin in one run (one call of each per repeat,
+so a load burst on a shared machine hits all alike); medians over the repeats, minima
+and quartiles in the JSON. Batched and sequential gradients are checked to agree before
+timing. On a CPU the run uses one thread unless `threads` (run.py ``--threads``) says
+otherwise. On a GPU the batched call is also timed with CUDA-graph replay; without a GPU
+those columns are empty and a note says so.
 
     python benchmarks/bench_branches.py [--quick] [--out benchmarks/results] [--device cpu]
+                                        [--ks 1,2,3,4] [--batches 8,64] [--repeats N]
 
-`run(quick, out_dir)` returns {"tables", "notes", ...} and writes out_dir/branches.json.
+`run(quick, out_dir)` returns {"tables", "notes", "records", ...}, writes
+out_dir/branches.json and out_dir/branches.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import statistics
 import sys
@@ -31,47 +40,23 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
 
 HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
 from epd_kernels.branches import BranchRunner  # noqa: E402
-from epd_kernels.ops import epd_step  # noqa: E402
+from epd_kernels.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
+from epd_kernels.sampling import make_noise  # noqa: E402
 
-QUICK = dict(repeats=5, warmup=1, batch=8, hidden=32, ks=(2, 4))
-FULL = dict(repeats=25, warmup=3, batch=8, hidden=64, ks=(2, 4))
-
-
-class ConvDenoiser(nn.Module):
-    """D(x, sigma) = c_skip x + c_out F(c_in x, log sigma); F = 3 convs with a sigma embedding."""
-
-    def __init__(self, channels: int = 3, hidden: int = 64, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
-        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1)
-        self.conv3 = nn.Conv2d(hidden, channels, 3, padding=1)
-        self.emb = nn.Linear(1, hidden)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / math.sqrt(max(1, p[0].numel()))))
-
-    def forward(self, x, sigma, **_):
-        s = sigma.to(x.dtype).view(-1, 1, 1, 1)
-        c_in = 1 / torch.sqrt(s ** 2 + 1)
-        c_skip = 1 / (s ** 2 + 1)
-        c_out = s / torch.sqrt(s ** 2 + 1)
-        e = self.emb(torch.log(s.view(-1, 1)) / 4)[:, :, None, None]
-        h = torch.nn.functional.silu(self.conv1(c_in * x) + e)
-        h = torch.nn.functional.silu(self.conv2(h))
-        return c_skip * x + c_out * self.conv3(h)
+QUICK = dict(repeats=15, warmup=2, batches=(8, 64), ks=(1, 2, 3, 4))
+FULL = dict(repeats=25, warmup=3, batches=(1, 8, 64, 256), ks=(1, 2, 3, 4))
+T, T_NEXT = 10.0, 5.0  # one step of the sampler's range; the U-Net's cost does not depend on it
 
 
 class _Timer:
     """Times several callables round-robin (one of each per repeat), so that a load burst
-    on a shared machine hits every variant alike; returns per-callable medians and minima."""
+    on a shared machine hits every variant alike; returns per-callable statistics."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -90,53 +75,64 @@ class _Timer:
                 if self.cuda:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t0)
-        return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
+        out = {}
+        for name, ts in times.items():
+            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+            out[name] = dict(median=statistics.median(ts), min=min(ts), q25=q[0], q75=q[2])
+        return out
 
 
-def _step_fns(net, x, K, t, t_next, use_cuda_graph):
-    """Callables for one step: single (Euler), batched (runner), sequential (K calls)."""
+def _branch_fns(net, x, cond, K, use_cuda_graph):
+    """(batched, sequential) callables for the K branch gradients at the same points."""
     B = x.shape[0]
-    h = t_next - t
     r = torch.linspace(0.2, 0.8, K, dtype=torch.float64)
-    tau = (t * (t_next / t) ** r).to(torch.float32)
-    delta = torch.zeros(K)
-    w = torch.full((K,), 1.0 / K)
-    main_sigma = torch.full((B,), t, device=x.device)
+    tau = (T * (T_NEXT / T) ** r).to(torch.float32)     # geometric branch points in (t', t)
+    d = (x - net(x, torch.full((B,), T, device=x.device), **cond)) / T
     runner = BranchRunner(net, K, use_cuda_graph=use_cuda_graph)
-    tau_d, w_d, delta_d = tau.to(x.device), w.to(x.device), delta.to(x.device)
-
-    def main_d():
-        return (x - net(x, main_sigma)) / t
-
-    def single():
-        return x + h * main_d()
+    tau_d = tau.to(x.device)
 
     def batched():
-        d = main_d()
-        g = runner.run(x, d, t, tau_d, delta_d)
-        return epd_step(x, g, w_d, h, 0.0)
+        return runner.run(x, d, T, tau_d, None, **cond)
 
-    seq_sigmas = [torch.full((B,), float(tau[k]), device=x.device) for k in range(K)]
+    taus = [float(v) for v in tau]
+    sigmas = [torch.full((B,), v, device=x.device) for v in taus]
 
     def sequential():
-        d = main_d()
         gs = []
         for k in range(K):
-            xk = x + (float(tau[k]) - t) * d
-            gs.append((xk - net(xk, seq_sigmas[k])) / float(tau[k]))
-        return epd_step(x, torch.stack(gs), w_d, h, 0.0)
+            xk = x + (taus[k] - T) * d
+            gs.append((xk - net(xk, sigmas[k], **cond)) / taus[k])
+        return torch.stack(gs)
 
-    return single, batched, sequential, runner
+    return batched, sequential, runner
 
 
-def _fmt_ms(s):
+def _ms(s: float) -> str:
     return f"{1e3 * s:.2f}"
 
 
 def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
         ks: Optional[Sequence[int]] = None, repeats: Optional[int] = None,
-        verbose: bool = True) -> dict:
-    """Times one EPD step per K; writes out_dir/branches.json and returns the tables."""
+        batches: Optional[Sequence[int]] = None, model: str = DEFAULT_MODEL,
+        threads: Optional[int] = None, verbose: bool = True) -> dict:
+    """Times the branch evaluations per (B, K); writes out_dir/branches.json (and .png).
+
+    `threads`: torch CPU threads for the run (restored after); default 1 on a CPU: the
+    8x8 U-Net batches are too small to split well, and on a shared 2-core machine two
+    intra-op threads made the medians erratic (a B=64 main call: 11 ms in one quick run,
+    89 ms in another; with one thread, two runs under load agreed within 10%)."""
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads must be >= 1, got {threads!r}")
+    saved = torch.get_num_threads()
+    if threads is not None or torch.device(device).type == "cpu":
+        torch.set_num_threads(int(threads or 1))
+    try:
+        return _run(quick, out_dir, device, ks, repeats, batches, model, verbose)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
     t_start = time.perf_counter()
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,72 +141,128 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
         raise RuntimeError("device cuda asked for, but torch.cuda.is_available() is False")
     p = dict(QUICK if quick else FULL)
     if repeats is not None:
-        p["repeats"] = max(1, int(repeats))
+        if int(repeats) < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+        p["repeats"] = int(repeats)
     ks = tuple(int(k) for k in (ks or p["ks"]))
+    batches = tuple(int(b) for b in (batches or p["batches"]))
+    if any(k < 1 for k in ks):
+        raise ValueError(f"ks must be branch counts >= 1, got {list(ks)}")
+    if any(b < 1 for b in batches):
+        raise ValueError(f"batches must be batch sizes >= 1, got {list(batches)}")
     say = (lambda *a: print("[branches]", *a, flush=True)) if verbose else (lambda *a: None)
     timer = _Timer(dev)
 
-    net = ConvDenoiser(3, p["hidden"]).to(dev).eval()
-    for q in net.parameters():
-        q.requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(p["batch"], 3, 32, 32, generator=g) * 10.0).to(dev)
-    t, t_next = 10.0, 5.0
-
+    net = load_model(model, device=dev)
+    shape = tuple(int(n) for n in net.shape)
+    classes = int(getattr(net, "num_classes", 0) or 0)
     rows, records, notes = [], [], []
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # reference-backend notice
-        for K in ks:
-            single, batched, sequential, _ = _step_fns(net, x, K, t, t_next, use_cuda_graph=False)
-            # the two EPD variants must agree (same maths, different batching)
-            torch.testing.assert_close(batched(), sequential(), rtol=1e-4, atol=1e-4)
-            fns = {"single": single, "batched": batched, "sequential": sequential}
-            if dev.type == "cuda":  # pragma: no cover - needs a GPU
-                _, batched_g, _, runner = _step_fns(net, x, K, t, t_next, use_cuda_graph=True)
-                torch.testing.assert_close(batched_g(), batched(), rtol=1e-4, atol=1e-4)
-                fns["graph"] = batched_g
+        for B in batches:
+            x = (make_noise(range(B), shape) * T).to(dev)
+            cond = ({"class_labels": (torch.arange(B) % classes).to(dev)} if classes else {})
+            sigma_t = torch.full((B,), T, device=dev)
+            fns = {"main": lambda: (x - net(x, sigma_t, **cond)) / T}
+            runners = {}
+            for K in ks:
+                batched, sequential, _ = _branch_fns(net, x, cond, K, use_cuda_graph=False)
+                # same maths, different batching: the timed variants must agree
+                torch.testing.assert_close(batched(), sequential(), rtol=1e-4, atol=1e-4)
+                fns[f"batched{K}"], fns[f"sequential{K}"] = batched, sequential
+                if dev.type == "cuda":  # pragma: no cover - needs a GPU
+                    graph, _, runners[K] = _branch_fns(net, x, cond, K, use_cuda_graph=True)
+                    torch.testing.assert_close(graph(), batched(), rtol=1e-4, atol=1e-4)
+                    fns[f"graph{K}"] = graph
             res = timer(fns, p["repeats"], p["warmup"])
-            t_single, t_b, t_s = res["single"][0], res["batched"][0], res["sequential"][0]
-            rec = {"K": K, "batch": p["batch"], "single_ms": 1e3 * t_single,
-                   "batched_ms": 1e3 * t_b, "sequential_ms": 1e3 * t_s,
-                   "batched_over_single": t_b / t_single,
-                   "sequential_over_single": t_s / t_single,
-                   "min_ms": {k: 1e3 * v[1] for k, v in res.items()},
-                   "graph_ms": None, "graph_over_eager": None}
-            if "graph" in res:  # pragma: no cover - needs a GPU
-                rec["graph_ms"] = 1e3 * res["graph"][0]
-                rec["graph_over_eager"] = res["graph"][0] / t_b
-                rec["graph_captures"] = runner.captures
-            records.append(rec)
-            rows.append([K, p["batch"], _fmt_ms(t_single), _fmt_ms(t_b), _fmt_ms(t_s),
-                         f"{t_b / t_single:.2f}", f"{t_s / t_single:.2f}",
-                         "-" if rec["graph_ms"] is None else _fmt_ms(rec["graph_ms"]),
-                         "-" if rec["graph_over_eager"] is None else f"{rec['graph_over_eager']:.2f}"])
-            say(f"K={K}: single {_fmt_ms(t_single)} ms, batched {_fmt_ms(t_b)} ms, "
-                f"sequential {_fmt_ms(t_s)} ms")
-    if dev.type != "cuda":
-        notes.append("CUDA-graph replay vs eager: skipped (no GPU on this machine); run with "
-                     "--device cuda on a GPU machine to fill the graph columns.")
-    notes.append(f"One EPD step = main call (batch B) + K branch evaluations; single = one "
-                 f"Euler step (one call of batch B). Medians over {p['repeats']} repeats "
-                 f"(variants timed round-robin), after {p['warmup']} warm-up runs; device {dev.type}, "
-                 f"{torch.get_num_threads()} CPU threads, denoiser: 3 convs, hidden "
-                 f"{p['hidden']}, input [{p['batch']}, 3, 32, 32].")
-    if dev.type == "cpu":
-        notes.append("On a CPU the network is compute-bound, so a K*B batch costs about K "
-                     "times a B batch and batching saves only per-call overhead; the latency "
-                     "win of parallel branches needs an accelerator with idle capacity at "
-                     "batch B.")
-    columns = ["K", "B", "single ms", "batched ms", "sequential ms", "batched/single",
-               "sequential/single", "graph ms", "graph/eager"]
-    table = {"title": "One EPD step: batched K*B call vs K sequential calls vs one Euler step",
+            t_main = res["main"]["median"]
+            for K in ks:
+                t_b, t_s = res[f"batched{K}"]["median"], res[f"sequential{K}"]["median"]
+                rec = {"B": B, "K": K, "main_ms": 1e3 * t_main, "batched_ms": 1e3 * t_b,
+                       "sequential_ms": 1e3 * t_s, "batched_over_main": t_b / t_main,
+                       "sequential_over_main": t_s / t_main,
+                       "sequential_over_batched": t_s / t_b,
+                       "stats_ms": {name: {k: 1e3 * v for k, v in res[name].items()}
+                                    for name in ("main", f"batched{K}", f"sequential{K}")},
+                       "graph_ms": None, "graph_over_eager": None}
+                if f"graph{K}" in res:  # pragma: no cover - needs a GPU
+                    rec["graph_ms"] = 1e3 * res[f"graph{K}"]["median"]
+                    rec["graph_over_eager"] = res[f"graph{K}"]["median"] / t_b
+                    rec["graph_captures"] = runners[K].captures
+                records.append(rec)
+                rows.append([B, K, _ms(t_main), _ms(t_b), _ms(t_s), f"{t_b / t_main:.2f}",
+                             f"{t_s / t_main:.2f}", f"{t_s / t_b:.2f}",
+                             "-" if rec["graph_ms"] is None else f"{rec['graph_ms']:.2f}",
+                             "-" if rec["graph_over_eager"] is None
+                             else f"{rec['graph_over_eager']:.2f}"])
+                say(f"B={B} K={K}: main {_ms(t_main)} ms, batched {_ms(t_b)} ms, "
+                    f"sequential {_ms(t_s)} ms")
+
+    notes += _notes(records, p, dev, model, shape, classes, ks)
+    columns = ["B", "K", "main ms", "batched ms", "sequential ms", "batched/main",
+               "sequential/main", "sequential/batched", "graph ms", "graph/eager"]
+    table = {"title": f"{model} (the epd demo model): K branch evaluations in one K*B call "
+                      f"vs K sequential B calls vs the main-point call",
              "columns": columns, "rows": rows}
     result = {"tables": [table], "notes": notes, "records": records,
-              "config": {**p, "ks": list(ks), "device": dev.type, "quick": bool(quick)},
+              "config": {**p, "ks": list(ks), "batches": list(batches), "model": model,
+                         "shape": list(shape), "device": dev.type,
+                         "threads": torch.get_num_threads(), "quick": bool(quick)},
               "elapsed_s": time.perf_counter() - t_start}
+    plot = _plot(records, batches, model, out_dir / "branches.png")
+    if plot:
+        result["plot"] = plot
     with open(out_dir / "branches.json", "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def _notes(records, p, dev, model, shape, classes, ks):
+    notes = []
+    if dev.type != "cuda":
+        notes.append("CUDA-graph replay vs eager: skipped (no GPU on this machine); run with "
+                     "--device cuda on a GPU machine to fill the graph columns.")
+    notes.append(f"Model {model}, input [B, {', '.join(map(str, shape))}]"
+                 + (f", class labels row % {classes} (repeated per branch)" if classes else "")
+                 + f"; medians over {p['repeats']} repeats after {p['warmup']} warm-up runs, "
+                 f"all variants of one B timed round-robin in one run; device {dev.type}, "
+                 f"{torch.get_num_threads()} CPU thread(s).")
+    kmax = max(ks)
+    if kmax > 1:
+        parts = []
+        for r in records:
+            if r["K"] == kmax:
+                gain = 1 - 1 / r["sequential_over_batched"]
+                effect = (f"batching saves {100 * gain:.0f}%" if gain >= 0 else
+                          f"the batched call takes {-100 * gain:.0f}% longer")
+                parts.append(f"B={r['B']}: {r['batched_over_main']:.2f}x the main call batched, "
+                             f"{r['sequential_over_main']:.2f}x sequential ({effect})")
+        notes.append(f"Measured here, K={kmax} branches cost " + "; ".join(parts) + ". "
+                     "A ratio batched/main near 1 means the branches ride along for free "
+                     "(an accelerator with idle capacity at batch B); near K means the device "
+                     "is compute-bound and batching only saves per-call overhead.")
+    return notes
+
+
+def _plot(records, batches, model, path: pathlib.Path):
+    from benchmarks.plot import line_panels
+
+    panels = []
+    for B in batches:
+        mine = sorted((r for r in records if r["B"] == B), key=lambda r: r["K"])
+        if not mine:
+            continue
+        xs = [r["K"] for r in mine]
+        panels.append({
+            "title": f"B = {B}", "xlabel": "K (branches)", "ylabel": "median ms",
+            "series": [{"label": "batched: one K*B call", "x": xs, "group": "batched",
+                        "y": [r["batched_ms"] for r in mine]},
+                       {"label": "sequential: K calls of B", "x": xs, "group": "sequential",
+                        "y": [r["sequential_ms"] for r in mine]}],
+            "hlines": [{"y": mine[0]["main_ms"], "label": "main-point call (batch B)"}]})
+    written = line_panels(path, panels, title=f"{model}: branch evaluations of one EPD step",
+                          xlog2=False)
+    return path.name if written else None
 
 
 def _print_table(result: dict) -> None:
@@ -226,17 +278,24 @@ def _print_table(result: dict) -> None:
         print("-", n)
 
 
+def _ints(s: Optional[str]):
+    return [int(v) for v in s.split(",")] if s else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--ks", default=None, help="comma-separated K values, e.g. 2,4")
+    ap.add_argument("--ks", default=None, help="comma-separated K values, e.g. 1,2,3,4")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes, e.g. 8,64")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
     args = ap.parse_args(argv)
-    ks = [int(k) for k in args.ks.split(",")] if args.ks else None
-    result = run(args.quick, pathlib.Path(args.out), device=args.device, ks=ks,
-                 repeats=args.repeats)
+    result = run(args.quick, pathlib.Path(args.out), device=args.device, ks=_ints(args.ks),
+                 batches=_ints(args.batches), repeats=args.repeats, model=args.model,
+                 threads=args.threads)
     _print_table(result)
     print(f"wrote {pathlib.Path(args.out) / 'branches.json'} in {result['elapsed_s']:.1f} s")
     return 0

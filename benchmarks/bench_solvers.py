@@ -1,10 +1,18 @@
 #!/usr/bin/env python
-"""Solver benchmark: final-state RMSE against a high-accuracy ODE solution, per latency NFE.
+"""Solver benchmark: final-state RMSE against a converged ODE solution, per latency NFE.
 
 For every baseline solver at latency NFE 3, 5, 7, 9 (each solver's default AFS setting:
 on for Heun and DPM-Solver-2, whose budgets are then odd, off for the one-call-per-step
-solvers) and two analytic models in 64 dimensions:
+solvers), on four models, all sampled from the same noise (``make_noise`` seeds 0..n-1):
 
+* ``digits-unet``: the model of ``epd demo`` (`epd_kernels.models.registry.DEFAULT_MODEL`,
+  the trained class-conditional U-Net on 8x8 digits), float32 as the demo runs it, class
+  labels ``seed % 10`` (the demo's `class_labels_for(..., "seed")`). Reference: the
+  demo's reference solver (UniPC) with twice the demo's steps (120); its error is
+  estimated as RMSE(half the steps, reference) / 7 (third order) and reported.
+* ``digits-exact``: the exact denoiser of the 1797 digits, float64, same labels.
+  Reference: `DigitsExactDenoiser.reference_solution` (RK4 in 1/sigma with step doubling
+  until the max-abs change is <= 1e-6; 1e-5 in quick mode), its Richardson estimate reported.
 * ``gaussian-64``: per-dimension Gaussian data, means ~ N(0, 0.8^2), stds in [0.3, 1.0];
   the reference is the closed-form ODE solution.
 * ``gmm-64x8``: a mixture of 8 isotropic Gaussians (means ~ N(0, 1), stds in [0.3, 0.6],
@@ -15,29 +23,36 @@ Row ``dpmpp3m-ref`` is DPM-Solver++(3M) with the DPM-Solver / k-diffusion code's
 weight (``variant="reference"``, see `epd_kernels.solvers.dpmpp3m`), for comparison with
 published baselines.
 
-From the same noise (``make_noise`` seeds 0..n-1, float64 states), the RMSE over all
-samples and dimensions of the state at sigma_min = 0.002 is reported. Latency NFE and
-total evaluations are measured by `sample(..., return_stats=True)`, not assumed.
+Reported per model, solver and NFE: the RMSE over all samples and dimensions of the state
+at sigma_min = 0.002, the latency NFE and total evaluations measured by
+`sample(..., return_stats=True)` (not assumed; a mismatch with the budget is listed), and
+the wall time of that call (one run, one thread). Tables: one RMSE table per model (the
+``epd demo`` model first: it is the README headline), then for the two digits models one
+row per solver and NFE with all four figures.
+
+Distilled solvers (`DISTILLED`: EPD, EPD-Plugin, D-ODE) get rows when their parameters
+are supplied (``params={(model, solver, nfe): params or path}`` or ``--params-dir`` with
+files ``<model>-<solver>-nfe<N>.safetensors``) or with ``distill=True`` (fits them per
+model and NFE with the library's default settings, slow on the U-Net; saved under
+``out_dir/distilled_params`` for ``--params-dir``); otherwise a note says how to get them.
 
 Writes ``out_dir/solvers.json`` and ``out_dir/solvers.png`` (log-y error vs NFE, one line
-per solver, one panel per model). EPD / EPD-Plugin rows are added when parameters are
-supplied (``params={(model, solver, nfe): EPDParams or path}`` or ``--params-dir`` with
-files ``<model>-<solver>-nfe<N>.safetensors``) or with ``distill=True`` (runs
-`epd_kernels.distill` per model and NFE; slow); otherwise a note says they come with
-distillation.
+per solver, one panel per model).
 
     python benchmarks/bench_solvers.py [--quick] [--out benchmarks/results]
-                                       [--params-dir DIR] [--distill]
+                                       [--params-dir DIR] [--distill] [--models a,b]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import pathlib
 import sys
 import time
 import warnings
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -46,20 +61,54 @@ if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
 from epd_kernels.models import GaussianMixtureModel, GaussianModel  # noqa: E402
+from epd_kernels.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
 from epd_kernels.sampling import make_noise, sample  # noqa: E402
+from epd_kernels.workflow.demo import DEFAULT as DEMO  # noqa: E402
+from epd_kernels.workflow.resolve import class_labels_for  # noqa: E402
 
 SOLVERS = ["euler", "heun", "dpm2", "dpmpp3m", "unipc", "ipndm", "deis"]
 # Extra rows run outside sample(): name -> (solver function, keyword arguments).
 VARIANTS = {"dpmpp3m-ref": ("dpmpp3m", dict(variant="reference"))}
-EPD_SOLVERS = ["epd", "epd-ipndm"]
 NFES = [3, 5, 7, 9]
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
-QUICK = dict(samples=64, rtol=1e-10)
-FULL = dict(samples=256, rtol=1e-12)
+# The whole quick section runs in about 15-30 s on 2 shared cores, so it keeps all four
+# budgets (stable table columns) and saves time on samples and reference tolerances.
+QUICK = dict(samples=64, rtol=1e-10, digits_tol=1e-5)
+FULL = dict(samples=256, rtol=1e-12, digits_tol=1e-6)
 F64 = torch.float64
+# Twice the demo's reference steps: on the U-Net (64 samples, against 240 steps) the error
+# drops from 1.3e-4 to 1.2e-5 for 3 s more, >1000x below the best 9-NFE solver (4e-2).
+REF_SOLVER, REF_NFE = DEMO.ref_solver, 2 * DEMO.ref_nfe
+# A reference whose estimated error exceeds this fraction of a model's smallest RMSE is
+# flagged in the notes (the RMSEs would then partly measure the reference).
+REF_TOLERANCE = 0.01
+
+
+# --------------------------------------------------------------------------------------
+# models
+
+
+@dataclasses.dataclass
+class BenchModel:
+    """A model of the benchmark: the denoiser, its sample shape and dtype, its class labels
+    and how its reference solution is made."""
+
+    name: str
+    denoiser: Callable
+    shape: tuple
+    dtype: torch.dtype
+    reference: Callable  # (noise, cond, cfg) -> (x at sigma_min, info dict)
+    role: str = ""
+    cost_table: bool = False  # add the per-solver-and-NFE table (latency, evals, wall)
+
+    def cond(self, seeds) -> dict:
+        """The `epd demo` conditioning: labels = seed % num_classes for conditional models."""
+        lab = class_labels_for(self.denoiser, list(seeds), "seed")
+        return {} if lab is None else {"class_labels": lab}
 
 
 def build_models(dim: int = 64, components: int = 8, seed: int = 0) -> Dict[str, torch.nn.Module]:
+    """The two analytic models (name -> model)."""
     g = torch.Generator().manual_seed(seed)
     gauss = GaussianModel(0.8 * torch.randn(dim, generator=g, dtype=F64),
                           0.3 + 0.7 * torch.rand(dim, generator=g, dtype=F64))
@@ -70,14 +119,15 @@ def build_models(dim: int = 64, components: int = 8, seed: int = 0) -> Dict[str,
 
 
 def reference(name: str, model, x_T: torch.Tensor, rtol: float, check_ode: bool = True):
-    """(x at sigma_min, info) for the model: exact for the Gaussian, DOP853 for the mixture.
+    """(x at sigma_min, info) for an analytic model: exact for the Gaussian, DOP853 for the
+    mixture.
 
     With `check_ode`, the ODE solver used for the mixture is also run on the Gaussian and
     its error against the closed form is reported."""
     t0 = time.perf_counter()
     if isinstance(model, GaussianModel):
         ref = model.exact_solution(x_T, SIGMA_MAX, SIGMA_MIN)
-        info = dict(method="closed form", seconds=time.perf_counter() - t0)
+        info = dict(method="closed form", seconds=time.perf_counter() - t0, error_estimate=0.0)
         if check_ode:
             ode = model.reference_solution(x_T, SIGMA_MAX, SIGMA_MIN, rtol=rtol, atol=rtol)
             info["ode_solver_max_abs_error"] = float((ode - ref).abs().max())
@@ -85,11 +135,182 @@ def reference(name: str, model, x_T: torch.Tensor, rtol: float, check_ode: bool 
     ref = model.reference_solution(x_T, SIGMA_MAX, SIGMA_MIN, rtol=rtol, atol=rtol)
     seconds = time.perf_counter() - t0
     loose = model.reference_solution(x_T, SIGMA_MAX, SIGMA_MIN, rtol=rtol * 100, atol=rtol * 100)
+    change = float((ref - loose).abs().max())
     return ref, dict(method=f"scipy DOP853 in log sigma, rtol=atol={rtol:g}", seconds=seconds,
-                     max_abs_change_vs_rtol_x100=float((ref - loose).abs().max()))
+                     max_abs_change_vs_rtol_x100=change, error_estimate=change)
 
 
-def _run_variant(model, noise, base, nfe, kw):
+def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+def unet_reference(model, noise, cond, cfg):
+    """The `epd demo` way: a third-order solver with many steps, checked against half."""
+    t0 = time.perf_counter()
+    ref = sample(model, noise, solver=REF_SOLVER, nfe=REF_NFE, **cond)
+    seconds = time.perf_counter() - t0
+    half = sample(model, noise, solver=REF_SOLVER, nfe=REF_NFE // 2, **cond)
+    return ref, dict(method=f"{REF_SOLVER} with {REF_NFE} steps (the epd demo's reference "
+                            f"solver, twice its {DEMO.ref_nfe} steps), {noise.dtype}".replace(
+                                "torch.", ""),
+                     seconds=seconds, error_estimate=_rmse(half, ref) / 7.0,
+                     error_check=f"RMSE to {REF_NFE // 2} steps / 7 (third order)")
+
+
+def digits_exact_reference(model, noise, cond, cfg):
+    t0 = time.perf_counter()
+    ref, info = model.reference_solution(noise, SIGMA_MAX, SIGMA_MIN, tol=cfg["digits_tol"],
+                                         return_info=True, **cond)
+    return ref, dict(method=f"RK4 in 1/sigma, float64, {info['steps']} steps (step doubling to "
+                            f"max-abs change <= {cfg['digits_tol']:g})",
+                     seconds=time.perf_counter() - t0, error_estimate=info["error_estimate"],
+                     error_check="last max-abs change / 15 (Richardson, fourth order)")
+
+
+def _analytic_reference(name):
+    def make(model, noise, cond, cfg):
+        return reference(name, model, noise * SIGMA_MAX, cfg["rtol"],
+                         check_ode=not cfg["quick"])
+    return make
+
+
+def _unet_model() -> BenchModel:
+    m = load_model(DEFAULT_MODEL)
+    return BenchModel(DEFAULT_MODEL, m, tuple(m.shape), torch.float32, unet_reference,
+                      role="the epd demo model", cost_table=True)
+
+
+def _digits_exact_model() -> BenchModel:
+    m = load_model("digits-exact")
+    return BenchModel("digits-exact", m, tuple(m.shape), F64, digits_exact_reference,
+                      role="exact denoiser of the digits", cost_table=True)
+
+
+def model_names() -> list:
+    return [DEFAULT_MODEL, "digits-exact"] + list(build_models())
+
+
+def bench_models(names: Optional[Sequence[str]] = None) -> Dict[str, BenchModel]:
+    """The benchmark's models in table order (the `epd demo` model first), or those named."""
+    wanted = model_names() if names is None else list(names)
+    unknown = [n for n in wanted if n not in model_names()]
+    if unknown:
+        raise ValueError(f"models: unknown {unknown}; known: {model_names()}")
+    analytic = build_models()
+    out = {}
+    for n in wanted:
+        if n == DEFAULT_MODEL:
+            out[n] = _unet_model()
+        elif n == "digits-exact":
+            out[n] = _digits_exact_model()
+        else:
+            out[n] = BenchModel(n, analytic[n], tuple(analytic[n].shape), F64,
+                                _analytic_reference(n))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# distilled solvers: name -> how to load and how to fit its params
+
+
+@dataclasses.dataclass(frozen=True)
+class Distilled:
+    """How the benchmark gets parameters for a distilled solver.
+
+    ``load(path)`` reads a params file; ``fit(bench_model, nfe, **overrides)`` makes params
+    with the library's defaults, or with ``overrides`` of its keyword arguments (called only
+    with ``distill=True``). The expected total evaluations
+    are read from ``params.total_evaluations`` when the params have it, else = latency NFE.
+    """
+
+    load: Callable
+    fit: Callable
+
+
+def _load_epd(path):
+    from epd_kernels.params import EPDParams
+
+    return EPDParams.load(str(path))
+
+
+def _load_dode(path):
+    from epd_kernels.dode_params import DODEParams
+
+    return DODEParams.load(str(path))
+
+
+def _fit_epd(plugin: bool):
+    def fit(bm: BenchModel, nfe: int, **overrides):
+        from epd_kernels.distill import DEFAULT_BATCH_SIZE, DEFAULT_POOL, distill
+
+        kw = dict(num_points=2, batch_size=DEFAULT_BATCH_SIZE, progress=False, dtype=bm.dtype)
+        kw.update(overrides)
+        cond = bm.cond(range(kw["batch_size"]))
+        # A fixed noise pool cannot carry per-row labels: fresh noise, like `epd demo`.
+        kw.setdefault("pool", None if cond else DEFAULT_POOL)
+        return distill(bm.denoiser, nfe=nfe, shape=bm.shape, plugin=plugin, **kw, **cond)
+    return fit
+
+
+DODE_BATCH = 128  # fit_dode's default fitting batch
+
+
+def _fit_dode(solver: str):
+    def fit(bm: BenchModel, nfe: int, **overrides):
+        from epd_kernels.dode_fit import fit_dode
+
+        kw = dict(batch_size=DODE_BATCH, dtype=bm.dtype)
+        kw.update(overrides)
+        return fit_dode(bm.denoiser, solver=solver, nfe=nfe, shape=bm.shape, **kw,
+                        **bm.cond(range(kw["batch_size"])))
+    return fit
+
+
+DISTILLED: Dict[str, Distilled] = {
+    "epd": Distilled(_load_epd, _fit_epd(plugin=False)),
+    "epd-ipndm": Distilled(_load_epd, _fit_epd(plugin=True)),
+    "d-euler": Distilled(_load_dode, _fit_dode("d-euler")),
+    "d-ipndm": Distilled(_load_dode, _fit_dode("d-ipndm")),
+}
+
+
+def params_for(bm: BenchModel, solver, nfe, params, params_dir, distill, notes,
+               save_dir: Optional[pathlib.Path] = None, overrides: Optional[dict] = None):
+    """Params for (model, solver, nfe) from `params`, `params_dir` or a fit (saved to
+    `save_dir` as ``<model>-<solver>-nfe<N>.safetensors`` for reuse); None if none."""
+    entry = DISTILLED[solver]
+    key = (bm.name, solver, nfe)
+    if params and key in params:
+        p = params[key]
+        return entry.load(p) if isinstance(p, (str, pathlib.Path)) else p
+    if params_dir is not None:
+        f = pathlib.Path(params_dir) / f"{bm.name}-{solver}-nfe{nfe}.safetensors"
+        if f.exists():
+            return entry.load(f)
+    if distill:
+        try:
+            p = entry.fit(bm, nfe, **(overrides or {}))
+        except Exception as e:  # noqa: BLE001 - report and go on with the baselines
+            notes.append(f"fitting {solver} at NFE {nfe} on {bm.name} failed: "
+                         f"{type(e).__name__}: {e}")
+            return None
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            p.save(str(save_dir / f"{bm.name}-{solver}-nfe{nfe}.safetensors"))
+        return p
+    return None
+
+
+def expected_total(params, nfe: int):
+    total = getattr(params, "total_evaluations", None) if params is not None else None
+    return nfe if total is None else total
+
+
+# --------------------------------------------------------------------------------------
+# running
+
+
+def _run_variant(model, noise, base, nfe, kw, cond):
     """A solver variant with extra keywords, counted like sample() counts."""
     from epd_kernels.sampling import CountingDenoiser, SampleStats, nfe_to_steps
     from epd_kernels.solvers import SOLVERS as FUNCS
@@ -100,136 +321,178 @@ def _run_variant(model, noise, base, nfe, kw):
     counter = CountingDenoiser(model, noise.shape[0])
     t0 = time.perf_counter()
     with torch.no_grad():
-        x = FUNCS[base](counter, noise * float(sigmas[0]), sigmas, **kw)
+        x = FUNCS[base](counter, noise * float(sigmas[0]), sigmas, **kw, **cond)
     return x, SampleStats(counter.calls, counter.evaluations, steps,
                           time.perf_counter() - t0, base, nfe)
 
 
-def _load_params(path):
-    from epd_kernels.params import EPDParams
-
-    return EPDParams.load(str(path))
-
-
-def epd_params_for(model_name, model, solver, nfe, params, params_dir, distill, notes,
-                   save_dir: Optional[pathlib.Path] = None):
-    """EPDParams for (model, solver, nfe) from `params`, `params_dir` or a distillation
-    (saved to `save_dir` as ``<model>-<solver>-nfe<N>.safetensors`` for reuse)."""
-    key = (model_name, solver, nfe)
-    if params and key in params:
-        p = params[key]
-        return _load_params(p) if isinstance(p, (str, pathlib.Path)) else p
-    if params_dir is not None:
-        f = pathlib.Path(params_dir) / f"{model_name}-{solver}-nfe{nfe}.safetensors"
-        if f.exists():
-            return _load_params(f)
-    if distill:
-        from epd_kernels.distill import distill as run_distill
-
-        try:
-            p = run_distill(model, nfe=nfe, shape=model.shape, num_points=2,
-                            plugin=(solver == "epd-ipndm"), progress=False, dtype=F64)
-        except Exception as e:  # noqa: BLE001 - report and go on with the baselines
-            notes.append(f"distillation of {solver} at NFE {nfe} on {model_name} failed: "
-                         f"{type(e).__name__}: {e}")
-            return None
-        if save_dir is not None:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            p.save(str(save_dir / f"{model_name}-{solver}-nfe{nfe}.safetensors"))
-        return p
-    return None
-
-
 def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
         params_dir: Optional[str] = None, distill: bool = False, samples: Optional[int] = None,
-        nfes=NFES) -> dict:
-    """Runs the benchmark; writes out_dir/solvers.json and solvers.png; returns the tables."""
-    cfg = dict(QUICK if quick else FULL)
+        nfes=NFES, models: Optional[Sequence[str]] = None,
+        distill_settings: Optional[Dict[str, dict]] = None) -> dict:
+    """Runs the benchmark; writes out_dir/solvers.json and solvers.png; returns the tables.
+
+    `models`: names from `bench_models` (default all, the `epd demo` model first).
+    `distill_settings`: solver -> keyword overrides for its `DISTILLED` fit (e.g.
+    ``{"epd": {"iterations": 50}}``); only with ``distill=True``, recorded in the JSON."""
+    unknown = sorted(set(distill_settings or {}) - set(DISTILLED))
+    if unknown:
+        raise ValueError(f"distill_settings: unknown solvers {unknown}; known: {list(DISTILLED)}")
+    cfg = dict(QUICK if quick else FULL, quick=bool(quick))
     if samples is not None:
+        if int(samples) < 1:
+            raise ValueError(f"samples must be >= 1, got {samples!r}")
         cfg["samples"] = int(samples)
-    # The models are tiny elementwise computations: one thread avoids thread-pool dispatch
-    # costs that dominate them (and noise from other processes); restored on return.
+    nfes = [int(n) for n in nfes]
+    if not nfes or any(n < 1 for n in nfes):
+        raise ValueError(f"nfes must be latency budgets >= 1, got {nfes!r}")
+    # The analytic models are tiny elementwise computations and the U-Net runs small
+    # batches: one thread avoids thread-pool dispatch costs and most of the noise from
+    # other processes (and matches what `epd demo` picks on a busy machine); restored.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(quick, pathlib.Path(out_dir), cfg, params, params_dir, distill, nfes)
+        return _run(pathlib.Path(out_dir), cfg, params, params_dir, distill, nfes, models,
+                    dict(distill_settings or {}))
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(quick, out_dir, cfg, params, params_dir, distill, nfes):
+def _record(results, bm, solver, nfe, x, st, ref, scale, expected):
+    rmse = _rmse(x, ref)
+    results.append(dict(model=bm.name, solver=solver, nfe=nfe, steps=st.steps,
+                        latency_nfe=st.latency_nfe, total_evals=st.total_evals,
+                        expected_total_evals=expected, rmse=rmse, relative_rmse=rmse / scale,
+                        wall_time_s=st.wall_time_s, finite=bool(torch.isfinite(x).all())))
+
+
+def _run(out_dir, cfg, params, params_dir, distill, nfes, model_names, settings):
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    models = build_models()
-    noise = make_noise(range(cfg["samples"]), (64,), dtype=F64)
-    x_T = noise * SIGMA_MAX
-    notes, results, refs = [], [], {}
-    want_epd = bool(params) or params_dir is not None or distill
+    models = bench_models(model_names)
+    seeds = range(cfg["samples"])
+    notes, results, refs, skipped = [], [], {}, []
+    want_distilled = bool(params) or params_dir is not None or distill
+    row_names = SOLVERS + list(VARIANTS) + (list(DISTILLED) if want_distilled else [])
 
-    for mname, model in models.items():
-        ref, info = reference(mname, model, x_T, cfg["rtol"], check_ode=not quick)
+    for mname, bm in models.items():
+        noise = make_noise(seeds, bm.shape, dtype=bm.dtype)
+        cond = bm.cond(seeds)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # a non-converged reference must be reported
+            ref, info = bm.reference(bm.denoiser, noise, cond, cfg)
+        info["warnings"] = sorted({str(w.message) for w in caught})
+        info["role"] = bm.role
+        info["class_labels"] = "seed % num_classes" if cond else None
+        info["dtype"] = str(bm.dtype).replace("torch.", "")
         refs[mname] = info
-        scale = float(ref.pow(2).mean().sqrt())
-        for solver in SOLVERS + list(VARIANTS) + (EPD_SOLVERS if want_epd else []):
+        scale = _rmse(ref, torch.zeros_like(ref))
+        for solver in row_names:
             for nfe in nfes:
                 kw = {}
-                if solver in VARIANTS:
-                    base, vkw = VARIANTS[solver]
-                    x, st = _run_variant(model, noise, base, nfe, vkw)
-                    rmse = float((x - ref).pow(2).mean().sqrt())
-                    results.append(dict(model=mname, solver=solver, nfe=nfe, steps=st.steps,
-                                        latency_nfe=st.latency_nfe, total_evals=st.total_evals,
-                                        rmse=rmse, relative_rmse=rmse / scale,
-                                        wall_time_s=st.wall_time_s))
-                    continue
-                if solver in EPD_SOLVERS:
-                    p = epd_params_for(mname, model, solver, nfe, params, params_dir, distill,
-                                       notes, save_dir=out_dir / "epd_params")
-                    if p is None:
+                try:
+                    if solver in VARIANTS:
+                        base, vkw = VARIANTS[solver]
+                        x, st = _run_variant(bm.denoiser, noise, base, nfe, vkw, cond)
+                        _record(results, bm, solver, nfe, x, st, ref, scale, nfe)
                         continue
-                    kw["params"] = p
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)  # reference-backend notice
-                    x, st = sample(model, noise, solver=solver, nfe=nfe, return_stats=True, **kw)
-                rmse = float((x - ref).pow(2).mean().sqrt())
-                results.append(dict(model=mname, solver=solver, nfe=nfe, steps=st.steps,
-                                    latency_nfe=st.latency_nfe, total_evals=st.total_evals,
-                                    rmse=rmse, relative_rmse=rmse / scale,
-                                    wall_time_s=st.wall_time_s))
+                    if solver in DISTILLED:
+                        p = params_for(bm, solver, nfe, params, params_dir, distill, notes,
+                                       save_dir=out_dir / "distilled_params",
+                                       overrides=settings.get(solver))
+                        if p is None:
+                            continue
+                        kw["params"] = p
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)  # backend notice
+                        x, st = sample(bm.denoiser, noise, solver=solver, nfe=nfe,
+                                       return_stats=True, **kw, **cond)
+                except ValueError as e:  # a budget the solver cannot meet, mismatched params
+                    skipped.append(dict(model=mname, solver=solver, nfe=nfe, reason=str(e)))
+                    continue
+                _record(results, bm, solver, nfe, x, st, ref, scale,
+                        expected_total(kw.get("params"), nfe))
+
+    _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill,
+               want_distilled, settings)
+    tables = _tables(models, results, nfes, row_names, cfg)
+    payload = dict(config=dict(cfg, nfes=list(nfes), sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN,
+                               schedule="polynomial rho=7", models=list(models),
+                               reference_solver=[REF_SOLVER, REF_NFE],
+                               distill=bool(distill), distill_settings=settings,
+                               torch=torch.__version__, threads=torch.get_num_threads()),
+                   reference=refs, results=results, skipped=skipped, notes=notes,
+                   seconds=time.perf_counter() - t_start)
+    (out_dir / "solvers.json").write_text(json.dumps(payload, indent=2))
+    plot = _plot(results, list(models), nfes, row_names, out_dir / "solvers.png")
+    out = dict(tables=tables, notes=notes, results=results, reference=refs, skipped=skipped)
+    if plot:
+        out["plot"] = plot
+    return out
+
+
+def _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill, want,
+               settings):
     if params or params_dir is not None:
-        notes.append(f"EPD rows: parameters supplied"
+        notes.append("distilled rows: parameters supplied"
                      + (f" from {params_dir}" if params_dir is not None else "")
                      + " (rows missing where no file matched)")
     if distill:
-        notes.append("EPD rows: K=2 branches, distilled here with epd_kernels.distill defaults "
-                     "(teacher dpm2, AFS); parameters saved in epd_params/ for --params-dir")
-    if not want_epd:
-        notes.append("EPD / EPD-Plugin rows come with distillation: pass --distill, or "
+        notes.append("distilled rows fitted here with the library defaults: EPD / EPD-Plugin "
+                     "by epd_kernels.distill (K=2, teacher dpm2, AFS; fresh noise per "
+                     "iteration on class-conditional models), D-ODE by fit_dode (batch "
+                     f"{DODE_BATCH}); saved in distilled_params/ for --params-dir"
+                     + (f"; settings changed: {settings}" if settings else ""))
+    if not want:
+        notes.append(f"Distilled rows ({', '.join(DISTILLED)}) come with --distill, or "
                      "--params-dir with <model>-<solver>-nfe<N>.safetensors files.")
     for mname, info in refs.items():
+        best = min((r["rmse"] for r in results if r["model"] == mname), default=math.inf)
+        head = f"{mname}" + (f" ({info['role']})" if info.get("role") else "")
         if info["method"] == "closed form":
             extra = (f" (the ODE solver used for the mixture is off by "
                      f"{info['ode_solver_max_abs_error']:.1e} here)"
                      if "ode_solver_max_abs_error" in info else "")
-            notes.append(f"{mname}: reference = closed form{extra}")
+            notes.append(f"{head}: reference = closed form{extra}")
+            continue
+        if "max_abs_change_vs_rtol_x100" in info:
+            text = (f"it moves by {info['max_abs_change_vs_rtol_x100']:.1e} with a 100x looser "
+                    f"tolerance")
         else:
-            notes.append(f"{mname}: reference = {info['method']} ({info['seconds']:.1f} s); "
-                         f"it moves by {info['max_abs_change_vs_rtol_x100']:.1e} with a 100x "
-                         f"looser tolerance")
+            text = f"estimated error {info['error_estimate']:.1e} ({info['error_check']})"
+        labels = ", class labels = seed % 10" if info.get("class_labels") else ""
+        for w in info.get("warnings", []):
+            notes.append(f"WARNING: {mname}: reference: {w}")
+        notes.append(f"{head}: {info['dtype']}{labels}; reference = {info['method']} "
+                     f"({info['seconds']:.1f} s); {text}")
+        if info["error_estimate"] > REF_TOLERANCE * best:
+            notes.append(f"WARNING: {mname}: the reference error estimate "
+                         f"{info['error_estimate']:.1e} is not far below the smallest RMSE "
+                         f"{best:.1e}; the smallest RMSEs partly measure the reference")
     bad = [r for r in results if r["latency_nfe"] != r["nfe"]
-           or (r["solver"] not in EPD_SOLVERS and r["total_evals"] != r["nfe"])]
-    notes.append(f"{cfg['samples']} samples, float64, polynomial grid rho=7 from "
+           or r["total_evals"] != r["expected_total_evals"]]
+    nonfinite = [r for r in results if not r["finite"] or not math.isfinite(r["rmse"])]
+    notes.append(f"{cfg['samples']} samples per model, polynomial grid rho=7 from "
                  f"{SIGMA_MAX:g} to {SIGMA_MIN:g}; AFS on for heun/dpm2 (odd budgets), off "
                  f"for the others; latency NFE and total evaluations measured by sample(): "
-                 + ("all equal to the budget" if not bad else f"{len(bad)} MISMATCHES"))
+                 + ("all as expected (latency = budget; total = budget, EPD: (K+1) steps - 1)"
+                    if not bad else f"{len(bad)} MISMATCHES")
+                 + "; wall time: one run of the whole batch, 1 thread")
     for r in bad:
         notes.append(f"MISMATCH: {r['model']} {r['solver']} nfe={r['nfe']}: latency "
-                     f"{r['latency_nfe']}, total {r['total_evals']}")
+                     f"{r['latency_nfe']}, total {r['total_evals']} (expected "
+                     f"{r['expected_total_evals']})")
+    for r in nonfinite:
+        notes.append(f"NON-FINITE: {r['model']} {r['solver']} nfe={r['nfe']}")
+    for s in skipped:
+        notes.append(f"skipped {s['model']} {s['solver']} nfe={s['nfe']}: {s['reason']}")
 
-    tables = []
-    for mname in models:
+
+def _tables(models, results, nfes, row_names, cfg):
+    rmse_tables, cost_tables = [], []
+    for mname, bm in models.items():
         rows = []
-        for solver in SOLVERS + list(VARIANTS) + EPD_SOLVERS:
+        for solver in row_names:
             cells = {r["nfe"]: r for r in results if r["model"] == mname and r["solver"] == solver}
             if not cells:
                 continue
@@ -237,39 +500,39 @@ def _run(quick, out_dir, cfg, params, params_dir, distill, nfes):
             for nfe in nfes:
                 row[f"NFE {nfe}"] = f"{cells[nfe]['rmse']:.3e}" if nfe in cells else None
             rows.append(row)
-        tables.append(dict(title=f"RMSE vs reference at sigma_min, {mname}",
-                           columns=["solver"] + [f"NFE {n}" for n in nfes], rows=rows))
+        role = f" ({bm.role})" if bm.role else ""
+        rmse_tables.append(dict(title=f"RMSE vs reference at sigma_min, {mname}{role}",
+                                columns=["solver"] + [f"NFE {n}" for n in nfes], rows=rows))
+        if bm.cost_table:
+            order = {s: i for i, s in enumerate(row_names)}
+            mine = sorted((r for r in results if r["model"] == mname),
+                          key=lambda r: (r["nfe"], order[r["solver"]]))
+            cost_tables.append(dict(
+                title=f"{mname}: latency NFE, total evaluations, RMSE and wall time per solver "
+                      f"and NFE ({cfg['samples']} samples in one call, 1 thread)",
+                columns=["solver", "NFE", "latency NFE", "total evals", "RMSE", "wall ms"],
+                rows=[{"solver": r["solver"], "NFE": r["nfe"], "latency NFE": r["latency_nfe"],
+                       "total evals": r["total_evals"], "RMSE": f"{r['rmse']:.3e}",
+                       "wall ms": f"{1e3 * r['wall_time_s']:.1f}"} for r in mine]))
+    return rmse_tables + cost_tables
 
-    payload = dict(config=dict(cfg, nfes=list(nfes), sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN,
-                               schedule="polynomial rho=7", dtype="float64",
-                               torch=torch.__version__, threads=torch.get_num_threads(),
-                               quick=bool(quick)),
-                   reference=refs, results=results, notes=notes,
-                   seconds=time.perf_counter() - t_start)
-    (out_dir / "solvers.json").write_text(json.dumps(payload, indent=2))
-    plot = _plot(results, list(models), nfes, out_dir / "solvers.png")
-    out = dict(tables=tables, notes=notes, results=results)
-    if plot:
-        out["plot"] = plot
-    return out
 
+def _plot(results, model_names, nfes, row_names, path: pathlib.Path) -> Optional[str]:
+    from benchmarks.plot import have_matplotlib, pyplot
 
-def _plot(results, model_names, nfes, path: pathlib.Path) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not have_matplotlib():
         return None
-    fig, axes = plt.subplots(1, len(model_names), figsize=(6 * len(model_names), 4.2),
-                             squeeze=False)
-    for ax, mname in zip(axes[0], model_names):
-        for solver in SOLVERS + list(VARIANTS) + EPD_SOLVERS:
+    plt = pyplot()
+    ncols = min(2, len(model_names))
+    nrows = (len(model_names) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
+    for i, mname in enumerate(model_names):
+        ax = axes[i // ncols][i % ncols]
+        for solver in row_names:
             pts = sorted((r["nfe"], r["rmse"]) for r in results
                          if r["model"] == mname and r["solver"] == solver)
             if pts:
-                style = "-s" if solver in EPD_SOLVERS else "--^" if solver in VARIANTS else "-o"
+                style = "-s" if solver in DISTILLED else "--^" if solver in VARIANTS else "-o"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=solver)
         ax.set_yscale("log")
         ax.set_xticks(list(nfes))
@@ -278,6 +541,8 @@ def _plot(results, model_names, nfes, path: pathlib.Path) -> Optional[str]:
         ax.set_title(mname)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="best", ncol=2)
+    for j in range(len(model_names), nrows * ncols):
+        axes[j // ncols][j % ncols].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -287,9 +552,10 @@ def _plot(results, model_names, nfes, path: pathlib.Path) -> Optional[str]:
 def _print(result: dict) -> None:
     for t in result["tables"]:
         cols = t["columns"]
-        rows = [[str(r.get(c, "-") if r.get(c) is not None else "-") for c in cols]
+        rows = [[str(r.get(c) if r.get(c) is not None else "-") for c in cols]
                 for r in t["rows"]]
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
+                  for i, c in enumerate(cols)]
         print(t["title"])
         print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
         print("  ".join("-" * w for w in widths))
@@ -308,10 +574,15 @@ def main(argv=None):
     ap.add_argument("--params-dir", default=None)
     ap.add_argument("--distill", action="store_true")
     ap.add_argument("--samples", type=int, default=None)
+    ap.add_argument("--nfes", default=None, help="comma-separated budgets (default 3,5,7,9)")
+    ap.add_argument("--models", default=None,
+                    help=f"comma-separated subset of {','.join(model_names())}")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     result = run(args.quick, pathlib.Path(args.out), params_dir=args.params_dir,
-                 distill=args.distill, samples=args.samples)
+                 distill=args.distill, samples=args.samples,
+                 nfes=[int(n) for n in args.nfes.split(",")] if args.nfes else NFES,
+                 models=args.models.split(",") if args.models else None)
     _print(result)
     print(f"\nwrote {pathlib.Path(args.out) / 'solvers.json'} and solvers.png "
           f"in {time.perf_counter() - t0:.1f} s")

@@ -83,6 +83,8 @@ def line_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
             ax.set_xticks(ticks)
             ax.set_xticklabels([size_label(int(t)) for t in ticks])
             ax.minorticks_off()
+        elif xs_all and all(float(v).is_integer() for v in xs_all):
+            ax.set_xticks(sorted(set(int(v) for v in xs_all)))  # counts (e.g. K): no 2.5
         ax.set_title(p.get("title", ""))
         ax.set_xlabel(p.get("xlabel", ""))
         ax.set_ylabel(p.get("ylabel", ""))

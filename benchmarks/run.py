@@ -12,7 +12,7 @@ Sections. Section NAME lives in `benchmarks/bench_NAME.py` and exposes
 `run(quick: bool, out_dir: pathlib.Path) -> dict`. Modules are imported lazily, only when
 their section runs; a missing module (or one that fails to import) is reported as skipped
 with the reason. Keyword options (`device`, `backend`, `sizes`, `ks`, `dtypes`, `repeats`,
-`impls`) are passed to `run` only when its signature names them.
+`impls`, `threads`) are passed to `run` only when its signature names them.
 
 What `run` returns (all keys optional; the dict is also dumped to out/NAME.json when the
 section did not write that file itself):
@@ -476,7 +476,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     write_machine()
     options = dict(device=args.device, backend=args.backend, sizes=args.sizes, ks=args.ks,
-                   dtypes=args.dtypes, repeats=args.repeats, impls=args.impls)
+                   dtypes=args.dtypes, repeats=args.repeats, impls=args.impls,
+                   threads=args.threads)
     failed = False
     for name in wanted:
         print(f"\n=== section {name} ===", flush=True)

@@ -13,11 +13,14 @@ a number of steps N per solver, exactly, and a budget a solver cannot meet is re
                                             2N      (afs=False)    2, 4, 6, ...
     epd, epd-ipndm                          2N - 1  (afs=True)     1, 3, 5, 7, ...  (default)
                                             2N      (afs=False)    2, 4, 6, ...
+    amed, amed-ipndm                        2N - 1  (afs=True)     1, 3, 5, 7, ...  (default)
+                                            2N      (afs=False)    2, 4, 6, ...
 
 (``afs``: analytic first step, the first gradient ``x / sqrt(1 + sigma_0^2)`` costs no
 call.) EPD also evaluates K branches per step in one batched call, so its *total*
-evaluations are ``(K + 1) N - afs``; `SampleStats` reports both numbers, measured by
-`CountingDenoiser` around the user's denoiser, not computed from the formula.
+evaluations are ``(K + 1) N - afs``; AMED's two calls per step are both sequential, so
+its total evaluations equal its latency NFE. `SampleStats` reports both numbers, measured
+by `CountingDenoiser` around the user's denoiser, not computed from the formula.
 
 Noise: ``noise ~ N(0, I)`` of shape ``[B, ...]`` is scaled by ``sigmas[0]``; the result is
 the state at ``sigmas[-1] = sigma_min`` (no extra denoising call). Use `make_noise` for
@@ -222,6 +225,12 @@ register_solver("epd", lazy=".solvers.epd:epd_sampler", evals_per_step=2, defaul
                 needs_params=True, plugin=False)
 register_solver("epd-ipndm", lazy=".solvers.epd:epd_sampler", evals_per_step=2,
                 default_afs=True, needs_params=True, plugin=True)
+# AMED-Solver / AMED-Plugin: a predicted intermediate time per step (solvers/amed.py);
+# params are AMEDParams (table or predictor form).
+register_solver("amed", lazy=".solvers.amed:amed_sampler", evals_per_step=2, default_afs=True,
+                needs_params=True, plugin=False)
+register_solver("amed-ipndm", lazy=".solvers.amed:amed_sampler", evals_per_step=2,
+                default_afs=True, needs_params=True, plugin=True)
 # ParaDiGMS: Picard iterations over a sliding window of a 4x finer Euler grid; the budget
 # counts batched rounds (solvers/paradigms.py).
 register_solver("paradigms", lazy=".solvers.paradigms:paradigms_sampler")
@@ -331,12 +340,13 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm", nfe: 
         denoiser: ``D(x [B, ...], sigma [B], **cond) -> x0_hat``.
         noise: ``[B, ...]`` standard normal noise (see `make_noise`).
         solver: one of `solver_names()`: "euler" ("ddim"), "heun", "dpm2", "dpmpp3m",
-            "unipc", "ipndm", "deis", "epd", "epd-ipndm", "d-euler" ("d-ddim"),
-            "d-heun", "d-ipndm", "paradigms".
+            "unipc", "ipndm", "deis", "epd", "epd-ipndm", "amed", "amed-ipndm",
+            "d-euler" ("d-ddim"), "d-heun", "d-ipndm", "paradigms".
         nfe: latency budget (sequential denoiser calls), mapped exactly to steps (module
             docstring); None takes it from an explicit schedule or from ``params``.
-        params: `EPDParams` for "epd" / "epd-ipndm", `DODEParams` for the "d-*" solvers
-            (their nfe, afs and sigmas must agree).
+        params: `EPDParams` for "epd" / "epd-ipndm", `AMEDParams` for "amed" /
+            "amed-ipndm", `DODEParams` for the "d-*" solvers (their nfe, afs, sigmas
+            and, for EPD / AMED, plugin must agree).
         schedule: None (polynomial, rho=7, sigma in [0.002, 80]), a kind name
             ("polynomial", "logsnr", "time-uniform"), a dict of `get_sigmas` keyword
             arguments (with optional "kind"), or an explicit decreasing list/tensor of
@@ -360,12 +370,14 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm", nfe: 
     if spec.needs_params:
         if spec.name.startswith("d-"):
             _check_dode_params(spec, params)
+        else:
+            _check_params_kind(spec, params)
         sigmas, steps, a = _resolve_epd(spec, params, nfe, schedule, afs)
         nfe = steps_to_nfe(spec.name, steps, a)
     else:
         if params is not None:
-            raise ValueError(f"params are only used by the EPD and D-ODE solvers, not by "
-                             f"{spec.name!r}")
+            raise ValueError(f"params are only used by the EPD, AMED and D-ODE solvers, not "
+                             f"by {spec.name!r}")
         a = _resolve_afs(spec, afs)
         if _is_explicit(schedule):
             sigmas = _schedules.check_sigmas(schedule, "schedule")
@@ -420,6 +432,25 @@ def _check_dode_params(spec, params):
         raise ValueError(f"solver {spec.name!r} needs params (a DODEParams from "
                          f"epd_kernels.fit_dode(...) or DODEParams.load(path))")
     params.check_compatible(solver=spec.name)
+
+
+def _check_params_kind(spec, params):
+    """EPD solvers take EPDParams, AMED solvers AMEDParams, with the matching plugin flag."""
+    from .amed_params import AMEDParams
+
+    amed = spec.name.startswith("amed")
+    if amed:
+        if params is None:
+            raise ValueError(f"solver {spec.name!r} needs params (an AMEDParams from "
+                             f"epd_kernels.distill(..., method='amed'), AMEDParams.init(...) "
+                             f"or AMEDParams.load(path))")
+        if not isinstance(params, AMEDParams):
+            raise ValueError(f"solver {spec.name!r} needs AMEDParams, got "
+                             f"{type(params).__name__}")
+        params.check_compatible(plugin=dict(spec.extra)["plugin"])
+    elif isinstance(params, AMEDParams):
+        raise ValueError(f"these are AMED params: use solver {params.solver!r}, not "
+                         f"{spec.name!r}")
 
 
 def _resolve_epd(spec, params, nfe, schedule, afs):

@@ -1,4 +1,4 @@
-"""Unconstrained latent parameters of EPD and their map to `EPDParams`.
+"""Unconstrained latent parameters of EPD (and of table-form AMED) and their maps.
 
 The optimiser works on four free tensors; the sampler sees their images, which always lie
 inside the ranges `EPDParams.validate` demands, whatever the optimiser does:
@@ -14,6 +14,9 @@ is already far more than an accurate denoiser needs; a bounded tanh keeps a badl
 conditioned start from sending them to values where ``1 + delta`` or ``1 + o`` would be
 close to zero. The latents are kept in float64 (they are tiny) and the map is
 differentiable, so gradients reach a, b, c, e from the sampler's natural parameters.
+
+`LatentAMEDTable` is the same map for table-form `AMEDParams` (r, delta, o per step, no
+weights), with AMED's default bounds 0.2 / 0.01 chosen by the caller.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from torch import nn
 
 from ..params import EPDParams
 
-__all__ = ["DELTA_MAX", "O_MAX", "LatentEPD"]
+__all__ = ["DELTA_MAX", "O_MAX", "LatentEPD", "LatentAMEDTable"]
 
 #: Default bound of |delta| (evaluation noise level (1 + delta) tau).
 DELTA_MAX = 0.1
@@ -98,3 +101,42 @@ class LatentEPD(nn.Module):
             n = p.numel()
             p.grad = flat[i:i + n].view_as(p).clone()
             i += n
+
+
+class LatentAMEDTable(nn.Module):
+    """Free parameters ``a, c, e [S]`` behind table-form `AMEDParams` (EPD with K = 1 and
+    no weights): ``r = sigmoid(a)``, ``delta = delta_max tanh(c)``, ``o = o_max tanh(e)``.
+
+    Build with `LatentAMEDTable.from_params(start)`; `natural()` gives the differentiable
+    `AMEDParams` on the same grid with the same metadata as ``start``.
+    """
+
+    def __init__(self, template, a, c, e, delta_max: float, o_max: float):
+        super().__init__()
+        self.template = template.detach()
+        self.delta_max = float(delta_max)
+        self.o_max = float(o_max)
+        self.a = nn.Parameter(a)
+        self.c = nn.Parameter(c)
+        self.e = nn.Parameter(e)
+
+    @classmethod
+    def from_params(cls, params, delta_max: float, o_max: float,
+                    device=None) -> "LatentAMEDTable":
+        """The latents whose image is the table ``params`` (r clamped 1e-6 inside (0, 1))."""
+        params.validate()
+        if params.form != "table":
+            raise ValueError("LatentAMEDTable needs table-form AMEDParams")
+        nat = {n: getattr(params, n).detach().to(device=device, dtype=torch.float64)
+               for n in ("r", "delta", "o")}
+        r = nat["r"].clamp(_EPS, 1 - _EPS)
+        return cls(params, torch.log(r) - torch.log1p(-r),
+                   _atanh_scaled(nat["delta"], delta_max, "delta"),
+                   _atanh_scaled(nat["o"], o_max, "o"), delta_max, o_max)
+
+    def natural(self, meta: Optional[dict] = None):
+        """The table `AMEDParams` image of the latents (differentiable in a, c, e)."""
+        return self.template.replace(r=torch.sigmoid(self.a),
+                                     delta=self.delta_max * torch.tanh(self.c),
+                                     o=self.o_max * torch.tanh(self.e),
+                                     meta=dict(self.template.meta if meta is None else meta))

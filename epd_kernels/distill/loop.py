@@ -1,4 +1,6 @@
-"""`distill`: fit EPD / EPD-Plugin parameters to a teacher (see the package docstring)."""
+"""`distill`: fit EPD / EPD-Plugin or AMED-Solver / AMED-Plugin parameters to a teacher (see
+the package docstring). The method-specific part (what is optimised, how it is unrolled,
+what is returned) is a student (`students`); everything else is shared."""
 from __future__ import annotations
 
 import contextlib
@@ -6,21 +8,21 @@ import math
 import numbers
 import time
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
-from ..branches import BranchRunner
+from ..amed_params import AMED_FORMS, AMEDParams
 from ..params import EPDParams
 from ..sampling import _resolve_sigmas, nfe_to_steps
-from ..solvers.epd import epd_sampler
 from . import checkpoint as ckpt
-from .latent import DELTA_MAX, O_MAX, LatentEPD
+from .latent import DELTA_MAX, O_MAX
 from .batches import TeacherBatches
+from .students import AMEDStudent, EPDStudent, amed_start
 from .teacher import INSERTIONS, TEACHERS
 
 __all__ = ["distill", "mse_loss", "cosine_lr", "DEFAULT_ITERATIONS", "DEFAULT_BATCH_SIZE",
-           "DEFAULT_LR", "DEFAULT_M", "DEFAULT_POOL"]
+           "DEFAULT_LR", "DEFAULT_M", "DEFAULT_POOL", "METHODS"]
 
 #: Defaults chosen by experiment on the 64-dim Gaussian mixture (package docstring).
 DEFAULT_ITERATIONS = 300
@@ -28,6 +30,10 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_LR = 0.05
 DEFAULT_M = 15
 DEFAULT_POOL = 1024
+#: Default number of EPD branches.
+DEFAULT_K = 2
+#: Distillation methods: EPD-Solver (default) and AMED-Solver.
+METHODS = ("epd", "amed")
 
 
 def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -115,21 +121,38 @@ def _callable_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
+def _flat_grads(module) -> torch.Tensor:
+    """All gradients of ``module`` in one vector (zeros where a gradient is missing)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      .to(torch.float64) for p in module.parameters()])
+
+
+def _set_flat_grads(module, flat: torch.Tensor) -> None:
+    i = 0
+    for p in module.parameters():
+        n = p.numel()
+        p.grad = flat[i:i + n].view_as(p).to(p.dtype).clone()
+        i += n
+
+
 # --------------------------------------------------------------------------------------
 # distill
 
 
-def distill(denoiser: Callable, *, nfe: int, shape, num_points: int = 2, plugin: bool = False,
-            teacher: str = "dpm2", M: int = DEFAULT_M, schedule=None, afs: bool = True,
-            iterations: int = DEFAULT_ITERATIONS, batch_size: int = DEFAULT_BATCH_SIZE,
-            lr: float = DEFAULT_LR, seed: int = 0, device=None, checkpoint=None,
-            progress: bool = True, loss: Optional[Callable] = None, max_order: int = 4,
-            insert: str = "polynomial", checkpoint_every: int = 25,
-            dtype: torch.dtype = torch.float32, init: Optional[EPDParams] = None,
-            delta_max: float = DELTA_MAX, o_max: float = O_MAX, max_failures: int = 5,
-            pool: Optional[int] = DEFAULT_POOL,
-            **cond) -> EPDParams:
-    """Distils EPD-Solver (or EPD-Plugin) parameters for ``denoiser`` at latency ``nfe``.
+def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = None,
+            plugin: bool = False, teacher: str = "dpm2", M: int = DEFAULT_M, schedule=None,
+            afs: bool = True, iterations: int = DEFAULT_ITERATIONS,
+            batch_size: int = DEFAULT_BATCH_SIZE, lr: float = DEFAULT_LR, seed: int = 0,
+            device=None, checkpoint=None, progress: bool = True,
+            loss: Optional[Callable] = None, max_order: int = 4, insert: str = "polynomial",
+            checkpoint_every: int = 25, dtype: torch.dtype = torch.float32,
+            init: Union[EPDParams, AMEDParams, None] = None,
+            delta_max: Optional[float] = None, o_max: Optional[float] = None,
+            max_failures: int = 5, pool: Optional[int] = DEFAULT_POOL, method: str = "epd",
+            amed_form: str = "predictor", features=None,
+            **cond) -> Union[EPDParams, AMEDParams]:
+    """Distils EPD-Solver / EPD-Plugin (or, with ``method="amed"``, AMED-Solver / AMED-Plugin)
+    parameters for ``denoiser`` at latency ``nfe``.
 
     The method, how the defaults were chosen (by experiment on the 64-dim Gaussian
     mixture: ``iterations=300``, ``batch_size=32``, ``lr=0.05``, ``M=15``, ``pool=1024``),
@@ -141,8 +164,8 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: int = 2, plugin:
             weights are frozen during the run and their ``requires_grad`` restored after.
         nfe: latency budget, ``2 S - afs`` (odd with AFS: 3, 5, 7, 9, ...).
         shape: per-sample shape, e.g. ``(C, H, W)``.
-        num_points: K parallel branches. plugin: EPD-Plugin (iPNDM direction,
-            ``max_order``) instead of EPD.
+        num_points: K parallel branches of EPD (default 2); must be 1 or unset for AMED.
+        plugin: the plugin on iPNDM (``max_order``): EPD-Plugin, or AMED-Plugin.
         teacher: "dpm2" or "heun". M: points inserted in every student interval.
             insert: "polynomial" (uniform in sigma^(1/rho)) or "logsnr" / "geometric".
         schedule: None (polynomial, rho 7, sigma 0.002..80), a kind name, a dict of
@@ -159,15 +182,26 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: int = 2, plugin:
         progress: tqdm bar with the loss (rank 0).
         loss: ``callable(student_state, teacher_state) -> scalar``, summed over the S
             steps; default `mse_loss`.
-        init: starting `EPDParams` (same grid, K, afs, plugin); default `EPDParams.init`.
-        delta_max, o_max: bounds of |delta| and |o| (`latent`).
+        init: starting `EPDParams` (same grid, K, afs, plugin; default `EPDParams.init`),
+            or for AMED starting `AMEDParams` (same grid, afs, plugin, form; default the
+            neutral `AMEDParams.init`).
+        delta_max, o_max: bounds of |delta| and |o|; default 0.1 / 0.1 for EPD
+            (`latent`), the paper's 0.2 / 0.01 for AMED.
         max_failures: consecutive non-finite steps tolerated before RuntimeError.
+        method: "epd" (default) or "amed" (AMED-Solver, arXiv 2312.00094).
+        amed_form: for AMED, "predictor" (default, the paper's network) or "table" (one
+            r, delta, o per step).
+        features: for the AMED predictor: "denoised" (default), "module:<dotted.name>"
+            (a forward hook on a submodule of an nn.Module denoiser, e.g. the U-Net
+            bottleneck) or a callable ``(x, sigma, denoised) -> [B, F]``
+            (`epd_kernels.amed_predictor`). Its size F is read from the data shape, or
+            from one probing call (no grad) of the denoiser / the callable on zeros.
         **cond: conditioning for the denoiser (see the package docstring for how it is
             split between processes).
 
     Returns:
-        Detached, validated `EPDParams` (float64) whose ``meta`` records the settings
-        (teacher, M, pool, iterations, lr, batch, seed, ...), ``initial_loss``,
+        Detached, validated `EPDParams` (`AMEDParams` for AMED) whose ``meta`` records
+        the settings (teacher, M, pool, iterations, lr, batch, seed, ...), ``initial_loss``,
         ``final_loss`` (mean of the last 10 finite losses), ``skipped_steps`` and
         ``wall_time_s`` (summed over resumed runs).
 
@@ -178,7 +212,20 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: int = 2, plugin:
     """
     # ---- arguments
     nfe = _int_arg("nfe", nfe, 1)
-    K = _int_arg("num_points", num_points, 1)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    amed = method == "amed"
+    if amed:
+        if num_points is not None and num_points != 1:
+            raise ValueError(f"num_points must be 1 or unset for method='amed' (AMED has one "
+                             f"intermediate point per step), got {num_points!r}")
+        if amed_form not in AMED_FORMS:
+            raise ValueError(f"amed_form must be one of {AMED_FORMS}, got {amed_form!r}")
+        K = 1
+    else:
+        if features is not None:
+            raise ValueError("features= is only used by method='amed' (the AMED predictor)")
+        K = _int_arg("num_points", DEFAULT_K if num_points is None else num_points, 1)
     M = _int_arg("M", M, 0)
     iterations = _int_arg("iterations", iterations, 1)
     batch_size = _int_arg("batch_size", batch_size, 1)
@@ -200,23 +247,38 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: int = 2, plugin:
     loss_fn = mse_loss if loss is None else loss
     device = torch.device(device) if device is not None else _default_device(denoiser)
 
-    if init is None:
-        start = EPDParams.init(sigmas, K, afs=afs, plugin=plugin, max_order=max_order,
-                               schedule=_schedule_description(schedule))
-    else:
-        init.check_compatible(nfe=nfe, num_points=K, sigmas=sigmas)
-        if init.afs != bool(afs) or init.plugin != bool(plugin):
-            raise ValueError(f"init params have afs={init.afs}, plugin={init.plugin} but "
-                             f"afs={afs}, plugin={plugin} was asked")
-        start = init.detach()
-        start.max_order = max_order
-    latent = LatentEPD.from_params(start, delta_max, o_max, device=device)
-    optimizer = torch.optim.Adam(latent.parameters(), lr=lr)
-
     world, rank = _dist()
     global_batch = world * batch_size
     rows = range(rank * batch_size, (rank + 1) * batch_size)
     rank_cond = _rank_cond(cond, global_batch, rows)
+
+    if amed:
+        probe = torch.zeros((batch_size,) + shape, dtype=dtype, device=device)
+        start, delta_max, o_max = amed_start(
+            denoiser, sigmas, init=init, form=amed_form, features=features, plugin=plugin,
+            afs=afs, max_order=max_order, schedule=_schedule_description(schedule),
+            delta_max=delta_max, o_max=o_max, seed=seed, nfe=nfe, probe=probe,
+            cond=rank_cond)
+        student = AMEDStudent(denoiser, start, delta_max, o_max, device)
+    else:
+        delta_max = DELTA_MAX if delta_max is None else delta_max
+        o_max = O_MAX if o_max is None else o_max
+        if init is None:
+            start = EPDParams.init(sigmas, K, afs=afs, plugin=plugin, max_order=max_order,
+                                   schedule=_schedule_description(schedule))
+        else:
+            if not isinstance(init, EPDParams):
+                raise ValueError(f"init must be EPDParams for method='epd', got "
+                                 f"{type(init).__name__}")
+            init.check_compatible(nfe=nfe, num_points=K, sigmas=sigmas)
+            if init.afs != bool(afs) or init.plugin != bool(plugin):
+                raise ValueError(f"init params have afs={init.afs}, plugin={init.plugin} but "
+                                 f"afs={afs}, plugin={plugin} was asked")
+            start = init.detach()
+            start.max_order = max_order
+        student = EPDStudent(denoiser, start, delta_max, o_max, device)
+    latent = student.module
+    optimizer = torch.optim.Adam(student.param_groups(), lr=lr)
     if pool is not None:
         pool = _int_arg("pool", pool, 1)
         per_row = [k for k, v in cond.items() if isinstance(v, torch.Tensor) and v.dim() >= 1
@@ -232,10 +294,12 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: int = 2, plugin:
         "insert": insert, "sigmas": sigmas.tolist(), "iterations": iterations,
         "global_batch_size": global_batch, "lr": float(lr), "seed": seed,
         "dtype": str(dtype), "delta_max": float(delta_max), "o_max": float(o_max),
-        "loss": _callable_name(loss_fn), "init": start.r.tolist() + start.weights.tolist()
-        + start.delta.tolist() + [start.o.tolist()],
+        "loss": _callable_name(loss_fn), "init": student.init_summary(),
         "cond": sorted(cond), "pool": pool,
     }
+    if amed:  # (EPD's settings keep their historical keys, so old checkpoints resume)
+        del settings["num_points"]
+        settings.update(method="amed", amed_form=start.form, features=_feature_label(start))
 
     # ---- state (fresh or resumed)
     it, failures, skipped, losses, elapsed = 0, 0, 0, [], 0.0
@@ -268,7 +332,6 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: int = 2, plugin:
             ckpt.save_checkpoint(checkpoint, state)
 
     # ---- training
-    runner = BranchRunner(denoiser, K)
     data = TeacherBatches(denoiser, sigmas, shape, seed=seed, M=M, teacher=teacher,
                           insert=insert, rho=rho, device=device, dtype=dtype, pool=pool,
                           cond=rank_cond, world=world, rank=rank)
@@ -279,27 +342,26 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: int = 2, plugin:
     bar = None
     if progress and rank == 0 and it < iterations:
         from tqdm.auto import tqdm
-        bar = tqdm(total=iterations, initial=it, desc="distill " + start.solver,
+        bar = tqdm(total=iterations, initial=it, desc="distill " + student.solver,
                    dynamic_ncols=True)
     try:
         with _frozen(denoiser):
             while it < iterations:
                 for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(lr, it, iterations)
+                    group["lr"] = cosine_lr(lr, it, iterations) * group.get("lr_scale", 1.0)
                 x, targets = data.batch(it, rows)
-                _, traj = epd_sampler(denoiser, x, sigmas, params=latent.natural(),
-                                      runner=runner, return_trajectory=True, **rank_cond)
+                traj = student.unroll(x, **rank_cond)
                 value = sum(loss_fn(traj[n + 1], targets[n]) for n in range(S))
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 flat = torch.cat([value.detach().reshape(1).to(torch.float64),
-                                  latent.flat_grads()])
+                                  _flat_grads(latent)])
                 if world > 1:
                     torch.distributed.all_reduce(flat)
                     flat /= world
                 loss_value = float(flat[0])
                 if torch.isfinite(flat).all():
-                    latent.set_flat_grads(flat[1:])
+                    _set_flat_grads(latent, flat[1:])
                     optimizer.step()
                     failures = 0
                 else:
@@ -345,5 +407,14 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: int = 2, plugin:
         "skipped_steps": skipped,
         "wall_time_s": float(last["elapsed"]),
     }
-    params = latent.natural(meta={**start.meta, **meta}).detach()
-    return params.validate()
+    if amed:
+        meta.update(method="amed", amed_form=start.form, features=settings["features"])
+    return student.export(meta)
+
+
+def _feature_label(start: AMEDParams):
+    """The feature source as recorded in settings and meta (None for a table)."""
+    if start.form == "table":
+        return None
+    f = start.features
+    return f if isinstance(f, str) else "callable:" + _callable_name(f)

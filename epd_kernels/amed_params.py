@@ -39,10 +39,9 @@ import torch
 
 from .amed_predictor import (AMEDPredictor, check_feature_spec, feature_spec_name,
                              pooled_dim)
-from .fileio import write_atomic
 from .params import epd_latency_nfe
-from .params_file import (check_checksum, check_format_version, checksum, encode_metadata,
-                          read_params_file)
+from .params_file import (FLOAT_DTYPES, check_common_fields, check_grid, check_grid_shape,
+                          check_same_grid, open_params_file, to_tensor, write_params_file)
 
 __all__ = ["AMEDParams", "AMEDPredictor", "AMED_FORMAT_VERSION", "AMED_FORMS",
            "amed_latency_nfe", "AMED_DELTA_MAX", "AMED_O_MAX"]
@@ -60,7 +59,6 @@ _META_KEYS = ("format_version", "kind", "solver", "form", "S", "nfe", "afs", "pl
               "max_order", "schedule", "features", "predictor", "package_version", "meta",
               "checksum")
 _CONFIG_KEYS = ("feature_dim", "hidden", "bottleneck", "time_channels", "delta_max", "o_max")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def amed_latency_nfe(num_steps: int, afs: bool) -> int:
@@ -69,13 +67,7 @@ def amed_latency_nfe(num_steps: int, afs: bool) -> int:
 
 
 def _tensor(name, value):
-    if isinstance(value, torch.Tensor):
-        return value
-    try:
-        return torch.as_tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"AMEDParams.{name}: cannot make a tensor from "
-                         f"{type(value).__name__}: {e}") from None
+    return to_tensor("AMEDParams", name, value)
 
 
 @dataclass
@@ -139,9 +131,7 @@ class AMEDParams:
         if form not in AMED_FORMS:
             raise ValueError(f"form must be one of {AMED_FORMS}, got {form!r}")
         sig = _tensor("sigmas", sigmas).detach().to(torch.float64)
-        if sig.dim() != 1 or sig.numel() < 2:
-            raise ValueError(f"AMEDParams.sigmas must be a 1-D grid of S+1 >= 2 values, got "
-                             f"shape {list(sig.shape)}")
+        check_grid_shape("AMEDParams", sig)
         S = sig.numel() - 1
         common = dict(sigmas=sig, afs=afs, plugin=plugin, max_order=max_order,
                       schedule=schedule, meta=dict(meta or {}))
@@ -241,9 +231,7 @@ class AMEDParams:
 
     def check_structure(self) -> None:
         """Form, shapes, dtypes and metadata types; the NFE rule (no value checks)."""
-        if self.sigmas.dim() != 1 or self.sigmas.numel() < 2:
-            raise ValueError(f"AMEDParams.sigmas must be a 1-D grid of S+1 >= 2 values, got "
-                             f"shape {list(self.sigmas.shape)}")
+        check_grid_shape("AMEDParams", self.sigmas)
         S = self.num_steps
         given = [n for n in _TABLE if getattr(self, n) is not None]
         if self.predictor is not None:
@@ -261,7 +249,7 @@ class AMEDParams:
                                  f"o; missing {missing}")
             for name in _TABLE:
                 t = getattr(self, name)
-                if t.dtype not in _FLOAT_DTYPES:
+                if t.dtype not in FLOAT_DTYPES:
                     raise ValueError(f"AMEDParams.{name} must be a floating tensor, got "
                                      f"{t.dtype}")
                 if tuple(t.shape) != (S,):
@@ -274,20 +262,11 @@ class AMEDParams:
             if self.features is not None:
                 raise ValueError("table-form AMED params read no features: leave features "
                                  "None")
-        if isinstance(self.nfe, bool) or not isinstance(self.nfe, int):
-            raise ValueError(f"AMEDParams.nfe must be an int, got {self.nfe!r}")
+        check_common_fields("AMEDParams", self)
         expected = amed_latency_nfe(S, self.afs)
         if self.nfe != expected:
             raise ValueError(f"AMEDParams.nfe = {self.nfe} does not match S = {S} steps with "
                              f"afs={self.afs}: AMED has latency NFE 2*S - afs = {expected}")
-        if not 1 <= self.max_order <= 4:
-            raise ValueError(f"AMEDParams.max_order must be in 1..4 (iPNDM), got "
-                             f"{self.max_order}")
-        if self.schedule is not None and not isinstance(self.schedule, (str, dict)):
-            raise ValueError(f"AMEDParams.schedule must be a str, a dict or None, got "
-                             f"{type(self.schedule).__name__}")
-        if not isinstance(self.meta, dict):
-            raise ValueError(f"AMEDParams.meta must be a dict, got {type(self.meta).__name__}")
 
     def validate(self) -> "AMEDParams":
         """Structure plus values: finite; r in [0, 1], delta > -1, o > -1 (table); finite
@@ -312,14 +291,7 @@ class AMEDParams:
                 if not torch.isfinite(p).all():
                     raise ValueError(f"AMEDParams.predictor weight {name!r} has non-finite "
                                      f"values (nan or inf)")
-        s = self.sigmas
-        if not torch.isfinite(s).all():
-            raise ValueError("AMEDParams.sigmas has non-finite values (nan or inf)")
-        if (s <= 0).any():
-            raise ValueError(f"AMEDParams.sigmas must be > 0 (the last is sigma_min), min is "
-                             f"{s.min().item():.6g}")
-        if not (s[1:] < s[:-1]).all():
-            raise ValueError("AMEDParams.sigmas must be strictly decreasing (sigma_max first)")
+        check_grid("AMEDParams", self.sigmas)
         return self
 
     def check_compatible(self, nfe: Optional[int] = None, sigmas=None, *,
@@ -338,18 +310,8 @@ class AMEDParams:
                              f"({self.num_steps} steps, afs={self.afs}) but NFE {nfe} was "
                              f"asked")
         if sigmas is not None:
-            s = _tensor("sigmas", sigmas).detach().to("cpu", torch.float64).reshape(-1)
-            mine = self.sigmas.to("cpu")
-            if s.numel() != mine.numel():
-                raise ValueError(f"AMED params have {mine.numel()} sigmas ({self.num_steps} "
-                                 f"steps) but the grid given has {s.numel()} "
-                                 f"({s.numel() - 1} steps)")
-            if not torch.allclose(s, mine, rtol=rtol, atol=atol):
-                i = int(((s - mine).abs() > atol + rtol * mine.abs()).nonzero()[0, 0])
-                raise ValueError(f"AMED params were distilled on a different time grid: "
-                                 f"sigma[{i}] is {mine[i].item():.8g} in the params but "
-                                 f"{s[i].item():.8g} in the grid given (schedule "
-                                 f"{self.schedule!r})")
+            check_same_grid("AMED params", "distilled", self.sigmas, _tensor("sigmas", sigmas),
+                            self.schedule, rtol=rtol, atol=atol)
 
     # ---------------------------------------------------------------- files
 
@@ -367,23 +329,19 @@ class AMEDParams:
         """Writes a safetensors file atomically. A predictor reading a callable needs
         ``feature_name`` (stored as ``"callable:<name>"``; pass the callable again to
         `load`)."""
-        from safetensors.torch import save as st_save
-        from . import __version__
-
         self.validate()
         features = None
         if self.predictor is not None:
             features = feature_spec_name(self.features, feature_name)
-        tensors = self._tensors_for_file()
         fields = {
             "format_version": AMED_FORMAT_VERSION, "kind": _KIND, "solver": self.solver,
             "form": self.form, "S": self.num_steps, "nfe": self.nfe, "afs": self.afs,
             "plugin": self.plugin, "max_order": self.max_order, "schedule": self.schedule,
             "features": features,
             "predictor": None if self.predictor is None else self.predictor.config,
-            "package_version": __version__, "meta": self.meta, "checksum": checksum(tensors),
+            "meta": self.meta,
         }
-        write_atomic(path, st_save(tensors, metadata=encode_metadata(fields, "AMEDParams")))
+        write_params_file(path, self._tensors_for_file(), fields, "AMEDParams")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device=None,
@@ -396,19 +354,9 @@ class AMEDParams:
         format_version, missing keys, wrong shapes, an nfe that does not match the grid,
         or out-of-range values.
         """
-        pf = read_params_file(path, "an AMED params file")
+        pf = open_params_file(path, "an AMED params file", kind=_KIND,
+                              supported=AMED_FORMAT_VERSION, keys=_META_KEYS)
         meta = pf.meta
-        if meta.get("kind") != _KIND:
-            hint = ""
-            if meta.get("solver") in ("epd", "epd-ipndm"):
-                hint = " (it holds EPD params: use EPDParams.load)"
-            elif meta.get("kind") == "d-ode":
-                hint = " (it holds D-ODE params: use DODEParams.load)"
-            pf.fail(f"not an AMED params file: metadata kind is {meta.get('kind')!r}, "
-                    f"expected {_KIND!r}{hint}")
-        check_format_version(pf, AMED_FORMAT_VERSION)
-        pf.require_keys(_META_KEYS)
-        check_checksum(pf)
         if meta["solver"] not in ("amed", "amed-ipndm"):
             pf.fail(f"solver must be 'amed' or 'amed-ipndm', got {meta['solver']!r}")
         if meta["form"] not in AMED_FORMS:
@@ -417,8 +365,6 @@ class AMEDParams:
         pf.require_int("S", "nfe", "max_order")
         if (meta["solver"] == "amed-ipndm") != meta["plugin"]:
             pf.fail(f"solver {meta['solver']!r} contradicts plugin={meta['plugin']}")
-        if not isinstance(meta["meta"], dict):
-            pf.fail(f"metadata 'meta' must be an object, got {type(meta['meta']).__name__}")
         S, tensors = meta["S"], pf.tensors
         if meta["form"] == "table":
             expect = {"r": (S,), "delta": (S,), "o": (S,), "sigmas": (S + 1,)}
@@ -427,20 +373,11 @@ class AMEDParams:
             net = cls._predictor_from_meta(pf)
             expect.update({"predictor." + k: tuple(v.shape)
                            for k, v in net.state_dict().items()})
-        missing = sorted(set(expect) - set(tensors))
-        if missing:
-            pf.fail(f"missing tensors {missing} (has {sorted(tensors)})")
-        extra = sorted(set(tensors) - set(expect))
-        if extra:
-            pf.fail(f"unexpected tensors {extra}")
-        for k, shape in expect.items():
-            if tuple(tensors[k].shape) != shape:
-                pf.fail(f"tensor {k!r} has shape {list(tensors[k].shape)}, expected "
-                        f"{list(shape)} (S={S}, form {meta['form']!r})")
+        pf.require_tensors(expect, f"S={S}, form {meta['form']!r}")
         common = dict(sigmas=tensors["sigmas"], nfe=meta["nfe"], afs=meta["afs"],
                       plugin=meta["plugin"], max_order=meta["max_order"],
                       schedule=meta["schedule"], meta=meta["meta"])
-        try:
+        with pf.naming_errors():
             if meta["form"] == "table":
                 if meta["features"] is not None or meta["predictor"] is not None:
                     pf.fail("a table-form file must have features and predictor null")
@@ -450,7 +387,7 @@ class AMEDParams:
                 state = {k[len("predictor."):]: v for k, v in tensors.items()
                          if k.startswith("predictor.")}
                 dtypes = {v.dtype for v in state.values()}
-                if len(dtypes) != 1 or not dtypes <= set(_FLOAT_DTYPES):
+                if len(dtypes) != 1 or not dtypes <= set(FLOAT_DTYPES):
                     pf.fail(f"the predictor weights must share one floating dtype, got "
                             f"{sorted(map(str, dtypes))}")
                 net.to(dtype=dtypes.pop())
@@ -459,10 +396,6 @@ class AMEDParams:
                     p.requires_grad_(False)
                 params = cls(predictor=net, features=spec, **common)
             params.validate()
-        except ValueError as e:
-            if str(e).startswith(str(pf.path)):
-                raise
-            pf.fail(str(e))
         return params.to(device) if device is not None else params
 
     @staticmethod

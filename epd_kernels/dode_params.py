@@ -19,20 +19,19 @@ JSON-encoded values for ``format_version``, ``kind`` (always "d-ode"), ``solver`
 ``base``, ``S``, ``nfe``, ``afs``, ``max_order``, ``schedule``, ``package_version``,
 ``meta`` and ``checksum`` (sha256 over the tensors' names, dtypes, shapes and bytes).
 Files are written atomically (temporary file in the same folder, then ``os.replace``).
+What the three params files share is in `epd_kernels.params_file`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 
-from .fileio import read_safetensors_metadata, write_atomic
-
-from .params import _checksum
+from .params_file import (check_common_fields, check_grid, check_grid_shape, check_same_grid,
+                          open_params_file, to_tensor, write_params_file)
 
 __all__ = ["DODEParams", "DODE_FORMAT_VERSION", "DODE_BASES", "dode_latency_nfe",
            "normalize_dode_base"]
@@ -71,12 +70,7 @@ def dode_latency_nfe(num_steps: int, base: str, afs: bool) -> int:
 
 
 def _as_f64(name, value) -> torch.Tensor:
-    try:
-        t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(
-            value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"DODEParams.{name}: cannot make a tensor from "
-                         f"{type(value).__name__}: {e}") from None
+    t = to_tensor("DODEParams", name, value).detach()
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"DODEParams.{name} must hold real numbers, got dtype {t.dtype}")
     return t.to("cpu", torch.float64)
@@ -125,9 +119,7 @@ class DODEParams:
               meta: Optional[dict] = None) -> "DODEParams":
         """All lambdas 0 on `sigmas`: the D-ODE solver is then exactly its base solver."""
         sig = _as_f64("sigmas", sigmas)
-        if sig.dim() != 1 or sig.numel() < 2:
-            raise ValueError(f"DODEParams.sigmas must be a 1-D grid of S+1 >= 2 values, got "
-                             f"shape {list(sig.shape)}")
+        check_grid_shape("DODEParams", sig)
         p = cls(lambdas=torch.zeros(sig.numel() - 1, dtype=torch.float64), sigmas=sig,
                 base=base, afs=afs, max_order=max_order, schedule=schedule,
                 meta=dict(meta or {}))
@@ -164,15 +156,12 @@ class DODEParams:
 
     def check_structure(self) -> None:
         """Shapes, metadata types and the NFE rule (no value checks)."""
-        if self.sigmas.dim() != 1 or self.sigmas.numel() < 2:
-            raise ValueError(f"DODEParams.sigmas must be a 1-D grid of S+1 >= 2 values, got "
-                             f"shape {list(self.sigmas.shape)}")
+        check_grid_shape("DODEParams", self.sigmas)
         S = self.num_steps
         if tuple(self.lambdas.shape) != (S,):
             raise ValueError(f"DODEParams.lambdas must have shape [S] = [{S}] (S from sigmas "
                              f"of length {S + 1}), got {list(self.lambdas.shape)}")
-        if isinstance(self.nfe, bool) or not isinstance(self.nfe, int):
-            raise ValueError(f"DODEParams.nfe must be an int, got {self.nfe!r}")
+        check_common_fields("DODEParams", self)
         expected = dode_latency_nfe(S, self.base, self.afs)
         if self.nfe != expected:
             rule = "2*S - afs" if self.base == "heun" else "S - afs"
@@ -182,32 +171,18 @@ class DODEParams:
         if expected < 1:
             raise ValueError(f"DODEParams: {S} step(s) of {self.solver} with afs={self.afs} "
                              f"make no denoiser call (nfe = {expected}); use more steps")
-        if not 1 <= self.max_order <= 4:
-            raise ValueError(f"DODEParams.max_order must be in 1..4 (iPNDM), got "
-                             f"{self.max_order}")
-        if self.schedule is not None and not isinstance(self.schedule, (str, dict)):
-            raise ValueError(f"DODEParams.schedule must be a str, a dict or None, got "
-                             f"{type(self.schedule).__name__}")
-        if not isinstance(self.meta, dict):
-            raise ValueError(f"DODEParams.meta must be a dict, got {type(self.meta).__name__}")
 
     def validate(self) -> "DODEParams":
         """Full check: structure, finite lambdas, ``lambdas[0] == 0``, and a valid grid
         (finite, > 0, strictly decreasing). Returns self; raises ValueError."""
         self.check_structure()
-        lam, s = self.lambdas, self.sigmas
+        lam = self.lambdas
         if not torch.isfinite(lam).all():
             raise ValueError(f"DODEParams.lambdas has non-finite values: {lam.tolist()}")
         if lam[0].item() != 0.0:
             raise ValueError(f"DODEParams.lambdas[0] must be 0 (step 0 has no previous "
                              f"gradient estimate to extrapolate from), got {lam[0].item()!r}")
-        if not torch.isfinite(s).all():
-            raise ValueError("DODEParams.sigmas has non-finite values (nan or inf)")
-        if (s <= 0).any():
-            raise ValueError(f"DODEParams.sigmas must be > 0 (the last is sigma_min), min is "
-                             f"{s.min().item():.6g}")
-        if not (s[1:] < s[:-1]).all():
-            raise ValueError("DODEParams.sigmas must be strictly decreasing (sigma_max first)")
+        check_grid("DODEParams", self.sigmas)
         return self
 
     def check_compatible(self, nfe: Optional[int] = None, sigmas=None, *, solver=None,
@@ -225,18 +200,8 @@ class DODEParams:
                              f"({self.num_steps} steps of {self.solver}, afs={self.afs}) but "
                              f"NFE {nfe} was asked")
         if sigmas is not None:
-            s = _as_f64("sigmas", sigmas).reshape(-1)
-            mine = self.sigmas
-            if s.numel() != mine.numel():
-                raise ValueError(f"D-ODE params have {mine.numel()} sigmas ({self.num_steps} "
-                                 f"steps) but the grid given has {s.numel()} "
-                                 f"({s.numel() - 1} steps)")
-            if not torch.allclose(s, mine, rtol=rtol, atol=atol):
-                i = int(((s - mine).abs() > atol + rtol * mine.abs()).nonzero()[0, 0])
-                raise ValueError(f"D-ODE params were fitted on a different time grid: "
-                                 f"sigma[{i}] is {mine[i].item():.8g} in the params but "
-                                 f"{s[i].item():.8g} in the grid given (schedule "
-                                 f"{self.schedule!r})")
+            check_same_grid("D-ODE params", "fitted", self.sigmas, _as_f64("sigmas", sigmas),
+                            self.schedule, rtol=rtol, atol=atol)
 
     # ---------------------------------------------------------------- files
 
@@ -247,33 +212,11 @@ class DODEParams:
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes a safetensors file atomically (temp file in the same folder + os.replace);
         an invalid or unserialisable object leaves an existing file untouched."""
-        from safetensors.torch import save as st_save
-        from . import __version__
-
         self.validate()
-        tensors = self._tensors_for_file()
-        fields = {
-            "format_version": DODE_FORMAT_VERSION,
-            "kind": _KIND,
-            "solver": self.solver,
-            "base": self.base,
-            "S": self.num_steps,
-            "nfe": self.nfe,
-            "afs": self.afs,
-            "max_order": self.max_order,
-            "schedule": self.schedule,
-            "package_version": __version__,
-            "meta": self.meta,
-            "checksum": _checksum(tensors),
-        }
-        try:
-            metadata = {k: json.dumps(v, sort_keys=True, allow_nan=False)
-                        for k, v in fields.items()}
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"DODEParams.meta / schedule must be JSON-serialisable (finite "
-                             f"numbers, str, list, dict): {e}") from e
-        data = st_save(tensors, metadata=metadata)
-        write_atomic(path, data)
+        fields = {"format_version": DODE_FORMAT_VERSION, "kind": _KIND, "solver": self.solver,
+                  "base": self.base, "S": self.num_steps, "nfe": self.nfe, "afs": self.afs,
+                  "max_order": self.max_order, "schedule": self.schedule, "meta": self.meta}
+        write_params_file(path, self._tensors_for_file(), fields, "DODEParams")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "DODEParams":
@@ -284,79 +227,24 @@ class DODEParams:
         format_version, missing keys, wrong shapes, an nfe that does not match the sigmas,
         or out-of-range values.
         """
-        from safetensors.torch import load as st_load
-
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"D-ODE params file not found: {path}")
-        with open(path, "rb") as f:
-            data = f.read()
-
-        def fail(msg):
-            raise ValueError(f"{path}: {msg}")
-
-        raw_meta = read_safetensors_metadata(data, path, "a D-ODE params file")
-        try:
-            tensors = st_load(data)
-        except Exception as e:  # safetensors raises its own error type
-            fail(f"corrupted safetensors data: {e}")
-        if "format_version" not in raw_meta:
-            fail("no 'format_version' in the metadata: not an epd_kernels D-ODE params file")
-        meta = {}
-        for k, v in raw_meta.items():
-            try:
-                meta[k] = json.loads(v)
-            except json.JSONDecodeError as e:
-                fail(f"metadata field {k!r} is not valid JSON ({e}): the file is corrupted")
-        if meta.get("kind") != _KIND:
-            other = meta.get("solver")
-            hint = (" (it holds EPD params: use EPDParams.load)"
-                    if other in ("epd", "epd-ipndm") else "")
-            fail(f"not a D-ODE params file: metadata kind is {meta.get('kind')!r}, expected "
-                 f"{_KIND!r}{hint}")
-        version = meta["format_version"]
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            fail(f"invalid format_version {version!r}")
-        if version > DODE_FORMAT_VERSION:
-            fail(f"format_version {version} is newer than this epd_kernels supports "
-                 f"({DODE_FORMAT_VERSION}); upgrade epd_kernels to read it")
-        missing = [k for k in _META_KEYS if k not in meta]
-        if missing:
-            fail(f"metadata is missing the keys {missing}")
-        missing_t = [k for k in _TENSOR_FIELDS if k not in tensors]
-        if missing_t:
-            fail(f"missing tensors {missing_t} (has {sorted(tensors)})")
-        extra = sorted(set(tensors) - set(_TENSOR_FIELDS))
-        if extra:
-            fail(f"unexpected tensors {extra}")
-        if meta["checksum"] != _checksum({k: tensors[k] for k in _TENSOR_FIELDS}):
-            fail("checksum mismatch: the tensor data is corrupted")
+        pf = open_params_file(path, "a D-ODE params file", kind=_KIND,
+                              supported=DODE_FORMAT_VERSION, keys=_META_KEYS)
+        meta, tensors = pf.meta, pf.tensors
+        pf.require_int("S", "nfe", "max_order")
+        S = meta["S"]
+        pf.require_tensors({"lambdas": (S,), "sigmas": (S + 1,)}, f"S={S}")
         for k in _TENSOR_FIELDS:
+            # `save` writes float64 only: another dtype means the file came from elsewhere.
             if tensors[k].dtype != torch.float64:
-                fail(f"tensor {k!r} must be float64, got {tensors[k].dtype}")
+                pf.fail(f"tensor {k!r} must be float64, got {tensors[k].dtype}")
         try:
             base = normalize_dode_base(meta["base"])
         except ValueError as e:
-            fail(f"metadata 'base': {e}")
+            pf.fail(f"metadata 'base': {e}")
         if meta["solver"] != "d-" + base:
-            fail(f"solver {meta['solver']!r} contradicts base {meta['base']!r}")
-        if not isinstance(meta["afs"], bool):
-            fail(f"metadata 'afs' must be true/false, got {meta['afs']!r}")
-        for k in ("S", "nfe", "max_order"):
-            if not isinstance(meta[k], int) or isinstance(meta[k], bool):
-                fail(f"metadata {k!r} must be an integer, got {meta[k]!r}")
-        if not isinstance(meta["meta"], dict):
-            fail(f"metadata 'meta' must be an object, got {type(meta['meta']).__name__}")
-        S = meta["S"]
-        for k, shape in (("lambdas", (S,)), ("sigmas", (S + 1,))):
-            if tuple(tensors[k].shape) != shape:
-                fail(f"tensor {k!r} has shape {list(tensors[k].shape)}, expected {list(shape)} "
-                     f"(S={S})")
-        try:
-            params = cls(lambdas=tensors["lambdas"], sigmas=tensors["sigmas"], base=base,
-                         nfe=meta["nfe"], afs=meta["afs"], max_order=meta["max_order"],
-                         schedule=meta["schedule"], meta=meta["meta"])
-            params.validate()
-        except ValueError as e:
-            fail(str(e))
-        return params
+            pf.fail(f"solver {meta['solver']!r} contradicts base {meta['base']!r}")
+        pf.require_bool("afs")
+        with pf.naming_errors():
+            return cls(**{k: tensors[k] for k in _TENSOR_FIELDS}, base=base, nfe=meta["nfe"],
+                       afs=meta["afs"], max_order=meta["max_order"],
+                       schedule=meta["schedule"], meta=meta["meta"]).validate()

@@ -23,20 +23,22 @@ File format (`save` / `load`): one safetensors file with the tensors ``r``, ``we
 values for ``format_version``, ``solver`` ("epd" / "epd-ipndm"), ``K``, ``S``, ``nfe``,
 ``schedule``, ``afs``, ``plugin``, ``max_order``, ``package_version``, ``meta`` and
 ``checksum`` (sha256 over the tensors' names, dtypes, shapes and bytes, so that a
-corrupted data section is detected). Files are written atomically.
+corrupted data section is detected); no ``kind`` (the first layout had none). Files are
+written atomically. What the three params files share is in `epd_kernels.params_file`.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 
-from .fileio import read_safetensors_metadata, temp_prefix, write_atomic
+from .fileio import temp_prefix, write_atomic
+from .params_file import (FLOAT_DTYPES, check_common_fields, check_grid, check_grid_shape,
+                          check_same_grid, open_params_file, to_tensor, write_params_file)
+from .params_file import checksum as _checksum  # noqa: F401  (tests import it from here)
 
 __all__ = ["EPDParams", "FORMAT_VERSION", "epd_latency_nfe", "epd_total_evaluations",
            "write_atomic", "temp_prefix"]
@@ -45,9 +47,9 @@ __all__ = ["EPDParams", "FORMAT_VERSION", "epd_latency_nfe", "epd_total_evaluati
 FORMAT_VERSION = 1
 
 _TENSOR_FIELDS = ("r", "weights", "delta", "o", "sigmas")
+_BRANCH_FIELDS = _TENSOR_FIELDS[:-1]
 _META_KEYS = ("format_version", "solver", "K", "S", "nfe", "schedule", "afs", "plugin",
               "max_order", "package_version", "meta", "checksum")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def epd_latency_nfe(num_steps: int, afs: bool) -> int:
@@ -64,13 +66,8 @@ def _simplex_tol(dtype: torch.dtype) -> float:
     return 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
 
 
-def _as_tensor(name, value, dtype=None):
-    if isinstance(value, torch.Tensor):
-        return value if dtype is None else value.to(dtype)
-    try:
-        return torch.as_tensor(value, dtype=dtype or torch.float64)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"EPDParams.{name}: cannot make a tensor from {type(value).__name__}: {e}")
+def _as_tensor(name, value):
+    return to_tensor("EPDParams", name, value)
 
 
 @dataclass
@@ -94,7 +91,7 @@ class EPDParams:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("r", "weights", "delta", "o"):
+        for name in _BRANCH_FIELDS:
             setattr(self, name, _as_tensor(name, getattr(self, name)))
         # The grid is data, never optimised: always float64.
         self.sigmas = _as_tensor("sigmas", self.sigmas).detach().to(torch.float64)
@@ -123,9 +120,7 @@ class EPDParams:
         if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
             raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}")
         sig = _as_tensor("sigmas", sigmas).detach().to(torch.float64)
-        if sig.dim() != 1 or sig.numel() < 2:
-            raise ValueError(f"EPDParams.sigmas must be a 1-D grid of S+1 >= 2 values, got "
-                             f"shape {list(sig.shape)}")
+        check_grid_shape("EPDParams", sig)
         S, K = sig.numel() - 1, num_points
         if r_init == "gauss":
             import numpy as np
@@ -178,7 +173,7 @@ class EPDParams:
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "EPDParams":
         """A copy on `device`; `dtype` converts r, weights, delta, o (sigmas stay float64)."""
-        kw = {n: getattr(self, n).to(device=device, dtype=dtype) for n in ("r", "weights", "delta", "o")}
+        kw = {n: getattr(self, n).to(device=device, dtype=dtype) for n in _BRANCH_FIELDS}
         kw["sigmas"] = self.sigmas.to(device=device)
         return self._replace(**kw)
 
@@ -198,11 +193,9 @@ class EPDParams:
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"EPDParams.{name} must be a tensor, got {type(t).__name__}")
-            if t.dtype not in _FLOAT_DTYPES:
+            if t.dtype not in FLOAT_DTYPES:
                 raise ValueError(f"EPDParams.{name} must be a floating tensor, got {t.dtype}")
-        if self.sigmas.dim() != 1 or self.sigmas.numel() < 2:
-            raise ValueError(f"EPDParams.sigmas must be a 1-D grid of S+1 >= 2 values, got "
-                             f"shape {list(self.sigmas.shape)}")
+        check_grid_shape("EPDParams", self.sigmas)
         S = self.num_steps
         if self.r.dim() != 2 or self.r.shape[0] != S or self.r.shape[1] < 1:
             raise ValueError(f"EPDParams.r must have shape [S, K] = [{S}, K>=1] (S from "
@@ -215,23 +208,15 @@ class EPDParams:
                                  f"got {list(t.shape)}")
         if tuple(self.o.shape) != (S,):
             raise ValueError(f"EPDParams.o must have shape [S] = [{S}], got {list(self.o.shape)}")
-        devices = {getattr(self, n).device for n in ("r", "weights", "delta", "o")}
+        devices = {getattr(self, n).device for n in _BRANCH_FIELDS}
         if len(devices) > 1:
             raise ValueError(f"EPDParams tensors r, weights, delta, o are on several devices: "
                              f"{sorted(map(str, devices))}")
-        if not isinstance(self.nfe, int) or isinstance(self.nfe, bool):
-            raise ValueError(f"EPDParams.nfe must be an int, got {self.nfe!r}")
+        check_common_fields("EPDParams", self)
         expected = epd_latency_nfe(S, self.afs)
         if self.nfe != expected:
             raise ValueError(f"EPDParams.nfe = {self.nfe} does not match S = {S} steps with "
                              f"afs={self.afs}: EPD has latency NFE 2*S - afs = {expected}")
-        if not 1 <= self.max_order <= 4:
-            raise ValueError(f"EPDParams.max_order must be in 1..4 (iPNDM), got {self.max_order}")
-        if self.schedule is not None and not isinstance(self.schedule, (str, dict)):
-            raise ValueError(f"EPDParams.schedule must be a str, a dict or None, got "
-                             f"{type(self.schedule).__name__}")
-        if not isinstance(self.meta, dict):
-            raise ValueError(f"EPDParams.meta must be a dict, got {type(self.meta).__name__}")
 
     def validate(self) -> "EPDParams":
         """Full check: structure plus finiteness and ranges. Returns self; raises ValueError.
@@ -241,7 +226,7 @@ class EPDParams:
         > 0 and strictly decreasing.
         """
         self.check_structure()
-        vals = {n: getattr(self, n).detach().to("cpu", torch.float64) for n in _TENSOR_FIELDS}
+        vals = {n: getattr(self, n).detach().to("cpu", torch.float64) for n in _BRANCH_FIELDS}
         for name, v in vals.items():
             if not torch.isfinite(v).all():
                 raise ValueError(f"EPDParams.{name} has non-finite values (nan or inf)")
@@ -264,12 +249,7 @@ class EPDParams:
             if (vals[name] <= -1).any():
                 raise ValueError(f"EPDParams.{name} must be > -1 (1 + {name} is a positive "
                                  f"scale), min is {vals[name].min().item():.6g}")
-        s = vals["sigmas"]
-        if (s <= 0).any():
-            raise ValueError(f"EPDParams.sigmas must be > 0 (the last is sigma_min), min is "
-                             f"{s.min().item():.6g}")
-        if not (s[1:] < s[:-1]).all():
-            raise ValueError("EPDParams.sigmas must be strictly decreasing (sigma_max first)")
+        check_grid("EPDParams", self.sigmas)
         return self
 
     def check_compatible(self, nfe: Optional[int] = None, num_points: Optional[int] = None,
@@ -282,16 +262,8 @@ class EPDParams:
             raise ValueError(f"EPD params have K = {self.num_points} parallel points but "
                              f"K = {num_points} was asked")
         if sigmas is not None:
-            s = _as_tensor("sigmas", sigmas).detach().to("cpu", torch.float64).reshape(-1)
-            mine = self.sigmas.detach().to("cpu", torch.float64)
-            if s.numel() != mine.numel():
-                raise ValueError(f"EPD params have {mine.numel()} sigmas ({self.num_steps} steps) "
-                                 f"but the grid given has {s.numel()} ({s.numel() - 1} steps)")
-            if not torch.allclose(s, mine, rtol=rtol, atol=atol):
-                i = int(((s - mine).abs() > atol + rtol * mine.abs()).nonzero()[0, 0])
-                raise ValueError(f"EPD params were distilled on a different time grid: sigma[{i}] "
-                                 f"is {mine[i].item():.8g} in the params but {s[i].item():.8g} "
-                                 f"in the grid given (schedule {self.schedule!r})")
+            check_same_grid("EPD params", "distilled", self.sigmas, _as_tensor("sigmas", sigmas),
+                            self.schedule, rtol=rtol, atol=atol)
 
     # ---------------------------------------------------------------- files
 
@@ -300,115 +272,35 @@ class EPDParams:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes a safetensors file (atomically: temp file in the same folder + os.replace)."""
-        from safetensors.torch import save as st_save
-        from . import __version__
-
         self.validate()
-        tensors = self._tensors_for_file()
-        fields = {
-            "format_version": FORMAT_VERSION,
-            "solver": self.solver,
-            "K": self.num_points,
-            "S": self.num_steps,
-            "nfe": self.nfe,
-            "schedule": self.schedule,
-            "afs": self.afs,
-            "plugin": self.plugin,
-            "max_order": self.max_order,
-            "package_version": __version__,
-            "meta": self.meta,
-            "checksum": _checksum(tensors),
-        }
-        try:
-            metadata = {k: json.dumps(v, sort_keys=True) for k, v in fields.items()}
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"EPDParams.meta / schedule must be JSON-serialisable: {e}") from e
-        write_atomic(path, st_save(tensors, metadata=metadata))
+        fields = {"format_version": FORMAT_VERSION, "solver": self.solver, "K": self.num_points,
+                  "S": self.num_steps, "nfe": self.nfe, "schedule": self.schedule,
+                  "afs": self.afs, "plugin": self.plugin, "max_order": self.max_order,
+                  "meta": self.meta}
+        write_params_file(path, self._tensors_for_file(), fields, "EPDParams")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device=None) -> "EPDParams":
         """Reads and fully validates a file written by `save`.
 
         FileNotFoundError for a missing file; ValueError (naming the file and the problem)
-        for a truncated or corrupted file, a newer format_version, missing keys, wrong
-        shapes or out-of-range values.
+        for a truncated or corrupted file, a file of another kind (D-ODE, AMED), a newer
+        format_version, missing keys, wrong shapes or out-of-range values.
         """
-        from safetensors.torch import load as st_load
-
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"EPD params file not found: {path}")
-        with open(path, "rb") as f:
-            data = f.read()
-        raw_meta = read_safetensors_metadata(data, path, "an EPD params file")
-        try:
-            tensors = st_load(data)
-        except Exception as e:  # safetensors raises its own error type
-            raise ValueError(f"{path}: corrupted safetensors data: {e}") from e
-
-        def fail(msg):
-            raise ValueError(f"{path}: {msg}")
-
-        missing = [k for k in _META_KEYS if k not in raw_meta]
-        if "format_version" in missing:
-            fail("no 'format_version' in the metadata: not an epd_kernels EPD params file")
-        meta = {}
-        for k, v in raw_meta.items():
-            try:
-                meta[k] = json.loads(v)
-            except json.JSONDecodeError as e:
-                fail(f"metadata field {k!r} is not valid JSON ({e}): the file is corrupted")
-        version = meta["format_version"]
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            fail(f"invalid format_version {version!r}")
-        if version > FORMAT_VERSION:
-            fail(f"format_version {version} is newer than this epd_kernels supports "
-                 f"({FORMAT_VERSION}); upgrade epd_kernels to read it")
-        if missing:
-            fail(f"metadata is missing the keys {missing}")
-        missing_t = [k for k in _TENSOR_FIELDS if k not in tensors]
-        if missing_t:
-            fail(f"missing tensors {missing_t} (has {sorted(tensors)})")
-        extra = sorted(set(tensors) - set(_TENSOR_FIELDS))
-        if extra:
-            fail(f"unexpected tensors {extra}")
-        if meta["checksum"] != _checksum({k: tensors[k] for k in _TENSOR_FIELDS}):
-            fail("checksum mismatch: the tensor data is corrupted")
+        pf = open_params_file(path, "an EPD params file", kind=None,
+                              supported=FORMAT_VERSION, keys=_META_KEYS)
+        meta = pf.meta
         if meta["solver"] not in ("epd", "epd-ipndm"):
-            fail(f"solver must be 'epd' or 'epd-ipndm', got {meta['solver']!r}")
-        for k in ("afs", "plugin"):
-            if not isinstance(meta[k], bool):
-                fail(f"metadata {k!r} must be true/false, got {meta[k]!r}")
-        for k in ("K", "S", "nfe", "max_order"):
-            if not isinstance(meta[k], int) or isinstance(meta[k], bool):
-                fail(f"metadata {k!r} must be an integer, got {meta[k]!r}")
+            pf.fail(f"solver must be 'epd' or 'epd-ipndm', got {meta['solver']!r}")
+        pf.require_bool("afs", "plugin")
+        pf.require_int("K", "S", "nfe", "max_order")
         if (meta["solver"] == "epd-ipndm") != meta["plugin"]:
-            fail(f"solver {meta['solver']!r} contradicts plugin={meta['plugin']}")
-        if not isinstance(meta["meta"], dict):
-            fail(f"metadata 'meta' must be an object, got {type(meta['meta']).__name__}")
+            pf.fail(f"solver {meta['solver']!r} contradicts plugin={meta['plugin']}")
         K, S = meta["K"], meta["S"]
-        expect = {"r": (S, K), "weights": (S, K), "delta": (S, K), "o": (S,), "sigmas": (S + 1,)}
-        for k, shape in expect.items():
-            if tuple(tensors[k].shape) != shape:
-                fail(f"tensor {k!r} has shape {list(tensors[k].shape)}, expected {list(shape)} "
-                     f"(K={K}, S={S})")
-        try:
-            params = cls(r=tensors["r"], weights=tensors["weights"], delta=tensors["delta"],
-                         o=tensors["o"], sigmas=tensors["sigmas"], nfe=meta["nfe"],
+        pf.require_tensors({"r": (S, K), "weights": (S, K), "delta": (S, K), "o": (S,),
+                            "sigmas": (S + 1,)}, f"K={K}, S={S}")
+        with pf.naming_errors():
+            params = cls(**{n: pf.tensors[n] for n in _TENSOR_FIELDS}, nfe=meta["nfe"],
                          afs=meta["afs"], plugin=meta["plugin"], max_order=meta["max_order"],
-                         schedule=meta["schedule"], meta=meta["meta"])
-            params.validate()
-        except ValueError as e:
-            fail(str(e))
+                         schedule=meta["schedule"], meta=meta["meta"]).validate()
         return params.to(device) if device is not None else params
-
-
-def _checksum(tensors) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-

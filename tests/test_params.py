@@ -337,3 +337,83 @@ def test_load_to_device(tmp_path):
     trained_like().save(path)
     q = EPDParams.load(path, device="cpu")
     assert q.r.device.type == "cpu"
+
+
+# --------------------------------------------------------------------------------------
+# files written by earlier code (tests/data, see params_fixtures.py there)
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def _fixtures():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("params_fixtures",
+                                                  os.path.join(DATA, "params_fixtures.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+FIXTURES = _fixtures()
+
+
+def _header(path):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES.RECIPES))
+def test_files_of_the_first_layout_still_load(name, tmp_path):
+    import epd_kernels
+    from epd_kernels.params_file import checksum
+
+    cls_name, recipe = FIXTURES.RECIPES[name]
+    path = os.path.join(DATA, name)
+    loaded = getattr(epd_kernels, cls_name).load(path)        # verifies the stored checksum
+    for k, v in recipe.items():
+        got = getattr(loaded, k)
+        if isinstance(v, torch.Tensor):
+            assert got.dtype == v.dtype and torch.equal(got, v), k
+        else:
+            assert got == v, k
+    old_meta, old_tensors = _header(path)
+    # The digest the old writer stored is the one the current code computes.
+    assert json.loads(old_meta["checksum"]) == checksum(old_tensors)
+    # And what the current code writes for the same object is what the old code wrote,
+    # field by field (the bytes differ only in the header's key order and the version).
+    loaded.save(tmp_path / name)
+    new_meta, new_tensors = _header(tmp_path / name)
+    assert new_meta.pop("package_version") and old_meta.pop("package_version")
+    assert new_meta == old_meta
+    assert sorted(new_tensors) == sorted(old_tensors)
+    for k in old_tensors:
+        assert new_tensors[k].dtype == old_tensors[k].dtype
+        assert torch.equal(new_tensors[k], old_tensors[k]), k
+
+
+def test_other_kinds_of_params_file_name_their_reader(tmp_path):
+    from epd_kernels.amed_params import AMEDParams
+    from epd_kernels.dode_params import DODEParams
+
+    with pytest.raises(ValueError, match=r"not an EPD params file: metadata kind is 'd-ode'.*"
+                                         r"DODEParams\.load"):
+        EPDParams.load(os.path.join(DATA, "dode.safetensors"))
+    AMEDParams.init(grid(3)).save(tmp_path / "amed.safetensors")
+    with pytest.raises(ValueError, match=r"not an EPD params file.*AMEDParams\.load"):
+        EPDParams.load(tmp_path / "amed.safetensors")
+    with pytest.raises(ValueError, match=r"not a D-ODE params file.*AMEDParams\.load"):
+        DODEParams.load(tmp_path / "amed.safetensors")
+    with pytest.raises(ValueError, match=r"not a D-ODE params file.*EPDParams\.load"):
+        DODEParams.load(os.path.join(DATA, "epd.safetensors"))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_save_refuses_non_finite_meta(tmp_path, bad):
+    # NaN / Infinity are not JSON: other readers of the header would reject the file.
+    path = tmp_path / "p.safetensors"
+    trained_like().save(path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="EPDParams.meta / schedule must be JSON-serialisable"):
+        trained_like(meta={"loss": bad}).save(path)
+    assert path.read_bytes() == before

@@ -30,7 +30,7 @@ the wall time of that call (one run, one thread). Tables: one RMSE table per mod
 ``epd demo`` model first: it is the README headline), then for the two digits models one
 row per solver and NFE with all four figures.
 
-Distilled solvers (`DISTILLED`: EPD, EPD-Plugin, D-ODE) get rows when their parameters
+Distilled solvers (`DISTILLED`: EPD, EPD-Plugin, AMED, AMED-Plugin, D-ODE) get rows when their parameters
 are supplied (``params={(model, solver, nfe): params or path}`` or ``--params-dir`` with
 files ``<model>-<solver>-nfe<N>.safetensors``) or with ``distill=True`` (fits them per
 model and NFE with the library's default settings, slow on the U-Net; saved under
@@ -252,6 +252,20 @@ def _fit_epd(plugin: bool):
     return fit
 
 
+def _load_amed(path):
+    from epd_kernels.amed_params import AMEDParams
+
+    return AMEDParams.load(str(path))
+
+
+def _fit_amed(plugin: bool):
+    def fit(bm: BenchModel, nfe: int, **overrides):
+        # AMED distils with the EPD machinery: same teacher, batches, defaults; the
+        # predictor form (the paper's) on the main-point denoised features.
+        return _fit_epd(plugin)(bm, nfe, **{"method": "amed", "num_points": None, **overrides})
+    return fit
+
+
 DODE_BATCH = 128  # fit_dode's default fitting batch
 
 
@@ -269,6 +283,8 @@ def _fit_dode(solver: str):
 DISTILLED: Dict[str, Distilled] = {
     "epd": Distilled(_load_epd, _fit_epd(plugin=False)),
     "epd-ipndm": Distilled(_load_epd, _fit_epd(plugin=True)),
+    "amed": Distilled(_load_amed, _fit_amed(plugin=False)),
+    "amed-ipndm": Distilled(_load_amed, _fit_amed(plugin=True)),
     "d-euler": Distilled(_load_dode, _fit_dode("d-euler")),
     "d-ipndm": Distilled(_load_dode, _fit_dode("d-ipndm")),
 }
@@ -326,15 +342,33 @@ def _run_variant(model, noise, base, nfe, kw, cond):
                           time.perf_counter() - t0, base, nfe)
 
 
+#: Fitting settings of `epd demo` (its DemoConfig), used by ``demo_distilled=True``: the
+#: distilled rows then show what the demo's one-command run gets, in seconds per fit.
+#: The full-default distillations and the bars are the `distill` section's job.
+DEMO_FIT = {"epd": dict(iterations=40, batch_size=16, lr=0.1, M=3),
+            "epd-ipndm": dict(iterations=40, batch_size=16, lr=0.2, M=3),
+            "amed": dict(iterations=40, batch_size=16, lr=0.1, M=3),
+            "amed-ipndm": dict(iterations=40, batch_size=16, lr=0.1, M=3),
+            "d-euler": dict(batch_size=64, teacher_factor=10),
+            "d-ipndm": dict(batch_size=64, teacher_factor=10)}
+
+
 def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
         params_dir: Optional[str] = None, distill: bool = False, samples: Optional[int] = None,
         nfes=NFES, models: Optional[Sequence[str]] = None,
-        distill_settings: Optional[Dict[str, dict]] = None) -> dict:
+        distill_settings: Optional[Dict[str, dict]] = None,
+        demo_distilled: bool = False) -> dict:
     """Runs the benchmark; writes out_dir/solvers.json and solvers.png; returns the tables.
 
     `models`: names from `bench_models` (default all, the `epd demo` model first).
     `distill_settings`: solver -> keyword overrides for its `DISTILLED` fit (e.g.
-    ``{"epd": {"iterations": 50}}``); only with ``distill=True``, recorded in the JSON."""
+    ``{"epd": {"iterations": 50}}``); only with ``distill=True``, recorded in the JSON.
+    `demo_distilled` (what `run.py` asks for): with neither params nor ``distill``, fit
+    every distilled solver on the `epd demo` model only, with the demo's settings
+    (`DEMO_FIT`), so the headline table compares every solver at equal latency."""
+    if demo_distilled and not distill and not params and params_dir is None:
+        distill = [DEFAULT_MODEL]
+        distill_settings = {**DEMO_FIT, **(distill_settings or {})}
     unknown = sorted(set(distill_settings or {}) - set(DISTILLED))
     if unknown:
         raise ValueError(f"distill_settings: unknown solvers {unknown}; known: {list(DISTILLED)}")
@@ -397,7 +431,8 @@ def _run(out_dir, cfg, params, params_dir, distill, nfes, model_names, settings)
                         _record(results, bm, solver, nfe, x, st, ref, scale, nfe)
                         continue
                     if solver in DISTILLED:
-                        p = params_for(bm, solver, nfe, params, params_dir, distill, notes,
+                        fit = distill if isinstance(distill, bool) else mname in distill
+                        p = params_for(bm, solver, nfe, params, params_dir, fit, notes,
                                        save_dir=out_dir / "distilled_params",
                                        overrides=settings.get(solver))
                         if p is None:
@@ -419,7 +454,8 @@ def _run(out_dir, cfg, params, params_dir, distill, nfes, model_names, settings)
     payload = dict(config=dict(cfg, nfes=list(nfes), sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN,
                                schedule="polynomial rho=7", models=list(models),
                                reference_solver=[REF_SOLVER, REF_NFE],
-                               distill=bool(distill), distill_settings=settings,
+                               distill=distill if isinstance(distill, list) else bool(distill),
+                               distill_settings=settings,
                                torch=torch.__version__, threads=torch.get_num_threads()),
                    reference=refs, results=results, skipped=skipped, notes=notes,
                    seconds=time.perf_counter() - t_start)
@@ -437,7 +473,12 @@ def _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill, 
         notes.append("distilled rows: parameters supplied"
                      + (f" from {params_dir}" if params_dir is not None else "")
                      + " (rows missing where no file matched)")
-    if distill:
+    if isinstance(distill, list):
+        notes.append(f"distilled rows fitted here on {', '.join(distill)} only, with the "
+                     f"settings of `epd demo` (short: 40 iterations of batch 16 for EPD / "
+                     f"AMED, M = 3; D-ODE batch 64); the `distill` section fits with the "
+                     f"library defaults and checks the bars; settings: {settings}")
+    elif distill:
         notes.append("distilled rows fitted here with the library defaults: EPD / EPD-Plugin "
                      "by epd_kernels.distill (K=2, teacher dpm2, AFS; fresh noise per "
                      "iteration on class-conditional models), D-ODE by fit_dode (batch "

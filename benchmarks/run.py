@@ -12,7 +12,7 @@ Sections. Section NAME lives in `benchmarks/bench_NAME.py` and exposes
 `run(quick: bool, out_dir: pathlib.Path) -> dict`. Modules are imported lazily, only when
 their section runs; a missing module (or one that fails to import) is reported as skipped
 with the reason. Keyword options (`device`, `backend`, `sizes`, `ks`, `dtypes`, `repeats`,
-`impls`, `threads`) are passed to `run` only when its signature names them.
+`impls`, `threads`, `demo_distilled`) are passed to `run` only when its signature names them.
 
 What `run` returns (all keys optional; the dict is also dumped to out/NAME.json when the
 section did not write that file itself):
@@ -436,6 +436,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--dtypes", type=_str_list, default=None, help="e.g. float32,bfloat16")
     g.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     g.add_argument("--impls", type=_str_list, default=None, help="e.g. fused,eager,compile")
+    g.add_argument("--no-distilled", action="store_true",
+                   help="solvers section: skip fitting the distilled solvers on the demo model")
     return ap.parse_args(argv)
 
 
@@ -477,7 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_machine()
     options = dict(device=args.device, backend=args.backend, sizes=args.sizes, ks=args.ks,
                    dtypes=args.dtypes, repeats=args.repeats, impls=args.impls,
-                   threads=args.threads)
+                   threads=args.threads, demo_distilled=not args.no_distilled)
     failed = False
     for name in wanted:
         print(f"\n=== section {name} ===", flush=True)

@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-quick dev clean
+.PHONY: setup demo test bench bench-quick readme-demo dev clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench-quick: setup
 
 bench: setup
 	$(PY) benchmarks/run.py --all --markdown BENCHMARKS.md --readme README.md
+
+# The README's demo table and pictures, from a real run into docs/demo/.
+readme-demo: setup
+	$(PY) tools/readme_demo.py --out docs/demo
 
 clean:
 	rm -rf build *.egg-info $(VENV) epd_demo_out benchmarks/results

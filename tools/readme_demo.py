@@ -1,0 +1,120 @@
+"""Puts the output of a real `epd demo` run into README.md (table, plot, sample grid).
+
+    python tools/readme_demo.py                 # runs `epd demo --out docs/demo`, then updates
+    python tools/readme_demo.py --from docs/demo    # only updates, from an existing run
+
+The README block between ``<!-- demo:start -->`` and ``<!-- demo:end -->`` is replaced by
+the run's machine, command, wall time, its ``table.md`` and links to its two PNGs, so that
+the figures in the README always come from a run, never from typing. The demo's params and
+JSON stay in the output folder (``docs/demo/``; only the PNGs, the table and the JSON are
+meant to be committed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
+START, END = "<!-- demo:start -->", "<!-- demo:end -->"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def block(run_dir: str, readme_dir: str) -> str:
+    with open(os.path.join(run_dir, "results.json")) as f:
+        res = json.load(f)
+    with open(os.path.join(run_dir, "table.md")) as f:
+        table = f.read().strip()
+    import torch
+
+    rel = os.path.relpath(run_dir, readme_dir)
+    t = res["timings"]
+    skipped = res.get("skipped", [])
+    lines = [
+        START,
+        f"_Written by `python tools/readme_demo.py` from a run of `{res['command']}` — "
+        f"{_cpu_name()} · {os.cpu_count()} logical CPUs · {res['threads']} thread(s) · "
+        f"torch {torch.__version__} · commit `{_commit()}`; total {t['total']:.0f} s "
+        f"(reference {t['reference']:.0f} s, baselines {t['baselines']:.0f} s, D-ODE "
+        f"{t['d-ode']:.0f} s, EPD {t['epd']:.0f} s"
+        + (f", AMED {t['amed']:.0f} s" if "amed" in t else "")
+        + f", optional {t['optional']:.0f} s)._",
+        "",
+        f"Model `{res['model']}` (shape {res['shape']}), {res['num_samples']} samples "
+        f"(seeds {res['seeds']}" + (", class label = seed % 10" if res.get("class_labels") else "")
+        + "), the same noise for every solver. `*` marks the lowest RMSE at each NFE.",
+        "",
+        table,
+        "",
+    ]
+    if skipped:
+        lines.append("Skipped: " + "; ".join(f"{s['solver']} NFE {s['nfe']} ({s['reason']})"
+                                              for s in skipped) + ".")
+        lines.append("")
+    lines += [
+        f"![RMSE to the reference versus latency NFE]({rel}/rmse_vs_nfe.png)",
+        "",
+        f"![Samples: rows are solvers, columns NFE]({rel}/samples_grid.png)",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def update_readme(readme: str, text: str) -> None:
+    with open(readme) as f:
+        old = f.read()
+    pat = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    if not pat.search(old):
+        raise SystemExit(f"{readme}: no {START} ... {END} block to replace")
+    new = pat.sub(lambda _: text, old, count=1)
+    tmp = readme + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, readme)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--from", dest="src", help="use an existing demo output folder")
+    ap.add_argument("--out", default="docs/demo", help="demo output folder (default docs/demo)")
+    ap.add_argument("--readme", default="README.md")
+    args, demo_args = ap.parse_known_args(argv)
+    run_dir = args.src
+    if run_dir is None:
+        run_dir = args.out
+        if os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)
+        epd = os.path.join(os.path.dirname(sys.executable), "epd")
+        subprocess.run([epd, "demo", "--out", run_dir, *demo_args], check=True)
+    update_readme(args.readme, block(run_dir, os.path.dirname(os.path.abspath(args.readme))))
+    print(f"updated {args.readme} from {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """The ``epd`` command line (also ``python -m epd_kernels``).
 
     epd demo [--out DIR] [--model NAME] [--quick]        compare every solver, write figures
-    epd distill --model M --solver epd --nfe 5 --out p.safetensors
+    epd distill --model M --solver epd|amed|d-euler... --nfe 5 --out p.safetensors
     epd sample --model M --solver epd --params p.safetensors --seeds 0-99 --out DIR|X.npz
     epd eval --samples DIR|X.npz [--model M | --data F] [--reference DIR|X.npz] [--json F]
     epd list                                             solvers, NFE rules, models
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .models.registry import DEFAULT_MODEL
 
     ap = _Parser(prog="epd", description="Few-step diffusion sampling: EPD-Solver, EPD-Plugin, "
-                 "D-ODE and baseline solvers. 'epd COMMAND --help' for details.")
+                 "AMED-Solver, AMED-Plugin, D-ODE and baseline solvers. 'epd COMMAND --help' "
+                 "for details.")
     from . import __version__
 
     ap.add_argument("--version", action="version", version=f"epd_kernels {__version__}")
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- demo
     p = sub.add_parser("demo", help="distill and compare every solver on the default model",
-                       description="Distills EPD (and EPD-Plugin when time allows) and D-ODE, "
+                       description="Distills EPD and AMED (and their plugins on iPNDM when "
+                       "time allows) and D-ODE, "
                        "samples with every solver at NFE 3, 5, 7, 9 from the same noise, and "
                        "writes a table, a sample grid, an error-vs-NFE plot, the params and a "
                        "JSON of all figures.")
@@ -96,34 +98,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive_int, default=None,
                    help="samples per solver for the metrics (default 256)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds the demo aims to stay within; EPD-Plugin is distilled only "
-                        "if it fits (default 240)")
+                   help="seconds the demo aims to stay within; EPD-Plugin and AMED-Plugin "
+                        "are distilled only if they fit (default 200)")
     p.add_argument("--threads", default="auto",
                    help="torch CPU threads, or 'auto' (default: time 1 vs all and pick)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--device", default="cpu")
 
     # ---- distill
-    p = sub.add_parser("distill", help="distill EPD / EPD-Plugin params or fit D-ODE params",
-                       description="Writes a params file (atomically). EPD runs resume from "
-                       "--checkpoint and run unchanged under torchrun (--batch-size per "
-                       "process; only rank 0 writes).")
+    p = sub.add_parser("distill", help="distill EPD / AMED params or fit D-ODE params",
+                       description="Writes a params file (atomically). EPD and AMED runs "
+                       "resume from --checkpoint and run unchanged under torchrun "
+                       "(--batch-size per process; only rank 0 writes).")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name or 'package.module:factory'")
-    p.add_argument("--solver", required=True, help="epd, epd-ipndm, d-euler, d-heun or d-ipndm")
+    p.add_argument("--solver", required=True,
+                   help="epd, epd-ipndm, amed, amed-ipndm, d-euler, d-heun or d-ipndm")
     p.add_argument("--nfe", type=_positive_int, required=True, help="latency budget")
-    p.add_argument("--num-points", type=int, default=None, help="EPD parallel points K (default 2)")
-    p.add_argument("--iterations", type=int, default=None, help="EPD iterations (default 300)")
+    p.add_argument("--num-points", type=int, default=None,
+                   help="EPD only: parallel points K (default 2)")
+    p.add_argument("--amed-form", choices=["predictor", "table"], default=None,
+                   help="AMED only: 'predictor' (default; the paper's small network, per "
+                        "sample) or 'table' (one r, delta, o per step)")
+    p.add_argument("--features", default=None,
+                   help="AMED predictor only: what it reads at each step: 'denoised' "
+                        "(default, the x0 estimate) or 'module:<dotted.name>', the output of "
+                        "that submodule of the model (the embedded digits U-Net's bottleneck "
+                        "is 'module:net.mid2'); 'epd sample' needs the same model")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="EPD / AMED iterations (default 300)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="batch per process (EPD, default 32) or fitting batch (D-ODE, default 128)")
-    p.add_argument("--lr", type=float, default=None, help="EPD learning rate (default 0.05)")
+                   help="batch per process (EPD / AMED, default 32) or fitting batch (D-ODE, "
+                        "default 128)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="EPD / AMED learning rate (default 0.05; the AMED predictor's weights "
+                        "learn at lr/10, its output biases at lr)")
     p.add_argument("--teacher-points", type=_nonneg_int, default=None,
-                   help="EPD teacher: extra points M per student interval (library default)")
+                   help="EPD / AMED teacher: extra points M per student interval (library "
+                        "default)")
     p.add_argument("--pool", default=None,
-                   help="EPD: fixed pool of N training noises with cached teacher targets, or "
-                        "'none' for fresh noise (default: the library's; 'none' for per-row "
-                        "class labels)")
-    p.add_argument("--seed", type=int, default=0, help="training noise seed")
-    p.add_argument("--checkpoint", default=None, help="EPD checkpoint file (resume)")
+                   help="EPD / AMED: fixed pool of N training noises with cached teacher "
+                        "targets, or 'none' for fresh noise (default: the library's; 'none' "
+                        "for per-row class labels)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="training noise seed (and the AMED predictor's initial weights)")
+    p.add_argument("--checkpoint", default=None, help="EPD / AMED checkpoint file (resume)")
     p.add_argument("--class-label", default=None,
                    help="conditional models: 'seed' (row %% classes, default), an int, or 'none'")
     p.add_argument("--out", required=True, help="params file (.safetensors)")
@@ -145,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", required=True, help="solver name (see 'epd list')")
     p.add_argument("--nfe", type=_positive_int, default=None,
                    help="latency budget (taken from --params when given)")
-    p.add_argument("--params", default=None, help="params file for epd / epd-ipndm / d-*")
+    p.add_argument("--params", default=None,
+                   help="params file for epd / epd-ipndm / amed / amed-ipndm / d-* (from "
+                        "'epd distill')")
     p.add_argument("--seeds", required=True, help="seeds, e.g. '0-99' or '0-9,100'")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
     grp = p.add_mutually_exclusive_group()

@@ -266,12 +266,12 @@ def test_eval_matches_direct_computation(work):
 
 @pytest.mark.slow
 def test_demo_quick(work):
-    from epd_kernels import DODEParams, EPDParams
+    from epd_kernels import AMEDParams, DODEParams, EPDParams
 
     out = work / "demo"
     p = epd("demo", "--quick", "--model", "gmm", "--no-progress", "--out", out)
     assert "| solver" in p.stdout and "RMSE to ref" in p.stdout and "FD (pixels)" in p.stdout
-    for name in ("epd", "d-euler", "d-ipndm", "ipndm", "heun"):
+    for name in ("epd", "amed", "d-euler", "d-ipndm", "ipndm", "heun"):
         assert f"| {name} " in p.stdout, name
     assert is_png(out / "samples_grid.png") and is_png(out / "rmse_vs_nfe.png")
     res = json.loads((out / "results.json").read_text())
@@ -282,11 +282,14 @@ def test_demo_quick(work):
     for key in ("solver", "nfe", "latency_nfe", "total_evals", "rmse", "fd", "wall_time_s"):
         assert key in row, key
     solvers = {(r["solver"], r["nfe"]) for r in res["results"]}
-    assert {("epd", 3), ("epd", 5), ("d-euler", 3), ("d-ipndm", 5), ("euler", 3)} <= solvers
+    assert {("epd", 3), ("epd", 5), ("amed", 3), ("amed", 5), ("d-euler", 3), ("d-ipndm", 5),
+            ("euler", 3)} <= solvers
     files = sorted((out / "params").glob("*.safetensors"))
     assert {f.name for f in files} >= {"epd-nfe3.safetensors", "d-euler-nfe5.safetensors"}
+    readers = {"d-": DODEParams, "amed": AMEDParams, "epd": EPDParams}
     for f in files:
-        (DODEParams if f.name.startswith("d-") else EPDParams).load(f)
+        reader = next(r for prefix, r in readers.items() if f.name.startswith(prefix))
+        reader.load(f)
 
 
 # --------------------------------------------------------------------------------------
@@ -378,3 +381,240 @@ def test_errors(work, epd_params, capsys):
             assert_user_error(p, *needles)
         except AssertionError as e:
             raise AssertionError(f"{' '.join(cmd[2:])}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------
+# AMED-Solver / AMED-Plugin through the command line
+
+
+def _run_concurrently(cmds, timeout=300):
+    """Runs ``python -m epd_kernels`` argument lists at once (each is mostly interpreter
+    start-up); returns their CompletedProcesses in order."""
+    procs = [(args, subprocess.Popen([sys.executable, "-m", "epd_kernels", *map(str, args)],
+                                     env=cli_env(), cwd=NEUTRAL_CWD, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)) for args in cmds]
+    out = []
+    for args, proc in procs:
+        o, e = proc.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(args, proc.returncode, o, e))
+    return out
+
+
+AMED_TINY = ["--iterations", 3, "--teacher-points", 2, "--batch-size", 4, "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def amed_files(work):
+    """AMED-Solver and AMED-Plugin, predictor and table form, distilled on gmm by the CLI."""
+    runs = {  # name -> (solver, nfe, extra options)
+        "amed-pred": ("amed", 3, []),
+        "amed-table": ("amed", 5, ["--amed-form", "table"]),
+        "plugin-pred": ("amed-ipndm", 5, ["--amed-form", "predictor", "--features",
+                                          "denoised"]),
+        "plugin-table": ("amed-ipndm", 3, ["--amed-form", "table"]),
+    }
+    files = {name: work / f"gmm-{name}.safetensors" for name in runs}
+    procs = _run_concurrently([["distill", "--model", "gmm", "--solver", solver, "--nfe", nfe,
+                                *AMED_TINY, *extra, "--out", files[name]]
+                               for name, (solver, nfe, extra) in runs.items()])
+    for p in procs:
+        assert p.returncode == 0, (p.args, p.stdout, p.stderr)
+        assert "wrote" in p.stdout, p.stdout
+    return {name: (files[name],) + runs[name][:2] for name in runs}
+
+
+def test_list_shows_amed_with_nfe_rule(capsys):
+    from epd_kernels.cli import main
+
+    assert main(["list"]) == 0
+    lines = {l.split()[0]: l for l in capsys.readouterr().out.splitlines()
+             if l.strip() and l.startswith("  ")}
+    for name in ("amed", "amed-ipndm"):
+        assert "NFE = 2*steps - 1 (analytic first step)" in lines[name], lines[name]
+        assert "1,3,5,7,9" in lines[name] and "needs --params" in lines[name]
+
+
+def test_distill_amed_both_forms_then_sample(amed_files, work):
+    """Every file loads as the AMEDParams asked for (solver, form, NFE, trained away from
+    the neutral start, settings in meta), and `epd sample` with it gives the library's
+    `sample` with the same params and noise (labels = seed % 8)."""
+    from epd_kernels import AMEDParams, make_noise, sample
+    from epd_kernels.models import load_model
+
+    m = load_model("gmm")
+    noise = make_noise(range(3), m.shape)
+    labels = torch.arange(3) % 8
+    cmds, expect = [], {}
+    for name, (path, solver, nfe) in amed_files.items():
+        p = AMEDParams.load(path)
+        form = "table" if name.endswith("table") else "predictor"
+        assert (p.solver, p.form, p.nfe, p.plugin) == (solver, form, nfe,
+                                                        solver == "amed-ipndm")
+        assert p.meta["model"] == "gmm" and p.meta["shape"] == [64]
+        assert p.meta["method"] == "amed" and p.meta["amed_form"] == form
+        assert p.meta["iterations"] == 3 and p.meta["M"] == 2 and p.meta["batch_size"] == 4
+        assert p.meta["pool"] is None  # per-row labels (gmm has 8 classes): fresh noise
+        assert p.meta["features"] == (None if form == "table" else "denoised")
+        if form == "table":  # three Adam steps moved r away from 1/2
+            assert (p.r - 0.5).abs().max() > 1e-3, p.r
+        else:  # ... and the predictor's heads away from zero
+            assert p.predictor.head_r.bias.abs().max() > 1e-3
+        out = work / f"s-{name}.npz"
+        cmds.append(["sample", "--model", "gmm", "--solver", solver, "--params", path,
+                     "--seeds", "0-2", "--no-progress", "--out", out])
+        expect[out] = (sample(m, noise, solver=solver, nfe=nfe, params=p,
+                              class_labels=labels), nfe)
+    for p, (out, (x, nfe)) in zip(_run_concurrently(cmds), expect.items()):
+        assert p.returncode == 0, (p.args, p.stdout, p.stderr)
+        # AMED has no parallel branches: total evaluations = latency NFE = nfe
+        assert f"latency NFE {nfe}, total evaluations {nfe} per sample" in p.stdout, p.stdout
+        with np.load(out) as f:
+            assert f["seeds"].tolist() == [0, 1, 2]
+            assert json.loads(str(f["run"]))["nfe"] == nfe
+            np.testing.assert_allclose(f["samples"], x.numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_amed_module_features_on_the_unet(work):
+    """--features module:net.mid2 (the embedded U-Net's bottleneck): the file records it,
+    `epd sample` with the same model hooks it (equal to the library's samples), and a
+    model without that submodule is refused with the feature source named."""
+    from epd_kernels import AMEDParams, make_noise, sample
+    from epd_kernels.cli import main
+    from epd_kernels.models import load_model
+
+    path = work / "unet-amed.safetensors"
+    epd("distill", "--model", "digits-unet", "--solver", "amed", "--nfe", 3,
+        "--features", "module:net.mid2", "--iterations", 2, "--teacher-points", 1,
+        "--batch-size", 2, "--no-progress", "--out", path)
+    p = AMEDParams.load(path)
+    assert p.features == "module:net.mid2" and p.meta["features"] == "module:net.mid2"
+    assert p.feature_dim == 4  # 64 channels at 2x2, channel-averaged
+
+    out = work / "unet-amed-samples"
+    assert main(["sample", "--model", "digits-unet", "--solver", "amed", "--params", str(path),
+                 "--seeds", "0-1", "--no-progress", "--out", str(out)]) == 0
+    m = load_model("digits-unet")
+    x = sample(m, make_noise(range(2), m.shape), solver="amed", nfe=3, params=p,
+               class_labels=torch.arange(2))
+    np.testing.assert_allclose(_load_dir(out, range(2)), x.numpy(), rtol=0, atol=1e-5)
+    # the hook is needed: predicting from "denoised" features instead would not fit
+    with pytest.raises(ValueError, match="F = 64"):
+        sample(m, make_noise(range(2), m.shape), solver="amed", nfe=3,
+               params=p.with_features("denoised"), class_labels=torch.arange(2))
+
+
+def test_amed_params_errors(work, epd_params, amed_files, capsys):
+    """Params of the wrong kind name both kinds; AMED-only and EPD-only options are refused
+    for the other solvers; bad feature specs and forms are named (exit 2, one line)."""
+    from epd_kernels.cli import main
+
+    amed3, amed_t5 = amed_files["amed-pred"][0], amed_files["amed-table"][0]
+    plugin5 = amed_files["plugin-pred"][0]
+    dode = work / "gmm-deuler3-for-amed.safetensors"
+    main(["distill", "--model", "gmm", "--solver", "d-euler", "--nfe", "3", "--batch-size", "8",
+          "--out", str(dode)])
+    base = ["sample", "--model", "gmm", "--seeds", "0-1", "--no-progress", "--out",
+            work / "err-amed"]
+    dist = ["distill", "--model", "gmm", "--nfe", 3, "--out", work / "x-amed.safetensors"]
+    cases = [
+        ([*base, "--solver", "epd", "--params", amed3],
+         ["amed params", "'amed'", "not epd params", "'epd'"]),
+        ([*base, "--solver", "epd-ipndm", "--params", plugin5],
+         ["amed params", "'amed-ipndm'", "epd params", "'epd-ipndm'"]),
+        ([*base, "--solver", "d-euler", "--params", amed_t5],
+         ["amed params", "'amed'", "d-ode params", "'d-euler'"]),
+        ([*base, "--solver", "amed", "--params", epd_params],
+         ["epd params", "'epd'", "not amed params", "'amed'"]),
+        ([*base, "--solver", "amed-ipndm", "--params", dode],
+         ["d-ode params", "'d-euler'", "amed params", "'amed-ipndm'"]),
+        ([*base, "--solver", "amed-ipndm", "--params", amed3],
+         ["params for solver 'amed'", "not 'amed-ipndm'"]),
+        ([*base, "--solver", "amed", "--params", plugin5],
+         ["params for solver 'amed-ipndm'", "not 'amed'"]),
+        ([*base, "--solver", "amed", "--params", amed3, "--nfe", 5], ["nfe=3", "--nfe 5"]),
+        ([*base, "--solver", "amed"], ["needs --params", "--solver amed"]),
+        (["sample", "--model", "digits-exact", "--solver", "amed", "--params", amed3,
+          "--seeds", "0", "--out", work / "err-amed"], ["shape [64]", "[1, 8, 8]"]),
+        ([*dist, "--solver", "amed", "--num-points", 2],
+         ["--num-points", "epd solvers", "amed"]),
+        ([*dist, "--solver", "amed-ipndm", "--num-points", 1], ["--num-points"]),
+        ([*dist, "--solver", "epd", "--amed-form", "table"],
+         ["--amed-form", "amed solvers", "epd"]),
+        ([*dist, "--solver", "epd-ipndm", "--features", "denoised"],
+         ["--features", "amed solvers", "epd-ipndm"]),
+        ([*dist, "--solver", "d-euler", "--features", "denoised"],
+         ["--features", "amed solvers", "d-euler"]),
+        ([*dist, "--solver", "amed", "--amed-form", "table", "--features", "denoised"],
+         ["--features", "table"]),
+        ([*dist, "--solver", "amed", "--features", "pixels"],
+         ["--features", "pixels", "module:net.mid2"]),
+        ([*dist, "--solver", "amed", "--amed-form", "lookup"], ["--amed-form", "lookup"]),
+        ([*dist, "--solver", "amed", "--features", "module:net.mid2", "--iterations", 1],
+         ["module:net.mid2", "no submodule"]),
+        ([*dist, "--solver", "amed", "--pool", 8], ["--pool", "per-row class labels"]),
+        ([*dist, "--solver", "amed", "--nfe", 4], ["cannot meet", "nfe=4", "'amed'"]),
+    ]
+    for args, needles in cases:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse errors
+            code = e.code
+        cap = capsys.readouterr()
+        try:
+            assert_user_error(subprocess.CompletedProcess(args, code, cap.out, cap.err),
+                              *needles)
+        except AssertionError as e:
+            raise AssertionError(f"{' '.join(map(str, args))}: {e}") from None
+
+
+def test_amed_checkpoint_resume_after_interrupt(work, monkeypatch, capsys):
+    """An AMED run interrupted (Ctrl-C) in its third iteration leaves a checkpoint; the
+    same command resumes from it and ends with the params of an uninterrupted run; the
+    finished checkpoint returns them at once; other AMED settings are refused."""
+    import importlib
+
+    from epd_kernels import AMEDParams
+    from epd_kernels.cli import main
+
+    # (`epd_kernels.distill` the attribute is the function; the module is in sys.modules)
+    loop = importlib.import_module("epd_kernels.distill.loop")
+    ck = work / "amed-ck.pt"
+    once, resumed, again = (work / f"amed-ck-{n}.safetensors" for n in ("once", "res", "again"))
+    args = ["distill", "--model", "gmm", "--solver", "amed", "--nfe", "3", "--iterations", "4",
+            "--teacher-points", "2", "--batch-size", "3", "--no-progress"]
+    assert main(args + ["--out", str(once)]) == 0  # the uninterrupted run, no checkpoint
+
+    real, calls = loop.mse_loss, []
+
+    def mse_loss(a, b):  # the same loss (and name, part of the settings), then Ctrl-C
+        calls.append(1)
+        if len(calls) > 2 * 2:  # S = 2 steps: two loss terms per iteration
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    mse_loss.__qualname__ = "mse_loss"
+    monkeypatch.setattr(loop, "mse_loss", mse_loss)
+    assert main(args + ["--checkpoint", str(ck), "--out", str(resumed)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert ck.exists() and not resumed.exists()
+    assert torch.load(ck, weights_only=True)["iteration"] == 2
+    monkeypatch.setattr(loop, "mse_loss", real)
+
+    assert main(args + ["--checkpoint", str(ck), "--out", str(resumed)]) == 0
+    assert main(args + ["--checkpoint", str(ck), "--out", str(again)]) == 0
+    a, b, c = (AMEDParams.load(f) for f in (once, resumed, again))
+    sa, sb, sc = (p.predictor.state_dict() for p in (a, b, c))
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-6, atol=1e-9, msg=k)
+        assert torch.equal(sc[k], sb[k]), k
+    assert a.predictor.head_r.bias.abs().max() > 1e-3  # trained: the check is not vacuous
+    assert b.meta["iterations"] == 4 and b.meta["features"] == "denoised"
+
+    capsys.readouterr()
+    for other, needles in ((["--amed-form", "table"], ["checkpoint", "amed_form", "features"]),
+                           (["--seed", "1"], ["checkpoint", "seed"])):
+        assert main(args + other + ["--checkpoint", str(ck), "--out", str(again)]) == 2
+        err = capsys.readouterr().err
+        assert_user_error(subprocess.CompletedProcess(args, 2, "", err), *needles)

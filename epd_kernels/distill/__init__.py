@@ -1,9 +1,12 @@
-"""EPD distillation: fit EPD-Solver / EPD-Plugin parameters to an accurate teacher.
+"""Distillation: fit EPD-Solver / EPD-Plugin or AMED-Solver / AMED-Plugin parameters to
+an accurate teacher.
 
-    params = distill(denoiser, nfe=5, shape=(C, H, W), num_points=2)
+    params = distill(denoiser, nfe=5, shape=(C, H, W), num_points=2)      # EPDParams
     x0 = sample(denoiser, noise, solver="epd", params=params)
+    params = distill(denoiser, nfe=5, shape=(C, H, W), method="amed")     # AMEDParams
+    x0 = sample(denoiser, noise, solver="amed", params=params)
 
-Method (DESIGN.md section 1; arXiv 2507.14797):
+Method (DESIGN.md section 1; EPD: arXiv 2507.14797, AMED: arXiv 2312.00094):
 
 * Student grid: ``get_sigmas`` of the schedule (default polynomial, rho = 7, sigma in
   [0.002, 80]) with ``S = (nfe + afs) / 2`` steps.
@@ -11,13 +14,39 @@ Method (DESIGN.md section 1; arXiv 2507.14797):
   points inside every interval (`teacher.refine_sigmas`), run without autograd from the
   same starting state ``noise * sigma_max``; its states at the student sigmas are the
   targets (`teacher.teacher_targets`).
-* Student: `epd_sampler` unrolled with ``return_trajectory=True`` on `EPDParams` whose
-  tensors are differentiable images of free latents (`latent.LatentEPD`:
-  ``r = sigmoid(a)``, ``weights = softmax(b)``, ``delta = delta_max tanh(c)``,
-  ``o = o_max tanh(e)``, bounds 0.1 / 0.1 by default), started from `EPDParams.init`
-  (or ``init=``). The fused `epd_step` backward carries gradients to weights and o (and
-  to the states), the denoiser carries them to r and delta; its weights are frozen
-  (``requires_grad_(False)`` for the run, restored afterwards).
+* Student (`students`): what is optimised and how it is unrolled is the only part that
+  depends on the method. A student has a ``module`` (the nn.Module Adam optimises; its
+  state_dict is the checkpoint's "latent"), ``param_groups()``, ``unroll(x, **cond)``
+  (the sampler run differentiably with ``return_trajectory=True``) and ``export(meta)``
+  (detached, validated params); the loop, the teacher, checkpoints and the
+  multi-process averaging are shared.
+
+  - EPD (``method="epd"``, default; `EPDStudent`): `epd_sampler` on `EPDParams` whose
+    tensors are differentiable images of free latents (`latent.LatentEPD`:
+    ``r = sigmoid(a)``, ``weights = softmax(b)``, ``delta = delta_max tanh(c)``,
+    ``o = o_max tanh(e)``, bounds 0.1 / 0.1 by default), started from `EPDParams.init`
+    (or ``init=``); K = ``num_points`` branches (default 2).
+  - AMED (``method="amed"``, arXiv 2312.00094; `AMEDStudent`): `amed_sampler` (one
+    intermediate point per step, ``plugin=True`` for AMED-Plugin on iPNDM) on
+    `AMEDParams`, started from the neutral `AMEDParams.init` (r = 1/2, delta = o = 0:
+    DPM-Solver-2, or iPNDM on the refined grid) or ``init=``. ``amed_form="predictor"``
+    (default, the paper's) trains a copy of the `AMEDPredictor` (hidden 128, bottleneck
+    4, 8 time channels; heads start at zero), which maps per-sample ``features`` read at
+    each main point (``"denoised"`` by default, ``"module:<name>"`` for a submodule's
+    output such as a U-Net bottleneck, or a callable; always detached, zeros on the AFS
+    step) to r, delta, o; ``amed_form="table"`` learns one r, delta, o per step
+    (`latent.LatentAMEDTable`). Bounds: the paper's ``delta_max = 0.2``, ``o_max = 0.01``.
+    Learning rates: the predictor's three head biases (one logit each, like a table
+    latent) learn at ``lr``, all its other weights at ``lr * WEIGHT_LR_SCALE`` (0.1):
+    Adam moves every parameter by about lr per step, and a weight feeds ~20 inputs into
+    a logit, so at the full rate the sigmoids saturated within the first iterations on
+    the 64-dim mixture (r -> 0, delta and o at their bounds) and training stalled at
+    twice the loss. The other defaults are the shared ones below.
+
+  The fused `epd_step` backward carries gradients to the weights and o (and to the
+  states), the denoiser carries them to r and delta (and to the predictor through them);
+  the denoiser's weights are frozen (``requires_grad_(False)`` for the run, restored
+  afterwards).
 * Loss: ``sum_n loss(x_n, y_n)`` over the S student states, default the mean squared
   distance (`mse_loss`); ``loss=callable(student, teacher) -> scalar`` replaces it (e.g.
   a feature distance). It must be a mean over the batch for multi-process runs.
@@ -28,7 +57,8 @@ Method (DESIGN.md section 1; arXiv 2507.14797):
 * A non-finite loss or gradient skips the step with a RuntimeWarning; ``max_failures``
   (5) in a row raise RuntimeError.
 
-Defaults, found by experiment on the 64-dim Gaussian mixture of
+Defaults (shared by EPD and AMED; chosen for EPD), found by experiment on the 64-dim
+Gaussian mixture of
 benchmarks/bench_distill.py (8 components, NFE 5, K = 2, RMSE to the ODE solution on 1024
 held-out draws, 2 seeds each; the 64-dim Gaussian in brackets)::
 
@@ -60,17 +90,21 @@ GPU): ``batch_size`` is per process; rank r takes rows ``[r b, (r + 1) b)`` of t
 batch of iteration i, so W processes with batch b train exactly like one with batch W b;
 the loss and gradients are averaged with one all-reduce per iteration; only rank 0 writes
 the checkpoint (every rank reads it on resume: use a shared file system) and shows the
-progress bar; the teacher pass over a pool is split between the ranks. Conditioning tensors whose leading dimension
-is the global batch are sliced per rank; other conditioning is passed as is.
+progress bar; the teacher pass over a pool is split between the ranks. Conditioning
+tensors whose leading dimension is the global batch are sliced per rank; other
+conditioning is passed as is. The AMED predictor's initial weights come from a generator
+seeded with ``seed``, so every rank starts from the same network.
 """
 from .checkpoint import load_checkpoint, save_checkpoint
-from .latent import DELTA_MAX, O_MAX, LatentEPD
+from .latent import DELTA_MAX, O_MAX, LatentAMEDTable, LatentEPD
 from .loop import (DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_M, DEFAULT_POOL,
-                   cosine_lr, distill, mse_loss)
+                   METHODS, cosine_lr, distill, mse_loss)
+from .students import WEIGHT_LR_SCALE, AMEDStudent, EPDStudent
 from .noise import row_seed, training_noise
 from .teacher import refine_sigmas, teacher_targets
 
-__all__ = ["distill", "mse_loss", "cosine_lr", "LatentEPD", "DELTA_MAX", "O_MAX",
+__all__ = ["distill", "mse_loss", "cosine_lr", "LatentEPD", "LatentAMEDTable", "EPDStudent",
+           "AMEDStudent", "WEIGHT_LR_SCALE", "METHODS", "DELTA_MAX", "O_MAX",
            "refine_sigmas", "teacher_targets", "training_noise", "row_seed",
            "save_checkpoint", "load_checkpoint", "DEFAULT_ITERATIONS", "DEFAULT_BATCH_SIZE",
            "DEFAULT_LR", "DEFAULT_M", "DEFAULT_POOL"]

@@ -3,8 +3,13 @@
 A checkpoint is one ``torch.save`` file holding
 
     version, settings (the run's settings, compared on resume), iteration (next to run),
-    latent (LatentEPD state_dict), optimizer (Adam state_dict), torch_rng (CPU RNG state),
-    failures (consecutive skipped steps), losses (per iteration), elapsed (seconds so far)
+    latent (the student's module state_dict: `LatentEPD` for EPD, `LatentAMEDTable` or
+    the `AMEDPredictor` for AMED; the key keeps its historical name), optimizer (Adam
+    state_dict), torch_rng (CPU RNG state), failures (consecutive skipped steps), losses
+    (per iteration), elapsed (seconds so far)
+
+The settings include the method and, for AMED, the form and the feature source, so an
+AMED checkpoint is never resumed as EPD (or with other features) and vice versa.
 
 The learning rate is a pure function of the iteration and the noise a pure function of
 (seed, iteration, row), so nothing else is needed to continue exactly. Files are written

@@ -1,4 +1,4 @@
-"""`epd demo`: distil EPD and D-ODE, compare every solver at equal latency, draw it.
+"""`epd demo`: distil EPD, AMED and D-ODE, compare every solver at equal latency, draw it.
 
 On one model (default the embedded digits U-Net, class-conditional, labels = seed % 10):
 
@@ -7,21 +7,41 @@ On one model (default the embedded digits U-Net, class-conditional, labels = see
    steps on a subset and reported (about 1e-4, 200x below the best 9-NFE solver);
 2. every solver of `solver_names()` that needs no params (aliases skipped) at NFE
    3, 5, 7, 9 (a budget a solver cannot meet is skipped and listed);
-3. D-ODE (d-euler, d-ipndm; closed-form fit) and EPD (distilled) at NFE 3 and 5; all
-   sampled from the same noise;
-4. optional runs, each only if its estimated time still fits ``--budget`` (default
+3. D-ODE (d-euler, d-ipndm; closed-form fit) at NFE 3 and 5;
+4. EPD (distilled, K = 2) at NFE 3 and 5;
+5. AMED-Solver (distilled, predictor form reading the denoised main-point estimate) at
+   NFE 3 and 5, with EPD's training settings (40 iterations of batch 16, DPM-Solver-2
+   teacher with M = 3); all distilled solvers are sampled from the same noise;
+6. optional runs, each only if its estimated time still fits ``--budget`` (default
    200 s): parallel solvers above NFE 5 (ParaDiGMS spends ~NFE^2 evaluations, ~180 per
-   sample at NFE 9), then EPD-Plugin (epd-ipndm) at NFE 5 and 3; skipped runs are
-   listed with the reason;
-5. a table (RMSE to the reference, Frechet distance in pixel space to the data, latency
+   sample at NFE 9), then the plugins on iPNDM, EPD-Plugin (epd-ipndm) and AMED-Plugin
+   (amed-ipndm), at NFE 5 and then 3; skipped runs are listed with the reason;
+7. a table (RMSE to the reference, Frechet distance in pixel space to the data, latency
    NFE, total evaluations, wall time) printed and saved, ``samples_grid.png`` (rows =
    solvers, columns = NFE), ``rmse_vs_nfe.png``, the params under ``params/`` and
-   ``results.json`` with every figure.
+   ``results.json`` with every figure and the time of each stage (``timings``: reference,
+   baselines, d-ode, epd, amed, optional, outputs, total).
 
 ``--quick`` uses tiny settings (seconds) for tests and runs everything. The default
 settings were chosen to finish in about 2-3 minutes on 2 CPU cores; the threads are
 picked by timing one batch with 1 and with all cores (a busy machine is often much faster
 with one).
+
+AMED's settings (`AMED_FEATURES`, `AMED_LR`, `AMED_PLUGIN_LR`) come from one experiment on
+digits-unet (40 iterations of batch 16, M = 3, training seeds 0 and 1, RMSE to the
+60-step reference on the demo's 256 samples). The predictor's input: the denoised
+estimate ("denoised", 64 values) beat the U-Net bottleneck ("module:net.mid2", 4 values)
+in all 7 matched runs: NFE 5, lr 0.05 / 0.1 / 0.2 / 0.4: 0.146 / 0.136-0.138 /
+0.127-0.137 / 0.128 against 0.171 / 0.145-0.151 / 0.143-0.150 / 0.130; NFE 3, lr 0.2:
+0.211 against 0.223. So the demo reads "denoised" (and would fall back to it anyway for a
+model without ``net.mid2``). The learning rate: 0.2 for AMED-Solver (0.4 gave the same),
+0.05 for AMED-Plugin (NFE 5: 0.140-0.151 at 0.05, 0.149-0.157 at 0.1, 0.159 at 0.2;
+NFE 3: 0.165-0.166 at all three), which starts from iPNDM on the refined grid, much
+closer to the teacher than AMED-Solver's DPM-Solver-2 start (neutral RMSE at NFE 5:
+0.33 and 0.45; at NFE 3: 0.19 and 3.7). With these short runs the table form was
+better than the predictor at NFE 5 (0.088 at lr 0.2): its per-step values learn at the
+full rate, while the predictor tells the steps apart through weights that learn at a
+tenth of it; the demo shows the paper's predictor.
 """
 from __future__ import annotations
 
@@ -44,6 +64,13 @@ from .resolve import (check_budget, class_labels_for, is_alias, load_model_or_fa
 
 __all__ = ["run_demo", "DemoConfig", "DEFAULT", "QUICK"]
 
+# AMED settings, from the experiment in the module docstring (digits-unet, 40 iterations of
+# batch 16, M = 3, RMSE to the reference on the demo's 256 samples): the main-point x0
+# estimate beat the U-Net bottleneck as the predictor's input in every matched run.
+AMED_FEATURES = "denoised"
+AMED_LR = 0.2
+AMED_PLUGIN_LR = 0.05
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
@@ -59,6 +86,9 @@ class DemoConfig:
     plugin_lr: float = 0.2            # EPD-Plugin starts further from its optimum
     epd_teacher_points: int = 3       # M: DPM-Solver-2 teacher with 4 sub-steps per step
     num_points: int = 2
+    amed_features: str = AMED_FEATURES  # falls back to "denoised" without that submodule
+    amed_lr: float = AMED_LR
+    amed_plugin_lr: float = AMED_PLUGIN_LR
     dode_solvers: Tuple[str, ...] = ("d-euler", "d-ipndm")
     dode_batch: int = 64
     dode_teacher_factor: int = 10     # teacher sub-steps per student step
@@ -237,7 +267,7 @@ def run_demo(args) -> int:
 
     # ---- reference
     t0 = time.perf_counter()
-    _log(f"[1/5] reference: {cfg.ref_solver} with {cfg.ref_nfe} steps")
+    _log(f"[1/7] reference: {cfg.ref_solver} with {cfg.ref_nfe} steps")
     ref, ref_st, ref_wall = run(cfg.ref_solver, cfg.ref_nfe, progress=args.progress)
     m = min(cfg.ref_check_samples, N)
     half = sample(model, noise[:m], solver=cfg.ref_solver, nfe=cfg.ref_nfe // 2,
@@ -295,7 +325,7 @@ def run_demo(args) -> int:
         c = cost.get(s)
         return c is not None and c[1] > 2 * c[0]
 
-    _log(f"[2/5] baselines: {len(baselines)} solvers x NFE {list(cfg.nfes)}")
+    _log(f"[2/7] baselines: {len(baselines)} solvers x NFE {list(cfg.nfes)}")
     bar = _bar(len(jobs), "baselines", args.progress)
     for s, n in jobs:
         if n > cfg.defer_above and expensive(s):
@@ -335,7 +365,7 @@ def run_demo(args) -> int:
     from ..dode_fit import fit_dode
 
     t0 = time.perf_counter()
-    _log(f"[3/5] D-ODE: {', '.join(cfg.dode_solvers)} at NFE {list(cfg.distill_nfes)} "
+    _log(f"[3/7] D-ODE: {', '.join(cfg.dode_solvers)} at NFE {list(cfg.distill_nfes)} "
          f"(closed form, batch {cfg.dode_batch})")
     for name in cfg.dode_solvers:
         for nfe in cfg.distill_nfes:
@@ -350,42 +380,57 @@ def run_demo(args) -> int:
 
     from ..distill import distill
 
-    def distill_epd(name, nfe):
+    amed_features = _amed_features(cfg.amed_features, model)
+    seconds: Dict[Tuple[str, int], float] = {}   # (solver, nfe) -> distillation time
+
+    def distill_one(name, nfe):
+        """EPD, AMED or a plugin of either, with the demo's training settings."""
         t1 = time.perf_counter()
-        p = distill(model, nfe=nfe, shape=shape, num_points=cfg.num_points,
-                    plugin=name == "epd-ipndm", iterations=cfg.epd_iterations,
-                    batch_size=cfg.epd_batch,
-                    lr=cfg.plugin_lr if name == "epd-ipndm" else cfg.epd_lr,
-                    M=cfg.epd_teacher_points,
-                    pool=None, device=device, progress=args.progress,
-                    **cond_for(range(cfg.epd_batch)))
+        if name.startswith("amed"):
+            method = dict(method="amed", amed_form="predictor", features=amed_features,
+                          lr=cfg.amed_plugin_lr if name == "amed-ipndm" else cfg.amed_lr)
+        else:
+            method = dict(num_points=cfg.num_points,
+                          lr=cfg.plugin_lr if name == "epd-ipndm" else cfg.epd_lr)
+        p = distill(model, nfe=nfe, shape=shape, plugin=name.endswith("-ipndm"),
+                    iterations=cfg.epd_iterations, batch_size=cfg.epd_batch,
+                    M=cfg.epd_teacher_points, pool=None, device=device,
+                    progress=args.progress, **method, **cond_for(range(cfg.epd_batch)))
         sec = time.perf_counter() - t1
+        seconds[(name, nfe)] = sec
         save(p, name, nfe, sec)
         sample_distilled(name, nfe, p)
-        return sec
 
     t0 = time.perf_counter()
-    _log(f"[4/5] EPD: distilling at NFE {list(cfg.distill_nfes)} (K={cfg.num_points}, "
+    _log(f"[4/7] EPD: distilling at NFE {list(cfg.distill_nfes)} (K={cfg.num_points}, "
          f"{cfg.epd_iterations} iterations of batch {cfg.epd_batch})")
-    epd_seconds = {}
     for nfe in cfg.distill_nfes:
-        epd_seconds[nfe] = distill_epd("epd", nfe)
+        distill_one("epd", nfe)
     timings["epd"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _log(f"[5/7] AMED: distilling the predictor (features {amed_features!r}) at NFE "
+         f"{list(cfg.distill_nfes)} ({cfg.epd_iterations} iterations of batch "
+         f"{cfg.epd_batch})")
+    for nfe in cfg.distill_nfes:
+        distill_one("amed", nfe)
+    timings["amed"] = time.perf_counter() - t0
 
     # ---- optional work, in order, each only if its estimated time fits the budget
     t0 = time.perf_counter()
     optional = [("baseline", s, n) for s, n in deferred]
-    optional += [("plugin", "epd-ipndm", n) for n in sorted(cfg.distill_nfes, reverse=True)]
+    for n in sorted(cfg.distill_nfes, reverse=True):
+        optional += [("plugin", "epd-ipndm", n), ("plugin", "amed-ipndm", n)]
     reserve = 5.0  # figures and files
 
     def estimate(kind, s, n):
-        if kind == "plugin":
-            return 1.15 * epd_seconds[n]
+        if kind == "plugin":  # a plugin costs what its solver cost at the same NFE
+            return 1.15 * seconds[(s[:-len("-ipndm")], n)]
         n0, evals0, spe = cost[s]
         return evals0 * (n / n0) ** 2 * N * spe  # parallel solvers: evaluations ~ NFE^2
 
     if optional:
-        _log(f"[4/5] optional runs within the {cfg.budget_s:.0f} s budget: "
+        _log(f"[6/7] optional runs within the {cfg.budget_s:.0f} s budget: "
              + ", ".join(f"{s} NFE {n}" for _, s, n in optional))
     for kind, s, n in optional:
         elapsed = time.perf_counter() - t_start
@@ -396,8 +441,9 @@ def run_demo(args) -> int:
             skipped.append({"solver": s, "nfe": n, "reason": reason})
             _log(f"  skipped {s} at NFE {n}: {reason}")
         elif kind == "plugin":
-            _log(f"  EPD-Plugin (epd-ipndm) at NFE {n}, about {need:.0f} s")
-            distill_epd("epd-ipndm", n)
+            what = "EPD-Plugin" if s == "epd-ipndm" else "AMED-Plugin"
+            _log(f"  {what} ({s}) at NFE {n}, about {need:.0f} s")
+            distill_one(s, n)
         else:
             _log(f"  {s} at NFE {n}, about {need:.0f} s")
             run_baseline(s, n)
@@ -405,7 +451,7 @@ def run_demo(args) -> int:
 
     # ---- outputs
     t0 = time.perf_counter()
-    _log("[5/5] figures and files")
+    _log("[7/7] figures and files")
     files = {"params": [p["path"] for p in params_files]}
     grid_path = os.path.join(out, "samples_grid.png")
     plot_path = os.path.join(out, "rmse_vs_nfe.png")
@@ -458,6 +504,19 @@ def run_demo(args) -> int:
     _log("files: " + ", ".join([json_path] + [v for k, v in files.items()
                                                 if isinstance(v, str) and v != json_path]))
     return 0
+
+
+def _amed_features(spec: str, model) -> str:
+    """``spec`` if the model can give it (a ``module:`` spec needs that submodule),
+    else "denoised", which every denoiser gives."""
+    if spec == "denoised":
+        return spec
+    name = spec[len("module:"):]
+    try:
+        model.get_submodule(name)
+    except AttributeError:  # no such submodule, or not an nn.Module at all
+        return "denoised"
+    return spec
 
 
 def _bar(total, desc, enabled):

@@ -1,15 +1,20 @@
-"""`epd distill`: EPD / EPD-Plugin distillation or D-ODE fitting, to a params file.
+"""`epd distill`: EPD / AMED distillation or D-ODE fitting, to a params file.
 
-* ``epd``, ``epd-ipndm``: `epd_kernels.distill` (Adam against a DPM-Solver-2 teacher
-  with ``--teacher-points`` M extra points per interval; training noise fresh every
-  iteration or drawn from a fixed ``--pool``, whose teacher targets are cached; per-row
-  class labels need fresh noise, so conditional models use ``pool=None`` unless one
-  label is given); resumable with ``--checkpoint``; under torchrun every process takes
-  ``--batch-size`` rows of the global batch and gradients are averaged, so W processes
-  with batch b train exactly like one with batch W b; only rank 0 writes.
+* ``epd``, ``epd-ipndm`` (EPD-Solver / EPD-Plugin, ``--num-points`` K branches) and
+  ``amed``, ``amed-ipndm`` (AMED-Solver / AMED-Plugin, ``--amed-form predictor|table``,
+  the predictor reading ``--features denoised|module:<name>``): `epd_kernels.distill`
+  (Adam against a DPM-Solver-2 teacher with ``--teacher-points`` M extra points per
+  interval; training noise fresh every iteration or drawn from a fixed ``--pool``, whose
+  teacher targets are cached; per-row class labels need fresh noise, so conditional
+  models use ``pool=None`` unless one label is given); resumable with ``--checkpoint``;
+  under torchrun every process takes ``--batch-size`` rows of the global batch and
+  gradients are averaged, so W processes with batch b train exactly like one with batch
+  W b; only rank 0 writes.
 * ``d-euler``, ``d-heun``, ``d-ipndm``: `fit_dode` (closed-form least squares against a
   10x-step Heun teacher on ``--batch-size`` samples, default 128); computed by rank 0.
 
+An option of one family given to another (``--num-points`` for AMED, ``--amed-form`` or
+``--features`` for EPD or D-ODE, the training options for D-ODE) is a `UserError`.
 Conditional models are distilled with labels ``row % num_classes`` (``--class-label L``
 for one class, ``none`` for unconditional). The params record the model spec and the
 sample shape in their ``meta``, which `epd sample` checks.
@@ -20,10 +25,11 @@ import os
 import sys
 import time
 
+from ..amed_params import AMED_FORMS
 from .distributed import distributed_context, local_device
 from .errors import UserError, one_line
-from .resolve import (DISTILLABLE, check_budget, class_labels_for, load_model_or_fail,
-                      model_shape, parse_class_label)
+from .resolve import (AMED_SOLVERS, DISTILLABLE, EPD_SOLVERS, check_budget, class_labels_for,
+                      load_model_or_fail, model_shape, parse_class_label)
 from . import outputs
 
 __all__ = ["run_distill"]
@@ -34,14 +40,16 @@ def run_distill(args) -> int:
     if solver not in DISTILLABLE:
         raise UserError(f"cannot distill solver {args.solver!r}; distillable solvers: "
                         f"{', '.join(DISTILLABLE)}")
-    is_epd = solver in ("epd", "epd-ipndm")
-    if not is_epd:
-        given = [f"--{n.replace('_', '-')}" for n in ("num_points", "iterations", "lr",
-                                                      "checkpoint", "pool", "teacher_points")
-                 if getattr(args, n) is not None]
+    trained = solver in EPD_SOLVERS + AMED_SOLVERS
+    _check_option_family(args, solver)
+    if not trained:
+        given = _given(args, ("num_points", "iterations", "lr", "checkpoint", "pool",
+                              "teacher_points"))
         if given:
-            raise UserError(f"{', '.join(given)} only apply to the EPD solvers; D-ODE "
-                            f"({solver}) is fitted in closed form")
+            raise UserError(f"{', '.join(given)} only apply to the EPD and AMED solvers; "
+                            f"D-ODE ({solver}) is fitted in closed form")
+    if solver in AMED_SOLVERS:
+        _features(args)  # option errors before the model is loaded
     check_budget(solver, args.nfe)
     for name in ("num_points", "iterations", "batch_size"):
         v = getattr(args, name)
@@ -61,8 +69,8 @@ def run_distill(args) -> int:
 
     with distributed_context(args.device) as dist:
         t0 = time.perf_counter()
-        if is_epd:
-            params = _distill_epd(args, solver, model, shape, label_mode, dist)
+        if trained:
+            params = _distill(args, solver, model, shape, label_mode, dist)
         else:
             params = None
             if dist.is_main:
@@ -82,9 +90,52 @@ def run_distill(args) -> int:
     return 0
 
 
-def _distill_epd(args, solver, model, shape, label_mode, dist):
+def _given(args, names):
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
+
+
+def _check_option_family(args, solver) -> None:
+    """Options that only one family of solvers reads are refused for the others."""
+    if solver in AMED_SOLVERS:
+        given = _given(args, ("num_points",))
+        if given:
+            raise UserError(f"{', '.join(given)} only applies to the EPD solvers (epd, "
+                            f"epd-ipndm); AMED ({solver}) has one intermediate point per step")
+    else:
+        given = _given(args, ("amed_form", "features"))
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to the AMED solvers (amed, "
+                            f"amed-ipndm), not to {solver}")
+
+
+def _features(args):
+    """``--features`` as the library's feature spec (None for the table form)."""
+    form = args.amed_form or "predictor"
+    if form not in AMED_FORMS:
+        raise UserError(f"--amed-form must be one of {', '.join(AMED_FORMS)}, got "
+                        f"{args.amed_form!r}")
+    if form == "table":
+        if args.features is not None:
+            raise UserError("--features is only read by the AMED predictor; the table form "
+                            "(--amed-form table) reads no features")
+        return form, None
+    spec = args.features or "denoised"
+    if spec != "denoised" and not (spec.startswith("module:") and len(spec) > 7):
+        raise UserError(f"--features must be 'denoised' or 'module:<dotted.submodule.name>' "
+                        f"(e.g. module:net.mid2, the embedded U-Net's bottleneck), got "
+                        f"{spec!r}")
+    return form, spec
+
+
+def _distill(args, solver, model, shape, label_mode, dist):
+    """EPD or AMED by `epd_kernels.distill`, with the command line's conditioning."""
     from ..distill import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_LR, distill
 
+    if solver in AMED_SOLVERS:
+        form, features = _features(args)
+        method = dict(method="amed", amed_form=form, features=features)
+    else:
+        method = dict(num_points=args.num_points or 2)
     bs = args.batch_size or DEFAULT_BATCH_SIZE
     cond = {}
     labels = class_labels_for(model, range(bs * dist.world), label_mode)
@@ -103,12 +154,11 @@ def _distill_epd(args, solver, model, shape, label_mode, dist):
     if args.teacher_points is not None:
         extra["M"] = args.teacher_points
     try:
-        return distill(model, nfe=args.nfe, shape=shape, num_points=args.num_points or 2,
-                       plugin=solver == "epd-ipndm",
+        return distill(model, nfe=args.nfe, shape=shape, plugin=solver.endswith("-ipndm"),
                        iterations=args.iterations or DEFAULT_ITERATIONS, batch_size=bs,
                        lr=args.lr or DEFAULT_LR, seed=args.seed, device=args.device,
                        checkpoint=args.checkpoint, progress=args.progress and dist.is_main,
-                       **extra, **cond)
+                       **method, **extra, **cond)
     except ValueError as e:
         raise UserError(one_line(e)) from None
 

@@ -15,10 +15,14 @@ from .errors import UserError, one_line
 
 __all__ = ["load_model_or_fail", "model_shape", "num_classes", "check_solver", "needs_params",
            "check_budget", "budget_rule", "class_labels_for", "parse_class_label",
-           "load_params", "file_sha256", "set_threads", "DISTILLABLE", "is_alias"]
+           "load_params", "params_family", "file_sha256", "set_threads", "DISTILLABLE",
+           "EPD_SOLVERS", "AMED_SOLVERS", "is_alias"]
 
 #: Solvers `epd distill` can produce params for.
-DISTILLABLE = ("epd", "epd-ipndm", "d-euler", "d-heun", "d-ipndm")
+DISTILLABLE = ("epd", "epd-ipndm", "amed", "amed-ipndm", "d-euler", "d-heun", "d-ipndm")
+#: The distilled solvers trained by gradient descent (`epd_kernels.distill`).
+EPD_SOLVERS = ("epd", "epd-ipndm")
+AMED_SOLVERS = ("amed", "amed-ipndm")
 #: Names that are aliases of another solver (same function, same settings).
 _ALIASES = {"ddim": "euler", "d-ddim": "d-euler"}
 
@@ -138,28 +142,64 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
-                nfe: Optional[int] = None):
-    """Loads the params file of ``solver`` and checks it fits the solver, nfe and model."""
+def params_family(solver: str) -> str:
+    """The kind of params file a solver reads: "EPD", "AMED" or "D-ODE"."""
+    if solver.startswith("d-"):
+        return "D-ODE"
+    return "AMED" if solver.startswith("amed") else "EPD"
+
+
+def _file_solver(path: str) -> Optional[str]:
+    """The "solver" recorded in a params file's metadata, or None when the header cannot
+    be read (then the loader of the requested kind reports the damage)."""
+    import json
+
+    from ..fileio import read_safetensors_metadata
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        solver = json.loads(read_safetensors_metadata(data, path, "a params file")["solver"])
+    except (OSError, ValueError, KeyError):
+        return None
+    # an unknown name (a damaged file): the loader of the requested kind reports it
+    return solver if solver in solver_names() else None
+
+
+def _load_by_family(family: str, path: str):
+    from ..amed_params import AMEDParams
     from ..dode_params import DODEParams
     from ..params import EPDParams
 
+    loader = {"EPD": EPDParams, "AMED": AMEDParams, "D-ODE": DODEParams}[family]
+    return loader.load(path)
+
+
+def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
+                nfe: Optional[int] = None):
+    """Loads the params file of ``solver`` and checks it fits the solver, nfe and model.
+
+    The file's own "solver" metadata picks the loader, so a file of another kind (EPD
+    params given to an AMED solver, ...) is refused with both names, before any loading.
+    AMED params whose predictor reads a submodule (``module:<name>``) are checked against
+    the model here, so that a model without that submodule fails before sampling.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"params file not found: {path}")
-    is_dode = solver.startswith("d-")
+    want = params_family(solver)
+    made_for = _file_solver(path)
+    if made_for is None and _looks_like_dode(path):
+        made_for = "d-ode"
+    if made_for is not None and params_family(made_for) != want:
+        raise UserError(f"{path} holds {params_family(made_for)} params (for solver "
+                        f"{made_for!r}), not {want} params for {solver!r}")
     try:
-        params = DODEParams.load(path) if is_dode else EPDParams.load(path)
+        params = _load_by_family(want, path)
     except ValueError as e:
-        msg = one_line(e)
-        if is_dode and "EPD params" in msg:
-            msg = (f"{path} holds EPD params (for solver 'epd' / 'epd-ipndm'), not D-ODE "
-                   f"params for {solver!r}")
-        elif not is_dode and ("d-ode" in msg.lower() or _looks_like_dode(path)):
-            msg = f"{path} holds D-ODE params, not EPD params for {solver!r}"
-        raise UserError(msg) from None
+        raise UserError(one_line(e)) from None
     made_for = params.solver
-    if is_dode:
+    if want == "D-ODE":
         from ..dode_params import normalize_dode_base
 
         if normalize_dode_base(solver) != params.base:
@@ -177,6 +217,8 @@ def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
             raise UserError(f"{path} was distilled for samples of shape {list(p_shape)} "
                             f"(model {meta.get('model', '?')!r}) but model "
                             f"{model_spec!r} makes shape {list(shape)}")
+        if want == "AMED":
+            _check_feature_source(params, model, model_spec, path)
         p_model = meta.get("model")
         if p_model is not None and model_spec is not None and p_model != model_spec:
             import warnings
@@ -184,6 +226,20 @@ def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
             warnings.warn(f"{path} was distilled on model {p_model!r}, not {model_spec!r}; "
                           f"the params will work but may be far from optimal", stacklevel=2)
     return params
+
+
+def _check_feature_source(params, model, model_spec, path) -> None:
+    """UserError unless the AMED predictor can read its features from ``model``."""
+    from ..amed_predictor import FeatureExtractor
+
+    if params.form != "predictor" or params.features == "denoised":
+        return
+    try:
+        with FeatureExtractor(params.features, model, params.feature_dim):
+            pass  # entering registers the hook: the submodule exists
+    except ValueError as e:
+        raise UserError(f"{path}: its AMED predictor reads features {params.features!r}, "
+                        f"which model {model_spec!r} cannot give: {one_line(e)}") from None
 
 
 def _looks_like_dode(path) -> bool:

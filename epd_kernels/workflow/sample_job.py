@@ -38,9 +38,9 @@ from ..sampling import make_noise, sample
 from . import outputs
 from .distributed import distributed_context, local_device
 from .errors import UserError, one_line
-from .resolve import (check_budget, check_solver, class_labels_for, file_sha256,
-                      load_model_or_fail, load_params, model_shape, needs_params,
-                      parse_class_label)
+from .resolve import (AMED_SOLVERS, EPD_SOLVERS, check_budget, check_solver,
+                      class_labels_for, file_sha256, load_model_or_fail, load_params,
+                      model_shape, needs_params, parse_class_label)
 from .seeds import format_seeds, parse_seeds
 
 __all__ = ["run_sample", "MANIFEST"]
@@ -121,7 +121,7 @@ def run_sample(args) -> int:
                         f"'epd distill --solver {solver} ...')")
     if args.params and not needs_params(solver):
         raise UserError(f"solver {solver!r} takes no params; --params is only for the "
-                        f"distilled solvers (epd, epd-ipndm, d-*)")
+                        f"distilled solvers (epd, epd-ipndm, amed, amed-ipndm, d-*)")
     out = os.fspath(args.out)
     to_npz = out.lower().endswith(".npz")
     folder = out + ".parts" if to_npz else out
@@ -142,8 +142,8 @@ def run_sample(args) -> int:
             raise UserError(f"give --nfe (the latency budget) for solver {solver!r}")
         nfe = int(args.nfe)
         check_budget(solver, nfe)
-    if params is not None and hasattr(params, "to") and solver in ("epd", "epd-ipndm"):
-        params = params.to(args.device)
+    if params is not None and solver in EPD_SOLVERS + AMED_SOLVERS:
+        params = params.to(args.device)  # once, not on every batch
     class_labels_for(model, seeds[:1], label_mode)  # validates the label early
     manifest = _manifest(args, solver, nfe, shape, label_mode)
     png = (not to_npz) and outputs.image_layout(shape) is not None

@@ -51,6 +51,7 @@ from ..ops import branch_states, epd_step
 from ..reference import opmath_dtype
 from .common import afs_d
 from .epd import ipndm_direction
+from .ipndm import push_history
 
 __all__ = ["amed_sampler"]
 
@@ -66,13 +67,6 @@ def _denoise(denoiser, x, sigma, cond):
         raise ValueError(f"the denoiser returned shape {list(out.shape)} for an input of shape "
                          f"{list(x.shape)}: it must return x0_hat shaped like x")
     return out if out.dtype == x.dtype else out.to(x.dtype)
-
-
-def _push(history: List[torch.Tensor], v: torch.Tensor, max_order: int) -> None:
-    if max_order > 1:
-        history.append(v)
-        if len(history) > max_order - 1:
-            history.pop(0)
 
 
 def amed_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: AMEDParams,
@@ -160,14 +154,14 @@ def amed_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: AM
             v = ipndm_direction(d, history, max_order) if plugin else d
             x_mid = branch_states(x, v, _per_sample(t_mid - t, x))[0]
             if plugin:
-                _push(history, d, max_order)
+                push_history(history, d, max_order)
             sigma_eval = ((1.0 + delta.to(sdt)) * t_mid).expand(B)
             g = (x_mid - _denoise(denoiser, x_mid, sigma_eval, cond)) / _column(t_mid, x)
             if plugin:
                 # x' = x_mid + (1 + o) (t' - t_mid) AB(g, history)
                 x_next = epd_step(x_mid, ipndm_direction(g, history, max_order)[None], one,
                                   t_next - t_mid.expand(B), o.to(sdt))
-                _push(history, g, max_order)
+                push_history(history, g, max_order)
             else:
                 # x' = x + (1 + o) h g
                 x_next = epd_step(x, g[None], one, t_next - t, o.to(sdt))

@@ -57,7 +57,7 @@ from ..branches import BranchRunner
 from ..ops import epd_step
 from ..params import EPDParams, epd_latency_nfe, epd_total_evaluations
 from ..reference import opmath_dtype
-from .ipndm import AB_COEFFS, ab_direction
+from .ipndm import AB_COEFFS, ab_direction, push_history
 
 __all__ = ["epd_sampler", "ipndm_direction", "IPNDM_COEFFS", "epd_latency_nfe",
            "epd_total_evaluations"]
@@ -177,10 +177,8 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
             g = runner.run(x, v, t, tau, delta, **cond)
         # x_{n+1} = x_n + (1 + o_n) h sum_k lambda_k g_k   (fused, differentiable)
         x_next = epd_step(x, g, w, h, o)
-        if plugin and max_order > 1:
-            history.append(d)
-            if len(history) > max_order - 1:
-                history.pop(0)
+        if plugin:
+            push_history(history, d, max_order)
         if callback is not None:
             callback({"x": x, "x_next": x_next, "i": n, "sigma": t, "sigma_next": t_next,
                       "denoised": x - t * d if denoised is None else denoised, "grads": g})

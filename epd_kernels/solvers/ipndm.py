@@ -27,7 +27,7 @@ import torch
 
 from .common import emit, gradient, sigma_list, step_range
 
-__all__ = ["sample_ipndm", "AB_COEFFS", "ab_direction"]
+__all__ = ["sample_ipndm", "AB_COEFFS", "ab_direction", "push_history"]
 
 #: Adams-Bashforth coefficients, newest gradient first, for orders 1..4.
 AB_COEFFS = (
@@ -46,6 +46,15 @@ def ab_direction(history: List[torch.Tensor]) -> torch.Tensor:
     for c, d_old in zip(coeffs[1:], history[1:]):
         direction = direction + c * d_old
     return direction
+
+
+def push_history(history: List[torch.Tensor], v: torch.Tensor, max_order: int) -> None:
+    """Appends ``v`` to an oldest-first history that keeps the ``max_order - 1`` newest
+    gradients (what AB of order ``max_order`` needs beside the current one)."""
+    if max_order > 1:
+        history.append(v)
+        if len(history) > max_order - 1:
+            history.pop(0)
 
 
 def sample_ipndm(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optional[Callable] = None,

@@ -163,3 +163,230 @@ def test_missing_section_is_skipped(tmp_path, run_mod, monkeypatch):
     entry = machine["sections"]["zz_missing"]
     assert entry["status"] == "skipped" and "not found" in entry["reason"]
     assert run_mod.main(["--sections", "no_such_thing", "--out", str(tmp_path)]) == 2
+
+
+# --------------------------------------------------------------------------------------
+# solvers and branches sections (the `epd demo` model)
+
+
+def _finite_pos(v):
+    return _pos(v) and v < 1e6
+
+
+def test_solvers_section_smoke(tmp_path, run_mod):
+    """A tiny solvers run on every model, with supplied distilled params; checks the table
+    layout (the `epd demo` model first), the measured NFE accounting and finite RMSEs."""
+    import torch
+
+    from epd_kernels.dode_params import DODEParams
+    from epd_kernels.params import EPDParams
+    from epd_kernels.solvers import get_sigmas
+
+    mod, why = run_mod.load_section("solvers")
+    assert mod is not None, why
+    nfes = (3, 5)
+    # EPD with untrained params (2 steps with AFS = NFE 3, K = 2 -> 5 evaluations) and
+    # D-ODE with all lambdas 0, which is exactly Euler: an oracle for its RMSE.
+    epd = EPDParams.init(get_sigmas("polynomial", 2), num_points=2)
+    dode = DODEParams.zeros(get_sigmas("polynomial", 3), base="euler")
+    demo = mod.DEFAULT_MODEL
+    params = {(demo, "epd", 3): epd, (demo, "d-euler", 3): dode}
+    threads = torch.get_num_threads()
+    out = tmp_path / "results"
+    res = mod.run(True, out, samples=4, nfes=nfes, params=params)
+    assert torch.get_num_threads() == threads  # restored
+
+    models = [demo, "digits-exact", "gaussian-64", "gmm-64x8"]
+    tables = res["tables"]
+    assert [t["title"] for t in tables[:4]] == [
+        f"RMSE vs reference at sigma_min, {m}" + r for m, r in zip(
+            models, [" (the epd demo model)", " (exact denoiser of the digits)", "", ""])]
+    head = run_mod.section_tables(res)[0]  # what --readme writes: the demo model's rows
+    assert demo in head["title"] and head["columns"] == ["solver", "NFE 3", "NFE 5"]
+    baselines = mod.SOLVERS + list(mod.VARIANTS)
+    for t, m in zip(tables[:4], models):
+        names = [r["solver"] for r in t["rows"]]
+        assert names == baselines + (["epd", "d-euler"] if m == demo else []), (m, names)
+        for r in t["rows"]:
+            for n in nfes:
+                cell = r[f"NFE {n}"]
+                if r["solver"] in ("epd", "d-euler") and n == 5:
+                    assert cell is None  # no params supplied for NFE 5
+                else:
+                    assert _finite_pos(float(cell)), (m, r)
+
+    rows = res["results"]
+    assert len(rows) == 4 * len(baselines) * len(nfes) + 2
+    for r in rows:
+        assert _finite_pos(r["rmse"]) and r["finite"] and _pos(r["wall_time_s"]), r
+        assert r["latency_nfe"] == r["nfe"], r
+        want = 5 if r["solver"] == "epd" else r["nfe"]
+        assert r["total_evals"] == want == r["expected_total_evals"], r
+    by = {(r["model"], r["solver"], r["nfe"]): r for r in rows}
+    assert by[(demo, "d-euler", 3)]["rmse"] == pytest.approx(by[(demo, "euler", 3)]["rmse"],
+                                                             rel=1e-5)
+
+    # the cost tables of the two digits models: NFE columns equal the requested budgets
+    for t, m in zip(tables[4:], models[:2]):
+        assert t["title"].startswith(f"{m}: latency NFE")
+        assert t["columns"] == ["solver", "NFE", "latency NFE", "total evals", "RMSE",
+                                "wall ms"]
+        assert sorted({r["NFE"] for r in t["rows"]}) == list(nfes)
+        for r in t["rows"]:
+            assert r["latency NFE"] == r["NFE"]
+            assert _finite_pos(float(r["RMSE"])) and _pos(float(r["wall ms"]))
+    assert len(tables) == 6
+
+    for m in models[:2]:  # converged references, far below every solver's error
+        info = res["reference"][m]
+        best = min(r["rmse"] for r in rows if r["model"] == m)
+        assert 0 <= info["error_estimate"] < 0.01 * best, (m, info)
+    assert not [n for n in res["notes"] if "WARNING" in n or "MISMATCH" in n
+                or "NON-FINITE" in n], res["notes"]
+    data = json.loads((out / "solvers.json").read_text())
+    assert len(data["results"]) == len(rows) and data["config"]["models"] == models
+    body = run_mod.markdown_body("solvers", res, {"command": "python benchmarks/run.py"}, out,
+                                 tmp_path / "BENCH.md")
+    assert body.index(f"**RMSE vs reference at sigma_min, {demo}") \
+        < body.index("**RMSE vs reference at sigma_min, gaussian-64**")
+    assert "| solver | NFE 3 | NFE 5 |" in body
+    if res.get("plot"):
+        assert (out / "solvers.png").stat().st_size > 0 and "solvers.png" in body
+
+
+def test_branches_section_smoke(tmp_path):
+    """The branches section through the driver: U-Net, two batch sizes, K = 1, 2."""
+    out = tmp_path / "results"
+    md, readme = tmp_path / "BENCH.md", tmp_path / "README.md"
+    readme.write_text("# Project\n\n<!-- bench:readme-branches:start -->\nold\n"
+                      "<!-- bench:readme-branches:end -->\n\nmore text\n")
+    proc = _run_cli("--sections", "branches", "--quick", "--ks", "1,2", "--repeats", "2",
+                    "--out", str(out), "--markdown", str(md), "--readme", str(readme))
+    assert "digits-unet" in proc.stdout
+
+    data = json.loads((out / "branches.json").read_text())
+    assert data["config"]["model"] == "digits-unet" and data["config"]["repeats"] == 2
+    recs = data["records"]
+    assert [(r["B"], r["K"]) for r in recs] == [(8, 1), (8, 2), (64, 1), (64, 2)]
+    for r in recs:
+        for k in ("main_ms", "batched_ms", "sequential_ms"):
+            assert _finite_pos(r[k]), (k, r)
+        assert r["batched_over_main"] == pytest.approx(r["batched_ms"] / r["main_ms"])
+        assert r["sequential_over_batched"] == pytest.approx(r["sequential_ms"] / r["batched_ms"])
+        assert r["graph_ms"] is None  # no GPU here
+        for name, st in r["stats_ms"].items():
+            assert st["min"] <= st["median"] and _finite_pos(st["min"]), (name, st)
+    mains = {r["B"]: r["main_ms"] for r in recs}
+    assert all(r["main_ms"] == mains[r["B"]] for r in recs)  # one main timing per B
+    (table,) = data["tables"]
+    assert table["columns"][:5] == ["B", "K", "main ms", "batched ms", "sequential ms"]
+    assert [row[:2] for row in table["rows"]] == [[8, 1], [8, 2], [64, 1], [64, 2]]
+
+    block = md.read_text()
+    assert "<!-- bench:branches:start -->" in block and "| B | K | main ms |" in block
+    text = readme.read_text()
+    assert text.startswith("# Project") and text.endswith("more text\n") and "old" not in text
+    assert "digits-unet" in text and "| 64 | 2 |" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert (out / "branches.png").stat().st_size > 0 and "branches.png" in block
+
+
+def test_solvers_section_distilled_rows(tmp_path, run_mod):
+    """The distilled-solver table on the `epd demo` model with tiny fitting settings: every
+    DISTILLED solver gets a row, its params are saved, and a second run that loads them
+    with params_dir reproduces the same RMSEs."""
+    mod, why = run_mod.load_section("solvers")
+    assert mod is not None, why
+    demo = mod.DEFAULT_MODEL
+    tiny_epd = dict(iterations=2, M=1, batch_size=4)
+    tiny_dode = dict(batch_size=8, teacher_factor=2)
+    # EPD and AMED distil by gradient (iterations), D-ODE in closed form (teacher_factor).
+    settings = {s: (tiny_dode if s.startswith("d-") else tiny_epd) for s in mod.DISTILLED}
+    out = tmp_path / "fit"
+    res = mod.run(True, out, samples=4, nfes=(3,), models=[demo], distill=True,
+                  distill_settings=settings)
+    rows = {r["solver"]: r for r in res["results"]}
+    assert set(mod.DISTILLED) <= set(rows), sorted(rows)
+    for s in mod.DISTILLED:
+        r = rows[s]
+        assert r["latency_nfe"] == 3 and _finite_pos(r["rmse"]), r
+        assert r["total_evals"] == (5 if s.startswith("epd") else 3), r
+        assert (out / "distilled_params" / f"{demo}-{s}-nfe3.safetensors").exists()
+    assert [r["solver"] for r in res["tables"][0]["rows"]][-len(mod.DISTILLED):] \
+        == list(mod.DISTILLED)
+    assert not [n for n in res["notes"] if "failed" in n or "MISMATCH" in n], res["notes"]
+
+    again = mod.run(True, tmp_path / "load", samples=4, nfes=(3,), models=[demo],
+                    params_dir=str(out / "distilled_params"))
+    loaded = {r["solver"]: r["rmse"] for r in again["results"]}
+    for s in mod.DISTILLED:
+        assert loaded[s] == pytest.approx(rows[s]["rmse"], rel=1e-6), s
+    with pytest.raises(ValueError, match="distill_settings"):
+        mod.run(True, tmp_path / "bad", samples=2, nfes=(3,), models=[demo],
+                distill_settings={"no-such-solver": {}})
+
+
+# --------------------------------------------------------------------------------------
+# distill section (benchmarks/bench_distill.py): plumbing on a tiny in-process run
+
+
+def test_distill_section_smoke(tmp_path, monkeypatch, run_mod):
+    """One model, NFE 5, every distilled solver with tiny settings: JSON keys, one bar per
+    check (PASS / MISS only), finite RMSEs, params files, rendered tables. Plumbing only:
+    the tiny distillations are far from the package defaults the bars judge."""
+    import torch
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    bench = importlib.import_module("benchmarks.bench_distill")
+    monkeypatch.setitem(bench.QUICK, "test", 64)
+    monkeypatch.setattr(bench, "DISTILL_KW", dict(iterations=3, M=2, pool=32, batch_size=8))
+    monkeypatch.setattr(bench, "SEARCH_KW", dict(search_iterations=2, val_size=16,
+                                                 reference_steps=16))
+    monkeypatch.setattr(bench, "DODE_KW", dict(batch_size=16, teacher_factor=2))
+    threads = torch.get_num_threads()
+    data = bench.run(True, tmp_path, nfes=[5], models=["gaussian64"], verbose=False)
+    assert torch.get_num_threads() == threads  # restored
+
+    on_disk = json.loads((tmp_path / "distill.json").read_text())
+    for key in ("section", "config", "grids", "baselines", "distilled", "references",
+                "results", "bars", "tables", "notes", "elapsed_s"):
+        assert key in data and key in on_disk, key
+    assert on_disk["distilled"] == ["epd", "epd-ipndm", "d-euler", "d-heun", "d-ipndm"]
+    rec = data["results"]["gaussian64"]["5"]
+    assert set(rec["baselines"]) == set(bench.baseline_solvers())
+    for row in rec["baselines"].values():
+        assert set(row) == set(bench.GRIDS)
+    best = rec["best_baseline"]
+    assert best["rmse"] == min(r["rmse"] for row in rec["baselines"].values()
+                               for r in row.values() if "rmse" in r)
+    runs = {s: rec["distilled"][s]["runs"] for s in on_disk["distilled"]}
+    assert set(runs["epd"]) == {"auto", "plain"} and set(runs["epd-ipndm"]) == {"auto", "plain"}
+    assert runs["epd"]["auto"]["grid"] in bench.GRIDS
+    assert set(runs["epd"]["auto"]["search"]) == set(bench.GRIDS)
+    for s, rs in runs.items():
+        for key, r in rs.items():
+            assert _pos(r["rmse"]) and _pos(r["wall_s"]), (s, key)
+            assert (tmp_path / "distill_params" / r["file"]).is_file()
+    # bars: EPD vs every baseline (+0.6x and time at NFE 5), the plugin vs iPNDM, D-ODE vs base
+    names = [b["bar"] for b in data["bars"]]
+    assert all(isinstance(b["pass"], bool) for b in data["bars"])
+    for must in ("EPD < every baseline", "EPD <= 0.6 x best of every baseline",
+                 "EPD distill time", "EPD-Plugin < ipndm (default grid)",
+                 "EPD-Plugin distill time", "D-Euler < euler (default grid)",
+                 "D-Heun < heun (default grid)", "D-iPNDM < ipndm (default grid)"):
+        assert any(n.startswith(must) for n in names), must
+    epd = next(b for b in data["bars"] if b["bar"].startswith("EPD < every baseline ("))
+    assert math.isclose(epd["value"], runs["epd"]["auto"]["rmse"] / best["rmse"])
+    bar_table = data["tables"][1]
+    assert {r[-1] for r in bar_table["rows"]} <= {"PASS", "MISS"}
+    assert len(bar_table["rows"]) == len(data["bars"])
+    for t in data["tables"]:
+        assert all(len(r) == len(t["columns"]) for r in t["rows"]), t["title"]
+    assert "bars PASS" in data["notes"][0]
+    text = run_mod.render_text("distill", data)
+    assert "EPD (auto grid)" in text and "D-iPNDM" in text

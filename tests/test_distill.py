@@ -294,3 +294,22 @@ def test_distilled_epd_beats_euler_on_mixture_heldout():
     epd = rmse(sample(model, noise, solver="epd", params=p))
     euler = rmse(sample(model, noise, solver="euler", nfe=5))
     assert epd < 0.85 * euler, (epd, euler)
+
+
+def test_schedule_auto_is_the_schedule_search():
+    """``distill(schedule="auto")`` is `distill_auto` with the same settings: the same
+    (deterministic) params on the grid the search chose, which is one of the candidates."""
+    from epd_kernels.distill.schedule_search import DEFAULT_CANDIDATES, distill_auto
+
+    model = gaussian(8)
+    kw = dict(nfe=5, shape=(8,), iterations=6, batch_size=8, pool=64, progress=False,
+              val_size=16, search_iterations=3)
+    p = distill(model, schedule="auto", **kw)
+    q, report = distill_auto(model, **kw)
+    assert_same_params(p, q, rtol=0, atol=0)
+    from epd_kernels.sampling import _resolve_sigmas
+
+    grids = [_resolve_sigmas(c, 3) for c in DEFAULT_CANDIDATES.values()]
+    assert any(torch.allclose(p.sigmas, g.to(p.sigmas)) for g in grids), (p.sigmas, report)
+    with pytest.raises(ValueError, match="init"):
+        distill(model, schedule="auto", init=p, **kw)

@@ -142,7 +142,7 @@ def _set_flat_grads(module, flat: torch.Tensor) -> None:
 def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = None,
             plugin: bool = False, teacher: str = "dpm2", M: int = DEFAULT_M, schedule=None,
             afs: bool = True, iterations: int = DEFAULT_ITERATIONS,
-            batch_size: int = DEFAULT_BATCH_SIZE, lr: float = DEFAULT_LR, seed: int = 0,
+            batch_size: int = DEFAULT_BATCH_SIZE, lr: Optional[float] = None, seed: int = 0,
             device=None, checkpoint=None, progress: bool = True,
             loss: Optional[Callable] = None, max_order: int = 4, insert: str = "polynomial",
             checkpoint_every: int = 25, dtype: torch.dtype = torch.float32,
@@ -168,7 +168,10 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
         plugin: the plugin on iPNDM (``max_order``): EPD-Plugin, or AMED-Plugin.
         teacher: "dpm2" or "heun". M: points inserted in every student interval.
             insert: "polynomial" (uniform in sigma^(1/rho)) or "logsnr" / "geometric".
-        schedule: None (polynomial, rho 7, sigma 0.002..80), a kind name, a dict of
+        schedule: "auto" (the grid is chosen among `schedule_search.DEFAULT_CANDIDATES`
+            by short distillations scored on held-out validation noise, then the winner
+            is distilled in full; about 2.7 plain runs; lr defaults to 0.1 there), or
+            None (polynomial, rho 7, sigma 0.002..80), a kind name, a dict of
             `get_sigmas` arguments, or explicit sigmas (as in `sample`).
         afs: analytic first step (default on).
         iterations, batch_size (per process), lr: Adam with cosine decay.
@@ -210,6 +213,27 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
             written with other settings. RuntimeError: ``max_failures`` non-finite steps
             in a row.
     """
+    if isinstance(schedule, str) and schedule == "auto":
+        # The grid is chosen on held-out noise among candidate grids, then distilled in full
+        # (`schedule_search.distill_auto`); it travels inside the returned params.
+        from .schedule_search import distill_auto
+
+        auto_kw = dict(num_points=num_points, teacher=teacher, M=M, afs=afs,
+                       iterations=iterations, batch_size=batch_size, seed=seed, device=device,
+                       checkpoint=checkpoint, progress=progress, loss=loss,
+                       max_order=max_order, insert=insert, checkpoint_every=checkpoint_every,
+                       dtype=dtype, delta_max=delta_max, o_max=o_max,
+                       max_failures=max_failures, pool=pool, method=method,
+                       amed_form=amed_form, features=features)
+        if init is not None:
+            raise ValueError("init= cannot be combined with schedule='auto' (each candidate "
+                             "grid starts from its own neutral parameters)")
+        if lr is not None:
+            auto_kw["lr"] = lr
+        params, _ = distill_auto(denoiser, nfe=nfe, shape=shape, plugin=plugin, **auto_kw,
+                                 **cond)
+        return params
+    lr = DEFAULT_LR if lr is None else lr
     # ---- arguments
     nfe = _int_arg("nfe", nfe, 1)
     if method not in METHODS:

@@ -1,0 +1,213 @@
+"""Automatic grid choice for distilled EPD (epd_kernels/distill/schedule_search.py): the
+winner is the candidate with the lowest validation RMSE (checked against the closed-form
+ODE solution), validation noise never overlaps the training noise, ties go to the first
+candidate, and bad arguments are refused by name."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill_helpers.problems import F64, gaussian
+from epd_kernels import get_sigmas, make_noise, sample
+from epd_kernels.distill import batches as batches_mod
+from epd_kernels.distill import row_seed, schedule_search
+from epd_kernels.distill.schedule_search import (DEFAULT_CANDIDATES, choose_schedule,
+                                                 distill_auto, training_seeds,
+                                                 validation_seeds)
+
+pytestmark = pytest.mark.filterwarnings("ignore:epd_kernels. using the plain-PyTorch reference")
+
+#: A tiny, fast search: 8-dim Gaussian, float64, a few iterations.
+TINY = dict(nfe=5, shape=(8,), iterations=6, M=3, batch_size=8, pool=64, lr=0.05, seed=1,
+            dtype=F64, val_size=48, reference_steps=24)
+#: A grid that wastes two of its three steps above sigma = 70: clearly the worst.
+BAD_GRID = [80.0, 79.0, 78.0, 0.002]
+CANDS = {"poly7": DEFAULT_CANDIDATES["poly7"], "bad": BAD_GRID, "time-uniform": "time-uniform"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def exact_val_rmse(model, params, report):
+    """Validation RMSE of `params` against the closed-form ODE solution (the oracle)."""
+    lo, hi = report["validation"]["seeds"]
+    noise = make_noise(range(lo, hi + 1), model.shape, dtype=F64)
+    x = sample(model, noise, solver=params.solver, nfe=None, params=params)
+    ref = model.exact_solution(noise * 80.0, 80.0, 0.002)
+    return (x - ref).pow(2).mean().sqrt().item()
+
+
+def test_choice_is_the_lowest_validation_rmse():
+    model = gaussian()
+    schedule, report = choose_schedule(model, candidates=CANDS, **TINY)
+    cands = report["candidates"]
+    assert set(cands) == set(CANDS)
+    vals = {n: c["val_rmse"] for n, c in cands.items()}
+    assert report["chosen"] == min(vals, key=vals.get)
+    assert schedule == CANDS[report["chosen"]]
+    assert report["params"] is cands[report["chosen"]]["params"]
+    assert report["chosen"] != "bad"
+    # the grid travels inside the params
+    torch.testing.assert_close(report["params"].sigmas,
+                               torch.as_tensor(cands[report["chosen"]]["sigmas"], dtype=F64))
+    # Oracle: the reported validation RMSE (against the teacher reference) is the RMSE
+    # against the exact solution up to the reference's own error, and ranks the same.
+    exact = {n: exact_val_rmse(model, c["params"], report) for n, c in cands.items()}
+    for n in cands:
+        assert math.isclose(vals[n], exact[n], rel_tol=0.05, abs_tol=1e-3), (n, vals[n], exact[n])
+    assert min(exact, key=exact.get) == report["chosen"]
+    assert exact["bad"] > 2 * exact[report["chosen"]]
+
+
+def test_validation_noise_is_disjoint_from_training_noise(monkeypatch):
+    """Spy on every training-noise draw of the candidate runs and on the validation draw."""
+    drawn_train, drawn_val = set(), []
+    real_training_noise = batches_mod.training_noise
+    real_make_noise = schedule_search.make_noise
+
+    def spy_training_noise(seed, iteration, rows, *a, **k):
+        drawn_train.update(row_seed(seed, iteration, j) for j in rows)
+        return real_training_noise(seed, iteration, rows, *a, **k)
+
+    def spy_make_noise(seeds, *a, **k):
+        drawn_val.append(list(seeds))
+        return real_make_noise(seeds, *a, **k)
+
+    monkeypatch.setattr(batches_mod, "training_noise", spy_training_noise)
+    monkeypatch.setattr(schedule_search, "make_noise", spy_make_noise)
+    kw = dict(TINY, pool=None, iterations=4)   # fresh noise every iteration
+    _, report = choose_schedule(gaussian(), candidates=["poly7", "logsnr"], **kw)
+    assert len(drawn_val) == 1 and len(drawn_val[0]) == kw["val_size"]
+    assert drawn_train and not (drawn_train & set(drawn_val[0]))
+    assert drawn_train == training_seeds(kw["seed"], kw["iterations"], kw["batch_size"], None)
+    lo, hi = report["validation"]["seeds"]
+    assert list(range(lo, hi + 1)) == drawn_val[0] == list(validation_seeds(kw["val_size"]))
+    # and with the default pool: the pool's seeds
+    pool_seeds = training_seeds(0, 300, 32, 1024)
+    assert pool_seeds == {row_seed(0, -1, j) for j in range(1024)}
+    assert not pool_seeds & set(validation_seeds(4096))
+
+
+def test_a_validation_training_clash_is_refused(monkeypatch):
+    train = sorted(training_seeds(TINY["seed"], TINY["iterations"], TINY["batch_size"],
+                                  TINY["pool"]))
+    monkeypatch.setattr(schedule_search, "validation_seeds", lambda n, s=0: train[:n])
+    with pytest.raises(ValueError, match="also training seeds"):
+        choose_schedule(gaussian(), candidates=["poly7"], **TINY)
+
+
+def test_tie_goes_to_the_first_candidate():
+    same = {"first": "time-uniform", "second": "time-uniform"}
+    schedule, report = choose_schedule(gaussian(), candidates=same, **TINY)
+    c = report["candidates"]
+    assert c["first"]["val_rmse"] == c["second"]["val_rmse"]  # deterministic runs
+    assert report["chosen"] == "first" and schedule == "time-uniform"
+
+
+def test_distill_auto_continues_the_winner_from_its_search_params(monkeypatch):
+    model = gaussian()
+    starts = []
+    real = schedule_search.distill
+
+    def spy(*a, **k):
+        starts.append(k.get("init"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(schedule_search, "distill", spy)
+    kw = dict(TINY, iterations=10)
+    params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
+    assert report["continued"] and report["search_iterations"] == 4
+    chosen = report["candidates"][report["chosen"]]
+    assert chosen["params"].meta["iterations"] == 4
+    # the final run starts from the winner's search parameters and runs `iterations`
+    assert starts[:3] == [None] * 3 and starts[3] is chosen["params"] and len(starts) == 4
+    assert params.meta["iterations"] == 10
+    torch.testing.assert_close(params.sigmas, torch.as_tensor(chosen["sigmas"], dtype=F64))
+    assert not torch.equal(params.weights, chosen["params"].weights)  # trained further
+    assert params.meta["schedule_search"]["chosen"] == report["chosen"]
+    # full-length search: the winner's run is the result, nothing is re-run
+    p2, r2 = distill_auto(model, candidates=["poly7"], search_iterations=None, **TINY)
+    assert not r2["continued"] and p2 is r2["candidates"]["poly7"]["params"]
+    assert p2.meta["iterations"] == TINY["iterations"]
+
+
+def test_other_methods_are_sampled_with_their_own_solver():
+    """distill(method="amed") gives AMEDParams: the candidates are scored with AMED."""
+    for plugin, solver in ((False, "amed"), (True, "amed-ipndm")):
+        _, report = choose_schedule(gaussian(), method="amed", plugin=plugin,
+                                    candidates=["poly7", "logsnr"], **TINY)
+        vals = {n: c["val_rmse"] for n, c in report["candidates"].items()}
+        assert report["params"].solver == solver
+        assert report["chosen"] == min(vals, key=vals.get)
+        for c in report["candidates"].values():
+            exact = exact_val_rmse(gaussian(), c["params"], report)
+            assert math.isclose(c["val_rmse"], exact, rel_tol=0.05, abs_tol=1e-3)
+
+
+def test_per_row_conditioning_needs_val_cond():
+    labels = torch.zeros(TINY["batch_size"], dtype=torch.long)
+    with pytest.raises(ValueError, match="val_cond"):
+        choose_schedule(gaussian(), candidates=["poly7"], class_labels=labels,
+                        **dict(TINY, pool=None))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(nfe=4), "nfe=4"),                                  # EPD with AFS: odd budgets
+    (dict(nfe=0), "nfe"),
+    (dict(candidates={}), "candidates must not be empty"),
+    (dict(candidates=["nope"]), r"candidates\['nope'\]"),
+    (dict(candidates={"x": [1.0, 2.0, 3.0, 4.0]}), r"candidates\['x'\]"),
+    (dict(candidates=[{"kind": "logsnr"}]), "list must hold names"),
+    (dict(candidates=3), "candidates must be"),
+    (dict(val_size=0), "val_size"),
+    (dict(val_seed=-1), "val_seed"),
+    (dict(reference_steps=0), "reference_steps"),
+    (dict(search_iterations=0), "search_iterations"),
+    (dict(chunk=0), "chunk"),
+    (dict(reference_solver="nope"), "reference_solver"),
+    (dict(schedule="logsnr"), "schedule"),
+    (dict(init=object()), "init"),
+    (dict(checkpoint="x.pt"), "checkpoint"),
+    (dict(val_cond=[1]), "val_cond"),
+])
+def test_bad_arguments_are_refused_by_name(bad, match):
+    kw = dict(TINY, candidates=["poly7"])
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        choose_schedule(gaussian(), **kw)
+
+
+def test_distill_auto_refuses_bad_final_iterations():
+    with pytest.raises(ValueError, match="final_iterations"):
+        distill_auto(gaussian(), candidates=["poly7"], final_iterations=0, **TINY)
+    with pytest.raises(ValueError, match="needs a final run"):
+        distill_auto(gaussian(), candidates=["poly7"], search_iterations=None,
+                     checkpoint="x.pt", **TINY)
+
+
+def test_distill_auto_checkpoint_is_the_final_runs_and_resumes(tmp_path):
+    ck = tmp_path / "auto.ckpt"
+    kw = dict(TINY, iterations=8, candidates=["poly7", "time-uniform"], search_iterations=3)
+    p1, _ = distill_auto(gaussian(), checkpoint=str(ck), **kw)
+    assert ck.is_file()
+    p2, _ = distill_auto(gaussian(), checkpoint=str(ck), **kw)  # finished: returns at once
+    p3, _ = distill_auto(gaussian(), **kw)                       # no checkpoint at all
+    for name in ("r", "weights", "delta", "o", "sigmas"):
+        assert torch.equal(getattr(p1, name), getattr(p2, name)), name
+        assert torch.equal(getattr(p1, name), getattr(p3, name)), name
+
+
+def test_default_candidates_are_valid_grids():
+    for steps in (1, 2, 3, 5):
+        for name, spec in DEFAULT_CANDIDATES.items():
+            kind = spec if isinstance(spec, str) else spec["kind"]
+            extra = {} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "kind"}
+            s = get_sigmas(kind, steps, **extra)
+            assert s.numel() == steps + 1 and s[0] == 80.0 and s[-1] == 0.002, name

@@ -12,8 +12,9 @@ Models (no download; each 64-dimensional):
   Reference for both digits models: UniPC with 320 (exact) / 160 (U-Net) steps, float64 /
   float32, its own error estimated against half the steps on 64 draws (reported).
   The digits models are sampled WITHOUT class labels (their unconditional ODE): the
-  distillation's fixed noise pool cannot carry per-sample labels, and fresh noise with
-  a teacher pass per iteration (``pool=None``) costs 4-10x more time.
+  distillation's fixed noise pool cannot carry per-sample labels, and fresh noise
+  (``pool=None``) costs a teacher pass (about 100 evaluations) per iteration, several
+  times the student's own work.
 
 For each model and NFE (3, 5, 7, 9; quick: the two Gaussian models at NFE 5):
 
@@ -24,7 +25,8 @@ For each model and NFE (3, 5, 7, 9; quick: the two Gaussian models at NFE 5):
    `epd_kernels.distill.schedule_search.distill_auto` (a short distillation per grid of
    `GRIDS`, the grid chosen on the search's own validation noise, then a full run on the
    winner: what ``schedule="auto"`` does; the time covers all of it), plus one plain
-   `distill` with the package defaults (polynomial rho = 7) for comparison; D-ODE
+   `distill` with the package defaults (polynomial rho = 7) for comparison (not on the
+   U-Net: a run there costs minutes); D-ODE
    (d-euler, d-heun, d-ipndm) fitted in closed form on the default grid and on its base
    solver's best grid.
 
@@ -33,7 +35,7 @@ RMSE is over all elements of ``x(sigma_min)`` against the reference, on held-out
 
 * EPD below every baseline at each NFE and <= 0.6 x the best baseline at NFE 5: against the
   best over all solvers and grids, and again against the best of the baselines that spend
-  no more total evaluations than EPD (ParaDiGMS spends 6-20x more);
+  no more total evaluations than EPD (ParaDiGMS spends 6-11x more);
 * EPD-Plugin below iPNDM (on iPNDM's default grid and on its best grid);
 * each D-ODE solver below its base solver on the same grid (default grid; base's best grid);
 * distillation of NFE 5 (EPD and EPD-Plugin, grid search included) <= 60 s wall per model.

@@ -264,12 +264,18 @@ def test_eval_matches_direct_computation(work):
 # demo
 
 
+@pytest.fixture(scope="module")
+def demo_quick(work):
+    """One `epd demo --quick` run on gmm, shared by the demo tests: (process, folder)."""
+    out = work / "demo"
+    return epd("demo", "--quick", "--model", "gmm", "--no-progress", "--out", out), out
+
+
 @pytest.mark.slow
-def test_demo_quick(work):
+def test_demo_quick(demo_quick):
     from epd_kernels import AMEDParams, DODEParams, EPDParams
 
-    out = work / "demo"
-    p = epd("demo", "--quick", "--model", "gmm", "--no-progress", "--out", out)
+    p, out = demo_quick
     assert "| solver" in p.stdout and "RMSE to ref" in p.stdout and "FD (pixels)" in p.stdout
     for name in ("epd", "amed", "d-euler", "d-ipndm", "ipndm", "heun"):
         assert f"| {name} " in p.stdout, name
@@ -618,3 +624,51 @@ def test_amed_checkpoint_resume_after_interrupt(work, monkeypatch, capsys):
         assert main(args + other + ["--checkpoint", str(ck), "--out", str(again)]) == 2
         err = capsys.readouterr().err
         assert_user_error(subprocess.CompletedProcess(args, 2, "", err), *needles)
+
+
+@pytest.mark.slow
+def test_demo_quick_amed(demo_quick):
+    """The demo distils AMED-Solver at NFE 3 and 5 and AMED-Plugin (optional, always run by
+    --quick): rows in the printed table and in results.json (with AMED's NFE accounting:
+    total evaluations = latency NFE), predictor params reading "denoised" (gmm has no U-Net
+    bottleneck), and the time of the AMED stage in results.json."""
+    from epd_kernels import AMEDParams
+
+    p, out = demo_quick
+    assert "[5/7] AMED" in p.stdout
+    res = json.loads((out / "results.json").read_text())
+    rows = {(r["solver"], r["nfe"]): r for r in res["results"]}
+    for solver in ("amed", "amed-ipndm"):
+        assert f"| {solver} " in p.stdout, solver
+        for nfe in (3, 5):
+            r = rows[(solver, nfe)]
+            assert r["distilled"] and r["latency_nfe"] == r["total_evals"] == nfe, r
+            assert np.isfinite(r["rmse"]) and r["rmse"] > 0
+            q = AMEDParams.load(out / "params" / f"{solver}-nfe{nfe}.safetensors")
+            assert (q.solver, q.nfe, q.form, q.features) == (solver, nfe, "predictor",
+                                                             "denoised")
+            assert q.meta["model"] == "gmm" and q.meta["command"] == "epd demo"
+    assert 0 < res["timings"]["amed"] < res["timings"]["total"]
+    assert res["config"]["amed_features"] == "denoised"
+    assert not [s for s in res["skipped"] if s["solver"].startswith("amed")]
+
+
+@pytest.mark.slow
+def test_torchrun_amed_distill_equals_one_process_with_double_batch(tmp_path):
+    """AMED under torchrun takes EPD's path: 2 processes with batch 2 train like 1 process
+    with batch 4 (every rank starts from the same seeded predictor)."""
+    from epd_kernels import AMEDParams
+    from test_cli_multiproc import torchrun
+
+    common = ["distill", "--model", "gmm", "--solver", "amed", "--nfe", 3, "--iterations", 3,
+              "--teacher-points", 2, "--no-progress"]
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    epd(*common, "--batch-size", 4, "--out", one)
+    p = torchrun(*common, "--batch-size", 2, "--out", two)
+    assert "2 processes" in p.stdout
+    a, b = AMEDParams.load(one), AMEDParams.load(two)
+    assert a.meta["batch_size"] == b.meta["batch_size"] == 4 and b.meta["world_size"] == 2
+    sa, sb = a.predictor.state_dict(), b.predictor.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert a.predictor.head_r.bias.abs().max() > 1e-3  # trained: the check is not vacuous

@@ -547,8 +547,9 @@ def _notes(results, bars, refs, cfg):
                  f"defaults (grid {DEFAULT_GRID}, lr {DEFAULT_LR}).")
     notes.append("Baselines: the best is the lowest TEST RMSE over every solver and grid, "
                  "a stricter opponent than a validation choice. D-ODE: fitted in closed "
-                 "form (batch 128, Heun teacher with 10x steps) on the same grid as the base "
-                 "solver it is compared with.")
+                 "form (batch 128, Heun teacher with 10x steps) and refined jointly on the "
+                 "final state (`fit_dode` defaults) on the same grid as the base solver it is "
+                 "compared with.")
     flips = []
     for m, per_nfe in results.items():
         for nfe, rec in per_nfe.items():

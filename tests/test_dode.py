@@ -228,8 +228,8 @@ def test_solve_lambda_guards():
 def test_closed_form_is_the_minimiser(base, gauss):
     nfe, shape = 5, (8,)
     noise = make_noise(range(FIT_SEED_BASE, FIT_SEED_BASE + 64), shape, dtype=F64)
-    p = fit_dode(gauss, solver="d-" + base, nfe=nfe, noise=noise)
-    assert p.nfe == nfe and p.base == base and p.lambdas[0] == 0
+    p = fit_dode(gauss, solver="d-" + base, nfe=nfe, noise=noise, refine=False)
+    assert p.nfe == nfe and p.base == base and p.lambdas[0] == 0 and p.meta["refine"] is None
     x_T = noise * float(p.sigmas[0])
     targets = teacher_targets(gauss, x_T, p.sigmas, teacher="heun", teacher_factor=10)
 
@@ -254,6 +254,76 @@ def test_closed_form_is_the_minimiser(base, gauss):
         # A parabola with its vertex at lambda*: both sides rise by the same amount.
         assert abs(Lu - Ld) <= 1e-6 * (Lu - L0), (n, L0, Lu, Ld)
         assert L0 <= p.meta["loss_base"][n] * (1 + 1e-12)  # lambda = 0 is in the family
+
+
+@pytest.mark.parametrize("base", ["euler", "heun", "ipndm"])
+def test_refinement_lowers_the_final_loss(base, gmm):
+    """The joint refinement starts from the greedy closed form (and from zeros) and only
+    accepts decreases: its final-state MSE to the teacher, recomputed here through the
+    sampler, is <= both, and it is a local minimum (a bump of any lambda raises it)."""
+    nfe = 5 if base != "heun" else 7
+    noise = make_noise(range(FIT_SEED_BASE, FIT_SEED_BASE + 64), (8,), dtype=F64)
+    p = fit_dode(gmm, solver="d-" + base, nfe=nfe, noise=noise, refine_iterations=6)
+    g = fit_dode(gmm, solver="d-" + base, nfe=nfe, noise=noise, refine=False)
+    assert p.meta["lambdas_greedy"] == g.lambdas.tolist() and p.lambdas[0] == 0
+    x_T = noise * float(p.sigmas[0])
+    target = teacher_targets(gmm, x_T, p.sigmas, teacher="heun", teacher_factor=10)[-1]
+
+    def final_mse(lam):
+        x = DODE[base](gmm, x_T, p.sigmas, lambdas=lam, afs=p.afs)
+        return (x - target).pow(2).mean().item()
+
+    e, e_greedy, e_base = (final_mse(p.lambdas), final_mse(g.lambdas),
+                           final_mse(torch.zeros_like(p.lambdas)))
+    r = p.meta["refine"]
+    assert e == pytest.approx(r["final_mse"], rel=1e-9)
+    assert e_greedy == pytest.approx(r["final_mse_greedy"], rel=1e-9)
+    assert e_base == pytest.approx(r["final_mse_base"], rel=1e-9)
+    assert r["accepted_steps"] >= 1 and e < 0.9 * min(e_greedy, e_base), (e, e_greedy, e_base)
+    for n in range(1, p.num_steps):
+        for sign in (1, -1):
+            bumped = p.lambdas.clone()
+            bumped[n] += sign * 0.05 * max(1.0, abs(float(p.lambdas[n])))
+            assert final_mse(bumped) > e * (1 - 1e-6), (n, sign)
+    # meta["loss"] describes the returned lambdas (per-step MSE to the teacher states)
+    states = []
+    targets = teacher_targets(gmm, x_T, p.sigmas, teacher="heun", teacher_factor=10)
+    DODE[base](gmm, x_T, p.sigmas, lambdas=p.lambdas, afs=p.afs,
+               callback=lambda info: states.append(info["x_next"]))
+    for n, (xs, t) in enumerate(zip(states, targets)):
+        assert (xs - t).pow(2).mean().item() == pytest.approx(p.meta["loss"][n], rel=1e-9)
+
+
+def test_refine_lambdas_solves_a_linear_problem():
+    """On an affine map x(lambda) = c + A lambda the Gauss-Newton step is exact: one step
+    reaches the least-squares solution (numpy's lstsq as the oracle), lambda_0 held fixed."""
+    from epd_kernels.dode_fit import refine_lambdas
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(40, 4, generator=g, dtype=F64)
+    c = torch.randn(40, generator=g, dtype=F64)
+    target = torch.randn(40, generator=g, dtype=F64)
+    lam, info = refine_lambdas(lambda l: c + A @ l, target, [torch.zeros(4, dtype=F64)],
+                               iterations=3)
+    free = torch.linalg.lstsq(A[:, 1:], (target - c).unsqueeze(1)).solution.squeeze(1)
+    assert lam[0] == 0
+    torch.testing.assert_close(lam[1:], free, rtol=1e-6, atol=1e-8)
+    assert info["accepted_steps"] >= 1 and info["loss"] < info["start_losses"][0]
+    # a start already at the optimum is kept, and the best of several starts is used
+    opt = torch.cat([torch.zeros(1, dtype=F64), free])
+    lam2, info2 = refine_lambdas(lambda l: c + A @ l, target, [torch.ones(4, dtype=F64), opt],
+                                 iterations=2)
+    torch.testing.assert_close(lam2, opt, rtol=1e-6, atol=1e-8)
+    assert info2["start_losses"][1] < info2["start_losses"][0]
+
+
+def test_refine_arguments(gauss):
+    with pytest.raises(ValueError, match="refine must be"):
+        fit_dode(gauss, solver="d-euler", nfe=3, shape=(8,), batch_size=4, refine="yes")
+    with pytest.raises(ValueError, match="refine_iterations"):
+        fit_dode(gauss, solver="d-euler", nfe=3, shape=(8,), batch_size=4, refine_iterations=-1)
+    p = fit_dode(gauss, solver="d-euler", nfe=3, shape=(8,), batch_size=4, refine_iterations=0)
+    assert p.lambdas.tolist() in (p.meta["lambdas_greedy"], [0.0] * 3)
 
 
 def test_fit_is_deterministic_and_reusable(gauss, tmp_path):

@@ -11,7 +11,8 @@
   gradients are averaged, so W processes with batch b train exactly like one with batch
   W b; only rank 0 writes.
 * ``d-euler``, ``d-heun``, ``d-ipndm``: `fit_dode` (closed-form least squares against a
-  10x-step Heun teacher on ``--batch-size`` samples, default 128); computed by rank 0.
+  10x-step Heun teacher on ``--batch-size`` samples, default 128, then the joint
+  refinement on the final state); computed by rank 0.
 
 An option of one family given to another (``--num-points`` for AMED, ``--amed-form`` or
 ``--features`` for EPD or D-ODE, the training options for D-ODE) is a `UserError`.

@@ -49,7 +49,7 @@ from ..amed_params import AMEDParams
 from ..amed_predictor import FeatureExtractor
 from ..ops import branch_states, epd_step
 from ..reference import opmath_dtype
-from .common import afs_d
+from .common import afs_d, call_denoiser
 from .epd import ipndm_direction
 from .ipndm import push_history
 
@@ -59,14 +59,6 @@ __all__ = ["amed_sampler"]
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A 0-d or [B] coefficient as a [B, 1] column (the [B, K] form of the ops, K = 1)."""
     return v.reshape(1, 1).expand(x.shape[0], 1) if v.dim() == 0 else v.reshape(-1, 1)
-
-
-def _denoise(denoiser, x, sigma, cond):
-    out = denoiser(x, sigma, **cond)
-    if out.shape != x.shape:
-        raise ValueError(f"the denoiser returned shape {list(out.shape)} for an input of shape "
-                         f"{list(x.shape)}: it must return x0_hat shaped like x")
-    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def amed_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: AMEDParams,
@@ -141,7 +133,7 @@ def amed_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: AM
             else:
                 if extractor is not None:
                     extractor.arm()
-                denoised = _denoise(denoiser, x, torch.full((B,), t, dtype=sdt, device=device),
+                denoised = call_denoiser(denoiser, x, torch.full((B,), t, dtype=sdt, device=device),
                                     cond)
                 d = (x - denoised) / t
                 feats = None if table else extractor.collect(x, t, denoised)
@@ -156,7 +148,7 @@ def amed_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: AM
             if plugin:
                 push_history(history, d, max_order)
             sigma_eval = ((1.0 + delta.to(sdt)) * t_mid).expand(B)
-            g = (x_mid - _denoise(denoiser, x_mid, sigma_eval, cond)) / _column(t_mid, x)
+            g = (x_mid - call_denoiser(denoiser, x_mid, sigma_eval, cond)) / _column(t_mid, x)
             if plugin:
                 # x' = x_mid + (1 + o) (t' - t_mid) AB(g, history)
                 x_next = epd_step(x_mid, ipndm_direction(g, history, max_order)[None], one,

@@ -30,6 +30,7 @@ __all__ = [
     "to_d",
     "afs_d",
     "denoise",
+    "call_denoiser",
     "step_range",
     "emit",
     "phi",
@@ -71,7 +72,15 @@ def gradient(denoiser: Callable, x: torch.Tensor, sigma: float, cond: dict, *,
 
 def denoise(denoiser: Callable, x: torch.Tensor, sigma: float, cond: dict) -> torch.Tensor:
     """One sequential denoiser call ``D(x, sigma * ones(B), **cond)``, cast to x's dtype."""
-    out = denoiser(x, sigma_batch(x, sigma), **cond)
+    return call_denoiser(denoiser, x, sigma_batch(x, sigma), cond)
+
+
+def call_denoiser(denoiser: Callable, x: torch.Tensor, sigma: torch.Tensor,
+                  cond: dict) -> torch.Tensor:
+    """``D(x, sigma, **cond)`` with per-sample ``sigma [B]``, checked to be shaped like x
+    (a wrong shape would otherwise broadcast silently into the update) and cast to x's
+    dtype."""
+    out = denoiser(x, sigma, **cond)
     if out.shape != x.shape:
         raise ValueError(f"the denoiser returned shape {list(out.shape)} for an input of shape "
                          f"{list(x.shape)}: it must return x0_hat shaped like x")

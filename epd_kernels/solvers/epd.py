@@ -57,6 +57,7 @@ from ..branches import BranchRunner
 from ..ops import epd_step
 from ..params import EPDParams, epd_latency_nfe, epd_total_evaluations
 from ..reference import opmath_dtype
+from .common import call_denoiser
 from .ipndm import AB_COEFFS, ab_direction, push_history
 
 __all__ = ["epd_sampler", "ipndm_direction", "IPNDM_COEFFS", "epd_latency_nfe",
@@ -157,12 +158,8 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
             d = x / math.sqrt(1.0 + t * t)
             denoised = None
         else:
-            denoised = denoiser(x, torch.full((B,), t, dtype=sdt, device=device), **cond)
-            if denoised.shape != x.shape:
-                raise ValueError(f"the denoiser returned shape {list(denoised.shape)} for an "
-                                 f"input of shape {list(x.shape)}: it must return x0_hat "
-                                 f"shaped like x")
-            denoised = denoised.to(x.dtype)
+            denoised = call_denoiser(denoiser, x, torch.full((B,), t, dtype=sdt, device=device),
+                                     cond)
             d = (x - denoised) / t
         # v_n: EPD uses d_n; the plugin an Adams-Bashforth combination of main-point d's.
         v = ipndm_direction(d, history, max_order) if plugin else d

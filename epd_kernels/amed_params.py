@@ -40,8 +40,9 @@ import torch
 from .amed_predictor import (AMEDPredictor, check_feature_spec, feature_spec_name,
                              pooled_dim)
 from .params import epd_latency_nfe
-from .params_file import (FLOAT_DTYPES, check_common_fields, check_grid, check_grid_shape,
-                          check_same_grid, open_params_file, to_tensor, write_params_file)
+from .params_file import (FLOAT_DTYPES, check_afs_nfe, check_common_fields, check_grid,
+                          check_grid_shape, check_same_grid, open_params_file, to_tensor,
+                          write_params_file)
 
 __all__ = ["AMEDParams", "AMEDPredictor", "AMED_FORMAT_VERSION", "AMED_FORMS",
            "amed_latency_nfe", "AMED_DELTA_MAX", "AMED_O_MAX"]
@@ -302,13 +303,9 @@ class AMEDParams:
             want = "amed-ipndm" if plugin else "amed"
             raise ValueError(f"these AMED params are for solver {self.solver!r} "
                              f"(plugin={self.plugin}), not {want!r}")
-        if afs is not None and bool(afs) != self.afs:
-            raise ValueError(f"afs={bool(afs)} was asked but the AMED params were made with "
-                             f"afs={self.afs}")
-        if nfe is not None and int(nfe) != self.nfe:
-            raise ValueError(f"AMED params were made for latency NFE {self.nfe} "
-                             f"({self.num_steps} steps, afs={self.afs}) but NFE {nfe} was "
-                             f"asked")
+        check_afs_nfe("AMED params", "made", afs=self.afs, nfe=self.nfe,
+                      detail=f"{self.num_steps} steps, afs={self.afs}", asked_afs=afs,
+                      asked_nfe=nfe)
         if sigmas is not None:
             check_same_grid("AMED params", "distilled", self.sigmas, _tensor("sigmas", sigmas),
                             self.schedule, rtol=rtol, atol=atol)

@@ -30,8 +30,8 @@ from typing import Optional, Union
 
 import torch
 
-from .params_file import (check_common_fields, check_grid, check_grid_shape, check_same_grid,
-                          open_params_file, to_tensor, write_params_file)
+from .params_file import (check_afs_nfe, check_common_fields, check_grid, check_grid_shape,
+                          check_same_grid, open_params_file, to_tensor, write_params_file)
 
 __all__ = ["DODEParams", "DODE_FORMAT_VERSION", "DODE_BASES", "dode_latency_nfe",
            "normalize_dode_base"]
@@ -192,13 +192,9 @@ class DODEParams:
         if solver is not None and normalize_dode_base(solver) != self.base:
             raise ValueError(f"these D-ODE params are for solver {self.solver!r}, not "
                              f"{solver!r}")
-        if afs is not None and bool(afs) != self.afs:
-            raise ValueError(f"afs={bool(afs)} was asked but the D-ODE params were fitted with "
-                             f"afs={self.afs}")
-        if nfe is not None and int(nfe) != self.nfe:
-            raise ValueError(f"D-ODE params were fitted for latency NFE {self.nfe} "
-                             f"({self.num_steps} steps of {self.solver}, afs={self.afs}) but "
-                             f"NFE {nfe} was asked")
+        check_afs_nfe("D-ODE params", "fitted", afs=self.afs, nfe=self.nfe,
+                      detail=f"{self.num_steps} steps of {self.solver}, afs={self.afs}",
+                      asked_afs=afs, asked_nfe=nfe)
         if sigmas is not None:
             check_same_grid("D-ODE params", "fitted", self.sigmas, _as_f64("sigmas", sigmas),
                             self.schedule, rtol=rtol, atol=atol)

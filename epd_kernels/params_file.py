@@ -261,6 +261,19 @@ def check_common_fields(owner: str, params) -> None:
         raise ValueError(f"{owner}.meta must be a dict, got {type(params.meta).__name__}")
 
 
+def check_afs_nfe(what: str, made: str, *, afs: bool, nfe: int, detail: str,
+                  asked_afs=None, asked_nfe=None) -> None:
+    """ValueError unless the asked afs / latency NFE (None: not asked) are the params' own;
+    `what` ("D-ODE params"), `made` ("fitted") and `detail` ("5 steps, afs=False") word
+    the messages."""
+    if asked_afs is not None and bool(asked_afs) != afs:
+        raise ValueError(f"afs={bool(asked_afs)} was asked but the {what} were {made} with "
+                         f"afs={afs}")
+    if asked_nfe is not None and int(asked_nfe) != nfe:
+        raise ValueError(f"{what} were {made} for latency NFE {nfe} ({detail}) but NFE "
+                         f"{asked_nfe} was asked")
+
+
 def check_same_grid(what: str, made: str, mine: torch.Tensor, given: torch.Tensor, schedule,
                     *, rtol: float, atol: float) -> None:
     """ValueError unless the grid `given` (float64) is the params' grid `mine` within

@@ -54,11 +54,17 @@ import torch
 
 from .dode_params import DODE_BASES, DODEParams, dode_latency_nfe, normalize_dode_base
 from .solvers import SOLVERS
+from .solvers.common import check_cond_keywords
 from .solvers.dode import DODE_SOLVERS
 from .solvers.schedules import check_sigmas, get_sigmas
 
 __all__ = ["fit_dode", "refine_sigmas", "teacher_targets", "solve_lambda", "refine_lambdas",
            "FIT_SEED_BASE"]
+
+#: Keywords of `distill` that `fit_dode` does not take (refused rather than passed to the
+#: denoiser as conditioning).
+_DISTILL_OPTIONS = ("iterations", "lr", "num_points", "M", "plugin", "pool", "loss", "method",
+                    "checkpoint", "progress", "init", "delta_max", "o_max")
 
 #: Fitting noise for ``seed`` uses the per-sample seeds ``FIT_SEED_BASE + seed * B + j``
 #: (`make_noise` style), a range disjoint from the small seeds used for evaluation.
@@ -299,6 +305,7 @@ def fit_dode(denoiser: Callable, *, solver: str = "d-euler", nfe: Optional[int] 
     if nfe < 1:
         raise ValueError(f"the grid gives nfe={nfe} < 1 for 'd-{base}' with afs={a}")
 
+    check_cond_keywords(denoiser, cond, where="fit_dode", options=_DISTILL_OPTIONS)
     if not isinstance(refine, bool):
         raise ValueError(f"refine must be True or False, got {refine!r}")
     if isinstance(refine_iterations, bool) or not isinstance(refine_iterations, numbers.Integral) \

@@ -313,3 +313,32 @@ def test_schedule_auto_is_the_schedule_search():
     assert any(torch.allclose(p.sigmas, g.to(p.sigmas)) for g in grids), (p.sigmas, report)
     with pytest.raises(ValueError, match="init"):
         distill(model, schedule="auto", init=p, **kw)
+
+
+def test_unknown_keywords_are_refused_not_passed_as_conditioning():
+    """Unknown keywords of `distill` travel to the denoiser as conditioning; a keyword of a
+    neighbouring function, one the denoiser cannot take, or a grid-search option without
+    schedule='auto' is refused before any work, with the name in the message."""
+    model = gaussian(8)
+
+    def plain(x, sigma):   # no conditioning at all
+        return model(x, sigma)
+
+    kw = dict(nfe=3, shape=(8,), iterations=1, batch_size=4, pool=8, progress=False)
+    with pytest.raises(ValueError, match="teacher_factor"):
+        distill(model, teacher_factor=10, **kw)
+    with pytest.raises(ValueError, match=r"\['class_lables'\].*denoiser"):
+        distill(plain, class_lables=torch.zeros(4), **kw)
+    with pytest.raises(ValueError, match="val_size.*only apply with schedule='auto'"):
+        distill(model, val_size=16, **kw)
+
+    seen = []
+
+    def denoiser(x, sigma, *, scale=1.0):   # takes one conditioning keyword
+        seen.append(scale)
+        return model(x, sigma) * scale
+
+    p = distill(denoiser, scale=1.0, **kw)
+    assert p.nfe == 3 and seen and set(seen) == {1.0}
+    with pytest.raises(ValueError, match="scael"):
+        distill(denoiser, scael=1.0, **kw)

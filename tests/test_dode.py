@@ -318,6 +318,8 @@ def test_refine_lambdas_solves_a_linear_problem():
 
 
 def test_refine_arguments(gauss):
+    with pytest.raises(ValueError, match="iterations"):   # a distill option, not conditioning
+        fit_dode(gauss, solver="d-euler", nfe=3, shape=(8,), batch_size=4, iterations=10)
     with pytest.raises(ValueError, match="refine must be"):
         fit_dode(gauss, solver="d-euler", nfe=3, shape=(8,), batch_size=4, refine="yes")
     with pytest.raises(ValueError, match="refine_iterations"):

@@ -15,6 +15,7 @@ import torch
 from ..amed_params import AMED_FORMS, AMEDParams
 from ..params import EPDParams
 from ..sampling import _resolve_sigmas, nfe_to_steps
+from ..solvers.common import check_cond_keywords
 from . import checkpoint as ckpt
 from .latent import DELTA_MAX, O_MAX
 from .batches import TeacherBatches
@@ -139,6 +140,16 @@ def _set_flat_grads(module, flat: torch.Tensor) -> None:
 # distill
 
 
+#: Keywords of neighbouring functions that `distill` does not take: given to `distill` they
+#: would travel to the denoiser as conditioning (`check_cond_keywords` refuses them).
+_OTHER_OPTIONS = ("teacher_factor", "refine", "refine_iterations", "solver", "params",
+                  "num_steps", "steps", "lambdas", "noise")
+#: Options of the grid search (`distill_auto` / `choose_schedule`) that
+#: ``distill(schedule="auto", ...)`` hands on.
+_AUTO_OPTIONS = ("candidates", "search_iterations", "final_iterations", "val_size", "val_seed",
+                 "val_cond", "reference_steps", "reference_solver", "chunk")
+
+
 def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = None,
             plugin: bool = False, teacher: str = "dpm2", M: int = DEFAULT_M, schedule=None,
             afs: bool = True, iterations: int = DEFAULT_ITERATIONS,
@@ -213,7 +224,15 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
             written with other settings. RuntimeError: ``max_failures`` non-finite steps
             in a row.
     """
-    if isinstance(schedule, str) and schedule == "auto":
+    auto = isinstance(schedule, str) and schedule == "auto"
+    if not auto:
+        given = sorted(k for k in cond if k in _AUTO_OPTIONS)
+        if given:
+            raise ValueError(f"{given} only apply with schedule='auto' (the grid search)")
+    check_cond_keywords(denoiser, {k: v for k, v in cond.items()
+                                   if not (auto and k in _AUTO_OPTIONS)},
+                        where="distill", options=_OTHER_OPTIONS)
+    if auto:
         # The grid is chosen on held-out noise among candidate grids, then distilled in full
         # (`schedule_search.distill_auto`); it travels inside the returned params.
         from .schedule_search import distill_auto

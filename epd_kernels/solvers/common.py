@@ -16,8 +16,9 @@ The implied denoised estimate is ``x_0 - sigma_0 * d_0``.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import torch
 
@@ -31,6 +32,7 @@ __all__ = [
     "afs_d",
     "denoise",
     "call_denoiser",
+    "check_cond_keywords",
     "step_range",
     "emit",
     "phi",
@@ -85,6 +87,37 @@ def call_denoiser(denoiser: Callable, x: torch.Tensor, sigma: torch.Tensor,
         raise ValueError(f"the denoiser returned shape {list(out.shape)} for an input of shape "
                          f"{list(x.shape)}: it must return x0_hat shaped like x")
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def check_cond_keywords(denoiser: Callable, cond: dict, *, where: str,
+                        options: Iterable[str] = ()) -> None:
+    """ValueError for a conditioning keyword that is surely a mistake: one named like an
+    option of a related function (`options`, e.g. ``teacher_factor`` given to `distill`),
+    or one the denoiser cannot take (its signature, or its ``forward``'s for a module, has
+    no such parameter and no ``**kwargs``). Functions that forward ``**cond`` to the
+    denoiser would otherwise pass a typo on silently or fail deep inside a model call."""
+    if not cond:
+        return
+    misplaced = sorted(k for k in cond if k in set(options))
+    if misplaced:
+        raise ValueError(f"{where}() got {misplaced}, which {where}() does not take; unknown "
+                         f"keywords are passed to the denoiser as conditioning, and these are "
+                         f"options of another function (fit_dode / distill / sample?)")
+    fn = getattr(denoiser, "forward", denoiser)
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins, C extensions: nothing to check against
+        return
+    params = sig.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    names = {p.name for p in params
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    unknown = sorted(k for k in cond if k not in names)
+    if unknown:
+        raise ValueError(f"{where}() got {unknown}: neither an argument of {where}() nor a "
+                         f"parameter of the denoiser {getattr(fn, '__qualname__', fn)!r} "
+                         f"(which takes {sorted(names)})")
 
 
 def step_range(num_steps: int, progress: bool, desc: str):

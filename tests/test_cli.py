@@ -358,6 +358,22 @@ def _error_cases(work, epd_params):
     return subproc, inproc
 
 
+def assert_main_fails(capsys, args, needles):
+    """`epd ARGS` run in-process must fail as a user error whose message holds `needles`."""
+    from epd_kernels.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    cap = capsys.readouterr()
+    try:
+        assert_user_error(subprocess.CompletedProcess(args, code, cap.out, cap.err), *needles)
+    except AssertionError as e:
+        raise AssertionError(f"{' '.join(map(str, args))}: {e}") from None
+
+
 def test_errors(work, epd_params, capsys):
     from epd_kernels.cli import main
 
@@ -369,17 +385,7 @@ def test_errors(work, epd_params, capsys):
             cmd, env=cli_env(), cwd=NEUTRAL_CWD, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)))
     for args, needles in inproc:
-        capsys.readouterr()
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:  # argparse errors
-            code = e.code
-        cap = capsys.readouterr()
-        p = subprocess.CompletedProcess(args, code, cap.out, cap.err)
-        try:
-            assert_user_error(p, *needles)
-        except AssertionError as e:
-            raise AssertionError(f"{' '.join(map(str, args))}: {e}") from None
+        assert_main_fails(capsys, args, needles)
     for cmd, needles, proc in procs:
         out, err = proc.communicate(timeout=300)
         p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -562,17 +568,7 @@ def test_amed_params_errors(work, epd_params, amed_files, capsys):
         ([*dist, "--solver", "amed", "--nfe", 4], ["cannot meet", "nfe=4", "'amed'"]),
     ]
     for args, needles in cases:
-        capsys.readouterr()
-        try:
-            code = main([str(a) for a in args])
-        except SystemExit as e:  # argparse errors
-            code = e.code
-        cap = capsys.readouterr()
-        try:
-            assert_user_error(subprocess.CompletedProcess(args, code, cap.out, cap.err),
-                              *needles)
-        except AssertionError as e:
-            raise AssertionError(f"{' '.join(map(str, args))}: {e}") from None
+        assert_main_fails(capsys, args, needles)
 
 
 def test_amed_checkpoint_resume_after_interrupt(work, monkeypatch, capsys):

@@ -375,7 +375,6 @@ def assert_main_fails(capsys, args, needles):
 
 
 def test_errors(work, epd_params, capsys):
-    from epd_kernels.cli import main
 
     subproc, inproc = _error_cases(work, epd_params)
     procs = []

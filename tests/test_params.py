@@ -47,17 +47,32 @@ def test_init_defaults():
     p = EPDParams.init(grid(3), 2)
     assert p.num_steps == 3 and p.num_points == 2 and p.nfe == 5 and p.afs and not p.plugin
     assert p.solver == "epd" and p.total_evaluations == 8
-    torch.testing.assert_close(p.r[0], torch.tensor([0.5 - 0.5 / math.sqrt(3), 0.5 + 0.5 / math.sqrt(3)],
-                                                    dtype=F64))
+    # Gauss-Legendre in sigma: tau_k = t + c_k (t' - t), c = 1/2 -+ 1/(2 sqrt 3), w = 1/2
+    c = torch.tensor([0.5 - 0.5 / math.sqrt(3), 0.5 + 0.5 / math.sqrt(3)], dtype=F64)
+    t, t1 = p.sigmas[:-1, None], p.sigmas[1:, None]
+    tau = t * (t1 / t) ** p.r
+    torch.testing.assert_close(tau, t + c * (t1 - t), rtol=1e-12, atol=0)
     assert torch.all(p.weights == 0.5) and torch.all(p.delta == 0) and torch.all(p.o == 0)
     assert p.sigmas.dtype == F64
-    assert torch.all(EPDParams.init(grid(2), 1).r == 0.5)
+    one = EPDParams.init(grid(2), 1)   # the midpoint rule in sigma
+    torch.testing.assert_close(one.sigmas[:-1] * (one.sigmas[1:] / one.sigmas[:-1]) ** one.r[:, 0],
+                               (one.sigmas[:-1] + one.sigmas[1:]) / 2, rtol=1e-12, atol=0)
+    three = EPDParams.init(grid(2), 3)   # Gauss weights 5/18, 8/18, 5/18 (exact for cubics)
+    torch.testing.assert_close(three.weights[0], torch.tensor([5, 8, 5], dtype=F64) / 18)
+    log = EPDParams.init(grid(3), 2, r_init="gauss-log")
+    torch.testing.assert_close(log.r, c.expand(3, 2))
+    assert torch.all(log.weights == 0.5)
+    assert torch.all(EPDParams.init(grid(2), 1, r_init="gauss-log").r == 0.5)
+    with pytest.raises(ValueError, match="r_init must be one of"):
+        EPDParams.init(grid(2), 2, r_init="gauss-sigma")
     lin = EPDParams.init(grid(2), 3, r_init="linspace", afs=False, plugin=True)
     torch.testing.assert_close(lin.r[1], torch.tensor([0.25, 0.5, 0.75], dtype=F64))
     assert lin.nfe == 4 and lin.solver == "epd-ipndm"
     for K in range(1, 6):
-        r = EPDParams.init(grid(2), K).r
-        assert torch.all((r > 0) & (r < 1)) and torch.all(r[:, 1:] > r[:, :-1])
+        for how in ("gauss", "gauss-log", "linspace"):
+            q = EPDParams.init(grid(2), K, r_init=how)
+            assert torch.all((q.r > 0) & (q.r < 1)) and torch.all(q.r[:, 1:] > q.r[:, :-1]), how
+            torch.testing.assert_close(q.weights.sum(1), torch.ones(2, dtype=F64))
 
 
 def test_init_bad_arguments():

@@ -12,6 +12,7 @@ import torch
 from distill_helpers.problems import F64, gaussian
 from epd_kernels import get_sigmas, make_noise, sample
 from epd_kernels.distill import batches as batches_mod
+from epd_kernels.distill import distill
 from epd_kernels.distill import row_seed, schedule_search
 from epd_kernels.distill.schedule_search import (DEFAULT_CANDIDATES, choose_schedule,
                                                  distill_auto, training_seeds,
@@ -142,6 +143,33 @@ def test_distill_auto_continues_the_winner_from_its_search_params(monkeypatch):
     p2, r2 = distill_auto(model, candidates=["poly7"], search_iterations=None, **TINY)
     assert not r2["continued"] and p2 is r2["candidates"]["poly7"]["params"]
     assert p2.meta["iterations"] == TINY["iterations"]
+
+
+def test_final_run_reuses_the_winners_teacher_pool(monkeypatch):
+    """The teacher runs once per candidate grid, not again for the final run, and the
+    final run trains on exactly the targets a fresh pool would give (same result)."""
+    from epd_kernels.distill.batches import TeacherBatches
+
+    model = gaussian()
+    fills = []
+    real = TeacherBatches._compute_pool
+
+    def spy(self, cond, scale):
+        fills.append(tuple(self.sigmas.tolist()))
+        return real(self, cond, scale)
+
+    monkeypatch.setattr(TeacherBatches, "_compute_pool", spy)
+    kw = dict(TINY, iterations=10)
+    params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
+    assert len(fills) == len(CANDS) and len(set(fills)) == len(CANDS)
+    # the same final run from scratch (its own teacher pool) gives the same parameters
+    fills.clear()
+    again = distill(model, schedule=CANDS[report["chosen"]],
+                    init=report["candidates"][report["chosen"]]["params"],
+                    **{k: v for k, v in kw.items() if k not in ("val_size", "reference_steps")})
+    assert len(fills) == 1
+    for n in ("r", "weights", "delta", "o"):
+        torch.testing.assert_close(getattr(again, n), getattr(params, n), rtol=0, atol=0)
 
 
 def test_other_methods_are_sampled_with_their_own_solver():

@@ -14,6 +14,8 @@ multi-process runs see exactly the data of one uninterrupted process:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, Optional
 
 import torch
@@ -21,10 +23,26 @@ import torch
 from .noise import row_seed, training_noise
 from .teacher import teacher_targets
 
-__all__ = ["TeacherBatches", "POOL_CHUNK"]
+__all__ = ["TeacherBatches", "POOL_CHUNK", "shared_pools"]
 
 #: Rows per teacher call when the pool is filled.
 POOL_CHUNK = 256
+
+
+#: Teacher pools kept for reuse inside a `shared_pools()` block, or None outside one.
+_SHARED: contextvars.ContextVar = contextvars.ContextVar("epd_teacher_pools", default=None)
+
+
+@contextlib.contextmanager
+def shared_pools():
+    """Within the block, runs with the same denoiser, grid, pool, seed and teacher settings
+    share one teacher pool (the targets are a pure function of those): the grid search's
+    final run continues on the winning grid without paying the teacher again."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
 
 
 class TeacherBatches:
@@ -48,7 +66,24 @@ class TeacherBatches:
     def _teacher(self, x, cond):
         return teacher_targets(self.denoiser, x, self.sigmas, **self.teacher_kw, **cond)
 
+    def _pool_key(self):
+        return (id(self.denoiser), tuple(self.sigmas.tolist()), self.shape, self.seed,
+                tuple(sorted(self.teacher_kw.items())), str(self.device), self.dtype,
+                self.pool, self.world, self.rank)
+
     def _fill_pool(self, cond, scale):
+        """Teacher over the whole pool (or the pool of an identical earlier run inside
+        `shared_pools`, when there is no conditioning)."""
+        shared = _SHARED.get() if not cond else None
+        key = self._pool_key() if shared is not None else None
+        if key in (shared or {}):
+            self._pool_x, self._pool_y = shared[key]
+            return
+        self._compute_pool(cond, scale)
+        if shared is not None:
+            shared[key] = (self._pool_x, self._pool_y)
+
+    def _compute_pool(self, cond, scale):
         """Teacher over the whole pool; with W processes (and P divisible by W) rank r
         computes rows [r P/W, (r+1) P/W) and the shards are all-gathered."""
         world, rank = (self.world, self.rank) if self.pool % self.world == 0 else (1, 0)

@@ -54,6 +54,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import torch
 
 from ..sampling import _resolve_sigmas, make_noise, nfe_to_steps, sample, steps_to_nfe
+from .batches import shared_pools
 from .loop import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_POOL, distill
 from .noise import row_seed
 
@@ -336,19 +337,20 @@ def distill_auto(denoiser: Callable, *, nfe: int, shape, plugin: bool = False,
     if final_kw.get("checkpoint") is not None and search_iterations is None:
         raise ValueError("checkpoint=... needs a final run: pass search_iterations (the "
                          "full-length search has none)")
-    schedule, report = choose_schedule(denoiser, nfe=nfe, shape=shape, plugin=plugin,
-                                       candidates=candidates,
-                                       search_iterations=search_iterations,
-                                       **choice_kw, **kwargs)
-    params = report["params"]
-    report["continued"] = search_iterations is not None
-    if report["continued"]:
-        iterations = kwargs.get("iterations", DEFAULT_ITERATIONS)
-        kw = dict(kwargs, **final_kw,
-                  iterations=iterations if final_iterations is None else final_iterations)
-        kw.setdefault("progress", False)
-        params = distill(denoiser, nfe=nfe, shape=shape, plugin=plugin, schedule=schedule,
-                         init=params, **kw)
+    with shared_pools():   # the final run reuses the winning grid's teacher pool
+        schedule, report = choose_schedule(denoiser, nfe=nfe, shape=shape, plugin=plugin,
+                                           candidates=candidates,
+                                           search_iterations=search_iterations,
+                                           **choice_kw, **kwargs)
+        params = report["params"]
+        report["continued"] = search_iterations is not None
+        if report["continued"]:
+            iterations = kwargs.get("iterations", DEFAULT_ITERATIONS)
+            kw = dict(kwargs, **final_kw,
+                      iterations=iterations if final_iterations is None else final_iterations)
+            kw.setdefault("progress", False)
+            params = distill(denoiser, nfe=nfe, shape=shape, plugin=plugin,
+                             schedule=schedule, init=params, **kw)
     params.meta["schedule_search"] = {
         "chosen": report["chosen"],
         "val_rmse": {n: (r["val_rmse"] if math.isfinite(r["val_rmse"]) else None)

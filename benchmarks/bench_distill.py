@@ -38,7 +38,9 @@ RMSE is over all elements of ``x(sigma_min)`` against the reference, on held-out
   no more total evaluations than EPD (ParaDiGMS spends 6-11x more);
 * EPD-Plugin below iPNDM (on iPNDM's default grid and on its best grid);
 * each D-ODE solver below its base solver on the same grid (default grid; base's best grid);
-* distillation of NFE 5 (EPD and EPD-Plugin, grid search included) <= 60 s wall per model.
+* distillation of NFE 5 (EPD and EPD-Plugin, grid search included) <= 60 s wall per model
+  (the package defaults; on the U-Net, whose evaluations cost milliseconds on this CPU,
+  `FAST_SETTINGS`, which it distils with throughout).
 
     python benchmarks/bench_distill.py [--quick] [--out benchmarks/results] [--nfes 3,5]
                                        [--models gaussian64,mixture64]
@@ -69,7 +71,7 @@ if str(HERE.parent) not in sys.path:
 from epd_kernels import fit_dode, make_noise, sample  # noqa: E402
 from epd_kernels.distill import DEFAULT_ITERATIONS, DEFAULT_LR, distill  # noqa: E402
 from epd_kernels.distill.schedule_search import (AUTO_LR, DEFAULT_CANDIDATES,  # noqa: E402
-                                                 DEFAULT_REFERENCE_STEPS,
+                                                 DEFAULT_REFERENCE_STEPS, FAST_SETTINGS,
                                                  DEFAULT_SEARCH_ITERATIONS, DEFAULT_VAL_SIZE,
                                                  distill_auto)
 from epd_kernels.models import GaussianMixtureModel, GaussianModel, load_model  # noqa: E402
@@ -130,6 +132,7 @@ class Problem:
     reference_note: str
     modes: Optional[torch.Tensor] = None   # [M, 64]: mixture means / training images
     plain: bool = True                     # also a plain `distill` on DEFAULT_GRID
+    fast: bool = False                     # distil with FAST_SETTINGS (expensive denoiser)
 
 
 def _unipc_reference(model, steps: int, dtype):
@@ -158,7 +161,7 @@ def _digits_exact() -> Problem:
 def _digits_unet() -> Problem:
     m = load_model("digits-unet")
     return Problem("digits-unet", m, m, torch.float32, _unipc_reference(m, 160, torch.float32),
-                   "UniPC, 160 steps, float32", plain=False)  # a U-Net run costs minutes
+                   "UniPC, 160 steps, float32", plain=False, fast=True)
 
 
 MODELS: Dict[str, Callable[[], Problem]] = {
@@ -202,21 +205,30 @@ def baseline_solvers() -> list:
 def _fit_auto(problem, nfe, grid, *, plugin, method="epd"):
     """`distill_auto`: short runs on every grid of GRIDS, the winner on validation noise
     trained in full. ``grid`` given: one plain `distill` on that grid instead."""
-    kw = dict(nfe=nfe, shape=tuple(problem.model32.shape), plugin=plugin, progress=False,
-              **DISTILL_KW)
+    kw = dict(nfe=nfe, shape=tuple(problem.model32.shape), plugin=plugin, progress=False)
+    search_kw = dict(SEARCH_KW)
+    if problem.fast:  # FAST_SETTINGS: search options to distill_auto, the rest to distill
+        search_kw.update({k: v for k, v in FAST_SETTINGS.items() if k in _SEARCH_OPTIONS})
+        kw.update({k: v for k, v in FAST_SETTINGS.items() if k not in _SEARCH_OPTIONS})
+    kw.update(DISTILL_KW)
     if method != "epd":
         kw["method"] = method
     wall, cpu = time.perf_counter(), time.process_time()
     if grid is None:
-        params, rep = distill_auto(problem.model32, candidates=GRIDS, **SEARCH_KW, **kw)
+        params, rep = distill_auto(problem.model32, candidates=GRIDS, **search_kw, **kw)
         info = {"grid": rep["chosen"], "search": {
             n: {"val_rmse": c["val_rmse"], "wall_s": c["wall_s"]}
             for n, c in rep["candidates"].items()}}
     else:
         params = distill(problem.model32, schedule=GRIDS[grid], **kw)
         info = {"grid": grid}
-    info.update(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu)
+    info.update(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu,
+                settings="fast" if problem.fast else "defaults")
     return params, info
+
+
+#: Keys of FAST_SETTINGS that belong to the grid search rather than to `distill`.
+_SEARCH_OPTIONS = ("search_iterations", "reference_steps", "val_size")
 
 
 def _fit_dode(problem, nfe, grid, *, solver):
@@ -494,7 +506,8 @@ def _tables(results, baselines):
                 for key, r in rec["distilled"][d.solver]["runs"].items():
                     search = r.get("search")
                     time_rows.append([
-                        mname, nfe, d.solver, key, r["grid"], _fmt(r["wall_s"], 3),
+                        mname, nfe, d.solver, key, r.get("settings", "defaults"), r["grid"],
+                        _fmt(r["wall_s"], 3),
                         _fmt(r["cpu_s"], 3), _fmt(r["rmse"]), _fmt(r["flips"]),
                         "-" if not search else " ".join(
                             f"{g}:{_fmt(s['val_rmse'], 3)}" for g, s in search.items())])
@@ -512,7 +525,7 @@ def _tables(results, baselines):
          "columns": ["model", "NFE", "bar", "value", "result"], "rows": bar_rows},
         {"title": "Every distillation: grid, time (1 thread), test RMSE, flips; for the "
                   "automatic runs the validation RMSE of each searched grid",
-         "columns": ["model", "NFE", "solver", "run", "grid", "wall s", "cpu s",
+         "columns": ["model", "NFE", "solver", "run", "settings", "grid", "wall s", "cpu s",
                      "test RMSE", "flips", "search: val RMSE per grid"],
          "rows": time_rows},
     ]
@@ -544,7 +557,9 @@ def _notes(results, bars, refs, cfg):
                  f"{DEFAULT_VAL_SIZE} validation draws (seeds 3 2^40 + i) wins and is distilled "
                  f"for {DEFAULT_ITERATIONS} iterations from its search parameters; lr {AUTO_LR}). "
                  f"The wall time covers the search. 'plain': `distill` with the package "
-                 f"defaults (grid {DEFAULT_GRID}, lr {DEFAULT_LR}).")
+                 f"defaults (grid {DEFAULT_GRID}, lr {DEFAULT_LR}). Settings 'fast' (the "
+                 f"U-Net, whose evaluations cost milliseconds): "
+                 f"`distill_auto(..., **FAST_SETTINGS)` = {FAST_SETTINGS}.")
     notes.append("Baselines: the best is the lowest TEST RMSE over every solver and grid, "
                  "a stricter opponent than a validation choice. D-ODE: fitted in closed "
                  "form (batch 128, Heun teacher with 10x steps) and refined jointly on the "

@@ -245,3 +245,17 @@ def test_default_candidates_are_valid_grids():
             extra = {} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "kind"}
             s = get_sigmas(kind, steps, **extra)
             assert s.numel() == steps + 1 and s[0] == 80.0 and s[-1] == 0.002, name
+
+
+def test_fast_settings_are_accepted_by_distill_auto_and_distill():
+    """FAST_SETTINGS is a set of keyword arguments both entry points take as they are
+    (a renamed option would otherwise fail only in the benchmark), and the search records
+    its iteration count."""
+    from epd_kernels.distill.schedule_search import FAST_SETTINGS
+
+    model = gaussian()
+    p = distill(model, nfe=3, shape=(8,), schedule="auto", progress=False, val_size=32,
+                **FAST_SETTINGS)
+    assert p.meta["schedule_search"]["search_iterations"] == FAST_SETTINGS["search_iterations"]
+    assert p.meta["iterations"] == FAST_SETTINGS["iterations"]
+    assert p.meta["M"] == FAST_SETTINGS["M"] and p.meta["pool"] == FAST_SETTINGS["pool"]

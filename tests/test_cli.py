@@ -653,15 +653,9 @@ def test_torchrun_amed_distill_equals_one_process_with_double_batch(tmp_path):
     """AMED under torchrun takes EPD's path: 2 processes with batch 2 train like 1 process
     with batch 4 (every rank starts from the same seeded predictor)."""
     from epd_kernels import AMEDParams
-    from test_cli_multiproc import torchrun
+    from test_cli_multiproc import distill_one_and_two_processes
 
-    common = ["distill", "--model", "gmm", "--solver", "amed", "--nfe", 3, "--iterations", 3,
-              "--teacher-points", 2, "--no-progress"]
-    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    epd(*common, "--batch-size", 4, "--out", one)
-    p = torchrun(*common, "--batch-size", 2, "--out", two)
-    assert "2 processes" in p.stdout
-    a, b = AMEDParams.load(one), AMEDParams.load(two)
+    a, b = map(AMEDParams.load, distill_one_and_two_processes(tmp_path, "amed"))
     assert a.meta["batch_size"] == b.meta["batch_size"] == 4 and b.meta["world_size"] == 2
     sa, sb = a.predictor.state_dict(), b.predictor.state_dict()
     for k in sa:

@@ -57,16 +57,22 @@ def test_torchrun_sample_equals_one_process(tmp_path):
     assert not (tmp_path / "two.npz.parts").exists()
 
 
-def test_torchrun_distill_equals_one_process_with_double_batch(tmp_path):
-    from epd_kernels import EPDParams
-
-    common = ["distill", "--model", "gmm", "--solver", "epd", "--nfe", 3, "--iterations", 3,
+def distill_one_and_two_processes(tmp_path, solver):
+    """`epd distill` of `solver` with 1 process and batch 4, and under torchrun with 2
+    processes and batch 2; returns the two output files."""
+    common = ["distill", "--model", "gmm", "--solver", solver, "--nfe", 3, "--iterations", 3,
               "--teacher-points", 2, "--no-progress"]
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     epd(*common, "--batch-size", 4, "--out", one)
     p = torchrun(*common, "--batch-size", 2, "--out", two)
     assert "2 processes" in p.stdout
-    a, b = EPDParams.load(one), EPDParams.load(two)
+    return one, two
+
+
+def test_torchrun_distill_equals_one_process_with_double_batch(tmp_path):
+    from epd_kernels import EPDParams
+
+    a, b = map(EPDParams.load, distill_one_and_two_processes(tmp_path, "epd"))
     assert a.meta["batch_size"] == b.meta["batch_size"] == 4
     assert b.meta["world_size"] == 2
     for name in ("r", "weights", "delta", "o", "sigmas"):

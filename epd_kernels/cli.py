@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "for per-row class labels)")
     p.add_argument("--seed", type=int, default=0,
                    help="training noise seed (and the AMED predictor's initial weights)")
+    p.add_argument("--schedule", default=None,
+                   help="time grid: polynomial (default), logsnr, time-uniform, or (EPD / AMED) "
+                        "'auto': chosen among candidate grids on held-out noise, ~2.7x the "
+                        "cost")
+    p.add_argument("--fast", action="store_const", const=True, default=None,
+                   help="EPD / AMED: the library's FAST_SETTINGS for an expensive model "
+                        "(fewer, smaller iterations; a shorter grid search); options given "
+                        "explicitly still win")
     p.add_argument("--checkpoint", default=None, help="EPD / AMED checkpoint file (resume)")
     p.add_argument("--class-label", default=None,
                    help="conditional models: 'seed' (row %% classes, default), an int, or 'none'")

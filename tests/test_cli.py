@@ -116,6 +116,31 @@ def test_distill_writes_loadable_params(epd_params, work):
     assert q.nfe == 5 and q.solver == "d-euler" and q.meta["shape"] == [64]
 
 
+def test_distill_schedule_auto_fast_and_dode_grid(work):
+    """--schedule auto runs the grid search (per-row labels: validation draws labelled
+    too), --fast applies FAST_SETTINGS beneath explicit options, and a D-ODE fit takes a
+    grid kind."""
+    from epd_kernels import DODEParams, EPDParams, get_sigmas
+    from epd_kernels.distill.schedule_search import DEFAULT_CANDIDATES, FAST_SETTINGS
+
+    out = work / "gmm-epd3-auto.safetensors"
+    epd("distill", "--model", "gmm", "--solver", "epd", "--nfe", 3, "--schedule", "auto",
+        "--fast", "--iterations", 4, "--out", out)
+    p = EPDParams.load(out)
+    search = p.meta["schedule_search"]
+    assert search["chosen"] in DEFAULT_CANDIDATES
+    assert search["search_iterations"] == FAST_SETTINGS["search_iterations"]
+    assert p.meta["iterations"] == 4                          # explicit option wins
+    assert p.meta["batch_size"] == FAST_SETTINGS["batch_size"]
+    assert p.meta["M"] == FAST_SETTINGS["M"] and p.meta["pool"] is None   # per-row labels
+
+    out = work / "gmm-dipndm5-tu.safetensors"
+    epd("distill", "--model", "gmm", "--solver", "d-ipndm", "--nfe", 5, "--batch-size", 16,
+        "--schedule", "time-uniform", "--out", out)
+    q = DODEParams.load(out)
+    torch.testing.assert_close(q.sigmas, get_sigmas("time-uniform", 5))
+
+
 @pytest.mark.slow
 def test_distill_checkpoint_resume(work, capsys):
     from epd_kernels import EPDParams
@@ -351,6 +376,12 @@ def _error_cases(work, epd_params):
           "--out", work / "x.safetensors"], ["--iterations", "closed form"]),
         (["distill", "--model", "gmm", "--solver", "epd", "--nfe", 3, "--out",
           blocker / "p.safetensors"], ["cannot write", "a_file"]),
+        (["distill", "--model", "gmm", "--solver", "d-euler", "--nfe", 3, "--schedule", "auto",
+          "--out", work / "x.safetensors"], ["--schedule auto", "EPD and AMED"]),
+        (["distill", "--model", "gmm", "--solver", "d-euler", "--nfe", 3, "--fast",
+          "--out", work / "x.safetensors"], ["--fast", "closed form"]),
+        (["distill", "--model", "gmm", "--solver", "epd", "--nfe", 3, "--schedule", "karras",
+          "--out", work / "x.safetensors"], ["--schedule must be", "'karras'"]),
         (["eval", "--samples", work / "missing.npz", "--model", "gmm"], ["not found"]),
         (["eval", "--samples", work / "missing.npz"], ["--model", "--reference"]),
         (["demo", "--quick", "--model", "nope", "--out", work / "demo_err"], ["unknown model"]),

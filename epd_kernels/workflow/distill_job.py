@@ -14,6 +14,10 @@
   10x-step Heun teacher on ``--batch-size`` samples, default 128, then the joint
   refinement on the final state); computed by rank 0.
 
+``--schedule`` picks the grid (a kind, or ``auto`` for the EPD / AMED grid search of
+`distill_auto`; with per-row labels its validation draws get labels ``row % classes``
+too); ``--fast`` applies `FAST_SETTINGS` beneath the options given explicitly.
+
 An option of one family given to another (``--num-points`` for AMED, ``--amed-form`` or
 ``--features`` for EPD or D-ODE, the training options for D-ODE) is a `UserError`.
 Conditional models are distilled with labels ``row % num_classes`` (``--class-label L``
@@ -45,12 +49,13 @@ def run_distill(args) -> int:
     _check_option_family(args, solver)
     if not trained:
         given = _given(args, ("num_points", "iterations", "lr", "checkpoint", "pool",
-                              "teacher_points"))
+                              "teacher_points", "fast"))
         if given:
             raise UserError(f"{', '.join(given)} only apply to the EPD and AMED solvers; "
                             f"D-ODE ({solver}) is fitted in closed form")
     if solver in AMED_SOLVERS:
         _features(args)  # option errors before the model is loaded
+    _check_schedule(args, trained)
     check_budget(solver, args.nfe)
     for name in ("num_points", "iterations", "batch_size"):
         v = getattr(args, name)
@@ -89,6 +94,23 @@ def run_distill(args) -> int:
                   + (f", {dist.world} processes" if dist.active else "") + ")", flush=True)
         dist.barrier()
     return 0
+
+
+#: Grid kinds `--schedule` takes besides "auto" (see `epd_kernels.get_sigmas`).
+SCHEDULE_KINDS = ("polynomial", "logsnr", "time-uniform")
+
+
+def _check_schedule(args, trained: bool) -> None:
+    s = args.schedule
+    if s is None:
+        return
+    s = args.schedule = str(s).strip().lower()
+    if s == "auto" and not trained:
+        raise UserError("--schedule auto (the grid search) applies to the EPD and AMED "
+                        "solvers; give D-ODE a grid kind: " + ", ".join(SCHEDULE_KINDS))
+    if s != "auto" and s not in SCHEDULE_KINDS:
+        raise UserError(f"--schedule must be 'auto' or one of {', '.join(SCHEDULE_KINDS)}, "
+                        f"got {args.schedule!r}")
 
 
 def _given(args, names):
@@ -137,7 +159,14 @@ def _distill(args, solver, model, shape, label_mode, dist):
         method = dict(method="amed", amed_form=form, features=features)
     else:
         method = dict(num_points=args.num_points or 2)
-    bs = args.batch_size or DEFAULT_BATCH_SIZE
+    from ..distill.schedule_search import DEFAULT_VAL_SIZE, FAST_SETTINGS
+
+    auto = args.schedule == "auto"
+    # --fast: FAST_SETTINGS under the options given explicitly; its grid-search options
+    # only with --schedule auto.
+    fast = dict(FAST_SETTINGS) if args.fast else {}
+    search = {k: fast.pop(k) for k in ("search_iterations", "reference_steps") if k in fast}
+    bs = args.batch_size or fast.get("batch_size", DEFAULT_BATCH_SIZE)
     cond = {}
     labels = class_labels_for(model, range(bs * dist.world), label_mode)
     extra = {}
@@ -152,14 +181,26 @@ def _distill(args, solver, model, shape, label_mode, dist):
         extra["pool"] = pool
     elif labels is not None and label_mode == "seed":
         extra["pool"] = None   # per-row labels need fresh noise every iteration
+    elif "pool" in fast:
+        extra["pool"] = fast["pool"]
     if args.teacher_points is not None:
         extra["M"] = args.teacher_points
+    elif "M" in fast:
+        extra["M"] = fast["M"]
+    if auto:
+        extra.update(search)
+        if labels is not None and label_mode == "seed":   # labels of the validation draws
+            extra["val_cond"] = {"class_labels": class_labels_for(
+                model, range(DEFAULT_VAL_SIZE), label_mode).to(args.device)}
+    if args.schedule is not None:
+        extra["schedule"] = args.schedule
+    iterations = args.iterations or fast.get("iterations", DEFAULT_ITERATIONS)
     try:
         return distill(model, nfe=args.nfe, shape=shape, plugin=solver.endswith("-ipndm"),
-                       iterations=args.iterations or DEFAULT_ITERATIONS, batch_size=bs,
-                       lr=args.lr or DEFAULT_LR, seed=args.seed, device=args.device,
-                       checkpoint=args.checkpoint, progress=args.progress and dist.is_main,
-                       **method, **extra, **cond)
+                       iterations=iterations, batch_size=bs,
+                       lr=args.lr or (None if auto else DEFAULT_LR), seed=args.seed,
+                       device=args.device, checkpoint=args.checkpoint,
+                       progress=args.progress and dist.is_main, **method, **extra, **cond)
     except ValueError as e:
         raise UserError(one_line(e)) from None
 
@@ -186,6 +227,6 @@ def _fit_dode(args, solver, model, shape, label_mode):
         cond["class_labels"] = labels.to(args.device)
     try:
         return fit_dode(model, solver=solver, nfe=args.nfe, shape=shape, batch_size=bs,
-                        seed=args.seed, device=args.device, **cond)
+                        seed=args.seed, device=args.device, schedule=args.schedule, **cond)
     except ValueError as e:
         raise UserError(one_line(e)) from None

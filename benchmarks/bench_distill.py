@@ -72,6 +72,7 @@ from epd_kernels import fit_dode, make_noise, sample  # noqa: E402
 from epd_kernels.distill import DEFAULT_ITERATIONS, DEFAULT_LR, distill  # noqa: E402
 from epd_kernels.distill.schedule_search import (AUTO_LR, DEFAULT_CANDIDATES,  # noqa: E402
                                                  DEFAULT_REFERENCE_STEPS, FAST_SETTINGS,
+                                                 SEARCH_OPTIONS,
                                                  DEFAULT_SEARCH_ITERATIONS, DEFAULT_VAL_SIZE,
                                                  distill_auto)
 from epd_kernels.models import GaussianMixtureModel, GaussianModel, load_model  # noqa: E402
@@ -208,8 +209,8 @@ def _fit_auto(problem, nfe, grid, *, plugin, method="epd"):
     kw = dict(nfe=nfe, shape=tuple(problem.model32.shape), plugin=plugin, progress=False)
     search_kw = dict(SEARCH_KW)
     if problem.fast:  # FAST_SETTINGS: search options to distill_auto, the rest to distill
-        search_kw.update({k: v for k, v in FAST_SETTINGS.items() if k in _SEARCH_OPTIONS})
-        kw.update({k: v for k, v in FAST_SETTINGS.items() if k not in _SEARCH_OPTIONS})
+        search_kw.update({k: v for k, v in FAST_SETTINGS.items() if k in SEARCH_OPTIONS})
+        kw.update({k: v for k, v in FAST_SETTINGS.items() if k not in SEARCH_OPTIONS})
     kw.update(DISTILL_KW)
     if method != "epd":
         kw["method"] = method
@@ -225,10 +226,6 @@ def _fit_auto(problem, nfe, grid, *, plugin, method="epd"):
     info.update(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu,
                 settings="fast" if problem.fast else "defaults")
     return params, info
-
-
-#: Keys of FAST_SETTINGS that belong to the grid search rather than to `distill`.
-_SEARCH_OPTIONS = ("search_iterations", "reference_steps", "val_size")
 
 
 def _fit_dode(problem, nfe, grid, *, solver):

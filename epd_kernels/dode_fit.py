@@ -54,7 +54,7 @@ import torch
 
 from .dode_params import DODE_BASES, DODEParams, dode_latency_nfe, normalize_dode_base
 from .solvers import SOLVERS
-from .solvers.common import check_cond_keywords
+from .solvers.common import check_cond_keywords, check_int
 from .solvers.dode import DODE_SOLVERS
 from .solvers.schedules import check_sigmas, get_sigmas
 
@@ -76,8 +76,7 @@ def refine_sigmas(sigmas, factor: int, rho: float = 7.0) -> torch.Tensor:
 
     Returns ``factor * S + 1`` float64 values; entry ``factor * n`` is exactly ``sigmas[n]``.
     """
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor < 1:
-        raise ValueError(f"teacher_factor must be an integer >= 1, got {factor!r}")
+    check_int("teacher_factor", factor, 1)
     s = check_sigmas(sigmas, "sigmas")
     if factor == 1:
         return s.clone()
@@ -308,17 +307,13 @@ def fit_dode(denoiser: Callable, *, solver: str = "d-euler", nfe: Optional[int] 
     check_cond_keywords(denoiser, cond, where="fit_dode", options=_DISTILL_OPTIONS)
     if not isinstance(refine, bool):
         raise ValueError(f"refine must be True or False, got {refine!r}")
-    if isinstance(refine_iterations, bool) or not isinstance(refine_iterations, numbers.Integral) \
-            or refine_iterations < 0:
-        raise ValueError(f"refine_iterations must be an integer >= 0, got {refine_iterations!r}")
+    refine_iterations = check_int("refine_iterations", refine_iterations, 0)
     if teacher == "same":
         teacher = base
     if noise is None:
         if shape is None:
             raise ValueError("give shape (per-sample shape) or a noise batch")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or \
-                batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, 1)
         from .sampling import make_noise
 
         first = FIT_SEED_BASE + int(seed) * int(batch_size)

@@ -124,8 +124,9 @@ class EPDParams:
           ``r_k = log(tau_k / t) / log(t' / t)`` per step. Measured (`distill` with
           schedule="auto" on the benchmark's Gaussian, mixture and exact-digits models at
           NFE 3-9): against the log-sigma start below, test RMSE lower in 11 of 12 cases
-          (the twelfth equal within seed noise), by up to 3x on the exact digits, where a branch placed at ``t'^0.79 t^0.21`` in the last step (``t' =
-          sigma_min``) lands where the denoiser has already collapsed onto one image.
+          (the twelfth equal within seed noise), by up to 3x on the exact digits, where a
+          branch placed at ``t'^0.79 t^0.21`` in the last step (``t' = sigma_min``) lands
+          where the denoiser has already collapsed onto one image.
         * ``"gauss-log"``: the same nodes as ``r`` directly (nodes in log sigma, equal
           weights 1/K; K = 1 is the log-midpoint, the geometric mean of t and t').
         * ``"linspace"``: ``r = (k + 1) / (K + 1)``, equal weights.

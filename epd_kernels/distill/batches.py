@@ -74,14 +74,15 @@ class TeacherBatches:
     def _fill_pool(self, cond, scale):
         """Teacher over the whole pool (or the pool of an identical earlier run inside
         `shared_pools`, when there is no conditioning)."""
-        shared = _SHARED.get() if not cond else None
-        key = self._pool_key() if shared is not None else None
-        if key in (shared or {}):
-            self._pool_x, self._pool_y = shared[key]
+        shared = None if cond else _SHARED.get()
+        if shared is None:
+            self._compute_pool(cond, scale)
             return
-        self._compute_pool(cond, scale)
-        if shared is not None:
+        key = self._pool_key()
+        if key not in shared:
+            self._compute_pool(cond, scale)
             shared[key] = (self._pool_x, self._pool_y)
+        self._pool_x, self._pool_y = shared[key]
 
     def _compute_pool(self, cond, scale):
         """Teacher over the whole pool; with W processes (and P divisible by W) rank r

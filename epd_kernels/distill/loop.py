@@ -15,7 +15,7 @@ import torch
 from ..amed_params import AMED_FORMS, AMEDParams
 from ..params import EPDParams
 from ..sampling import _resolve_sigmas, nfe_to_steps
-from ..solvers.common import check_cond_keywords
+from ..solvers.common import check_cond_keywords, check_int
 from . import checkpoint as ckpt
 from .latent import DELTA_MAX, O_MAX
 from .batches import TeacherBatches
@@ -82,12 +82,6 @@ def _default_device(denoiser):
     return torch.device("cpu")
 
 
-def _int_arg(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _schedule_description(schedule):
     if schedule is None:
         return {"kind": "polynomial", "rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0}
@@ -144,10 +138,6 @@ def _set_flat_grads(module, flat: torch.Tensor) -> None:
 #: would travel to the denoiser as conditioning (`check_cond_keywords` refuses them).
 _OTHER_OPTIONS = ("teacher_factor", "refine", "refine_iterations", "solver", "params",
                   "num_steps", "steps", "lambdas", "noise")
-#: Options of the grid search (`distill_auto` / `choose_schedule`) that
-#: ``distill(schedule="auto", ...)`` hands on.
-_AUTO_OPTIONS = ("candidates", "search_iterations", "final_iterations", "val_size", "val_seed",
-                 "val_cond", "reference_steps", "reference_solver", "chunk")
 
 
 def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = None,
@@ -224,18 +214,19 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
             written with other settings. RuntimeError: ``max_failures`` non-finite steps
             in a row.
     """
+    from .schedule_search import SEARCH_OPTIONS, distill_auto  # (imports this module)
+
     auto = isinstance(schedule, str) and schedule == "auto"
     if not auto:
-        given = sorted(k for k in cond if k in _AUTO_OPTIONS)
+        given = sorted(k for k in cond if k in SEARCH_OPTIONS)
         if given:
             raise ValueError(f"{given} only apply with schedule='auto' (the grid search)")
     check_cond_keywords(denoiser, {k: v for k, v in cond.items()
-                                   if not (auto and k in _AUTO_OPTIONS)},
+                                   if not (auto and k in SEARCH_OPTIONS)},
                         where="distill", options=_OTHER_OPTIONS)
     if auto:
         # The grid is chosen on held-out noise among candidate grids, then distilled in full
         # (`schedule_search.distill_auto`); it travels inside the returned params.
-        from .schedule_search import distill_auto
 
         auto_kw = dict(num_points=num_points, teacher=teacher, M=M, afs=afs,
                        iterations=iterations, batch_size=batch_size, seed=seed, device=device,
@@ -254,7 +245,7 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
         return params
     lr = DEFAULT_LR if lr is None else lr
     # ---- arguments
-    nfe = _int_arg("nfe", nfe, 1)
+    nfe = check_int("nfe", nfe, 1)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     amed = method == "amed"
@@ -268,12 +259,12 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
     else:
         if features is not None:
             raise ValueError("features= is only used by method='amed' (the AMED predictor)")
-        K = _int_arg("num_points", DEFAULT_K if num_points is None else num_points, 1)
-    M = _int_arg("M", M, 0)
-    iterations = _int_arg("iterations", iterations, 1)
-    batch_size = _int_arg("batch_size", batch_size, 1)
-    checkpoint_every = _int_arg("checkpoint_every", checkpoint_every, 1)
-    max_failures = _int_arg("max_failures", max_failures, 1)
+        K = check_int("num_points", DEFAULT_K if num_points is None else num_points, 1)
+    M = check_int("M", M, 0)
+    iterations = check_int("iterations", iterations, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
+    max_failures = check_int("max_failures", max_failures, 1)
     seed = int(seed)
     shape = tuple(int(n) for n in ((shape,) if isinstance(shape, numbers.Integral) else shape))
     if teacher not in TEACHERS:
@@ -323,7 +314,7 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
     latent = student.module
     optimizer = torch.optim.Adam(student.param_groups(), lr=lr)
     if pool is not None:
-        pool = _int_arg("pool", pool, 1)
+        pool = check_int("pool", pool, 1)
         per_row = [k for k, v in cond.items() if isinstance(v, torch.Tensor) and v.dim() >= 1
                    and v.shape[0] == global_batch]
         if per_row:

@@ -54,13 +54,14 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import torch
 
 from ..sampling import _resolve_sigmas, make_noise, nfe_to_steps, sample, steps_to_nfe
+from ..solvers.common import check_int
 from .batches import shared_pools
 from .loop import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_POOL, distill
 from .noise import row_seed
 
 __all__ = ["choose_schedule", "distill_auto", "DEFAULT_CANDIDATES", "VAL_SEED_BASE",
            "DEFAULT_VAL_SIZE", "DEFAULT_REFERENCE_STEPS", "DEFAULT_SEARCH_ITERATIONS", "AUTO_LR",
-           "FAST_SETTINGS", "validation_seeds", "training_seeds"]
+           "FAST_SETTINGS", "SEARCH_OPTIONS", "validation_seeds", "training_seeds"]
 
 #: Grids tried by default, in order (the first wins ties). Each is the best for some model
 #: and NFE of the benchmark and 2.2-16x off the best for another (module docstring).
@@ -115,12 +116,6 @@ def training_seeds(seed: int, iterations: int, global_batch: int, pool: Optional
     if pool is not None:
         return {row_seed(seed, -1, j) for j in range(pool)}
     return {row_seed(seed, i, j) for i in range(iterations) for j in range(global_batch)}
-
-
-def _int_arg(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_candidates(candidates, steps) -> Dict[str, object]:
@@ -237,20 +232,20 @@ def choose_schedule(denoiser: Callable, *, nfe: int, shape, plugin: bool = False
         if distill_kwargs.get(key) is not None:
             raise ValueError(f"choose_schedule does not take {key}=...: {why}")
         distill_kwargs.pop(key, None)
-    nfe = _int_arg("nfe", nfe, 1)
-    val_size = _int_arg("val_size", val_size, 1)
-    val_seed = _int_arg("val_seed", val_seed, 0)
-    reference_steps = _int_arg("reference_steps", reference_steps, 1)
-    chunk = _int_arg("chunk", chunk, 1)
+    nfe = check_int("nfe", nfe, 1)
+    val_size = check_int("val_size", val_size, 1)
+    val_seed = check_int("val_seed", val_seed, 0)
+    reference_steps = check_int("reference_steps", reference_steps, 1)
+    chunk = check_int("chunk", chunk, 1)
     afs = bool(distill_kwargs.get("afs", True))
     method = distill_kwargs.get("method", "epd")
     steps = nfe_to_steps("amed" if method == "amed" else "epd", nfe, afs)
     candidates = _check_candidates(DEFAULT_CANDIDATES if candidates is None else candidates,
                                    steps)
-    iterations = _int_arg("iterations", distill_kwargs.get("iterations", DEFAULT_ITERATIONS), 1)
+    iterations = check_int("iterations", distill_kwargs.get("iterations", DEFAULT_ITERATIONS), 1)
     if search_iterations is None:
         search_iterations = iterations
-    search_iterations = _int_arg("search_iterations", search_iterations, 1)
+    search_iterations = check_int("search_iterations", search_iterations, 1)
     shape = tuple(int(n) for n in ((shape,) if isinstance(shape, numbers.Integral) else shape))
 
     # ---- training vs validation noise: disjoint seeds, checked rather than assumed
@@ -337,11 +332,9 @@ def distill_auto(denoiser: Callable, *, nfe: int, shape, plugin: bool = False,
     """
     t0 = time.perf_counter()
     if final_iterations is not None:
-        final_iterations = _int_arg("final_iterations", final_iterations, 1)
+        final_iterations = check_int("final_iterations", final_iterations, 1)
     kwargs.setdefault("lr", AUTO_LR)
-    choice_kw = {k: kwargs.pop(k) for k in ("val_size", "val_seed", "val_cond",
-                                           "reference_steps", "reference_solver", "chunk")
-                 if k in kwargs}
+    choice_kw = {k: kwargs.pop(k) for k in CHOICE_OPTIONS if k in kwargs}
     # A checkpoint belongs to the final run. The search is deterministic, so a resumed call
     # repeats it, finds the same winner and start, and the checkpoint's settings match.
     final_kw = {k: kwargs.pop(k) for k in ("checkpoint", "checkpoint_every") if k in kwargs}
@@ -377,3 +370,16 @@ def distill_auto(denoiser: Callable, *, nfe: int, shape, plugin: bool = False,
 _DISTILL_ARGS = frozenset(
     n for n, p in inspect.signature(distill).parameters.items()
     if p.kind is not inspect.Parameter.VAR_KEYWORD)
+
+
+def _own_options(fn, shared=("nfe", "shape", "plugin")) -> tuple:
+    return tuple(n for n, p in inspect.signature(fn).parameters.items()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in shared)
+
+
+#: `choose_schedule`'s own options (its other keywords go to `distill`).
+CHOICE_OPTIONS = _own_options(choose_schedule, ("nfe", "shape", "plugin", "candidates",
+                                                "search_iterations"))
+#: What ``distill(schedule="auto", ...)`` hands on to `distill_auto` beyond `distill`'s own
+#: arguments (the grid search's options; FAST_SETTINGS holds some of them).
+SEARCH_OPTIONS = _own_options(distill_auto) + CHOICE_OPTIONS

@@ -49,7 +49,7 @@ from ..amed_params import AMEDParams
 from ..amed_predictor import FeatureExtractor
 from ..ops import branch_states, epd_step
 from ..reference import opmath_dtype
-from .common import afs_d, call_denoiser
+from .common import afs_d, call_denoiser, denoise
 from .epd import ipndm_direction
 from .ipndm import push_history
 
@@ -133,8 +133,7 @@ def amed_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: AM
             else:
                 if extractor is not None:
                     extractor.arm()
-                denoised = call_denoiser(denoiser, x, torch.full((B,), t, dtype=sdt, device=device),
-                                    cond)
+                denoised = denoise(denoiser, x, t, cond)
                 d = (x - denoised) / t
                 feats = None if table else extractor.collect(x, t, denoised)
             if table:

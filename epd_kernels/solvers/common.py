@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Callable, Iterable, List, Optional
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "denoise",
     "call_denoiser",
     "check_cond_keywords",
+    "check_int",
     "step_range",
     "emit",
     "phi",
@@ -111,13 +113,21 @@ def check_cond_keywords(denoiser: Callable, cond: dict, *, where: str,
     params = sig.parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return
-    names = {p.name for p in params
-             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = {p.name for p in params if p.kind in named}
     unknown = sorted(k for k in cond if k not in names)
     if unknown:
         raise ValueError(f"{where}() got {unknown}: neither an argument of {where}() nor a "
                          f"parameter of the denoiser {getattr(fn, '__qualname__', fn)!r} "
                          f"(which takes {sorted(names)})")
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``int(value)``, or ValueError naming `name` unless it is an integer >= minimum
+    (bools are refused: True would pass as 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def step_range(num_steps: int, progress: bool, desc: str):

@@ -57,7 +57,7 @@ from ..branches import BranchRunner
 from ..ops import epd_step
 from ..params import EPDParams, epd_latency_nfe, epd_total_evaluations
 from ..reference import opmath_dtype
-from .common import call_denoiser
+from .common import denoise
 from .ipndm import AB_COEFFS, ab_direction, push_history
 
 __all__ = ["epd_sampler", "ipndm_direction", "IPNDM_COEFFS", "epd_latency_nfe",
@@ -136,7 +136,6 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
                          "BranchRunner(denoiser, K) for this one")
 
     ts = sig.tolist()
-    B = x.shape[0]
     device = x.device
     sdt = opmath_dtype(x.dtype)  # dtype of the sigma tensors handed to the denoiser
     r_all, w_all, delta_all, o_all = (t.to(device) for t in (params.r, params.weights,
@@ -158,8 +157,7 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
             d = x / math.sqrt(1.0 + t * t)
             denoised = None
         else:
-            denoised = call_denoiser(denoiser, x, torch.full((B,), t, dtype=sdt, device=device),
-                                     cond)
+            denoised = denoise(denoiser, x, t, cond)
             d = (x - denoised) / t
         # v_n: EPD uses d_n; the plugin an Adams-Bashforth combination of main-point d's.
         v = ipndm_direction(d, history, max_order) if plugin else d

@@ -102,6 +102,7 @@ import torch
 
 from ..branches import repeat_cond
 from ..reference import opmath_dtype
+from .common import check_int
 from .schedules import check_sigmas
 
 __all__ = [
@@ -137,12 +138,6 @@ class ParadigmsStats:
 
 # --------------------------------------------------------------------------------------
 # argument checks
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_tol(tol) -> float:
@@ -193,9 +188,9 @@ def run_paradigms(denoiser: Callable, x: torch.Tensor, sigmas, *, window: Option
     """
     s = check_sigmas(sigmas, "sigmas").tolist()
     S = len(s) - 1
-    W = S if window is None else min(_check_int("window", window), S)
+    W = S if window is None else min(check_int("window", window), S)
     t = _check_tol(tol)
-    R = None if max_rounds is None else _check_int("max_rounds", max_rounds)
+    R = None if max_rounds is None else check_int("max_rounds", max_rounds)
     var = _variances(s, noise_scale)
     thresh = [t * t * v for v in var]
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
@@ -316,7 +311,7 @@ def paradigms_grid(sigmas, substeps: int = 4, rho: float = 7.0) -> torch.Tensor:
     with ``substeps`` times as many steps (up to rounding).
     """
     s = check_sigmas(sigmas, "sigmas")
-    m = _check_int("substeps", substeps)
+    m = check_int("substeps", substeps)
     if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not (
             math.isfinite(float(rho)) and float(rho) > 0):
         raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
@@ -349,8 +344,8 @@ def paradigms_sampler(denoiser: Callable, x: torch.Tensor, sigmas, *,
                          "the first batched round together with the rest of the window, so "
                          "the analytic first step saves no call")
     s = check_sigmas(sigmas, "sigmas")
-    m = _check_int("substeps", substeps)
-    W = None if window is None else _check_int("window", window)
+    m = check_int("substeps", substeps)
+    W = None if window is None else check_int("window", window)
     fine = paradigms_grid(s, m, rho)
     return sample_paradigms(denoiser, x, fine, window=W, tol=tol, max_rounds=s.numel() - 1,
                             noise_scale=noise_scale, callback=callback, progress=progress,

@@ -152,20 +152,19 @@ def _features(args):
 
 def _distill(args, solver, model, shape, label_mode, dist):
     """EPD or AMED by `epd_kernels.distill`, with the command line's conditioning."""
-    from ..distill import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_LR, distill
+    from ..distill import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, distill
+    from ..distill.schedule_search import DEFAULT_VAL_SIZE, FAST_SETTINGS, SEARCH_OPTIONS
 
     if solver in AMED_SOLVERS:
         form, features = _features(args)
         method = dict(method="amed", amed_form=form, features=features)
     else:
         method = dict(num_points=args.num_points or 2)
-    from ..distill.schedule_search import DEFAULT_VAL_SIZE, FAST_SETTINGS
-
     auto = args.schedule == "auto"
     # --fast: FAST_SETTINGS under the options given explicitly; its grid-search options
     # only with --schedule auto.
     fast = dict(FAST_SETTINGS) if args.fast else {}
-    search = {k: fast.pop(k) for k in ("search_iterations", "reference_steps") if k in fast}
+    search = {k: fast.pop(k) for k in SEARCH_OPTIONS if k in fast}
     bs = args.batch_size or fast.get("batch_size", DEFAULT_BATCH_SIZE)
     cond = {}
     labels = class_labels_for(model, range(bs * dist.world), label_mode)
@@ -197,8 +196,7 @@ def _distill(args, solver, model, shape, label_mode, dist):
     iterations = args.iterations or fast.get("iterations", DEFAULT_ITERATIONS)
     try:
         return distill(model, nfe=args.nfe, shape=shape, plugin=solver.endswith("-ipndm"),
-                       iterations=iterations, batch_size=bs,
-                       lr=args.lr or (None if auto else DEFAULT_LR), seed=args.seed,
+                       iterations=iterations, batch_size=bs, lr=args.lr, seed=args.seed,
                        device=args.device, checkpoint=args.checkpoint,
                        progress=args.progress and dist.is_main, **method, **extra, **cond)
     except ValueError as e:

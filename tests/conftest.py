@@ -21,6 +21,17 @@ def require_cpp() -> bool:
         "EPD_KERNELS_REQUIRE_CPP", "0") == "1"
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (``pytest.mark.usefixtures("one_thread")``): the
+    distillation problems are tiny, and extra threads only add synchronisation (10x slower
+    on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _reset_backend():
     from epd_kernels import backends

@@ -19,15 +19,8 @@ from epd_kernels.distill import load_checkpoint
 from epd_kernels.models import GaussianMixtureModel
 from epd_kernels.solvers.ipndm import sample_ipndm
 
-pytestmark = pytest.mark.filterwarnings("ignore:epd_kernels. using the plain-PyTorch reference")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore:epd_kernels. using the plain-PyTorch reference"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -18,20 +18,11 @@ from epd_kernels import EPDParams, distill, get_sigmas, make_noise, sample
 from epd_kernels.distill import (LatentEPD, load_checkpoint, refine_sigmas, row_seed,
                                  teacher_targets, training_noise)
 
-pytestmark = pytest.mark.filterwarnings("ignore:epd_kernels. using the plain-PyTorch reference")
+pytestmark = [pytest.mark.filterwarnings("ignore:epd_kernels. using the plain-PyTorch reference"),
+              pytest.mark.usefixtures("one_thread")]
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The problems here are tiny: intra-op threads only add synchronisation (10x slower
-    on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small(model, **kw):

@@ -18,7 +18,8 @@ from epd_kernels.distill.schedule_search import (DEFAULT_CANDIDATES, choose_sche
                                                  distill_auto, training_seeds,
                                                  validation_seeds)
 
-pytestmark = pytest.mark.filterwarnings("ignore:epd_kernels. using the plain-PyTorch reference")
+pytestmark = [pytest.mark.filterwarnings("ignore:epd_kernels. using the plain-PyTorch reference"),
+              pytest.mark.usefixtures("one_thread")]
 
 #: A tiny, fast search: 8-dim Gaussian, float64, a few iterations.
 TINY = dict(nfe=5, shape=(8,), iterations=6, M=3, batch_size=8, pool=64, lr=0.05, seed=1,
@@ -26,14 +27,6 @@ TINY = dict(nfe=5, shape=(8,), iterations=6, M=3, batch_size=8, pool=64, lr=0.05
 #: A grid that wastes two of its three steps above sigma = 70: clearly the worst.
 BAD_GRID = [80.0, 79.0, 78.0, 0.002]
 CANDS = {"poly7": DEFAULT_CANDIDATES["poly7"], "bad": BAD_GRID, "time-uniform": "time-uniform"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def exact_val_rmse(model, params, report):

@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default)")
     p.add_argument("--pool", default=None,
                    help="EPD / AMED: fixed pool of N training noises with cached teacher "
-                        "targets, or 'none' for fresh noise (default: the library's; 'none' "
-                        "for per-row class labels)")
+                        "targets, or 'none' for fresh noise (default: the library's, or "
+                        "--fast's); class labels: one per pool entry (per batch row with "
+                        "'none')")
     p.add_argument("--seed", type=int, default=0,
                    help="training noise seed (and the AMED predictor's initial weights)")
     p.add_argument("--schedule", default=None,

@@ -76,6 +76,8 @@ def main(argv=None):
     ap.add_argument("--nfe", type=int, default=5, help="latency budget (odd: 3, 5, 7, ...)")
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--pool", type=int, default=256,
+                    help="training draws whose teacher targets are computed once")
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--out", default="my_epd.safetensors")
@@ -87,8 +89,11 @@ def main(argv=None):
     # 1. distil (resumable: rerunning after an interruption continues from the checkpoint)
     params = distill(D, nfe=args.nfe, shape=D.shape, num_points=2, iterations=args.iterations,
                      batch_size=args.batch_size, lr=args.lr, M=3,
-                     pool=None,  # fresh noise every iteration (needed with per-row labels)
-                     checkpoint=args.out + ".ckpt", **cond(args.batch_size))
+                     # a fixed pool of draws, the teacher run once over it; per-sample
+                     # conditioning then has one row per pool entry (each draw keeps its
+                     # label); with pool=None (fresh noise) one row per batch sample
+                     pool=args.pool, **cond(args.pool),
+                     checkpoint=args.out + ".ckpt")
 
     # 2. save (atomic) with a note of what it is for; load it back as a user would
     params.meta.update({"model": "distill_and_sample_own_model:make_denoiser",

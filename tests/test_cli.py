@@ -132,7 +132,8 @@ def test_distill_schedule_auto_fast_and_dode_grid(work):
     assert search["search_iterations"] == FAST_SETTINGS["search_iterations"]
     assert p.meta["iterations"] == 4                          # explicit option wins
     assert p.meta["batch_size"] == FAST_SETTINGS["batch_size"]
-    assert p.meta["M"] == FAST_SETTINGS["M"] and p.meta["pool"] is None   # per-row labels
+    assert p.meta["M"] == FAST_SETTINGS["M"]
+    assert p.meta["pool"] == FAST_SETTINGS["pool"]   # per-row labels: one per pool entry
 
     out = work / "gmm-dipndm5-tu.safetensors"
     epd("distill", "--model", "gmm", "--solver", "d-ipndm", "--nfe", 5, "--batch-size", 16,
@@ -442,7 +443,8 @@ def _run_concurrently(cmds, timeout=300):
     return out
 
 
-AMED_TINY = ["--iterations", 3, "--teacher-points", 2, "--batch-size", 4, "--no-progress"]
+AMED_TINY = ["--iterations", 3, "--teacher-points", 2, "--batch-size", 4, "--pool", 16,
+             "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -495,7 +497,7 @@ def test_distill_amed_both_forms_then_sample(amed_files, work):
         assert p.meta["model"] == "gmm" and p.meta["shape"] == [64]
         assert p.meta["method"] == "amed" and p.meta["amed_form"] == form
         assert p.meta["iterations"] == 3 and p.meta["M"] == 2 and p.meta["batch_size"] == 4
-        assert p.meta["pool"] is None  # per-row labels (gmm has 8 classes): fresh noise
+        assert p.meta["pool"] == 16  # labels (8 classes) one per pool entry
         assert p.meta["features"] == (None if form == "table" else "denoised")
         if form == "table":  # three Adam steps moved r away from 1/2
             assert (p.r - 0.5).abs().max() > 1e-3, p.r
@@ -594,7 +596,6 @@ def test_amed_params_errors(work, epd_params, amed_files, capsys):
         ([*dist, "--solver", "amed", "--amed-form", "lookup"], ["--amed-form", "lookup"]),
         ([*dist, "--solver", "amed", "--features", "module:net.mid2", "--iterations", 1],
          ["module:net.mid2", "no submodule"]),
-        ([*dist, "--solver", "amed", "--pool", 8], ["--pool", "per-row class labels"]),
         ([*dist, "--solver", "amed", "--nfe", 4], ["cannot meet", "nfe=4", "'amed'"]),
     ]
     for args, needles in cases:
@@ -686,7 +687,12 @@ def test_torchrun_amed_distill_equals_one_process_with_double_batch(tmp_path):
     from epd_kernels import AMEDParams
     from test_cli_multiproc import distill_one_and_two_processes
 
-    a, b = map(AMEDParams.load, distill_one_and_two_processes(tmp_path, "amed"))
+    # Fresh noise (labels per batch row, sliced per rank). Not the default pool here: the
+    # float32 states round differently for batch 4 and 2 x 2 (losses agree to 1e-7), and
+    # Adam turns that into steps of order lr for weights whose gradient is ~0, beyond the
+    # tolerance below; the pool path is compared in float64 by test_distill_multiproc.
+    a, b = map(AMEDParams.load, distill_one_and_two_processes(tmp_path, "amed",
+                                                               "--pool", "none"))
     assert a.meta["batch_size"] == b.meta["batch_size"] == 4 and b.meta["world_size"] == 2
     sa, sb = a.predictor.state_dict(), b.predictor.state_dict()
     for k in sa:

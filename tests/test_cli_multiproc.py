@@ -57,11 +57,11 @@ def test_torchrun_sample_equals_one_process(tmp_path):
     assert not (tmp_path / "two.npz.parts").exists()
 
 
-def distill_one_and_two_processes(tmp_path, solver):
+def distill_one_and_two_processes(tmp_path, solver, *extra):
     """`epd distill` of `solver` with 1 process and batch 4, and under torchrun with 2
-    processes and batch 2; returns the two output files."""
+    processes and batch 2 (gmm: per-row class labels); returns the two output files."""
     common = ["distill", "--model", "gmm", "--solver", solver, "--nfe", 3, "--iterations", 3,
-              "--teacher-points", 2, "--no-progress"]
+              "--teacher-points", 2, "--no-progress", *extra]
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     epd(*common, "--batch-size", 4, "--out", one)
     p = torchrun(*common, "--batch-size", 2, "--out", two)

@@ -2,6 +2,7 @@
 (including a run killed with SIGKILL and resumed) and a held-out quality check."""
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import signal
@@ -73,6 +74,46 @@ def test_training_noise_is_a_pure_function_of_seed_iteration_row():
     assert not torch.equal(a, training_noise(5, 8, range(0, 6), (4,)))
     assert not torch.equal(a, training_noise(6, 7, range(0, 6), (4,)))
     assert len({row_seed(0, i, j) for i in range(20) for j in range(20)}) == 400
+
+
+def test_pool_with_per_entry_labels_keeps_each_draw_with_its_label():
+    """A pool with one class label per entry: the teacher target of every batch row is the
+    teacher run on that row's draw with THAT entry's label (computed here directly), and
+    the batch carries the same labels (the 2-process split: test_distill_multiproc)."""
+    from epd_kernels.distill.batches import TeacherBatches
+
+    model = mixture()
+    K, P = model.means.shape[0], 12
+    labels = (torch.arange(P) * 3) % K
+    s = get_sigmas("polynomial", 3)
+    kw = dict(seed=4, M=2, teacher="dpm2", insert="polynomial", rho=7.0, device="cpu",
+              dtype=F64, pool=P, pool_cond={"class_labels": labels})
+    data = TeacherBatches(model, s, model.shape, **kw)
+    rows = range(0, 7)
+    x, y, cond = data.batch(5, rows)
+    entry = torch.tensor([row_seed(4, 5, j) % P for j in rows])
+    assert torch.equal(cond["class_labels"], labels[entry])
+    for j in rows:
+        x_j = training_noise(4, -1, [int(entry[j])], model.shape, "cpu", F64) * 80.0
+        torch.testing.assert_close(x[j:j + 1], x_j, rtol=0, atol=0)
+        direct = teacher_targets(model, x_j, s, M=2, class_labels=labels[entry[j:j + 1]])
+        torch.testing.assert_close(y[:, j:j + 1], direct, rtol=1e-12, atol=1e-12)
+    # the labels matter: the unconditional teacher lands elsewhere
+    free = teacher_targets(model, x, s, M=2)
+    assert (free[-1] - y[-1]).abs().max() > 0.1
+    with pytest.raises(ValueError, match="pool_cond needs a pool"):
+        TeacherBatches(model, s, model.shape, **dict(kw, pool=None))
+
+
+def test_pool_refuses_labels_per_batch_row_and_takes_labels_per_entry():
+    model = mixture()
+    K = model.means.shape[0]
+    kw = dict(nfe=3, shape=model.shape, iterations=2, batch_size=4, pool=16, M=1,
+              progress=False, dtype=F64)
+    with pytest.raises(ValueError, match=r"\['class_labels'\].*one row per pool entry"):
+        distill(model, class_labels=torch.arange(4) % K, **kw)
+    p = distill(model, class_labels=torch.arange(16) % K, **kw)
+    assert p.meta["pool"] == 16 and math.isfinite(p.meta["final_loss"])
 
 
 def test_latent_map_round_trip_and_bounds():

@@ -1,5 +1,6 @@
 """Multi-process distillation: 2 torchrun processes (gloo, CPU) with batch b each train
-exactly like 1 process with batch 2b (same noise rows, averaged gradients)."""
+exactly like 1 process with batch 2b (same noise rows, averaged gradients), with fresh
+noise and with a pool, without and with per-sample class labels."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from distill_helpers.problems import SMALL, gaussian
+from distill_helpers.problems import SMALL, ddp_cases
 from epd_kernels import EPDParams, distill
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -37,10 +38,10 @@ def test_two_ranks_equal_one_rank_with_double_batch(tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = gaussian()
-        for name, pool in (("fresh", None), ("pool", 64)):
+        for name, (model, pool, cond) in ddp_cases(2 * b).items():
             two = EPDParams.load(tmp_path / f"{name}.safetensors")
-            one = distill(model, shape=model.shape, batch_size=2 * b, pool=pool, **SMALL)
+            one = distill(model, shape=model.shape, batch_size=2 * b, pool=pool, **SMALL,
+                          **cond)
             assert two.meta["world_size"] == 2 and two.meta["batch_per_rank"] == b
             assert one.meta["batch_size"] == two.meta["batch_size"] == 2 * b
             for field in ("r", "weights", "delta", "o"):

@@ -178,11 +178,15 @@ def test_other_methods_are_sampled_with_their_own_solver():
             assert math.isclose(c["val_rmse"], exact, rel_tol=0.05, abs_tol=1e-3)
 
 
-def test_per_row_conditioning_needs_val_cond():
-    labels = torch.zeros(TINY["batch_size"], dtype=torch.long)
+@pytest.mark.parametrize("pool", [None, 24])
+def test_per_row_conditioning_needs_val_cond(pool):
+    """Labels per training row (per batch row with fresh noise, per pool entry with a pool)
+    say nothing about the validation draws: val_cond is required."""
+    rows = TINY["batch_size"] if pool is None else pool
+    labels = torch.zeros(rows, dtype=torch.long)
     with pytest.raises(ValueError, match="val_cond"):
         choose_schedule(gaussian(), candidates=["poly7"], class_labels=labels,
-                        **dict(TINY, pool=None))
+                        **dict(TINY, pool=pool))
 
 
 @pytest.mark.parametrize("bad, match", [

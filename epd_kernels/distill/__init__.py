@@ -53,7 +53,8 @@ Method (DESIGN.md section 1; EPD: arXiv 2507.14797, AMED: arXiv 2312.00094):
 * Adam, cosine learning-rate decay to 0 over ``iterations`` (`cosine_lr`).
 * Training noise (`batches.TeacherBatches`): a fixed pool of ``pool`` draws whose teacher
   targets are computed once (default), or fresh noise every iteration (``pool=None``);
-  both are pure functions of (seed, iteration, row), see `noise`.
+  both are pure functions of (seed, iteration, row), see `noise`. Per-sample conditioning
+  (e.g. class labels) works with both: with a pool, one row per pool entry.
 * A non-finite loss or gradient skips the step with a RuntimeWarning; ``max_failures``
   (5) in a row raise RuntimeError.
 
@@ -91,8 +92,9 @@ batch of iteration i, so W processes with batch b train exactly like one with ba
 the loss and gradients are averaged with one all-reduce per iteration; only rank 0 writes
 the checkpoint (every rank reads it on resume: use a shared file system) and shows the
 progress bar; the teacher pass over a pool is split between the ranks. Conditioning
-tensors whose leading dimension is the global batch are sliced per rank; other
-conditioning is passed as is. The AMED predictor's initial weights come from a generator
+tensors whose leading dimension is the pool size (with a pool) follow the pool's draws;
+without a pool, those whose leading dimension is the global batch are sliced per rank;
+other conditioning is passed as is. The AMED predictor's initial weights come from a generator
 seeded with ``seed``, so every rank starts from the same network.
 """
 from .checkpoint import load_checkpoint, save_checkpoint

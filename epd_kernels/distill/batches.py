@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 from typing import Callable, Optional
 
 import torch
@@ -45,13 +46,28 @@ def shared_pools():
         _SHARED.reset(token)
 
 
+def _fingerprint(cond: dict) -> tuple:
+    """A content key of conditioning (tensor bytes hashed), so that runs inside
+    `shared_pools` share a pool only when their conditioning is equal, not just alike."""
+    out = []
+    for k in sorted(cond):
+        v = cond[k]
+        if isinstance(v, torch.Tensor):
+            data = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            out.append((k, str(v.dtype), tuple(v.shape), hashlib.sha1(data.tobytes()).hexdigest()))
+        else:
+            out.append((k, repr(v)))
+    return tuple(out)
+
+
 class TeacherBatches:
-    """``batch(iteration, rows) -> (x [b, ...] at sigmas[0], targets [S, b, ...])``."""
+    """``batch(iteration, rows) -> (x [b, ...] at sigmas[0], targets [S, b, ...], cond)``;
+    ``cond`` holds the batch's rows of the per-pool-entry conditioning (empty without)."""
 
     def __init__(self, denoiser: Callable, sigmas: torch.Tensor, shape, *, seed: int,
                  M: int, teacher: str, insert: str, rho: float, device, dtype,
-                 pool: Optional[int] = None, cond: Optional[dict] = None, world: int = 1,
-                 rank: int = 0):
+                 pool: Optional[int] = None, cond: Optional[dict] = None,
+                 pool_cond: Optional[dict] = None, world: int = 1, rank: int = 0):
         self.denoiser = denoiser
         self.sigmas = sigmas
         self.shape = tuple(shape)
@@ -60,6 +76,9 @@ class TeacherBatches:
         self.device, self.dtype = device, dtype
         self.pool = pool
         self.cond = dict(cond or {})
+        self.pool_cond = dict(pool_cond or {})   # tensors [pool, ...]: row p for entry p
+        if self.pool_cond and pool is None:
+            raise ValueError("pool_cond needs a pool")
         self.world, self.rank = world, rank
         self._pool_x = self._pool_y = None
 
@@ -69,12 +88,16 @@ class TeacherBatches:
     def _pool_key(self):
         return (id(self.denoiser), tuple(self.sigmas.tolist()), self.shape, self.seed,
                 tuple(sorted(self.teacher_kw.items())), str(self.device), self.dtype,
-                self.pool, self.world, self.rank)
+                self.pool, self.world, self.rank, _fingerprint(self.cond),
+                _fingerprint(self.pool_cond))
+
+    def _pool_rows_cond(self, idx) -> dict:
+        return {k: v[idx] for k, v in self.pool_cond.items()}
 
     def _fill_pool(self, cond, scale):
         """Teacher over the whole pool (or the pool of an identical earlier run inside
-        `shared_pools`, when there is no conditioning)."""
-        shared = None if cond else _SHARED.get()
+        `shared_pools`: same denoiser object, grid, settings and conditioning content)."""
+        shared = _SHARED.get()
         if shared is None:
             self._compute_pool(cond, scale)
             return
@@ -94,7 +117,8 @@ class TeacherBatches:
             rows = range(start, min(start + POOL_CHUNK, (rank + 1) * share))
             xs.append(training_noise(self.seed, -1, rows, self.shape, self.device,
                                      self.dtype) * scale)
-            ys.append(self._teacher(xs[-1], cond))
+            ys.append(self._teacher(xs[-1], dict(cond, **self._pool_rows_cond(
+                slice(rows.start, rows.stop)))))
         x, y = torch.cat(xs), torch.cat(ys, dim=1)
         if world > 1:
             x_all = [torch.empty_like(x) for _ in range(world)]
@@ -110,9 +134,10 @@ class TeacherBatches:
         if self.pool is None:
             noise = training_noise(self.seed, iteration, rows, self.shape, self.device, self.dtype)
             x = noise * scale
-            return x, self._teacher(x, cond)
+            return x, self._teacher(x, cond), {}
         if self._pool_x is None:
             self._fill_pool(cond, scale)
         idx = torch.tensor([row_seed(self.seed, iteration, j) % self.pool for j in rows],
                            device=self._pool_x.device)
-        return self._pool_x[idx], self._pool_y[:, idx]
+        bcond = {k: v[idx.to(v.device)] for k, v in self.pool_cond.items()}
+        return self._pool_x[idx], self._pool_y[:, idx], bcond

@@ -100,6 +100,26 @@ def _rank_cond(cond: dict, global_batch: int, rows: range) -> dict:
     return out
 
 
+def _pool_cond(cond: dict, pool: int, global_batch: int) -> dict:
+    """The conditioning tensors with one row per pool entry (leading dimension ``pool``).
+    Tensors with one row per batch sample (and another length) cannot follow the pool."""
+    rows = {k: v for k, v in cond.items() if isinstance(v, torch.Tensor) and v.dim() >= 1
+            and v.shape[0] == pool}
+    per_batch = [k for k, v in cond.items() if k not in rows and isinstance(v, torch.Tensor)
+                 and v.dim() >= 1 and v.shape[0] == global_batch]
+    if per_batch:
+        raise ValueError(f"conditioning {per_batch} has one row per sample of the batch "
+                         f"({global_batch}), which a fixed noise pool cannot follow: give one "
+                         f"row per pool entry (leading dimension pool={pool}), or pass "
+                         f"pool=None (fresh noise every iteration)")
+    return rows
+
+
+def _rows_of(pool_cond: dict, n: int) -> dict:
+    """``n`` rows of per-pool-entry conditioning (cycling), e.g. for a probing call."""
+    return {k: v[torch.arange(n, device=v.device) % v.shape[0]] for k, v in pool_cond.items()}
+
+
 def _clone(obj):
     """A copy of nested dicts / lists / tuples whose tensors are cloned (cheaper than
     copy.deepcopy for an optimizer state_dict, which is taken every iteration)."""
@@ -177,8 +197,11 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
         afs: analytic first step (default on).
         iterations, batch_size (per process), lr: Adam with cosine decay.
         seed: the training noise is a pure function of (seed, iteration, row).
-        pool: size of the fixed noise pool (teacher run once), or None for fresh noise
-            every iteration (needed with per-sample conditioning).
+        pool: size P of the fixed noise pool (teacher run once), or None for fresh noise
+            every iteration. Per-sample conditioning with a pool: give tensors with one row
+            per pool entry (leading dimension P, e.g. ``class_labels=arange(P) % C``); each
+            draw keeps its row for the teacher and in every batch that picks it. With
+            ``pool=None`` per-sample tensors have one row per sample of the global batch.
         device: where to train (default: the denoiser's device, else CPU). dtype: of the
             states (the latents are float64).
         checkpoint: path of a resumable checkpoint; checkpoint_every: iterations between
@@ -284,7 +307,16 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
     world, rank = _dist()
     global_batch = world * batch_size
     rows = range(rank * batch_size, (rank + 1) * batch_size)
-    rank_cond = _rank_cond(cond, global_batch, rows)
+    # With a pool, tensors with one row per pool entry travel with the pool's draws (the
+    # teacher sees each draw with its row; a batch gets the rows of its entries); with
+    # fresh noise, tensors with one row per sample of the global batch are sliced per rank.
+    if pool is not None:
+        pool = check_int("pool", pool, 1)
+        pool_cond = _pool_cond(cond, pool, global_batch)
+        rank_cond = {k: v for k, v in cond.items() if k not in pool_cond}
+    else:
+        pool_cond = {}
+        rank_cond = _rank_cond(cond, global_batch, rows)
 
     if amed:
         probe = torch.zeros((batch_size,) + shape, dtype=dtype, device=device)
@@ -292,7 +324,7 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
             denoiser, sigmas, init=init, form=amed_form, features=features, plugin=plugin,
             afs=afs, max_order=max_order, schedule=_schedule_description(schedule),
             delta_max=delta_max, o_max=o_max, seed=seed, nfe=nfe, probe=probe,
-            cond=rank_cond)
+            cond=dict(rank_cond, **_rows_of(pool_cond, batch_size)))
         student = AMEDStudent(denoiser, start, delta_max, o_max, device)
     else:
         delta_max = DELTA_MAX if delta_max is None else delta_max
@@ -313,14 +345,6 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
         student = EPDStudent(denoiser, start, delta_max, o_max, device)
     latent = student.module
     optimizer = torch.optim.Adam(student.param_groups(), lr=lr)
-    if pool is not None:
-        pool = check_int("pool", pool, 1)
-        per_row = [k for k, v in cond.items() if isinstance(v, torch.Tensor) and v.dim() >= 1
-                   and v.shape[0] == global_batch]
-        if per_row:
-            raise ValueError(f"conditioning {per_row} has one row per sample of the batch, which "
-                             f"a fixed noise pool cannot follow: pass pool=None (fresh noise "
-                             f"every iteration) to distil with per-sample conditioning")
 
     settings = {
         "nfe": nfe, "shape": list(shape), "num_points": K, "plugin": bool(plugin),
@@ -368,7 +392,7 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
     # ---- training
     data = TeacherBatches(denoiser, sigmas, shape, seed=seed, M=M, teacher=teacher,
                           insert=insert, rho=rho, device=device, dtype=dtype, pool=pool,
-                          cond=rank_cond, world=world, rank=rank)
+                          cond=rank_cond, pool_cond=pool_cond, world=world, rank=rank)
     S = steps
     first = it
     t0 = time.perf_counter()
@@ -383,8 +407,8 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
             while it < iterations:
                 for group in optimizer.param_groups:
                     group["lr"] = cosine_lr(lr, it, iterations) * group.get("lr_scale", 1.0)
-                x, targets = data.batch(it, rows)
-                traj = student.unroll(x, **rank_cond)
+                x, targets, batch_cond = data.batch(it, rows)
+                traj = student.unroll(x, **rank_cond, **batch_cond)
                 value = sum(loss_fn(traj[n + 1], targets[n]) for n in range(S))
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()

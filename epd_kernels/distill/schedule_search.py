@@ -152,16 +152,17 @@ def _check_candidates(candidates, steps) -> Dict[str, object]:
     return out
 
 
-def _split_cond(cond: dict, val_cond: Optional[dict], batch: int, val_size: int) -> dict:
+def _split_cond(cond: dict, val_cond: Optional[dict], rows: tuple, val_size: int) -> dict:
     """Conditioning for the validation draws: ``val_cond`` if given, else ``cond`` when it
-    has no per-row tensors (those belong to the training batch, not to validation)."""
+    has no per-row tensors (leading dimension in ``rows``: the global batch, or the pool;
+    those belong to the training draws, not to validation)."""
     if val_cond is not None:
         if not isinstance(val_cond, Mapping):
             raise ValueError(f"val_cond must be a dict of conditioning, got "
                              f"{type(val_cond).__name__}")
         return dict(val_cond)
     per_row = [k for k, v in cond.items() if isinstance(v, torch.Tensor) and v.dim() >= 1
-               and v.shape[0] == batch]
+               and v.shape[0] in rows]
     if per_row:
         raise ValueError(f"conditioning {per_row} has one row per training sample; pass "
                          f"val_cond={{...}} with {val_size} rows for the validation draws")
@@ -261,7 +262,7 @@ def choose_schedule(denoiser: Callable, *, nfe: int, shape, plugin: bool = False
                          f"pass another val_seed")
 
     cond = {k: v for k, v in distill_kwargs.items() if k not in _DISTILL_ARGS}
-    vcond = _split_cond(cond, val_cond, world * batch, val_size)
+    vcond = _split_cond(cond, val_cond, (world * batch, pool), val_size)
 
     # ---- validation noise and the shared reference
     dtype = distill_kwargs.get("dtype", torch.float32)

@@ -4,9 +4,10 @@
   ``amed``, ``amed-ipndm`` (AMED-Solver / AMED-Plugin, ``--amed-form predictor|table``,
   the predictor reading ``--features denoised|module:<name>``): `epd_kernels.distill`
   (Adam against a DPM-Solver-2 teacher with ``--teacher-points`` M extra points per
-  interval; training noise fresh every iteration or drawn from a fixed ``--pool``, whose
-  teacher targets are cached; per-row class labels need fresh noise, so conditional
-  models use ``pool=None`` unless one label is given); resumable with ``--checkpoint``;
+  interval; training noise drawn from a fixed ``--pool`` of draws, whose teacher targets
+  are cached (default: `distill`'s, or `FAST_SETTINGS`' with ``--fast``), or fresh every
+  iteration with ``--pool none``; class labels follow the draws: one per pool entry, or
+  one per batch row with fresh noise); resumable with ``--checkpoint``;
   under torchrun every process takes ``--batch-size`` rows of the global batch and
   gradients are averaged, so W processes with batch b train exactly like one with batch
   W b; only rank 0 writes.
@@ -20,8 +21,9 @@ too); ``--fast`` applies `FAST_SETTINGS` beneath the options given explicitly.
 
 An option of one family given to another (``--num-points`` for AMED, ``--amed-form`` or
 ``--features`` for EPD or D-ODE, the training options for D-ODE) is a `UserError`.
-Conditional models are distilled with labels ``row % num_classes`` (``--class-label L``
-for one class, ``none`` for unconditional). The params record the model spec and the
+Conditional models are distilled with labels ``row % num_classes`` (rows: pool entries,
+or batch rows with ``--pool none``; ``--class-label L`` for one class, ``none`` for
+unconditional). The params record the model spec and the
 sample shape in their ``meta``, which `epd sample` checks.
 """
 from __future__ import annotations
@@ -152,7 +154,7 @@ def _features(args):
 
 def _distill(args, solver, model, shape, label_mode, dist):
     """EPD or AMED by `epd_kernels.distill`, with the command line's conditioning."""
-    from ..distill import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, distill
+    from ..distill import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_POOL, distill
     from ..distill.schedule_search import DEFAULT_VAL_SIZE, FAST_SETTINGS, SEARCH_OPTIONS
 
     if solver in AMED_SOLVERS:
@@ -166,22 +168,14 @@ def _distill(args, solver, model, shape, label_mode, dist):
     fast = dict(FAST_SETTINGS) if args.fast else {}
     search = {k: fast.pop(k) for k in SEARCH_OPTIONS if k in fast}
     bs = args.batch_size or fast.get("batch_size", DEFAULT_BATCH_SIZE)
-    cond = {}
-    labels = class_labels_for(model, range(bs * dist.world), label_mode)
-    extra = {}
-    if labels is not None:
-        cond["class_labels"] = labels.to(args.device)
-    if args.pool is not None:
-        pool = _parse_pool(args.pool)
-        if pool is not None and labels is not None and label_mode == "seed":
-            raise UserError("--pool cannot be used with per-row class labels (a fixed noise "
-                            "pool cannot follow them): add --class-label L or --class-label "
-                            "none, or drop --pool")
-        extra["pool"] = pool
-    elif labels is not None and label_mode == "seed":
-        extra["pool"] = None   # per-row labels need fresh noise every iteration
-    elif "pool" in fast:
-        extra["pool"] = fast["pool"]
+    pool = (_parse_pool(args.pool) if args.pool is not None
+            else fast.get("pool", DEFAULT_POOL))
+    # Labels follow the training draws: one per pool entry (the draw keeps its label in
+    # every batch), or one per row of the global batch with fresh noise (--pool none).
+    labels = class_labels_for(model, range(pool if pool is not None else bs * dist.world),
+                              label_mode)
+    cond = {} if labels is None else {"class_labels": labels.to(args.device)}
+    extra = {"pool": pool}
     if args.teacher_points is not None:
         extra["M"] = args.teacher_points
     elif "M" in fast:

@@ -2,9 +2,10 @@
 
     torchrun --standalone --nproc_per_node=2 ddp_worker.py OUT_DIR BATCH CHECKPOINT_DIR
 
-Each rank distils with per-rank batch BATCH, once with fresh noise and once from a pool;
-rank 0 saves the parameters (OUT_DIR/fresh.safetensors, OUT_DIR/pool.safetensors); the
-pool run uses a checkpoint in CHECKPOINT_DIR, which only rank 0 may write.
+Each rank distils with per-rank batch BATCH every case of `problems.ddp_cases` (fresh
+noise, a pool, each without and with per-sample class labels); rank 0 saves the
+parameters (OUT_DIR/<case>.safetensors); the "pool" run uses a checkpoint in
+CHECKPOINT_DIR, which only rank 0 may write.
 """
 import os
 import sys
@@ -12,17 +13,17 @@ import sys
 import torch
 import torch.distributed as dist
 
-from distill_helpers.problems import SMALL, gaussian
+from distill_helpers.problems import SMALL, ddp_cases
 from epd_kernels.distill import distill
 
 torch.set_num_threads(1)
 out_dir, batch, ckpt_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-model = gaussian()
-for name, pool in (("fresh", None), ("pool", 64)):
-    ckpt = os.path.join(ckpt_dir, "pool.ckpt") if pool else None
-    p = distill(model, shape=model.shape, batch_size=batch, pool=pool, checkpoint=ckpt, **SMALL)
+for name, (model, pool, cond) in ddp_cases(2 * batch).items():
+    ckpt = os.path.join(ckpt_dir, "pool.ckpt") if name == "pool" else None
+    p = distill(model, shape=model.shape, batch_size=batch, pool=pool, checkpoint=ckpt,
+                **SMALL, **cond)
     assert p.meta["world_size"] == 2 and p.meta["batch_size"] == 2 * batch
     if rank == 0:
         p.save(os.path.join(out_dir, f"{name}.safetensors"))

@@ -41,3 +41,18 @@ class Slow(torch.nn.Module):
 #: Settings of the small runs that the resume and multi-process tests compare.
 SMALL = dict(nfe=5, num_points=2, M=3, iterations=12, lr=0.05, seed=3, dtype=F64,
              progress=False)
+
+
+def ddp_cases(global_batch: int) -> dict:
+    """The runs that test_distill_multiproc compares between 2 ranks and 1 rank:
+    ``{name: (model, pool, cond)}``. Class labels on the 8-component mixture: one per
+    sample of the global batch with fresh noise (sliced per rank), one per pool entry with
+    a pool (they travel with the pool's draws)."""
+    g, m = gaussian(), mixture()
+    K = m.means.shape[0]
+    return {
+        "fresh": (g, None, {}),
+        "pool": (g, 64, {}),
+        "fresh-labels": (m, None, {"class_labels": torch.arange(global_batch) % K}),
+        "pool-labels": (m, 48, {"class_labels": (torch.arange(48) * 5) % K}),
+    }

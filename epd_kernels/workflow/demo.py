@@ -8,10 +8,12 @@ On one model (default the embedded digits U-Net, class-conditional, labels = see
 2. every solver of `solver_names()` that needs no params (aliases skipped) at NFE
    3, 5, 7, 9 (a budget a solver cannot meet is skipped and listed);
 3. D-ODE (d-euler, d-ipndm; closed-form fit) at NFE 3 and 5;
-4. EPD (distilled, K = 2) at NFE 3 and 5;
+4. EPD (distilled, K = 2) at NFE 3 and 5: 150 iterations of batch 16 drawn from a pool
+   of 256 noises (labels seed % 10, one per pool entry; the DPM-Solver-2 teacher with
+   M = 3 runs once over the pool), lr 0.1 (EPD-Plugin: 0.05);
 5. AMED-Solver (distilled, predictor form reading the denoised main-point estimate) at
-   NFE 3 and 5, with EPD's training settings (40 iterations of batch 16, DPM-Solver-2
-   teacher with M = 3); all distilled solvers are sampled from the same noise;
+   NFE 3 and 5: 40 iterations of batch 16 on fresh noise, the same teacher; all
+   distilled solvers are sampled from the same noise;
 6. optional runs, each only if its estimated time still fits ``--budget`` (default
    200 s): parallel solvers above NFE 5 (ParaDiGMS spends ~NFE^2 evaluations, ~180 per
    sample at NFE 9), then the plugins on iPNDM, EPD-Plugin (epd-ipndm) and AMED-Plugin
@@ -26,6 +28,14 @@ On one model (default the embedded digits U-Net, class-conditional, labels = see
 settings were chosen to finish in about 2-3 minutes on 2 CPU cores; the threads are
 picked by timing one batch with 1 and with all cores (a busy machine is often much faster
 with one).
+
+EPD's settings: one experiment on digits-unet (RMSE to the 60-step reference on the
+demo's 256 samples, default grid). The earlier 40 iterations on fresh noise left
+EPD-Plugin behind iPNDM (NFE 5: 0.148 against 0.098); with a pool an iteration no longer
+runs the teacher, so 150 iterations cost about what 40 did (NFE 5: 22-26 s on one thread):
+EPD NFE 5 / 3: 0.049 / 0.094 (lr 0.1); EPD-Plugin NFE 5: 0.096 / 0.112 / 0.151 at
+lr 0.05 / 0.1 / 0.2 (150 / 150 / 100 iterations), NFE 3: 0.131 / 0.144 / 0.162 at lr 0.05 /
+0.075 / 0.1, against iPNDM's 0.107 / 0.212 on the same samples.
 
 AMED's settings (`AMED_FEATURES`, `AMED_LR`, `AMED_PLUGIN_LR`) come from one experiment on
 digits-unet (40 iterations of batch 16, M = 3, training seeds 0 and 1, RMSE to the
@@ -80,11 +90,13 @@ class DemoConfig:
     ref_solver: str = "unipc"         # reference: a 3rd-order multistep solver, many steps
     ref_nfe: int = 60
     ref_check_samples: int = 32       # its error is estimated against ref_nfe // 2 steps
-    epd_iterations: int = 40
+    epd_iterations: int = 150         # EPD and EPD-Plugin: on a pool (module docstring)
+    epd_pool: int = 256               # training draws, labels seed % 10, teacher run once
     epd_batch: int = 16
     epd_lr: float = 0.1
-    plugin_lr: float = 0.2            # EPD-Plugin starts further from its optimum
+    plugin_lr: float = 0.05
     epd_teacher_points: int = 3       # M: DPM-Solver-2 teacher with 4 sub-steps per step
+    amed_iterations: int = 40         # AMED: fresh noise every iteration (module docstring)
     num_points: int = 2
     amed_features: str = AMED_FEATURES  # falls back to "denoised" without that submodule
     amed_lr: float = AMED_LR
@@ -100,7 +112,8 @@ class DemoConfig:
 
 DEFAULT = DemoConfig()
 QUICK = DemoConfig(num_samples=12, nfes=(3, 5), distill_nfes=(3, 5), ref_nfe=20,
-                   ref_check_samples=4, epd_iterations=2, epd_batch=4, dode_batch=8,
+                   ref_check_samples=4, epd_iterations=2, epd_pool=8, epd_batch=4,
+                   amed_iterations=2, dode_batch=8,
                    dode_teacher_factor=2, show=4,
                    budget_s=1e9)
 
@@ -386,16 +399,19 @@ def run_demo(args) -> int:
     def distill_one(name, nfe):
         """EPD, AMED or a plugin of either, with the demo's training settings."""
         t1 = time.perf_counter()
-        if name.startswith("amed"):
+        if name.startswith("amed"):   # fresh noise, labels per batch row
             method = dict(method="amed", amed_form="predictor", features=amed_features,
-                          lr=cfg.amed_plugin_lr if name == "amed-ipndm" else cfg.amed_lr)
-        else:
+                          lr=cfg.amed_plugin_lr if name == "amed-ipndm" else cfg.amed_lr,
+                          iterations=cfg.amed_iterations, pool=None,
+                          **cond_for(range(cfg.epd_batch)))
+        else:                          # a pool of draws, one label per pool entry
             method = dict(num_points=cfg.num_points,
-                          lr=cfg.plugin_lr if name == "epd-ipndm" else cfg.epd_lr)
+                          lr=cfg.plugin_lr if name == "epd-ipndm" else cfg.epd_lr,
+                          iterations=cfg.epd_iterations, pool=cfg.epd_pool,
+                          **cond_for(range(cfg.epd_pool)))
         p = distill(model, nfe=nfe, shape=shape, plugin=name.endswith("-ipndm"),
-                    iterations=cfg.epd_iterations, batch_size=cfg.epd_batch,
-                    M=cfg.epd_teacher_points, pool=None, device=device,
-                    progress=args.progress, **method, **cond_for(range(cfg.epd_batch)))
+                    batch_size=cfg.epd_batch, M=cfg.epd_teacher_points, device=device,
+                    progress=args.progress, **method)
         sec = time.perf_counter() - t1
         seconds[(name, nfe)] = sec
         save(p, name, nfe, sec)
@@ -403,14 +419,15 @@ def run_demo(args) -> int:
 
     t0 = time.perf_counter()
     _log(f"[4/7] EPD: distilling at NFE {list(cfg.distill_nfes)} (K={cfg.num_points}, "
-         f"{cfg.epd_iterations} iterations of batch {cfg.epd_batch})")
+         f"{cfg.epd_iterations} iterations of batch {cfg.epd_batch} from a pool of "
+         f"{cfg.epd_pool} draws)")
     for nfe in cfg.distill_nfes:
         distill_one("epd", nfe)
     timings["epd"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     _log(f"[5/7] AMED: distilling the predictor (features {amed_features!r}) at NFE "
-         f"{list(cfg.distill_nfes)} ({cfg.epd_iterations} iterations of batch "
+         f"{list(cfg.distill_nfes)} ({cfg.amed_iterations} iterations of batch "
          f"{cfg.epd_batch})")
     for nfe in cfg.distill_nfes:
         distill_one("amed", nfe)

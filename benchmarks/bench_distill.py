@@ -11,10 +11,10 @@ Models (no download; each 64-dimensional):
 * ``digits-unet``: the shipped class-conditional digits U-Net (float32).
   Reference for both digits models: UniPC with 320 (exact) / 160 (U-Net) steps, float64 /
   float32, its own error estimated against half the steps on 64 draws (reported).
-  The digits models are sampled WITHOUT class labels (their unconditional ODE): the
-  distillation's fixed noise pool cannot carry per-sample labels, and fresh noise
-  (``pool=None``) costs a teacher pass (about 100 evaluations) per iteration, several
-  times the student's own work.
+  The digits models are class-conditional, as in the solver benchmark and the demo:
+  every draw has the label ``seed % 10`` (test draws: their seed; the distillation's
+  pool entries and D-ODE's fitting rows: their index; the grid search's validation
+  draws: their index, ``val_cond``).
 
 For each model and NFE (3, 5, 7, 9; quick: the two Gaussian models at NFE 5):
 
@@ -69,7 +69,8 @@ if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
 from epd_kernels import fit_dode, make_noise, sample  # noqa: E402
-from epd_kernels.distill import DEFAULT_ITERATIONS, DEFAULT_LR, distill  # noqa: E402
+from epd_kernels.distill import (DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_LR,  # noqa: E402
+                                 DEFAULT_POOL, distill)
 from epd_kernels.distill.schedule_search import (AUTO_LR, DEFAULT_CANDIDATES,  # noqa: E402
                                                  DEFAULT_REFERENCE_STEPS, FAST_SETTINGS,
                                                  SEARCH_OPTIONS,
@@ -134,12 +135,25 @@ class Problem:
     modes: Optional[torch.Tensor] = None   # [M, 64]: mixture means / training images
     plain: bool = True                     # also a plain `distill` on DEFAULT_GRID
     fast: bool = False                     # distil with FAST_SETTINGS (expensive denoiser)
+    classes: int = 0                       # > 0: class-conditional, label = seed % classes
+
+    def cond(self, keys) -> dict:
+        """Conditioning of the draws ``keys`` (seeds or row indices): labels key % classes."""
+        if not self.classes:
+            return {}
+        return {"class_labels": torch.tensor([int(k) % self.classes for k in keys])}
+
+
+def _chunked(noise: torch.Tensor, cond: dict, size: int = 512):
+    """(noise chunk, its rows of the per-draw conditioning) pairs."""
+    for a in range(0, noise.shape[0], size):
+        yield noise[a:a + size], {k: v[a:a + size] for k, v in cond.items()}
 
 
 def _unipc_reference(model, steps: int, dtype):
-    def ref(noise):
-        return torch.cat([sample(model, c.to(dtype), solver="unipc", nfe=steps)
-                          for c in noise.split(512)])
+    def ref(noise, **cond):
+        return torch.cat([sample(model, c.to(dtype), solver="unipc", nfe=steps, **cc)
+                          for c, cc in _chunked(noise, cond)])
     return ref
 
 
@@ -156,13 +170,14 @@ def _digits_exact() -> Problem:
     m32 = load_model("digits-exact")
     m64 = copy.deepcopy(m32).to(F64)
     return Problem("digits-exact", m64, m32, F64, _unipc_reference(m64, 320, F64),
-                   "UniPC, 320 steps, float64", m64.images.reshape(m64.num_images, -1))
+                   "UniPC, 320 steps, float64", m64.images.reshape(m64.num_images, -1),
+                   classes=10)
 
 
 def _digits_unet() -> Problem:
     m = load_model("digits-unet")
     return Problem("digits-unet", m, m, torch.float32, _unipc_reference(m, 160, torch.float32),
-                   "UniPC, 160 steps, float32", plain=False, fast=True)
+                   "UniPC, 160 steps, float32", plain=False, fast=True, classes=10)
 
 
 MODELS: Dict[str, Callable[[], Problem]] = {
@@ -214,6 +229,12 @@ def _fit_auto(problem, nfe, grid, *, plugin, method="epd"):
     kw.update(DISTILL_KW)
     if method != "epd":
         kw["method"] = method
+    if problem.classes:   # one label per training draw: the pool's entries (or batch rows)
+        pool = kw.get("pool", DEFAULT_POOL)
+        kw.update(problem.cond(range(pool if pool is not None else
+                                     kw.get("batch_size", DEFAULT_BATCH_SIZE))))
+        search_kw["val_cond"] = problem.cond(range(search_kw.get("val_size",
+                                                                 DEFAULT_VAL_SIZE)))
     wall, cpu = time.perf_counter(), time.process_time()
     if grid is None:
         params, rep = distill_auto(problem.model32, candidates=GRIDS, **search_kw, **kw)
@@ -230,8 +251,9 @@ def _fit_auto(problem, nfe, grid, *, plugin, method="epd"):
 
 def _fit_dode(problem, nfe, grid, *, solver):
     wall, cpu = time.perf_counter(), time.process_time()
+    rows = range(DODE_KW.get("batch_size", 128))   # fit_dode's default batch
     params = fit_dode(problem.model32, solver=solver, nfe=nfe, shape=tuple(problem.model32.shape),
-                      schedule=GRIDS[grid or DEFAULT_GRID], **DODE_KW)
+                      schedule=GRIDS[grid or DEFAULT_GRID], **DODE_KW, **problem.cond(rows))
     return params, {"grid": grid or DEFAULT_GRID, "wall_s": time.perf_counter() - wall,
                     "cpu_s": time.process_time() - cpu}
 
@@ -282,10 +304,11 @@ class _Data:
 
     def __init__(self, problem: Problem, n_test: int):
         self.p = problem
-        self.noise = make_noise(range(TEST_SEED, TEST_SEED + n_test), problem.model.shape,
-                                dtype=problem.dtype)
+        seeds = range(TEST_SEED, TEST_SEED + n_test)
+        self.noise = make_noise(seeds, problem.model.shape, dtype=problem.dtype)
+        self.cond = problem.cond(seeds)
         t0 = time.perf_counter()
-        self.ref = problem.reference(self.noise)
+        self.ref = problem.reference(self.noise, **self.cond)
         self.ref_wall = time.perf_counter() - t0
         self.mode = None if problem.modes is None else self._nearest(self.ref)
 
@@ -294,8 +317,9 @@ class _Data:
         (an upper bound of the reference's own error); None for closed-form references."""
         if steps is None:
             return None
-        half = torch.cat([sample(self.p.model, c, solver=solver, nfe=steps // 2)
-                          for c in self.noise[:n].split(512)])
+        cond = {k: v[:n] for k, v in self.cond.items()}
+        half = torch.cat([sample(self.p.model, c, solver=solver, nfe=steps // 2, **cc)
+                          for c, cc in _chunked(self.noise[:n], cond)])
         return self.rmse(half, self.ref[:n])
 
     def _nearest(self, x):
@@ -309,9 +333,9 @@ class _Data:
     def evaluate(self, solver, nfe=None, params=None, schedule=None) -> dict:
         """{"rmse", "flips", "total_evals"} of one solver on the held-out noise."""
         outs, stats = [], None
-        for c in self.noise.split(512):
+        for c, cc in _chunked(self.noise, self.cond):
             x, stats = sample(self.p.model, c, solver=solver, nfe=nfe, params=params,
-                              schedule=schedule, return_stats=True)
+                              schedule=schedule, return_stats=True, **cc)
             outs.append(x)
         x = torch.cat(outs)
         flips = None if self.mode is None else int((self._nearest(x) != self.mode).sum())
@@ -557,6 +581,10 @@ def _notes(results, bars, refs, cfg):
                  f"defaults (grid {DEFAULT_GRID}, lr {DEFAULT_LR}). Settings 'fast' (the "
                  f"U-Net, whose evaluations cost milliseconds): "
                  f"`distill_auto(..., **FAST_SETTINGS)` = {FAST_SETTINGS}.")
+    notes.append("Class-conditional models (digits-exact, digits-unet): every draw carries "
+                 "the label seed % 10 (test draws: their seed; training pool entries, D-ODE "
+                 "fitting rows and validation draws: their index), as in the solver "
+                 "benchmark and the demo.")
     notes.append("Baselines: the best is the lowest TEST RMSE over every solver and grid, "
                  "a stricter opponent than a validation choice. D-ODE: fitted in closed "
                  "form (batch 128, Heun teacher with 10x steps) and refined jointly on the "

@@ -390,3 +390,30 @@ def test_distill_section_smoke(tmp_path, monkeypatch, run_mod):
     assert "bars PASS" in data["notes"][0]
     text = run_mod.render_text("distill", data)
     assert "EPD (auto grid)" in text and "D-iPNDM" in text
+
+
+def test_distill_section_conditions_the_digits_models_on_seed_labels():
+    """digits-exact / digits-unet are benchmarked class-conditionally (label = seed % 10):
+    the reference and every evaluation get the labels of their draws; the distillation's
+    pool entries and validation draws get index % 10."""
+    import torch
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    bench = importlib.import_module("benchmarks.bench_distill")
+    from epd_kernels import sample
+
+    problem = bench.MODELS["digits-exact"]()
+    assert problem.classes == 10
+    data = bench._Data(problem, 8)
+    labels = torch.arange(bench.TEST_SEED, bench.TEST_SEED + 8) % 10
+    assert torch.equal(data.cond["class_labels"], labels)
+    ref = sample(problem.model, data.noise, solver="unipc", nfe=320, class_labels=labels)
+    torch.testing.assert_close(data.ref, ref, rtol=0, atol=0)
+    free = sample(problem.model, data.noise, solver="unipc", nfe=320)
+    assert (free - ref).abs().max() > 0.1          # the labels change the solution
+    euler = sample(problem.model, data.noise, solver="euler", nfe=5, class_labels=labels)
+    got = data.evaluate("euler", nfe=5)
+    assert got["rmse"] == pytest.approx(data.rmse(euler, ref), rel=1e-12)
+    assert torch.equal(problem.cond(range(3))["class_labels"], torch.tensor([0, 1, 2]))
+    assert bench.MODELS["gaussian64"]().cond(range(3)) == {}

@@ -243,11 +243,12 @@ def _fit_epd(plugin: bool):
     def fit(bm: BenchModel, nfe: int, **overrides):
         from epd_kernels.distill import DEFAULT_BATCH_SIZE, DEFAULT_POOL, distill
 
-        kw = dict(num_points=2, batch_size=DEFAULT_BATCH_SIZE, progress=False, dtype=bm.dtype)
+        kw = dict(num_points=2, batch_size=DEFAULT_BATCH_SIZE, pool=DEFAULT_POOL,
+                  progress=False, dtype=bm.dtype)
         kw.update(overrides)
-        cond = bm.cond(range(kw["batch_size"]))
-        # A fixed noise pool cannot carry per-row labels: fresh noise, like `epd demo`.
-        kw.setdefault("pool", None if cond else DEFAULT_POOL)
+        # Labels (conditional models) follow the training draws: one per pool entry, or
+        # one per batch row with fresh noise (pool=None).
+        cond = bm.cond(range(kw["pool"] if kw["pool"] is not None else kw["batch_size"]))
         return distill(bm.denoiser, nfe=nfe, shape=bm.shape, plugin=plugin, **kw, **cond)
     return fit
 
@@ -342,15 +343,21 @@ def _run_variant(model, noise, base, nfe, kw, cond):
                           time.perf_counter() - t0, base, nfe)
 
 
-#: Fitting settings of `epd demo` (its DemoConfig), used by ``demo_distilled=True``: the
-#: distilled rows then show what the demo's one-command run gets, in seconds per fit.
-#: The full-default distillations and the bars are the `distill` section's job.
-DEMO_FIT = {"epd": dict(iterations=40, batch_size=16, lr=0.1, M=3),
-            "epd-ipndm": dict(iterations=40, batch_size=16, lr=0.2, M=3),
-            "amed": dict(iterations=40, batch_size=16, lr=0.1, M=3),
-            "amed-ipndm": dict(iterations=40, batch_size=16, lr=0.1, M=3),
-            "d-euler": dict(batch_size=64, teacher_factor=10),
-            "d-ipndm": dict(batch_size=64, teacher_factor=10)}
+#: Fitting settings of `epd demo` (read from its DemoConfig), used by
+#: ``demo_distilled=True``: the distilled rows then show what the demo's one-command run
+#: gets, in seconds per fit. The full-default distillations and the bars are the `distill`
+#: section's job.
+_DEMO_EPD = dict(iterations=DEMO.epd_iterations, batch_size=DEMO.epd_batch,
+                 M=DEMO.epd_teacher_points, pool=DEMO.epd_pool)
+_DEMO_AMED = dict(iterations=DEMO.amed_iterations, batch_size=DEMO.epd_batch,
+                  M=DEMO.epd_teacher_points, pool=None, features=DEMO.amed_features)
+_DEMO_DODE = dict(batch_size=DEMO.dode_batch, teacher_factor=DEMO.dode_teacher_factor)
+DEMO_FIT = {"epd": dict(_DEMO_EPD, lr=DEMO.epd_lr),
+            "epd-ipndm": dict(_DEMO_EPD, lr=DEMO.plugin_lr),
+            "amed": dict(_DEMO_AMED, lr=DEMO.amed_lr),
+            "amed-ipndm": dict(_DEMO_AMED, lr=DEMO.amed_plugin_lr),
+            "d-euler": dict(_DEMO_DODE),
+            "d-ipndm": dict(_DEMO_DODE)}
 
 
 def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
@@ -475,13 +482,16 @@ def _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill, 
                      + " (rows missing where no file matched)")
     if isinstance(distill, list):
         notes.append(f"distilled rows fitted here on {', '.join(distill)} only, with the "
-                     f"settings of `epd demo` (short: 40 iterations of batch 16 for EPD / "
-                     f"AMED, M = 3; D-ODE batch 64); the `distill` section fits with the "
-                     f"library defaults and checks the bars; settings: {settings}")
+                     f"settings of `epd demo` (short runs: EPD / EPD-Plugin "
+                     f"{DEMO.epd_iterations} iterations of batch {DEMO.epd_batch} from a pool of "
+                     f"{DEMO.epd_pool} labelled draws, AMED {DEMO.amed_iterations} on fresh "
+                     f"noise, M = {DEMO.epd_teacher_points}; D-ODE batch {DEMO.dode_batch}); the "
+                     f"`distill` section fits with the library defaults and checks the bars; "
+                     f"settings: {settings}")
     elif distill:
         notes.append("distilled rows fitted here with the library defaults: EPD / EPD-Plugin "
-                     "by epd_kernels.distill (K=2, teacher dpm2, AFS; fresh noise per "
-                     "iteration on class-conditional models), D-ODE by fit_dode (batch "
+                     "by epd_kernels.distill (K=2, teacher dpm2, AFS; class-conditional "
+                     "models: one label per pool entry), D-ODE by fit_dode (batch "
                      f"{DODE_BATCH}); saved in distilled_params/ for --params-dir"
                      + (f"; settings changed: {settings}" if settings else ""))
     if not want:

@@ -331,7 +331,19 @@ def _is_explicit(schedule) -> bool:
 # sample
 
 
-def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm", nfe: Optional[int] = 5,
+class _DefaultNFE(int):
+    """`sample`'s default ``nfe`` (5), an object `sample` can tell from an explicit 5: a
+    solver with params then runs at the params' own NFE instead of refusing a mismatch."""
+
+    def __repr__(self) -> str:
+        return "5"
+
+
+DEFAULT_NFE = _DefaultNFE(5)
+
+
+def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
+           nfe: Optional[int] = DEFAULT_NFE,
            params=None, schedule=None, afs: Optional[bool] = None, return_stats: bool = False,
            progress: bool = False, callback: Optional[Callable] = None, **cond):
     """Integrates the probability-flow ODE from ``noise * sigmas[0]`` to ``sigmas[-1]``.
@@ -343,7 +355,9 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm", nfe: 
             "unipc", "ipndm", "deis", "epd", "epd-ipndm", "amed", "amed-ipndm",
             "d-euler" ("d-ddim"), "d-heun", "d-ipndm", "paradigms".
         nfe: latency budget (sequential denoiser calls), mapped exactly to steps (module
-            docstring); None takes it from an explicit schedule or from ``params``.
+            docstring); None takes it from an explicit schedule or from ``params``. Left
+            at its default, 5 for the solvers without params and the params' own NFE for
+            those with params (an explicit nfe must match the params).
         params: `EPDParams` for "epd" / "epd-ipndm", `AMEDParams` for "amed" /
             "amed-ipndm", `DODEParams` for the "d-*" solvers (their nfe, afs, sigmas
             and, for EPD / AMED, plugin must agree).
@@ -367,6 +381,8 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm", nfe: 
         raise ValueError(f"nfe must be an integer or None, got {nfe!r}")
 
     extra = dict(spec.extra)
+    if spec.needs_params and nfe is DEFAULT_NFE:
+        nfe = None   # not asked for: the params' own budget
     if spec.needs_params:
         if spec.name.startswith("d-"):
             _check_dode_params(spec, params)

@@ -289,3 +289,28 @@ def test_epd_requires_matching_params(model):
         sample(model, noise, solver="epd", nfe=5, params=p, schedule="logsnr")
     x = sample(model, noise, solver="epd", nfe=5, params=p, schedule="polynomial")
     assert x.shape == noise.shape
+
+
+@needs_epd
+def test_params_solvers_default_to_the_params_nfe(model):
+    """Without nfe, a solver with params runs at the params' own budget (not the plain
+    solvers' default 5); an explicit nfe must still match."""
+    from epd_kernels.dode_params import DODEParams
+    from epd_kernels.params import EPDParams
+
+    noise = make_noise(range(2), (5,), dtype=torch.float64)
+    for nfe, steps in ((3, 2), (7, 4)):
+        p = EPDParams.init(get_sigmas("polynomial", steps), 2, afs=True)
+        spy = Spy(model)
+        x, stats = sample(spy, noise, solver="epd", params=p, return_stats=True)
+        assert stats.latency_nfe == spy.calls == nfe
+        torch.testing.assert_close(x, sample(model, noise, solver="epd", nfe=nfe, params=p),
+                                   rtol=0, atol=0)
+        with pytest.raises(ValueError, match=f"nfe=5 was asked but the params are for nfe={nfe}"):
+            sample(model, noise, solver="epd", nfe=5, params=p)
+    d = DODEParams.zeros(get_sigmas("polynomial", 3), "euler")
+    _, stats = sample(model, noise, solver="d-euler", params=d, return_stats=True)
+    assert stats.latency_nfe == 3
+    # the plain solvers keep the default budget 5
+    _, stats = sample(model, noise, solver="euler", return_stats=True)
+    assert stats.latency_nfe == 5

@@ -40,6 +40,7 @@ import pathlib
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -380,13 +381,23 @@ def markdown_body(name: str, result: dict, info: dict, out_dir: pathlib.Path,
         lines.append("")
     plots = result.get("plots") or ([result["plot"]] if result.get("plot") else [])
     for p in plots:
-        target = (out_dir / p).resolve()
-        try:
-            rel = os.path.relpath(target, md_path.resolve().parent)
-        except ValueError:  # different drive (Windows)
-            rel = str(target)
-        lines += [f"![{name}: {p}]({pathlib.PurePath(rel).as_posix()})", ""]
+        rel = publish_plot(out_dir / p, md_path)
+        lines += [f"![{name}: {p}]({rel})", ""]
     return "\n".join(lines)
+
+
+#: Where `markdown_body` copies the plots, relative to the markdown file: the run's output
+#: folder is usually outside the repository (or ignored), so a link into it would break.
+PLOT_DIR = pathlib.PurePosixPath("docs") / "bench"
+
+
+def publish_plot(plot: pathlib.Path, md_path: pathlib.Path) -> str:
+    """Copies ``plot`` to `PLOT_DIR` beside ``md_path``; returns the link relative to it."""
+    dest = pathlib.Path(md_path).resolve().parent / PLOT_DIR / pathlib.Path(plot).name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if pathlib.Path(plot).resolve() != dest:
+        shutil.copyfile(plot, dest)
+    return (PLOT_DIR / dest.name).as_posix()
 
 
 # --------------------------------------------------------------------------------------

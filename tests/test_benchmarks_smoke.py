@@ -293,6 +293,10 @@ def test_branches_section_smoke(tmp_path):
         pass
     else:
         assert (out / "branches.png").stat().st_size > 0 and "branches.png" in block
+        # the plot is copied beside the markdown file and linked there (not into --out)
+        assert "](docs/bench/branches.png)" in block
+        assert (tmp_path / "docs" / "bench" / "branches.png").read_bytes() == \
+            (out / "branches.png").read_bytes()
 
 
 def test_solvers_section_distilled_rows(tmp_path, run_mod):

@@ -78,6 +78,7 @@ from epd_kernels.distill.schedule_search import (AUTO_LR, DEFAULT_CANDIDATES,  #
                                                  distill_auto)
 from epd_kernels.models import GaussianMixtureModel, GaussianModel, load_model  # noqa: E402
 from epd_kernels.sampling import _SOLVERS, solver_names  # noqa: E402
+from epd_kernels.workflow.resolve import class_labels_for  # noqa: E402
 
 F64 = torch.float64
 TIME_BAR_S = 60.0
@@ -135,13 +136,13 @@ class Problem:
     modes: Optional[torch.Tensor] = None   # [M, 64]: mixture means / training images
     plain: bool = True                     # also a plain `distill` on DEFAULT_GRID
     fast: bool = False                     # distil with FAST_SETTINGS (expensive denoiser)
-    classes: int = 0                       # > 0: class-conditional, label = seed % classes
+    conditional: bool = False              # class labels, the `epd demo` rule
 
     def cond(self, keys) -> dict:
-        """Conditioning of the draws ``keys`` (seeds or row indices): labels key % classes."""
-        if not self.classes:
-            return {}
-        return {"class_labels": torch.tensor([int(k) % self.classes for k in keys])}
+        """Conditioning of the draws ``keys`` (seeds or row indices): with ``conditional``,
+        labels key % num_classes (`class_labels_for`, as `epd demo` and the solver section)."""
+        lab = class_labels_for(self.model, list(keys), "seed") if self.conditional else None
+        return {} if lab is None else {"class_labels": lab}
 
 
 def _chunked(noise: torch.Tensor, cond: dict, size: int = 512):
@@ -171,13 +172,13 @@ def _digits_exact() -> Problem:
     m64 = copy.deepcopy(m32).to(F64)
     return Problem("digits-exact", m64, m32, F64, _unipc_reference(m64, 320, F64),
                    "UniPC, 320 steps, float64", m64.images.reshape(m64.num_images, -1),
-                   classes=10)
+                   conditional=True)
 
 
 def _digits_unet() -> Problem:
     m = load_model("digits-unet")
     return Problem("digits-unet", m, m, torch.float32, _unipc_reference(m, 160, torch.float32),
-                   "UniPC, 160 steps, float32", plain=False, fast=True, classes=10)
+                   "UniPC, 160 steps, float32", plain=False, fast=True, conditional=True)
 
 
 MODELS: Dict[str, Callable[[], Problem]] = {
@@ -229,7 +230,7 @@ def _fit_auto(problem, nfe, grid, *, plugin, method="epd"):
     kw.update(DISTILL_KW)
     if method != "epd":
         kw["method"] = method
-    if problem.classes:   # one label per training draw: the pool's entries (or batch rows)
+    if problem.conditional:   # one label per training draw: the pool's entries (or batch rows)
         pool = kw.get("pool", DEFAULT_POOL)
         kw.update(problem.cond(range(pool if pool is not None else
                                      kw.get("batch_size", DEFAULT_BATCH_SIZE))))

@@ -408,7 +408,7 @@ def test_distill_section_conditions_the_digits_models_on_seed_labels():
     from epd_kernels import sample
 
     problem = bench.MODELS["digits-exact"]()
-    assert problem.classes == 10
+    assert problem.conditional
     data = bench._Data(problem, 8)
     labels = torch.arange(bench.TEST_SEED, bench.TEST_SEED + 8) % 10
     assert torch.equal(data.cond["class_labels"], labels)

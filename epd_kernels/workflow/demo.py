@@ -400,18 +400,18 @@ def run_demo(args) -> int:
         """EPD, AMED or a plugin of either, with the demo's training settings."""
         t1 = time.perf_counter()
         if name.startswith("amed"):   # fresh noise, labels per batch row
-            method = dict(method="amed", amed_form="predictor", features=amed_features,
-                          lr=cfg.amed_plugin_lr if name == "amed-ipndm" else cfg.amed_lr,
-                          iterations=cfg.amed_iterations, pool=None,
-                          **cond_for(range(cfg.epd_batch)))
+            settings = dict(method="amed", amed_form="predictor", features=amed_features,
+                            lr=cfg.amed_plugin_lr if name == "amed-ipndm" else cfg.amed_lr,
+                            iterations=cfg.amed_iterations, pool=None,
+                            **cond_for(range(cfg.epd_batch)))
         else:                          # a pool of draws, one label per pool entry
-            method = dict(num_points=cfg.num_points,
-                          lr=cfg.plugin_lr if name == "epd-ipndm" else cfg.epd_lr,
-                          iterations=cfg.epd_iterations, pool=cfg.epd_pool,
-                          **cond_for(range(cfg.epd_pool)))
+            settings = dict(num_points=cfg.num_points,
+                            lr=cfg.plugin_lr if name == "epd-ipndm" else cfg.epd_lr,
+                            iterations=cfg.epd_iterations, pool=cfg.epd_pool,
+                            **cond_for(range(cfg.epd_pool)))
         p = distill(model, nfe=nfe, shape=shape, plugin=name.endswith("-ipndm"),
                     batch_size=cfg.epd_batch, M=cfg.epd_teacher_points, device=device,
-                    progress=args.progress, **method)
+                    progress=args.progress, **settings)
         sec = time.perf_counter() - t1
         seconds[(name, nfe)] = sec
         save(p, name, nfe, sec)

@@ -70,12 +70,13 @@ if str(HERE.parent) not in sys.path:
 
 from epd_kernels import fit_dode, make_noise, sample  # noqa: E402
 from epd_kernels.distill import (DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_LR,  # noqa: E402
-                                 DEFAULT_POOL, distill)
+                                 DEFAULT_POOL, conditioning_rows, distill)
 from epd_kernels.distill.schedule_search import (AUTO_LR, DEFAULT_CANDIDATES,  # noqa: E402
                                                  DEFAULT_REFERENCE_STEPS, FAST_SETTINGS,
                                                  SEARCH_OPTIONS,
                                                  DEFAULT_SEARCH_ITERATIONS, DEFAULT_VAL_SIZE,
                                                  distill_auto)
+from epd_kernels.dode_fit import DEFAULT_FIT_BATCH  # noqa: E402
 from epd_kernels.models import GaussianMixtureModel, GaussianModel, load_model  # noqa: E402
 from epd_kernels.sampling import _SOLVERS, solver_names  # noqa: E402
 from epd_kernels.workflow.resolve import class_labels_for  # noqa: E402
@@ -231,9 +232,8 @@ def _fit_auto(problem, nfe, grid, *, plugin, method="epd"):
     if method != "epd":
         kw["method"] = method
     if problem.conditional:   # one label per training draw: the pool's entries (or batch rows)
-        pool = kw.get("pool", DEFAULT_POOL)
-        kw.update(problem.cond(range(pool if pool is not None else
-                                     kw.get("batch_size", DEFAULT_BATCH_SIZE))))
+        kw.update(problem.cond(range(conditioning_rows(
+            kw.get("pool", DEFAULT_POOL), kw.get("batch_size", DEFAULT_BATCH_SIZE)))))
         search_kw["val_cond"] = problem.cond(range(search_kw.get("val_size",
                                                                  DEFAULT_VAL_SIZE)))
     wall, cpu = time.perf_counter(), time.process_time()
@@ -252,7 +252,7 @@ def _fit_auto(problem, nfe, grid, *, plugin, method="epd"):
 
 def _fit_dode(problem, nfe, grid, *, solver):
     wall, cpu = time.perf_counter(), time.process_time()
-    rows = range(DODE_KW.get("batch_size", 128))   # fit_dode's default batch
+    rows = range(DODE_KW.get("batch_size", DEFAULT_FIT_BATCH))   # one label per row
     params = fit_dode(problem.model32, solver=solver, nfe=nfe, shape=tuple(problem.model32.shape),
                       schedule=GRIDS[grid or DEFAULT_GRID], **DODE_KW, **problem.cond(rows))
     return params, {"grid": grid or DEFAULT_GRID, "wall_s": time.perf_counter() - wall,

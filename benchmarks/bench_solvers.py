@@ -60,6 +60,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
+from epd_kernels.dode_fit import DEFAULT_FIT_BATCH as DODE_BATCH  # noqa: E402
 from epd_kernels.models import GaussianMixtureModel, GaussianModel  # noqa: E402
 from epd_kernels.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
 from epd_kernels.sampling import make_noise, sample  # noqa: E402
@@ -241,14 +242,15 @@ def _load_dode(path):
 
 def _fit_epd(plugin: bool):
     def fit(bm: BenchModel, nfe: int, **overrides):
-        from epd_kernels.distill import DEFAULT_BATCH_SIZE, DEFAULT_POOL, distill
+        from epd_kernels.distill import (DEFAULT_BATCH_SIZE, DEFAULT_POOL, conditioning_rows,
+                                         distill)
 
         kw = dict(num_points=2, batch_size=DEFAULT_BATCH_SIZE, pool=DEFAULT_POOL,
                   progress=False, dtype=bm.dtype)
         kw.update(overrides)
         # Labels (conditional models) follow the training draws: one per pool entry, or
         # one per batch row with fresh noise (pool=None).
-        cond = bm.cond(range(kw["pool"] if kw["pool"] is not None else kw["batch_size"]))
+        cond = bm.cond(range(conditioning_rows(kw["pool"], kw["batch_size"])))
         return distill(bm.denoiser, nfe=nfe, shape=bm.shape, plugin=plugin, **kw, **cond)
     return fit
 
@@ -265,9 +267,6 @@ def _fit_amed(plugin: bool):
         # predictor form (the paper's) on the main-point denoised features.
         return _fit_epd(plugin)(bm, nfe, **{"method": "amed", "num_points": None, **overrides})
     return fit
-
-
-DODE_BATCH = 128  # fit_dode's default fitting batch
 
 
 def _fit_dode(solver: str):

@@ -59,7 +59,7 @@ from .solvers.dode import DODE_SOLVERS
 from .solvers.schedules import check_sigmas, get_sigmas
 
 __all__ = ["fit_dode", "refine_sigmas", "teacher_targets", "solve_lambda", "refine_lambdas",
-           "FIT_SEED_BASE"]
+           "FIT_SEED_BASE", "DEFAULT_FIT_BATCH"]
 
 #: Keywords of `distill` that `fit_dode` does not take (refused rather than passed to the
 #: denoiser as conditioning).
@@ -69,6 +69,8 @@ _DISTILL_OPTIONS = ("iterations", "lr", "num_points", "M", "plugin", "pool", "lo
 #: Fitting noise for ``seed`` uses the per-sample seeds ``FIT_SEED_BASE + seed * B + j``
 #: (`make_noise` style), a range disjoint from the small seeds used for evaluation.
 FIT_SEED_BASE = 2 ** 40
+#: Samples the lambdas are fitted on (rows of per-sample conditioning, if any).
+DEFAULT_FIT_BATCH = 128
 
 
 def refine_sigmas(sigmas, factor: int, rho: float = 7.0) -> torch.Tensor:
@@ -241,7 +243,7 @@ def _schedule_meta(schedule):
 
 
 def fit_dode(denoiser: Callable, *, solver: str = "d-euler", nfe: Optional[int] = None,
-             shape: Optional[Sequence[int]] = None, batch_size: int = 128,
+             shape: Optional[Sequence[int]] = None, batch_size: int = DEFAULT_FIT_BATCH,
              teacher_factor: int = 10, schedule=None, afs: Optional[bool] = None,
              seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
              teacher: str = "heun", teacher_afs: bool = False, max_order: int = 4,

@@ -381,9 +381,9 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
         raise ValueError(f"nfe must be an integer or None, got {nfe!r}")
 
     extra = dict(spec.extra)
-    if spec.needs_params and nfe is DEFAULT_NFE:
-        nfe = None   # not asked for: the params' own budget
     if spec.needs_params:
+        if nfe is DEFAULT_NFE:
+            nfe = None   # not asked for: the params' own budget
         if spec.name.startswith("d-"):
             _check_dode_params(spec, params)
         else:

@@ -100,7 +100,7 @@ seeded with ``seed``, so every rank starts from the same network.
 from .checkpoint import load_checkpoint, save_checkpoint
 from .latent import DELTA_MAX, O_MAX, LatentAMEDTable, LatentEPD
 from .loop import (DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_M, DEFAULT_POOL,
-                   METHODS, cosine_lr, distill, mse_loss)
+                   METHODS, conditioning_rows, cosine_lr, distill, mse_loss)
 from .students import WEIGHT_LR_SCALE, AMEDStudent, EPDStudent
 from .noise import row_seed, training_noise
 from .teacher import refine_sigmas, teacher_targets
@@ -109,4 +109,4 @@ __all__ = ["distill", "mse_loss", "cosine_lr", "LatentEPD", "LatentAMEDTable", "
            "AMEDStudent", "WEIGHT_LR_SCALE", "METHODS", "DELTA_MAX", "O_MAX",
            "refine_sigmas", "teacher_targets", "training_noise", "row_seed",
            "save_checkpoint", "load_checkpoint", "DEFAULT_ITERATIONS", "DEFAULT_BATCH_SIZE",
-           "DEFAULT_LR", "DEFAULT_M", "DEFAULT_POOL"]
+           "DEFAULT_LR", "DEFAULT_M", "DEFAULT_POOL", "conditioning_rows"]

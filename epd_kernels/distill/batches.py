@@ -92,7 +92,10 @@ class TeacherBatches:
                 _fingerprint(self.pool_cond))
 
     def _pool_rows_cond(self, idx) -> dict:
-        return {k: v[idx] for k, v in self.pool_cond.items()}
+        """The per-pool-entry conditioning of the entries ``idx`` (a slice or an index
+        tensor)."""
+        return {k: v[idx if isinstance(idx, slice) else idx.to(v.device)]
+                for k, v in self.pool_cond.items()}
 
     def _fill_pool(self, cond, scale):
         """Teacher over the whole pool (or the pool of an identical earlier run inside
@@ -139,5 +142,4 @@ class TeacherBatches:
             self._fill_pool(cond, scale)
         idx = torch.tensor([row_seed(self.seed, iteration, j) % self.pool for j in rows],
                            device=self._pool_x.device)
-        bcond = {k: v[idx.to(v.device)] for k, v in self.pool_cond.items()}
-        return self._pool_x[idx], self._pool_y[:, idx], bcond
+        return self._pool_x[idx], self._pool_y[:, idx], self._pool_rows_cond(idx)

@@ -115,6 +115,12 @@ def _pool_cond(cond: dict, pool: int, global_batch: int) -> dict:
     return rows
 
 
+def conditioning_rows(pool: Optional[int], global_batch: int) -> int:
+    """How many rows per-sample conditioning of a distillation has: one per pool entry
+    with a pool, one per sample of the global batch with fresh noise (``pool=None``)."""
+    return global_batch if pool is None else pool
+
+
 def _rows_of(pool_cond: dict, n: int) -> dict:
     """``n`` rows of per-pool-entry conditioning (cycling), e.g. for a probing call."""
     return {k: v[torch.arange(n, device=v.device) % v.shape[0]] for k, v in pool_cond.items()}

@@ -154,7 +154,8 @@ def _features(args):
 
 def _distill(args, solver, model, shape, label_mode, dist):
     """EPD or AMED by `epd_kernels.distill`, with the command line's conditioning."""
-    from ..distill import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_POOL, distill
+    from ..distill import (DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_POOL,
+                           conditioning_rows, distill)
     from ..distill.schedule_search import DEFAULT_VAL_SIZE, FAST_SETTINGS, SEARCH_OPTIONS
 
     if solver in AMED_SOLVERS:
@@ -172,7 +173,7 @@ def _distill(args, solver, model, shape, label_mode, dist):
             else fast.get("pool", DEFAULT_POOL))
     # Labels follow the training draws: one per pool entry (the draw keeps its label in
     # every batch), or one per row of the global batch with fresh noise (--pool none).
-    labels = class_labels_for(model, range(pool if pool is not None else bs * dist.world),
+    labels = class_labels_for(model, range(conditioning_rows(pool, bs * dist.world)),
                               label_mode)
     cond = {} if labels is None else {"class_labels": labels.to(args.device)}
     extra = {"pool": pool}

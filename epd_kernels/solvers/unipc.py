@@ -28,7 +28,9 @@ and is where the choice of B matters (bh2: ``(1 - e^{-h}) / 2`` times the differ
 Order schedule: ``p = min(order, n + 1)`` and, for fewer than 10 steps, ``p <= N - n``
 (``lower_order_final``; the threshold of 10 follows the DPM-Solver reference code and is
 shared with `dpmpp3m`, so that the asymptotic order is not lowered by an order-1 final
-step on long grids). With predictor order p the method has
+step on long grids), and the step-ratio guard of `dpmpp3m` (``max_step_ratio``: order 1
+on a step more than 3 times longer in lambda than the one before it; the corrector of the
+previous step is unaffected). With predictor order p the method has
 global order p + 1 (UniPC paper, Thm. 3.1); ``order = 3`` is the usual setting for
 unconditional sampling (global order 4), ``order = 2`` gives global order 3.
 
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 
 from .common import afs_d, denoise, emit, lam, phi, sigma_list, step_range
-from .dpmpp3m import multistep_order
+from .dpmpp3m import MAX_STEP_RATIO, check_max_step_ratio, multistep_order, step_ratio
 
 __all__ = ["sample_unipc", "unipc_coefficients"]
 
@@ -84,16 +86,18 @@ def _unipc_update(x, m0, lam0, h, points, variant):
 
 def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optional[Callable] = None,
                  progress: bool = False, afs: bool = False, order: int = 3,
-                 variant: str = "bh2", lower_order_final: bool = True, **cond) -> torch.Tensor:
+                 variant: str = "bh2", lower_order_final: bool = True,
+                 max_step_ratio: Optional[float] = MAX_STEP_RATIO, **cond) -> torch.Tensor:
     """UniPC from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` (see module docstring).
 
     ``order`` in 1..3 is the predictor order p (global order p + 1); ``variant`` "bh2"
-    (default) or "bh1".
+    (default) or "bh1"; ``lower_order_final``, ``max_step_ratio`` as in the module docstring.
     """
     if isinstance(order, bool) or int(order) != order or not 1 <= order <= 3:
         raise ValueError(f"order must be an integer in 1..3, got {order!r}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    max_step_ratio = check_max_step_ratio(max_step_ratio)
     s = sigma_list(sigmas)
     N = len(s) - 1
     lams = [lam(v) for v in s]
@@ -112,7 +116,8 @@ def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optio
                               pts + [(lams[i], m_new)], variant)
             hist.insert(0, (lams[i], m_new))
             del hist[int(order):]
-        p = multistep_order(i, N, int(order), lower_order_final)
+        p = multistep_order(i, N, int(order), lower_order_final, step_ratio(lams, i),
+                            max_step_ratio)
         m_i = hist[0][1]
         pts = hist[1:p]
         h = lams[i + 1] - lams[i]

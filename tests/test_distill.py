@@ -190,6 +190,113 @@ def test_plugin_and_custom_loss():
     assert len(calls) == 4 * 3 and calls[0] == (8,) + model.shape
 
 
+def test_match_final_compares_only_the_final_state():
+    """match="final": the loss sees the last student state only, and that loss is the
+    distance of the initial parameters' sample to the teacher's final state."""
+    model = gaussian()
+    seen = []
+
+    def recording(student, teacher):
+        seen.append(teacher.clone())
+        return (student - teacher).pow(2).mean()
+
+    p = small(model, iterations=3, match="final", loss=recording, pool=None, lr=1e-12)
+    assert len(seen) == 3 and p.meta["match"] == "final"
+    # the teacher state it saw is the teacher's x(sigma_min) of the first batch
+    x = training_noise(3, 0, range(8), (8,), dtype=F64) * p.sigmas[0]
+    final = teacher_targets(model, x, p.sigmas, M=3)[-1]
+    torch.testing.assert_close(seen[0], final)
+    start = EPDParams.init(p.sigmas, 2)
+    x0 = sample(model, x / float(p.sigmas[0]), solver="epd", params=start)
+    assert p.meta["initial_loss"] == pytest.approx((x0 - final).pow(2).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="match must be one of"):
+        small(model, iterations=1, match="last")
+    # and it trains: the final-state error falls
+    q = small(model, iterations=30, match="final")
+    assert q.meta["final_loss"] < 0.3 * q.meta["initial_loss"]
+
+
+def test_sampler_is_differentiable_in_the_grid_and_matches_finite_differences():
+    """A sigmas tensor that requires grad gives the same sample as the float grid, and
+    its gradient matches central differences of the sample taken on perturbed grids."""
+    from epd_kernels.solvers.epd import epd_sampler
+
+    model = gaussian()
+    g = torch.Generator().manual_seed(5)
+    start = EPDParams.init(get_sigmas("polynomial", 3), 2)
+    p = EPDParams(r=torch.rand(3, 2, generator=g, dtype=F64), weights=start.weights,
+                  delta=0.05 * torch.rand(3, 2, generator=g, dtype=F64), o=start.o,
+                  sigmas=start.sigmas, afs=True)
+    x = make_noise(range(4), model.shape, dtype=F64) * 80.0
+    w = make_noise([99], (4,) + model.shape, dtype=F64)[0]
+
+    def objective(sig):
+        q = EPDParams(r=p.r, weights=p.weights, delta=p.delta, o=p.o, sigmas=sig.detach())
+        return (epd_sampler(model, x, sig, params=q) * w).sum()
+
+    grid = p.sigmas.clone().requires_grad_(True)
+    value = objective(grid)
+    torch.testing.assert_close(value, objective(p.sigmas), rtol=1e-12, atol=1e-12)
+    value.backward()
+    assert grid.grad[1:-1].abs().min() > 0
+    for i in (1, 2):
+        eps = 1e-6 * float(p.sigmas[i])
+        up, down = p.sigmas.clone(), p.sigmas.clone()
+        up[i] += eps
+        down[i] -= eps
+        fd = (objective(up) - objective(down)) / (2 * eps)
+        assert grid.grad[i].item() == pytest.approx(fd.item(), rel=1e-5), i
+
+
+def test_learn_grid_moves_the_interior_sigmas_and_keeps_the_ends(tmp_path):
+    model = mixture()
+    start = get_sigmas("polynomial", 3)
+    p = small(model, iterations=40, learn_grid=True, lr=0.1, shape=model.shape)
+    assert p.meta["learn_grid"] and p.meta["match"] == "final"
+    assert p.schedule["kind"] == "learned"
+    assert p.sigmas[0] == start[0] and p.sigmas[-1] == start[-1]
+    assert (p.sigmas[1:-1] - start[1:-1]).abs().max() > 1e-3 * start[1:-1].min()
+    assert (torch.diff(p.sigmas) < 0).all()
+    assert p.meta["final_loss"] < p.meta["initial_loss"]
+    # the params sample on their own grid, and the file keeps it
+    noise = make_noise(range(3), model.shape, dtype=F64)
+    out = sample(model, noise, solver="epd", params=p)
+    p.save(tmp_path / "p.safetensors")
+    q = EPDParams.load(tmp_path / "p.safetensors")
+    assert_same_params(p, q, rtol=0, atol=0)
+    torch.testing.assert_close(sample(model, noise, solver="epd", params=q), out)
+    # a fixed-grid latent has no grid parameter, and the refusals name the argument
+    assert LatentEPD.from_params(p).g is None
+    with pytest.raises(ValueError, match="learn_grid=True needs match='final'"):
+        small(model, iterations=1, learn_grid=True, match="trajectory", shape=model.shape)
+    with pytest.raises(ValueError, match="learn_grid is only available for method='epd'"):
+        small(model, iterations=1, learn_grid=True, method="amed", num_points=None,
+              shape=model.shape)
+
+
+def test_learn_grid_resume_after_interrupt_matches(tmp_path):
+    model = gaussian()
+    ck = tmp_path / "grid.ckpt"
+    ref = small(model, learn_grid=True)
+    calls = {"n": 0}
+
+    def interrupting(x, sigma, **cond):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 5 * 7 + 3:
+                raise KeyboardInterrupt
+        return model(x, sigma)
+
+    with pytest.raises(KeyboardInterrupt):
+        small(interrupting, learn_grid=True, checkpoint=ck, checkpoint_every=100)
+    state = load_checkpoint(ck)
+    assert state["iteration"] == 7 and state["settings"]["learn_grid"] is True
+    resumed = small(model, learn_grid=True, checkpoint=ck, checkpoint_every=100)
+    assert_same_params(resumed, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="learn_grid"):
+        small(model, checkpoint=ck)  # a fixed-grid call refuses the learned-grid checkpoint
+
+
 class NaNOnGradCalls(torch.nn.Module):
     """Returns NaN on the student's (grad-enabled) calls numbered in `bad`."""
 

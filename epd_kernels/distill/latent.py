@@ -15,6 +15,11 @@ conditioned start from sending them to values where ``1 + delta`` or ``1 + o`` w
 close to zero. The latents are kept in float64 (they are tiny) and the map is
 differentiable, so gradients reach a, b, c, e from the sampler's natural parameters.
 
+With ``learn_grid=True`` a fifth latent ``g [S]`` moves the interior noise levels: the
+grid's log-sigma increments are ``softmax(g) * log(sigma_max / sigma_min)``, so the grid
+stays strictly decreasing with its two ends fixed whatever the optimiser does (start:
+``g = log`` of the start grid's increments).
+
 `LatentAMEDTable` is the same map for table-form `AMEDParams` (r, delta, o per step, no
 weights), with AMED's default bounds 0.2 / 0.01 chosen by the caller.
 """
@@ -56,7 +61,7 @@ class LatentEPD(nn.Module):
     """
 
     def __init__(self, template: EPDParams, a, b, c, e, delta_max: float = DELTA_MAX,
-                 o_max: float = O_MAX):
+                 o_max: float = O_MAX, g=None):
         super().__init__()
         self.template = template.detach()
         self.delta_max = float(delta_max)
@@ -65,10 +70,26 @@ class LatentEPD(nn.Module):
         self.b = nn.Parameter(b)
         self.c = nn.Parameter(c)
         self.e = nn.Parameter(e)
+        # (registered last, so the flat gradient of a fixed-grid latent is unchanged)
+        self.g = None if g is None else nn.Parameter(g)
+
+    @property
+    def learns_grid(self) -> bool:
+        return self.g is not None
+
+    def grid(self) -> torch.Tensor:
+        """The grid ``[S+1]`` (float64; differentiable in g when the grid is learned)."""
+        s = self.template.sigmas
+        if self.g is None:
+            return s
+        s = s.to(self.g.device)
+        top, span = torch.log(s[0]), torch.log(s[0] / s[-1])
+        inner = top - span * torch.cumsum(torch.softmax(self.g, dim=0), dim=0)[:-1]
+        return torch.cat([s[:1], torch.exp(inner), s[-1:]])
 
     @classmethod
     def from_params(cls, params: EPDParams, delta_max: float = DELTA_MAX, o_max: float = O_MAX,
-                    device=None) -> "LatentEPD":
+                    device=None, learn_grid: bool = False) -> "LatentEPD":
         """The latents whose image is ``params`` (r, weights clamped 1e-6 inside their range)."""
         params.validate()
         nat = {n: getattr(params, n).detach().to(device=device, dtype=torch.float64)
@@ -79,14 +100,21 @@ class LatentEPD(nn.Module):
         b = b - b.mean(dim=-1, keepdim=True)  # softmax is shift invariant: centre it
         c = _atanh_scaled(nat["delta"], delta_max, "delta")
         e = _atanh_scaled(nat["o"], o_max, "o")
-        return cls(params, a, b, c, e, delta_max, o_max)
+        g = None
+        if learn_grid:
+            g = torch.log(-torch.diff(torch.log(params.sigmas.to(device=device))))
+            g = g - g.mean()
+        return cls(params, a, b, c, e, delta_max, o_max, g)
 
     def natural(self, meta: Optional[dict] = None) -> EPDParams:
-        """The `EPDParams` image of the latents (differentiable in a, b, c, e)."""
+        """The `EPDParams` image of the latents (differentiable in a, b, c, e; its sigmas
+        are the current grid's values, detached: the sampler takes the differentiable grid
+        from `grid()`)."""
         t = self.template
         return EPDParams(r=torch.sigmoid(self.a), weights=torch.softmax(self.b, dim=-1),
                          delta=self.delta_max * torch.tanh(self.c),
-                         o=self.o_max * torch.tanh(self.e), sigmas=t.sigmas, nfe=t.nfe,
+                         o=self.o_max * torch.tanh(self.e),
+                         sigmas=self.grid().detach().cpu(), nfe=t.nfe,
                          afs=t.afs, plugin=t.plugin, max_order=t.max_order,
                          schedule=t.schedule, meta=dict(t.meta if meta is None else meta))
 

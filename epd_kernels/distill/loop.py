@@ -33,6 +33,9 @@ DEFAULT_M = 15
 DEFAULT_POOL = 1024
 #: Default number of EPD branches.
 DEFAULT_K = 2
+#: What the loss compares (``distill(match=...)``): every student state with the teacher's
+#: at the same sigma, or only the final state.
+MATCHES = ("trajectory", "final")
 #: Distillation methods: EPD-Solver (default) and AMED-Solver.
 METHODS = ("epd", "amed")
 
@@ -176,8 +179,8 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
             init: Union[EPDParams, AMEDParams, None] = None,
             delta_max: Optional[float] = None, o_max: Optional[float] = None,
             max_failures: int = 5, pool: Optional[int] = DEFAULT_POOL, method: str = "epd",
-            amed_form: str = "predictor", features=None,
-            **cond) -> Union[EPDParams, AMEDParams]:
+            amed_form: str = "predictor", features=None, match: Optional[str] = None,
+            learn_grid: bool = False, **cond) -> Union[EPDParams, AMEDParams]:
     """Distils EPD-Solver / EPD-Plugin (or, with ``method="amed"``, AMED-Solver / AMED-Plugin)
     parameters for ``denoiser`` at latency ``nfe``.
 
@@ -214,7 +217,16 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
             writes.
         progress: tqdm bar with the loss (rank 0).
         loss: ``callable(student_state, teacher_state) -> scalar``, summed over the S
-            steps; default `mse_loss`.
+            steps (``match="trajectory"``) or applied to the final state only
+            (``match="final"``); default `mse_loss`.
+        match: "trajectory" (the papers' loss: every student state against the teacher's
+            state at the same sigma; the default on a fixed grid) or "final" (only
+            ``x(sigma_min)``; the student may leave the teacher's path on the way; the
+            default, and the only choice, with ``learn_grid``). See `MATCHES`.
+        learn_grid: EPD only: also learn the interior noise levels of the grid (the ends
+            stay; `latent.LatentEPD`), starting from ``schedule``'s grid. The teacher's
+            states at the moving student sigmas would change with every step, so the loss
+            compares final states only. The params carry the learned grid.
         init: starting `EPDParams` (same grid, K, afs, plugin; default `EPDParams.init`),
             or for AMED starting `AMEDParams` (same grid, afs, plugin, form; default the
             neutral `AMEDParams.init`).
@@ -263,7 +275,8 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
                        max_order=max_order, insert=insert, checkpoint_every=checkpoint_every,
                        dtype=dtype, delta_max=delta_max, o_max=o_max,
                        max_failures=max_failures, pool=pool, method=method,
-                       amed_form=amed_form, features=features)
+                       amed_form=amed_form, features=features, match=match,
+                       learn_grid=learn_grid)
         if init is not None:
             raise ValueError("init= cannot be combined with schedule='auto' (each candidate "
                              "grid starts from its own neutral parameters)")
@@ -308,6 +321,17 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
     sigmas = _resolve_sigmas(schedule, steps)
     rho = float(schedule.get("rho", 7.0)) if isinstance(schedule, dict) else 7.0
     loss_fn = mse_loss if loss is None else loss
+    if not isinstance(learn_grid, bool):
+        raise ValueError(f"learn_grid must be True or False, got {learn_grid!r}")
+    if match is None:
+        match = "final" if learn_grid else "trajectory"
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
+    if learn_grid and match != "final":
+        raise ValueError("learn_grid=True needs match='final': the teacher's states at the "
+                         "student sigmas move with the grid, its final state does not")
+    if learn_grid and method == "amed":
+        raise ValueError("learn_grid is only available for method='epd'")
     device = torch.device(device) if device is not None else _default_device(denoiser)
 
     world, rank = _dist()
@@ -348,7 +372,7 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
                                  f"afs={afs}, plugin={plugin} was asked")
             start = init.detach()
             start.max_order = max_order
-        student = EPDStudent(denoiser, start, delta_max, o_max, device)
+        student = EPDStudent(denoiser, start, delta_max, o_max, device, learn_grid)
     latent = student.module
     optimizer = torch.optim.Adam(student.param_groups(), lr=lr)
 
@@ -361,6 +385,10 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
         "loss": _callable_name(loss_fn), "init": student.init_summary(),
         "cond": sorted(cond), "pool": pool,
     }
+    if match != "trajectory":  # (absent for the defaults, so older checkpoints resume)
+        settings["match"] = match
+    if learn_grid:
+        settings["learn_grid"] = True
     if amed:  # (EPD's settings keep their historical keys, so old checkpoints resume)
         del settings["num_points"]
         settings.update(method="amed", amed_form=start.form, features=_feature_label(start))
@@ -415,7 +443,8 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
                     group["lr"] = cosine_lr(lr, it, iterations) * group.get("lr_scale", 1.0)
                 x, targets, batch_cond = data.batch(it, rows)
                 traj = student.unroll(x, **rank_cond, **batch_cond)
-                value = sum(loss_fn(traj[n + 1], targets[n]) for n in range(S))
+                matched = range(S) if match == "trajectory" else (S - 1,)
+                value = sum(loss_fn(traj[n + 1], targets[n]) for n in matched)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 flat = torch.cat([value.detach().reshape(1).to(torch.float64),
@@ -465,7 +494,8 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
         "lr": float(lr), "lr_schedule": "cosine", "optimizer": "adam",
         "batch_size": global_batch, "batch_per_rank": batch_size, "world_size": world,
         "seed": seed, "dtype": str(dtype), "delta_max": float(delta_max),
-        "o_max": float(o_max), "loss": settings["loss"],
+        "o_max": float(o_max), "loss": settings["loss"], "match": match,
+        "learn_grid": learn_grid,
         "initial_loss": finite[0] if finite else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "skipped_steps": skipped,

@@ -43,9 +43,10 @@ class EPDStudent:
     """EPD / EPD-Plugin: the free latents of `LatentEPD`, unrolled by `epd_sampler`."""
 
     def __init__(self, denoiser: Callable, start: EPDParams, delta_max: float, o_max: float,
-                 device):
+                 device, learn_grid: bool = False):
         self.denoiser, self.start = denoiser, start
-        self.module = LatentEPD.from_params(start, delta_max, o_max, device=device)
+        self.module = LatentEPD.from_params(start, delta_max, o_max, device=device,
+                                            learn_grid=learn_grid)
         self.runner = BranchRunner(denoiser, start.num_points)
 
     @property
@@ -60,12 +61,15 @@ class EPDStudent:
         return s.r.tolist() + s.weights.tolist() + s.delta.tolist() + [s.o.tolist()]
 
     def unroll(self, x, **cond):
-        _, traj = epd_sampler(self.denoiser, x, self.start.sigmas, params=self.module.natural(),
+        _, traj = epd_sampler(self.denoiser, x, self.module.grid(), params=self.module.natural(),
                               runner=self.runner, return_trajectory=True, **cond)
         return traj
 
     def export(self, meta: dict) -> EPDParams:
-        return self.module.natural(meta={**self.start.meta, **meta}).detach().validate()
+        params = self.module.natural(meta={**self.start.meta, **meta}).detach()
+        if self.module.learns_grid:  # the grid is no longer the start's named schedule
+            params.schedule = {"kind": "learned", "start": self.start.schedule}
+        return params.validate()
 
 
 class AMEDStudent:

@@ -43,7 +43,9 @@ Special cases used as tests:
 
 When the parameter tensors (or x, or the denoiser's weights) require grad and autograd is
 on, the sampler is differentiable end to end: r (through tau), lambda, delta and o, and
-through the denoiser. Otherwise the branch call runs without autograd on static buffers,
+through the denoiser. A ``sigmas`` tensor that requires grad makes it differentiable in the
+grid too (``distill(learn_grid=True)``): h, tau and the main-point noise levels are then
+taken from that tensor (its values must equal ``params.sigmas``). Otherwise the branch call runs without autograd on static buffers,
 captured in a CUDA graph on GPUs (see `epd_kernels.branches`).
 """
 from __future__ import annotations
@@ -57,7 +59,7 @@ from ..branches import BranchRunner
 from ..ops import epd_step
 from ..params import EPDParams, epd_latency_nfe, epd_total_evaluations
 from ..reference import opmath_dtype
-from .common import denoise
+from .common import call_denoiser, denoise
 from .ipndm import AB_COEFFS, ab_direction, push_history
 
 __all__ = ["epd_sampler", "ipndm_direction", "IPNDM_COEFFS", "epd_latency_nfe",
@@ -135,12 +137,16 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
         raise ValueError("runner was built for another denoiser: pass "
                          "BranchRunner(denoiser, K) for this one")
 
-    ts = sig.tolist()
     device = x.device
     sdt = opmath_dtype(x.dtype)  # dtype of the sigma tensors handed to the denoiser
+    # A grid that requires grad (a learned grid) is used as tensors; otherwise as floats.
+    if isinstance(sigmas, torch.Tensor) and sigmas.requires_grad and torch.is_grad_enabled():
+        ts = list(sigmas.to(device=device, dtype=sdt).reshape(-1).unbind())
+    else:
+        ts = sig.tolist()
     r_all, w_all, delta_all, o_all = (t.to(device) for t in (params.r, params.weights,
                                                                params.delta, params.o))
-    differentiable = runner.needs_grad(x, r_all, w_all, delta_all, o_all, cond)
+    differentiable = runner.needs_grad(x, r_all, w_all, delta_all, o_all, cond, ts)
 
     steps = range(S)
     if progress:
@@ -154,8 +160,11 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
         h = t_next - t
         # d_n: main-point gradient (one sequential evaluation), or AFS on step 0.
         if n == 0 and params.afs:
-            d = x / math.sqrt(1.0 + t * t)
+            d = x / math.sqrt(1.0 + float(sig[0]) ** 2)  # (sigma_max: an end of the grid, fixed)
             denoised = None
+        elif isinstance(t, torch.Tensor):
+            denoised = call_denoiser(denoiser, x, t.expand(x.shape[0]), cond)
+            d = (x - denoised) / t.to(x.dtype)
         else:
             denoised = denoise(denoiser, x, t, cond)
             d = (x - denoised) / t
@@ -163,7 +172,8 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
         v = ipndm_direction(d, history, max_order) if plugin else d
         # tau_k = t'^{r_k} t^{1 - r_k} = t * (t'/t)^{r_k}; branch gradients in one call.
         r, w, delta, o = r_all[n], w_all[n], delta_all[n], o_all[n]
-        tau = t * torch.exp(r.to(sdt) * math.log(t_next / t))
+        tau = t * torch.exp(r.to(sdt) * (torch.log(t_next / t) if isinstance(t, torch.Tensor)
+                                         else math.log(t_next / t)))
         # Autograd path when anything upstream needs gradients (params, x, or a denoiser
         # whose output requires grad); otherwise static buffers / graph replay.
         if differentiable or x.requires_grad or v.requires_grad:
@@ -175,8 +185,10 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
         if plugin:
             push_history(history, d, max_order)
         if callback is not None:
-            callback({"x": x, "x_next": x_next, "i": n, "sigma": t, "sigma_next": t_next,
-                      "denoised": x - t * d if denoised is None else denoised, "grads": g})
+            callback({"x": x, "x_next": x_next, "i": n, "sigma": float(sig[n]),
+                      "sigma_next": float(sig[n + 1]),
+                      "denoised": x - float(sig[n]) * d if denoised is None else denoised,
+                      "grads": g})
         x = x_next
         if trajectory is not None:
             trajectory.append(x)

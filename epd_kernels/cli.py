@@ -143,8 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training noise seed (and the AMED predictor's initial weights)")
     p.add_argument("--schedule", default=None,
                    help="time grid: polynomial (default), logsnr, time-uniform, or (EPD / AMED) "
-                        "'auto': chosen among candidate grids on held-out noise, ~2.7x the "
-                        "cost")
+                        "'auto': chosen among candidate grids on held-out noise (EPD: then "
+                        "learned from there, see --learn-grid), ~3-4x the cost")
+    p.add_argument("--learn-grid", choices=("on", "off"), default=None,
+                   help="EPD: also learn the grid's interior sigmas (final-state loss); "
+                        "default on with --schedule auto (kept only if better on held-out "
+                        "noise), off otherwise")
     p.add_argument("--fast", action="store_const", const=True, default=None,
                    help="EPD / AMED: the library's FAST_SETTINGS for an expensive model "
                         "(fewer, smaller iterations; a shorter grid search); options given "

@@ -134,6 +134,15 @@ def test_distill_schedule_auto_fast_and_dode_grid(work):
     assert p.meta["batch_size"] == FAST_SETTINGS["batch_size"]
     assert p.meta["M"] == FAST_SETTINGS["M"]
     assert p.meta["pool"] == FAST_SETTINGS["pool"]   # per-row labels: one per pool entry
+    assert search["final"]["learn_grid"] is True     # auto learns the grid by default
+    assert search["final"]["kept"] in ("learned", "fixed")
+
+    out = work / "gmm-epd3-fixed-learned.safetensors"    # --learn-grid on a fixed grid
+    epd("distill", "--model", "gmm", "--solver", "epd", "--nfe", 3, "--iterations", 4,
+        "--learn-grid", "on", "--pool", 64, "--out", out)
+    p = EPDParams.load(out)
+    assert p.meta["learn_grid"] and p.meta["match"] == "final"
+    assert p.schedule["kind"] == "learned"
 
     out = work / "gmm-dipndm5-tu.safetensors"
     epd("distill", "--model", "gmm", "--solver", "d-ipndm", "--nfe", 5, "--batch-size", 16,
@@ -381,6 +390,10 @@ def _error_cases(work, epd_params):
           "--out", work / "x.safetensors"], ["--schedule auto", "EPD and AMED"]),
         (["distill", "--model", "gmm", "--solver", "d-euler", "--nfe", 3, "--fast",
           "--out", work / "x.safetensors"], ["--fast", "closed form"]),
+        (["distill", "--model", "gmm", "--solver", "d-euler", "--nfe", 3, "--learn-grid",
+          "on", "--out", work / "x.safetensors"], ["--learn-grid", "closed form"]),
+        (["distill", "--model", "gmm", "--solver", "amed", "--nfe", 3, "--learn-grid",
+          "on", "--out", work / "x.safetensors"], ["--learn-grid", "EPD solvers only"]),
         (["distill", "--model", "gmm", "--solver", "epd", "--nfe", 3, "--schedule", "karras",
           "--out", work / "x.safetensors"], ["--schedule must be", "'karras'"]),
         (["eval", "--samples", work / "missing.npz", "--model", "gmm"], ["not found"]),

@@ -121,9 +121,10 @@ def test_distill_auto_continues_the_winner_from_its_search_params(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(schedule_search, "distill", spy)
-    kw = dict(TINY, iterations=10)
+    kw = dict(TINY, iterations=10, learn_grid=False)
     params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
     assert report["continued"] and report["search_iterations"] == 4
+    assert report["final"] == {"learn_grid": False}
     chosen = report["candidates"][report["chosen"]]
     assert chosen["params"].meta["iterations"] == 4
     # the final run starts from the winner's search parameters and runs `iterations`
@@ -153,13 +154,18 @@ def test_final_run_reuses_the_winners_teacher_pool(monkeypatch):
 
     monkeypatch.setattr(TeacherBatches, "_compute_pool", spy)
     kw = dict(TINY, iterations=10)
+    distill_auto(model, candidates=CANDS, search_iterations=4, **kw)  # learns the grid too
+    assert len(fills) == len(CANDS) and len(set(fills)) == len(CANDS)
+    fills.clear()
+    kw["learn_grid"] = False
     params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
     assert len(fills) == len(CANDS) and len(set(fills)) == len(CANDS)
     # the same final run from scratch (its own teacher pool) gives the same parameters
     fills.clear()
     again = distill(model, schedule=CANDS[report["chosen"]],
                     init=report["candidates"][report["chosen"]]["params"],
-                    **{k: v for k, v in kw.items() if k not in ("val_size", "reference_steps")})
+                    **{k: v for k, v in kw.items()
+                       if k not in ("val_size", "reference_steps", "learn_grid")})
     assert len(fills) == 1
     for n in ("r", "weights", "delta", "o"):
         torch.testing.assert_close(getattr(again, n), getattr(params, n), rtol=0, atol=0)
@@ -256,3 +262,45 @@ def test_fast_settings_are_accepted_by_distill_auto_and_distill():
     assert p.meta["schedule_search"]["search_iterations"] == FAST_SETTINGS["search_iterations"]
     assert p.meta["iterations"] == FAST_SETTINGS["iterations"]
     assert p.meta["M"] == FAST_SETTINGS["M"] and p.meta["pool"] == FAST_SETTINGS["pool"]
+
+
+def test_distill_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(monkeypatch):
+    """Default for EPD: after the fixed-grid final run, a run from it that learns the grid
+    (final-state loss, lr * LEARN_GRID_LR_SCALE); the lower validation RMSE is kept, and
+    the recorded scores are the validation RMSEs of the two results."""
+    model = gaussian()
+    calls = []
+    real = schedule_search.distill
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append((k, out))
+        return out
+
+    monkeypatch.setattr(schedule_search, "distill", spy)
+    kw = dict(TINY, iterations=10)
+    params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
+    assert len(calls) == 5
+    (fixed_kw, fixed), (grid_kw, learned) = calls[3], calls[4]
+    assert not fixed_kw.get("learn_grid") and grid_kw["learn_grid"] is True
+    assert grid_kw["init"] is fixed
+    assert grid_kw["lr"] == pytest.approx(TINY["lr"] * schedule_search.LEARN_GRID_LR_SCALE)
+    assert learned.meta["match"] == "final" and learned.schedule["kind"] == "learned"
+    rec = report["final"]
+    assert params.meta["schedule_search"]["final"] == rec
+    # the scores are the validation RMSEs: re-score both against choose_schedule's reference
+    _, rep = choose_schedule(model, candidates={"fixed": fixed.sigmas}, search_iterations=None,
+                             **dict(TINY, iterations=1))
+    score = rep["score"]
+    assert rec["fixed_val_rmse"] == pytest.approx(score(fixed), rel=1e-9)
+    assert rec["learned_val_rmse"] == pytest.approx(score(learned), rel=1e-9)
+    kept = learned if rec["learned_val_rmse"] < rec["fixed_val_rmse"] else fixed
+    assert rec["kept"] == ("learned" if kept is learned else "fixed") and params is kept
+    # AMED has no learned grid: one final run
+    calls.clear()
+    _, rep = distill_auto(model, candidates=["poly7"], search_iterations=2, method="amed",
+                          amed_form="table", num_points=None, **kw)
+    assert rep["final"] == {"learn_grid": False} and len(calls) == 2
+    with pytest.raises(ValueError, match="learn_grid=... needs a final run"):
+        distill_auto(model, candidates=["poly7"], search_iterations=None, learn_grid=True,
+                     **TINY)

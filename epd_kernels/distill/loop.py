@@ -180,7 +180,7 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
             delta_max: Optional[float] = None, o_max: Optional[float] = None,
             max_failures: int = 5, pool: Optional[int] = DEFAULT_POOL, method: str = "epd",
             amed_form: str = "predictor", features=None, match: Optional[str] = None,
-            learn_grid: bool = False, **cond) -> Union[EPDParams, AMEDParams]:
+            learn_grid: Optional[bool] = None, **cond) -> Union[EPDParams, AMEDParams]:
     """Distils EPD-Solver / EPD-Plugin (or, with ``method="amed"``, AMED-Solver / AMED-Plugin)
     parameters for ``denoiser`` at latency ``nfe``.
 
@@ -226,7 +226,9 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
         learn_grid: EPD only: also learn the interior noise levels of the grid (the ends
             stay; `latent.LatentEPD`), starting from ``schedule``'s grid. The teacher's
             states at the moving student sigmas would change with every step, so the loss
-            compares final states only. The params carry the learned grid.
+            compares final states only. The params carry the learned grid. Default: on
+            for EPD with ``schedule="auto"`` (the searched grid is the start of the final
+            run; see `schedule_search`), off otherwise.
         init: starting `EPDParams` (same grid, K, afs, plugin; default `EPDParams.init`),
             or for AMED starting `AMEDParams` (same grid, afs, plugin, form; default the
             neutral `AMEDParams.init`).
@@ -321,8 +323,10 @@ def distill(denoiser: Callable, *, nfe: int, shape, num_points: Optional[int] = 
     sigmas = _resolve_sigmas(schedule, steps)
     rho = float(schedule.get("rho", 7.0)) if isinstance(schedule, dict) else 7.0
     loss_fn = mse_loss if loss is None else loss
+    if learn_grid is None:
+        learn_grid = False
     if not isinstance(learn_grid, bool):
-        raise ValueError(f"learn_grid must be True or False, got {learn_grid!r}")
+        raise ValueError(f"learn_grid must be True, False or None, got {learn_grid!r}")
     if match is None:
         match = "final" if learn_grid else "trajectory"
     if match not in MATCHES:

@@ -17,7 +17,9 @@
 
 ``--schedule`` picks the grid (a kind, or ``auto`` for the EPD / AMED grid search of
 `distill_auto`; with per-row labels its validation draws get labels ``row % classes``
-too); ``--fast`` applies `FAST_SETTINGS` beneath the options given explicitly.
+too); ``--learn-grid on|off`` (EPD) learns its interior sigmas too (default: on with
+``auto``, off otherwise); ``--fast`` applies `FAST_SETTINGS` beneath the options given
+explicitly.
 
 An option of one family given to another (``--num-points`` for AMED, ``--amed-form`` or
 ``--features`` for EPD or D-ODE, the training options for D-ODE) is a `UserError`.
@@ -51,12 +53,14 @@ def run_distill(args) -> int:
     _check_option_family(args, solver)
     if not trained:
         given = _given(args, ("num_points", "iterations", "lr", "checkpoint", "pool",
-                              "teacher_points", "fast"))
+                              "teacher_points", "fast", "learn_grid"))
         if given:
             raise UserError(f"{', '.join(given)} only apply to the EPD and AMED solvers; "
                             f"D-ODE ({solver}) is fitted in closed form")
     if solver in AMED_SOLVERS:
         _features(args)  # option errors before the model is loaded
+        if getattr(args, "learn_grid", None) is not None:
+            raise UserError("--learn-grid applies to the EPD solvers only (epd, epd-ipndm)")
     _check_schedule(args, trained)
     check_budget(solver, args.nfe)
     for name in ("num_points", "iterations", "batch_size"):
@@ -188,6 +192,8 @@ def _distill(args, solver, model, shape, label_mode, dist):
                 model, range(DEFAULT_VAL_SIZE), label_mode).to(args.device)}
     if args.schedule is not None:
         extra["schedule"] = args.schedule
+    if getattr(args, "learn_grid", None) is not None:
+        extra["learn_grid"] = args.learn_grid == "on"
     iterations = args.iterations or fast.get("iterations", DEFAULT_ITERATIONS)
     try:
         return distill(model, nfe=args.nfe, shape=shape, plugin=solver.endswith("-ipndm"),

@@ -24,7 +24,9 @@ For each model and NFE (3, 5, 7, 9; quick: the two Gaussian models at NFE 5):
 2. Distilled solvers (`DISTILLED`): EPD and EPD-Plugin through
    `epd_kernels.distill.schedule_search.distill_auto` (a short distillation per grid of
    `GRIDS`, the grid chosen on the search's own validation noise, then a full run on the
-   winner: what ``schedule="auto"`` does; the time covers all of it), plus one plain
+   winner and a run from that result which also learns the grid, the better of the two
+   on validation kept ("+ learned" in the tables): what ``schedule="auto"`` does; the
+   time covers all of it), plus one plain
    `distill` with the package defaults (polynomial rho = 7) for comparison (not on the
    U-Net: a run there costs minutes); D-ODE
    (d-euler, d-heun, d-ipndm) fitted in closed form on the default grid and on its base
@@ -239,7 +241,9 @@ def _fit_auto(problem, nfe, grid, *, plugin, method="epd"):
     wall, cpu = time.perf_counter(), time.process_time()
     if grid is None:
         params, rep = distill_auto(problem.model32, candidates=GRIDS, **search_kw, **kw)
-        info = {"grid": rep["chosen"], "search": {
+        learned = (rep.get("final") or {}).get("kept") == "learned"
+        info = {"grid": rep["chosen"] + (" + learned" if learned else ""),
+                "final": rep.get("final"), "search": {
             n: {"val_rmse": c["val_rmse"], "wall_s": c["wall_s"]}
             for n, c in rep["candidates"].items()}}
     else:

@@ -449,7 +449,14 @@ def test_schedule_auto_is_the_schedule_search():
     from epd_kernels.sampling import _resolve_sigmas
 
     grids = [_resolve_sigmas(c, 3) for c in DEFAULT_CANDIDATES.values()]
-    assert any(torch.allclose(p.sigmas, g.to(p.sigmas)) for g in grids), (p.sigmas, report)
+    chosen = _resolve_sigmas(DEFAULT_CANDIDATES[report["chosen"]], 3).to(p.sigmas)
+    if report["final"]["kept"] == "fixed":   # the searched grid, else learned from it
+        assert torch.allclose(p.sigmas, chosen), (p.sigmas, report)
+    else:
+        assert p.schedule == {"kind": "learned", "start": DEFAULT_CANDIDATES[report["chosen"]]}
+        assert p.sigmas[0] == chosen[0] and p.sigmas[-1] == chosen[-1]
+    q2 = distill(model, schedule="auto", learn_grid=False, **kw)
+    assert any(torch.allclose(q2.sigmas, g.to(p.sigmas)) for g in grids), (q2.sigmas, report)
     with pytest.raises(ValueError, match="init"):
         distill(model, schedule="auto", init=p, **kw)
 

@@ -254,14 +254,19 @@ def test_fast_settings_are_accepted_by_distill_auto_and_distill():
     """FAST_SETTINGS is a set of keyword arguments both entry points take as they are
     (a renamed option would otherwise fail only in the benchmark), and the search records
     its iteration count."""
-    from epd_kernels.distill.schedule_search import FAST_SETTINGS
+    from epd_kernels.distill.schedule_search import FAST_SETTINGS, SEARCH_OPTIONS
 
     model = gaussian()
     p = distill(model, nfe=3, shape=(8,), schedule="auto", progress=False, val_size=32,
                 **FAST_SETTINGS)
     assert p.meta["schedule_search"]["search_iterations"] == FAST_SETTINGS["search_iterations"]
-    assert p.meta["iterations"] == FAST_SETTINGS["iterations"]
+    # the final runs (fixed grid, then learned grid) take their own lengths
+    assert p.meta["iterations"] in (FAST_SETTINGS["final_iterations"],
+                                    FAST_SETTINGS["grid_iterations"])
     assert p.meta["M"] == FAST_SETTINGS["M"] and p.meta["pool"] == FAST_SETTINGS["pool"]
+    q = distill(model, nfe=3, shape=(8,), progress=False,
+                **{k: v for k, v in FAST_SETTINGS.items() if k not in SEARCH_OPTIONS})
+    assert q.meta["iterations"] == FAST_SETTINGS["iterations"]
 
 
 def test_distill_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(monkeypatch):

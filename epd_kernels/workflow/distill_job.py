@@ -172,6 +172,9 @@ def _distill(args, solver, model, shape, label_mode, dist):
     # only with --schedule auto.
     fast = dict(FAST_SETTINGS) if args.fast else {}
     search = {k: fast.pop(k) for k in SEARCH_OPTIONS if k in fast}
+    if args.iterations is not None:   # an explicit length is also the final runs' length
+        for k in ("final_iterations", "grid_iterations"):
+            search.pop(k, None)
     bs = args.batch_size or fast.get("batch_size", DEFAULT_BATCH_SIZE)
     pool = (_parse_pool(args.pool) if args.pool is not None
             else fast.get("pool", DEFAULT_POOL))

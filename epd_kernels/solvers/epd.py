@@ -45,8 +45,9 @@ When the parameter tensors (or x, or the denoiser's weights) require grad and au
 on, the sampler is differentiable end to end: r (through tau), lambda, delta and o, and
 through the denoiser. A ``sigmas`` tensor that requires grad makes it differentiable in the
 grid too (``distill(learn_grid=True)``): h, tau and the main-point noise levels are then
-taken from that tensor (its values must equal ``params.sigmas``). Otherwise the branch call runs without autograd on static buffers,
-captured in a CUDA graph on GPUs (see `epd_kernels.branches`).
+taken from that tensor (its values must equal ``params.sigmas``). Otherwise the branch
+call runs without autograd on static buffers, captured in a CUDA graph on GPUs (see
+`epd_kernels.branches`).
 """
 from __future__ import annotations
 

@@ -76,7 +76,8 @@ from .noise import row_seed
 
 __all__ = ["choose_schedule", "distill_auto", "DEFAULT_CANDIDATES", "VAL_SEED_BASE",
            "DEFAULT_VAL_SIZE", "DEFAULT_REFERENCE_STEPS", "DEFAULT_SEARCH_ITERATIONS", "AUTO_LR",
-           "FAST_SETTINGS", "SEARCH_OPTIONS", "LEARN_GRID_LR_SCALE", "validation_seeds", "training_seeds"]
+           "FAST_SETTINGS", "SEARCH_OPTIONS", "LEARN_GRID_LR_SCALE", "validation_seeds",
+           "training_seeds"]
 
 #: Grids tried by default, in order (the first wins ties). Each is the best for some model
 #: and NFE of the benchmark and 2.2-16x off the best for another (module docstring).
@@ -398,9 +399,8 @@ def distill_auto(denoiser: Callable, *, nfe: int, shape, plugin: bool = False,
             kw = dict(kwargs, iterations=iterations if final_iterations is None
                       else final_iterations)
             kw.setdefault("progress", False)
-            start = params
             params, report["final"] = _final_runs(
-                denoiser, score, start,
+                denoiser, score, params,
                 dict(nfe=nfe, shape=shape, plugin=plugin, schedule=schedule, **kw), final_kw,
                 grid_iterations)
     params.meta["schedule_search"] = {

@@ -243,3 +243,26 @@ def test_registry_errors(spec, match):
 def test_registry_kwargs_for_builtin_rejected():
     with pytest.raises(ValueError, match="keyword"):
         load_model("gaussian", dim=3)
+
+
+def test_exact_denoiser_integer_labels_match_one_hot_with_gradients(digits):
+    """The per-class path of integer labels against the masked one-hot path, values and
+    the gradient with respect to x and sigma (distillation backpropagates through it)."""
+    x, y = digits
+    D = DigitsExactDenoiser(x[:300], y[:300], batch_size=16)
+    g = torch.Generator().manual_seed(1)
+    cls = torch.randint(0, 10, (37,), generator=g)           # odd count, shuffled classes
+    xt = torch.randn((37, 1, 8, 8), generator=g, dtype=torch.float64) * 2
+    sig = torch.rand(37, generator=g, dtype=torch.float64) * 3 + 0.1
+    outs = []
+    for labels in (cls, torch.nn.functional.one_hot(cls, 10).double()):
+        xi, si = xt.clone().requires_grad_(), sig.clone().requires_grad_()
+        out = D(xi, si, class_labels=labels)
+        (out * torch.linspace(-1, 1, 64, dtype=torch.float64).reshape(1, 1, 8, 8)).sum().backward()
+        outs.append((out.detach(), xi.grad, si.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # a label-free class in the data set is refused with the argument's name
+    with pytest.raises(ValueError, match="class has no image"):
+        DigitsExactDenoiser(x[:20], torch.zeros(20, dtype=torch.long))(xt[:2], 1.0,
+                                                                      class_labels=torch.tensor([0, 3]))

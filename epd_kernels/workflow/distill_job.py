@@ -12,7 +12,7 @@
   gradients are averaged, so W processes with batch b train exactly like one with batch
   W b; only rank 0 writes.
 * ``d-euler``, ``d-heun``, ``d-ipndm``: `fit_dode` (closed-form least squares against a
-  10x-step Heun teacher on ``--batch-size`` samples, default 128, then the joint
+  10x-step Heun teacher on ``--batch-size`` samples, default 512, then the joint
   refinement on the final state); computed by rank 0.
 
 ``--schedule`` picks the grid (a kind, or ``auto`` for the EPD / AMED grid search of
@@ -220,9 +220,9 @@ def _parse_pool(text):
 
 
 def _fit_dode(args, solver, model, shape, label_mode):
-    from ..dode_fit import fit_dode
+    from ..dode_fit import DEFAULT_FIT_BATCH, fit_dode
 
-    bs = args.batch_size or 128
+    bs = args.batch_size or DEFAULT_FIT_BATCH
     cond = {}
     labels = class_labels_for(model, range(bs), label_mode)
     if labels is not None:

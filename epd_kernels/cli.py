@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None,
                    help="EPD / AMED iterations (default 300)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="batch per process (EPD / AMED, default 32) or fitting batch (D-ODE, "
+                   help="batch per process (EPD / AMED, default 64) or fitting batch (D-ODE, "
                         "default 512)")
     p.add_argument("--lr", type=float, default=None,
                    help="EPD / AMED learning rate (default 0.05; the AMED predictor's weights "

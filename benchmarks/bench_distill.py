@@ -307,9 +307,9 @@ DISTILLED: Tuple[Distilled, ...] = (
 class _Data:
     """Held-out noise, its reference and the metrics for one problem."""
 
-    def __init__(self, problem: Problem, n_test: int):
+    def __init__(self, problem: Problem, n_test: int, first_seed: int = TEST_SEED):
         self.p = problem
-        seeds = range(TEST_SEED, TEST_SEED + n_test)
+        seeds = range(first_seed, first_seed + n_test)
         self.noise = make_noise(seeds, problem.model.shape, dtype=problem.dtype)
         self.cond = problem.cond(seeds)
         t0 = time.perf_counter()
@@ -428,8 +428,10 @@ def run(quick: bool, out_dir: pathlib.Path, *, nfes: Optional[Sequence[int]] = N
     return out
 
 
-def _one_nfe(data, nfe, cfg, baselines, params_dir, mname, say) -> dict:
-    rec = {"baselines": {}, "distilled": {}}
+def baseline_results(data, nfe, baselines) -> dict:
+    """{"baselines": {solver: {grid: evaluation or {"error"}}}, "best_baseline": the row
+    with the lowest test RMSE over every solver and grid}."""
+    rec = {"baselines": {}}
     for solver in baselines:
         row = {}
         for g, spec in GRIDS.items():
@@ -438,9 +440,18 @@ def _one_nfe(data, nfe, cfg, baselines, params_dir, mname, say) -> dict:
             except ValueError as e:  # e.g. an NFE budget this solver cannot meet
                 row[g] = {"error": str(e).split(";")[0]}
         rec["baselines"][solver] = row
-    valid = [dict(r, solver=s, grid=g) for s, row in rec["baselines"].items()
-             for g, r in row.items() if "rmse" in r]
-    rec["best_baseline"] = min(valid, key=lambda v: v["rmse"])
+    rec["best_baseline"] = min(valid_baselines(rec), key=lambda v: v["rmse"])
+    return rec
+
+
+def valid_baselines(rec) -> list:
+    """Every evaluated (solver, grid) of ``rec["baselines"]`` as flat rows."""
+    return [dict(r, solver=s, grid=g) for s, row in rec["baselines"].items()
+            for g, r in row.items() if "rmse" in r]
+
+
+def _one_nfe(data, nfe, cfg, baselines, params_dir, mname, say) -> dict:
+    rec = dict(baseline_results(data, nfe, baselines), distilled={})
     b = rec["best_baseline"]
     say(f"{mname} NFE {nfe}: best baseline {b['solver']}/{b['grid']} {b['rmse']:.4g} "
         f"({b['total_evals']:g} evals)")
@@ -475,8 +486,7 @@ def _bar_checks(rec, nfe, d: Distilled):
     runs, checks = e["runs"], []
     if d.must_beat == EVERY:
         r = runs["auto"]
-        valid = [dict(v, solver=s, grid=g) for s, row in rec["baselines"].items()
-                 for g, v in row.items() if "rmse" in v]
+        valid = valid_baselines(rec)
         same_cost = [v for v in valid if v["total_evals"] <= r["total_evals"]]
         for ref, label in ((min(valid, key=lambda v: v["rmse"]), "every baseline"),
                            (min(same_cost, key=lambda v: v["rmse"], default=None),

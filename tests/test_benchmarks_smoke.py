@@ -421,3 +421,61 @@ def test_distill_section_conditions_the_digits_models_on_seed_labels():
     assert got["rmse"] == pytest.approx(data.rmse(euler, ref), rel=1e-12)
     assert torch.equal(problem.cond(range(3))["class_labels"], torch.tensor([0, 1, 2]))
     assert bench.MODELS["gaussian64"]().cond(range(3)) == {}
+
+
+def test_capacity_section_smoke(tmp_path, monkeypatch, run_mod):
+    """The capacity section on the mixture with tiny settings: JSON keys, one oracle row per
+    variant, the table's ratio and verdict recomputed from the stored RMSEs."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    bd = importlib.import_module("benchmarks.bench_distill")
+    cap = importlib.import_module("benchmarks.bench_capacity")
+    monkeypatch.setattr(cap, "QUICK", dict(models=("mixture64",), test=32, train=32,
+                                           iterations=3))
+    monkeypatch.setattr(bd, "DISTILL_KW", dict(iterations=3, M=2, pool=32, batch_size=8))
+    monkeypatch.setattr(bd, "SEARCH_KW", dict(search_iterations=2, val_size=16,
+                                              reference_steps=16))
+    data = cap.run(True, tmp_path, verbose=False)
+    on_disk = json.loads((tmp_path / "capacity.json").read_text())
+    for key in ("section", "config", "variants", "results", "tables", "notes", "elapsed_s"):
+        assert key in data and key in on_disk, key
+    rec = data["results"]["mixture64"]
+    assert set(rec["oracle"]) == set(cap.VARIANTS)
+    for name, o in rec["oracle"].items():
+        assert _pos(o["rmse"]) and o["num_points"] == cap.VARIANTS[name][0], name
+    row = data["tables"][0]["rows"][0]
+    fair = min(o["rmse"] for o in rec["oracle"].values() if not o["in_sample"])
+    best = rec["best_baseline"]["rmse"]
+    assert row["best ref-trained / best baseline"] == f"{fair / best:.3f}"
+    assert row["0.6x reached"] == ("yes" if fair <= cap.RATIO_BAR * best else "no")
+    text = run_mod.render_text("capacity", data)
+    assert "mixture64" in text and "0.6x reached" in text
+
+
+def test_capacity_oracle_fit_lowers_the_error_it_is_trained_on():
+    """`oracle_fit` on the test draws themselves must lower their final error (the form and
+    the optimiser work); `widen` splits each point in two with the weights shared."""
+    import torch
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    bd = importlib.import_module("benchmarks.bench_distill")
+    cap = importlib.import_module("benchmarks.bench_capacity")
+    from epd_kernels import distill
+
+    problem = bd.MODELS["mixture64"]()
+    data = bd._Data(problem, 48)
+    start = distill(problem.model32, nfe=5, shape=tuple(problem.model32.shape), iterations=5,
+                    batch_size=8, pool=32, M=2, progress=False)
+    before = data.evaluate("epd", params=start)["rmse"]
+    wide = cap.widen(start, 4)    # each point split in two around it, weights halved
+    assert wide.num_points == 4
+    pairs = lambda t: t.to(torch.float64).reshape(*t.shape[:-1], 2, 2)  # noqa: E731
+    torch.testing.assert_close(pairs(wide.weights).sum(-1), start.weights.to(torch.float64))
+    r0 = start.r.to(torch.float64)
+    inside = (r0 > 0.06) & (r0 < 0.94)        # no clamping at (0.01, 0.99) there
+    torch.testing.assert_close(pairs(wide.r).mean(-1)[inside], r0[inside], rtol=0, atol=1e-6)
+    torch.testing.assert_close(pairs(wide.delta)[..., 0], start.delta.to(torch.float64))
+    fitted, secs = cap.oracle_fit(problem, data, start, bound_scale=1.0, iterations=40,
+                                  batch=48, lr=0.03)
+    assert secs > 0 and data.evaluate("epd", params=fitted)["rmse"] < 0.9 * before

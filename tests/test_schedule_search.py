@@ -257,8 +257,8 @@ def test_fast_settings_are_accepted_by_distill_auto_and_distill():
     from epd_kernels.distill.schedule_search import FAST_SETTINGS, SEARCH_OPTIONS
 
     model = gaussian()
-    p = distill(model, nfe=3, shape=(8,), schedule="auto", progress=False, val_size=32,
-                **FAST_SETTINGS)
+    p = distill(model, nfe=3, shape=(8,), schedule="auto", progress=False, **FAST_SETTINGS)
+    assert p.meta["schedule_search"]["validation"]["size"] == FAST_SETTINGS["val_size"]
     assert p.meta["schedule_search"]["search_iterations"] == FAST_SETTINGS["search_iterations"]
     # the final runs (fixed grid, then learned grid) take their own lengths
     assert p.meta["iterations"] in (FAST_SETTINGS["final_iterations"],

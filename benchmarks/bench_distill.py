@@ -591,7 +591,9 @@ def _notes(results, bars, refs, cfg):
                  f"({DEFAULT_SEARCH_ITERATIONS} iterations per grid of {', '.join(GRIDS)}; the "
                  f"grid with the lowest RMSE to a UniPC-{DEFAULT_REFERENCE_STEPS} reference on "
                  f"{DEFAULT_VAL_SIZE} validation draws (seeds 3 2^40 + i) wins and is distilled "
-                 f"for {DEFAULT_ITERATIONS} iterations from its search parameters; lr {AUTO_LR}). "
+                 f"for {DEFAULT_ITERATIONS} iterations from its search parameters; lr {AUTO_LR}, "
+                 f"batch {DISTILL_KW.get('batch_size', DEFAULT_BATCH_SIZE)}, pool of "
+                 f"{DISTILL_KW.get('pool', DEFAULT_POOL)} draws). "
                  f"The wall time covers the search. 'plain': `distill` with the package "
                  f"defaults (grid {DEFAULT_GRID}, lr {DEFAULT_LR}). Settings 'fast' (the "
                  f"U-Net, whose evaluations cost milliseconds): "
@@ -602,7 +604,8 @@ def _notes(results, bars, refs, cfg):
                  "benchmark and the demo.")
     notes.append("Baselines: the best is the lowest TEST RMSE over every solver and grid, "
                  "a stricter opponent than a validation choice. D-ODE: fitted in closed "
-                 "form (batch 128, Heun teacher with 10x steps) and refined jointly on the "
+                 f"form (batch {DODE_KW.get('batch_size', DEFAULT_FIT_BATCH)}, Heun teacher "
+                 "with 10x steps) and refined jointly on the "
                  "final state (`fit_dode` defaults) on the same grid as the base solver it is "
                  "compared with.")
     flips = []

@@ -392,6 +392,9 @@ def test_distill_section_smoke(tmp_path, monkeypatch, run_mod):
     for t in data["tables"]:
         assert all(len(r) == len(t["columns"]) for r in t["rows"]), t["title"]
     assert "bars PASS" in data["notes"][0]
+    # the notes state the settings the run used, not remembered ones
+    assert "batch 8, pool of 32 draws" in data["notes"][2]
+    assert "form (batch 16," in data["notes"][4]
     text = run_mod.render_text("distill", data)
     assert "EPD (auto grid)" in text and "D-iPNDM" in text
 

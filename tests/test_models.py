@@ -262,6 +262,9 @@ def test_exact_denoiser_integer_labels_match_one_hot_with_gradients(digits):
         outs.append((out.detach(), xi.grad, si.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # an empty batch gives an empty result on both paths
+    for labels in (None, cls[:0]):
+        assert D(xt[:0], sig[:0], class_labels=labels).shape == (0, 1, 8, 8)
     # a label-free class in the data set is refused with the argument's name
     with pytest.raises(ValueError, match="class has no image"):
         DigitsExactDenoiser(x[:20], torch.zeros(20, dtype=torch.long))(xt[:2], 1.0,

@@ -140,7 +140,7 @@ class DigitsExactDenoiser(nn.Module):
                 logits = logits + logp[a:b]
             w = torch.exp(logits - logits.amax(dim=1, keepdim=True))
             out.append((w @ Y) / w.sum(dim=1, keepdim=True))
-        return torch.cat(out) if len(out) > 1 else out[0]
+        return torch.cat(out) if out else xf[:0].clone()   # (no rows: an empty batch)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **unused) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.shape:
@@ -156,10 +156,11 @@ class DigitsExactDenoiser(nn.Module):
         Y = self.data.to(device=dev, dtype=dt)
         y2 = self.sqnorm.to(device=dev, dtype=dt)
         mu = self.mean.to(device=dev, dtype=dt)
-        xf = x.reshape(B, -1) - mu
+        xf = x.reshape(B, Y.shape[1]) - mu
         lab = self._int_labels(class_labels, B, dev)
-        if lab is None:
-            logp = None if class_labels is None else self._log_weights(class_labels, B, dev, dt)
+        if lab is None or B == 0:
+            float_weights = class_labels is not None and lab is None
+            logp = self._log_weights(class_labels, B, dev, dt) if float_weights else None
             out = self._posterior_mean(xf, s, Y, y2, logp)
         else:
             # An integer label gives the other classes' images weight exactly 0, so each

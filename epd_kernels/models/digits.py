@@ -88,6 +88,9 @@ class DigitsExactDenoiser(nn.Module):
             if labels.shape[0] != flat.shape[0]:
                 raise ValueError("labels must have one entry per image")
         self.register_buffer("labels", labels)
+        # Image indices of each class, found once: every conditional call uses them.
+        self._class_images = (None if labels is None else
+                              [(labels == c).nonzero().squeeze(1) for c in range(NUM_CLASSES)])
         self.batch_size = int(batch_size)
 
     @property
@@ -115,8 +118,7 @@ class DigitsExactDenoiser(nn.Module):
             raise ValueError(f"integer class_labels must be [B]={B}, got {list(lab.shape)}")
         if (lab < 0).any() or (lab >= NUM_CLASSES).any():
             raise ValueError(f"class_labels must be in 0..{NUM_CLASSES - 1}")
-        present = torch.bincount(self.labels, minlength=NUM_CLASSES).to(device) > 0
-        if not present[lab].all():
+        if any(len(self._class_images[c]) == 0 for c in torch.unique(lab).tolist()):
             raise ValueError("a requested class has no image in this data set")
         return lab.long()
 
@@ -140,7 +142,7 @@ class DigitsExactDenoiser(nn.Module):
                 logits = logits + logp[a:b]
             w = torch.exp(logits - logits.amax(dim=1, keepdim=True))
             out.append((w @ Y) / w.sum(dim=1, keepdim=True))
-        return torch.cat(out) if out else xf[:0].clone()   # (no rows: an empty batch)
+        return torch.cat(out)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **unused) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.shape:
@@ -158,23 +160,21 @@ class DigitsExactDenoiser(nn.Module):
         mu = self.mean.to(device=dev, dtype=dt)
         xf = x.reshape(B, Y.shape[1]) - mu
         lab = self._int_labels(class_labels, B, dev)
-        if lab is None or B == 0:
-            float_weights = class_labels is not None and lab is None
-            logp = self._log_weights(class_labels, B, dev, dt) if float_weights else None
+        if B == 0:
+            out = xf.clone()
+        elif lab is None:
+            logp = None if class_labels is None else self._log_weights(class_labels, B, dev, dt)
             out = self._posterior_mean(xf, s, Y, y2, logp)
         else:
             # An integer label gives the other classes' images weight exactly 0, so each
             # class's rows are computed against that class's images only: about 10x less
-            # work than masking the full [B, N] matrix, and the same sums.
-            img_lab = self.labels.to(dev)
-            parts, rows = [], []
+            # work than masking the full [B, N] matrix, and the same sums. (index_copy
+            # out of place keeps the result differentiable.)
+            out = torch.zeros_like(xf)
             for c in torch.unique(lab).tolist():
                 r = (lab == c).nonzero().squeeze(1)
-                keep = (img_lab == c).nonzero().squeeze(1)
-                parts.append(self._posterior_mean(xf[r], s[r], Y[keep], y2[keep]))
-                rows.append(r)
-            order = torch.cat(rows)
-            out = torch.cat(parts)[torch.argsort(order)]
+                keep = self._class_images[c].to(dev)
+                out = out.index_copy(0, r, self._posterior_mean(xf[r], s[r], Y[keep], y2[keep]))
         return (out + mu).reshape(x.shape)
 
     # ----------------------------------------------------------------------------------

@@ -191,8 +191,9 @@ def _distill(args, solver, model, shape, label_mode, dist):
     if auto:
         extra.update(search)
         if labels is not None and label_mode == "seed":   # labels of the validation draws
+            val_rows = range(search.get("val_size", DEFAULT_VAL_SIZE))
             extra["val_cond"] = {"class_labels": class_labels_for(
-                model, range(search.get("val_size", DEFAULT_VAL_SIZE)), label_mode).to(args.device)}
+                model, val_rows, label_mode).to(args.device)}
     if args.schedule is not None:
         extra["schedule"] = args.schedule
     if getattr(args, "learn_grid", None) is not None:

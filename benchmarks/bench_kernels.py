@@ -49,6 +49,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks.plot` importable
     sys.path.append(str(pathlib.Path(__file__).resolve().parent.parent))
 
+from benchmarks import heap_probe  # noqa: E402
 from benchmarks.plot import line_panels, size_label  # noqa: E402
 from epd_kernels import epd_step  # noqa: E402
 
@@ -59,6 +60,9 @@ IMPLS = ("fused", "eager", "compile")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 BATCH = 4
+#: Elements of the allocation probe (`heap_probe`, full CPU runs): the largest size, where
+#: each output (64 MB in fp32) is above glibc's mmap threshold.
+HEAP_PROBE_N = 16 * MI
 
 # select_n: size at which the eager forms are raced (the largest run size <= select_n).
 FULL = dict(sizes=[64 * KI, 256 * KI, 1 * MI, 4 * MI, 16 * MI], ks=[2, 3, 4],
@@ -631,6 +635,13 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
                  f"clone (alloc + copy) {bw_start['clone_gbps']:.2f}; read-only sum "
                  f"{bw_start['read_gbps']:.2f}. '%copy' uses the copy_ timed interleaved in the "
                  "same row")
+    heap = None
+    if dev.type == "cpu" and not quick:   # full runs only: two child processes, ~1 min
+        say("allocation probe (child processes)")
+        heap = heap_probe.probe(HEAP_PROBE_N, (2, 3, 4), threads=torch.get_num_threads(),
+                                backend=backend_name)
+        notes.append(heap_probe.note(heap, HEAP_PROBE_N))
+        say(notes[-1])
     notes.append("GB/s = byte floor / median time; floors: forward (K+2)*N*itemsize, "
                  "backward (2K+1)*N*itemsize; 'x eager' / 'x compile' = their median time / "
                  "fused median time (> 1: fused is faster)")
@@ -666,6 +677,7 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
         params=dict(repeats=p["repeats"], warmup=p["warmup"], min_sample_s=p["min_sample_s"],
                     impls=impls, configs=[list(c) for c in configs]),
         bandwidth=dict(start=bw_start, end=bw_end, copy_gbps=copy_ref),
+        allocation_probe=heap,
         eager_forms=eager_forms,
         eager_form_text=EAGER_FORM_TEXT,
         compile_form=COMPILE_FORM,

@@ -489,3 +489,29 @@ def test_capacity_oracle_fit_lowers_the_error_it_is_trained_on():
     fitted, secs = cap.oracle_fit(problem, data, start, bound_scale=1.0, iterations=40,
                                   batch=48, lr=0.03)
     assert secs > 0 and data.evaluate("epd", params=fitted)["rmse"] < 0.9 * before
+
+
+def test_heap_probe_children_get_their_allocator_settings():
+    """The allocation probe times each glibc setting in its own child process: the child
+    sees exactly its environment (none of the MALLOC_ variables by default), times the fused
+    forward with the asked-for backend, and its figures are consistent."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    hp = importlib.import_module("benchmarks.heap_probe")
+    assert hp.note(None, 2 ** 20).startswith("allocation probe: not run")
+    if not hp.is_glibc():
+        pytest.skip("the probe sets glibc malloc variables; this C library is not glibc")
+    res = hp.probe(2 ** 16, (2, 3), repeats=2, threads=1, backend="reference")
+    assert list(res) == list(hp.SETTINGS)
+    assert res["glibc default"]["env"] == {k: None for k in hp.HEAP_ENV}
+    assert res["freed blocks kept"]["env"] == hp.HEAP_ENV
+    for r in res.values():
+        assert r["backend"] == "reference" and r["threads"] == 1
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("copy_gbps", "clone_gbps"))
+        assert list(r["fused"]) == ["2", "3"]
+        for K, f in r["fused"].items():
+            assert f["median_s"] > 0
+            assert f["gbps"] == pytest.approx((int(K) + 2) * 2 ** 16 * 4 / f["median_s"] / 1e9)
+            assert f["pct_copy"] == pytest.approx(100 * f["gbps"] / r["copy_gbps"])
+    line = hp.note(res, 2 ** 16)
+    assert "glibc default: clone" in line and "freed blocks kept: clone" in line

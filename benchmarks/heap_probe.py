@@ -1,0 +1,114 @@
+"""Allocation probe: how much of a large CPU kernel call is the allocator's, not the kernel's.
+
+Every fused forward returns a fresh output tensor. glibc serves a block above its mmap
+threshold (32 MiB at most while the threshold adjusts itself) with a new mmap and unmaps it
+on free, so a 64 MB output is page-faulted in again on every call, and eager PyTorch and
+torch.compile pay the same. With ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
+both set high (`HEAP_ENV`), freed blocks stay in the heap and the next output reuses pages
+that are already resident. (Either one alone changed nothing in a 64 MB clone loop on
+glibc 2.36: the heap's top was trimmed back, or the block was still mmapped.)
+
+glibc reads these variables once at process start, so each setting is timed in its own
+child process with the parent's thread count: copy_ into an existing buffer (the
+bandwidth ceiling), clone (allocate + copy), and the fused forward at each K.
+
+    probe(n=16 * 2**20, ks=(2, 3, 4)) -> {"glibc default": {...}, "freed blocks kept": {...}}
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+from typing import Optional, Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+#: Both thresholds at 4 GiB: no block of these sizes is mmapped, and free never trims.
+HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 * 2 ** 30), "MALLOC_TRIM_THRESHOLD_": str(4 * 2 ** 30)}
+SETTINGS = {"glibc default": {}, "freed blocks kept": HEAP_ENV}
+
+_CHILD = """
+import json, sys
+sys.path.append({root!r})
+from benchmarks.heap_probe import measure
+print(json.dumps(measure({n}, {ks!r}, {repeats}, {threads})))
+"""
+
+
+def is_glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def measure(n: int, ks: Sequence[int], repeats: int, threads: int) -> dict:
+    """In this process: GB/s of copy_, clone and the fused forward (fp32, n elements)."""
+    import torch
+
+    from benchmarks.bench_kernels import Timer, _inputs, bench_interleaved, fused_step
+
+    torch.set_num_threads(threads)
+    timer = Timer(torch.device("cpu"))
+    src = torch.full((n,), 1.5)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    fns = {"copy": lambda: dst.copy_(src), "clone": lambda: src.clone()}
+    inputs = {}
+    for K in ks:
+        _, x, g, w, h, o, _ = _inputs(torch.float32, K, n, torch.device("cpu"))
+        inputs[K] = (x, g, w, h, o)
+        fns[f"fused K={K}"] = (lambda a=inputs[K]: fused_step(*a))
+    st = bench_interleaved(timer, fns, repeats=repeats, warmup=2, min_sample_s=0.02)
+    copy_gbps = 2 * n * 4 / st["copy"]["median_s"] / 1e9
+    from epd_kernels import backends
+
+    out = {"env": {k: os.environ.get(k) for k in HEAP_ENV}, "threads": threads,
+           "backend": backends.for_device(torch.device("cpu")).name,
+           "copy_gbps": copy_gbps, "clone_gbps": 2 * n * 4 / st["clone"]["median_s"] / 1e9,
+           "fused": {}}
+    for K in ks:
+        med = st[f"fused K={K}"]["median_s"]
+        gbps = (K + 2) * n * 4 / med / 1e9          # the forward's byte floor, as bench_kernels
+        out["fused"][str(K)] = {"median_s": med, "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps}
+    return out
+
+
+def probe(n: int = 16 * 2 ** 20, ks: Sequence[int] = (2, 3, 4), *, repeats: int = 7,
+          threads: Optional[int] = None, backend: Optional[str] = None,
+          timeout_s: float = 900) -> Optional[dict]:
+    """`measure` in one child process per entry of `SETTINGS` (``backend``: the fused op's
+    backend there, via EPD_KERNELS_BACKEND); None where glibc is absent."""
+    if not is_glibc():
+        return None
+    if threads is None:
+        import torch
+        threads = torch.get_num_threads()
+    code = _CHILD.format(root=str(ROOT), n=int(n), ks=tuple(int(k) for k in ks),
+                         repeats=int(repeats), threads=int(threads))
+    results = {}
+    for label, extra in SETTINGS.items():
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env.update(extra)
+        if backend is not None:
+            env["EPD_KERNELS_BACKEND"] = backend
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            raise RuntimeError(f"heap probe child ({label}) failed with code {proc.returncode}:"
+                               f"\n{proc.stderr[-2000:]}")
+        results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def note(results: Optional[dict], n: int) -> str:
+    """One line for the kernels section's notes."""
+    if results is None:
+        return "allocation probe: not run (needs glibc on Linux)"
+    parts = []
+    for label, r in results.items():
+        fused = " / ".join(f"{v['pct_copy']:.0f}%" for v in r["fused"].values())
+        parts.append(f"{label}: clone {r['clone_gbps']:.1f} GB/s (copy_ {r['copy_gbps']:.1f}), "
+                     f"fused forward K={'/'.join(r['fused'])} {fused} of copy")
+    env = " ".join(f"{k}={v}" for k, v in HEAP_ENV.items())
+    return (f"allocation probe (fp32, N={n // 2 ** 20}M, one child process per setting; "
+            f"'freed blocks kept' = {env}, see benchmarks/heap_probe.py): " + "; ".join(parts))

@@ -10,7 +10,8 @@ glibc 2.36: the heap's top was trimmed back, or the block was still mmapped.)
 
 glibc reads these variables once at process start, so each setting is timed in its own
 child process with the parent's thread count: copy_ into an existing buffer (the
-bandwidth ceiling), clone (allocate + copy), and the fused forward at each K.
+bandwidth ceiling), clone (allocate + copy), and the fused forward and its backward (which
+allocates fresh gradients of (K + 1) N elements) at each K.
 
     probe(n=16 * 2**20, ks=(2, 3, 4)) -> {"glibc default": {...}, "freed blocks kept": {...}}
 """
@@ -53,11 +54,14 @@ def measure(n: int, ks: Sequence[int], repeats: int, threads: int) -> dict:
     dst = torch.empty_like(src)
     dst.copy_(src)
     fns = {"copy": lambda: dst.copy_(src), "clone": lambda: src.clone()}
-    inputs = {}
     for K in ks:
-        _, x, g, w, h, o, _ = _inputs(torch.float32, K, n, torch.device("cpu"))
-        inputs[K] = (x, g, w, h, o)
-        fns[f"fused K={K}"] = (lambda a=inputs[K]: fused_step(*a))
+        _, x, g, w, h, o, gy = _inputs(torch.float32, K, n, torch.device("cpu"))
+        fns[f"fused K={K}"] = (lambda a=(x, g, w, h, o): fused_step(*a))
+        # backward as bench_kernels times it: autograd.grad on a graph built once
+        leaves = tuple(t.clone().requires_grad_() for t in (x, g, w, h, o))
+        y = fused_step(*leaves)
+        fns[f"backward K={K}"] = (lambda y=y, leaves=leaves, gy=gy:
+                                  torch.autograd.grad(y, leaves, gy, retain_graph=True))
     st = bench_interleaved(timer, fns, repeats=repeats, warmup=2, min_sample_s=0.02)
     copy_gbps = 2 * n * 4 / st["copy"]["median_s"] / 1e9
     from epd_kernels import backends
@@ -65,11 +69,13 @@ def measure(n: int, ks: Sequence[int], repeats: int, threads: int) -> dict:
     out = {"env": {k: os.environ.get(k) for k in HEAP_ENV}, "threads": threads,
            "backend": backends.for_device(torch.device("cpu")).name,
            "copy_gbps": copy_gbps, "clone_gbps": 2 * n * 4 / st["clone"]["median_s"] / 1e9,
-           "fused": {}}
-    for K in ks:
-        med = st[f"fused K={K}"]["median_s"]
-        gbps = (K + 2) * n * 4 / med / 1e9          # the forward's byte floor, as bench_kernels
-        out["fused"][str(K)] = {"median_s": med, "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps}
+           "fused": {}, "backward": {}}
+    for K in ks:   # byte floors as in bench_kernels: forward (K+2) N, backward (2K+1) N
+        for kind, floor in (("fused", K + 2), ("backward", 2 * K + 1)):
+            med = st[f"{kind} K={K}"]["median_s"]
+            gbps = floor * n * 4 / med / 1e9
+            out[kind][str(K)] = {"median_s": med, "gbps": gbps,
+                                 "pct_copy": 100 * gbps / copy_gbps}
     return out
 
 
@@ -106,9 +112,11 @@ def note(results: Optional[dict], n: int) -> str:
         return "allocation probe: not run (needs glibc on Linux)"
     parts = []
     for label, r in results.items():
-        fused = " / ".join(f"{v['pct_copy']:.0f}%" for v in r["fused"].values())
+        pct = {kind: " / ".join(f"{v['pct_copy']:.0f}%" for v in r[kind].values())
+               for kind in ("fused", "backward")}
         parts.append(f"{label}: clone {r['clone_gbps']:.1f} GB/s (copy_ {r['copy_gbps']:.1f}), "
-                     f"fused forward K={'/'.join(r['fused'])} {fused} of copy")
+                     f"fused forward K={'/'.join(r['fused'])} {pct['fused']}, backward "
+                     f"{pct['backward']} of copy")
     env = " ".join(f"{k}={v}" for k, v in HEAP_ENV.items())
     return (f"allocation probe (fp32, N={n // 2 ** 20}M, one child process per setting; "
             f"'freed blocks kept' = {env}, see benchmarks/heap_probe.py): " + "; ".join(parts))

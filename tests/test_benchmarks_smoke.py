@@ -508,10 +508,12 @@ def test_heap_probe_children_get_their_allocator_settings():
     for r in res.values():
         assert r["backend"] == "reference" and r["threads"] == 1
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("copy_gbps", "clone_gbps"))
-        assert list(r["fused"]) == ["2", "3"]
-        for K, f in r["fused"].items():
-            assert f["median_s"] > 0
-            assert f["gbps"] == pytest.approx((int(K) + 2) * 2 ** 16 * 4 / f["median_s"] / 1e9)
-            assert f["pct_copy"] == pytest.approx(100 * f["gbps"] / r["copy_gbps"])
+        for kind, floor in (("fused", lambda K: K + 2), ("backward", lambda K: 2 * K + 1)):
+            assert list(r[kind]) == ["2", "3"], kind
+            for K, f in r[kind].items():
+                assert f["median_s"] > 0
+                assert f["gbps"] == pytest.approx(floor(int(K)) * 2 ** 16 * 4
+                                                  / f["median_s"] / 1e9)
+                assert f["pct_copy"] == pytest.approx(100 * f["gbps"] / r["copy_gbps"])
     line = hp.note(res, 2 ** 16)
     assert "glibc default: clone" in line and "freed blocks kept: clone" in line

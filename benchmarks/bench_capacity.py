@@ -182,8 +182,9 @@ def run(quick: bool, out_dir: pathlib.Path, *, models: Optional[Sequence[str]] =
                     begin, _ = bd._fit_auto(problem, NFE, grid, plugin=False)
                     p, secs = oracle_fit(problem, train, begin, bound_scale=1.0, **fit)
                     o = data.evaluate("epd", params=p)
+                    before = data.evaluate("epd", params=begin)["rmse"]
                     rec["starts"][grid] = dict(o, wall_s=secs, sigmas=p.sigmas.tolist(),
-                                               start_rmse=data.evaluate("epd", params=begin)["rmse"])
+                                               start_rmse=before)
                     say(f"{mname}: oracle K=2 from plain {grid}: test {o['rmse']:.4g} "
                         f"({secs:.0f} s)")
                 results[mname] = rec

@@ -636,7 +636,8 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
                  f"{bw_start['read_gbps']:.2f}. '%copy' uses the copy_ timed interleaved in the "
                  "same row")
     heap = None
-    if dev.type == "cpu" and not quick:   # full runs only: two child processes, ~1 min
+    # Runs that reach the probe's size only (full CPU runs): two child processes, ~30 s.
+    if dev.type == "cpu" and not quick and max(N for _, _, N in configs) >= HEAP_PROBE_N:
         say("allocation probe (child processes)")
         heap = heap_probe.probe(HEAP_PROBE_N, (2, 3, 4), threads=torch.get_num_threads(),
                                 backend=backend_name)

@@ -30,8 +30,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 * 2 ** 30), "MALLOC_TRIM_THRESHOLD_": str(4 * 2 ** 30)}
 SETTINGS = {"glibc default": {}, "freed blocks kept": HEAP_ENV}
 
+# The child imports the parent's epd_kernels (its directory goes first on sys.path: with
+# ``python -c`` the working directory, possibly a source tree without the built extension,
+# would otherwise come first) and this file's ``benchmarks`` package.
 _CHILD = """
 import json, sys
+sys.path.insert(0, {pkg_root!r})
 sys.path.append({root!r})
 from benchmarks.heap_probe import measure
 print(json.dumps(measure({n}, {ks!r}, {repeats}, {threads})))
@@ -64,9 +68,11 @@ def measure(n: int, ks: Sequence[int], repeats: int, threads: int) -> dict:
                                   torch.autograd.grad(y, leaves, gy, retain_graph=True))
     st = bench_interleaved(timer, fns, repeats=repeats, warmup=2, min_sample_s=0.02)
     copy_gbps = 2 * n * 4 / st["copy"]["median_s"] / 1e9
+    import epd_kernels
     from epd_kernels import backends
 
     out = {"env": {k: os.environ.get(k) for k in HEAP_ENV}, "threads": threads,
+           "epd_kernels": str(pathlib.Path(epd_kernels.__file__).resolve()),
            "backend": backends.for_device(torch.device("cpu")).name,
            "copy_gbps": copy_gbps, "clone_gbps": 2 * n * 4 / st["clone"]["median_s"] / 1e9,
            "fused": {}, "backward": {}}
@@ -86,11 +92,15 @@ def probe(n: int = 16 * 2 ** 20, ks: Sequence[int] = (2, 3, 4), *, repeats: int 
     backend there, via EPD_KERNELS_BACKEND); None where glibc is absent."""
     if not is_glibc():
         return None
+    import epd_kernels
+    import torch
+
     if threads is None:
-        import torch
         threads = torch.get_num_threads()
-    code = _CHILD.format(root=str(ROOT), n=int(n), ks=tuple(int(k) for k in ks),
-                         repeats=int(repeats), threads=int(threads))
+    pkg_root = str(pathlib.Path(epd_kernels.__file__).resolve().parent.parent)
+    code = _CHILD.format(pkg_root=pkg_root, root=str(ROOT), n=int(n),
+                         ks=tuple(int(k) for k in ks), repeats=int(repeats),
+                         threads=int(threads))
     results = {}
     for label, extra in SETTINGS.items():
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}

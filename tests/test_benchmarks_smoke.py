@@ -491,7 +491,7 @@ def test_capacity_oracle_fit_lowers_the_error_it_is_trained_on():
     assert secs > 0 and data.evaluate("epd", params=fitted)["rmse"] < 0.9 * before
 
 
-def test_heap_probe_children_get_their_allocator_settings():
+def test_heap_probe_children_get_their_allocator_settings(monkeypatch):
     """The allocation probe times each glibc setting in its own child process: the child
     sees exactly its environment (none of the MALLOC_ variables by default), times the fused
     forward with the asked-for backend, and its figures are consistent."""
@@ -501,11 +501,15 @@ def test_heap_probe_children_get_their_allocator_settings():
     assert hp.note(None, 2 ** 20).startswith("allocation probe: not run")
     if not hp.is_glibc():
         pytest.skip("the probe sets glibc malloc variables; this C library is not glibc")
+    monkeypatch.chdir(ROOT)   # the source tree first on a child's path, as under run.py
     res = hp.probe(2 ** 16, (2, 3), repeats=2, threads=1, backend="reference")
     assert list(res) == list(hp.SETTINGS)
     assert res["glibc default"]["env"] == {k: None for k in hp.HEAP_ENV}
     assert res["freed blocks kept"]["env"] == hp.HEAP_ENV
-    for r in res.values():
+    import epd_kernels
+
+    for r in res.values():   # the parent's package, wherever the child's working directory
+        assert r["epd_kernels"] == str(pathlib.Path(epd_kernels.__file__).resolve())
         assert r["backend"] == "reference" and r["threads"] == 1
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("copy_gbps", "clone_gbps"))
         for kind, floor in (("fused", lambda K: K + 2), ("backward", lambda K: 2 * K + 1)):

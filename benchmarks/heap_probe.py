@@ -47,7 +47,8 @@ def is_glibc() -> bool:
 
 
 def measure(n: int, ks: Sequence[int], repeats: int, threads: int) -> dict:
-    """In this process: GB/s of copy_, clone and the fused forward (fp32, n elements)."""
+    """In this process: GB/s of copy_, clone, the fused forward and its backward (fp32, n
+    elements)."""
     import torch
 
     from benchmarks.bench_kernels import Timer, _inputs, bench_interleaved, fused_step

@@ -291,12 +291,18 @@ def _select_eager_forms(timer, device, dtype, K, N, p, forms: Sequence[str]) -> 
     )
 
 
+def floor_bytes(K: int, N: int, itemsize: int) -> dict:
+    """Bytes the op must move at least (module docstring): {"fwd": ..., "bwd": ...}."""
+    return {"fwd": (K + 2) * N * itemsize, "bwd": (2 * K + 1) * N * itemsize}
+
+
 def _bench_config(timer, device, dtype_name, K, N, impls, eager_forms, p, copy) -> dict:
     dtype = DTYPES[dtype_name]
     B, x, g, w, h, o, gy = _inputs(dtype, K, N, device)
     isz = x.element_size()
+    floor = floor_bytes(K, N, isz)
     row = dict(dtype=dtype_name, K=K, N=N, B=B, itemsize=isz,
-               fwd_floor_bytes=(K + 2) * N * isz, bwd_floor_bytes=(2 * K + 1) * N * isz,
+               fwd_floor_bytes=floor["fwd"], bwd_floor_bytes=floor["bwd"],
                loadavg_start=_loadavg(), eager_fwd_form=eager_forms["fwd"],
                eager_bwd_form=eager_forms["bwd"], compile_s={}, check={})
     ef, eb = EAGER_FORMS[eager_forms["fwd"]], EAGER_FORMS[eager_forms["bwd"]]

@@ -51,7 +51,8 @@ def measure(n: int, ks: Sequence[int], repeats: int, threads: int) -> dict:
     elements)."""
     import torch
 
-    from benchmarks.bench_kernels import Timer, _inputs, bench_interleaved, fused_step
+    from benchmarks.bench_kernels import (Timer, _inputs, bench_interleaved, floor_bytes,
+                                          fused_step)
 
     torch.set_num_threads(threads)
     timer = Timer(torch.device("cpu"))
@@ -77,10 +78,11 @@ def measure(n: int, ks: Sequence[int], repeats: int, threads: int) -> dict:
            "backend": backends.for_device(torch.device("cpu")).name,
            "copy_gbps": copy_gbps, "clone_gbps": 2 * n * 4 / st["clone"]["median_s"] / 1e9,
            "fused": {}, "backward": {}}
-    for K in ks:   # byte floors as in bench_kernels: forward (K+2) N, backward (2K+1) N
-        for kind, floor in (("fused", K + 2), ("backward", 2 * K + 1)):
+    for K in ks:
+        floor = floor_bytes(K, n, 4)
+        for kind, key in (("fused", "fwd"), ("backward", "bwd")):
             med = st[f"{kind} K={K}"]["median_s"]
-            gbps = floor * n * 4 / med / 1e9
+            gbps = floor[key] / med / 1e9
             out[kind][str(K)] = {"median_s": med, "gbps": gbps,
                                  "pct_copy": 100 * gbps / copy_gbps}
     return out

@@ -15,9 +15,10 @@ labels ``row % 10``):
 
 and the ratios ``batched / main`` (the latency price of K parallel branches: 1 would mean
 free), ``sequential / main`` and ``sequential / batched`` (what batching saves). For each
-B, every variant of every K is timed round-robin in one run (one call of each per repeat,
-so a load burst on a shared machine hits all alike); medians over the repeats, minima
-and quartiles in the JSON. Batched and sequential gradients are checked to agree before
+B, every variant of every K is one comparison of `benchmarks.timing.bench_interleaved`
+(one call of each per round, the order rotating from round to round, so a load burst on a
+shared machine hits all alike); medians over the rounds, minima and quartiles in the
+JSON. Batched and sequential gradients are checked to agree before
 timing. On a CPU the run uses one thread unless `threads` (run.py ``--threads``) says
 otherwise. On a GPU the batched call is also timed with CUDA-graph replay; without a GPU
 those columns are empty and a note says so.
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
 import time
 import warnings
@@ -45,6 +45,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
+from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels.branches import BranchRunner  # noqa: E402
 from epd_kernels.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
 from epd_kernels.sampling import make_noise  # noqa: E402
@@ -52,34 +53,6 @@ from epd_kernels.sampling import make_noise  # noqa: E402
 QUICK = dict(repeats=15, warmup=2, batches=(8, 64), ks=(1, 2, 3, 4))
 FULL = dict(repeats=25, warmup=3, batches=(1, 8, 64, 256), ks=(1, 2, 3, 4))
 T, T_NEXT = 10.0, 5.0  # one step of the sampler's range; the U-Net's cost does not depend on it
-
-
-class _Timer:
-    """Times several callables round-robin (one of each per repeat), so that a load burst
-    on a shared machine hits every variant alike; returns per-callable statistics."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fns: dict, repeats: int, warmup: int) -> dict:
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        times = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                if self.cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                if self.cuda:
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
-        out = {}
-        for name, ts in times.items():
-            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-            out[name] = dict(median=statistics.median(ts), min=min(ts), q25=q[0], q75=q[2])
-        return out
 
 
 def _branch_fns(net, x, cond, K, use_cuda_graph):
@@ -109,6 +82,11 @@ def _branch_fns(net, x, cond, K, use_cuda_graph):
 
 def _ms(s: float) -> str:
     return f"{1e3 * s:.2f}"
+
+
+def _stats_ms(st: dict) -> dict:
+    """`bench_interleaved` statistics in milliseconds: median, min, q25, q75."""
+    return {k[:-2]: 1e3 * st[k] for k in ("median_s", "min_s", "q25_s", "q75_s")}
 
 
 def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
@@ -151,7 +129,7 @@ def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
     if any(b < 1 for b in batches):
         raise ValueError(f"batches must be batch sizes >= 1, got {list(batches)}")
     say = (lambda *a: print("[branches]", *a, flush=True)) if verbose else (lambda *a: None)
-    timer = _Timer(dev)
+    timer = Timer(dev)
 
     net = load_model(model, device=dev)
     shape = tuple(int(n) for n in net.shape)
@@ -174,20 +152,20 @@ def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
                     graph, _, runners[K] = _branch_fns(net, x, cond, K, use_cuda_graph=True)
                     torch.testing.assert_close(graph(), batched(), rtol=1e-4, atol=1e-4)
                     fns[f"graph{K}"] = graph
-            res = timer(fns, p["repeats"], p["warmup"])
-            t_main = res["main"]["median"]
+            res = bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"])
+            t_main = res["main"]["median_s"]
             for K in ks:
-                t_b, t_s = res[f"batched{K}"]["median"], res[f"sequential{K}"]["median"]
+                t_b, t_s = res[f"batched{K}"]["median_s"], res[f"sequential{K}"]["median_s"]
                 rec = {"B": B, "K": K, "main_ms": 1e3 * t_main, "batched_ms": 1e3 * t_b,
                        "sequential_ms": 1e3 * t_s, "batched_over_main": t_b / t_main,
                        "sequential_over_main": t_s / t_main,
                        "sequential_over_batched": t_s / t_b,
-                       "stats_ms": {name: {k: 1e3 * v for k, v in res[name].items()}
+                       "stats_ms": {name: _stats_ms(res[name])
                                     for name in ("main", f"batched{K}", f"sequential{K}")},
                        "graph_ms": None, "graph_over_eager": None}
                 if f"graph{K}" in res:  # pragma: no cover - needs a GPU
-                    rec["graph_ms"] = 1e3 * res[f"graph{K}"]["median"]
-                    rec["graph_over_eager"] = res[f"graph{K}"]["median"] / t_b
+                    rec["graph_ms"] = 1e3 * res[f"graph{K}"]["median_s"]
+                    rec["graph_over_eager"] = res[f"graph{K}"]["median_s"] / t_b
                     rec["graph_captures"] = runners[K].captures
                 records.append(rec)
                 rows.append([B, K, _ms(t_main), _ms(t_b), _ms(t_s), f"{t_b / t_main:.2f}",
@@ -224,8 +202,9 @@ def _notes(records, p, dev, model, shape, classes, ks):
                      "--device cuda on a GPU machine to fill the graph columns.")
     notes.append(f"Model {model}, input [B, {', '.join(map(str, shape))}]"
                  + (f", class labels row % {classes} (repeated per branch)" if classes else "")
-                 + f"; medians over {p['repeats']} repeats after {p['warmup']} warm-up runs, "
-                 f"all variants of one B timed round-robin in one run; device {dev.type}, "
+                 + f"; medians over {p['repeats']} rounds after {p['warmup']} warm-up runs, "
+                 f"all variants of one B timed interleaved in rotating order (benchmarks/"
+                 f"timing.py); device {dev.type}, "
                  f"{torch.get_num_threads()} CPU thread(s).")
     kmax = max(ks)
     if kmax > 1:

@@ -18,10 +18,10 @@ free), ``sequential / main`` and ``sequential / batched`` (what batching saves).
 B, every variant of every K is one comparison of `benchmarks.timing.bench_interleaved`
 (one call of each per round, the order rotating from round to round, so a load burst on a
 shared machine hits all alike); medians over the rounds, minima and quartiles in the
-JSON. Batched and sequential gradients are checked to agree before
-timing. On a CPU the run uses one thread unless `threads` (run.py ``--threads``) says
-otherwise. On a GPU the batched call is also timed with CUDA-graph replay; without a GPU
-those columns are empty and a note says so.
+JSON. Batched and sequential gradients are checked to agree before timing. On a CPU the
+run uses one thread unless `threads` (run.py ``--threads``) says otherwise. On a GPU the
+batched call is also timed with CUDA-graph replay; without a GPU those columns are empty
+and a note says so.
 
     python benchmarks/bench_branches.py [--quick] [--out benchmarks/results] [--device cpu]
                                         [--ks 1,2,3,4] [--batches 8,64] [--repeats N]
@@ -80,10 +80,6 @@ def _branch_fns(net, x, cond, K, use_cuda_graph):
     return batched, sequential, runner
 
 
-def _ms(s: float) -> str:
-    return f"{1e3 * s:.2f}"
-
-
 def _stats_ms(st: dict) -> dict:
     """`bench_interleaved` statistics in milliseconds: median, min, q25, q75."""
     return {k[:-2]: 1e3 * st[k] for k in ("median_s", "min_s", "q25_s", "q75_s")}
@@ -138,43 +134,11 @@ def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # reference-backend notice
         for B in batches:
-            x = (make_noise(range(B), shape) * T).to(dev)
-            cond = ({"class_labels": (torch.arange(B) % classes).to(dev)} if classes else {})
-            sigma_t = torch.full((B,), T, device=dev)
-            fns = {"main": lambda: (x - net(x, sigma_t, **cond)) / T}
-            runners = {}
-            for K in ks:
-                batched, sequential, _ = _branch_fns(net, x, cond, K, use_cuda_graph=False)
-                # same maths, different batching: the timed variants must agree
-                torch.testing.assert_close(batched(), sequential(), rtol=1e-4, atol=1e-4)
-                fns[f"batched{K}"], fns[f"sequential{K}"] = batched, sequential
-                if dev.type == "cuda":  # pragma: no cover - needs a GPU
-                    graph, _, runners[K] = _branch_fns(net, x, cond, K, use_cuda_graph=True)
-                    torch.testing.assert_close(graph(), batched(), rtol=1e-4, atol=1e-4)
-                    fns[f"graph{K}"] = graph
-            res = bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"])
-            t_main = res["main"]["median_s"]
-            for K in ks:
-                t_b, t_s = res[f"batched{K}"]["median_s"], res[f"sequential{K}"]["median_s"]
-                rec = {"B": B, "K": K, "main_ms": 1e3 * t_main, "batched_ms": 1e3 * t_b,
-                       "sequential_ms": 1e3 * t_s, "batched_over_main": t_b / t_main,
-                       "sequential_over_main": t_s / t_main,
-                       "sequential_over_batched": t_s / t_b,
-                       "stats_ms": {name: _stats_ms(res[name])
-                                    for name in ("main", f"batched{K}", f"sequential{K}")},
-                       "graph_ms": None, "graph_over_eager": None}
-                if f"graph{K}" in res:  # pragma: no cover - needs a GPU
-                    rec["graph_ms"] = 1e3 * res[f"graph{K}"]["median_s"]
-                    rec["graph_over_eager"] = res[f"graph{K}"]["median_s"] / t_b
-                    rec["graph_captures"] = runners[K].captures
+            for rec in _time_batch(net, B, ks, dev, timer, p, shape, classes):
                 records.append(rec)
-                rows.append([B, K, _ms(t_main), _ms(t_b), _ms(t_s), f"{t_b / t_main:.2f}",
-                             f"{t_s / t_main:.2f}", f"{t_s / t_b:.2f}",
-                             "-" if rec["graph_ms"] is None else f"{rec['graph_ms']:.2f}",
-                             "-" if rec["graph_over_eager"] is None
-                             else f"{rec['graph_over_eager']:.2f}"])
-                say(f"B={B} K={K}: main {_ms(t_main)} ms, batched {_ms(t_b)} ms, "
-                    f"sequential {_ms(t_s)} ms")
+                rows.append(_row(rec))
+                say(f"B={B} K={rec['K']}: main {rec['main_ms']:.2f} ms, batched "
+                    f"{rec['batched_ms']:.2f} ms, sequential {rec['sequential_ms']:.2f} ms")
 
     notes += _notes(records, p, dev, model, shape, classes, ks)
     columns = ["B", "K", "main ms", "batched ms", "sequential ms", "batched/main",
@@ -193,6 +157,50 @@ def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
     with open(out_dir / "branches.json", "w") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def _time_batch(net, B, ks, dev, timer, p, shape, classes) -> list:
+    """One interleaved comparison at batch B: the main call and, per K, the batched and
+    sequential branch evaluations (checked to agree first); one record per K."""
+    x = (make_noise(range(B), shape) * T).to(dev)
+    cond = ({"class_labels": (torch.arange(B) % classes).to(dev)} if classes else {})
+    sigma_t = torch.full((B,), T, device=dev)
+    fns = {"main": lambda: (x - net(x, sigma_t, **cond)) / T}
+    runners = {}
+    for K in ks:
+        batched, sequential, _ = _branch_fns(net, x, cond, K, use_cuda_graph=False)
+        # same maths, different batching: the timed variants must agree
+        torch.testing.assert_close(batched(), sequential(), rtol=1e-4, atol=1e-4)
+        fns[f"batched{K}"], fns[f"sequential{K}"] = batched, sequential
+        if dev.type == "cuda":  # pragma: no cover - needs a GPU
+            graph, _, runners[K] = _branch_fns(net, x, cond, K, use_cuda_graph=True)
+            torch.testing.assert_close(graph(), batched(), rtol=1e-4, atol=1e-4)
+            fns[f"graph{K}"] = graph
+    res = bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"])
+    t_main = res["main"]["median_s"]
+    records = []
+    for K in ks:
+        t_b, t_s = res[f"batched{K}"]["median_s"], res[f"sequential{K}"]["median_s"]
+        rec = {"B": B, "K": K, "main_ms": 1e3 * t_main, "batched_ms": 1e3 * t_b,
+               "sequential_ms": 1e3 * t_s, "batched_over_main": t_b / t_main,
+               "sequential_over_main": t_s / t_main, "sequential_over_batched": t_s / t_b,
+               "stats_ms": {name: _stats_ms(res[name])
+                            for name in ("main", f"batched{K}", f"sequential{K}")},
+               "graph_ms": None, "graph_over_eager": None}
+        if f"graph{K}" in res:  # pragma: no cover - needs a GPU
+            rec["graph_ms"] = 1e3 * res[f"graph{K}"]["median_s"]
+            rec["graph_over_eager"] = res[f"graph{K}"]["median_s"] / t_b
+            rec["graph_captures"] = runners[K].captures
+        records.append(rec)
+    return records
+
+
+def _row(rec: dict) -> list:
+    return [rec["B"], rec["K"], f"{rec['main_ms']:.2f}", f"{rec['batched_ms']:.2f}",
+            f"{rec['sequential_ms']:.2f}", f"{rec['batched_over_main']:.2f}",
+            f"{rec['sequential_over_main']:.2f}", f"{rec['sequential_over_batched']:.2f}",
+            "-" if rec["graph_ms"] is None else f"{rec['graph_ms']:.2f}",
+            "-" if rec["graph_over_eager"] is None else f"{rec['graph_over_eager']:.2f}"]
 
 
 def _notes(records, p, dev, model, shape, classes, ks):

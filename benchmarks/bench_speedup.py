@@ -121,11 +121,11 @@ def match_nfe(curve: Dict[int, float], target: float, max_nfe: int = MAX_NFE) ->
 
 
 def speedup_cell(match: dict, epd_nfe: int, max_nfe: int = MAX_NFE) -> str:
-    """"9.4 (3.13x)", "> 40 (> 13.3x)", "<= 1 (<= 0.33x)"; a trailing "*" marks a curve
+    """"9.4 (3.13x)", "> 40 (> 13.33x)", "<= 1 (<= 0.33x)"; a trailing "*" marks a curve
     that is not monotone up to the crossing or crosses the target more than once."""
     mark = "" if match["monotone"] and match["crossings"] <= 1 else "*"
     if match["status"] == "not reached":
-        return f"> {max_nfe} (> {max_nfe / epd_nfe:.3g}x){mark}"
+        return f"> {max_nfe} (> {max_nfe / epd_nfe:.2f}x){mark}"
     n = match["nfe"]
     if match["status"] == "at first budget":
         return f"<= {n:g} (<= {n / epd_nfe:.2f}x){mark}"
@@ -386,8 +386,19 @@ def readme_notes(data: dict) -> List[str]:
             f"brackets, that NFE / EPD's NFE. \"> {cfg['max_nfe']}\": not reached by NFE "
             f"{cfg['max_nfe']}. \"*\": the baseline's RMSE is not monotone in NFE up to "
             f"there, or crosses EPD's RMSE more than once; the first crossing is used.",
-            f"Heun and DPM-Solver-2 meet odd budgets only (analytic first step); the "
-            f"one-call-per-step solvers every budget. Models run unconditionally."]
+            _budgets_text(data) + " Models run unconditionally."]
+
+
+def _budgets_text(data: dict) -> str:
+    """Which budgets the curves hold, read from what sample() refused."""
+    refused = {s: set(r) for per_model in data["refused"].values() for s, r in per_model.items()}
+    if not refused:
+        return f"Every baseline meets every budget 1..{data['config']['max_nfe']}."
+    evens = set(range(2, data["config"]["max_nfe"] + 1, 2))
+    parts = [f"{s}: " + ("odd budgets only" if r == evens else f"{len(r)} budgets refused")
+             for s, r in sorted(refused.items())]
+    return (f"{'; '.join(parts)} (with their default analytic first step); the other "
+            f"baselines every budget 1..{data['config']['max_nfe']}.")
 
 
 def notes(data: dict) -> List[str]:
@@ -440,7 +451,11 @@ def plot_from_json(json_path: pathlib.Path, png_path: pathlib.Path) -> Optional[
             pts = sorted((int(n), e) for n, e in c.items())
             series.append({"label": s, "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
         epd = sorted((int(n), r["rmse"]) for n, r in data["epd"][name].items())
+        # from NFE 3 on: the 1-NFE errors of Heun / DPM-Solver-2 would squash the rest
+        shown = [e for c in data["curves"][name].values() for n, e in c.items()
+                 if int(n) >= 3 and math.isfinite(e)] + [e for _, e in epd]
         panels.append({"title": MODEL_TEXT.get(name, name), "xlabel": "latency NFE",
+                       "ylim": (0.5 * min(shown), 2.0 * max(shown)),
                        "ylabel": "RMSE vs reference (global RMS)", "series": series,
                        "points": [{"label": "EPD (distilled)", "x": [p[0] for p in epd],
                                    "y": [p[1] for p in epd]}]})

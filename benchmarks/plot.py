@@ -109,7 +109,8 @@ def error_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
 
     Each panel: {"title", "xlabel", "ylabel", "series": [{"label", "x", "y"}] (lines, one
     colour each), "points": [{"label", "x", "y"}] (large black markers, e.g. the distilled
-    solver)}. Non-positive or non-finite errors are left out (they have no log).
+    solver), optional "ylim": (bottom, top)}. Non-positive or non-finite errors are left
+    out (they have no log).
     """
     if not have_matplotlib():
         return None
@@ -135,6 +136,8 @@ def error_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
             ax.plot([a for a, _ in pts], [b for _, b in pts], linestyle="none",
                     marker=("*", "X", "d", "P")[j % 4], markersize=11, color="black", label=s["label"])
         ax.set_yscale("log")
+        if p.get("ylim"):
+            ax.set_ylim(*p["ylim"])
         ax.set_title(p.get("title", ""))
         ax.set_xlabel(p.get("xlabel", ""))
         ax.set_ylabel(p.get("ylabel", ""))

@@ -719,7 +719,7 @@ def test_match_nfe_not_reached_and_first_budget():
     curve = {n: 1.0 / n for n in range(1, 41)}          # reaches 0.025 at NFE 40
     m = sp.match_nfe(curve, 0.02)
     assert m == dict(nfe=None, status="not reached", monotone=True, crossings=0)
-    assert sp.speedup_cell(m, 3) == "> 40 (> 13.3x)"
+    assert sp.speedup_cell(m, 3) == "> 40 (> 13.33x)"
     assert sp.match_nfe(curve, 0.025)["nfe"] == pytest.approx(40.0)   # exactly at 40
     assert sp.match_nfe({**curve, 41: 1e-3}, 0.02)["status"] == "not reached"  # > max_nfe
     m = sp.match_nfe(curve, 2.0)                        # NFE 1 already reaches it

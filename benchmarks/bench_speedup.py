@@ -174,11 +174,15 @@ def reference(name: str, model, noise: torch.Tensor) -> tuple:
     return ref, info
 
 
-def baseline_curve(model, noise, ref, solver: str, max_nfe: int, say) -> tuple:
+def baseline_curve(model, noise, ref, solver: str, max_nfe: int, say,
+                   progress: bool = False) -> tuple:
     """({nfe: rmse} for every budget up to max_nfe that `solver` meets, {nfe: reason} for
     the refused ones). A solver that meets no budget at all is an error."""
+    from tqdm.auto import tqdm
+
     curve, refused = {}, {}
-    for n in range(1, max_nfe + 1):
+    for n in tqdm(range(1, max_nfe + 1), desc=f"{solver} NFE 1..{max_nfe}", leave=False,
+                  disable=not progress):
         try:
             x = sample(model, noise, solver=solver, nfe=n)
         except ValueError as e:   # a budget the solver cannot meet (e.g. even for Heun)
@@ -273,11 +277,14 @@ def _run(out_dir: pathlib.Path, cfg: dict, verbose: bool) -> dict:
                 references={}, curves={}, refused={}, epd={}, matches={})
     for name in cfg["models"]:
         _measure_model(name, cfg, data, say, verbose)
-    data["elapsed_s"] = time.perf_counter() - t_start
-    data["tables"] = tables(data)
-    data["notes"] = notes(data)
-    with open(out_dir / "speedup.json", "w") as f:
-        json.dump(data, f, indent=1)
+        # written after every model, so a crash or an interrupt keeps what was measured
+        data.update(elapsed_s=time.perf_counter() - t_start,
+                    complete=name == cfg["models"][-1])
+        data["tables"] = tables(data)
+        data["notes"] = notes(data)
+        tmp = out_dir / "speedup.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(out_dir / "speedup.json")
     plot = plot_from_json(out_dir / "speedup.json", out_dir / "speedup.png")
     result = dict(data, readme={"block": "speedup", "table": 0,
                                 "notes": readme_notes(data)})
@@ -293,22 +300,26 @@ def _measure_model(name: str, cfg: dict, data: dict, say, verbose: bool) -> None
                        dtype=dtype)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # reference-backend notice
+        say(f"{name}: reference ({REF_SOLVER} at NFE {REF_NFE} and {REF_NFE // 2}, "
+            f"{cfg['samples']} samples)")
         ref, info = reference(name, model, noise)
         say(f"{name}: reference {info['method']} ({info['seconds']:.1f} s), estimated error "
             f"{info['error_estimate']:.2e}")
         data["references"][name] = info
         curves, refused = {}, {}
         for solver in cfg["baselines"]:
-            curves[solver], refused[solver] = baseline_curve(model, noise, ref, solver,
-                                                             cfg["max_nfe"], say)
+            curves[solver], refused[solver] = baseline_curve(
+                model, noise, ref, solver, cfg["max_nfe"], say, progress=verbose)
     epd = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for nfe in cfg["nfes"]:
-            say(f"{name}: distilling EPD at NFE {nfe} ({cfg['distill_kw'] or 'defaults'})")
+    for nfe in cfg["nfes"]:
+        say(f"{name}: distilling EPD at NFE {nfe} ({cfg['distill_kw'] or 'defaults'})")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")   # distill's warnings go to the notes
             epd[nfe] = distill_epd(model, noise, ref, nfe, cfg["distill_kw"], verbose)
-            say(f"{name}: EPD NFE {nfe}: RMSE {epd[nfe]['rmse']:.3g} "
-                f"(distilled in {epd[nfe]['distill_s']:.1f} s)")
+        epd[nfe]["warnings"] = sorted({str(w.message) for w in caught
+                                       if not issubclass(w.category, RuntimeWarning)})
+        say(f"{name}: EPD NFE {nfe}: RMSE {epd[nfe]['rmse']:.3g} "
+            f"(distilled in {epd[nfe]['distill_s']:.1f} s)")
     data["curves"][name] = {s: {str(n): e for n, e in c.items()} for s, c in curves.items()}
     data["refused"][name] = {s: sorted(r) for s, r in refused.items() if r}
     data["refusal_reasons"] = {s: next(iter(r.values())) for s, r in refused.items() if r}
@@ -341,8 +352,9 @@ def tables(data: dict) -> List[dict]:
     table of baseline RMSEs per model."""
     cfg = data["config"]
     nfes = cfg["nfes"]
+    done = list(data["matches"])   # the models measured (all, unless interrupted)
     rows = []
-    for name in cfg["models"]:
+    for name in done:
         by_nfe = data["matches"][name]
         for solver in cfg["baselines"]:
             rows.append([MODEL_TEXT[name], solver]
@@ -357,14 +369,14 @@ def tables(data: dict) -> List[dict]:
                 columns=["model", "baseline"] + [f"EPD NFE {n}" for n in nfes], rows=rows)
     epd_rows = [[MODEL_TEXT[name]] + [f"{data['epd'][name][str(n)]['rmse']:.3e}" for n in nfes]
                 + [f"{data['epd'][name][str(n)]['distill_s']:.1f}" for n in nfes]
-                for name in cfg["models"]]
+                for name in done]
     epd_table = dict(title=f"EPD's RMSE and distillation wall time ({_distill_text(cfg)}, "
                            f"{cfg['threads']} thread(s)); {_rmse_text(cfg)}",
                      columns=["model"] + [f"RMSE NFE {n}" for n in nfes]
                      + [f"distill s NFE {n}" for n in nfes], rows=epd_rows)
     out = [head, epd_table]
     cols = [n for n in CURVE_COLUMNS if n <= cfg["max_nfe"]]
-    for name in cfg["models"]:
+    for name in done:
         curve_rows = [[s] + [_fmt(data["curves"][name][s].get(str(n))) for n in cols]
                       for s in cfg["baselines"]]
         curve_rows.append(["EPD"] + [_fmt(data["epd"][name].get(str(n), {}).get("rmse"))
@@ -416,6 +428,10 @@ def notes(data: dict) -> List[str]:
             out.append(f"WARNING: {name}: the reference error {err:.1e} is not far below "
                        f"EPD's smallest RMSE {smallest:.1e}; the crossings partly measure "
                        f"the reference")
+    for name, by_nfe in data["epd"].items():
+        for n, r in by_nfe.items():
+            for w in r.get("warnings", []):
+                out.append(f"{name}, EPD NFE {n}: distill warned: {w}")
     for s, reason in data.get("refusal_reasons", {}).items():
         out.append(f"{s}: the budgets sample() refuses are left out of its curve "
                    f"({reason.split(';')[0]})")
@@ -432,6 +448,9 @@ def notes(data: dict) -> List[str]:
             if again:
                 out.append(f"{name}, EPD NFE {n}: {', '.join(again)} cross EPD's RMSE more "
                            f"than once; the first crossing is used")
+    if not data.get("complete", True):
+        missing = [m for m in cfg["models"] if m not in data["matches"]]
+        out.insert(0, f"INCOMPLETE: not measured (yet): {', '.join(missing)}")
     out.append(f"{cfg['samples']} held-out noises per model (seeds {TEST_SEED}..); EPD "
                f"distilled with {_distill_text(cfg)} on a float32 copy of float64 models; "
                f"{cfg['threads']} torch thread(s); section wall time {data['elapsed_s']:.1f} s")
@@ -445,7 +464,7 @@ def plot_from_json(json_path: pathlib.Path, png_path: pathlib.Path) -> Optional[
 
     data = json.loads(pathlib.Path(json_path).read_text())
     panels = []
-    for name in data["config"]["models"]:
+    for name in data["matches"]:
         series = []
         for s, c in data["curves"][name].items():
             pts = sorted((int(n), e) for n, e in c.items())

@@ -2,11 +2,14 @@
 """Benchmark driver: runs benchmark sections, writes JSON/PNG, prints tables, and keeps
 the generated blocks of BENCHMARKS.md in step with a real run.
 
-    python benchmarks/run.py [--quick] [--all] [--sections kernels,solvers,branches,distill]
+    python benchmarks/run.py [--quick] [--all]
+                             [--sections kernels,solvers,branches,distill,speedup]
                              [--out benchmarks/results] [--markdown BENCHMARKS.md]
+                             [--readme README.md]
                              [--device cpu|cuda] [--backend auto|cpp|triton|reference]
                              [--sizes 256K,4M] [--ks 2,4] [--dtypes float32,bfloat16]
                              [--repeats N] [--impls fused,eager,compile] [--threads N]
+                             [--models a,b] [--time-budget-s S]
 
 Sections. Section NAME lives in `benchmarks/bench_NAME.py` and exposes
 `run(quick: bool, out_dir: pathlib.Path) -> dict`. Modules are imported lazily, only when
@@ -490,7 +493,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--no-distilled", action="store_true",
                    help="solvers section: skip fitting the distilled solvers on the demo model")
     g.add_argument("--models", type=_str_list, default=None,
-                   help="model names of the section (e.g. speedup: gmm,gaussian,digits-unet)")
+                   help="models of the sections that take them, in each section's own names "
+                        "(speedup: gmm,gaussian,digits-unet)")
     g.add_argument("--time-budget-s", type=float, default=None,
                    help="speedup section: distill(..., time_budget_s=...) per distillation")
     return ap.parse_args(argv)

@@ -769,6 +769,7 @@ def test_speedup_section_smoke(tmp_path, run_mod):
     assert torch.get_num_threads() == threads                    # restored
     data = json.loads((tmp_path / "speedup.json").read_text())
     assert data["config"]["distill_kw"] == dict(iterations=4, pool=32, batch_size=8)
+    assert data["complete"] and not any(n.startswith("INCOMPLETE") for n in data["notes"])
     curves, epd = data["curves"]["gaussian"], data["epd"]["gaussian"]["3"]
     assert list(curves) == list(sp.BASELINES)
     assert [int(n) for n in curves["euler"]] == list(range(1, 41))
@@ -814,3 +815,25 @@ def test_speedup_section_smoke(tmp_path, run_mod):
     assert f"| {sp.MODEL_TEXT['gaussian']} | euler | {cells['euler']} |" in text
     if res.get("plot"):
         assert (tmp_path / "speedup.png").stat().st_size > 0
+
+
+def test_speedup_section_keeps_what_it_measured_when_a_model_fails(tmp_path, monkeypatch):
+    """A model that raises mid-run: the error propagates (run.py then fails the section),
+    and speedup.json holds the models measured before it, marked incomplete."""
+    sp = _speedup()
+    real = sp.load_model
+
+    def load(name):
+        if name == "gmm":
+            raise RuntimeError("model file damaged")
+        return real(name)
+
+    monkeypatch.setattr(sp, "load_model", load)
+    with pytest.raises(RuntimeError, match="damaged"):
+        sp.run(True, tmp_path, models=["gaussian", "gmm"], nfes=[3], samples=8, max_nfe=12,
+               baselines=["euler", "ipndm"], verbose=False,
+               distill_kw=dict(iterations=2, pool=16, batch_size=8))
+    data = json.loads((tmp_path / "speedup.json").read_text())
+    assert not data["complete"] and list(data["matches"]) == ["gaussian"]
+    assert data["notes"][0] == "INCOMPLETE: not measured (yet): gmm"
+    assert [r[1] for r in data["tables"][0]["rows"]] == ["euler", "ipndm", "best baseline"]

@@ -15,12 +15,13 @@ labels ``row % 10``):
 
 and the ratios ``batched / main`` (the latency price of K parallel branches: 1 would mean
 free), ``sequential / main`` and ``sequential / batched`` (what batching saves). For each
-B, every variant of every K is timed round-robin in one run (one call of each per repeat,
-so a load burst on a shared machine hits all alike); medians over the repeats, minima
-and quartiles in the JSON. Batched and sequential gradients are checked to agree before
-timing. On a CPU the run uses one thread unless `threads` (run.py ``--threads``) says
-otherwise. On a GPU the batched call is also timed with CUDA-graph replay; without a GPU
-those columns are empty and a note says so.
+B, every variant of every K is one comparison of `benchmarks.timing.bench_interleaved`
+(one call of each per round, the order rotating from round to round, so a load burst on a
+shared machine hits all alike); medians over the rounds, minima and quartiles in the
+JSON. Batched and sequential gradients are checked to agree before timing. On a CPU the
+run uses one thread unless `threads` (run.py ``--threads``) says otherwise. On a GPU the
+batched call is also timed with CUDA-graph replay; without a GPU those columns are empty
+and a note says so.
 
     python benchmarks/bench_branches.py [--quick] [--out benchmarks/results] [--device cpu]
                                         [--ks 1,2,3,4] [--batches 8,64] [--repeats N]
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
 import time
 import warnings
@@ -45,6 +45,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
+from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels.branches import BranchRunner  # noqa: E402
 from epd_kernels.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
 from epd_kernels.sampling import make_noise  # noqa: E402
@@ -52,34 +53,6 @@ from epd_kernels.sampling import make_noise  # noqa: E402
 QUICK = dict(repeats=15, warmup=2, batches=(8, 64), ks=(1, 2, 3, 4))
 FULL = dict(repeats=25, warmup=3, batches=(1, 8, 64, 256), ks=(1, 2, 3, 4))
 T, T_NEXT = 10.0, 5.0  # one step of the sampler's range; the U-Net's cost does not depend on it
-
-
-class _Timer:
-    """Times several callables round-robin (one of each per repeat), so that a load burst
-    on a shared machine hits every variant alike; returns per-callable statistics."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fns: dict, repeats: int, warmup: int) -> dict:
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        times = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                if self.cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                if self.cuda:
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
-        out = {}
-        for name, ts in times.items():
-            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-            out[name] = dict(median=statistics.median(ts), min=min(ts), q25=q[0], q75=q[2])
-        return out
 
 
 def _branch_fns(net, x, cond, K, use_cuda_graph):
@@ -107,8 +80,9 @@ def _branch_fns(net, x, cond, K, use_cuda_graph):
     return batched, sequential, runner
 
 
-def _ms(s: float) -> str:
-    return f"{1e3 * s:.2f}"
+def _stats_ms(st: dict) -> dict:
+    """`bench_interleaved` statistics in milliseconds: median, min, q25, q75."""
+    return {k[:-2]: 1e3 * st[k] for k in ("median_s", "min_s", "q25_s", "q75_s")}
 
 
 def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
@@ -151,7 +125,7 @@ def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
     if any(b < 1 for b in batches):
         raise ValueError(f"batches must be batch sizes >= 1, got {list(batches)}")
     say = (lambda *a: print("[branches]", *a, flush=True)) if verbose else (lambda *a: None)
-    timer = _Timer(dev)
+    timer = Timer(dev)
 
     net = load_model(model, device=dev)
     shape = tuple(int(n) for n in net.shape)
@@ -160,43 +134,11 @@ def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # reference-backend notice
         for B in batches:
-            x = (make_noise(range(B), shape) * T).to(dev)
-            cond = ({"class_labels": (torch.arange(B) % classes).to(dev)} if classes else {})
-            sigma_t = torch.full((B,), T, device=dev)
-            fns = {"main": lambda: (x - net(x, sigma_t, **cond)) / T}
-            runners = {}
-            for K in ks:
-                batched, sequential, _ = _branch_fns(net, x, cond, K, use_cuda_graph=False)
-                # same maths, different batching: the timed variants must agree
-                torch.testing.assert_close(batched(), sequential(), rtol=1e-4, atol=1e-4)
-                fns[f"batched{K}"], fns[f"sequential{K}"] = batched, sequential
-                if dev.type == "cuda":  # pragma: no cover - needs a GPU
-                    graph, _, runners[K] = _branch_fns(net, x, cond, K, use_cuda_graph=True)
-                    torch.testing.assert_close(graph(), batched(), rtol=1e-4, atol=1e-4)
-                    fns[f"graph{K}"] = graph
-            res = timer(fns, p["repeats"], p["warmup"])
-            t_main = res["main"]["median"]
-            for K in ks:
-                t_b, t_s = res[f"batched{K}"]["median"], res[f"sequential{K}"]["median"]
-                rec = {"B": B, "K": K, "main_ms": 1e3 * t_main, "batched_ms": 1e3 * t_b,
-                       "sequential_ms": 1e3 * t_s, "batched_over_main": t_b / t_main,
-                       "sequential_over_main": t_s / t_main,
-                       "sequential_over_batched": t_s / t_b,
-                       "stats_ms": {name: {k: 1e3 * v for k, v in res[name].items()}
-                                    for name in ("main", f"batched{K}", f"sequential{K}")},
-                       "graph_ms": None, "graph_over_eager": None}
-                if f"graph{K}" in res:  # pragma: no cover - needs a GPU
-                    rec["graph_ms"] = 1e3 * res[f"graph{K}"]["median"]
-                    rec["graph_over_eager"] = res[f"graph{K}"]["median"] / t_b
-                    rec["graph_captures"] = runners[K].captures
+            for rec in _time_batch(net, B, ks, dev, timer, p, shape, classes):
                 records.append(rec)
-                rows.append([B, K, _ms(t_main), _ms(t_b), _ms(t_s), f"{t_b / t_main:.2f}",
-                             f"{t_s / t_main:.2f}", f"{t_s / t_b:.2f}",
-                             "-" if rec["graph_ms"] is None else f"{rec['graph_ms']:.2f}",
-                             "-" if rec["graph_over_eager"] is None
-                             else f"{rec['graph_over_eager']:.2f}"])
-                say(f"B={B} K={K}: main {_ms(t_main)} ms, batched {_ms(t_b)} ms, "
-                    f"sequential {_ms(t_s)} ms")
+                rows.append(_row(rec))
+                say(f"B={B} K={rec['K']}: main {rec['main_ms']:.2f} ms, batched "
+                    f"{rec['batched_ms']:.2f} ms, sequential {rec['sequential_ms']:.2f} ms")
 
     notes += _notes(records, p, dev, model, shape, classes, ks)
     columns = ["B", "K", "main ms", "batched ms", "sequential ms", "batched/main",
@@ -217,6 +159,50 @@ def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
     return result
 
 
+def _time_batch(net, B, ks, dev, timer, p, shape, classes) -> list:
+    """One interleaved comparison at batch B: the main call and, per K, the batched and
+    sequential branch evaluations (checked to agree first); one record per K."""
+    x = (make_noise(range(B), shape) * T).to(dev)
+    cond = ({"class_labels": (torch.arange(B) % classes).to(dev)} if classes else {})
+    sigma_t = torch.full((B,), T, device=dev)
+    fns = {"main": lambda: (x - net(x, sigma_t, **cond)) / T}
+    runners = {}
+    for K in ks:
+        batched, sequential, _ = _branch_fns(net, x, cond, K, use_cuda_graph=False)
+        # same maths, different batching: the timed variants must agree
+        torch.testing.assert_close(batched(), sequential(), rtol=1e-4, atol=1e-4)
+        fns[f"batched{K}"], fns[f"sequential{K}"] = batched, sequential
+        if dev.type == "cuda":  # pragma: no cover - needs a GPU
+            graph, _, runners[K] = _branch_fns(net, x, cond, K, use_cuda_graph=True)
+            torch.testing.assert_close(graph(), batched(), rtol=1e-4, atol=1e-4)
+            fns[f"graph{K}"] = graph
+    res = bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"])
+    t_main = res["main"]["median_s"]
+    records = []
+    for K in ks:
+        t_b, t_s = res[f"batched{K}"]["median_s"], res[f"sequential{K}"]["median_s"]
+        rec = {"B": B, "K": K, "main_ms": 1e3 * t_main, "batched_ms": 1e3 * t_b,
+               "sequential_ms": 1e3 * t_s, "batched_over_main": t_b / t_main,
+               "sequential_over_main": t_s / t_main, "sequential_over_batched": t_s / t_b,
+               "stats_ms": {name: _stats_ms(res[name])
+                            for name in ("main", f"batched{K}", f"sequential{K}")},
+               "graph_ms": None, "graph_over_eager": None}
+        if f"graph{K}" in res:  # pragma: no cover - needs a GPU
+            rec["graph_ms"] = 1e3 * res[f"graph{K}"]["median_s"]
+            rec["graph_over_eager"] = res[f"graph{K}"]["median_s"] / t_b
+            rec["graph_captures"] = runners[K].captures
+        records.append(rec)
+    return records
+
+
+def _row(rec: dict) -> list:
+    return [rec["B"], rec["K"], f"{rec['main_ms']:.2f}", f"{rec['batched_ms']:.2f}",
+            f"{rec['sequential_ms']:.2f}", f"{rec['batched_over_main']:.2f}",
+            f"{rec['sequential_over_main']:.2f}", f"{rec['sequential_over_batched']:.2f}",
+            "-" if rec["graph_ms"] is None else f"{rec['graph_ms']:.2f}",
+            "-" if rec["graph_over_eager"] is None else f"{rec['graph_over_eager']:.2f}"]
+
+
 def _notes(records, p, dev, model, shape, classes, ks):
     notes = []
     if dev.type != "cuda":
@@ -224,8 +210,9 @@ def _notes(records, p, dev, model, shape, classes, ks):
                      "--device cuda on a GPU machine to fill the graph columns.")
     notes.append(f"Model {model}, input [B, {', '.join(map(str, shape))}]"
                  + (f", class labels row % {classes} (repeated per branch)" if classes else "")
-                 + f"; medians over {p['repeats']} repeats after {p['warmup']} warm-up runs, "
-                 f"all variants of one B timed round-robin in one run; device {dev.type}, "
+                 + f"; medians over {p['repeats']} rounds after {p['warmup']} warm-up runs, "
+                 f"all variants of one B timed interleaved in rotating order (benchmarks/"
+                 f"timing.py); device {dev.type}, "
                  f"{torch.get_num_threads()} CPU thread(s).")
     kmax = max(ks)
     if kmax > 1:

@@ -23,10 +23,12 @@ Row ``dpmpp3m-ref`` is DPM-Solver++(3M) with the DPM-Solver / k-diffusion code's
 weight (``variant="reference"``, see `epd_kernels.solvers.dpmpp3m`), for comparison with
 published baselines.
 
-Reported per model, solver and NFE: the RMSE over all samples and dimensions of the state
-at sigma_min = 0.002, the latency NFE and total evaluations measured by
-`sample(..., return_stats=True)` (not assumed; a mismatch with the budget is listed), and
-the wall time of that call (one run, one thread). Tables: one RMSE table per model (the
+Reported per model, solver and NFE: the RMSE of the state at sigma_min = 0.002 as one
+global RMS over all samples and elements, ``sqrt(mean((x - ref)^2))``, the latency NFE
+and total evaluations measured by `sample(..., return_stats=True)` (not assumed; a
+mismatch with the budget is listed), and the wall time of that call (one thread; the
+median of repeated runs in which the solvers of one model and NFE are timed interleaved
+by `benchmarks.timing`, whose docstring says why the median). Tables: one RMSE table per model (the
 ``epd demo`` model first: it is the README headline), then for the two digits models one
 row per solver and NFE with all four figures.
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -60,6 +63,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
+from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels.dode_fit import DEFAULT_FIT_BATCH as DODE_BATCH  # noqa: E402
 from epd_kernels.models import GaussianMixtureModel, GaussianModel  # noqa: E402
 from epd_kernels.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
@@ -74,8 +78,8 @@ NFES = [3, 5, 7, 9]
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
 # The whole quick section runs in about 15-30 s on 2 shared cores, so it keeps all four
 # budgets (stable table columns) and saves time on samples and reference tolerances.
-QUICK = dict(samples=64, rtol=1e-10, digits_tol=1e-5)
-FULL = dict(samples=256, rtol=1e-12, digits_tol=1e-6)
+QUICK = dict(samples=64, rtol=1e-10, digits_tol=1e-5, time_repeats=3)
+FULL = dict(samples=256, rtol=1e-12, digits_tol=1e-6, time_repeats=7)
 F64 = torch.float64
 # Twice the demo's reference steps: on the U-Net (64 samples, against 240 steps) the error
 # drops from 1.3e-4 to 1.2e-5 for 3 s more, >1000x below the best 9-NFE solver (4e-2).
@@ -403,7 +407,26 @@ def _record(results, bm, solver, nfe, x, st, ref, scale, expected):
     results.append(dict(model=bm.name, solver=solver, nfe=nfe, steps=st.steps,
                         latency_nfe=st.latency_nfe, total_evals=st.total_evals,
                         expected_total_evals=expected, rmse=rmse, relative_rmse=rmse / scale,
-                        wall_time_s=st.wall_time_s, finite=bool(torch.isfinite(x).all())))
+                        wall_time_s=None, finite=bool(torch.isfinite(x).all())))
+
+
+def _time_calls(results, mname, calls, nfes, cfg):
+    """Wall time per (solver, NFE) of one model: at each NFE, the solvers' calls are one
+    interleaved comparison (`benchmarks.timing`); the median goes to ``wall_time_s``, the
+    spread to ``wall_stats_s``."""
+    timer = Timer(torch.device("cpu"))
+    by_key = {(r["solver"], r["nfe"]): r for r in results if r["model"] == mname}
+    for nfe in nfes:
+        fns = {solver: fn for (solver, n), fn in calls.items() if n == nfe}
+        if not fns:
+            continue
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # backend notice
+            stats = bench_interleaved(timer, fns, repeats=cfg["time_repeats"], warmup=1)
+        for solver, st in stats.items():
+            row = by_key[(solver, nfe)]
+            row["wall_time_s"] = st["median_s"]
+            row["wall_stats_s"] = {k: st[k] for k in ("min_s", "q25_s", "q75_s", "repeats")}
 
 
 def _run(out_dir, cfg, params, params_dir, distill, nfes, model_names, settings):
@@ -427,6 +450,7 @@ def _run(out_dir, cfg, params, params_dir, distill, nfes, model_names, settings)
         info["dtype"] = str(bm.dtype).replace("torch.", "")
         refs[mname] = info
         scale = _rmse(ref, torch.zeros_like(ref))
+        calls = {}  # (solver, nfe) -> the call whose result was recorded, for timing
         for solver in row_names:
             for nfe in nfes:
                 kw = {}
@@ -435,6 +459,8 @@ def _run(out_dir, cfg, params, params_dir, distill, nfes, model_names, settings)
                         base, vkw = VARIANTS[solver]
                         x, st = _run_variant(bm.denoiser, noise, base, nfe, vkw, cond)
                         _record(results, bm, solver, nfe, x, st, ref, scale, nfe)
+                        calls[(solver, nfe)] = functools.partial(
+                            _run_variant, bm.denoiser, noise, base, nfe, vkw, cond)
                         continue
                     if solver in DISTILLED:
                         fit = distill if isinstance(distill, bool) else mname in distill
@@ -453,6 +479,9 @@ def _run(out_dir, cfg, params, params_dir, distill, nfes, model_names, settings)
                     continue
                 _record(results, bm, solver, nfe, x, st, ref, scale,
                         expected_total(kw.get("params"), nfe))
+                calls[(solver, nfe)] = functools.partial(
+                    sample, bm.denoiser, noise, solver=solver, nfe=nfe, **kw, **cond)
+        _time_calls(results, mname, calls, nfes, cfg)
 
     _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill,
                want_distilled, settings)
@@ -527,7 +556,9 @@ def _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill, 
                  f"for the others; latency NFE and total evaluations measured by sample(): "
                  + ("all as expected (latency = budget; total = budget, EPD: (K+1) steps - 1)"
                     if not bad else f"{len(bad)} MISMATCHES")
-                 + "; wall time: one run of the whole batch, 1 thread")
+                 + f"; wall time: median of {cfg['time_repeats']} runs of the whole batch, "
+                 f"the solvers of one model and NFE timed interleaved in rotating order "
+                 f"(benchmarks/timing.py; min and quartiles in the JSON), 1 thread")
     for r in bad:
         notes.append(f"MISMATCH: {r['model']} {r['solver']} nfe={r['nfe']}: latency "
                      f"{r['latency_nfe']}, total {r['total_evals']} (expected "
@@ -551,7 +582,8 @@ def _tables(models, results, nfes, row_names, cfg):
                 row[f"NFE {nfe}"] = f"{cells[nfe]['rmse']:.3e}" if nfe in cells else None
             rows.append(row)
         role = f" ({bm.role})" if bm.role else ""
-        rmse_tables.append(dict(title=f"RMSE vs reference at sigma_min, {mname}{role}",
+        rmse_tables.append(dict(title=f"RMSE vs reference at sigma_min, {mname}{role}; "
+                                      f"global RMS over all elements",
                                 columns=["solver"] + [f"NFE {n}" for n in nfes], rows=rows))
         if bm.cost_table:
             order = {s: i for i, s in enumerate(row_names)}
@@ -559,7 +591,8 @@ def _tables(models, results, nfes, row_names, cfg):
                           key=lambda r: (r["nfe"], order[r["solver"]]))
             cost_tables.append(dict(
                 title=f"{mname}: latency NFE, total evaluations, RMSE and wall time per solver "
-                      f"and NFE ({cfg['samples']} samples in one call, 1 thread)",
+                      f"and NFE ({cfg['samples']} samples in one call, median of "
+                      f"{cfg['time_repeats']} interleaved runs, 1 thread)",
                 columns=["solver", "NFE", "latency NFE", "total evals", "RMSE", "wall ms"],
                 rows=[{"solver": r["solver"], "NFE": r["nfe"], "latency NFE": r["latency_nfe"],
                        "total evals": r["total_evals"], "RMSE": f"{r['rmse']:.3e}",

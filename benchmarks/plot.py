@@ -8,7 +8,7 @@ from __future__ import annotations
 import pathlib
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["have_matplotlib", "pyplot", "size_label", "line_panels"]
+__all__ = ["have_matplotlib", "pyplot", "size_label", "line_panels", "error_panels"]
 
 
 def have_matplotlib() -> bool:
@@ -90,6 +90,58 @@ def line_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
         ax.set_ylabel(p.get("ylabel", ""))
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    for j in range(n, nrows * ncols):
+        axes[j // ncols][j % ncols].axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def error_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
+                 ncols: Optional[int] = None) -> Optional[pathlib.Path]:
+    """A grid of error-vs-NFE plots on a log error axis.
+
+    Each panel: {"title", "xlabel", "ylabel", "series": [{"label", "x", "y"}] (lines, one
+    colour each), "points": [{"label", "x", "y"}] (large black markers, e.g. the distilled
+    solver), optional "ylim": (bottom, top)}. Non-positive or non-finite errors are left
+    out (they have no log).
+    """
+    if not have_matplotlib():
+        return None
+    import math
+
+    plt = pyplot()
+    n = len(panels)
+    ncols = ncols or min(n, 3)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.4 * nrows), squeeze=False)
+    colors = _COLORS + ["tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
+    ok = lambda x, y: [(a, b) for a, b in zip(x, y)  # noqa: E731
+                       if b is not None and math.isfinite(b) and b > 0]
+    for i, p in enumerate(panels):
+        ax = axes[i // ncols][i % ncols]
+        for j, s in enumerate(p["series"]):
+            pts = ok(s["x"], s["y"])
+            ax.plot([a for a, _ in pts], [b for _, b in pts], label=s["label"],
+                    color=colors[j % len(colors)], marker=_MARKERS[j % len(_MARKERS)],
+                    markersize=2.5, linewidth=1.2)
+        for j, s in enumerate(p.get("points", [])):
+            pts = ok(s["x"], s["y"])
+            ax.plot([a for a, _ in pts], [b for _, b in pts], linestyle="none",
+                    marker=("*", "X", "d", "P")[j % 4], markersize=11, color="black", label=s["label"])
+        ax.set_yscale("log")
+        if p.get("ylim"):
+            ax.set_ylim(*p["ylim"])
+        ax.set_title(p.get("title", ""))
+        ax.set_xlabel(p.get("xlabel", ""))
+        ax.set_ylabel(p.get("ylabel", ""))
+        ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     for j in range(n, nrows * ncols):
         axes[j // ncols][j % ncols].axis("off")

@@ -2,17 +2,27 @@
 """Benchmark driver: runs benchmark sections, writes JSON/PNG, prints tables, and keeps
 the generated blocks of BENCHMARKS.md in step with a real run.
 
-    python benchmarks/run.py [--quick] [--all] [--sections kernels,solvers,branches,distill]
+    python benchmarks/run.py [--quick] [--all]
+                             [--sections kernels,solvers,branches,distill,speedup]
                              [--out benchmarks/results] [--markdown BENCHMARKS.md]
+                             [--readme README.md]
                              [--device cpu|cuda] [--backend auto|cpp|triton|reference]
                              [--sizes 256K,4M] [--ks 2,4] [--dtypes float32,bfloat16]
                              [--repeats N] [--impls fused,eager,compile] [--threads N]
+                             [--models a,b] [--time-budget-s S]
 
 Sections. Section NAME lives in `benchmarks/bench_NAME.py` and exposes
 `run(quick: bool, out_dir: pathlib.Path) -> dict`. Modules are imported lazily, only when
-their section runs; a missing module (or one that fails to import) is reported as skipped
-with the reason. Keyword options (`device`, `backend`, `sizes`, `ks`, `dtypes`, `repeats`,
-`impls`, `threads`, `demo_distilled`) are passed to `run` only when its signature names them.
+their section runs. Keyword options (`device`, `backend`, `sizes`, `ks`, `dtypes`,
+`repeats`, `impls`, `threads`, `demo_distilled`, `models`, `time_budget_s`) are passed to
+`run` only when its signature names them.
+
+Failed or skipped. A section whose module is missing, fails to import, has no `run`, or
+whose `run` raises has FAILED: the run goes on with the other sections and exits 1,
+naming the failed ones. A section is SKIPPED (and the exit status stays 0) only for a
+stated reason: its `run` returned ``{"skipped": "reason"}``, or the import or the run
+raised ModuleNotFoundError for one of the package's optional dependencies
+(`OPTIONAL_PACKAGES`, the extras of pyproject.toml), which is named in the reason.
 
 What `run` returns (all keys optional; the dict is also dumped to out/NAME.json when the
 section did not write that file itself):
@@ -21,12 +31,20 @@ section did not write that file itself):
     "table":  str                       (preformatted text, printed as is)
     "notes":  [str]                     (printed under the tables, bullets in markdown)
     "plot" / "plots": file name(s) in out_dir, linked from the markdown block
+    "readme": {"block": NAME, "table": i, "notes": [str]}
+                                        (what --readme writes for the section: table i of
+                                        "tables" with its title, the notes, the machine
+                                        and command, between <!-- NAME:start --> and
+                                        <!-- NAME:end -->; without "readme", the first
+                                        table between <!-- bench:readme-SECTION:start/end -->)
+    "skipped": str                      (the section did not run, for this reason)
 
 Machine information (CPU model, cores, torch version and threads, backend, date, git
 commit, the exact command line) goes to out/machine.json. With `--markdown PATH`, the
 block between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` is rewritten for
 every section that ran successfully (file and markers are created when absent); text
-outside the markers is never touched. Exit status: 1 when a section raised, else 0.
+outside the markers is never touched. Exit status: 1 when a section failed (or a markdown
+block could not be written), 2 for an unknown section name, else 0.
 """
 from __future__ import annotations
 
@@ -50,8 +68,12 @@ from typing import List, Optional, Sequence, Tuple
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-SECTIONS = ("kernels", "solvers", "branches", "distill")  # canonical order
+SECTIONS = ("kernels", "solvers", "branches", "distill", "speedup")  # canonical order
 DEFAULT_SECTIONS = ("kernels",)
+#: Top-level modules of the package's optional dependencies (pyproject.toml extras): a
+#: section that needs one of them and does not find it is skipped, with the reason.
+OPTIONAL_PACKAGES = {"triton": "triton", "matplotlib": "matplotlib",
+                     "sklearn": "scikit-learn", "diffusers": "diffusers"}
 
 for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
@@ -72,18 +94,32 @@ def module_path(name: str) -> pathlib.Path:
     return HERE / f"bench_{name}.py"
 
 
+def missing_optional(e: BaseException) -> Optional[str]:
+    """The reason to skip when `e` says an optional dependency is not installed, else None."""
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        top = e.name.split(".")[0]
+        if top in OPTIONAL_PACKAGES:
+            return (f"needs the optional package {OPTIONAL_PACKAGES[top]!r}, which is not "
+                    f"installed (pip install {OPTIONAL_PACKAGES[top]})")
+    return None
+
+
 def load_section(name: str):
-    """(module, None) or (None, reason it is skipped)."""
+    """(module, None, None), or (None, status, reason) with status "failed" or "skipped"."""
     path = module_path(name)
     if not path.exists():
-        return None, f"{path.relative_to(ROOT)} not found (section not written yet)"
+        return None, "failed", f"{path.relative_to(ROOT)} not found"
     try:
         mod = importlib.import_module(f"benchmarks.bench_{name}")
-    except Exception as e:  # noqa: BLE001 - any import failure means: skip, say why
-        return None, f"import of benchmarks.bench_{name} failed: {type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - reported; only a missing optional package skips
+        why = missing_optional(e)
+        if why:
+            return None, "skipped", why
+        return None, "failed", (f"import of benchmarks.bench_{name} failed: "
+                                f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
     if not callable(getattr(mod, "run", None)):
-        return None, f"benchmarks/bench_{name}.py has no run(quick, out_dir) function"
-    return mod, None
+        return None, "failed", f"benchmarks/bench_{name}.py has no run(quick, out_dir) function"
+    return mod, None, None
 
 
 def call_run(mod, quick: bool, out_dir: pathlib.Path, options: dict) -> Tuple[dict, dict]:
@@ -331,11 +367,18 @@ MARKDOWN_HEADER = (
 )
 
 
-def update_markdown(path: pathlib.Path, section: str, body: str) -> str:
-    """(Re)writes the generated block of `section` in `path`; returns 'created',
-    'appended' or 'replaced'. Raises ValueError on malformed markers (nothing written)."""
+def readme_markers(block: str) -> Tuple[str, str]:
+    """The markers of a README block a section names itself (``result["readme"]``)."""
+    return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+
+
+def update_markdown(path: pathlib.Path, section: str, body: str,
+                    marker_pair: Optional[Tuple[str, str]] = None) -> str:
+    """(Re)writes the generated block of `section` in `path` (between `markers(section)`,
+    or `marker_pair`); returns 'created', 'appended' or 'replaced'. Raises ValueError on
+    malformed markers (nothing written)."""
     path = pathlib.Path(path)
-    start, end = markers(section)
+    start, end = marker_pair or markers(section)
     block = f"{start}\n{body.strip()}\n{end}"
     if path.exists():
         text = path.read_text()
@@ -449,16 +492,88 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--impls", type=_str_list, default=None, help="e.g. fused,eager,compile")
     g.add_argument("--no-distilled", action="store_true",
                    help="solvers section: skip fitting the distilled solvers on the demo model")
+    g.add_argument("--models", type=_str_list, default=None,
+                   help="models of the sections that take them, in each section's own names "
+                        "(speedup: gmm,gaussian,digits-unet)")
+    g.add_argument("--time-budget-s", type=float, default=None,
+                   help="speedup section: distill(..., time_budget_s=...) per distillation")
     return ap.parse_args(argv)
+
+
+def write_readme(path: pathlib.Path, name: str, result: dict, info: dict) -> Optional[str]:
+    """Writes the section's README block: the block it names itself (``result["readme"]``),
+    else its first table between ``bench:readme-NAME`` markers. Returns a message or None."""
+    own = result.get("readme")
+    tables = section_tables(result)
+    if isinstance(own, dict) and own.get("block"):
+        t = tables[int(own.get("table", 0))]
+        lines = [f"_{machine_line(info)}; `{info['command']}`_", "", markdown_table(t), ""]
+        lines += [f"- {n}" for n in own.get("notes") or []]
+        how = update_markdown(path, name, "\n".join(lines), readme_markers(own["block"]))
+        return f"README block {own['block']!r} {how} in {path}"
+    if not tables:
+        return None
+    head = tables[0]
+    body = (f"_{head['title']}_ — {machine_line(info)}; `{info['command']}`\n\n"
+            f"{markdown_table(head)}\n")
+    how = update_markdown(path, f"readme-{name}", body)
+    return f"headline table {how} in {path}"
+
+
+def run_section(name: str, args, options: dict, info: dict, out_dir: pathlib.Path) -> dict:
+    """Runs one section, prints and writes its outputs; returns its entry for machine.json
+    (status "ok", "failed" or "skipped")."""
+    mod, status, why = load_section(name)
+    if mod is None:
+        print(f"{status}: {why}", file=sys.stderr if status == "failed" else sys.stdout)
+        return dict(status=status, reason=why.splitlines()[0])
+    t0, started = time.perf_counter(), time.time()
+    try:
+        result, passed = call_run(mod, args.quick, out_dir, options)
+    except Exception as e:  # noqa: BLE001 - report, keep going with the other sections
+        skip = missing_optional(e)
+        if skip:
+            print(f"skipped: {skip}")
+            return dict(status="skipped", reason=skip)
+        print(traceback.format_exc(), file=sys.stderr)
+        return dict(status="failed", reason=f"{type(e).__name__}: {e}",
+                    wall_time_s=time.perf_counter() - t0)
+    if result.get("skipped"):
+        print(f"skipped: {result['skipped']}")
+        return dict(status="skipped", reason=str(result["skipped"]))
+    wall = time.perf_counter() - t0
+    result.setdefault("wall_time_s", wall)
+    json_path = out_dir / f"{name}.json"
+    if not json_path.exists() or json_path.stat().st_mtime < started - 1:
+        with open(json_path, "w") as f:  # the section did not write its own JSON
+            json.dump(result, f, indent=1, default=str)
+    print()
+    print(render_text(name, result))
+    print(f"\n[{name}] {wall:.1f} s; wrote {json_path}")
+    entry = dict(status="ok", wall_time_s=wall, options=passed, json=str(json_path))
+    for kind, path in (("markdown", args.markdown), ("readme", args.readme)):
+        if not path:
+            continue
+        try:
+            if kind == "markdown":
+                body = markdown_body(name, result, info, out_dir, path)
+                msg = f"markdown block {update_markdown(path, name, body)} in {path}"
+            else:
+                msg = write_readme(path, name, result, info)
+        except ValueError as e:
+            entry.update(status="failed", reason=f"{kind} not written: {e}")
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        if msg:
+            print(f"[{name}] {msg}")
+            entry[kind] = msg
+    return entry
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     known = known_sections()
-    if args.all:
-        wanted = known
-    else:
-        wanted = args.sections or list(DEFAULT_SECTIONS)
+    wanted = known if args.all else (args.sections or list(DEFAULT_SECTIONS))
     unknown = [s for s in wanted if s not in known]
     if unknown:
         print(f"error: unknown section(s) {', '.join(unknown)}; known: {', '.join(known)}",
@@ -490,58 +605,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_machine()
     options = dict(device=args.device, backend=args.backend, sizes=args.sizes, ks=args.ks,
                    dtypes=args.dtypes, repeats=args.repeats, impls=args.impls,
-                   threads=args.threads, demo_distilled=not args.no_distilled)
-    failed = False
+                   threads=args.threads, demo_distilled=not args.no_distilled,
+                   models=args.models, time_budget_s=args.time_budget_s)
     for name in wanted:
         print(f"\n=== section {name} ===", flush=True)
-        mod, why = load_section(name)
-        if mod is None:
-            print(f"skipped: {why}")
-            info["sections"][name] = dict(status="skipped", reason=why)
-            write_machine()
-            continue
-        t0, started = time.perf_counter(), time.time()
-        try:
-            result, passed = call_run(mod, args.quick, out_dir, options)
-        except Exception as e:  # noqa: BLE001 - report, keep going with the other sections
-            failed = True
-            tb = traceback.format_exc()
-            print(tb, file=sys.stderr)
-            info["sections"][name] = dict(status="failed", error=f"{type(e).__name__}: {e}",
-                                          wall_time_s=time.perf_counter() - t0)
-            write_machine()
-            continue
-        wall = time.perf_counter() - t0
-        result.setdefault("wall_time_s", wall)
-        json_path = out_dir / f"{name}.json"
-        if not json_path.exists() or json_path.stat().st_mtime < started - 1:
-            with open(json_path, "w") as f:  # the section did not write its own JSON
-                json.dump(result, f, indent=1, default=str)
-        print()
-        print(render_text(name, result))
-        print(f"\n[{name}] {wall:.1f} s; wrote {json_path}")
-        entry = dict(status="ok", wall_time_s=wall, options=passed, json=str(json_path))
-        if args.markdown:
-            body = markdown_body(name, result, info, out_dir, args.markdown)
-            try:
-                how = update_markdown(args.markdown, name, body)
-            except ValueError as e:
-                failed = True
-                print(f"error: {e}", file=sys.stderr)
-                entry["markdown"] = f"not written: {e}"
-            else:
-                print(f"[{name}] markdown block {how} in {args.markdown}")
-                entry["markdown"] = f"{how} in {args.markdown}"
-        if args.readme:
-            # The README shows each section's headline table; BENCHMARKS.md has the rest.
-            tables = section_tables(result)
-            if tables:
-                head = tables[0]
-                body = (f"_{head['title']}_ — {machine_line(info)}; `{info['command']}`\n\n"
-                        f"{markdown_table(head)}\n")
-                how = update_markdown(args.readme, f"readme-{name}", body)
-                print(f"[{name}] headline table {how} in {args.readme}")
-        info["sections"][name] = entry
+        info["sections"][name] = run_section(name, args, options, info, out_dir)
         write_machine()
 
     print("\nsummary: " + "; ".join(
@@ -549,7 +617,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         + (f" ({e['reason']})" if e.get("reason") else "")
         for n, e in info["sections"].items()))
     print(f"machine info: {out_dir / 'machine.json'}")
-    return 1 if failed else 0
+    failed = [n for n, e in info["sections"].items() if e["status"] == "failed"]
+    if failed:
+        print(f"error: section(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -56,11 +56,12 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..branches import BranchRunner
+from ..branches import BranchRunner, runner_for
 from ..ops import epd_step
 from ..params import EPDParams, epd_latency_nfe, epd_total_evaluations
 from ..reference import opmath_dtype
 from .common import call_denoiser, denoise
+from .counting import unwrap_counter
 from .ipndm import AB_COEFFS, ab_direction, push_history
 
 __all__ = ["epd_sampler", "ipndm_direction", "IPNDM_COEFFS", "epd_latency_nfe",
@@ -105,11 +106,15 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
             on step 0 the implied ``x - sigma * d_0``), ``grads`` ``[K, B, ...]``.
         progress: show a tqdm progress bar.
         return_trajectory: also return ``[x_0, ..., x_S]``.
-        use_cuda_graph: see `BranchRunner` (default: on for CUDA tensors without autograd).
+        use_cuda_graph: see `BranchRunner`. None (default): graphs as ``EPD_KERNELS_GRAPH``
+            says (`epd_kernels.solvers.graphs`), with the runner cached across calls
+            (`epd_kernels.branches.runner_for`).
         afs, max_order: must agree with / override the params' values (afs must match:
             params are distilled for one setting; max_order defaults to params.max_order).
-        runner: a `BranchRunner(denoiser, K)` to reuse (keeps its static buffers and
-            captured graph across calls); it must wrap this same denoiser.
+        runner: a `BranchRunner(denoiser, K)` to use (keeps its static buffers and
+            captured graph across calls); it must wrap this same denoiser. A
+            `CountingDenoiser` is unwrapped: the runner wraps the user's denoiser and
+            reports its logical calls to the counter (a replayed graph runs no Python).
         **cond: conditioning keywords for the denoiser (``class_labels=...``); tensors with
             leading dim B are repeated for the branch batch.
 
@@ -130,14 +135,24 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
     if not 1 <= max_order <= 4:
         raise ValueError(f"max_order must be in 1..4, got {max_order}")
     K, S = params.num_points, params.num_steps
+    raw, counter = unwrap_counter(denoiser)
     if runner is None:
-        runner = BranchRunner(denoiser, K, use_cuda_graph=use_cuda_graph)
+        runner = (runner_for(raw, K, x) if use_cuda_graph is None
+                  else BranchRunner(raw, K, use_cuda_graph=use_cuda_graph))
     elif runner.num_points != K:
         raise ValueError(f"runner has K = {runner.num_points} but params have K = {K}")
-    elif runner.denoiser is not denoiser:
+    elif runner.denoiser is not raw:
         raise ValueError("runner was built for another denoiser: pass "
                          "BranchRunner(denoiser, K) for this one")
+    with runner.counting(counter):
+        return _epd_loop(denoiser, x, sig, sigmas, params, plugin, max_order, runner, callback,
+                         progress, return_trajectory, cond)
 
+
+def _epd_loop(denoiser, x, sig, sigmas, params, plugin, max_order, runner, callback, progress,
+              return_trajectory, cond):
+    """The sampling loop of `epd_sampler` (arguments checked there)."""
+    S = params.num_steps
     device = x.device
     sdt = opmath_dtype(x.dtype)  # dtype of the sigma tensors handed to the denoiser
     # A grid that requires grad (a learned grid) is used as tensors; otherwise as floats.

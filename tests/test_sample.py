@@ -3,8 +3,6 @@
 The counts are measured by an independent counter wrapped around the model here (not by
 the library's own CountingDenoiser), and compared with the budget.
 """
-import importlib
-
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
@@ -16,19 +14,6 @@ from epd_kernels.sampling import nfe_to_steps, parallel_calls, solver_names, val
 BASELINES = ["euler", "ddim", "heun", "dpm2", "dpmpp3m", "unipc", "ipndm", "deis"]
 TWO_PER_STEP = {"heun", "dpm2"}
 BUDGETS = [3, 4, 5, 6, 7, 9]
-
-
-def _epd_available():
-    try:
-        importlib.import_module("epd_kernels.solvers.epd")
-        importlib.import_module("epd_kernels.params")
-        return True, ""
-    except Exception as e:  # noqa: BLE001 - any import failure means "not there yet"
-        return False, f"epd_kernels.solvers.epd is not importable yet ({type(e).__name__}: {e})"
-
-
-EPD_OK, EPD_WHY = _epd_available()
-needs_epd = pytest.mark.skipif(not EPD_OK, reason=EPD_WHY)
 
 
 class Spy:
@@ -250,7 +235,6 @@ def test_hypothesis_random_schedules(model, choice, raw, batch, shape, dtype):
     assert spy.calls == nfe == stats.latency_nfe and stats.steps == steps
 
 
-@needs_epd
 @pytest.mark.parametrize("name", ["epd", "epd-ipndm"])
 @pytest.mark.parametrize("K", [1, 2, 3])
 def test_epd_budgets(model, name, K):
@@ -273,7 +257,6 @@ def test_epd_budgets(model, name, K):
             sample(model, noise, solver=name, nfe=nfe + 2, params=params)
 
 
-@needs_epd
 def test_epd_requires_matching_params(model):
     from epd_kernels.params import EPDParams
 
@@ -291,7 +274,6 @@ def test_epd_requires_matching_params(model):
     assert x.shape == noise.shape
 
 
-@needs_epd
 def test_params_solvers_default_to_the_params_nfe(model):
     """Without nfe, a solver with params runs at the params' own budget (not the plain
     solvers' default 5); an explicit nfe must still match."""

@@ -46,6 +46,7 @@ from torch.utils import _pytree as pytree
 
 from .ops import branch_states, branch_states_into
 from .reference import opmath_dtype
+from .solvers.counting import unwrap_counter
 from .solvers.graphs import (GRAPH_ENV, DenoiserKey, device_guard, graph_mode,
                              strategy_for)
 
@@ -150,7 +151,9 @@ class BranchRunner:
     """Evaluates K branch gradients of one EPD step with one batched denoiser call.
 
     Args:
-        denoiser: ``D(x [N, ...], sigma [N], **cond) -> x0_hat [N, ...]``.
+        denoiser: ``D(x [N, ...], sigma [N], **cond) -> x0_hat [N, ...]``; a
+            `CountingDenoiser` is unwrapped (``runner.denoiser`` is the model inside) and
+            gets the runner's logical calls.
         num_points: K.
         use_cuda_graph: None (follow ``graph``), False (never capture) or True (CUDA
             graphs; ValueError for tensors that are not on a CUDA device).
@@ -168,7 +171,9 @@ class BranchRunner:
                  graph_strategy: Any = None, graph: Optional[str] = None):
         if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
             raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}")
-        self.denoiser = denoiser
+        # A counting wrapper never goes into a graph: the runner calls the model and
+        # reports its logical calls to the wrapper's counts instead.
+        self.denoiser, self._own_counter = unwrap_counter(denoiser)
         self.num_points = num_points
         self.use_cuda_graph = use_cuda_graph
         self.graph_strategy = graph_strategy
@@ -344,8 +349,9 @@ class BranchRunner:
     def _record(self, rows: int) -> None:
         self.calls += 1
         self.samples += rows
-        if self._counter is not None:
-            self._counter.count(rows)
+        counter = self._counter if self._counter is not None else self._own_counter
+        if counter is not None:
+            counter.count(rows)
 
     def run_differentiable(self, x: torch.Tensor, v: torch.Tensor, t: Scalar, tau, delta=None,
                            **cond) -> torch.Tensor:

@@ -274,3 +274,19 @@ def test_bad_arguments():
         runner.run(x, v, 1.0, torch.tensor([0.5, 0.2, 0.1], dtype=F64))
     with pytest.raises(ValueError, match="v must"):
         runner.run(x, v[:1], 1.0, torch.tensor([0.5, 0.2], dtype=F64))
+
+
+def test_counting_wrapper_is_unwrapped_and_counts_replays():
+    """A CountingDenoiser given to the runner is never captured: replays run no Python,
+    yet every logical call is counted (1 call, K evaluations each)."""
+    from epd_kernels.solvers.counting import CountingDenoiser
+
+    den = Recorder()
+    counter = CountingDenoiser(den, batch_size=2)
+    runner = BranchRunner(counter, 3, graph_strategy=SimulatedGraphStrategy())
+    assert runner.denoiser is den
+    x, v = inputs(2)
+    for _ in range(4):
+        runner.run(x, v, 1.0, torch.tensor([0.9, 0.5, 0.2], dtype=F64))
+    assert (counter.calls, counter.evaluations) == (4, 12)
+    assert len(den.calls) == 3 and runner.replays == 4

@@ -50,7 +50,7 @@ from .noise import make_noise
 from .solvers import schedules as _schedules
 from .solvers import solve_graph as _solve_graph
 from .solvers.counting import CountingDenoiser, SampleStats, parallel_calls
-from .solvers.graphs import DenoiserKey, graph_mode
+from .solvers.graphs import DenoiserKey, device_guard, graph_mode
 from .solvers.registry import (_SOLVERS, all_option_names, is_explicit, nfe_to_steps,
                                register_solver, resolve_afs, resolve_sigmas, solver_names,
                                solver_options, spec, steps_to_nfe, valid_budgets)
@@ -147,7 +147,7 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
     if sync:
         torch.cuda.synchronize(noise.device)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), device_guard(noise.device):   # launches go to noise's device
         out, captures, replays = _run(fn, s, denoiser, counter, noise, sigmas, params,
                                       {**extra, **opts}, cond, mode, graph, callback, progress)
     if sync:

@@ -7,9 +7,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from epd_kernels import CountingDenoiser, get_sigmas, make_noise, sample
+from epd_kernels import get_sigmas, make_noise, sample
 from epd_kernels.models import GaussianMixtureModel, GaussianModel
-from epd_kernels.sampling import nfe_to_steps, parallel_calls, solver_names, valid_budgets
+from epd_kernels.solvers.counting import CountingDenoiser, parallel_calls
+from epd_kernels.solvers.registry import nfe_to_steps, solver_names, valid_budgets
 
 BASELINES = ["euler", "ddim", "heun", "dpm2", "dpmpp3m", "unipc", "ipndm", "deis"]
 TWO_PER_STEP = {"heun", "dpm2"}
@@ -318,7 +319,7 @@ def test_options_reach_the_solver(model):
 
 
 def test_unknown_option_lists_the_valid_ones(model):
-    from epd_kernels.sampling import solver_options
+    from epd_kernels.solvers.registry import solver_options
 
     noise = make_noise([0], (5,))
     assert solver_options("unipc") == ("lower_order_final", "max_step_ratio", "order", "variant")

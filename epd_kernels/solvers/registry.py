@@ -11,6 +11,7 @@ from the function's signature, so a solver gains an option by gaining a keyword.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import numbers
@@ -54,6 +55,7 @@ class SolverSpec:
         except ImportError as e:
             raise ImportError(f"solver {self.name!r} needs {module} ({e})") from e
 
+    @functools.lru_cache(maxsize=None)
     def options(self) -> tuple:
         """The option names this solver takes (sorted), from its function's signature."""
         sig = inspect.signature(self.load())

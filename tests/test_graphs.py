@@ -122,6 +122,24 @@ def test_branch_graphs_count_true_and_capture_once(model, solver, nfe, monkeypat
             assert python_calls == latency
 
 
+@pytest.mark.parametrize("nfe", range(3, 10))
+def test_paradigms_counts_under_the_stand_in(model, nfe, monkeypatch):
+    """ParaDiGMS has no graph path: under simulate every batched round runs in Python,
+    latency = nfe rounds (window <= substeps forces all of them) and the total is the sum
+    of the window sizes that `run_paradigms` reports for the same grid."""
+    from epd_kernels.solvers.paradigms import paradigms_grid, run_paradigms
+
+    noise = make_noise(range(2), (5,), dtype=F64)
+    opts = {"window": 4, "substeps": 4}
+    spy, x, st = _run(model, "paradigms", nfe, None, noise, monkeypatch, "simulate",
+                      options=opts)
+    fine = paradigms_grid(get_sigmas("polynomial", nfe), 4)
+    ref, ps = run_paradigms(model, noise * 80.0, fine, window=4, max_rounds=nfe)
+    assert (st.latency_nfe, st.total_evals) == (nfe, ps.evaluations) == (ps.rounds, spy.samples // 2)
+    assert spy.calls == nfe and st.graph_captures == st.graph_replays == 0
+    torch.testing.assert_close(x, ref, rtol=0, atol=0)
+
+
 SOLVE_CASES = [(s, n) for s, n in CASES if n in (3, 4, 5, 9) and s not in ("amed", "amed-ipndm")]
 SOLVE_CASES += [("amed", 5), ("amed-ipndm", 7)]
 

@@ -511,3 +511,35 @@ def test_sample_entry_point(solver, plugin):
     want = epd_sampler(smooth_denoiser, z * float(sig[0]), sig, params=p)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     assert stats.latency_nfe == 5 and stats.total_evals == (2 + 1) * 3 - 1
+
+
+def test_two_state_buffers_when_the_step_writes_into_out(monkeypatch):
+    """With a fused step that takes ``out=`` the no-grad loop alternates two buffers (no
+    state allocated per step) and gives the same result; with a callback it does not."""
+    from epd_kernels.solvers import epd as epd_module
+
+    plain = epd_module.epd_step
+    outs = []
+
+    def step_with_out(x, grads, weights, h, o=0.0, out=None):
+        y = plain(x, grads, weights, h, o)
+        if out is None:
+            return y
+        outs.append(out.data_ptr())
+        return out.copy_(y)
+
+    from epd_kernels.solvers.schedules import get_sigmas
+
+    sig = get_sigmas("polynomial", 5)
+    p = random_params(sig, 3, plugin=True)
+    x = noise((4, 3))
+    want = epd_sampler(smooth_denoiser, x, sig, params=p, use_cuda_graph=False)
+    monkeypatch.setattr(epd_module, "epd_step", step_with_out)
+    with torch.no_grad():
+        got = epd_sampler(smooth_denoiser, x, sig, params=p, use_cuda_graph=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(outs) == 5 and len(set(outs)) == 2 and outs[0] != outs[1] == outs[3]
+    outs.clear()
+    with torch.no_grad():
+        epd_sampler(smooth_denoiser, x, sig, params=p, callback=lambda info: None)
+    assert outs == []      # a callback sees the states: they are not overwritten

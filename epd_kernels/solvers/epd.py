@@ -51,6 +51,7 @@ call runs without autograd on static buffers, captured in a CUDA graph on GPUs (
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, List, Optional
 
@@ -149,6 +150,17 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
                          progress, return_trajectory, cond)
 
 
+def _state_buffers(x: torch.Tensor, private: bool):
+    """Two state buffers for the no-grad path, or None. Used when the fused step can write
+    into a caller's buffer (``out=``) and no callback or trajectory keeps the states, so
+    the loop allocates no state per step."""
+    if torch.is_grad_enabled() or not private or x.requires_grad:
+        return None
+    if "out" not in inspect.signature(epd_step).parameters:
+        return None
+    return torch.empty_like(x), torch.empty_like(x)
+
+
 def _epd_loop(denoiser, x, sig, sigmas, params, plugin, max_order, runner, callback, progress,
               return_trajectory, cond):
     """The sampling loop of `epd_sampler` (arguments checked there)."""
@@ -171,6 +183,7 @@ def _epd_loop(denoiser, x, sig, sigmas, params, plugin, max_order, runner, callb
 
     trajectory = [x] if return_trajectory else None
     history: List[torch.Tensor] = []
+    states = _state_buffers(x, callback is None and trajectory is None)
     for n in steps:
         t, t_next = ts[n], ts[n + 1]
         h = t_next - t
@@ -197,7 +210,10 @@ def _epd_loop(denoiser, x, sig, sigmas, params, plugin, max_order, runner, callb
         else:
             g = runner.run(x, v, t, tau, delta, **cond)
         # x_{n+1} = x_n + (1 + o_n) h sum_k lambda_k g_k   (fused, differentiable)
-        x_next = epd_step(x, g, w, h, o)
+        if states is None:
+            x_next = epd_step(x, g, w, h, o)
+        else:       # x_{n+1} over x_{n-1}: nothing outside the loop holds the old states
+            x_next = epd_step(x, g, w, h, o, out=states[n % 2])
         if plugin:
             push_history(history, d, max_order)
         if callback is not None:

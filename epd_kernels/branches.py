@@ -47,8 +47,8 @@ from torch.utils import _pytree as pytree
 from .ops import branch_states, branch_states_into
 from .reference import opmath_dtype
 from .solvers.counting import unwrap_counter
-from .solvers.graphs import (GRAPH_ENV, DenoiserKey, device_guard, graph_mode,
-                             strategy_for)
+from .solvers.graphs import (GRAPH_ENV, DenoiserKey, check_cond_device, device_guard,
+                             graph_mode, strategy_for)
 
 __all__ = ["BranchRunner", "repeat_cond", "check_cond_device", "runner_for",
            "clear_graph_cache", "capture_failed", "remember_capture_failure"]
@@ -71,17 +71,6 @@ def repeat_cond(cond: dict, batch: int, num_points: int) -> dict:
     with leading dim B are repeated k-major; other leaves pass through. Differentiable."""
     return pytree.tree_map(
         lambda v: torch.cat([v] * num_points, 0) if _is_batch_tensor(v, batch) else v, cond)
-
-
-def check_cond_device(cond: dict, device: torch.device) -> None:
-    """ValueError naming the keyword if a conditioning tensor is not on ``device`` (a graph
-    would otherwise capture a copy on the wrong device, or fail inside the capture)."""
-    device = torch.device(device)
-    for name, value in cond.items():
-        for leaf in pytree.tree_leaves(value):
-            if isinstance(leaf, torch.Tensor) and leaf.device != device:
-                raise ValueError(f"conditioning {name!r} has a tensor on {leaf.device} but x is "
-                                 f"on {device}: move the conditioning to x's device")
 
 
 def _freeze(v: Any):
@@ -219,13 +208,12 @@ class BranchRunner:
         sigma = ((1.0 + delta_bk) * tau_bk).t().reshape(K * B)
         return c, sigma, tau_bk.t().reshape(K * B)
 
-    def _check_inputs(self, x, v, cond):
+    def _check_inputs(self, x, v):
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise ValueError("x must be a tensor of shape [B, ...]")
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
             raise ValueError(f"v must have the shape of x {list(x.shape)}, got "
                              f"{list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
-        check_cond_device(cond, x.device)
 
     def _strategy_for(self, device):
         """The graph strategy for tensors on `device`, or None (eager)."""
@@ -317,13 +305,16 @@ class BranchRunner:
             t: current sigma (float, 0-d or [B] tensor).
             tau: branch sigmas, ``[K]`` or ``[B, K]``.
             delta: sigma perturbations, None, ``[K]`` or ``[B, K]``.
-            **cond: conditioning for the denoiser (see `repeat_cond`), on x's device.
+            **cond: conditioning for the denoiser (see `repeat_cond`); with a graph, on
+                x's device (ValueError otherwise, before anything is captured).
         """
-        self._check_inputs(x, v, cond)
+        self._check_inputs(x, v)
         B, K = x.shape[0], self.num_points
         with torch.no_grad(), device_guard(x.device):
             c, sigma, tau_flat = self._branch_scalars(x, t, tau, delta)
             strategy = self._strategy_for(x.device)
+            if strategy is not None:   # a graph would hold a copy on the wrong device
+                check_cond_device(cond, x.device)
             leaves, spec = pytree.tree_flatten(cond)
             key = (tuple(x.shape), x.dtype, x.device, K, sigma.dtype, strategy is not None,
                    spec, tuple(_leaf_signature(v_, B) for v_ in leaves))
@@ -356,7 +347,7 @@ class BranchRunner:
     def run_differentiable(self, x: torch.Tensor, v: torch.Tensor, t: Scalar, tau, delta=None,
                            **cond) -> torch.Tensor:
         """Same result as `run`, differentiable in x, v, tau, delta, cond and the denoiser."""
-        self._check_inputs(x, v, cond)
+        self._check_inputs(x, v)
         B, K = x.shape[0], self.num_points
         c, sigma, tau_flat = self._branch_scalars(x, t, tau, delta)
         states = branch_states(x, v, c).reshape((K * B,) + tuple(x.shape[1:]))

@@ -50,7 +50,8 @@ from .noise import make_noise
 from .solvers import schedules as _schedules
 from .solvers import solve_graph as _solve_graph
 from .solvers.counting import CountingDenoiser, SampleStats, parallel_calls
-from .solvers.graphs import DenoiserKey, device_guard, graph_mode
+from .solvers.graphs import (DenoiserKey, check_cond_device, device_guard, graph_mode,
+                             strategy_for)
 from .solvers.registry import (_SOLVERS, all_option_names, is_explicit, nfe_to_steps,
                                register_solver, resolve_afs, resolve_sigmas, solver_names,
                                solver_options, spec, steps_to_nfe, valid_budgets)
@@ -121,8 +122,9 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
         graph: None (the EPD branch call is captured as ``EPD_KERNELS_GRAPH`` says) or
             "solve" (the whole loop captured once per shape and replayed; no callback or
             progress; not for ParaDiGMS or predictor-form AMED).
-        **cond: conditioning passed to the denoiser (e.g. ``class_labels``), on noise's
-            device; may be nested (dicts, lists, tuples of tensors).
+        **cond: conditioning passed to the denoiser (e.g. ``class_labels``); may be nested
+            (dicts, lists, tuples of tensors). Where a graph is captured it must be on
+            noise's device (ValueError before the capture).
 
     Returns:
         ``x`` at sigma_min, shaped and typed like noise; ``(x, stats)`` with return_stats.
@@ -135,9 +137,6 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
         raise ValueError(f"nfe must be an integer or None, got {nfe!r}")
     opts = _check_options(s, options, cond, denoiser)
     _check_graph(graph, s, params, callback, progress)
-    from .branches import check_cond_device
-
-    check_cond_device(cond, noise.device)
     _warn_missing_labels(denoiser, cond)
     sigmas, steps, nfe, extra = _resolve_run(s, params, nfe, schedule, afs)
 
@@ -176,6 +175,8 @@ def _run(fn, s, denoiser, counter, noise, sigmas, params, kwargs, cond, mode, gr
 
         runner = runner_for(denoiser, params.num_points, noise, mode)
         kwargs = dict(kwargs, runner=runner)
+        if strategy_for(mode, noise.device) is not None:   # refused before any call
+            check_cond_device(cond, noise.device)
     c0, r0 = (runner.captures, runner.replays) if runner is not None else (0, 0)
     x = noise * float(sigmas[0])
     if s.needs_params:

@@ -311,7 +311,22 @@ def test_conditioning_on_another_device_is_refused_before_capture(model, monkeyp
     with pytest.raises(ValueError, match="'class_labels'.*meta"):
         BranchRunner(spy, 2, graph_strategy=SimulatedGraphStrategy()).run(
             noise, noise, 1.0, torch.tensor([0.5, 0.2], dtype=F64), class_labels=labels)
+    with pytest.raises(ValueError, match="'extras'.*meta"):
+        sample(spy, noise, solver="euler", nfe=3, graph="solve", extras=[labels])
     assert spy.calls == 0
+
+
+def test_eager_paths_leave_the_conditioning_device_to_the_model(model, monkeypatch):
+    """Without a graph nothing is copied into static buffers: a model that moves its
+    conditioning itself keeps working."""
+    def D(x, sigma, class_labels=None):
+        return model(x, sigma, class_labels=class_labels.to(x.device))
+
+    noise = make_noise(range(2), (5,), dtype=F64)
+    labels = torch.tensor([0, 2], device="meta")
+    monkeypatch.setenv("EPD_KERNELS_GRAPH", "off")
+    with pytest.raises(NotImplementedError):   # reached the model: meta cannot go to the CPU
+        sample(D, noise, solver="epd", params=_params("epd", 5), class_labels=labels)
 
 
 # --------------------------------------------------------------------------------------

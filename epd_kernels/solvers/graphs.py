@@ -28,9 +28,10 @@ import weakref
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from torch.utils import _pytree
 
 __all__ = ["GRAPH_ENV", "GRAPH_MODES", "graph_mode", "CudaGraphStrategy",
-           "SimulatedGraphStrategy", "strategy_for", "device_guard", "DenoiserKey"]
+           "SimulatedGraphStrategy", "strategy_for", "device_guard", "check_cond_device", "DenoiserKey"]
 
 GRAPH_ENV = "EPD_KERNELS_GRAPH"
 LEGACY_ENV = "EPD_KERNELS_NO_CUDA_GRAPH"
@@ -61,6 +62,17 @@ def device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def check_cond_device(cond: dict, device: torch.device) -> None:
+    """ValueError naming the keyword if a conditioning tensor is not on ``device`` (a graph
+    would otherwise capture a copy on the wrong device, or fail inside the capture)."""
+    device = torch.device(device)
+    for name, value in cond.items():
+        for leaf in _pytree.tree_leaves(value):
+            if isinstance(leaf, torch.Tensor) and leaf.device != device:
+                raise ValueError(f"conditioning {name!r} has a tensor on {leaf.device} but x is "
+                                 f"on {device}: move the conditioning to x's device")
 
 
 class _Captured:

@@ -29,7 +29,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .counting import CountingDenoiser
-from .graphs import GRAPH_ENV, DenoiserKey, device_guard, strategy_for
+from .graphs import GRAPH_ENV, DenoiserKey, check_cond_device, device_guard, strategy_for
 
 __all__ = ["solve", "clear", "unsupported_reason"]
 
@@ -104,6 +104,7 @@ def solve(fn: Callable, denoiser: Callable, counter: CountingDenoiser, x: torch.
     cls = strategy_for(mode, x.device)
     if cls is None:
         return None
+    check_cond_device(cond, x.device)
     dev_fields = _DEVICE_FIELDS.get(type(params).__name__, ()) if params is not None else ()
     leaves, spec = pytree.tree_flatten(cond)
     ident = DenoiserKey(denoiser)

@@ -46,6 +46,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .branches import clear_graph_cache as _clear_branch_runners
+from .branches import runner_for
 from .noise import make_noise
 from .solvers import schedules as _schedules
 from .solvers import solve_graph as _solve_graph
@@ -84,10 +86,9 @@ GRAPHS = (None, "solve")
 
 
 def clear_graph_cache() -> None:
-    """Drops every cached branch runner and solve graph (and their memory pools)."""
-    from .branches import clear_graph_cache as clear
-
-    clear()
+    """Drops every cached branch runner and solve graph (and their memory pools), and
+    forgets which denoisers failed to capture."""
+    _clear_branch_runners()
 
 
 def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
@@ -171,8 +172,6 @@ def _run(fn, s, denoiser, counter, noise, sigmas, params, kwargs, cond, mode, gr
             return done
     runner = None
     if "runner" in inspect.signature(fn).parameters and params is not None:
-        from .branches import runner_for
-
         runner = runner_for(denoiser, params.num_points, noise, mode)
         kwargs = dict(kwargs, runner=runner)
         if strategy_for(mode, noise.device) is not None:   # refused before any call

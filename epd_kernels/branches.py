@@ -1,4 +1,4 @@
-"""K parallel branches in ONE batched denoiser call (DESIGN.md sections 1-2).
+"""K parallel branches in ONE batched denoiser call (docs/design.md, "EPD step").
 
 For one EPD step from ``t`` with direction ``v`` (``d_n``, or the iPNDM combination for the
 plugin) and branch points ``tau [K]``:
@@ -9,24 +9,26 @@ plugin) and branch points ``tau [K]``:
     g_k     = (x_k - D_k) / tau_k                       -> returned as [K, B, ...]
 
 The batch is branch-major (k-major): rows ``k*B .. k*B+B-1`` are branch k, for the states,
-the sigmas and every repeated conditioning tensor alike.
+the sigmas and every repeated conditioning tensor alike. Conditioning may be nested
+(dicts, lists, tuples of tensors, e.g. diffusers' ``added_cond_kwargs``): every tensor
+leaf with leading dim B is repeated.
 
 `BranchRunner.run` (no autograd) writes the states with `branch_states_into` straight into
-a static ``[K*B, ...]`` input buffer, fills a static sigma buffer ``[K*B]`` and static
-conditioning buffers, and calls the denoiser once. A *graph strategy* may capture that call
-(and the ``g`` arithmetic) once and replay it every step:
+a static ``[K*B, ...]`` input buffer, fills static sigma and conditioning buffers, and
+calls the denoiser once. With graphs on (`epd_kernels.solvers.graphs`: CUDA graphs for
+CUDA tensors, or the CPU stand-in under ``EPD_KERNELS_GRAPH=simulate``) that call and the
+``g`` arithmetic are captured once per key and replayed every step. The key is the shape,
+dtype and device of x, K, and the structure of the conditioning with the shapes and
+dtypes of its tensors (plus the values of non-tensor leaves); a change re-allocates the
+buffers and captures again. The result is copied out of the static output, so a later
+replay cannot overwrite it.
 
-* `CudaGraphStrategy` (default for CUDA tensors): warm-up on a side stream, capture into a
-  ``torch.cuda.CUDAGraph``, replay. Opt out with ``use_cuda_graph=False`` or the
-  environment variable ``EPD_KERNELS_NO_CUDA_GRAPH=1`` (which wins over everything).
-* `EagerGraphStrategy`: records the callable and counts captures and replays; each replay
-  recomputes and overwrites one static output tensor, exactly like a real graph. It lets
-  the CPU tests check buffer reuse, copy-in / copy-out and re-capture.
-
-A capture is keyed by the shape, dtype and device of x, K, and the names, shapes and dtypes
-of the conditioning tensors (plus the values of non-tensor conditioning); any change
-re-allocates the buffers and captures again. The result is always copied out of the static
-output before it is returned, so a later replay cannot overwrite it.
+The runner counts its logical calls itself (``calls``, ``samples``) and reports each to
+the `CountingDenoiser` given with `counting`, so counts are right whether the call ran
+in Python or was a replay. `runner_for` keeps one runner per (denoiser, K, shape, dtype,
+device, graph mode) in a bounded cache, so repeated `sample()` calls reuse one capture
+and one memory pool; `clear_graph_cache` empties it. A denoiser whose capture failed is
+remembered and runs eagerly from then on.
 
 `BranchRunner.run_differentiable` is the autograd path (distillation): `branch_states` and
 ``torch.cat`` of the conditioning, no static buffers, so gradients reach r (through tau),
@@ -34,128 +36,30 @@ delta, x, v and the denoiser.
 """
 from __future__ import annotations
 
-import os
+import collections
+import contextlib
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, List, Optional, Union
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .ops import branch_states, branch_states_into
 from .reference import opmath_dtype
+from .solvers.counting import unwrap_counter
+from .solvers.graphs import (GRAPH_ENV, DenoiserKey, check_cond_device, device_guard,
+                             graph_mode, strategy_for)
 
-__all__ = [
-    "BranchRunner",
-    "CudaGraphStrategy",
-    "EagerGraphStrategy",
-    "repeat_cond",
-    "cuda_graphs_disabled_by_env",
-    "resolve_use_cuda_graph",
-]
-
-ENV_NO_CUDA_GRAPH = "EPD_KERNELS_NO_CUDA_GRAPH"
+__all__ = ["BranchRunner", "repeat_cond", "check_cond_device", "runner_for",
+           "clear_graph_cache", "capture_failed", "remember_capture_failure"]
 
 Scalar = Union[float, torch.Tensor]
 
-
-# --------------------------------------------------------------------------------------
-# graph strategies: capture(fn) -> an object with .replay() -> the static output tensor
-
-
-class _EagerCaptured:
-    def __init__(self, fn, owner):
-        self.fn = fn
-        self.owner = owner
-        self.output: Optional[torch.Tensor] = None
-
-    def replay(self) -> torch.Tensor:
-        self.owner.replays += 1
-        out = self.fn()
-        if self.output is None:
-            self.output = out
-        else:  # like a CUDA graph: the same output memory is overwritten on every replay
-            self.output.copy_(out)
-        return self.output
-
-
-class EagerGraphStrategy:
-    """A stand-in for CUDA graphs on any device: records the callable, counts, replays it.
-
-    ``captures`` / ``replays`` count the calls; ``captured_fns`` lists what was captured.
-    """
-
-    name = "eager-graph"
-
-    def __init__(self):
-        self.captures = 0
-        self.replays = 0
-        self.captured_fns: list = []
-
-    def capture(self, fn: Callable[[], torch.Tensor]) -> _EagerCaptured:
-        self.captures += 1
-        self.captured_fns.append(fn)
-        return _EagerCaptured(fn, self)
-
-
-class _CudaCaptured:  # pragma: no cover - needs a GPU
-    def __init__(self, graph, output, owner):
-        self.graph = graph
-        self.output = output
-        self.owner = owner
-
-    def replay(self) -> torch.Tensor:
-        self.owner.replays += 1
-        self.graph.replay()
-        return self.output
-
-
-class CudaGraphStrategy:  # pragma: no cover - needs a GPU
-    """Warm up on a side stream, capture one ``torch.cuda.CUDAGraph``, replay it.
-
-    The warm-up runs let lazy initialisation (cuDNN autotuning, allocator growth) happen
-    outside the capture, as the PyTorch CUDA-graph guide requires.
-    """
-
-    name = "cuda-graph"
-
-    def __init__(self, warmup: int = 2, pool=None):
-        self.warmup = warmup
-        self.pool = pool
-        self.captures = 0
-        self.replays = 0
-
-    def capture(self, fn: Callable[[], torch.Tensor]) -> _CudaCaptured:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn()
-        self.captures += 1
-        return _CudaCaptured(graph, out, self)
-
-
-def cuda_graphs_disabled_by_env() -> bool:
-    return os.environ.get(ENV_NO_CUDA_GRAPH, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def resolve_use_cuda_graph(flag: Optional[bool], device: torch.device) -> bool:
-    """Whether to capture CUDA graphs: default on for CUDA devices; env var opt-out wins."""
-    device = torch.device(device)
-    if cuda_graphs_disabled_by_env():
-        return False
-    if flag is None:
-        return device.type == "cuda"
-    if flag and device.type != "cuda":
-        raise ValueError(f"use_cuda_graph=True needs CUDA tensors, got a tensor on {device} "
-                         f"(pass use_cuda_graph=None or False)")
-    return bool(flag)
+CACHE_SIZE = 8        # runners kept by runner_for (each may hold a graph and its pool)
 
 
 # --------------------------------------------------------------------------------------
-# conditioning
+# conditioning (possibly nested)
 
 
 def _is_batch_tensor(v: Any, batch: int) -> bool:
@@ -163,13 +67,10 @@ def _is_batch_tensor(v: Any, batch: int) -> bool:
 
 
 def repeat_cond(cond: dict, batch: int, num_points: int) -> dict:
-    """Conditioning for the K*B batch: tensors with leading dim B are repeated k-major.
-
-    Other values (non-tensors, 0-d tensors, tensors with another leading dim) pass through.
-    Differentiable (uses ``torch.cat``).
-    """
-    return {k: (torch.cat([v] * num_points, 0) if _is_batch_tensor(v, batch) else v)
-            for k, v in cond.items()}
+    """Conditioning for the K*B batch: tensor leaves (also inside dicts, lists, tuples)
+    with leading dim B are repeated k-major; other leaves pass through. Differentiable."""
+    return pytree.tree_map(
+        lambda v: torch.cat([v] * num_points, 0) if _is_batch_tensor(v, batch) else v, cond)
 
 
 def _freeze(v: Any):
@@ -180,16 +81,11 @@ def _freeze(v: Any):
         return ("id", id(v))
 
 
-def _cond_signature(cond: dict, batch: int):
-    sig = []
-    for k in sorted(cond):
-        v = cond[k]
-        if isinstance(v, torch.Tensor):
-            kind = "batch" if _is_batch_tensor(v, batch) else "static"
-            sig.append((k, kind, tuple(v.shape), v.dtype, v.device))
-        else:
-            sig.append((k, "object", _freeze(v)))
-    return tuple(sig)
+def _leaf_signature(v: Any, batch: int):
+    if isinstance(v, torch.Tensor):
+        kind = "batch" if _is_batch_tensor(v, batch) else "static"
+        return (kind, tuple(v.shape), v.dtype, v.device)
+    return ("object", _freeze(v))
 
 
 def _as_bk(name: str, value, batch: int, K: int, dtype, device) -> torch.Tensor:
@@ -220,6 +116,23 @@ def _as_b(name: str, value, batch: int, dtype, device) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
+# denoisers whose capture failed
+
+
+_FAILED: "collections.deque[DenoiserKey]" = collections.deque(maxlen=64)
+
+
+def capture_failed(denoiser: Callable) -> bool:
+    """Whether a graph capture of `denoiser` failed before (it then runs eagerly)."""
+    key = DenoiserKey(denoiser)
+    return any(k.matches(key) for k in _FAILED)
+
+
+def remember_capture_failure(denoiser: Callable) -> None:
+    _FAILED.append(DenoiserKey(denoiser))
+
+
+# --------------------------------------------------------------------------------------
 # the runner
 
 
@@ -227,43 +140,60 @@ class BranchRunner:
     """Evaluates K branch gradients of one EPD step with one batched denoiser call.
 
     Args:
-        denoiser: ``D(x [N, ...], sigma [N], **cond) -> x0_hat [N, ...]``.
+        denoiser: ``D(x [N, ...], sigma [N], **cond) -> x0_hat [N, ...]``; a
+            `CountingDenoiser` is unwrapped (``runner.denoiser`` is the model inside) and
+            gets the runner's logical calls.
         num_points: K.
-        use_cuda_graph: None (default: on for CUDA tensors), True or False. The
-            environment variable EPD_KERNELS_NO_CUDA_GRAPH=1 turns CUDA graphs off
-            regardless (an injected strategy is only turned off by ``False``).
-        graph_strategy: an object with ``capture(fn) -> captured`` (``captured.replay()``
-            returns the static output). Given, it is used on any device (tests inject
-            `EagerGraphStrategy`); otherwise `CudaGraphStrategy` is used when graphs are on.
+        use_cuda_graph: None (follow ``graph``), False (never capture) or True (CUDA
+            graphs; ValueError for tensors that are not on a CUDA device).
+        graph_strategy: a strategy object (`epd_kernels.solvers.graphs`) used on any
+            device, e.g. ``SimulatedGraphStrategy()``; otherwise chosen from ``graph``.
+        graph: "auto", "off" or "simulate"; None reads ``EPD_KERNELS_GRAPH`` now.
 
     Attributes after `run`: ``input_buffer`` [K*B, ...], ``sigma_buffer`` [K*B],
-    ``tau_buffer`` [K*B, 1, ...], ``cond_buffers`` (name -> static tensor), ``captures``
-    and ``calls`` counters.
+    ``tau_buffer`` [K*B, 1, ...], ``cond_buffers`` (static tensors of the conditioning
+    leaves), and the counters ``calls`` (logical branch calls), ``samples`` (rows
+    evaluated), ``captures`` and ``replays``.
     """
 
     def __init__(self, denoiser: Callable, num_points: int, use_cuda_graph: Optional[bool] = None,
-                 graph_strategy: Any = None):
+                 graph_strategy: Any = None, graph: Optional[str] = None):
         if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
             raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}")
-        self.denoiser = denoiser
+        # A counting wrapper never goes into a graph: the runner calls the model and
+        # reports its logical calls to the wrapper's counts instead.
+        self.denoiser, self._own_counter = unwrap_counter(denoiser)
         self.num_points = num_points
         self.use_cuda_graph = use_cuda_graph
         self.graph_strategy = graph_strategy
-        self._graph_failed = False
-        self._cuda_strategy = None
+        self.graph = graph_mode(graph)
+        self._strategy = graph_strategy
+        self._counter = None
+        self.captures = 0
+        self.replays = 0
         self.reset()
 
     def reset(self) -> None:
-        """Drops the static buffers and any captured graph."""
+        """Drops the static buffers and any captured graph (the counters stay)."""
         self._key = None
         self._captured = None
+        self._fn = None
         self.input_buffer: Optional[torch.Tensor] = None
         self.sigma_buffer: Optional[torch.Tensor] = None
         self.tau_buffer: Optional[torch.Tensor] = None
-        self.cond_buffers: dict = {}
-        self._call_cond: dict = {}
-        self.captures = 0
+        self.cond_buffers: List[Optional[torch.Tensor]] = []
         self.calls = 0
+        self.samples = 0
+
+    @contextlib.contextmanager
+    def counting(self, counter):
+        """Reports every logical branch call made inside the block to ``counter`` (a
+        `CountingDenoiser`, or None)."""
+        before, self._counter = self._counter, counter
+        try:
+            yield self
+        finally:
+            self._counter = before
 
     # ------------------------------------------------------------------ helpers
 
@@ -285,55 +215,84 @@ class BranchRunner:
             raise ValueError(f"v must have the shape of x {list(x.shape)}, got "
                              f"{list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
 
-    def _graphs_on(self, device) -> bool:
-        if self._graph_failed:
-            return False
-        if self.graph_strategy is not None:  # injected (tests): on unless turned off
-            return self.use_cuda_graph is not False
-        return resolve_use_cuda_graph(self.use_cuda_graph, device)
+    def _strategy_for(self, device):
+        """The graph strategy for tensors on `device`, or None (eager)."""
+        device = torch.device(device)
+        if self.use_cuda_graph is False or capture_failed(self.denoiser):
+            return None
+        if self.use_cuda_graph and device.type != "cuda":
+            raise ValueError(f"use_cuda_graph=True needs CUDA tensors, got a tensor on {device} "
+                             f"(pass use_cuda_graph=None or False)")
+        if self._strategy is not None:
+            return self._strategy
+        cls = strategy_for("auto" if self.use_cuda_graph else self.graph, device)
+        if cls is not None:
+            self._strategy = cls()
+        return self._strategy
 
-    def _allocate(self, x, cond, sigma_dtype, graphs):
+    def _allocate(self, x, leaves, spec, sigma_dtype, graphs):
         B, K = x.shape[0], self.num_points
         self.input_buffer = torch.empty((K * B,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
         self.sigma_buffer = torch.empty(K * B, dtype=sigma_dtype, device=x.device)
         self.tau_buffer = torch.empty((K * B,) + (1,) * (x.dim() - 1), dtype=sigma_dtype,
                                       device=x.device)
-        self.cond_buffers = {}
-        call_cond = {}
-        for name, value in cond.items():
-            if isinstance(value, torch.Tensor):
-                if _is_batch_tensor(value, B):
-                    buf = torch.empty((K * B,) + tuple(value.shape[1:]), dtype=value.dtype,
-                                      device=value.device)
-                elif graphs:  # a graph reads fixed addresses: keep a static copy
-                    buf = torch.empty_like(value, memory_format=torch.contiguous_format)
-                else:         # passes through unchanged
-                    call_cond[name] = value
-                    continue
-                self.cond_buffers[name] = buf
-                call_cond[name] = buf
+        # One static buffer per tensor leaf: repeated ones always, the others only for a
+        # graph (which reads fixed addresses); without a graph those pass through.
+        self.cond_buffers = []
+        for v in leaves:
+            if _is_batch_tensor(v, B):
+                self.cond_buffers.append(torch.empty((K * B,) + tuple(v.shape[1:]),
+                                                     dtype=v.dtype, device=v.device))
+            elif isinstance(v, torch.Tensor) and graphs:
+                self.cond_buffers.append(torch.empty_like(v, memory_format=torch.contiguous_format))
             else:
-                call_cond[name] = value
-        self._call_cond = call_cond
+                self.cond_buffers.append(None)
+        self._fn = self._make_fn(leaves, spec, x.dtype)
 
-    def _fill_cond(self, cond, B):
-        K = self.num_points
-        for name, buf in self.cond_buffers.items():
-            value = cond[name]
-            if _is_batch_tensor(value, B):
-                buf.view((K,) + tuple(value.shape)).copy_(value.unsqueeze(0).expand((K,) + tuple(value.shape)))
-            else:
-                buf.copy_(value)
+    def _make_fn(self, leaves, spec, dtype):
+        """``fn(xin, sigma, tau, *tensor leaves) -> g``: the work a graph captures. It closes
+        over the non-tensor leaves only, so a replay sees whatever the buffers hold."""
+        den = self.denoiser
+        template = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+        slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
 
-    def _static_fn(self):
-        xin, sig, tau, den, cond = (self.input_buffer, self.sigma_buffer, self.tau_buffer,
-                                    self.denoiser, self._call_cond)
-
-        def fn():
-            d = den(xin, sig, **cond)
-            return ((xin - d) / tau).to(xin.dtype)
+        def fn(xin, sig, tau, *tensors):
+            vals = list(template)
+            for i, t in zip(slots, tensors):
+                vals[i] = t
+            d = den(xin, sig, **pytree.tree_unflatten(vals, spec))
+            return ((xin - d) / tau).to(dtype)
 
         return fn
+
+    def _fill(self, leaves, B):
+        """Copies the conditioning into its buffers; returns the tensor inputs of `_fn`."""
+        K = self.num_points
+        tensors = []
+        for v, buf in zip(leaves, self.cond_buffers):
+            if not isinstance(v, torch.Tensor):
+                continue
+            if buf is None:
+                tensors.append(v)
+                continue
+            if _is_batch_tensor(v, B):
+                buf.view((K,) + tuple(v.shape)).copy_(v.unsqueeze(0).expand((K,) + tuple(v.shape)))
+            else:
+                buf.copy_(v)
+            tensors.append(buf)
+        return (self.input_buffer, self.sigma_buffer, self.tau_buffer) + tuple(tensors)
+
+    def _capture(self, strategy, inputs):
+        try:
+            captured = strategy.capture(self._fn, inputs)
+        except Exception as e:
+            warnings.warn(f"epd_kernels: graph capture of the denoiser failed ({e!r}); its "
+                          f"branch calls run eagerly from now on. Set {GRAPH_ENV}=off to skip "
+                          f"the attempt.", RuntimeWarning, stacklevel=4)
+            remember_capture_failure(self.denoiser)
+            return None
+        self.captures += 1
+        return captured
 
     # ------------------------------------------------------------------ public
 
@@ -346,56 +305,44 @@ class BranchRunner:
             t: current sigma (float, 0-d or [B] tensor).
             tau: branch sigmas, ``[K]`` or ``[B, K]``.
             delta: sigma perturbations, None, ``[K]`` or ``[B, K]``.
-            **cond: conditioning for the denoiser (see `repeat_cond`).
+            **cond: conditioning for the denoiser (see `repeat_cond`); with a graph, on
+                x's device (ValueError otherwise, before anything is captured).
         """
         self._check_inputs(x, v)
         B, K = x.shape[0], self.num_points
-        with torch.no_grad():
+        with torch.no_grad(), device_guard(x.device):
             c, sigma, tau_flat = self._branch_scalars(x, t, tau, delta)
-            graphs = self._graphs_on(x.device)
-            key = (tuple(x.shape), x.dtype, x.device, K, sigma.dtype, graphs,
-                   _cond_signature(cond, B))
+            strategy = self._strategy_for(x.device)
+            if strategy is not None:   # a graph would hold a copy on the wrong device
+                check_cond_device(cond, x.device)
+            leaves, spec = pytree.tree_flatten(cond)
+            key = (tuple(x.shape), x.dtype, x.device, K, sigma.dtype, strategy is not None,
+                   spec, tuple(_leaf_signature(v_, B) for v_ in leaves))
             if key != self._key:
-                self._allocate(x, cond, sigma.dtype, graphs)
+                self._allocate(x, leaves, spec, sigma.dtype, strategy is not None)
                 self._key = key
                 self._captured = None
             branch_states_into(x.detach(), v.detach(), c, self.input_buffer)
             self.sigma_buffer.copy_(sigma)
             self.tau_buffer.view(-1).copy_(tau_flat)
-            self._fill_cond(cond, B)
-            if not graphs:  # pass-through values must be the caller's current objects
-                for name, value in cond.items():
-                    if name not in self.cond_buffers:
-                        self._call_cond[name] = value
-            self.calls += 1
-            if graphs:
+            inputs = self._fill(leaves, B)
+            self._record(K * B)
+            shape = (K, B) + tuple(x.shape[1:])
+            if strategy is not None:
                 if self._captured is None:
-                    self._captured = self._capture()
+                    self._captured = self._capture(strategy, inputs)
                 if self._captured is not None:
-                    out = self._captured.replay()
+                    self.replays += 1
                     # Copy out of the static output: the next replay overwrites it.
-                    return out.clone().view((K, B) + tuple(x.shape[1:]))
-            g = self._static_fn()()
-            return g.view((K, B) + tuple(x.shape[1:]))
+                    return self._captured.replay().clone().view(shape)
+            return self._fn(*inputs).view(shape)
 
-    def _capture(self):
-        strategy = self.graph_strategy
-        if strategy is None:
-            if self._cuda_strategy is None:
-                self._cuda_strategy = CudaGraphStrategy()
-            strategy = self._cuda_strategy
-        try:
-            captured = strategy.capture(self._static_fn())
-        except Exception as e:  # pragma: no cover - capture failures need a GPU
-            if self.graph_strategy is not None:
-                raise
-            warnings.warn(f"epd_kernels: CUDA graph capture of the denoiser failed ({e!r}); "
-                          f"running the branch call eagerly. Set {ENV_NO_CUDA_GRAPH}=1 to skip "
-                          f"the attempt.", RuntimeWarning, stacklevel=3)
-            self._graph_failed = True
-            return None
-        self.captures += 1
-        return captured
+    def _record(self, rows: int) -> None:
+        self.calls += 1
+        self.samples += rows
+        counter = self._counter if self._counter is not None else self._own_counter
+        if counter is not None:
+            counter.count(rows)
 
     def run_differentiable(self, x: torch.Tensor, v: torch.Tensor, t: Scalar, tau, delta=None,
                            **cond) -> torch.Tensor:
@@ -404,7 +351,7 @@ class BranchRunner:
         B, K = x.shape[0], self.num_points
         c, sigma, tau_flat = self._branch_scalars(x, t, tau, delta)
         states = branch_states(x, v, c).reshape((K * B,) + tuple(x.shape[1:]))
-        self.calls += 1
+        self._record(K * B)
         d = self.denoiser(states, sigma, **repeat_cond(cond, B, K))
         g = (states - d) / tau_flat.view((K * B,) + (1,) * (x.dim() - 1))
         return g.to(x.dtype).view((K, B) + tuple(x.shape[1:]))
@@ -418,18 +365,47 @@ class BranchRunner:
     def needs_grad(self, *tensors) -> bool:
         if not torch.is_grad_enabled():
             return False
-
-        def any_grad(obj):
-            if isinstance(obj, torch.Tensor):
-                return obj.requires_grad
-            if isinstance(obj, dict):
-                return any(any_grad(v) for v in obj.values())
-            if isinstance(obj, (list, tuple)):
-                return any(any_grad(v) for v in obj)
-            return False
-
-        if any_grad(tensors):
+        if any(isinstance(t, torch.Tensor) and t.requires_grad
+               for t in pytree.tree_leaves(tensors)):
             return True
         if isinstance(self.denoiser, torch.nn.Module):
             return any(p.requires_grad for p in self.denoiser.parameters())
         return False
+
+
+# --------------------------------------------------------------------------------------
+# one runner per (denoiser, K, shape, dtype, device, graph mode)
+
+
+_RUNNERS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def runner_for(denoiser: Callable, num_points: int, x: torch.Tensor,
+               graph: Optional[str] = None) -> BranchRunner:
+    """The cached runner for this denoiser, K, x's shape / dtype / device and graph mode
+    (a new one on a miss; the least recently used one is dropped beyond `CACHE_SIZE`)."""
+    mode = graph_mode(graph)
+    ident = DenoiserKey(denoiser)
+    key = (ident.key, int(num_points), tuple(x.shape), x.dtype, x.device, mode)
+    hit = _RUNNERS.get(key)
+    if hit is not None and hit[0].matches(ident):
+        _RUNNERS.move_to_end(key)
+        return hit[1]
+    runner = BranchRunner(denoiser, int(num_points), graph=mode)
+    _RUNNERS[key] = (ident, runner)
+    _RUNNERS.move_to_end(key)
+    for k in [k for k, (i, _) in _RUNNERS.items() if not i.alive()]:
+        del _RUNNERS[k]
+    while len(_RUNNERS) > CACHE_SIZE:
+        _RUNNERS.popitem(last=False)
+    return runner
+
+
+def clear_graph_cache() -> None:
+    """Drops every cached runner (their graphs and memory pools) and solve graph, and
+    forgets which denoisers failed to capture."""
+    _RUNNERS.clear()
+    _FAILED.clear()
+    from .solvers import solve_graph
+
+    solve_graph.clear()

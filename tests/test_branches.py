@@ -1,12 +1,14 @@
-"""BranchRunner: one batched call, static buffers, graph capture/replay (eager strategy on
-CPU), copy-out, re-capture rules, differentiable path (epd_kernels/branches.py)."""
+"""BranchRunner: one batched call, static buffers, graph capture/replay (the traced CPU
+stand-in: replays run no Python of the denoiser), copy-out, re-capture rules,
+differentiable path (epd_kernels/branches.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from epd_kernels.branches import (BranchRunner, EagerGraphStrategy, repeat_cond,
-                                  resolve_use_cuda_graph)
+from epd_kernels.branches import BranchRunner, repeat_cond
+from epd_kernels.solvers.graphs import (CudaGraphStrategy, SimulatedGraphStrategy, graph_mode,
+                                        strategy_for)
 
 pytestmark = pytest.mark.filterwarnings("ignore:epd_kernels. using the plain-PyTorch reference")
 
@@ -66,14 +68,15 @@ def test_run_matches_separate_calls(graph, form):
         tau = tau[None].repeat(B, 1) * torch.linspace(0.9, 1.0, B, dtype=F64)[:, None]
         delta = delta[None].repeat(B, 1) + torch.linspace(0, 0.01, B, dtype=F64)[:, None]
     den = Recorder()
-    runner = BranchRunner(den, K, graph_strategy=EagerGraphStrategy() if graph else None)
+    runner = BranchRunner(den, K, graph_strategy=SimulatedGraphStrategy() if graph else None)
     g = runner.run(x, v, t, tau, delta)
     assert g.shape == (K, B, 2, 4)
     tau_bk = tau if tau.dim() == 2 else tau[None].expand(B, K)
     delta_bk = delta if delta.dim() == 2 else delta[None].expand(B, K)
     torch.testing.assert_close(g, expected_g(x, v, t, tau_bk, delta_bk), rtol=1e-13, atol=1e-13)
-    assert len(den.calls) == 1                                  # ONE batched call
-    call = den.calls[0]
+    # ONE batched call (a graph: 2 warm-up calls and the capture, all of the batched call)
+    assert len(den.calls) == (3 if graph else 1)
+    call = den.calls[-1]
     assert call["x"].shape == (K * B, 2, 4) and call["sigma"].shape == (K * B,)
     # k-major: rows k*B .. k*B+B-1 are branch k
     torch.testing.assert_close(call["sigma"].view(K, B), ((1 + delta_bk) * tau_bk).t())
@@ -93,7 +96,7 @@ def test_delta_none_and_float_t_tensor_t():
 def test_static_buffers_reused_and_capture_once():
     K, B = 2, 3
     den = Recorder()
-    strat = EagerGraphStrategy()
+    strat = SimulatedGraphStrategy()
     runner = BranchRunner(den, K, graph_strategy=strat)
     labels = torch.tensor([0, 1, 2])
     ptrs = None
@@ -103,24 +106,26 @@ def test_static_buffers_reused_and_capture_once():
         tau = torch.tensor([t * 0.8, t * 0.4], dtype=F64)
         g = runner.run(x, v, t, tau, torch.zeros(K, dtype=F64), class_labels=labels + step)
         now = (runner.input_buffer.data_ptr(), runner.sigma_buffer.data_ptr(),
-               runner.tau_buffer.data_ptr(), runner.cond_buffers["class_labels"].data_ptr())
+               runner.tau_buffer.data_ptr(), runner.cond_buffers[0].data_ptr())
         ptrs = ptrs or now
         assert now == ptrs                                       # same static memory every step
-        # the denoiser reads the static buffers
-        assert den.calls[-1]["x_ptr"] == ptrs[0] and den.calls[-1]["sigma_ptr"] == ptrs[1]
-        assert den.calls[-1]["labels_ptr"] == ptrs[3]
-        # values copied in correctly
-        assert den.calls[-1]["labels"].tolist() == (labels + step).tolist() * K
+        # the buffers hold this step's values (what a replay reads)
+        assert runner.cond_buffers[0].tolist() == (labels + step).tolist() * K
+        # a replay computes from the new values: the oracle, step by step
         torch.testing.assert_close(
             g, expected_g(x, v, t, tau[None].expand(B, K), torch.zeros(B, K, dtype=F64),
-                          labels=torch.cat([labels + step] * 1)), rtol=1e-13, atol=1e-13)
+                          labels=labels + step), rtol=1e-13, atol=1e-13)
+    # Python ran the denoiser only for the warm-up and the capture, on the static buffers
+    assert len(den.calls) == 3
+    assert all(c["x_ptr"] == ptrs[0] and c["sigma_ptr"] == ptrs[1] and c["labels_ptr"] == ptrs[3]
+               for c in den.calls)
     assert strat.captures == 1 and runner.captures == 1
-    assert strat.replays == 4
+    assert strat.replays == 4 and runner.replays == 4 and runner.calls == 4
 
 
 def test_output_is_copied_out_of_static_buffer():
     K, B = 2, 2
-    strat = EagerGraphStrategy()
+    strat = SimulatedGraphStrategy()
     runner = BranchRunner(Recorder(), K, graph_strategy=strat)
     tau = torch.tensor([0.9, 0.4], dtype=F64)
     x1, v1 = inputs(B, seed=1)
@@ -139,7 +144,7 @@ def test_output_is_copied_out_of_static_buffer():
                                     "cond_dtype", "object_value", "K_same"])
 def test_recapture_exactly_on_change(change):
     den = Recorder()
-    strat = EagerGraphStrategy()
+    strat = SimulatedGraphStrategy()
     runner = BranchRunner(den, 2, graph_strategy=strat)
     tau = torch.tensor([0.9, 0.4], dtype=F64)
     x, v = inputs(3)
@@ -225,16 +230,23 @@ def test_counts_and_float32():
     assert runner.calls == 1
 
 
-def test_cuda_graph_flag_resolution(monkeypatch):
+def test_graph_mode_resolution(monkeypatch):
+    monkeypatch.delenv("EPD_KERNELS_GRAPH", raising=False)
     monkeypatch.delenv("EPD_KERNELS_NO_CUDA_GRAPH", raising=False)
-    assert resolve_use_cuda_graph(None, torch.device("cuda", 0)) is True
-    assert resolve_use_cuda_graph(None, torch.device("cpu")) is False
-    assert resolve_use_cuda_graph(False, torch.device("cuda", 0)) is False
-    with pytest.raises(ValueError, match="CUDA"):
-        resolve_use_cuda_graph(True, torch.device("cpu"))
+    assert graph_mode() == "auto"
+    assert strategy_for("auto", torch.device("cuda", 0)) is CudaGraphStrategy
+    assert strategy_for("auto", torch.device("cpu")) is None
+    assert strategy_for("off", torch.device("cuda", 0)) is None
+    assert strategy_for("simulate", torch.device("cpu")) is SimulatedGraphStrategy
     monkeypatch.setenv("EPD_KERNELS_NO_CUDA_GRAPH", "1")
-    assert resolve_use_cuda_graph(None, torch.device("cuda", 0)) is False
-    assert resolve_use_cuda_graph(True, torch.device("cuda", 0)) is False
+    assert graph_mode() == "off"
+    monkeypatch.setenv("EPD_KERNELS_GRAPH", " Simulate ")
+    assert graph_mode() == "simulate"                    # the new variable wins
+    monkeypatch.setenv("EPD_KERNELS_GRAPH", "cuda")
+    with pytest.raises(ValueError, match="EPD_KERNELS_GRAPH.*auto, off, simulate"):
+        graph_mode()
+    with pytest.raises(ValueError, match="auto, off, simulate"):
+        BranchRunner(Recorder(), 2, graph="fast")
 
 
 def test_use_cuda_graph_true_on_cpu_raises():
@@ -245,7 +257,7 @@ def test_use_cuda_graph_true_on_cpu_raises():
 
 
 def test_injected_strategy_can_be_switched_off():
-    strat = EagerGraphStrategy()
+    strat = SimulatedGraphStrategy()
     den = Recorder()
     runner = BranchRunner(den, 2, use_cuda_graph=False, graph_strategy=strat)
     x, v = inputs(2)
@@ -262,3 +274,19 @@ def test_bad_arguments():
         runner.run(x, v, 1.0, torch.tensor([0.5, 0.2, 0.1], dtype=F64))
     with pytest.raises(ValueError, match="v must"):
         runner.run(x, v[:1], 1.0, torch.tensor([0.5, 0.2], dtype=F64))
+
+
+def test_counting_wrapper_is_unwrapped_and_counts_replays():
+    """A CountingDenoiser given to the runner is never captured: replays run no Python,
+    yet every logical call is counted (1 call, K evaluations each)."""
+    from epd_kernels.solvers.counting import CountingDenoiser
+
+    den = Recorder()
+    counter = CountingDenoiser(den, batch_size=2)
+    runner = BranchRunner(counter, 3, graph_strategy=SimulatedGraphStrategy())
+    assert runner.denoiser is den
+    x, v = inputs(2)
+    for _ in range(4):
+        runner.run(x, v, 1.0, torch.tensor([0.9, 0.5, 0.2], dtype=F64))
+    assert (counter.calls, counter.evaluations) == (4, 12)
+    assert len(den.calls) == 3 and runner.replays == 4

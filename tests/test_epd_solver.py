@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from epd_kernels.branches import BranchRunner, EagerGraphStrategy
+from epd_kernels.branches import BranchRunner
+from epd_kernels.solvers.graphs import SimulatedGraphStrategy
 from epd_kernels.params import EPDParams
 from epd_kernels.solvers.epd import IPNDM_COEFFS, epd_sampler, ipndm_direction
 
@@ -132,7 +133,7 @@ def test_r0_is_euler(afs, plugin, K, D):
 @pytest.mark.parametrize("afs", [True, False])
 def test_r0_is_the_package_euler(afs):
     """Same check against the package's own Euler solver (no AFS), once it exists."""
-    euler = pytest.importorskip("epd_kernels.solvers.euler").sample_euler
+    from epd_kernels.solvers.euler import sample_euler as euler
     sig = grid(4)
     x = noise((2, 5))
     got = epd_sampler(smooth_denoiser, x, sig, params=euler_params(sig, afs=afs))
@@ -215,7 +216,7 @@ def test_batched_equals_separate_with_graph_strategy_and_trajectory():
     sig = grid(4)
     x = noise((2, 6))
     p = random_params(sig, 3, plugin=True)
-    strat = EagerGraphStrategy()
+    strat = SimulatedGraphStrategy()
     runner = BranchRunner(smooth_denoiser, 3, graph_strategy=strat)
     got, traj = epd_sampler(smooth_denoiser, x, sig, params=p, runner=runner,
                             return_trajectory=True)
@@ -280,7 +281,7 @@ def test_conditioning_repeated_per_branch(plugin, graph):
     labels = torch.tensor([0, 3, 1, 2])
     bias = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
     p = random_params(sig, 3, plugin=plugin)
-    runner = BranchRunner(class_denoiser, 3, graph_strategy=EagerGraphStrategy() if graph else None)
+    runner = BranchRunner(class_denoiser, 3, graph_strategy=SimulatedGraphStrategy() if graph else None)
     got = epd_sampler(class_denoiser, x, sig, params=p, runner=runner, class_labels=labels,
                       bias=bias, scale=2.0, tag="keep")
     for b in range(B):
@@ -295,7 +296,7 @@ def test_conditioning_repeated_per_branch(plugin, graph):
 @pytest.mark.parametrize("plugin", [False, True])
 def test_conditioning_with_gaussian_mixture(plugin):
     """The package's class-conditional mixture: batch result == each sample alone."""
-    analytic = pytest.importorskip("epd_kernels.models.analytic")
+    from epd_kernels.models import analytic
     gmm = analytic.GaussianMixtureModel(means=[[2.0, 0.0, 1.0], [-1.0, 1.5, 0.0], [0.0, -2.0, 3.0]],
                                         stds=[0.3, 0.5, 0.2])
     sig = grid(4)
@@ -387,7 +388,7 @@ def test_wrapped_module_with_grad_weights_gets_full_gradient():
     """A plain callable wrapping a module whose weights require grad: the branch call must
     take the autograd path too (the main-point output requires grad)."""
     lin = torch.nn.Linear(3, 3, dtype=F64)
-    strat = EagerGraphStrategy()
+    strat = SimulatedGraphStrategy()
 
     def D(x, sigma):
         return lin(x) / (1 + _sig(sigma, x))
@@ -414,7 +415,7 @@ def test_no_grad_path_uses_static_runner_and_grad_path_does_not():
     sig = grid(3)
     x = noise((2, 3))
     p = random_params(sig, 2)
-    strat = EagerGraphStrategy()
+    strat = SimulatedGraphStrategy()
     runner = BranchRunner(smooth_denoiser, 2, graph_strategy=strat)
     y0 = epd_sampler(smooth_denoiser, x, sig, params=p, runner=runner)
     assert strat.replays == 3
@@ -500,8 +501,8 @@ def test_mismatched_grid_and_settings_raise():
 
 @pytest.mark.parametrize("solver,plugin", [("epd", False), ("epd-ipndm", True)])
 def test_sample_entry_point(solver, plugin):
-    sampling = pytest.importorskip("epd_kernels.sampling")
-    schedules = pytest.importorskip("epd_kernels.solvers.schedules")
+    from epd_kernels import sampling
+    from epd_kernels.solvers import schedules
     sig = schedules.get_sigmas("polynomial", 3)
     p = random_params(torch.as_tensor(sig, dtype=F64), 2, plugin=plugin)
     z = noise((4, 3), scale=1.0)
@@ -510,3 +511,35 @@ def test_sample_entry_point(solver, plugin):
     want = epd_sampler(smooth_denoiser, z * float(sig[0]), sig, params=p)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     assert stats.latency_nfe == 5 and stats.total_evals == (2 + 1) * 3 - 1
+
+
+def test_two_state_buffers_when_the_step_writes_into_out(monkeypatch):
+    """With a fused step that takes ``out=`` the no-grad loop alternates two buffers (no
+    state allocated per step) and gives the same result; with a callback it does not."""
+    from epd_kernels.solvers import epd as epd_module
+
+    plain = epd_module.epd_step
+    outs = []
+
+    def step_with_out(x, grads, weights, h, o=0.0, out=None):
+        y = plain(x, grads, weights, h, o)
+        if out is None:
+            return y
+        outs.append(out.data_ptr())
+        return out.copy_(y)
+
+    from epd_kernels.solvers.schedules import get_sigmas
+
+    sig = get_sigmas("polynomial", 5)
+    p = random_params(sig, 3, plugin=True)
+    x = noise((4, 3))
+    want = epd_sampler(smooth_denoiser, x, sig, params=p, use_cuda_graph=False)
+    monkeypatch.setattr(epd_module, "epd_step", step_with_out)
+    with torch.no_grad():
+        got = epd_sampler(smooth_denoiser, x, sig, params=p, use_cuda_graph=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(outs) == 5 and len(set(outs)) == 2 and outs[0] != outs[1] == outs[3]
+    outs.clear()
+    with torch.no_grad():
+        epd_sampler(smooth_denoiser, x, sig, params=p, callback=lambda info: None)
+    assert outs == []      # a callback sees the states: they are not overwritten

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from epd_kernels.models import GaussianMixtureModel, GaussianModel
-from epd_kernels.sampling import CountingDenoiser
+from epd_kernels.solvers.counting import CountingDenoiser
 from epd_kernels.solvers import get_sigmas, sample_euler
 from epd_kernels.solvers.paradigms import (paradigms_grid, paradigms_sampler, run_paradigms,
                                            sample_paradigms)

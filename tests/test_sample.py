@@ -3,32 +3,18 @@
 The counts are measured by an independent counter wrapped around the model here (not by
 the library's own CountingDenoiser), and compared with the budget.
 """
-import importlib
-
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-from epd_kernels import CountingDenoiser, get_sigmas, make_noise, sample
+from epd_kernels import get_sigmas, make_noise, sample
 from epd_kernels.models import GaussianMixtureModel, GaussianModel
-from epd_kernels.sampling import nfe_to_steps, parallel_calls, solver_names, valid_budgets
+from epd_kernels.solvers.counting import CountingDenoiser, parallel_calls
+from epd_kernels.solvers.registry import nfe_to_steps, solver_names, valid_budgets
 
 BASELINES = ["euler", "ddim", "heun", "dpm2", "dpmpp3m", "unipc", "ipndm", "deis"]
 TWO_PER_STEP = {"heun", "dpm2"}
 BUDGETS = [3, 4, 5, 6, 7, 9]
-
-
-def _epd_available():
-    try:
-        importlib.import_module("epd_kernels.solvers.epd")
-        importlib.import_module("epd_kernels.params")
-        return True, ""
-    except Exception as e:  # noqa: BLE001 - any import failure means "not there yet"
-        return False, f"epd_kernels.solvers.epd is not importable yet ({type(e).__name__}: {e})"
-
-
-EPD_OK, EPD_WHY = _epd_available()
-needs_epd = pytest.mark.skipif(not EPD_OK, reason=EPD_WHY)
 
 
 class Spy:
@@ -250,7 +236,6 @@ def test_hypothesis_random_schedules(model, choice, raw, batch, shape, dtype):
     assert spy.calls == nfe == stats.latency_nfe and stats.steps == steps
 
 
-@needs_epd
 @pytest.mark.parametrize("name", ["epd", "epd-ipndm"])
 @pytest.mark.parametrize("K", [1, 2, 3])
 def test_epd_budgets(model, name, K):
@@ -273,7 +258,6 @@ def test_epd_budgets(model, name, K):
             sample(model, noise, solver=name, nfe=nfe + 2, params=params)
 
 
-@needs_epd
 def test_epd_requires_matching_params(model):
     from epd_kernels.params import EPDParams
 
@@ -291,7 +275,6 @@ def test_epd_requires_matching_params(model):
     assert x.shape == noise.shape
 
 
-@needs_epd
 def test_params_solvers_default_to_the_params_nfe(model):
     """Without nfe, a solver with params runs at the params' own budget (not the plain
     solvers' default 5); an explicit nfe must still match."""
@@ -314,3 +297,88 @@ def test_params_solvers_default_to_the_params_nfe(model):
     # the plain solvers keep the default budget 5
     _, stats = sample(model, noise, solver="euler", return_stats=True)
     assert stats.latency_nfe == 5
+
+
+# --------------------------------------------------------------------------------------
+# solver options apart from conditioning
+
+
+def test_options_reach_the_solver(model):
+    """options={...} gives what the solver function gives with those keywords."""
+    from epd_kernels.solvers import sample_dpmpp3m, sample_unipc
+
+    noise = make_noise(range(3), (5,), dtype=torch.float64)
+    s = get_sigmas("polynomial", 6)
+    for name, fn, opts in (("unipc", sample_unipc, {"variant": "bh1", "order": 2}),
+                           ("dpmpp3m", sample_dpmpp3m, {"max_order": 2,
+                                                        "lower_order_final": False})):
+        got = sample(model, noise, solver=name, nfe=6, options=opts)
+        want = fn(model, noise * 80.0, s, **opts)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert not torch.equal(got, sample(model, noise, solver=name, nfe=6))
+
+
+def test_unknown_option_lists_the_valid_ones(model):
+    from epd_kernels.solvers.registry import solver_options
+
+    noise = make_noise([0], (5,))
+    assert solver_options("unipc") == ("lower_order_final", "max_step_ratio", "order", "variant")
+    assert solver_options("euler") == ()
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['varient'\] for solver 'unipc'"
+                                         r".*'variant'"):
+        sample(model, noise, solver="unipc", nfe=4, options={"varient": "bh1"})
+    with pytest.raises(ValueError, match="'euler'; its options are none"):
+        sample(model, noise, solver="euler", nfe=4, options={"order": 2})
+    with pytest.raises(ValueError, match="options must be a dict"):
+        sample(model, noise, solver="euler", nfe=4, options=[("order", 2)])
+
+
+def test_options_given_as_conditioning_are_refused(model):
+    noise = make_noise([0], (5,))
+
+    def loose(x, sigma, **cond):    # would swallow a misplaced option silently
+        return model(x, sigma)
+
+    with pytest.raises(ValueError, match=r"\['variant'\] as conditioning.*options=\{'variant'"):
+        sample(loose, noise, solver="unipc", nfe=4, variant="bh1")
+    with pytest.raises(ValueError, match="solver options"):   # an option of another solver
+        sample(loose, noise, solver="euler", nfe=4, max_step_ratio=2.0)
+
+    def named(x, sigma, mode=None):   # a model whose own keyword shares an option's name
+        return model(x, sigma) if mode == "on" else x * 0
+
+    out = sample(named, noise, solver="euler", nfe=4, mode="on")
+    torch.testing.assert_close(out, sample(model, noise, solver="euler", nfe=4))
+
+
+def test_nfe_5_is_the_default(model):
+    noise = make_noise(range(2), (5,), dtype=torch.float64)
+    for name in ("ipndm", "heun"):
+        torch.testing.assert_close(sample(model, noise, solver=name),
+                                   sample(model, noise, solver=name, nfe=5), rtol=0, atol=0)
+    from epd_kernels.params import EPDParams
+
+    p = EPDParams.init(get_sigmas("polynomial", 3), 2)
+    torch.testing.assert_close(sample(model, noise, solver="epd", params=p),
+                               sample(model, noise, solver="epd", nfe=5, params=p),
+                               rtol=0, atol=0)
+
+
+def test_missing_class_labels_warn_once(model):
+    import warnings
+
+    class Conditional:
+        num_classes = 3
+
+        def __call__(self, x, sigma, class_labels=None):
+            return model(x, sigma, class_labels=class_labels)
+
+    den = Conditional()
+    noise = make_noise([0], (5,))
+    with pytest.warns(UserWarning, match="num_classes=3 but no class_labels="):
+        sample(den, noise, solver="euler", nfe=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(den, noise, solver="euler", nfe=3)                       # once per denoiser
+        sample(den, noise, solver="euler", nfe=3, class_labels=torch.tensor([1]))
+        sample(model, noise, solver="euler", nfe=3)                     # declares none

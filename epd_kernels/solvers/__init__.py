@@ -10,7 +10,11 @@ solvers are autograd-transparent (`epd_kernels.sample` runs them under ``torch.n
 
 ``SOLVERS`` maps the baseline names to functions. The EPD sampler lives in
 `epd_kernels.solvers.epd` and is imported lazily (``from epd_kernels.solvers import
-epd_sampler`` works once that module is present).
+epd_sampler``).
+
+Beside the solvers: `registry` (the names `sample()` knows, their NFE rules and options),
+`counting` (latency NFE and total evaluations), `graphs` (CUDA graphs and the CPU
+stand-in, ``EPD_KERNELS_GRAPH``) and `solve_graph` (``sample(..., graph="solve")``).
 """
 from .common import afs_d
 from .deis import deis_coefficients, sample_deis

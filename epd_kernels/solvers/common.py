@@ -1,6 +1,6 @@
 """Helpers shared by the solvers: grids as floats, gradient evaluation, AFS, callbacks.
 
-Conventions (DESIGN.md section 1): a denoiser is ``D(x, sigma, **cond) -> x0_hat`` with
+Conventions (docs/design.md, "EDM convention"): a denoiser is ``D(x, sigma, **cond) -> x0_hat`` with
 ``x: [B, ...]`` and ``sigma: [B]``; the ODE is ``dx/dsigma = d(x, sigma) = (x - D) / sigma``
 integrated from ``sigmas[0]`` down to ``sigmas[-1] > 0``.
 

@@ -51,16 +51,18 @@ call runs without autograd on static buffers, captured in a CUDA graph on GPUs (
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, List, Optional
 
 import torch
 
-from ..branches import BranchRunner
+from ..branches import BranchRunner, runner_for
 from ..ops import epd_step
 from ..params import EPDParams, epd_latency_nfe, epd_total_evaluations
 from ..reference import opmath_dtype
 from .common import call_denoiser, denoise
+from .counting import unwrap_counter
 from .ipndm import AB_COEFFS, ab_direction, push_history
 
 __all__ = ["epd_sampler", "ipndm_direction", "IPNDM_COEFFS", "epd_latency_nfe",
@@ -105,11 +107,15 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
             on step 0 the implied ``x - sigma * d_0``), ``grads`` ``[K, B, ...]``.
         progress: show a tqdm progress bar.
         return_trajectory: also return ``[x_0, ..., x_S]``.
-        use_cuda_graph: see `BranchRunner` (default: on for CUDA tensors without autograd).
+        use_cuda_graph: see `BranchRunner`. None (default): graphs as ``EPD_KERNELS_GRAPH``
+            says (`epd_kernels.solvers.graphs`), with the runner cached across calls
+            (`epd_kernels.branches.runner_for`).
         afs, max_order: must agree with / override the params' values (afs must match:
             params are distilled for one setting; max_order defaults to params.max_order).
-        runner: a `BranchRunner(denoiser, K)` to reuse (keeps its static buffers and
-            captured graph across calls); it must wrap this same denoiser.
+        runner: a `BranchRunner(denoiser, K)` to use (keeps its static buffers and
+            captured graph across calls); it must wrap this same denoiser. A
+            `CountingDenoiser` is unwrapped: the runner wraps the user's denoiser and
+            reports its logical calls to the counter (a replayed graph runs no Python).
         **cond: conditioning keywords for the denoiser (``class_labels=...``); tensors with
             leading dim B are repeated for the branch batch.
 
@@ -130,14 +136,35 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
     if not 1 <= max_order <= 4:
         raise ValueError(f"max_order must be in 1..4, got {max_order}")
     K, S = params.num_points, params.num_steps
+    raw, counter = unwrap_counter(denoiser)
     if runner is None:
-        runner = BranchRunner(denoiser, K, use_cuda_graph=use_cuda_graph)
+        runner = (runner_for(raw, K, x) if use_cuda_graph is None
+                  else BranchRunner(raw, K, use_cuda_graph=use_cuda_graph))
     elif runner.num_points != K:
         raise ValueError(f"runner has K = {runner.num_points} but params have K = {K}")
-    elif runner.denoiser is not denoiser:
+    elif runner.denoiser is not raw:
         raise ValueError("runner was built for another denoiser: pass "
                          "BranchRunner(denoiser, K) for this one")
+    with runner.counting(counter):
+        return _epd_loop(denoiser, x, sig, sigmas, params, plugin, max_order, runner, callback,
+                         progress, return_trajectory, cond)
 
+
+def _state_buffers(x: torch.Tensor, private: bool):
+    """Two state buffers for the no-grad path, or None. Used when the fused step can write
+    into a caller's buffer (``out=``) and no callback or trajectory keeps the states, so
+    the loop allocates no state per step."""
+    if torch.is_grad_enabled() or not private or x.requires_grad:
+        return None
+    if "out" not in inspect.signature(epd_step).parameters:
+        return None
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _epd_loop(denoiser, x, sig, sigmas, params, plugin, max_order, runner, callback, progress,
+              return_trajectory, cond):
+    """The sampling loop of `epd_sampler` (arguments checked there)."""
+    S = params.num_steps
     device = x.device
     sdt = opmath_dtype(x.dtype)  # dtype of the sigma tensors handed to the denoiser
     # A grid that requires grad (a learned grid) is used as tensors; otherwise as floats.
@@ -156,6 +183,7 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
 
     trajectory = [x] if return_trajectory else None
     history: List[torch.Tensor] = []
+    states = _state_buffers(x, callback is None and trajectory is None)
     for n in steps:
         t, t_next = ts[n], ts[n + 1]
         h = t_next - t
@@ -182,7 +210,10 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
         else:
             g = runner.run(x, v, t, tau, delta, **cond)
         # x_{n+1} = x_n + (1 + o_n) h sum_k lambda_k g_k   (fused, differentiable)
-        x_next = epd_step(x, g, w, h, o)
+        if states is None:
+            x_next = epd_step(x, g, w, h, o)
+        else:       # x_{n+1} over x_{n-1}: nothing outside the loop holds the old states
+            x_next = epd_step(x, g, w, h, o, out=states[n % 2])
         if plugin:
             push_history(history, d, max_order)
         if callback is not None:

@@ -103,6 +103,7 @@ import torch
 from ..branches import repeat_cond
 from ..reference import opmath_dtype
 from .common import check_int
+from .counting import parallel_calls
 from .schedules import check_sigmas
 
 __all__ = [
@@ -195,8 +196,6 @@ def run_paradigms(denoiser: Callable, x: torch.Tensor, sigmas, *, window: Option
     thresh = [t * t * v for v in var]
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise ValueError("x must be a floating tensor of shape [B, ...]")
-    from ..sampling import parallel_calls  # lazy: sampling may import this module
-
     B = x.shape[0]
     tail = (1,) * (x.dim() - 1)
     sig_dtype = opmath_dtype(x.dtype)

@@ -1,0 +1,32 @@
+"""Per-seed standard normal noise that does not depend on the batch it is drawn in."""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence, Union
+
+import torch
+
+__all__ = ["make_noise"]
+
+
+def make_noise(seeds: Union[int, Sequence[int]], shape: Sequence[int], device=None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[len(seeds), *shape]`` standard normal noise, one `torch.Generator` per seed.
+
+    Each sample depends on its own seed only, so a seed gives the same noise whatever the
+    batch it is drawn in. The draw is made on the CPU (float64 if ``dtype`` is float64,
+    float32 otherwise) and then moved, so it is also the same on every device.
+    """
+    if isinstance(seeds, numbers.Integral):
+        seeds = [int(seeds)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) == 0:
+        raise ValueError("seeds must contain at least one seed")
+    shape = tuple(int(n) for n in shape)
+    draw = torch.float64 if dtype == torch.float64 else torch.float32
+    out = []
+    for seed in seeds:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(seed)
+        out.append(torch.randn(shape, generator=g, dtype=draw))
+    return torch.stack(out).to(device=device, dtype=dtype)

@@ -1,0 +1,111 @@
+"""Cost accounting of a sampling run: latency NFE (sequential calls) and total evaluations.
+
+`CountingDenoiser` counts the calls that run in Python. A call captured in a graph (the
+EPD branch call, or a whole captured solve) runs no Python on replay, so whoever replays
+it reports the logical call with `CountingDenoiser.count` instead (see
+`epd_kernels.branches.BranchRunner`); the counter never sits inside a captured graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import numbers
+from typing import Callable, Optional, Tuple
+
+import torch
+
+__all__ = ["CountingDenoiser", "parallel_calls", "SampleStats", "unwrap_counter"]
+
+
+class CountingDenoiser:
+    """Wraps ``denoiser(x, sigma, **cond)`` and counts its cost.
+
+    ``calls``: sequential calls (latency NFE). ``evaluations``: samples evaluated divided by
+    ``batch_size`` (a call on a ``[K * B, ...]`` batch counts 1 call and K evaluations).
+    Inside ``with counter.parallel():`` all calls count as ONE sequential call (for solver
+    code that evaluates independent branches in several chunks); evaluations still add up.
+    """
+
+    def __init__(self, denoiser: Callable, batch_size: int):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.denoiser = denoiser
+        self.batch_size = int(batch_size)
+        self.calls = 0
+        self.samples = 0
+        self._parallel_depth = 0
+        self._parallel_counted = False
+
+    @property
+    def evaluations(self) -> float:
+        """Total evaluations: samples evaluated / batch_size (an int when divisible)."""
+        q, r = divmod(self.samples, self.batch_size)
+        return q if r == 0 else self.samples / self.batch_size
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.samples = 0
+
+    @contextlib.contextmanager
+    def parallel(self):
+        """Calls inside the block are parallel: together they cost one latency NFE."""
+        outer = self._parallel_depth == 0
+        if outer:
+            self._parallel_counted = False
+        self._parallel_depth += 1
+        try:
+            yield self
+        finally:
+            self._parallel_depth -= 1
+
+    def count(self, samples: int, calls: int = 1) -> None:
+        """Records ``calls`` sequential calls on ``samples`` samples in all that ran without
+        passing through this wrapper (a graph replay)."""
+        for _ in range(int(calls)):
+            if self._parallel_depth == 0:
+                self.calls += 1
+            elif not self._parallel_counted:
+                self.calls += 1
+                self._parallel_counted = True
+        self.samples += int(samples)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        self.count(int(x.shape[0]))
+        return self.denoiser(x, sigma, **cond)
+
+    def __getattr__(self, name):  # forward model attributes (shape, dim, ...)
+        if name == "denoiser":
+            raise AttributeError(name)
+        return getattr(self.denoiser, name)
+
+
+def unwrap_counter(denoiser: Callable) -> Tuple[Callable, Optional[CountingDenoiser]]:
+    """``(the user's denoiser, the CountingDenoiser around it or None)``: graph code
+    captures the former and reports its logical calls to the latter."""
+    if isinstance(denoiser, CountingDenoiser):
+        return denoiser.denoiser, denoiser
+    return denoiser, None
+
+
+def parallel_calls(denoiser):
+    """``with parallel_calls(denoiser):`` marks parallel calls if `denoiser` counts them
+    (a `CountingDenoiser`), and does nothing otherwise."""
+    if isinstance(denoiser, CountingDenoiser):
+        return denoiser.parallel()
+    return contextlib.nullcontext()
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleStats:
+    """Cost of one `sample` call: latency NFE and total evaluations (logical calls, counted
+    also when they were graph replays), steps, time, and the graph captures and replays
+    the call made."""
+
+    latency_nfe: int
+    total_evals: float
+    steps: int
+    wall_time_s: float
+    solver: str
+    nfe: int
+    graph_captures: int = 0
+    graph_replays: int = 0

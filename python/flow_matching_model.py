@@ -48,7 +48,8 @@ class GaussianFlow(torch.nn.Module):
     def forward(self, x_t, t):
         t = t[:, None].to(x_t.dtype)
         a = 1 - t
-        return (t - a * self.s ** 2) / (a ** 2 * self.s ** 2 + t ** 2) * (x_t - a * self.mu) - self.mu
+        var = a ** 2 * self.s ** 2 + t ** 2
+        return (t - a * self.s ** 2) / var * (x_t - a * self.mu) - self.mu
 
     def exact(self, noise, sigma_max=80.0, sigma_min=0.002):
         """The flow's solution from EDM's start ``x = sigma_max n`` to ``sigma_min``, in EDM's

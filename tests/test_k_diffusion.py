@@ -236,3 +236,29 @@ def test_option_errors(gauss):
         kd.sample_epd(gauss, x, sig, params=None)
     with pytest.raises(ValueError, match="extra_args"):
         kd.sample_euler(gauss, x, sig, extra_args=[1])
+
+
+def test_amed_and_dode_functions_are_the_package_samplers(gmm):
+    from epd_kernels.amed_params import AMEDParams
+    from epd_kernels.dode_params import DODEParams
+    from epd_kernels.solvers.amed import amed_sampler
+    from epd_kernels.solvers.dode import dode_sampler
+
+    sigmas = get_sigmas("polynomial", 3)
+    x = make_noise(range(3), gmm.shape, dtype=torch.float64) * 80.0
+    labels = torch.tensor([2, 0, 1])
+    extra = {"class_labels": labels}
+    for plugin, fn in ((False, kd.sample_amed), (True, kd.sample_amed_ipndm)):
+        p = AMEDParams.init(sigmas, plugin=plugin)
+        torch.testing.assert_close(fn(gmm, x, sigmas, extra_args=extra, params=p),
+                                   amed_sampler(gmm, x, sigmas, params=p, class_labels=labels),
+                                   rtol=0, atol=0)
+    for base, fn in (("euler", kd.sample_d_euler), ("heun", kd.sample_d_heun),
+                     ("ipndm", kd.sample_d_ipndm)):
+        p = DODEParams.zeros(sigmas, base)
+        p.lambdas = torch.tensor([0.0, 0.1, -0.05], dtype=torch.float64)
+        torch.testing.assert_close(fn(gmm, x, sigmas, extra_args=extra, params=p),
+                                   dode_sampler(gmm, x, sigmas, params=p, class_labels=labels),
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError):   # d-euler params are not d-heun params
+        kd.sample_d_heun(gmm, x, sigmas, params=DODEParams.zeros(sigmas, "euler"))

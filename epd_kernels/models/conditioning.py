@@ -38,8 +38,8 @@ def match_rows(value: torch.Tensor, rows: int, name: str = "conditioning") -> to
     (see the module docstring). ValueError naming ``name`` when ``rows`` is not a multiple
     of its leading dimension."""
     if not isinstance(value, torch.Tensor) or value.dim() < 1:
-        raise ValueError(f"{name} must be a tensor with a leading batch dimension, got "
-                         f"{type(value).__name__ if not isinstance(value, torch.Tensor) else 'a 0-d tensor'}")
+        got = "a 0-d tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a tensor with a leading batch dimension, got {got}")
     b = value.shape[0]
     if b == rows:
         return value

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Union
 
 import torch
 from torch import nn
@@ -95,9 +95,9 @@ class CFGDenoiser(nn.Module):
                              "{'encoder_hidden_states': empty_prompt_embeddings}")
         for k, v in uncond.items():
             if not isinstance(v, torch.Tensor) or v.dim() < 1:
+                got = "a 0-d tensor" if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"uncond[{k!r}] must be a tensor with a leading batch "
-                                 f"dimension (1 row, or one per sample), got "
-                                 f"{type(v).__name__ if not isinstance(v, torch.Tensor) else 'a 0-d tensor'}")
+                                 f"dimension (1 row, or one per sample), got {got}")
         self.denoiser = denoiser
         self.guidance_scale = _check_scale(guidance_scale)
         self.uncond = dict(uncond)

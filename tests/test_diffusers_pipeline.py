@@ -237,7 +237,7 @@ def test_distill_pipeline_runs_through_guidance():
     calls = UnetCalls(pipe32.unet)
     try:
         params = distill_pipeline(pipe32, ["a cat", "a dog"], nfe=3, guidance_scale=5.0,
-                                  iterations=3, batch_size=2, pool=4, progress=False)
+                                  iterations=3, batch_size=2, pool=4, progress=False, M=3)
     finally:
         calls.close()
     assert isinstance(params, EPDParams) and params.nfe == 3
@@ -249,7 +249,9 @@ def test_distill_pipeline_runs_through_guidance():
     emb = encode_prompts(pipe32, ["a cat", "a dog"])
     first = calls.embeds[0]
     assert torch.equal(first[:4], emb[torch.arange(4) % 2])
-    assert params.meta["pipeline"]["num_prompts"] == 2
+    assert params.meta["pipeline"]["num_prompts"] == 2 and params.meta["M"] == 3
+    with pytest.raises(ValueError, match="conditioning"):
+        distill_pipeline(pipe32, ["a"], nfe=3, iterations=1, encoder_hidden_states=None)
     images = sample_pipeline(pipe32, ["a cat"], solver="epd", params=params, guidance_scale=5.0)
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 

@@ -239,8 +239,7 @@ def test_option_errors(gauss):
 
 
 def test_amed_and_dode_functions_are_the_package_samplers(gmm):
-    from epd_kernels.amed_params import AMEDParams
-    from epd_kernels.dode_params import DODEParams
+    from epd_kernels import AMEDParams, DODEParams
     from epd_kernels.solvers.amed import amed_sampler
     from epd_kernels.solvers.dode import dode_sampler
 

@@ -262,7 +262,7 @@ def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5
                      negative_prompt: Optional[Prompts] = None, num_points: int = 2,
                      iterations: int = 100, batch_size: int = 8, pool: Optional[int] = 256,
                      seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
-                     schedule=None, progress: bool = True):
+                     schedule=None, progress: bool = True, **distill_settings):
     """Distils EPD-Solver params for the guided pipeline over ``prompts``.
 
     The distillation's conditioning rows cycle through the prompts: with a noise pool of P
@@ -273,7 +273,9 @@ def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5
     model's sigma range), the one `sample_pipeline` uses for solvers without params.
 
     Args mirror `sample_pipeline` and `epd_kernels.distill` (``num_points`` K,
-    ``iterations``, ``batch_size``, ``pool``, ``seed``, ``progress``).
+    ``iterations``, ``batch_size``, ``pool``, ``seed``, ``progress``); any other keyword
+    is handed to `distill` as one of its settings (``M``, ``lr``, ``teacher``, ...), never
+    as conditioning (the conditioning is built here).
 
     Returns:
         `EPDParams` for ``sample_pipeline(pipe, ..., solver="epd", params=...)``; their
@@ -304,9 +306,13 @@ def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5
     D = guided_denoiser(pipe, guidance_scale, shared_neg, denoiser=base)
     if schedule is None:
         schedule = default_schedule(base)
+    clash = sorted(k for k in distill_settings if k in cond or k.startswith(UNCOND_PREFIX))
+    if clash:
+        raise ValueError(f"distill_pipeline() builds the conditioning itself; {clash} cannot "
+                         f"be given")
     params = distill(D, nfe=nfe, shape=shape, num_points=num_points, iterations=iterations,
                      batch_size=batch_size, pool=pool, progress=progress, seed=seed,
-                     schedule=schedule, **cond)
+                     schedule=schedule, **distill_settings, **cond)
     scale = guidance_scale.tolist() if isinstance(guidance_scale, torch.Tensor) \
         else float(guidance_scale)
     params.meta["pipeline"] = {"num_prompts": P, "guidance_scale": scale,

@@ -185,7 +185,7 @@ def test_errors_name_the_argument(gmm):
 def test_distill_through_guidance(gmm):
     """The teacher and the student both call the guided model (every inner call is stacked
     and carries the null rows), and the distilled EPD is closer to the guided reference
-    than the neutral start."""
+    than the neutral start and than the baselines at the same NFE."""
     scale = 3.0
     null = torch.ones(1, K_CLASSES, dtype=torch.float64)
     rec = Recorder(gmm)
@@ -211,4 +211,9 @@ def test_distill_through_guidance(gmm):
                       - ref).pow(2).mean())
 
     start = EPDParams.init(params.sigmas, 2)
-    assert err(params) < err(start)
+    assert err(params) < err(start)       # measured 0.13 vs 2.1
+    # and it beats every one-call-per-step baseline at the same NFE 3 (best: iPNDM, ~0.40)
+    for solver in ("euler", "ipndm", "dpmpp3m", "unipc", "deis"):
+        base = float((sample(guided, noise, solver=solver, nfe=3, class_labels=labels)
+                      - ref).pow(2).mean())
+        assert err(params) < base, solver

@@ -6,6 +6,11 @@
     # no model at hand: a tiny randomly initialised UNet2DModel, to see the plumbing work
     python python/use_with_diffusers.py --tiny
 
+This recipe is for unconditional (or class-conditional) pixel-space unets
+(``UNet2DModel``). For a text-to-image latent pipeline with classifier-free guidance
+(``StableDiffusionPipeline``-like: tokenizer, text encoder, unet, scheduler, VAE), see
+``python/guided_latent_text_to_image.py``.
+
 What happens:
 
 1. `DiffusersDenoiser` wraps the unet: the solvers' EDM variables (``x = x0 + sigma n``)

@@ -231,3 +231,61 @@ def test_real_unet2d_v_prediction():
                  D.sigma_to_t(sig.double()).float()).sample
         s = sig[:, None, None, None]
         torch.testing.assert_close(D(x, sig), x / (1 + s ** 2) - s / torch.sqrt(1 + s ** 2) * v)
+
+
+# ----------------------------------------------------------------------------- missing labels
+
+
+class _ClassModel(torch.nn.Module):
+    num_classes = 10
+
+    def forward(self, x, sigma, class_labels=None):
+        return x
+
+
+def test_warn_missing_labels_once_per_denoiser_and_place():
+    import warnings
+
+    from epd_kernels.models import MissingLabelsWarning, warn_missing_labels
+
+    D = _ClassModel()
+    with pytest.warns(MissingLabelsWarning, match="class_labels=") as rec:
+        assert warn_missing_labels(D, {}, "sample") is True
+    assert "num_classes=10" in str(rec[0].message) and "sample()" in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # a second warning would raise
+        assert warn_missing_labels(D, {"other": 1}, "sample") is True   # missing, not re-warned
+        assert warn_missing_labels(D, {"class_labels": torch.tensor([1])}, "distill") is False
+        assert warn_missing_labels(lambda x, s: x, {}, "sample") is False  # no num_classes
+        plain = _ClassModel()
+        plain.num_classes = 0                      # 0 / None: not class-conditional
+        assert warn_missing_labels(plain, {}, "sample") is False
+    with pytest.warns(MissingLabelsWarning, match="distill"):
+        warn_missing_labels(D, {"class_labels": None}, "distill")   # None counts as missing
+    with pytest.warns(MissingLabelsWarning):
+        warn_missing_labels(_ClassModel(), {}, "sample")            # another denoiser
+    with pytest.warns(MissingLabelsWarning, match="y="):
+        warn_missing_labels(_ClassModel(), {}, "sample", keyword="y")
+
+    class Slotted:                                 # cannot be weakly referenced
+        __slots__ = ()
+        num_classes = 3
+
+        def __call__(self, x, sigma, **cond):
+            return x
+
+    S = Slotted()
+    with pytest.warns(MissingLabelsWarning):
+        warn_missing_labels(S, {}, "sample")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_missing_labels(S, {}, "sample")
+
+
+def test_wrappers_keep_num_classes():
+    from epd_kernels.models import CFGDenoiser, FlowMatchDenoiser
+
+    D = _ClassModel()
+    assert CFGDenoiser(D, 2.0, {"class_labels": torch.tensor([10])}).num_classes == 10
+    assert FlowMatchDenoiser(D).num_classes == 10
+    assert KDiffusionDenoiser(D).num_classes == 10

@@ -1,0 +1,94 @@
+"""Conditioning helpers shared by the model wrappers: row matching and a missing-label check.
+
+`match_rows(value, rows)` gives a conditioning tensor the batch of a denoiser call. The
+solvers call the denoiser on ``B`` rows (one per sample), and EPD's branch call on ``K*B``
+rows, branch-major: rows ``k*B .. k*B+B-1`` are branch k, and every per-sample tensor is
+tiled K times in that order (`epd_kernels.branches.repeat_cond`). A wrapper that holds its
+own conditioning (`CFGDenoiser`'s ``uncond``) must tile it the same way, so:
+
+* a tensor of leading dimension ``rows`` is used as it is;
+* a tensor of leading dimension 1 is broadcast to every row (one empty prompt, one null
+  class for the whole batch);
+* a tensor of leading dimension ``b`` with ``rows = m * b`` is tiled m times, block after
+  block (``cat([v] * m)``), exactly as `repeat_cond` tiles the per-sample tensors.
+
+`warn_missing_labels(denoiser, cond, where)` warns once when a class-conditional model (one
+with a ``num_classes`` attribute) is called without its labels: such a model then runs on
+whatever its default is (often an unconditional or a "class 0" embedding), which gives
+plausible-looking but wrong samples and, in distillation, parameters fitted to the wrong
+trajectories.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Callable
+
+import torch
+
+__all__ = ["match_rows", "warn_missing_labels", "MissingLabelsWarning", "LABEL_KEYWORD"]
+
+#: The keyword under which class-conditional denoisers take their labels (diffusers'
+#: ``UNet2DModel``, the package's own models).
+LABEL_KEYWORD = "class_labels"
+
+
+def match_rows(value: torch.Tensor, rows: int, name: str = "conditioning") -> torch.Tensor:
+    """``value`` with ``rows`` rows: as is, broadcast from one row, or tiled block-wise
+    (see the module docstring). ValueError naming ``name`` when ``rows`` is not a multiple
+    of its leading dimension."""
+    if not isinstance(value, torch.Tensor) or value.dim() < 1:
+        got = "a 0-d tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a tensor with a leading batch dimension, got {got}")
+    b = value.shape[0]
+    if b == rows:
+        return value
+    if b == 1:
+        return value.expand((rows,) + tuple(value.shape[1:]))
+    if b == 0 or rows % b != 0:
+        raise ValueError(f"{name} has {b} rows, which cannot follow a denoiser call of {rows} "
+                         f"rows: give 1 row (shared by every sample) or one row per sample")
+    return torch.cat([value] * (rows // b), 0)
+
+
+class MissingLabelsWarning(UserWarning):
+    """A class-conditional model was sampled or distilled without class labels."""
+
+
+# denoiser -> the `where`s already warned about (weak keys: a denoiser that goes away takes
+# its entry with it); objects that cannot be weakly referenced are remembered by id.
+_WARNED = weakref.WeakKeyDictionary()
+_WARNED_BY_ID: set = set()
+
+
+def _already_warned(denoiser, where: str) -> bool:
+    try:
+        seen = _WARNED.setdefault(denoiser, set())
+    except TypeError:
+        key = (id(denoiser), where)
+        if key in _WARNED_BY_ID:
+            return True
+        _WARNED_BY_ID.add(key)
+        return False
+    if where in seen:
+        return True
+    seen.add(where)
+    return False
+
+
+def warn_missing_labels(denoiser: Callable, cond: dict, where: str,
+                        keyword: str = LABEL_KEYWORD) -> bool:
+    """Warns (`MissingLabelsWarning`, once per denoiser and ``where``) when ``denoiser``
+    declares ``num_classes`` (an integer > 0) but ``cond`` has no ``keyword`` (or has it as
+    None). Returns True when the labels are missing, warned now or before."""
+    num_classes = getattr(denoiser, "num_classes", None)
+    if not num_classes or isinstance(num_classes, bool):
+        return False
+    if cond.get(keyword) is not None:
+        return False
+    if not _already_warned(denoiser, where):
+        warnings.warn(f"{where}(): the model is class-conditional (num_classes={num_classes}) "
+                      f"but no {keyword}= was given; it runs on its default instead of a "
+                      f"class. Pass {keyword}=<tensor of labels> (one per sample, or per "
+                      f"pool entry when distilling).", MissingLabelsWarning, stacklevel=3)
+    return True

@@ -1,0 +1,154 @@
+"""Classifier-free guidance as a denoiser: `CFGDenoiser(denoiser, guidance_scale, uncond)`.
+
+Guidance (Ho & Salimans 2022) mixes a conditional and an unconditional prediction of the
+same network. In the denoiser (x0) form used by every solver here:
+
+    D_cfg(x, sigma) = D_u + s (D_c - D_u),   D_c = D(x, sigma, **cond),  D_u = D(x, sigma, **uncond)
+
+(for ``D = x - sigma eps`` this is the usual ``eps_u + s (eps_c - eps_u)``, since the
+``x`` terms cancel). ``s = 1`` is the conditional model, ``s = 0`` the unconditional one.
+
+One call per evaluation: the conditional and unconditional rows are stacked into one batch
+of ``2N`` rows (``x`` and ``sigma`` twice, the conditioning of ``uncond``'s keywords as
+``[cond; uncond]``, any other per-row conditioning twice), so a solver's latency NFE is
+unchanged and EPD's branch call of ``K*B`` rows becomes one call of ``2*K*B`` rows.
+
+Rows. The solvers call the wrapper with ``N = B`` rows (one per sample) and EPD's branch
+call with ``N = K*B`` rows, in which every per-sample conditioning tensor is tiled K times,
+branch after branch (`epd_kernels.branches.repeat_cond`). ``uncond`` tensors and a
+per-sample scale are given the call's rows by `conditioning.match_rows`: one row is
+broadcast to all (the empty prompt, the null class), ``B`` rows are used as they are in a
+``B``-row call and tiled K times in the ``K*B`` call, like the conditioning.
+
+Per-row values that must follow a distillation's noise pool (or any batch other than the
+one the wrapper was built for) can instead travel with the conditioning: a keyword
+``uncond_<name>=`` given at call time (to `sample`, `distill`, a solver) is the
+unconditional value of ``<name>`` and wins over ``uncond[name]``; ``guidance_scale=`` at
+call time (a float or a per-row ``[B]`` tensor) wins over the wrapper's scale. Both are
+repeated for EPD's branches like any conditioning, since they are ordinary keywords there.
+
+Distillation works through the wrapper unchanged: the teacher and the student both call
+it, so the teacher uses the same guidance as the student, and gradients flow through the
+stacked call.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Dict, Union
+
+import torch
+from torch import nn
+
+from .conditioning import match_rows
+
+__all__ = ["CFGDenoiser", "UNCOND_PREFIX", "SCALE_KEYWORD"]
+
+#: Call-time keywords ``uncond_<name>`` carry the unconditional value of ``<name>``.
+UNCOND_PREFIX = "uncond_"
+#: Call-time keyword that overrides the wrapper's guidance scale.
+SCALE_KEYWORD = "guidance_scale"
+
+Scale = Union[float, torch.Tensor]
+
+
+def _check_scale(scale, name: str = "guidance_scale") -> Scale:
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() > 1 or not scale.is_floating_point() and scale.dtype not in (
+                torch.int32, torch.int64):
+            raise ValueError(f"{name} must be a float, a 0-d or a [B] tensor, got a tensor of "
+                             f"shape {list(scale.shape)} and dtype {scale.dtype}")
+        if not torch.isfinite(scale.detach().double()).all():
+            raise ValueError(f"{name} must be finite")
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{name} must be a finite float or a [B] tensor, got {scale!r}")
+    return float(scale)
+
+
+class CFGDenoiser(nn.Module):
+    """``D_u + s (D_c - D_u)`` of ``denoiser`` with one stacked call per evaluation.
+
+    Args:
+        denoiser: ``D(x [N, ...], sigma [N], **cond) -> x0_hat`` (an ``nn.Module`` is
+            registered as a submodule, so ``.to()`` and freezing reach it).
+        guidance_scale: ``s``, a float or a per-sample ``[B]`` tensor (see the module
+            docstring for rows).
+        uncond: the conditioning of the unconditional branch, a dict of tensors whose keys
+            are conditioning keywords of the denoiser (``{"encoder_hidden_states":
+            empty_prompt_embeddings}``, ``{"class_labels": null_class}``), each with 1 row
+            or one per sample. Every key must also be given at call time (the conditional
+            value); keywords not in ``uncond`` are shared by both branches.
+
+    ``shape``, ``sigma_min``, ``sigma_max`` and ``num_classes`` are copied from the denoiser
+    when it has them.
+    """
+
+    def __init__(self, denoiser: Callable, guidance_scale: Scale,
+                 uncond: Dict[str, torch.Tensor]):
+        super().__init__()
+        if not callable(denoiser):
+            raise ValueError("denoiser must be callable: D(x, sigma, **cond) -> x0_hat")
+        if not isinstance(uncond, dict) or not uncond:
+            raise ValueError("uncond must be a non-empty dict of conditioning tensors for the "
+                             "unconditional branch, e.g. {'class_labels': null_class} or "
+                             "{'encoder_hidden_states': empty_prompt_embeddings}")
+        for k, v in uncond.items():
+            if not isinstance(v, torch.Tensor) or v.dim() < 1:
+                got = "a 0-d tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"uncond[{k!r}] must be a tensor with a leading batch "
+                                 f"dimension (1 row, or one per sample), got {got}")
+        self.denoiser = denoiser
+        self.guidance_scale = _check_scale(guidance_scale)
+        self.uncond = dict(uncond)
+        for name in ("shape", "sigma_min", "sigma_max", "num_classes"):
+            value = getattr(denoiser, name, None)
+            if value is not None:
+                setattr(self, name, value)
+
+    def extra_repr(self) -> str:
+        s = self.guidance_scale
+        scale = f"[{s.numel()}] tensor" if isinstance(s, torch.Tensor) else f"{s:g}"
+        return f"guidance_scale={scale}, uncond={sorted(self.uncond)}"
+
+    def _scale_rows(self, scale: Scale, rows: int, x: torch.Tensor):
+        if not isinstance(scale, torch.Tensor):
+            return scale
+        s = scale.to(device=x.device, dtype=x.dtype)
+        if s.dim() == 0:
+            return s
+        s = match_rows(s, rows, SCALE_KEYWORD)
+        return s.reshape((rows,) + (1,) * (x.dim() - 1))
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        n = x.shape[0]
+        scale = _check_scale(cond.pop(SCALE_KEYWORD)) if SCALE_KEYWORD in cond \
+            else self.guidance_scale
+        uncond = dict(self.uncond)
+        for key in [k for k in cond if k.startswith(UNCOND_PREFIX)]:
+            uncond[key[len(UNCOND_PREFIX):]] = cond.pop(key)
+        missing = sorted(k for k in uncond if cond.get(k) is None)
+        if missing:
+            raise ValueError(f"CFGDenoiser: uncond gives {missing} for the unconditional "
+                             f"branch, but the call has no conditional value for "
+                             f"{', '.join(k + '=' for k in missing)} (pass the conditioning to "
+                             f"sample / distill / the solver)")
+        s = torch.as_tensor(sigma, device=x.device)
+        s = s.expand(n) if s.dim() == 0 else s
+        stacked = {}
+        for key, value in cond.items():
+            if key in uncond:
+                c = match_rows(value, n, key)
+                u = match_rows(uncond[key].to(device=c.device, dtype=c.dtype), n,
+                               f"uncond[{key!r}]")
+                if c.shape[1:] != u.shape[1:]:
+                    raise ValueError(f"CFGDenoiser: {key} has per-row shape {list(c.shape[1:])}"
+                                     f" but uncond[{key!r}] has {list(u.shape[1:])}")
+                stacked[key] = torch.cat([c, u], 0)
+            elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == n:
+                stacked[key] = torch.cat([value, value], 0)
+            else:  # shared values (flags, 0-d tensors, tensors the model broadcasts)
+                stacked[key] = value
+        out = self.denoiser(torch.cat([x, x], 0), torch.cat([s, s], 0), **stacked)
+        d_c, d_u = out[:n], out[n:]
+        return d_u + self._scale_rows(scale, n, x) * (d_c - d_u)

@@ -37,22 +37,21 @@ per-seed noise that does not depend on the batch size.
 """
 from __future__ import annotations
 
-import collections
 import inspect
 import numbers
 import time
-import warnings
 from typing import Callable, Optional
 
 import torch
 
 from .branches import clear_graph_cache as _clear_branch_runners
 from .branches import runner_for
+from .models.conditioning import warn_missing_labels
 from .noise import make_noise
 from .solvers import schedules as _schedules
 from .solvers import solve_graph as _solve_graph
 from .solvers.counting import CountingDenoiser, SampleStats, parallel_calls
-from .solvers.graphs import (DenoiserKey, check_cond_device, device_guard, graph_mode,
+from .solvers.graphs import (check_cond_device, device_guard, graph_mode,
                              strategy_for)
 from .solvers.registry import (_SOLVERS, all_option_names, is_explicit, nfe_to_steps,
                                register_solver, resolve_afs, resolve_sigmas, solver_names,
@@ -138,7 +137,7 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
         raise ValueError(f"nfe must be an integer or None, got {nfe!r}")
     opts = _check_options(s, options, cond, denoiser)
     _check_graph(graph, s, params, callback, progress)
-    _warn_missing_labels(denoiser, cond)
+    warn_missing_labels(denoiser, cond, "sample")
     sigmas, steps, nfe, extra = _resolve_run(s, params, nfe, schedule, afs)
 
     fn = s.load()
@@ -231,29 +230,6 @@ def _check_graph(graph, s, params, callback, progress) -> None:
     why = _solve_graph.unsupported_reason(s.name, params)
     if why:
         raise ValueError(f"graph='solve' cannot capture solver {s.name!r}: {why}")
-
-
-_WARNED_LABELS: "collections.deque[DenoiserKey]" = collections.deque(maxlen=64)
-
-
-def _warn_missing_labels(denoiser, cond) -> None:
-    """Warns once per denoiser that declares ``num_classes`` and gets no class labels.
-    (A private check; the models layer has the shared helper.)"""
-    try:
-        n = getattr(denoiser, "num_classes", None)
-    except Exception:  # noqa: BLE001 - a model attribute that raises: nothing to check
-        return
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
-        return
-    if cond.get("class_labels") is not None:
-        return
-    key = DenoiserKey(denoiser)
-    if any(k.matches(key) for k in _WARNED_LABELS):
-        return
-    _WARNED_LABELS.append(key)
-    warnings.warn(f"sample(): the denoiser declares num_classes={int(n)} but no class_labels= "
-                  f"was given; it is sampled without labels (pass class_labels=...)",
-                  UserWarning, stacklevel=3)
 
 
 def _resolve_run(s, params, nfe, schedule, afs):

@@ -375,7 +375,9 @@ def test_missing_class_labels_warn_once(model):
 
     den = Conditional()
     noise = make_noise([0], (5,))
-    with pytest.warns(UserWarning, match="num_classes=3 but no class_labels="):
+    from epd_kernels.models import MissingLabelsWarning
+
+    with pytest.warns(MissingLabelsWarning, match=r"sample\(\).*num_classes=3.*no class_labels="):
         sample(den, noise, solver="euler", nfe=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

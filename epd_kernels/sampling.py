@@ -442,7 +442,7 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
 
 
 def _check_dode_params(spec, params):
-    from .dode_params import DODEParams
+    from .params import DODEParams
 
     if not isinstance(params, DODEParams):
         raise ValueError(f"solver {spec.name!r} needs params (a DODEParams from "
@@ -452,7 +452,7 @@ def _check_dode_params(spec, params):
 
 def _check_params_kind(spec, params):
     """EPD solvers take EPDParams, AMED solvers AMEDParams, with the matching plugin flag."""
-    from .amed_params import AMEDParams
+    from .params import AMEDParams
 
     amed = spec.name.startswith("amed")
     if amed:

@@ -11,68 +11,43 @@ Both forms give, at step n (from ``t = t_n`` to ``t' = t_{n+1}``), the values th
 * TABLE form: ``r, delta, o [S]``, one value per step for every sample ("EPD with K = 1").
 * PREDICTOR form (the paper's): an `AMEDPredictor` network maps per-sample features read
   at the main point (``features``: "denoised", "module:<name>" or a callable; see
-  `epd_kernels.amed_predictor`) and the two sigmas to ``[B]`` values of r, delta, o.
+  `epd_kernels.params.amed_predictor`) and the two sigmas to ``[B]`` values of r, delta, o.
 
 `AMEDParams.init` gives the neutral start of either form, r = 1/2, delta = o = 0: AMED-Solver
 is then DPM-Solver-2 and AMED-Plugin is iPNDM on the grid refined by the geometric
-midpoints. Common fields: ``sigmas [S+1]`` (float64, strictly decreasing, > 0), ``afs``,
-``plugin`` (AMED-Plugin on iPNDM), ``max_order`` (its iPNDM order), ``nfe`` (latency NFE
-``2 S - afs``, which is also the total number of evaluations), ``schedule`` and ``meta``.
+midpoints. The other fields are those of every params family (`epd_kernels.params.base`),
+with latency NFE ``2 S - afs`` (also the total number of evaluations), and ``plugin``
+(AMED-Plugin on iPNDM, whose order is ``max_order``).
 
-File format (`save` / `load`): one safetensors file (written atomically) with the tensors
-``sigmas`` and either ``r``, ``delta``, ``o`` (table) or the predictor's state dict under
-``predictor.<name>`` (float64), and JSON metadata (`epd_kernels.params_file`):
-``format_version``, ``kind`` ("amed"), ``solver`` ("amed" / "amed-ipndm"), ``form``
-("table" / "predictor"), ``S``, ``nfe``, ``afs``, ``plugin``, ``max_order``,
-``schedule``, ``features`` (the feature source, None for a table), ``predictor`` (the
-network's config, None for a table), ``package_version``, ``meta`` and ``checksum``.
+File (`save` / `load`, format in `epd_kernels.params.file`): the tensors ``sigmas`` and
+either ``r``, ``delta``, ``o`` (table) or the predictor's state dict under
+``predictor.<name>``; besides the common metadata ``kind`` ("amed"), ``form``, ``plugin``,
+``features`` (the feature source, None for a table) and ``predictor`` (the network's
+config, None for a table).
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
 
-from .amed_predictor import (AMEDPredictor, check_feature_spec, feature_spec_name,
-                             pooled_dim)
-from .params import epd_latency_nfe
-from .params_file import (FLOAT_DTYPES, check_afs_nfe, check_common_fields, check_grid,
-                          check_grid_shape, check_same_grid, open_params_file, to_tensor,
-                          write_params_file)
+from .amed_predictor import AMEDPredictor, check_feature_spec, feature_spec_name, pooled_dim
+from .base import FLOAT_DTYPES, ParamsBase
 
-__all__ = ["AMEDParams", "AMEDPredictor", "AMED_FORMAT_VERSION", "AMED_FORMS",
-           "amed_latency_nfe", "AMED_DELTA_MAX", "AMED_O_MAX"]
+__all__ = ["AMEDParams", "AMEDPredictor"]
 
-#: Version of the file layout written by `AMEDParams.save`. Readers refuse newer versions.
-AMED_FORMAT_VERSION = 1
 AMED_FORMS = ("table", "predictor")
 #: The paper's bounds: scale_time in (0.8, 1.2), scale_dir in (0.99, 1.01).
 AMED_DELTA_MAX = 0.2
 AMED_O_MAX = 0.01
 
-_KIND = "amed"
-_TABLE = ("r", "delta", "o")
-_META_KEYS = ("format_version", "kind", "solver", "form", "S", "nfe", "afs", "plugin",
-              "max_order", "schedule", "features", "predictor", "package_version", "meta",
-              "checksum")
 _CONFIG_KEYS = ("feature_dim", "hidden", "bottleneck", "time_channels", "delta_max", "o_max")
 
 
-def amed_latency_nfe(num_steps: int, afs: bool) -> int:
-    """Sequential (and total) denoiser evaluations of AMED: 2 per step, minus 1 with AFS."""
-    return epd_latency_nfe(num_steps, afs)
-
-
-def _tensor(name, value):
-    return to_tensor("AMEDParams", name, value)
-
-
 @dataclass
-class AMEDParams:
+class AMEDParams(ParamsBase):
     """AMED parameters on one time grid, table or predictor form (module docstring).
 
     Build with `AMEDParams.init(sigmas, form=...)`, by ``distill(..., method="amed")``, or
@@ -92,25 +67,17 @@ class AMEDParams:
     schedule: Union[str, dict, None] = None
     meta: dict = field(default_factory=dict)
 
+    _WHAT = "AMED params"
+    _FILE = "an AMED params file"
+    _KIND = "amed"
+    _VALUES = ("r", "delta", "o")
+    _SOLVERS = ("amed", "amed-ipndm")
+    _FILE_KEYS = ("form", "plugin", "features", "predictor")
+
     def __post_init__(self):
-        self.sigmas = _tensor("sigmas", self.sigmas).detach().to(torch.float64)
-        for name in _TABLE:
-            v = getattr(self, name)
-            if v is not None:
-                setattr(self, name, _tensor(name, v))
+        super().__post_init__()
         if self.predictor is not None and self.features is None:
             self.features = "denoised"
-        self.afs = bool(self.afs)
-        self.plugin = bool(self.plugin)
-        if isinstance(self.max_order, bool) or not isinstance(self.max_order, int):
-            raise ValueError(f"AMEDParams.max_order must be an int in 1..4, got "
-                             f"{self.max_order!r}")
-        if self.meta is None:
-            self.meta = {}
-        if self.nfe is None and self.sigmas.dim() == 1:
-            self.nfe = amed_latency_nfe(self.sigmas.numel() - 1, self.afs)
-
-    # ---------------------------------------------------------------- construction
 
     @classmethod
     def init(cls, sigmas, *, form: str = "table", afs: bool = True, plugin: bool = False,
@@ -131,49 +98,30 @@ class AMEDParams:
         """
         if form not in AMED_FORMS:
             raise ValueError(f"form must be one of {AMED_FORMS}, got {form!r}")
-        sig = _tensor("sigmas", sigmas).detach().to(torch.float64)
-        check_grid_shape("AMEDParams", sig)
+        sig = cls._grid(sigmas)
         S = sig.numel() - 1
         common = dict(sigmas=sig, afs=afs, plugin=plugin, max_order=max_order,
                       schedule=schedule, meta=dict(meta or {}))
         if form == "table":
             kw = dict(dtype=dtype, device=device)
-            p = cls(r=torch.full((S,), 0.5, **kw), delta=torch.zeros(S, **kw),
-                    o=torch.zeros(S, **kw), **common)
-        else:
-            spec = check_feature_spec(features)
-            if feature_dim is None:
-                if spec != "denoised" or shape is None:
-                    raise ValueError("feature_dim (values per sample of the feature source) "
-                                     "must be given for the predictor form, unless "
-                                     "features='denoised' and the data shape is given")
-                feature_dim = pooled_dim(shape)
-            net = AMEDPredictor(feature_dim, hidden=hidden, bottleneck=bottleneck,
-                                time_channels=time_channels, delta_max=delta_max,
-                                o_max=o_max, seed=seed, dtype=dtype, device=device)
-            net.requires_grad_(False)  # like a table: a value, until a distillation trains it
-            p = cls(predictor=net, features=spec, **common)
-        return p.validate()
-
-    # ---------------------------------------------------------------- properties
+            return cls(r=torch.full((S,), 0.5, **kw), delta=torch.zeros(S, **kw),
+                       o=torch.zeros(S, **kw), **common).validate()
+        spec = check_feature_spec(features)
+        if feature_dim is None:
+            if spec != "denoised" or shape is None:
+                raise ValueError("feature_dim (values per sample of the feature source) must "
+                                 "be given for the predictor form, unless "
+                                 "features='denoised' and the data shape is given")
+            feature_dim = pooled_dim(shape)
+        net = AMEDPredictor(feature_dim, hidden=hidden, bottleneck=bottleneck,
+                            time_channels=time_channels, delta_max=delta_max, o_max=o_max,
+                            seed=seed, dtype=dtype, device=device)
+        net.requires_grad_(False)  # like a table: a value, until a distillation trains it
+        return cls(predictor=net, features=spec, **common).validate()
 
     @property
     def form(self) -> str:
         return "table" if self.predictor is None else "predictor"
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.sigmas.numel()) - 1
-
-    @property
-    def solver(self) -> str:
-        """The `sample` name: "amed" or "amed-ipndm"."""
-        return "amed-ipndm" if self.plugin else "amed"
-
-    @property
-    def total_evaluations(self) -> int:
-        """All evaluations (batch B each): equal to the latency NFE (no parallel branches)."""
-        return amed_latency_nfe(self.num_steps, self.afs)
 
     @property
     def feature_dim(self) -> Optional[int]:
@@ -195,15 +143,6 @@ class AMEDParams:
 
     # ---------------------------------------------------------------- copies
 
-    def replace(self, **changes) -> "AMEDParams":
-        """A shallow copy with some fields changed (``nfe`` recomputed unless given)."""
-        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        kw["meta"] = dict(self.meta)
-        if "nfe" not in changes and ({"sigmas", "afs"} & set(changes)):
-            kw["nfe"] = None
-        kw.update(changes)
-        return AMEDParams(**kw)
-
     def with_features(self, features) -> "AMEDParams":
         """A copy (sharing the predictor) that reads ``features`` (e.g. the callable a
         file could only name)."""
@@ -214,27 +153,22 @@ class AMEDParams:
     def detach(self) -> "AMEDParams":
         """A copy whose tensors (and predictor) are detached from autograd and cloned."""
         if self.predictor is None:
-            return self.replace(**{n: getattr(self, n).detach().clone() for n in _TABLE})
-        net = copy.deepcopy(self.predictor)
-        for p in net.parameters():
-            p.requires_grad_(False)
-        return self.replace(predictor=net)
+            return super().detach()
+        return self.replace(predictor=copy.deepcopy(self.predictor).requires_grad_(False))
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "AMEDParams":
         """A copy on ``device``; ``dtype`` converts the table / the predictor's weights."""
         if self.predictor is None:
-            return self.replace(**{n: getattr(self, n).to(device=device, dtype=dtype)
-                                   for n in _TABLE})
-        return self.replace(predictor=copy.deepcopy(self.predictor).to(device=device,
+            return super().to(device, dtype)
+        return self.replace(sigmas=self.sigmas.to(device=device),
+                            predictor=copy.deepcopy(self.predictor).to(device=device,
                                                                         dtype=dtype))
 
     # ---------------------------------------------------------------- checks
 
-    def check_structure(self) -> None:
-        """Form, shapes, dtypes and metadata types; the NFE rule (no value checks)."""
-        check_grid_shape("AMEDParams", self.sigmas)
-        S = self.num_steps
-        given = [n for n in _TABLE if getattr(self, n) is not None]
+    def _shapes(self, S):
+        """The table's tensors; none for the predictor form (whose own checks are here)."""
+        given = [n for n in self._VALUES if getattr(self, n) is not None]
         if self.predictor is not None:
             if given:
                 raise ValueError(f"AMEDParams has a predictor and table values {given}: give "
@@ -243,157 +177,79 @@ class AMEDParams:
                 raise ValueError(f"AMEDParams.predictor must be an AMEDPredictor, got "
                                  f"{type(self.predictor).__name__}")
             check_feature_spec(self.features)
-        else:
-            if len(given) != 3:
-                missing = [n for n in _TABLE if n not in given]
-                raise ValueError(f"AMEDParams needs either a predictor or the table r, delta, "
-                                 f"o; missing {missing}")
-            for name in _TABLE:
-                t = getattr(self, name)
-                if t.dtype not in FLOAT_DTYPES:
-                    raise ValueError(f"AMEDParams.{name} must be a floating tensor, got "
-                                     f"{t.dtype}")
-                if tuple(t.shape) != (S,):
-                    raise ValueError(f"AMEDParams.{name} must have shape [S] = [{S}] (S from "
-                                     f"sigmas of length {S + 1}), got {list(t.shape)}")
-            devices = {getattr(self, n).device for n in _TABLE}
-            if len(devices) > 1:
-                raise ValueError(f"AMEDParams tensors r, delta, o are on several devices: "
-                                 f"{sorted(map(str, devices))}")
-            if self.features is not None:
-                raise ValueError("table-form AMED params read no features: leave features "
-                                 "None")
-        check_common_fields("AMEDParams", self)
-        expected = amed_latency_nfe(S, self.afs)
-        if self.nfe != expected:
-            raise ValueError(f"AMEDParams.nfe = {self.nfe} does not match S = {S} steps with "
-                             f"afs={self.afs}: AMED has latency NFE 2*S - afs = {expected}")
+            return {}
+        if len(given) != 3:
+            missing = [n for n in self._VALUES if n not in given]
+            raise ValueError(f"AMEDParams needs either a predictor or the table r, delta, o; "
+                             f"missing {missing}")
+        if self.features is not None:
+            raise ValueError("table-form AMED params read no features: leave features None")
+        return {n: ("[S]", (S,)) for n in self._VALUES}
 
-    def validate(self) -> "AMEDParams":
-        """Structure plus values: finite; r in [0, 1], delta > -1, o > -1 (table); finite
-        weights (predictor, whose outputs are bounded by construction); a finite, positive,
-        strictly decreasing grid. Returns self; raises ValueError naming the field."""
-        self.check_structure()
+    def _check_values(self, values):
+        """Table: r in [0, 1], delta > -1, o > -1. Predictor: finite weights (its outputs
+        are bounded by construction)."""
         if self.predictor is None:
-            vals = {n: getattr(self, n).detach().to("cpu", torch.float64) for n in _TABLE}
-            for name, v in vals.items():
-                if not torch.isfinite(v).all():
-                    raise ValueError(f"AMEDParams.{name} has non-finite values (nan or inf)")
-            r = vals["r"]
-            if (r < 0).any() or (r > 1).any():
-                raise ValueError(f"AMEDParams.r must lie in [0, 1], got values in "
-                                 f"[{r.min().item():.6g}, {r.max().item():.6g}]")
-            for name in ("delta", "o"):
-                if (vals[name] <= -1).any():
-                    raise ValueError(f"AMEDParams.{name} must be > -1 (1 + {name} is a "
-                                     f"positive scale), min is {vals[name].min().item():.6g}")
-        else:
-            for name, p in self.predictor.state_dict().items():
-                if not torch.isfinite(p).all():
-                    raise ValueError(f"AMEDParams.predictor weight {name!r} has non-finite "
-                                     f"values (nan or inf)")
-        check_grid("AMEDParams", self.sigmas)
-        return self
-
-    def check_compatible(self, nfe: Optional[int] = None, sigmas=None, *,
-                         plugin: Optional[bool] = None, afs: Optional[bool] = None,
-                         rtol: float = 1e-5, atol: float = 1e-8) -> None:
-        """Raises ValueError unless these params fit the requested nfe, grid, plugin, afs."""
-        if plugin is not None and bool(plugin) != self.plugin:
-            want = "amed-ipndm" if plugin else "amed"
-            raise ValueError(f"these AMED params are for solver {self.solver!r} "
-                             f"(plugin={self.plugin}), not {want!r}")
-        check_afs_nfe("AMED params", "made", afs=self.afs, nfe=self.nfe,
-                      detail=f"{self.num_steps} steps, afs={self.afs}", asked_afs=afs,
-                      asked_nfe=nfe)
-        if sigmas is not None:
-            check_same_grid("AMED params", "distilled", self.sigmas, _tensor("sigmas", sigmas),
-                            self.schedule, rtol=rtol, atol=atol)
+            return self._check_step_values(values)
+        for name, p in self.predictor.state_dict().items():
+            if not torch.isfinite(p).all():
+                raise ValueError(f"AMEDParams.predictor weight {name!r} has non-finite values "
+                                 f"(nan or inf)")
 
     # ---------------------------------------------------------------- files
 
     def _tensors_for_file(self):
-        out = {"sigmas": self.sigmas.detach().to("cpu").contiguous().clone()}
-        if self.predictor is None:
-            for n in _TABLE:
-                out[n] = getattr(self, n).detach().to("cpu").contiguous().clone()
-        else:
-            for k, v in self.predictor.state_dict().items():
-                out["predictor." + k] = v.detach().to("cpu").contiguous().clone()
+        out = super()._tensors_for_file()
+        if self.predictor is not None:
+            out.update({"predictor." + k: v.detach().to("cpu").contiguous().clone()
+                        for k, v in self.predictor.state_dict().items()})
         return out
 
-    def save(self, path: Union[str, os.PathLike], feature_name: Optional[str] = None) -> None:
-        """Writes a safetensors file atomically. A predictor reading a callable needs
-        ``feature_name`` (stored as ``"callable:<name>"``; pass the callable again to
-        `load`)."""
-        self.validate()
-        features = None
-        if self.predictor is not None:
-            features = feature_spec_name(self.features, feature_name)
-        fields = {
-            "format_version": AMED_FORMAT_VERSION, "kind": _KIND, "solver": self.solver,
-            "form": self.form, "S": self.num_steps, "nfe": self.nfe, "afs": self.afs,
-            "plugin": self.plugin, "max_order": self.max_order, "schedule": self.schedule,
-            "features": features,
-            "predictor": None if self.predictor is None else self.predictor.config,
-            "meta": self.meta,
-        }
-        write_params_file(path, self._tensors_for_file(), fields, "AMEDParams")
+    def save(self, path, feature_name: Optional[str] = None, *, overwrite: bool = False) -> None:
+        """`ParamsBase.save`. A predictor reading a callable needs ``feature_name`` (stored
+        as ``"callable:<name>"``; pass the callable again to `load`)."""
+        net = self.predictor
+        self._save(path, overwrite, {
+            "form": self.form, "plugin": self.plugin,
+            "features": None if net is None else feature_spec_name(self.features, feature_name),
+            "predictor": None if net is None else net.config})
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike], device=None,
-             features: Optional[Callable] = None) -> "AMEDParams":
-        """Reads and fully validates a file written by `save`.
+    def load(cls, path, device=None, features: Optional[Callable] = None) -> "AMEDParams":
+        """`ParamsBase.load`; ``features``: the callable for a file saved with a named
+        callable feature source."""
+        return cls._load(path, device, features=features)
 
-        ``features``: the callable for a file saved with a named callable feature source.
-        FileNotFoundError for a missing file; ValueError naming the file and the problem
-        for a truncated or corrupted file, a file of another kind (EPD, D-ODE), a newer
-        format_version, missing keys, wrong shapes, an nfe that does not match the grid,
-        or out-of-range values.
-        """
-        pf = open_params_file(path, "an AMED params file", kind=_KIND,
-                              supported=AMED_FORMAT_VERSION, keys=_META_KEYS)
+    @classmethod
+    def _from_file(cls, pf, features=None):
         meta = pf.meta
-        if meta["solver"] not in ("amed", "amed-ipndm"):
-            pf.fail(f"solver must be 'amed' or 'amed-ipndm', got {meta['solver']!r}")
+        pf.require_solver(cls._SOLVERS)
         if meta["form"] not in AMED_FORMS:
             pf.fail(f"form must be one of {AMED_FORMS}, got {meta['form']!r}")
-        pf.require_bool("afs", "plugin")
-        pf.require_int("S", "nfe", "max_order")
-        if (meta["solver"] == "amed-ipndm") != meta["plugin"]:
-            pf.fail(f"solver {meta['solver']!r} contradicts plugin={meta['plugin']}")
-        S, tensors = meta["S"], pf.tensors
-        if meta["form"] == "table":
-            expect = {"r": (S,), "delta": (S,), "o": (S,), "sigmas": (S + 1,)}
+        S, table = meta["S"], meta["form"] == "table"
+        expect = {"sigmas": (S + 1,)}
+        if table:
+            expect.update({n: (S,) for n in cls._VALUES})
         else:
-            expect = {"sigmas": (S + 1,)}
             net = cls._predictor_from_meta(pf)
             expect.update({"predictor." + k: tuple(v.shape)
                            for k, v in net.state_dict().items()})
         pf.require_tensors(expect, f"S={S}, form {meta['form']!r}")
-        common = dict(sigmas=tensors["sigmas"], nfe=meta["nfe"], afs=meta["afs"],
-                      plugin=meta["plugin"], max_order=meta["max_order"],
-                      schedule=meta["schedule"], meta=meta["meta"])
-        with pf.naming_errors():
-            if meta["form"] == "table":
-                if meta["features"] is not None or meta["predictor"] is not None:
-                    pf.fail("a table-form file must have features and predictor null")
-                params = cls(r=tensors["r"], delta=tensors["delta"], o=tensors["o"], **common)
-            else:
-                spec = cls._features_from_meta(pf, features)
-                state = {k[len("predictor."):]: v for k, v in tensors.items()
-                         if k.startswith("predictor.")}
-                dtypes = {v.dtype for v in state.values()}
-                if len(dtypes) != 1 or not dtypes <= set(FLOAT_DTYPES):
-                    pf.fail(f"the predictor weights must share one floating dtype, got "
-                            f"{sorted(map(str, dtypes))}")
-                net.to(dtype=dtypes.pop())
-                net.load_state_dict(state, strict=True)
-                for p in net.parameters():
-                    p.requires_grad_(False)
-                params = cls(predictor=net, features=spec, **common)
-            params.validate()
-        return params.to(device) if device is not None else params
+        own = dict(sigmas=pf.tensors["sigmas"], plugin=meta["plugin"])
+        if table:
+            if meta["features"] is not None or meta["predictor"] is not None:
+                pf.fail("a table-form file must have features and predictor null")
+            return dict(own, **{n: pf.tensors[n] for n in cls._VALUES})
+        state = {k[len("predictor."):]: v for k, v in pf.tensors.items()
+                 if k.startswith("predictor.")}
+        dtypes = {v.dtype for v in state.values()}
+        if len(dtypes) != 1 or not dtypes <= set(FLOAT_DTYPES):
+            pf.fail(f"the predictor weights must share one floating dtype, got "
+                    f"{sorted(map(str, dtypes))}")
+        net.to(dtype=dtypes.pop())
+        net.load_state_dict(state, strict=True)
+        return dict(own, predictor=net.requires_grad_(False),
+                    features=cls._features_from_meta(pf, features))
 
     @staticmethod
     def _predictor_from_meta(pf) -> AMEDPredictor:

@@ -1,25 +1,16 @@
-"""What every params file and params object of the package shares.
+"""The params file format, shared by EPD, AMED and D-ODE params.
 
-A params file (EPD, D-ODE, AMED) is one safetensors file: the tensors, plus in the
-header's string-to-string metadata one JSON-encoded value per field, among them
-``format_version`` (readers refuse newer layouts), ``kind`` (absent for EPD files, the
-first layout), ``checksum`` (sha256 over the tensors' names, dtypes, shapes and bytes, so
-that a corrupted data section is detected), ``package_version`` and ``meta``. Files are
-written atomically (`fileio.write_atomic`).
+A params file is one safetensors file: the tensors, plus in the header's string-to-string
+metadata one JSON-encoded value per field. Every family writes ``format_version`` (readers
+refuse newer layouts), ``solver``, ``S``, ``nfe``, ``afs``, ``max_order``, ``schedule``,
+``meta``, ``package_version`` and ``checksum`` (sha256 over the tensors' names, dtypes,
+shapes and bytes, so that a corrupted data section is detected); ``kind`` names the
+family ("amed", "d-ode"; absent in EPD files, the first layout). Files are written
+atomically (`epd_kernels.fileio.write_atomic`).
 
-    write_params_file(path, tensors, fields, "AMEDParams")          # save
-    pf = open_params_file(path, "an AMED params file", kind="amed",  # load: every check
-                          supported=1, keys=_META_KEYS)              # the header needs
-    pf.require_tensors(expected_shapes, "S=3")                       # then the owner's own
-    with pf.naming_errors():
-        params = AMEDParams(...).validate()
-
-Every load error is a ValueError that names the file (`ParamsFile.fail`), except a missing
-file (FileNotFoundError). The same wording serves all three owners, which the tests of
-each check.
-
-The checks every params OBJECT shares (the time grid, the free-form fields, the grid a
-caller asks for) are here too, so that the three classes word them alike.
+Every load error is a one-line ValueError that starts with the file's path
+(`ParamsFile.fail`), except a missing file (FileNotFoundError) and a folder
+(IsADirectoryError).
 """
 from __future__ import annotations
 
@@ -32,20 +23,13 @@ from typing import Dict, Iterable, Mapping, NoReturn, Optional, Sequence
 
 import torch
 
-from .fileio import read_safetensors_metadata, write_atomic
+from ..fileio import (MAX_JSON_DEPTH, json_depth, loads_bounded, read_safetensors_metadata,
+                      write_atomic)
 
-__all__ = ["FLOAT_DTYPES", "checksum", "encode_metadata", "write_params_file", "ParamsFile",
-           "read_params_file", "open_params_file", "check_format_version", "check_checksum",
-           "to_tensor", "check_grid_shape", "check_grid", "check_common_fields",
-           "check_same_grid"]
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+__all__ = []  # the file format is reached through the params classes' save / load
 
 # kind -> (what it is called, the class that reads it), for the hint of a wrong-kind error.
 _KINDS = {"d-ode": ("D-ODE", "DODEParams"), "amed": ("AMED", "AMEDParams")}
-
-
-# ------------------------------------------------------------------------------- writing
 
 
 def checksum(tensors: Dict[str, torch.Tensor]) -> str:
@@ -62,39 +46,46 @@ def checksum(tensors: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def encode_metadata(fields: dict, owner: str) -> Dict[str, str]:
-    """Each field JSON-encoded (sorted keys, finite numbers only: NaN is not JSON);
-    ValueError naming `owner` if a value (meta, schedule, ...) cannot be serialised."""
-    try:
-        return {k: json.dumps(v, sort_keys=True, allow_nan=False) for k, v in fields.items()}
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{owner}.meta / schedule must be JSON-serialisable (finite numbers, "
-                         f"str, list, dict): {e}") from e
+def _encode(fields: dict, owner: str) -> Dict[str, str]:
+    """Each field JSON-encoded (sorted keys, finite numbers only: NaN is not JSON, and no
+    deeper than the readers accept); ValueError naming `owner` otherwise."""
+    out = {}
+    for k, v in fields.items():
+        try:
+            out[k] = json.dumps(v, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise ValueError(f"{owner}.meta / schedule must be JSON-serialisable (finite "
+                             f"numbers, str, list, dict): {type(e).__name__}: {e}") from None
+        if json_depth(out[k]) > MAX_JSON_DEPTH:
+            raise ValueError(f"{owner}.{k} nests deeper than {MAX_JSON_DEPTH} levels, which "
+                             f"readers refuse")
+    return out
 
 
-def write_params_file(path, tensors: Dict[str, torch.Tensor], fields: dict, owner: str) -> None:
+def write_params_file(path, tensors: Dict[str, torch.Tensor], fields: dict, owner: str, *,
+                      overwrite: bool) -> None:
     """Writes `tensors` with `fields` plus ``package_version`` and ``checksum``, atomically:
-    an unserialisable field raises before anything is written."""
+    an unserialisable field raises before anything is written; an existing file is a
+    FileExistsError unless `overwrite`."""
     from safetensors.torch import save as st_save
-    from . import __version__
+
+    from .. import __version__
 
     fields = {**fields, "package_version": __version__, "checksum": checksum(tensors)}
-    write_atomic(path, st_save(tensors, metadata=encode_metadata(fields, owner)))
-
-
-# ------------------------------------------------------------------------------- reading
+    write_atomic(path, st_save(tensors, metadata=_encode(fields, owner)), overwrite=overwrite)
 
 
 @dataclasses.dataclass
 class ParamsFile:
-    """A read params file: its path, tensors and decoded metadata."""
+    """A read params file: its path, tensors and decoded metadata, and the checks its
+    reader applies (each failure a ValueError naming the file)."""
 
     path: str
     tensors: Dict[str, torch.Tensor]
     meta: dict
 
     def fail(self, msg: str) -> NoReturn:
-        raise ValueError(f"{self.path}: {msg}")
+        raise ValueError(f"{self.path}: " + " ".join(str(msg).split()))
 
     @contextlib.contextmanager
     def naming_errors(self):
@@ -137,6 +128,16 @@ class ParamsFile:
         expected = "none" if kind is None else repr(kind)
         self.fail(f"not {what}: metadata kind is {found!r}, expected {expected}{hint}")
 
+    def require_solver(self, names: Sequence[str]) -> None:
+        """``solver`` is one of `names` (the plain solver, then its plugin on iPNDM) and
+        agrees with ``plugin``."""
+        solver = self.meta["solver"]
+        if solver not in names:
+            self.fail(f"solver must be {' or '.join(map(repr, names))}, got {solver!r}")
+        self.require_bool("plugin")
+        if (solver == names[1]) != self.meta["plugin"]:
+            self.fail(f"solver {solver!r} contradicts plugin={self.meta['plugin']}")
+
     def require_tensors(self, shapes: Mapping[str, Sequence[int]], context: str) -> None:
         """Exactly the tensors `shapes` names (missing ones listed in its order), each of its
         shape; `context` ("K=2, S=3") explains the expected shapes."""
@@ -152,139 +153,55 @@ class ParamsFile:
                           f"{list(shape)} ({context})")
 
 
-def read_params_file(path, kind: str) -> ParamsFile:
-    """Reads a params file: FileNotFoundError if absent; ValueError for a truncated or
-    corrupted file, a file without metadata (``kind`` names what was expected, e.g. "an
-    AMED params file"), a field that is not JSON, or no ``format_version``."""
+def _read(path, what: str) -> ParamsFile:
+    """The file's tensors and JSON-decoded metadata, without checking what they hold."""
     from safetensors.torch import load as st_load
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not {what}")
     if not os.path.isfile(path):
-        article, _, what = kind.partition(" ")
-        raise FileNotFoundError(f"{what if article in ('a', 'an') else kind} not found: {path}")
+        article, _, name = what.partition(" ")
+        raise FileNotFoundError(f"{name if article in ('a', 'an') else what} not found: {path}")
     with open(path, "rb") as f:
         data = f.read()
-    raw_meta = read_safetensors_metadata(data, path, kind)
+    raw_meta = read_safetensors_metadata(data, path, what)
+    pf = ParamsFile(path, {}, {})
     try:
-        tensors = st_load(data)
-    except Exception as e:  # safetensors raises its own error type
-        raise ValueError(f"{path}: corrupted safetensors data: {e}") from e
-    pf = ParamsFile(path, tensors, {})
+        pf.tensors = st_load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+        pf.fail(f"corrupted safetensors data: {e}")
     if "format_version" not in raw_meta:
-        pf.fail(f"no 'format_version' in the metadata: not {kind}")
+        pf.fail(f"no 'format_version' in the metadata: not {what}")
     for k, v in raw_meta.items():
         try:
-            pf.meta[k] = json.loads(v)
+            pf.meta[k] = loads_bounded(v, f"metadata field {k!r}")
         except json.JSONDecodeError as e:
             pf.fail(f"metadata field {k!r} is not valid JSON ({e}): the file is corrupted")
+        except ValueError as e:
+            pf.fail(str(e))
     return pf
 
 
-def check_format_version(pf: ParamsFile, supported: int) -> int:
-    """The file's format_version; ValueError if invalid or newer than `supported`."""
+def open_params_file(path, what: str, *, kind: Optional[str], supported: int,
+                     keys: Iterable[str]) -> ParamsFile:
+    """Reads a params file and checks what every params header must satisfy, in this order
+    (the first problem found is the one reported): the `kind`, a format_version <=
+    `supported`, all of `keys`, the checksum, ``meta`` an object, and the types of the
+    fields every family has. `what` ("an AMED params file") words the errors."""
+    pf = _read(path, what)
+    pf.require_kind(kind, what)
     version = pf.meta["format_version"]
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         pf.fail(f"invalid format_version {version!r}")
     if version > supported:
         pf.fail(f"format_version {version} is newer than this epd_kernels supports "
                 f"({supported}); upgrade epd_kernels to read it")
-    return version
-
-
-def check_checksum(pf: ParamsFile) -> None:
-    """ValueError unless the stored checksum matches the tensors."""
-    if "checksum" not in pf.meta:
-        pf.fail("metadata is missing the keys ['checksum']")
+    pf.require_keys(keys)
     if pf.meta["checksum"] != checksum(pf.tensors):
         pf.fail("checksum mismatch: the tensor data is corrupted")
-
-
-def open_params_file(path, what: str, *, kind: Optional[str], supported: int,
-                     keys: Iterable[str]) -> ParamsFile:
-    """`read_params_file` plus what every params header must satisfy, in this order (the
-    first problem found is the one reported): the `kind` (`ParamsFile.require_kind`), a
-    format_version <= `supported`, all of `keys`, the checksum, ``meta`` an object."""
-    pf = read_params_file(path, what)
-    pf.require_kind(kind, what)
-    check_format_version(pf, supported)
-    pf.require_keys(keys)
-    check_checksum(pf)
     if not isinstance(pf.meta["meta"], dict):
         pf.fail(f"metadata 'meta' must be an object, got {type(pf.meta['meta']).__name__}")
+    pf.require_int("S", "nfe", "max_order")
+    pf.require_bool("afs")
     return pf
-
-
-# ------------------------------------------------------------------- params objects
-
-
-def to_tensor(owner: str, name: str, value) -> torch.Tensor:
-    """`value` itself if a tensor (dtype, device and autograd kept), else a float64 tensor;
-    ValueError naming ``owner.name`` if it cannot be one."""
-    if isinstance(value, torch.Tensor):
-        return value
-    try:
-        return torch.as_tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{owner}.{name}: cannot make a tensor from "
-                         f"{type(value).__name__}: {e}") from None
-
-
-def check_grid_shape(owner: str, sigmas: torch.Tensor) -> None:
-    if sigmas.dim() != 1 or sigmas.numel() < 2:
-        raise ValueError(f"{owner}.sigmas must be a 1-D grid of S+1 >= 2 values, got "
-                         f"shape {list(sigmas.shape)}")
-
-
-def check_grid(owner: str, sigmas: torch.Tensor) -> None:
-    """The time grid: finite, > 0 and strictly decreasing (sigma_max first)."""
-    s = sigmas.detach().to("cpu", torch.float64)
-    if not torch.isfinite(s).all():
-        raise ValueError(f"{owner}.sigmas has non-finite values (nan or inf)")
-    if (s <= 0).any():
-        raise ValueError(f"{owner}.sigmas must be > 0 (the last is sigma_min), min is "
-                         f"{s.min().item():.6g}")
-    if not (s[1:] < s[:-1]).all():
-        raise ValueError(f"{owner}.sigmas must be strictly decreasing (sigma_max first)")
-
-
-def check_common_fields(owner: str, params) -> None:
-    """The fields every params class has besides its tensors: ``nfe`` an int (each class
-    checks its own NFE rule), ``max_order`` an iPNDM order, ``schedule`` and ``meta``."""
-    if isinstance(params.nfe, bool) or not isinstance(params.nfe, int):
-        raise ValueError(f"{owner}.nfe must be an int, got {params.nfe!r}")
-    if not 1 <= params.max_order <= 4:
-        raise ValueError(f"{owner}.max_order must be in 1..4 (iPNDM), got {params.max_order}")
-    if params.schedule is not None and not isinstance(params.schedule, (str, dict)):
-        raise ValueError(f"{owner}.schedule must be a str, a dict or None, got "
-                         f"{type(params.schedule).__name__}")
-    if not isinstance(params.meta, dict):
-        raise ValueError(f"{owner}.meta must be a dict, got {type(params.meta).__name__}")
-
-
-def check_afs_nfe(what: str, made: str, *, afs: bool, nfe: int, detail: str,
-                  asked_afs=None, asked_nfe=None) -> None:
-    """ValueError unless the asked afs / latency NFE (None: not asked) are the params' own;
-    `what` ("D-ODE params"), `made` ("fitted") and `detail` ("5 steps, afs=False") word
-    the messages."""
-    if asked_afs is not None and bool(asked_afs) != afs:
-        raise ValueError(f"afs={bool(asked_afs)} was asked but the {what} were {made} with "
-                         f"afs={afs}")
-    if asked_nfe is not None and int(asked_nfe) != nfe:
-        raise ValueError(f"{what} were {made} for latency NFE {nfe} ({detail}) but NFE "
-                         f"{asked_nfe} was asked")
-
-
-def check_same_grid(what: str, made: str, mine: torch.Tensor, given: torch.Tensor, schedule,
-                    *, rtol: float, atol: float) -> None:
-    """ValueError unless the grid `given` (float64) is the params' grid `mine` within
-    rtol / atol; `what` ("EPD params") and `made` ("distilled") word the message."""
-    mine = mine.detach().to("cpu", torch.float64)
-    given = given.detach().to("cpu", torch.float64).reshape(-1)
-    if given.numel() != mine.numel():
-        raise ValueError(f"{what} have {mine.numel()} sigmas ({mine.numel() - 1} steps) but "
-                         f"the grid given has {given.numel()} ({given.numel() - 1} steps)")
-    if not torch.allclose(given, mine, rtol=rtol, atol=atol):
-        i = int(((given - mine).abs() > atol + rtol * mine.abs()).nonzero()[0, 0])
-        raise ValueError(f"{what} were {made} on a different time grid: sigma[{i}] is "
-                         f"{mine[i].item():.8g} in the params but {given[i].item():.8g} in "
-                         f"the grid given (schedule {schedule!r})")

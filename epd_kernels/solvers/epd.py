@@ -58,7 +58,7 @@ import torch
 
 from ..branches import BranchRunner
 from ..ops import epd_step
-from ..params import EPDParams, epd_latency_nfe, epd_total_evaluations
+from ..params.epd import EPDParams, epd_latency_nfe, epd_total_evaluations
 from ..reference import opmath_dtype
 from .common import call_denoiser, denoise
 from .ipndm import AB_COEFFS, ab_direction, push_history

@@ -239,7 +239,7 @@ def _load_epd(path):
 
 
 def _load_dode(path):
-    from epd_kernels.dode_params import DODEParams
+    from epd_kernels.params import DODEParams
 
     return DODEParams.load(str(path))
 
@@ -260,7 +260,7 @@ def _fit_epd(plugin: bool):
 
 
 def _load_amed(path):
-    from epd_kernels.amed_params import AMEDParams
+    from epd_kernels.params import AMEDParams
 
     return AMEDParams.load(str(path))
 

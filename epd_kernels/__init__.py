@@ -27,13 +27,13 @@ from .distill import distill  # noqa: E402
 __all__ += ["EPDParams", "distill"]
 
 # D-ODE: one distilled scalar per step, fitted in closed form.
-from .dode_params import DODEParams  # noqa: E402
+from .params import DODEParams  # noqa: E402
 from .dode_fit import fit_dode  # noqa: E402
 
 __all__ += ["DODEParams", "fit_dode"]
 
 # AMED-Solver / AMED-Plugin: a predicted intermediate time per step (table or network).
-from .amed_params import AMEDParams  # noqa: E402
+from .params import AMEDParams  # noqa: E402
 from .solvers.amed import amed_sampler  # noqa: E402
 
 __all__ += ["AMEDParams", "amed_sampler"]

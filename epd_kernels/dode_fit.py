@@ -52,7 +52,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .dode_params import DODE_BASES, DODEParams, dode_latency_nfe, normalize_dode_base
+from .params.dode import DODE_BASES, DODEParams, dode_latency_nfe, normalize_dode_base
 from .solvers import SOLVERS
 from .solvers.common import check_cond_keywords, check_int
 from .solvers.dode import DODE_SOLVERS

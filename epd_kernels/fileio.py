@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 
-__all__ = ["temp_prefix", "write_atomic", "read_safetensors_metadata"]
+__all__ = ["write_atomic"]
+
+#: Deepest JSON nesting a file header may have. The package's own headers nest at most
+#: a few levels; Python's json parser recurses per level and would end a deeper one
+#: (a damaged or hostile file) in RecursionError.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def temp_prefix(path) -> str:
@@ -21,11 +28,37 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path, data: bytes) -> None:
+def _fsync_folder(folder: str) -> None:
+    # The rename lives in the folder's entries: without this a power loss can bring back
+    # the old name (or none) although the file's bytes are on disk.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exists_error(path: str) -> FileExistsError:
+    return FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+
+
+def write_atomic(path, data: bytes, *, overwrite: bool = True) -> None:
     """Writes ``data`` to ``path`` atomically: a temporary file in the same folder, flushed
-    and fsync'ed, then moved over ``path`` with ``os.replace`` (a process killed at any
-    moment leaves the old file or the new one, never a torn one)."""
+    and fsync'ed, then moved onto ``path`` and the folder fsync'ed (a process killed at any
+    moment leaves the old file or the new one, never a torn one).
+
+    With ``overwrite=False`` an existing ``path`` is a FileExistsError, checked before
+    anything is written and again at the move (a hard link, which fails if the name
+    exists), so that two writers cannot both succeed.
+    """
     path = os.fspath(path)
+    if not overwrite and os.path.lexists(path):
+        raise _exists_error(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=folder)
@@ -35,13 +68,46 @@ def write_atomic(path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _move_new(tmp, path)
+        _fsync_folder(folder)
+    finally:
+        if os.path.lexists(tmp):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+
+def _move_new(tmp: str, path: str) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _exists_error(path) from None
+    except OSError:  # no hard links on this file system: check, then rename
+        if os.path.lexists(path):
+            raise _exists_error(path) from None
+        os.replace(tmp, path)
+
+
+def json_depth(text: str) -> int:
+    """How deep the arrays and objects of a JSON text nest (0 for a scalar), counted
+    without parsing so that it is safe on any input."""
+    depth = deepest = 0
+    for c in _JSON_STRING.sub("", text):
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
+
+
+def loads_bounded(text: str, where: str):
+    """`json.loads` that refuses nesting deeper than MAX_JSON_DEPTH with a ValueError
+    naming ``where`` (json.JSONDecodeError, a ValueError, for invalid JSON)."""
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"{where} nests JSON deeper than {MAX_JSON_DEPTH} levels")
+    return json.loads(text)
 
 
 def read_safetensors_metadata(data: bytes, path: str, kind: str) -> dict:
@@ -57,8 +123,8 @@ def read_safetensors_metadata(data: bytes, path: str, kind: str) -> dict:
         raise ValueError(f"{path}: truncated or corrupted safetensors file (header of {n} "
                          f"bytes, file of {len(data)} bytes)")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = loads_bounded(data[8:8 + n].decode("utf-8"), "the safetensors header")
+    except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{path}: corrupted safetensors header: {e}") from e
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupted safetensors header (not a JSON object)")

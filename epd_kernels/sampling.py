@@ -271,7 +271,7 @@ def _resolve_run(s, params, nfe, schedule, afs):
 
 
 def _check_dode_params(spec, params):
-    from .dode_params import DODEParams
+    from .params import DODEParams
 
     if not isinstance(params, DODEParams):
         raise ValueError(f"solver {spec.name!r} needs params (a DODEParams from "
@@ -281,7 +281,7 @@ def _check_dode_params(spec, params):
 
 def _check_params_kind(spec, params):
     """EPD solvers take EPDParams, AMED solvers AMEDParams, with the matching plugin flag."""
-    from .amed_params import AMEDParams
+    from .params import AMEDParams
 
     amed = spec.name.startswith("amed")
     if amed:

@@ -1,5 +1,5 @@
 """AMEDParams (table and predictor form): construction, validation, compatibility, files
-(round trips and every broken-file case), and the shared params_file helpers."""
+(round trips and every broken-file case)."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from epd_kernels import AMEDParams, DODEParams, EPDParams, amed_sampler, get_sigmas, make_noise
-from epd_kernels.amed_params import AMED_FORMAT_VERSION
-from epd_kernels.amed_predictor import AMEDPredictor
 from epd_kernels.models import GaussianModel
-from epd_kernels.params import _checksum as epd_checksum
-from epd_kernels.params_file import checksum
+from epd_kernels.params import AMEDPredictor
+from epd_kernels.params.file import checksum
 
 F64 = torch.float64
 
@@ -117,7 +115,7 @@ def test_check_compatible():
         p.check_compatible(sigmas=grid(4))
     with pytest.raises(ValueError, match=r"different time grid: sigma\[1\]"):
         p.check_compatible(sigmas=get_sigmas("logsnr", 3))
-    with pytest.raises(ValueError, match="'amed'.*not 'amed-ipndm'"):
+    with pytest.raises(ValueError, match=r"'amed' \(plugin=False\), not 'amed-ipndm'"):
         p.check_compatible(plugin=True)
     with pytest.raises(ValueError, match="afs=False"):
         p.check_compatible(afs=False)
@@ -203,11 +201,6 @@ def test_callable_features_need_a_name(tmp_path):
         AMEDParams.load(tmp_path / "d.safetensors", features=fn)
 
 
-def test_checksum_is_the_epd_files_checksum():
-    tensors = {"a": torch.arange(5, dtype=F64), "b": torch.ones(2, 3)}
-    assert checksum(tensors) == epd_checksum(tensors)
-
-
 # --------------------------------------------------------------------------------------
 # files: every bad case
 
@@ -234,7 +227,7 @@ def test_garbage_and_corrupted_bytes(tmp_path):
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     with pytest.raises(ValueError, match="corrupted safetensors header"):
         AMEDParams.load(path)
-    predictor().save(path)
+    predictor().save(path, overwrite=True)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # flip bits inside the tensor data
     path.write_bytes(bytes(data))
@@ -245,7 +238,7 @@ def test_garbage_and_corrupted_bytes(tmp_path):
 def _raw(form="table"):
     p = table() if form == "table" else predictor()
     tensors = p._tensors_for_file()
-    fields = {"format_version": AMED_FORMAT_VERSION, "kind": "amed", "solver": "amed",
+    fields = {"format_version": 1, "kind": "amed", "solver": "amed",
               "form": form, "S": 3, "nfe": 5, "afs": True, "plugin": False, "max_order": 4,
               "schedule": None, "features": None if form == "table" else "denoised",
               "predictor": None if form == "table" else p.predictor.config,
@@ -267,7 +260,7 @@ def test_raw_writer_is_valid(tmp_path, form):
 
 def test_future_format_version(tmp_path):
     tensors, fields = _raw()
-    fields["format_version"] = AMED_FORMAT_VERSION + 1
+    fields["format_version"] = AMEDParams.FORMAT_VERSION + 1
     _write(tmp_path / "p.safetensors", tensors, fields)
     with pytest.raises(ValueError, match="newer than this epd_kernels supports"):
         AMEDParams.load(tmp_path / "p.safetensors")
@@ -342,10 +335,12 @@ def test_atomic_save_keeps_old_file_on_error(tmp_path):
     before = path.read_bytes()
     bad = table().replace(r=torch.full((3,), 3.0, dtype=F64))
     with pytest.raises(ValueError, match="r must lie in"):
-        bad.save(path)
+        bad.save(path, overwrite=True)
     unserialisable = table().replace(meta={"x": object()})
     with pytest.raises(ValueError, match="JSON"):
-        unserialisable.save(path)
+        unserialisable.save(path, overwrite=True)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        table(seed=1).save(path)
     assert path.read_bytes() == before
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".tmp")]
 

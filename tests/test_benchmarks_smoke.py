@@ -268,7 +268,7 @@ def test_solvers_section_smoke(tmp_path, run_mod):
     layout (the `epd demo` model first), the measured NFE accounting and finite RMSEs."""
     import torch
 
-    from epd_kernels.dode_params import DODEParams
+    from epd_kernels.params import DODEParams
     from epd_kernels.params import EPDParams
     from epd_kernels.solvers import get_sigmas
 

@@ -22,10 +22,11 @@ from safetensors.torch import save_file
 
 from epd_kernels.dode_fit import (FIT_SEED_BASE, fit_dode, refine_sigmas, solve_lambda,
                                   teacher_targets)
-from epd_kernels.dode_params import DODE_FORMAT_VERSION, DODEParams, dode_latency_nfe
+from epd_kernels import make_noise
 from epd_kernels.models import GaussianMixtureModel, GaussianModel
-from epd_kernels.params import _checksum
-from epd_kernels.sampling import make_noise
+from epd_kernels.params import DODEParams
+from epd_kernels.params.dode import dode_latency_nfe
+from epd_kernels.params.file import checksum as _checksum
 from epd_kernels.solvers import get_sigmas, sample_euler, sample_heun, sample_ipndm
 from epd_kernels.solvers.dode import dode_sampler, sample_d_euler, sample_d_heun, sample_d_ipndm
 from epd_kernels.solvers.ipndm import AB_COEFFS
@@ -468,6 +469,8 @@ def test_check_compatible():
         p.check_compatible(solver="d-ipndm")
     with pytest.raises(ValueError, match="afs=True"):
         p.check_compatible(afs=True)
+    with pytest.raises(TypeError, match="DODEParams has no plugin variant"):
+        p.check_compatible(plugin=False)
 
 
 def test_missing_file(tmp_path):
@@ -519,7 +522,7 @@ def test_corrupted_tensor_bytes(tmp_path):
 def _good_raw(S=3):
     p = _params(S=S, base="euler")
     tensors = p._tensors_for_file()
-    fields = {"format_version": DODE_FORMAT_VERSION, "kind": "d-ode", "solver": "d-euler",
+    fields = {"format_version": 1, "kind": "d-ode", "solver": "d-euler",
               "base": "euler", "S": S, "nfe": p.nfe, "afs": False, "max_order": 4,
               "schedule": None, "package_version": "0.1.0", "meta": {},
               "checksum": _checksum(tensors)}
@@ -538,7 +541,7 @@ def test_raw_writer_is_valid(tmp_path):
 
 def test_future_format_version(tmp_path):
     tensors, fields = _good_raw()
-    fields["format_version"] = DODE_FORMAT_VERSION + 1
+    fields["format_version"] = DODEParams.FORMAT_VERSION + 1
     _write_raw(tmp_path / "d.safetensors", tensors, fields)
     with pytest.raises(ValueError, match="newer than this epd_kernels supports"):
         DODEParams.load(tmp_path / "d.safetensors")
@@ -560,7 +563,7 @@ def test_not_a_dode_file(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "y.safetensors"), metadata={"a": "b"})
     with pytest.raises(ValueError, match="format_version"):
         DODEParams.load(tmp_path / "y.safetensors")
-    from epd_kernels.params import EPDParams
+    from epd_kernels import EPDParams
 
     EPDParams.init(get_sigmas("polynomial", 3), 2).save(tmp_path / "epd.safetensors")
     with pytest.raises(ValueError, match="EPDParams.load"):
@@ -617,28 +620,23 @@ def test_atomic_save_keeps_old_file_on_error(tmp_path):
     _params().save(path)
     before = path.read_bytes()
     with pytest.raises(ValueError, match="JSON"):
-        _params(meta={"f": object()}).save(path)
+        _params(meta={"f": object()}).save(path, overwrite=True)
     with pytest.raises(ValueError, match="JSON"):
-        _params(meta={"f": float("nan")}).save(path)
+        _params(meta={"f": float("nan")}).save(path, overwrite=True)
     bad = _params()
     bad.lambdas[0] = 1.0
     with pytest.raises(ValueError, match=r"lambdas\[0\]"):
-        bad.save(path)
+        bad.save(path, overwrite=True)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        _params(S=3).save(path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["d.safetensors"]
 
 
 # --------------------------------------------------------------------------------------
-# sample() wiring (runs once the lead registers the d-* names in epd_kernels.sampling)
+# sample() wiring
 
 
-def _registered():
-    from epd_kernels.sampling import solver_names
-
-    return all(n in solver_names() for n in ("d-euler", "d-heun", "d-ipndm"))
-
-
-@pytest.mark.skipif(not _registered(), reason="d-* solvers not registered in sample() yet")
 @pytest.mark.parametrize("base,nfe", [("euler", 4), ("heun", 5), ("ipndm", 3)])
 def test_sample_wiring(base, nfe, gauss):
     from epd_kernels import sample

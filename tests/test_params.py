@@ -1,4 +1,6 @@
-"""EPDParams: construction, validation, compatibility, save/load and every broken-file case."""
+"""EPDParams: construction, validation, compatibility, save/load and every broken-file case;
+files written by earlier code (tests/data) for all three params families; what every
+corrupt params file gives (one line naming the file)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from epd_kernels.params import FORMAT_VERSION, EPDParams, _checksum
+from epd_kernels.params import EPDParams
+from epd_kernels.params.file import checksum as _checksum
 
 F64 = torch.float64
 
@@ -155,6 +158,21 @@ def test_check_compatible():
         p.check_compatible(sigmas=grid(4))
     with pytest.raises(ValueError, match="different time grid"):
         p.check_compatible(sigmas=grid(3, rho=5.0))
+    p.check_compatible(solver="epd", plugin=False, afs=True)
+    with pytest.raises(ValueError, match=r"'epd' \(plugin=False\), not 'epd-ipndm'"):
+        p.check_compatible(plugin=True)
+    with pytest.raises(ValueError, match=r"'epd' \(plugin=False\), not 'amed'"):
+        p.check_compatible(solver="amed")
+    with pytest.raises(ValueError, match="afs=False was asked but the EPD params were "
+                                         "distilled with afs=True"):
+        p.check_compatible(afs=False)
+
+
+def test_replace_recomputes_nfe_and_copies_meta():
+    p = trained_like(meta={"a": 1})
+    q = p.replace(afs=False)
+    assert (p.nfe, q.nfe) == (5, 6) and q.meta == p.meta and q.meta is not p.meta
+    assert q.replace(nfe=7).nfe == 7 and torch.equal(q.r, p.r)
 
 
 # --------------------------------------------------------------------------------------
@@ -171,7 +189,7 @@ def test_roundtrip(tmp_path):
     assert q.solver == "epd-ipndm"
     assert not [f for f in os.listdir(path.parent) if f.startswith(".tmp")]
     q32 = trained_like(dtype=torch.float32)
-    q32.save(str(path))                                            # overwrite, str path
+    q32.save(str(path), overwrite=True)                            # str path
     assert_same(q32, EPDParams.load(str(path)))
 
 
@@ -181,7 +199,7 @@ def test_header_metadata_is_readable(tmp_path):
     trained_like(schedule="polynomial").save(path)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert json.loads(meta["format_version"]) == FORMAT_VERSION
+    assert json.loads(meta["format_version"]) == EPDParams.FORMAT_VERSION == 1
     assert json.loads(meta["solver"]) == "epd" and json.loads(meta["K"]) == 2
     assert json.loads(meta["nfe"]) == 5 and json.loads(meta["schedule"]) == "polynomial"
     assert json.loads(meta["afs"]) is True and "package_version" in meta
@@ -195,7 +213,7 @@ def test_roundtrip_hypothesis(tmp_path, S, K, afs, plugin, order, seed, dtype):
     p = trained_like(S=S, K=K, seed=seed, dtype=dtype, afs=afs, plugin=plugin, max_order=order,
                      meta={"seed": seed})
     path = tmp_path / f"h-{S}-{K}.safetensors"
-    p.save(path)
+    p.save(path, overwrite=True)                # hypothesis reuses tmp_path
     assert_same(p, EPDParams.load(path))
 
 
@@ -253,7 +271,7 @@ def _write_raw(path, tensors, fields):
 def _good_raw(S=3, K=2):
     p = trained_like(S=S, K=K)
     tensors = p._tensors_for_file()
-    fields = {"format_version": FORMAT_VERSION, "solver": "epd", "K": K, "S": S, "nfe": p.nfe,
+    fields = {"format_version": 1, "solver": "epd", "K": K, "S": S, "nfe": p.nfe,
               "schedule": None, "afs": True, "plugin": False, "max_order": 4,
               "package_version": "0.1.0", "meta": {}, "checksum": _checksum(tensors)}
     return tensors, fields
@@ -267,7 +285,7 @@ def test_raw_writer_is_valid(tmp_path):
 
 def test_future_format_version(tmp_path):
     tensors, fields = _good_raw()
-    fields["format_version"] = FORMAT_VERSION + 1
+    fields["format_version"] = 2
     _write_raw(tmp_path / "p.safetensors", tensors, fields)
     with pytest.raises(ValueError, match="newer"):
         EPDParams.load(tmp_path / "p.safetensors")
@@ -338,11 +356,11 @@ def test_atomic_save_keeps_old_file_on_error(tmp_path):
     before = path.read_bytes()
     bad = trained_like(meta={"f": object()})
     with pytest.raises(ValueError, match="JSON"):
-        bad.save(path)
+        bad.save(path, overwrite=True)
     invalid = trained_like()
     invalid.r = invalid.r + 5
     with pytest.raises(ValueError, match="r must lie"):
-        invalid.save(path)
+        invalid.save(path, overwrite=True)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["p.safetensors"]
 
@@ -379,22 +397,27 @@ def _header(path):
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURES.RECIPES))
-def test_files_of_the_first_layout_still_load(name, tmp_path):
+def test_files_written_by_earlier_code_still_load(name, tmp_path):
     import epd_kernels
-    from epd_kernels.params_file import checksum
 
     cls_name, recipe = FIXTURES.RECIPES[name]
     path = os.path.join(DATA, name)
     loaded = getattr(epd_kernels, cls_name).load(path)        # verifies the stored checksum
     for k, v in recipe.items():
         got = getattr(loaded, k)
-        if isinstance(v, torch.Tensor):
+        if k == "predictor":                                   # (config, state dict)
+            config, state = v
+            got_state = got.state_dict()
+            assert got.config == config and sorted(got_state) == sorted(state)
+            for n, t in state.items():
+                assert got_state[n].dtype == t.dtype and torch.equal(got_state[n], t), n
+        elif isinstance(v, torch.Tensor):
             assert got.dtype == v.dtype and torch.equal(got, v), k
         else:
             assert got == v, k
     old_meta, old_tensors = _header(path)
     # The digest the old writer stored is the one the current code computes.
-    assert json.loads(old_meta["checksum"]) == checksum(old_tensors)
+    assert json.loads(old_meta["checksum"]) == _checksum(old_tensors)
     # And what the current code writes for the same object is what the old code wrote,
     # field by field (the bytes differ only in the header's key order and the version).
     loaded.save(tmp_path / name)
@@ -407,9 +430,17 @@ def test_files_of_the_first_layout_still_load(name, tmp_path):
         assert torch.equal(new_tensors[k], old_tensors[k]), k
 
 
+def test_the_fixtures_cover_every_family_and_form():
+    import epd_kernels
+
+    loaded = [getattr(epd_kernels, c).load(os.path.join(DATA, n))
+              for n, (c, _) in FIXTURES.RECIPES.items()]
+    assert {p.solver for p in loaded} >= {"epd", "epd-ipndm", "d-heun", "amed", "amed-ipndm"}
+    assert {p.form for p in loaded if hasattr(p, "form")} == {"table", "predictor"}
+
+
 def test_other_kinds_of_params_file_name_their_reader(tmp_path):
-    from epd_kernels.amed_params import AMEDParams
-    from epd_kernels.dode_params import DODEParams
+    from epd_kernels.params import AMEDParams, DODEParams
 
     with pytest.raises(ValueError, match=r"not an EPD params file: metadata kind is 'd-ode'.*"
                                          r"DODEParams\.load"):
@@ -430,5 +461,187 @@ def test_save_refuses_non_finite_meta(tmp_path, bad):
     trained_like().save(path)
     before = path.read_bytes()
     with pytest.raises(ValueError, match="EPDParams.meta / schedule must be JSON-serialisable"):
-        trained_like(meta={"loss": bad}).save(path)
+        trained_like(meta={"loss": bad}).save(path, overwrite=True)
     assert path.read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------
+# overwriting, and the durability of the rename
+
+
+def test_save_refuses_an_existing_file_unless_asked(tmp_path):
+    path = tmp_path / "p.safetensors"
+    first, second = trained_like(seed=1), trained_like(seed=2)
+    first.save(path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match=r"p\.safetensors exists; pass overwrite=True"):
+        second.save(path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["p.safetensors"]     # no temporary left behind
+    second.save(path, overwrite=True)
+    assert_same(second, EPDParams.load(path))
+
+
+def test_refusal_holds_when_the_file_appears_during_the_write(tmp_path, monkeypatch):
+    """The early existence check can race with another writer; the final move (a hard link,
+    which fails on an existing name) must still refuse, leaving the other file intact."""
+    from epd_kernels import fileio
+
+    path = tmp_path / "p.safetensors"
+    real_mkstemp = fileio.tempfile.mkstemp
+
+    def mkstemp_then_other_writer(*a, **kw):
+        path.write_bytes(b"the other writer's file")
+        return real_mkstemp(*a, **kw)
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", mkstemp_then_other_writer)
+    with pytest.raises(FileExistsError, match="p.safetensors exists"):
+        trained_like().save(path)
+    assert path.read_bytes() == b"the other writer's file"
+    assert sorted(os.listdir(tmp_path)) == ["p.safetensors"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch, overwrite):
+    import stat
+
+    from epd_kernels import fileio
+
+    path = tmp_path / "p.safetensors"
+    if overwrite:
+        path.write_bytes(b"old")
+    events = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd):
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        events.append(("fsync-dir" if is_dir else "fsync-file", path.exists() and
+                       path.read_bytes() != b"old"))
+        return real_fsync(fd)
+
+    def move(real):
+        def moved(*a, **kw):
+            events.append(("move", None))
+            return real(*a, **kw)
+        return moved
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    monkeypatch.setattr(fileio.os, "replace", move(real_replace))
+    monkeypatch.setattr(fileio.os, "link", move(real_link))
+    trained_like().save(path, overwrite=overwrite)
+    kinds = [k for k, _ in events]
+    assert kinds == ["fsync-file", "move", "fsync-dir"], events
+    assert events[-1] == ("fsync-dir", True)          # after the new file is in place
+    EPDParams.load(path)
+
+
+# --------------------------------------------------------------------------------------
+# corrupt files: always a one-line ValueError that starts with the file's path
+
+
+def _raw_file(path, tensors, meta_strings):
+    save_file(tensors, str(path), metadata=meta_strings)
+
+
+def _nested(depth):
+    """A JSON value whose arrays nest `depth` levels."""
+    v = 0
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+def test_nesting_in_metadata_is_bounded(tmp_path):
+    from epd_kernels.fileio import MAX_JSON_DEPTH
+
+    assert MAX_JSON_DEPTH == 32
+    path = tmp_path / "p.safetensors"
+    ok = trained_like(meta={"deep": _nested(MAX_JSON_DEPTH - 1)})   # meta itself is a level
+    ok.save(path)
+    assert EPDParams.load(path).meta == ok.meta
+    with pytest.raises(ValueError, match="EPDParams.meta nests deeper than 32 levels"):
+        trained_like(meta={"deep": _nested(MAX_JSON_DEPTH)}).save(path, overwrite=True)
+    with pytest.raises(ValueError, match="EPDParams.meta / schedule must be JSON-serialisable"):
+        trained_like(meta={"deep": _nested(100_000)}).save(path, overwrite=True)  # RecursionError
+    assert EPDParams.load(path).meta == ok.meta       # the refused saves left the file alone
+    tensors, fields = _good_raw()
+    for depth in (MAX_JSON_DEPTH + 1, 100_000):       # json.loads would recurse 100000 deep
+        strings = {k: json.dumps(v) for k, v in fields.items()}
+        strings["meta"] = "[" * depth + "]" * depth
+        _raw_file(path, tensors, strings)
+        with pytest.raises(ValueError) as e:
+            EPDParams.load(path)
+        assert str(e.value) == (f"{path}: metadata field 'meta' nests JSON deeper than 32 "
+                                f"levels")
+    # brackets inside JSON strings are text, not nesting
+    brackets = trained_like(meta={"note": "[" * 100 + "{" * 100})
+    brackets.save(path, overwrite=True)
+    assert EPDParams.load(path).meta == brackets.meta
+
+
+def test_nesting_in_the_header_itself_is_bounded(tmp_path):
+    """The safetensors header is JSON too: a deep value there (damage, or a hostile file)
+    is a ValueError naming the file, not a RecursionError."""
+    path = tmp_path / "p.safetensors"
+    for depth in (33, 100_000):
+        header = ('{"__metadata__": {"format_version": "1"}, "x": ' + "[" * depth + "]" * depth
+                  + "}").encode()
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(ValueError, match=r"p\.safetensors: corrupted safetensors header: "
+                                             r"the safetensors header nests JSON deeper than 32"):
+            EPDParams.load(path)
+
+
+def test_a_folder_is_named_as_such(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder, not an EPD params file"):
+        EPDParams.load(tmp_path)
+
+
+def _family_files(tmp_path):
+    """One valid file of each family and form: (class, path)."""
+    import epd_kernels
+
+    return [(getattr(epd_kernels, c), os.path.join(DATA, n))
+            for n, (c, _) in sorted(FIXTURES.RECIPES.items())]
+
+
+def _assert_one_line_naming(err, path):
+    msg = str(err)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg, msg
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, 4), where=st.floats(0, 1, exclude_max=True),
+       byte=st.integers(0, 255), cut=st.booleans())
+def test_any_damage_is_a_one_line_error_naming_the_file(tmp_path, which, where, byte, cut):
+    """One byte changed anywhere (or the file cut there), in a file of each family: the load
+    either still succeeds (the byte did not change, or the header stays valid JSON with
+    valid values) or raises a ValueError of one line that starts with the path; never
+    another exception type."""
+    cls, src = _family_files(tmp_path)[which]
+    data = bytearray(open(src, "rb").read())
+    i = int(where * len(data))
+    if cut:
+        data = data[:i]
+    else:
+        data[i] = byte
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(bytes(data))
+    try:
+        cls.load(path)
+    except ValueError as e:
+        _assert_one_line_naming(e, path)
+    else:
+        assert not cut
+
+
+def test_checksum_and_truncation_errors_of_every_family_are_one_line(tmp_path):
+    for cls, src in _family_files(tmp_path):
+        data = open(src, "rb").read()
+        path = tmp_path / "d.safetensors"
+        for bad in (data[:-1], data[:9], data[:-4] + bytes(b ^ 1 for b in data[-4:])):
+            path.write_bytes(bad)
+            with pytest.raises(ValueError) as e:
+                cls.load(path)
+            _assert_one_line_naming(e.value, path)

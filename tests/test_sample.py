@@ -278,7 +278,7 @@ def test_epd_requires_matching_params(model):
 def test_params_solvers_default_to_the_params_nfe(model):
     """Without nfe, a solver with params runs at the params' own budget (not the plain
     solvers' default 5); an explicit nfe must still match."""
-    from epd_kernels.dode_params import DODEParams
+    from epd_kernels.params import DODEParams
     from epd_kernels.params import EPDParams
 
     noise = make_noise(range(2), (5,), dtype=torch.float64)

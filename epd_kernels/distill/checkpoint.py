@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..params import temp_prefix, write_atomic
+from ..fileio import temp_prefix, write_atomic
 
 __all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "check_settings",
            "remove_stale_temporaries"]

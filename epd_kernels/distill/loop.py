@@ -12,7 +12,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..amed_params import AMED_FORMS, AMEDParams
+from ..params.amed import AMED_FORMS, AMEDParams
 from ..params import EPDParams
 from ..sampling import _resolve_sigmas, nfe_to_steps
 from ..solvers.common import check_cond_keywords, check_int

@@ -20,11 +20,11 @@ from typing import Callable
 
 import torch
 
-from ..amed_params import AMED_DELTA_MAX, AMED_O_MAX, AMEDParams
-from ..amed_predictor import check_feature_spec, probe_feature_dim
+from ..params.amed import AMED_DELTA_MAX, AMED_O_MAX, AMEDParams
+from ..params.amed_predictor import check_feature_spec, probe_feature_dim
 from ..branches import BranchRunner
 from ..params import EPDParams
-from ..params_file import checksum
+from ..params.file import checksum
 from ..solvers.amed import amed_sampler
 from ..solvers.epd import epd_sampler
 from .latent import LatentAMEDTable, LatentEPD

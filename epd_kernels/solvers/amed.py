@@ -45,8 +45,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..amed_params import AMEDParams
-from ..amed_predictor import FeatureExtractor
+from ..params import AMEDParams
+from ..params.amed_predictor import FeatureExtractor
 from ..ops import branch_states, epd_step
 from ..reference import opmath_dtype
 from .common import afs_d, call_denoiser, denoise

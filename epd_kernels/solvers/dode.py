@@ -51,7 +51,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from ..dode_params import DODEParams
+from ..params import DODEParams
 from .common import denoise, gradient, sigma_list, step_range, to_d
 from .ipndm import ab_direction
 

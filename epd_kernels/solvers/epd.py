@@ -59,7 +59,7 @@ import torch
 
 from ..branches import BranchRunner, runner_for
 from ..ops import epd_step
-from ..params import EPDParams, epd_latency_nfe, epd_total_evaluations
+from ..params.epd import EPDParams, epd_latency_nfe, epd_total_evaluations
 from ..reference import opmath_dtype
 from .common import call_denoiser, denoise
 from .counting import unwrap_counter

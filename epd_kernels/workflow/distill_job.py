@@ -34,7 +34,7 @@ import os
 import sys
 import time
 
-from ..amed_params import AMED_FORMS
+from ..params.amed import AMED_FORMS
 from .distributed import distributed_context, local_device
 from .errors import UserError, one_line
 from .resolve import (AMED_SOLVERS, DISTILLABLE, EPD_SOLVERS, check_budget, class_labels_for,

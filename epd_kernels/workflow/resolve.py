@@ -167,9 +167,7 @@ def _file_solver(path: str) -> Optional[str]:
 
 
 def _load_by_family(family: str, path: str):
-    from ..amed_params import AMEDParams
-    from ..dode_params import DODEParams
-    from ..params import EPDParams
+    from ..params import AMEDParams, DODEParams, EPDParams
 
     loader = {"EPD": EPDParams, "AMED": AMEDParams, "D-ODE": DODEParams}[family]
     return loader.load(path)
@@ -200,7 +198,7 @@ def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
         raise UserError(one_line(e)) from None
     made_for = params.solver
     if want == "D-ODE":
-        from ..dode_params import normalize_dode_base
+        from ..params.dode import normalize_dode_base
 
         if normalize_dode_base(solver) != params.base:
             raise UserError(f"{path} holds params for solver {made_for!r}, not {solver!r}")
@@ -230,7 +228,7 @@ def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
 
 def _check_feature_source(params, model, model_spec, path) -> None:
     """UserError unless the AMED predictor can read its features from ``model``."""
-    from ..amed_predictor import FeatureExtractor
+    from ..params.amed_predictor import FeatureExtractor
 
     if params.form != "predictor" or params.features == "denoised":
         return

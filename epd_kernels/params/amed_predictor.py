@@ -46,12 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AMEDPredictor", "pool_features", "pooled_dim", "check_feature_spec",
-           "feature_spec_name", "FeatureExtractor", "probe_feature_dim", "MAX_SIDE",
-           "MAX_FLAT"]
+__all__ = ["AMEDPredictor"]
 
 #: Pooled side of a 4-d feature map, and pooled length of any other feature tensor.
-MAX_SIDE, MAX_FLAT = 8, 64
+_MAX_SIDE, _MAX_FLAT = 8, 64
 
 FeatureSpec = Union[str, Callable]
 
@@ -64,13 +62,13 @@ def pool_features(t: torch.Tensor) -> torch.Tensor:
     """``[B, ...] -> [B, F]`` with F <= 64 (see the module docstring)."""
     if t.dim() == 4:
         m = t.mean(dim=1)
-        side = (min(m.shape[1], MAX_SIDE), min(m.shape[2], MAX_SIDE))
+        side = (min(m.shape[1], _MAX_SIDE), min(m.shape[2], _MAX_SIDE))
         if tuple(m.shape[1:]) != side:
             m = F.adaptive_avg_pool2d(m[:, None], side)[:, 0]
         return m.reshape(m.shape[0], -1)
     flat = t.reshape(t.shape[0], -1)
-    if flat.shape[1] > MAX_FLAT:
-        flat = F.adaptive_avg_pool1d(flat[:, None], MAX_FLAT)[:, 0]
+    if flat.shape[1] > _MAX_FLAT:
+        flat = F.adaptive_avg_pool1d(flat[:, None], _MAX_FLAT)[:, 0]
     return flat
 
 
@@ -78,8 +76,8 @@ def pooled_dim(shape) -> int:
     """F that `pool_features` gives for a per-sample shape (without the batch dim)."""
     shape = tuple(int(n) for n in shape)
     if len(shape) == 3:
-        return min(shape[1], MAX_SIDE) * min(shape[2], MAX_SIDE)
-    return min(math.prod(shape), MAX_FLAT)
+        return min(shape[1], _MAX_SIDE) * min(shape[2], _MAX_SIDE)
+    return min(math.prod(shape), _MAX_FLAT)
 
 
 def check_feature_spec(spec) -> FeatureSpec:

@@ -252,14 +252,16 @@ def _compile(sources: list, build_dir: str, torch_version: str) -> str:
 
     os.makedirs(build_dir, exist_ok=True)
     library = os.path.join(build_dir, EXTENSION_NAME + ".so")
-    stale = not os.path.exists(library) or any(
-        os.path.getmtime(s) > os.path.getmtime(library) for s in sources)
+    inputs = sources + glob.glob(os.path.join(os.path.dirname(sources[0]), "*.h"))
     with _BuildLock(build_dir), _ninja_on_path():
+        # ninja decides what to rebuild; this only decides what to tell the user.
+        stale = not os.path.exists(library) or any(
+            os.path.getmtime(s) > os.path.getmtime(library) for s in inputs)
         if stale:
             _say(f"compiling the C++ kernels for torch {torch_version} into {build_dir} "
-                 "(once per torch version; about a minute)")
+                 "(once per torch version; a minute or two)")
+        start = time.monotonic()
         with _heartbeat("still compiling", enabled=stale):
-            start = time.monotonic()
             path = cpp_extension.load(
                 name=EXTENSION_NAME,
                 sources=sources,

@@ -14,8 +14,9 @@ $(VENV)/bin/python:
 
 # torch goes in first and alone: the pinned CPU build lies on disk, while an unpinned
 # torch would download a multi-GB CUDA build. Then the package is built against it with
-# --no-build-isolation so pip never fetches another torch into a build environment.
-$(STAMP): $(VENV)/bin/python pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*)
+# --no-build-isolation, so the C++ extension is compiled now rather than on first use.
+$(STAMP): $(VENV)/bin/python pyproject.toml setup.py MANIFEST.in epd_kernels/_extension.py \
+          requirements-dev.txt $(wildcard csrc/*)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-dev.txt

@@ -1,52 +1,105 @@
-"""Build script: the C++ CPU extension `epd_kernels._C` is always built.
+"""Build script: the C++ CPU extension `epd_kernels._C`, ahead of time or on first use.
 
-The GPU path is Triton (pure Python, compiled at run time), so no CUDA C++ is needed. A
-CUDA C++ extension would only be attempted when torch is a CUDA build, a toolkit is
-present AND a GPU is visible, or when EPD_KERNELS_FORCE_CUDA=1; this package currently
-ships no CUDA C++ sources, so `nvcc` on the PATH of a CPU machine changes nothing.
+The GPU path is Triton (pure Python, compiled at run time), so no CUDA C++ is built.
+
+* torch importable here (`pip install --no-build-isolation .`, as the Makefile does): the
+  extension is compiled against that torch, and the torch it was compiled against is
+  recorded beside it in `epd_kernels/_C.build.json`, so that a later torch upgrade makes
+  the package compile anew instead of loading a library built for other headers.
+* torch not importable (plain `pip install .`: pip's isolated build environment holds only
+  setuptools and wheel, never torch, so pip cannot fetch another torch into it): nothing is
+  compiled here; `epd_kernels._extension` compiles on first use.
+
+Either way the C++ sources are installed with the package as `epd_kernels/_csrc/`, which
+is what the first-use build compiles. Compiler flags, the C++ standard included, come from
+`epd_kernels/_extension.py` so both builds use the same ones.
 """
 import glob
+import importlib.util
+import json
 import os
-import sys
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE = "epd_kernels"
+
+
+def _load_extension_helpers():
+    # By path: importing the package would import torch and everything else.
+    path = os.path.join(HERE, PACKAGE, "_extension.py")
+    spec = importlib.util.spec_from_file_location("_epd_kernels_extension_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ext_helpers = _load_extension_helpers()
 
 try:
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension
-except ImportError:  # pragma: no cover - explained to the user
-    sys.exit(
-        "epd_kernels needs torch to build its C++ extension. Install torch first, then "
-        "`pip install --no-build-isolation .` (see README)."
-    )
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+except ImportError:
+    torch = None
 
 
-def _cxx_flags():
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"]
-    # Optimise for the build machine only when asked: a wheel built with -march=native
-    # would crash on an older CPU.
-    if os.environ.get("EPD_KERNELS_NATIVE", "0") == "1":
-        flags.append("-march=native")
-    return flags
+class build_py_with_sources(build_py):
+    """Also installs csrc/ as epd_kernels/_csrc/ (the sources of the first-use build)."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:  # an editable install finds the repository's csrc/
+            return
+        package_dir = os.path.join(self.build_lib, PACKAGE)
+        if torch is None:
+            # No extension is built now; one left in build/ by an earlier build must not
+            # reach the wheel.
+            for stale in glob.glob(os.path.join(package_dir, ext_helpers.EXTENSION_NAME + ".*")):
+                os.remove(stale)
+        target = os.path.join(package_dir, "_csrc")
+        shutil.rmtree(target, ignore_errors=True)  # a source deleted from csrc/ goes too
+        os.makedirs(target)
+        for source in sorted(glob.glob(os.path.join(HERE, "csrc", "*"))):
+            if source.endswith((".cpp", ".h")):
+                self.copy_file(source, os.path.join(target, os.path.basename(source)))
 
 
-def _extensions():
+def _build_ext_class():
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class build_ext_with_record(base):
+        """Builds the extension, then records beside it the torch it was compiled against."""
+
+        def run(self):
+            super().run()
+            record = json.dumps(ext_helpers.torch_build_info(torch), indent=1) + "\n"
+            folders = {os.path.join(self.build_lib, PACKAGE)}
+            if self.inplace or getattr(self, "editable_mode", False):
+                build_py_cmd = self.get_finalized_command("build_py")
+                folders.add(build_py_cmd.get_package_dir(PACKAGE))
+            for folder in folders:
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, ext_helpers.BUILD_RECORD), "w") as f:
+                    f.write(record)
+
+    return build_ext_with_record
+
+
+def _setup_args():
+    cmdclass = {"build_py": build_py_with_sources}
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    if not sources:
-        return []
-    return [
-        CppExtension(
-            name="epd_kernels._C",
-            sources=sources,
-            extra_compile_args={"cxx": _cxx_flags()},
-            extra_link_args=["-fopenmp"],
-        )
-    ]
+    if torch is None or not sources:
+        return {"cmdclass": cmdclass}
+    cmdclass["build_ext"] = _build_ext_class()
+    extension = CppExtension(
+        name=f"{PACKAGE}.{ext_helpers.EXTENSION_NAME}",
+        sources=sources,
+        extra_compile_args={"cxx": ext_helpers.compile_flags(torch.__version__)},
+        extra_link_args=list(ext_helpers.LINK_FLAGS),
+    )
+    return {"cmdclass": cmdclass, "ext_modules": [extension]}
 
 
-setup(
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+setup(**_setup_args())

@@ -31,9 +31,9 @@ _warned_fallback = False
 
 
 def _load_cpp():
-    try:
-        from . import _C  # noqa: F401  (registers torch.ops.epd_kernels_cpp)
-    except ImportError:
+    from . import _extension
+
+    if _extension.load() is None:  # loading registers torch.ops.epd_kernels_cpp
         return None
     ops = torch.ops.epd_kernels_cpp
     return types.SimpleNamespace(
@@ -130,12 +130,15 @@ def _warn_fallback(device, preferred):
     if _warned_fallback:
         return
     _warned_fallback = True
-    why = {
-        "cpp": "the C++ extension epd_kernels._C is not built (reinstall with "
-        "`pip install --no-build-isolation .`)",
-        "triton": "triton is not installed (`pip install triton`)",
-        None: f"no fused kernel exists for device type {device.type!r}",
-    }[preferred]
+    if preferred == "cpp":
+        from . import _extension
+
+        why = f"the C++ extension is unavailable: {_extension.load_error()}"
+    else:
+        why = {
+            "triton": "triton is not installed (`pip install triton`)",
+            None: f"no fused kernel exists for device type {device.type!r}",
+        }[preferred]
     warnings.warn(
         f"epd_kernels: using the plain-PyTorch reference on {device.type}: {why}. "
         "Results are correct but slower.",

@@ -6,6 +6,11 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
+# Test-only packages that list torch among their requirements: installed without their
+# dependencies so that they cannot replace the pinned torch (requirements-dev.txt says why
+# each is there).
+NODEPS_TEST = k-diffusion==0.1.1.post1 torchsde==0.2.6 torchdiffeq==0.2.5 trampoline==0.1.2 \
+              transformers==5.25.0 tokenizers==0.23.3
 
 .PHONY: setup demo test bench bench-quick readme-demo dev clean
 
@@ -20,6 +25,7 @@ $(STAMP): $(VENV)/bin/python pyproject.toml setup.py MANIFEST.in epd_kernels/_ex
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps $(NODEPS_TEST)
 	$(PIP) install -q --no-build-isolation --no-deps .
 	touch $(STAMP)
 
@@ -28,6 +34,7 @@ setup: $(STAMP)
 # Development: an editable install that rebuilds the C++ extension in place.
 dev: $(VENV)/bin/python
 	$(PIP) install -q torch==2.13.0 && $(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps $(NODEPS_TEST)
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 demo: setup

@@ -65,12 +65,13 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..metrics import feature_stats, frechet_distance_from_stats, rmse
+from ..metrics import feature_stats, frechet_distance_from_stats, global_rmse
 from ..sampling import make_noise, sample, solver_names, valid_budgets
 from . import outputs, plots
 from .errors import UserError, one_line
 from .resolve import (check_budget, class_labels_for, is_alias, load_model_or_fail,
                       model_shape, needs_params)
+from .threads import model_batch_runner, pick_threads
 
 __all__ = ["run_demo", "DemoConfig", "DEFAULT", "QUICK"]
 
@@ -122,38 +123,11 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _pick_threads(spec, model, shape, cond_fn, device) -> int:
-    """1 or all cores, whichever runs a batch of the model faster (busy machines often
-    run much faster with one thread)."""
-    most = torch.get_num_threads()
-    if most <= 1 or device != "cpu":
-        return most
-    B = 128
-    x = torch.randn((B,) + tuple(shape))
-    s = torch.full((B,), 1.0)
-    cond = cond_fn(range(B))
-    best, best_t = most, math.inf
-    for n in (1, most):
-        torch.set_num_threads(n)
-        with torch.no_grad():
-            model(x, s, **cond)
-            t0 = time.perf_counter()
-            for _ in range(2):
-                model(x, s, **cond)
-            dt = time.perf_counter() - t0
-        if dt < best_t:
-            best, best_t = n, dt
-    torch.set_num_threads(best)
-    return best
-
-
 class _Runner:
     """Samples the demo's fixed noise with one solver, in chunks; collects stats."""
 
     def __init__(self, model, noise, cond, chunk):
         self.model, self.noise, self.cond, self.chunk = model, noise, cond, chunk
-        self.evals_done = 0.0
-        self.seconds = 0.0
 
     def __call__(self, solver, nfe, params=None, progress=False):
         outs, wall, st0 = [], 0.0, None
@@ -166,20 +140,14 @@ class _Runner:
             outs.append(x.detach().cpu())
             wall += st.wall_time_s
             st0 = st0 or st
-        self.evals_done += float(st0.total_evals) * N
-        self.seconds += wall
         return torch.cat(outs), st0, wall
-
-    @property
-    def sec_per_eval(self) -> float:
-        return self.seconds / self.evals_done if self.evals_done else 1e-3
 
 
 def _data_for(spec: str, model) -> Optional[np.ndarray]:
     from .eval_job import model_data
 
     try:
-        return model_data(spec)
+        return model_data(spec, model)
     except UserError:
         return None
 
@@ -195,8 +163,9 @@ def _fmt(v, digits=4):
 
 
 def _table(rows: List[dict], ref: dict) -> str:
-    head = ["solver", "NFE", "latency NFE", "total evals", "RMSE to ref", "FD (pixels)",
-            "wall (s)", "ms/sample"]
+    n = ref["num_samples"]
+    head = ["solver", "NFE", "latency NFE", "total evals", "global RMSE to ref",
+            f"FD (pixels, n={n})", "wall (s)", "ms/sample"]
     lines = []
     r0 = ref
     lines.append([f"reference: {r0['solver']}", str(r0["nfe"]), str(r0["latency_nfe"]),
@@ -234,9 +203,10 @@ def run_demo(args) -> int:
         raise UserError("--num-samples must be >= 2 (the Frechet distance needs 2)")
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
+    _refuse_earlier_results(args.out, args.force)
     out = outputs.ensure_writable_dir(args.out)
     pdir = outputs.ensure_writable_dir(os.path.join(out, "params"))
-    outputs.remove_stale_temporaries(out)
+    outputs.remove_stale_temporaries(out, _OWN_FILES)
     device = args.device
 
     # ---- model, noise, labels, data
@@ -250,19 +220,10 @@ def run_demo(args) -> int:
         return {} if lab is None else {"class_labels": lab.to(device)}
 
     if args.threads == "auto" and args.quick:
-        threads = 1  # tiny batches never gain from more threads
-        torch.set_num_threads(1)
-    elif args.threads == "auto":
-        threads = _pick_threads(args.model, model, shape, cond_for, device)
+        threads = pick_threads(1, None)  # tiny batches never gain from more threads
     else:
-        try:
-            threads = int(args.threads)
-        except ValueError:
-            raise UserError(f"--threads must be an integer or 'auto', got "
-                            f"{args.threads!r}") from None
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+        threads = pick_threads(args.threads, model_batch_runner(
+            model, shape, 128, cond_for(range(128)), device), device)
     noise = make_noise(seeds, shape, device=device)
     cond = cond_for(seeds)
     data = _data_for(args.model, model)
@@ -287,7 +248,7 @@ def run_demo(args) -> int:
                   **{k: v[:m] for k, v in cond.items()})
     ref_info = {"solver": cfg.ref_solver, "nfe": cfg.ref_nfe, "latency_nfe": ref_st.latency_nfe,
                 "steps": ref_st.steps, "total_evals": ref_st.total_evals,
-                "error_estimate": rmse(half.cpu(), ref[:m]) / 7.0,  # 3rd order: (2^3 - 1)
+                "error_estimate": global_rmse(half.cpu(), ref[:m]) / 7.0,  # 3rd order: (2^3 - 1)
                 "error_check": f"rmse to {cfg.ref_nfe // 2} steps on {m} samples / 7",
                 "fd": fd_of(ref), "wall_time_s": ref_wall, "num_samples": N}
     timings["reference"] = time.perf_counter() - t0
@@ -300,7 +261,7 @@ def run_demo(args) -> int:
     def record(name, nfe, x, st, wall, distilled):
         order.setdefault(name, len(order))
         r = {"solver": name, "nfe": int(nfe), "latency_nfe": st.latency_nfe,
-             "total_evals": st.total_evals, "steps": st.steps, "rmse": rmse(x, ref),
+             "total_evals": st.total_evals, "steps": st.steps, "rmse": global_rmse(x, ref),
              "fd": fd_of(x), "wall_time_s": wall, "num_samples": N, "distilled": distilled,
              "order": order[name]}
         rows.append(r)
@@ -481,17 +442,19 @@ def run_demo(args) -> int:
                                          reference=ref[:cfg.show].numpy(), title=title)
         files["samples_grid"] = grid_path
         if not labelled:
-            _log("  (matplotlib not installed: the grid has no labels; pip install matplotlib)")
+            _log("  (matplotlib, a dependency of epd_kernels, is missing: the grid has no "
+                 "labels; pip install matplotlib)")
     except ValueError as e:
         _log(f"  no sample grid: {e}")
     series: Dict[str, List[Tuple[int, float]]] = {}
     for r in rows:
         series.setdefault(r["solver"], []).append((r["latency_nfe"], r["rmse"]))
     if plots.error_plot_png(plot_path, series, distilled=distilled,
-                            title=f"{args.model}: RMSE to the reference ({N} samples)"):
+                            title=f"{args.model}: global RMSE to the reference ({N} samples)"):
         files["rmse_plot"] = plot_path
     else:
-        _log("  no RMSE plot: matplotlib is not installed (pip install matplotlib)")
+        _log("  no RMSE plot: matplotlib, a dependency of epd_kernels, is missing "
+             "(pip install matplotlib)")
     table = _table(rows, ref_info)
     table_path = os.path.join(out, "table.md")
     outputs.atomic_write_bytes(table_path, (table + "\n").encode())
@@ -502,6 +465,7 @@ def run_demo(args) -> int:
     results = {
         "model": args.model, "shape": list(shape), "num_samples": N, "seeds": f"0-{N - 1}",
         "class_labels": "seed % num_classes" if cond else None, "threads": threads,
+        "rmse_kind": "global",
         "quick": bool(args.quick), "config": dataclasses.asdict(cfg),
         "reference": ref_info,
         "results": [{k: v for k, v in r.items() if k != "order"} for r in rows],
@@ -514,13 +478,30 @@ def run_demo(args) -> int:
 
     _log("")
     _log(table)
-    _log(f"\n* = lowest RMSE at that NFE. RMSE: per-sample RMS difference to the reference "
-         f"solution of the same ODE from the same noise, mean over {N} samples; FD: Frechet "
-         f"distance in pixel space to the data. Wall time: sampling the {N} samples on CPU.")
+    _log(f"\n* = lowest RMSE at that NFE. Global RMSE: the root of the mean squared "
+         f"difference, over all {N} samples and their dimensions, to the reference solution "
+         f"of the same ODE from the same noise; FD: Frechet distance in pixel space to the "
+         f"data, from n = {N} samples. Wall time: sampling the {N} samples on CPU.")
     _log("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     _log("files: " + ", ".join([json_path] + [v for k, v in files.items()
                                                 if isinstance(v, str) and v != json_path]))
     return 0
+
+
+#: The files a demo writes in its folder (regex of names; params go to params/).
+_OWN_FILES = r"table\.md|results\.json|samples_grid\.png|rmse_vs_nfe\.png"
+_RESULTS = ("table.md", "results.json", "samples_grid.png", "rmse_vs_nfe.png")
+
+
+def _refuse_earlier_results(out, force: bool) -> None:
+    """`UserError` if ``out`` holds an earlier demo's results, unless ``force``."""
+    found = [n for n in _RESULTS if os.path.isfile(os.path.join(out, n))]
+    pdir = os.path.join(out, "params")
+    if os.path.isdir(pdir) and any(n.endswith(".safetensors") for n in os.listdir(pdir)):
+        found.append("params/")
+    if found and not force:
+        raise UserError(f"--out {out} holds the results of an earlier demo "
+                        f"({', '.join(found)}); give --force to replace them, or another --out")
 
 
 def _amed_features(spec: str, model) -> str:

@@ -97,7 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"epd_kernels {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    # ---- demo
+    _add_demo(sub, DEFAULT_MODEL)
+    _add_distill(sub, DEFAULT_MODEL)
+    _add_sample(sub, DEFAULT_MODEL)
+    _add_eval(sub)
+    sub.add_parser("list", help="solvers with their NFE rules and valid budgets; models")
+    return ap
+
+
+def _add_demo(sub, default_model: str) -> None:
+    """``epd demo``: distil and compare every solver, write figures."""
     p = sub.add_parser("demo", help="distill and compare every solver on the default model",
                        description="Distills EPD and AMED (and their plugins on iPNDM when "
                        "time allows) and D-ODE, "
@@ -107,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="epd_demo", help="output folder (default ./epd_demo)")
     p.add_argument("--force", action="store_true",
                    help="replace the results of an earlier demo in --out")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model name or 'package.module:factory' (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=default_model,
+                   help=f"model name or 'package.module:factory' (default {default_model})")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     p.add_argument("--nfes", type=_int_list, default=None,
                    help="budgets for the baseline solvers (default 3,5,7,9)")
@@ -119,12 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "are distilled only if they fit (default 200)")
     _common(p)
 
-    # ---- distill
+
+def _add_distill(sub, default_model: str) -> None:
+    """``epd distill``: EPD / AMED distillation or a D-ODE fit to a params file."""
     p = sub.add_parser("distill", help="distill EPD / AMED params or fit D-ODE params",
                        description="Writes a params file (atomically). EPD and AMED runs "
                        "resume from --checkpoint and run unchanged under torchrun "
                        "(--batch-size per process; only rank 0 writes).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or 'package.module:factory'")
+    p.add_argument("--model", default=default_model, help="model name or 'package.module:factory'")
     p.add_argument("--solver", required=True,
                    help="epd, epd-ipndm, amed, amed-ipndm, d-euler, d-heun or d-ipndm")
     p.add_argument("--nfe", type=_positive_int, required=True, help="latency budget")
@@ -175,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     _common(p)
 
-    # ---- sample
+
+def _add_sample(sub, default_model: str) -> None:
+    """``epd sample``: per-seed samples to a folder or an .npz (resumable)."""
     p = sub.add_parser("sample", help="sample seeds to PNG/.npy files or an .npz",
                        description="One generator per seed: the output does not depend on "
                        "the batch size or the number of processes. Finished seeds are "
@@ -187,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "class_labels, run) at the end; rerunning reuses the seeds an "
                        "existing X.npz holds. All files are written atomically. Under "
                        "torchrun each process takes every W-th unfinished seed.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or 'package.module:factory'")
+    p.add_argument("--model", default=default_model, help="model name or 'package.module:factory'")
     p.add_argument("--solver", required=True, help="solver name (see 'epd list')")
     p.add_argument("--nfe", type=_positive_int, default=None,
                    help="latency budget (taken from --params when given)")
@@ -206,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder, or a file ending in .npz")
     _common(p)
 
-    # ---- eval
+
+def _add_eval(sub) -> None:
+    """``epd eval``: RMSE to a reference and Frechet distance of samples."""
     p = sub.add_parser("eval", help="metrics of samples: RMSE to a reference, Frechet distance",
                        description="RMSE to --reference (matched by seed) and Frechet distance "
                        "in pixel space to the model's data (--model) or to --data.")
@@ -218,10 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.add_argument("--threads", type=_threads, default="auto",
                    help="torch CPU threads (default 'auto': torch's, nothing to time here)")
-
-    # ---- list
-    sub.add_parser("list", help="solvers with their NFE rules and valid budgets; models")
-    return ap
 
 
 def _dispatch(args) -> int:

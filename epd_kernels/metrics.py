@@ -89,7 +89,8 @@ def _sqrt_psd(c: np.ndarray) -> np.ndarray:
 def frechet_distance_from_stats(mu1, cov1, mu2, cov2) -> float:
     """Frechet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)`` (see module doc)."""
     mu1, mu2 = np.asarray(mu1, np.float64).reshape(-1), np.asarray(mu2, np.float64).reshape(-1)
-    cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
+    cov1 = np.atleast_2d(np.asarray(cov1, np.float64))
+    cov2 = np.atleast_2d(np.asarray(cov2, np.float64))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != mu1.shape * 2:
         raise ValueError(f"inconsistent shapes: mu {mu1.shape}, {mu2.shape}; cov {cov1.shape}, "
                          f"{cov2.shape}")

@@ -25,7 +25,8 @@ import torch
 
 from ..metrics import frechet_distance, global_rmse
 from . import outputs
-from .errors import UserError, one_line
+from .errors import UserError
+from .threads import pick_threads
 
 __all__ = ["run_eval", "load_samples", "model_data"]
 
@@ -102,6 +103,7 @@ def run_eval(args) -> int:
                         "--reference DIR|FILE.npz (RMSE)")
     if args.json:
         outputs.ensure_writable_file(args.json)
+    pick_threads(args.threads, None)   # nothing to time: 'auto' keeps torch's count
     seeds, samples = load_samples(args.samples)
     _check_finite(samples, args.samples)
     samples = samples.astype(np.float64)

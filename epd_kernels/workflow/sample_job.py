@@ -24,8 +24,8 @@ Every sample is drawn from its own generator (`make_noise`), so a seed gives the
 sample whatever the batch size or the number of processes (bit for bit when the model's
 kernels do not depend on the batch size, as for the analytic models; convolutional
 networks may differ in the last float32 bits, about 1e-5 for the digits U-Net). Under
-torchrun rank r takes ``pending[r::world]`` of the unfinished seeds and writes its own files; for .npz output,
-rank 0 assembles after a barrier.
+torchrun rank r takes ``pending[r::world]`` of the unfinished seeds and writes its own
+files; for .npz output, rank 0 assembles after a barrier.
 """
 from __future__ import annotations
 

@@ -924,3 +924,21 @@ def test_eval_rough_edges(work, capsys):
              run=np.asarray("{}"))
     assert_main_fails(capsys, ["eval", "--samples", img, "--model", "gaussian"],
                       ["[1, 8, 8]", "'gaussian'", "[64]"])
+
+
+def test_only_the_package_temporaries_are_cleaned(work):
+    """A sample folder keeps other programs' ``.tmp-*`` files; the package's own
+    temporaries (of seed files and run.json) left by a killed writer go."""
+    from epd_kernels.cli import main
+
+    folder = work / "tmp-clean"
+    folder.mkdir()
+    theirs = [folder / ".tmp-notes.txt", folder / ".tmp-seed-000001.npy.bak",
+              folder / ".tmp-other.abc12345"]
+    ours = [folder / ".tmp-seed-000001.npy.ab_12x9z", folder / ".tmp-run.json.q1w2e3r4",
+            folder / ".tmp-seed-000002.png.zz99yy88"]
+    for f in theirs + ours:
+        f.write_bytes(b"x")
+    assert main(["sample", "--model", "gmm", "--solver", "euler", "--nfe", "3", "--seeds",
+                 "0-1", "--no-progress", "--out", str(folder)]) == 0
+    assert all(f.exists() for f in theirs) and not any(f.exists() for f in ours)

@@ -56,7 +56,8 @@ def remove_stale_temporaries(folder, names: str) -> int:
     """Deletes the temporaries a killed writer left in ``folder`` for files whose names
     match the regex ``names`` (and the write probe of `ensure_writable_dir`); returns how
     many. Other ``.tmp-*`` files are not the package's and stay."""
-    own = re.compile(r"^" + re.escape(_TMP_PREFIX) + r"(?:" + names + r"|probe)\.[a-z0-9_]+$")
+    # the random tail is tempfile.mkstemp's: 8 characters of [a-z0-9_]
+    own = re.compile(r"^" + re.escape(_TMP_PREFIX) + r"(?:" + names + r"|probe)\.[a-z0-9_]{8}$")
     n = 0
     folder = os.fspath(folder)
     for name in os.listdir(folder) if os.path.isdir(folder) else ():

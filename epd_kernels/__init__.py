@@ -1,4 +1,9 @@
 """epd_kernels: few-step diffusion sampling (EPD-Solver, EPD-Plugin, D-ODE, baselines) on fused kernels."""
+# Before torch is first imported (its OpenMP runtime reads the variable when loaded):
+# idle OpenMP threads sleep instead of spinning, unless the user chose a wait policy.
+from .workflow.threads import prefer_passive_wait as _prefer_passive_wait
+
+_prefer_passive_wait()
 from .ops import branch_states, branch_states_into, epd_step
 from .backends import set_backend
 

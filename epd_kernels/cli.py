@@ -7,8 +7,11 @@
     epd list                                             solvers, NFE rules, models
 
 Errors the user can fix (bad model spec, unknown solver, unmet budget, params that do not
-fit, bad seeds, unwritable output) print one line ``epd: error: ...`` and exit with code
-2. ``distill`` and ``sample`` run unchanged under ``torchrun --nproc_per_node=N``.
+fit, bad seeds, unwritable output, results that would be replaced without ``--force``)
+print one line ``epd: error: ...`` and exit with code 2; a failed command removes the
+output folders it created and left empty. ``distill`` and ``sample`` run unchanged under
+``torchrun --nproc_per_node=N``. ``--threads auto`` (the default) times the model with 1
+thread and with all cores and keeps the faster (`epd_kernels.workflow.threads`).
 Each command lives in `epd_kernels.workflow` (one module per job); this file only parses
 arguments and dispatches.
 """
@@ -61,13 +64,26 @@ def _int_list(text: str) -> List[int]:
     return vals
 
 
-def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
+def _threads(text: str):
+    from .workflow.errors import UserError
+    from .workflow.threads import parse_threads
+
+    try:
+        return parse_threads(text)
+    except UserError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got "
+                                         f"{text!r}") from None
+
+
+_THREADS_HELP = ("torch CPU threads, or 'auto' (default): time the model with 1 thread and "
+                 "with all cores and keep the faster (a busy machine often runs faster with 1)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_threads, default="auto", help=_THREADS_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
-    if device:
-        p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"epd_kernels {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    # ---- demo
+    _add_demo(sub, DEFAULT_MODEL)
+    _add_distill(sub, DEFAULT_MODEL)
+    _add_sample(sub, DEFAULT_MODEL)
+    _add_eval(sub)
+    sub.add_parser("list", help="solvers with their NFE rules and valid budgets; models")
+    return ap
+
+
+def _add_demo(sub, default_model: str) -> None:
+    """``epd demo``: distil and compare every solver, write figures."""
     p = sub.add_parser("demo", help="distill and compare every solver on the default model",
                        description="Distills EPD and AMED (and their plugins on iPNDM when "
                        "time allows) and D-ODE, "
@@ -89,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "writes a table, a sample grid, an error-vs-NFE plot, the params and a "
                        "JSON of all figures.")
     p.add_argument("--out", default="epd_demo", help="output folder (default ./epd_demo)")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model name or 'package.module:factory' (default {DEFAULT_MODEL})")
+    p.add_argument("--force", action="store_true",
+                   help="replace the results of an earlier demo in --out")
+    p.add_argument("--model", default=default_model,
+                   help=f"model name or 'package.module:factory' (default {default_model})")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     p.add_argument("--nfes", type=_int_list, default=None,
                    help="budgets for the baseline solvers (default 3,5,7,9)")
@@ -99,17 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds the demo aims to stay within; EPD-Plugin and AMED-Plugin "
                         "are distilled only if they fit (default 200)")
-    p.add_argument("--threads", default="auto",
-                   help="torch CPU threads, or 'auto' (default: time 1 vs all and pick)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--device", default="cpu")
+    _common(p)
 
-    # ---- distill
+
+def _add_distill(sub, default_model: str) -> None:
+    """``epd distill``: EPD / AMED distillation or a D-ODE fit to a params file."""
     p = sub.add_parser("distill", help="distill EPD / AMED params or fit D-ODE params",
                        description="Writes a params file (atomically). EPD and AMED runs "
                        "resume from --checkpoint and run unchanged under torchrun "
                        "(--batch-size per process; only rank 0 writes).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or 'package.module:factory'")
+    p.add_argument("--model", default=default_model, help="model name or 'package.module:factory'")
     p.add_argument("--solver", required=True,
                    help="epd, epd-ipndm, amed, amed-ipndm, d-euler, d-heun or d-ipndm")
     p.add_argument("--nfe", type=_positive_int, required=True, help="latency budget")
@@ -157,9 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-label", default=None,
                    help="conditional models: 'seed' (row %% classes, default), an int, or 'none'")
     p.add_argument("--out", required=True, help="params file (.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     _common(p)
 
-    # ---- sample
+
+def _add_sample(sub, default_model: str) -> None:
+    """``epd sample``: per-seed samples to a folder or an .npz (resumable)."""
     p = sub.add_parser("sample", help="sample seeds to PNG/.npy files or an .npz",
                        description="One generator per seed: the output does not depend on "
                        "the batch size or the number of processes. Finished seeds are "
@@ -171,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "class_labels, run) at the end; rerunning reuses the seeds an "
                        "existing X.npz holds. All files are written atomically. Under "
                        "torchrun each process takes every W-th unfinished seed.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or 'package.module:factory'")
+    p.add_argument("--model", default=default_model, help="model name or 'package.module:factory'")
     p.add_argument("--solver", required=True, help="solver name (see 'epd list')")
     p.add_argument("--nfe", type=_positive_int, default=None,
                    help="latency budget (taken from --params when given)")
@@ -190,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder, or a file ending in .npz")
     _common(p)
 
-    # ---- eval
+
+def _add_eval(sub) -> None:
+    """``epd eval``: RMSE to a reference and Frechet distance of samples."""
     p = sub.add_parser("eval", help="metrics of samples: RMSE to a reference, Frechet distance",
                        description="RMSE to --reference (matched by seed) and Frechet distance "
                        "in pixel space to the model's data (--model) or to --data.")
@@ -200,16 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data file (.npy, or .npz with samples/images/data)")
     p.add_argument("--reference", default=None, help="reference samples (folder or .npz)")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    p.add_argument("--threads", type=_positive_int, default=None)
-
-    # ---- list
-    sub.add_parser("list", help="solvers with their NFE rules and valid budgets; models")
-    return ap
+    p.add_argument("--threads", type=_threads, default="auto",
+                   help="torch CPU threads (default 'auto': torch's, nothing to time here)")
 
 
 def _dispatch(args) -> int:
-    from .workflow.resolve import set_threads
-
     if args.command == "list":
         from .workflow.listing import run_list
 
@@ -218,7 +244,6 @@ def _dispatch(args) -> int:
         from .workflow.demo import run_demo
 
         return run_demo(args)
-    set_threads(getattr(args, "threads", None))
     if args.command == "distill":
         from .workflow.distill_job import run_distill
 
@@ -241,17 +266,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     from .workflow.errors import UserError, one_line
+    from .workflow.outputs import new_folders
 
-    try:
-        return int(_dispatch(args) or 0)
-    except UserError as e:
-        sys.stderr.write(f"epd: error: {one_line(e)}\n")
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        sys.stderr.write("epd: interrupted\n")
-        return 130
-    except BrokenPipeError:  # e.g. 'epd list | head'
-        return 0
+    with new_folders() as made:   # folders a failed command created and left empty go
+        try:
+            code = int(_dispatch(args) or 0)
+        except UserError as e:
+            sys.stderr.write(f"epd: error: {one_line(e)}\n")
+            code = EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            sys.stderr.write("epd: interrupted\n")
+            code = 130
+        except BrokenPipeError:  # e.g. 'epd list | head'
+            return 0
+        if code != 0:
+            made.remove_empty()
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,9 +1,10 @@
 """Sample-quality metrics: RMSE to a reference, Frechet distance, and an NFE/cost table.
 
-- `rmse(a, b)`: for each sample ``i``, ``sqrt(mean over all its dims of (a_i - b_i)^2)``;
-  then the mean over samples (``reduction="none"`` returns the per-sample values). This
-  is the "error to the reference" of the solver comparisons: ``b`` is a high-accuracy
-  solution of the same ODE from the same noise.
+- `global_rmse(a, b)`: ``sqrt(mean((a - b)^2))`` over every element of the batch (one
+  root of the mean over all samples and dimensions, not a mean of per-sample roots). This
+  is the "error to the reference" of every solver comparison in the package (the demo,
+  `epd eval`, the benchmarks, the grid search): ``b`` is a high-accuracy solution of the
+  same ODE from the same noise.
 - `frechet_distance(samples, data_or_stats, features=None)`: the Frechet (2-Wasserstein)
   distance between Gaussians fitted to features of the two sets,
 
@@ -14,7 +15,10 @@
   makes this FID). The matrix square root term is computed from the eigenvalues of the
   symmetric PSD matrix ``C_1^{1/2} C_2 C_1^{1/2}`` (``tr sqrt(C_1 C_2)`` equals the sum of
   their square roots), in float64, with tiny negative eigenvalues from round-off clipped
-  to zero: stable even for singular covariances, no complex parts.
+  to zero: stable even for singular covariances, no complex parts. Non-finite samples
+  are refused with their count (a covariance of NaNs has no eigenvalues). The estimate
+  depends on the number of samples (it is biased upwards for few samples): report it
+  with the count, "FD (n=256)".
 - `nfe_table(rows)`: a Markdown table of `SampleStats` (latency NFE, total evaluations,
   steps, time) plus any metric columns.
 """
@@ -25,30 +29,30 @@ from typing import Callable, Iterable, Optional, Tuple, Union
 import numpy as np
 import torch
 
-__all__ = ["rmse", "feature_stats", "frechet_distance", "frechet_distance_from_stats",
+__all__ = ["global_rmse", "feature_stats", "frechet_distance", "frechet_distance_from_stats",
            "nfe_table"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
-def rmse(a: ArrayLike, b: ArrayLike, reduction: str = "mean"):
-    """Per-sample RMS difference over all non-batch dims, then averaged over the batch.
+def global_rmse(a: ArrayLike, b: ArrayLike) -> float:
+    """``sqrt(mean((a - b)^2))`` over all elements (float64), as a float.
 
-    ``a``, ``b``: ``[B, ...]`` tensors/arrays of the same shape (computed in float64).
-    ``reduction``: "mean" (a float), or "none" (a float64 tensor ``[B]``).
+    ``a``, ``b``: tensors / arrays of the same shape with at least one element. Each
+    element counts once, so a sample with a large error weighs as its squared error says
+    (a mean of per-sample RMS values would shrink it).
     """
     a = torch.as_tensor(a).detach().to("cpu", torch.float64)
     b = torch.as_tensor(b).detach().to("cpu", torch.float64)
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {list(a.shape)} vs {list(b.shape)}")
-    if a.dim() < 1 or a.shape[0] == 0:
-        raise ValueError("inputs must be [B, ...] with B >= 1")
-    per = ((a - b) ** 2).reshape(a.shape[0], -1).mean(dim=1).sqrt()
-    if reduction == "none":
-        return per
-    if reduction != "mean":
-        raise ValueError("reduction must be 'mean' or 'none'")
-    return float(per.mean())
+    if a.numel() == 0:
+        raise ValueError("global_rmse of empty inputs")
+    return float((a - b).pow(2).mean().sqrt())
+
+
+#: Another name of `global_rmse` (the same function), for scripts that import ``rmse``.
+rmse = global_rmse
 
 
 def _features(x: ArrayLike, features: Optional[Callable], batch_size: int) -> np.ndarray:
@@ -70,6 +74,10 @@ def feature_stats(x: ArrayLike, features: Optional[Callable] = None,
     f = _features(x, features, batch_size)
     if f.shape[0] < 2:
         raise ValueError("need at least 2 samples to estimate a covariance")
+    bad = int((~np.isfinite(f)).any(axis=1).sum())
+    if bad:
+        raise ValueError(f"{bad} of {f.shape[0]} samples have non-finite values (NaN or "
+                         f"inf); the Frechet distance needs finite samples")
     return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))
 
 
@@ -81,10 +89,13 @@ def _sqrt_psd(c: np.ndarray) -> np.ndarray:
 def frechet_distance_from_stats(mu1, cov1, mu2, cov2) -> float:
     """Frechet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)`` (see module doc)."""
     mu1, mu2 = np.asarray(mu1, np.float64).reshape(-1), np.asarray(mu2, np.float64).reshape(-1)
-    cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
+    cov1 = np.atleast_2d(np.asarray(cov1, np.float64))
+    cov2 = np.atleast_2d(np.asarray(cov2, np.float64))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != mu1.shape * 2:
         raise ValueError(f"inconsistent shapes: mu {mu1.shape}, {mu2.shape}; cov {cov1.shape}, "
                          f"{cov2.shape}")
+    if not all(np.isfinite(v).all() for v in (mu1, cov1, mu2, cov2)):
+        raise ValueError("the feature statistics have non-finite values (NaN or inf)")
     s1 = _sqrt_psd(cov1)
     m = s1 @ cov2 @ s1
     eig = np.linalg.eigvalsh((m + m.T) / 2)

@@ -66,6 +66,15 @@ def is_png(path) -> bool:
     return len(data) > 100 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[-8:-4] == b"IEND"
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """In-process `main` calls pick their thread count (``--threads auto``); the tests
+    after them keep the session's."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------
 # shared artefacts (one distillation and one reference for several tests)
 
@@ -171,7 +180,7 @@ def test_distill_checkpoint_resume(work, capsys):
         assert torch.equal(getattr(a, name), getattr(b, name))
     # other settings with the same checkpoint: a clear error
     bad = [str(a) for a in args[:-5]] + ["--batch-size", "3", "--checkpoint", str(ck),
-                                         "--no-progress", "--out", str(out2)]
+                                         "--no-progress", "--out", str(out2), "--force"]
     capsys.readouterr()
     assert main(bad) == 2
     err = capsys.readouterr().err
@@ -262,8 +271,9 @@ def test_sample_npz_with_params_and_resume(work, epd_params):
 # eval
 
 
-def test_eval_matches_direct_computation(work):
-    from epd_kernels.metrics import frechet_distance, rmse
+def test_eval_matches_direct_computation(work, capsys):
+    from epd_kernels.cli import main
+    from epd_kernels.metrics import frechet_distance, global_rmse
     from epd_kernels.models import load_model
 
     from epd_kernels import make_noise, sample
@@ -285,14 +295,23 @@ def test_eval_matches_direct_computation(work):
     np.savez(r, samples=ref[order], seeds=np.array(order))
     ref = ref[:40]
     js = work / "ev.json"
-    p = epd("eval", "--samples", s, "--model", "gmm", "--reference", r, "--json", js)
+    capsys.readouterr()
+    assert main(["eval", "--samples", str(s), "--model", "gmm", "--reference", str(r),
+                 "--json", str(js)]) == 0
+    out = capsys.readouterr().out
     res = json.loads(js.read_text())
     g = torch.Generator().manual_seed(0)
     data = load_model("gmm").sample_data(10_000, generator=g).numpy()
-    assert res["rmse"] == pytest.approx(rmse(x, ref), rel=1e-9)
+    # the global RMSE: one root of the mean over all 40 x 64 elements
+    expect = float(np.sqrt(np.mean((x.astype(np.float64) - ref.astype(np.float64)) ** 2)))
+    assert res["rmse"] == pytest.approx(expect, rel=1e-9)
+    assert res["rmse"] == global_rmse(x, ref) and res["rmse_kind"] == "global"
     assert res["rmse_matched"] == 40
     assert res["frechet_distance"] == pytest.approx(frechet_distance(x, data), rel=1e-9)
-    assert f"{res['rmse']:.6g}" in p.stdout and f"{res['frechet_distance']:.6g}" in p.stdout
+    assert res["frechet_n"] == 40
+    assert f"global RMSE to reference: {res['rmse']:.6g}" in out
+    assert f"FD (n=40), pixel space, to model:gmm (10000 items): " \
+           f"{res['frechet_distance']:.6g}" in out
 
 
 # --------------------------------------------------------------------------------------
@@ -311,7 +330,8 @@ def test_demo_quick(demo_quick):
     from epd_kernels import AMEDParams, DODEParams, EPDParams
 
     p, out = demo_quick
-    assert "| solver" in p.stdout and "RMSE to ref" in p.stdout and "FD (pixels)" in p.stdout
+    assert "| solver" in p.stdout and "global RMSE to ref" in p.stdout
+    assert "FD (pixels, n=12)" in p.stdout
     for name in ("epd", "amed", "d-euler", "d-ipndm", "ipndm", "heun"):
         assert f"| {name} " in p.stdout, name
     assert is_png(out / "samples_grid.png") and is_png(out / "rmse_vs_nfe.png")
@@ -661,7 +681,8 @@ def test_amed_checkpoint_resume_after_interrupt(work, monkeypatch, capsys):
     capsys.readouterr()
     for other, needles in ((["--amed-form", "table"], ["checkpoint", "amed_form", "features"]),
                            (["--seed", "1"], ["checkpoint", "seed"])):
-        assert main(args + other + ["--checkpoint", str(ck), "--out", str(again)]) == 2
+        assert main(args + other + ["--checkpoint", str(ck), "--out", str(again),
+                                    "--force"]) == 2
         err = capsys.readouterr().err
         assert_user_error(subprocess.CompletedProcess(args, 2, "", err), *needles)
 
@@ -711,3 +732,213 @@ def test_torchrun_amed_distill_equals_one_process_with_double_batch(tmp_path):
     for k in sa:
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-5, atol=1e-6, msg=k)
     assert a.predictor.head_r.bias.abs().max() > 1e-3  # trained: the check is not vacuous
+
+
+# --------------------------------------------------------------------------------------
+# threads
+
+
+def test_pick_threads_keeps_the_faster_count():
+    """'auto' times the probe with 1 thread and with all, interleaved, and keeps the
+    faster; an integer is used as is without timing."""
+    import time
+
+    from epd_kernels.workflow.threads import pick_threads
+
+    torch.set_num_threads(2)
+    seen = []
+
+    def probe(slow_with):   # a probe whose speed depends only on the thread count
+        def run():
+            seen.append(torch.get_num_threads())
+            time.sleep(0.03 if torch.get_num_threads() == slow_with else 0.0)
+        return run
+
+    assert pick_threads("auto", probe(slow_with=2)) == 1 and torch.get_num_threads() == 1
+    assert seen == [1, 2, 1, 2, 1, 2]   # one untimed call each, then 2 interleaved rounds
+    torch.set_num_threads(2)
+    assert pick_threads("auto", probe(slow_with=1)) == 2 and torch.get_num_threads() == 2
+    seen.clear()
+    assert pick_threads(1, probe(slow_with=2)) == 1 and seen == []
+    assert pick_threads("auto", probe(slow_with=1), device="cuda") == 1   # no timing off-CPU
+    assert seen == []
+
+
+def test_passive_wait_is_set_before_torch_unless_chosen(monkeypatch):
+    import sys as _sys
+
+    from epd_kernels.workflow.threads import prefer_passive_wait
+
+    env = {}
+    assert prefer_passive_wait(env) is False and env == {}   # torch is loaded: too late
+    monkeypatch.delitem(_sys.modules, "torch")               # as before `import torch`
+    assert prefer_passive_wait(env) is True and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "active"}                       # the user's choice stays
+    assert prefer_passive_wait(env) is False and env == {"OMP_WAIT_POLICY": "active"}
+
+
+def test_package_sets_passive_wait_before_it_imports_torch():
+    """`import epd_kernels` (as the ``epd`` command does first) sets the wait policy before
+    torch's import begins: an import hook prints the variable at that moment."""
+    env = cli_env()
+    env.pop("OMP_WAIT_POLICY", None)
+    code = ("import os, sys\n"
+            "class Hook:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch':\n"
+            "            print('at torch import:', os.environ.get('OMP_WAIT_POLICY'))\n"
+            "sys.meta_path.insert(0, Hook())\n"
+            "import epd_kernels\n")
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=NEUTRAL_CWD,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["at torch import: PASSIVE"], p.stdout
+
+
+# --------------------------------------------------------------------------------------
+# files and outputs: refusals, --force, no empty folders, progress, honest labels
+
+
+def test_resume_refuses_unreadable_run_json_and_npz_without_run(work, capsys):
+    base = ["sample", "--model", "gmm", "--solver", "euler", "--nfe", "3", "--seeds", "0-3",
+            "--no-progress", "--out"]
+    from epd_kernels.cli import main
+
+    folder = work / "resume-bad-json"
+    assert main(base + [str(folder)]) == 0
+    (folder / "run.json").write_text("{not json")
+    assert_main_fails(capsys, base + [folder],
+                      ["cannot resume", "run.json cannot be read", "settings", "unknown"])
+    foreign = work / "foreign.npz"
+    np.savez(foreign, samples=np.zeros((2, 64), np.float32), seeds=np.arange(2))
+    assert_main_fails(capsys, base + [foreign],
+                      ["cannot resume from", "foreign.npz", "no run settings"])
+    assert not (work / "foreign.npz.parts").exists()   # the folder it made is gone again
+    with np.load(foreign) as f:                       # and the file is untouched
+        assert f["samples"].shape == (2, 64)
+
+
+def test_distill_out_needs_force(work, capsys):
+    from epd_kernels import DODEParams
+    from epd_kernels.cli import main
+
+    out = work / "force-dode.safetensors"
+    args = ["distill", "--model", "gmm", "--solver", "d-euler", "--nfe", "3", "--batch-size",
+            "8", "--out", str(out)]
+    assert main(args) == 0
+    before = out.read_bytes()
+    assert_main_fails(capsys, args[:-2] + ["--seed", "1", "--out", out],
+                      ["--out", "force-dode.safetensors", "exists", "--force"])
+    assert out.read_bytes() == before
+    assert main(args[:-2] + ["--seed", "1", "--out", str(out), "--force"]) == 0
+    assert DODEParams.load(out).nfe == 3 and out.read_bytes() != before
+
+
+def test_demo_refuses_earlier_results_and_failures_leave_no_folders(work, capsys):
+    from epd_kernels.cli import main
+
+    earlier = work / "demo-earlier"
+    earlier.mkdir()
+    (earlier / "table.md").write_text("| an earlier table |\n")
+    assert_main_fails(capsys, ["demo", "--quick", "--model", "gmm", "--out", earlier],
+                      ["--out", "demo-earlier", "earlier demo", "table.md", "--force"])
+    assert (earlier / "table.md").read_text() == "| an earlier table |\n"
+    assert sorted(p.name for p in earlier.iterdir()) == ["table.md"]   # no params/ made
+    # a failure after the folders were made (unknown model): both go again
+    new = work / "demo-new" / "nested"
+    assert_main_fails(capsys, ["demo", "--quick", "--model", "nope", "--out", new],
+                      ["unknown model"])
+    assert not (work / "demo-new").exists()
+    # ... but a folder that existed stays, and so does a folder holding results
+    assert_main_fails(capsys, ["demo", "--quick", "--model", "nope", "--force", "--out",
+                               earlier], ["unknown model"])
+    assert (earlier / "table.md").exists() and not (earlier / "params").exists()
+
+
+def test_params_folder_is_named_as_a_folder(work, epd_params, capsys):
+    folder = work / "params-folder"
+    folder.mkdir()
+    shutil.copy(epd_params, folder / "mine.safetensors")
+    assert_main_fails(capsys, ["sample", "--model", "gmm", "--solver", "epd", "--params",
+                               folder, "--seeds", "0", "--out", work / "pf"],
+                      ["--params", "params-folder is a folder", "params file",
+                       "mine.safetensors"])
+    assert not (work / "pf").exists()
+
+
+def test_long_sampling_shows_step_progress(work, capsys, monkeypatch):
+    """The bar counts denoiser steps across batches, so one long batch shows progress
+    (here without the bar's 2 s delay)."""
+    from epd_kernels.cli import main
+    from epd_kernels.workflow import sample_job
+
+    monkeypatch.setattr(sample_job._StepProgress, "DELAY_S", 0.0)
+    capsys.readouterr()
+    assert main(["sample", "--model", "gmm", "--solver", "euler", "--nfe", "40", "--seeds",
+                 "0-4", "--batch-size", "3", "--out", str(work / "progress.npz")]) == 0
+    err = capsys.readouterr().err
+    assert "sample euler nfe=40" in err and "80/80" in err, err   # 2 batches x 40 steps
+    assert "step" in err
+
+
+def test_sampling_time_of_several_processes_is_labelled_as_a_sum(capsys):
+    from epd_kernels.workflow.sample_job import _report
+
+    one = {"computed": 4, "latency_nfe": 3, "total_evals": 3, "steps": 2, "sampling_s": 1.5,
+           "wall_s": 2.0}
+    _report("heun", 3, [one, dict(one, sampling_s=1.25)], "x.npz")
+    out = capsys.readouterr().out
+    assert "sampling time summed over 2 processes 2.75 s, wall time 2.00 s" in out, out
+    _report("heun", 3, [one], "x.npz")
+    assert "; sampling time 1.50 s, wall time 2.00 s" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# eval: one-line errors for what a new user meets
+
+
+def test_eval_rough_edges(work, capsys):
+    from epd_kernels.cli import main
+
+    nan = work / "all-nan.npy"
+    np.save(nan, np.full((7, 64), np.nan, np.float32))
+    assert_main_fails(capsys, ["eval", "--samples", nan, "--model", "gmm"],
+                      ["all-nan.npy", "7 of 7 samples have non-finite values"])
+    some = work / "some-inf.npz"
+    x = np.zeros((5, 64), np.float32)
+    x[2, 3] = np.inf
+    np.savez(some, samples=x, seeds=np.arange(5))
+    assert_main_fails(capsys, ["eval", "--samples", some, "--data", nan],
+                      ["some-inf.npz", "1 of 5 samples"])
+    for name, data in (("corrupt.npz", b"PK\x03\x04" + b"\x00" * 40),
+                       ("corrupt.npy", b"\x93NUMPY\x01\x00" + b"garbage" * 5),
+                       ("text.npy", b"just some text\n")):
+        f = work / name
+        f.write_bytes(data)
+        assert_main_fails(capsys, ["eval", "--samples", f, "--model", "gmm"],
+                          ["cannot read", name])
+        assert "pickle" not in capsys.readouterr().err
+    # image-shaped digits samples against the 64-dim Gaussian: both shapes named
+    img = work / "digit-shaped.npz"
+    np.savez(img, samples=np.zeros((4, 1, 8, 8), np.float32), seeds=np.arange(4),
+             run=np.asarray("{}"))
+    assert_main_fails(capsys, ["eval", "--samples", img, "--model", "gaussian"],
+                      ["[1, 8, 8]", "'gaussian'", "[64]"])
+
+
+def test_only_the_package_temporaries_are_cleaned(work):
+    """A sample folder keeps other programs' ``.tmp-*`` files; the package's own
+    temporaries (of seed files and run.json) left by a killed writer go."""
+    from epd_kernels.cli import main
+
+    folder = work / "tmp-clean"
+    folder.mkdir()
+    theirs = [folder / ".tmp-notes.txt", folder / ".tmp-seed-000001.npy.bak",
+              folder / ".tmp-other.abc12345"]
+    ours = [folder / ".tmp-seed-000001.npy.ab_12x9z", folder / ".tmp-run.json.q1w2e3r4",
+            folder / ".tmp-seed-000002.png.zz99yy88"]
+    for f in theirs + ours:
+        f.write_bytes(b"x")
+    assert main(["sample", "--model", "gmm", "--solver", "euler", "--nfe", "3", "--seeds",
+                 "0-1", "--no-progress", "--out", str(folder)]) == 0
+    assert all(f.exists() for f in theirs) and not any(f.exists() for f in ours)

@@ -50,6 +50,8 @@ def test_torchrun_sample_equals_one_process(tmp_path):
     npz = tmp_path / "two.npz"
     p = torchrun("sample", *common, "--out", npz)
     assert "on 2 processes" in p.stdout
+    # the processes sample at once: their times add up, and the sum says so
+    assert "sampling time summed over 2 processes" in p.stdout, p.stdout
     with np.load(npz) as f:
         assert f["seeds"].tolist() == list(range(7))
         np.testing.assert_array_equal(f["samples"], np.stack(

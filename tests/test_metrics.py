@@ -5,20 +5,40 @@ import torch
 from scipy import linalg
 
 from epd_kernels.metrics import (feature_stats, frechet_distance, frechet_distance_from_stats,
-                                 nfe_table, rmse)
+                                 global_rmse, nfe_table, rmse)
 from epd_kernels.sampling import SampleStats
 
 
-def test_rmse_definition():
+def test_global_rmse_definition():
     a = torch.zeros(2, 2, 2)
     b = torch.stack([torch.full((2, 2), 1.0), torch.tensor([[3.0, 0], [0, 0]])])
-    # per-sample: sqrt(mean(1)) = 1 and sqrt(9/4) = 1.5 -> mean 1.25
-    assert rmse(a, b) == pytest.approx(1.25)
-    torch.testing.assert_close(rmse(a, b, reduction="none"),
-                               torch.tensor([1.0, 1.5], dtype=torch.float64))
-    assert rmse(np.ones((3, 5)), np.ones((3, 5))) == 0.0
-    with pytest.raises(ValueError, match="shapes"):
-        rmse(torch.zeros(2, 3), torch.zeros(3, 2))
+    # all 8 elements at once: sqrt((4 * 1 + 9) / 8); a mean of per-sample RMS values,
+    # (1 + 1.5) / 2 = 1.25, is another quantity
+    assert global_rmse(a, b) == pytest.approx(np.sqrt(13 / 8), rel=1e-15)
+    assert global_rmse(a, b) != pytest.approx(1.25)
+    # float64 on numpy input, zero on equal inputs; `rmse` is the same function
+    x = np.random.default_rng(0).normal(size=(5, 3, 4)).astype(np.float32)
+    y = x + np.float32(1e-3) * np.arange(60, dtype=np.float32).reshape(5, 3, 4)
+    expect = np.sqrt(np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2))
+    assert global_rmse(x, y) == pytest.approx(expect, rel=1e-12)
+    assert global_rmse(np.ones((3, 5)), np.ones((3, 5))) == 0.0
+    assert rmse is global_rmse
+    with pytest.raises(ValueError, match="shapes differ"):
+        global_rmse(torch.zeros(2, 3), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="empty"):
+        global_rmse(torch.zeros(0, 3), torch.zeros(0, 3))
+
+
+def test_fd_refuses_non_finite_samples_with_their_count():
+    x = np.random.default_rng(2).normal(size=(10, 4))
+    x[[1, 4, 7], 2] = np.nan
+    x[9, 0] = np.inf
+    with pytest.raises(ValueError, match=r"^4 of 10 samples have non-finite values"):
+        frechet_distance(x, np.ones((5, 4)) + np.eye(5, 4))
+    with pytest.raises(ValueError, match=r"^10 of 10 samples"):
+        frechet_distance(np.full((10, 4), np.nan), np.eye(5, 4))
+    with pytest.raises(ValueError, match="non-finite"):
+        frechet_distance_from_stats(np.zeros(2), np.eye(2), np.array([0.0, np.nan]), np.eye(2))
 
 
 def _closed_form(mu1, c1, mu2, c2):

@@ -67,7 +67,9 @@ def block(run_dir: str, readme_dir: str) -> str:
         "",
         f"Model `{res['model']}` (shape {res['shape']}), {res['num_samples']} samples "
         f"(seeds {res['seeds']}" + (", class label = seed % 10" if res.get("class_labels") else "")
-        + "), the same noise for every solver. `*` marks the lowest RMSE at each NFE.",
+        + "), the same noise for every solver. RMSE: global, the root of the mean squared "
+        "difference over all samples and pixels to the reference. `*` marks the lowest RMSE "
+        "at each NFE.",
         "",
         table,
         "",

@@ -18,7 +18,7 @@ On one model (default the embedded digits U-Net, class-conditional, labels = see
    200 s): parallel solvers above NFE 5 (ParaDiGMS spends ~NFE^2 evaluations, ~180 per
    sample at NFE 9), then the plugins on iPNDM, EPD-Plugin (epd-ipndm) and AMED-Plugin
    (amed-ipndm), at NFE 5 and then 3; skipped runs are listed with the reason;
-7. a table (RMSE to the reference, Frechet distance in pixel space to the data, latency
+7. a table (global RMSE to the reference, Frechet distance in pixel space to the data, latency
    NFE, total evaluations, wall time) printed and saved, ``samples_grid.png`` (rows =
    solvers, columns = NFE), ``rmse_vs_nfe.png``, the params under ``params/`` and
    ``results.json`` with every figure and the time of each stage (``timings``: reference,
@@ -30,7 +30,10 @@ picked by timing one batch with 1 and with all cores (a busy machine is often mu
 with one).
 
 EPD's settings: one experiment on digits-unet (RMSE to the 60-step reference on the
-demo's 256 samples, default grid). The earlier 40 iterations on fresh noise left
+demo's 256 samples, default grid). The RMSE figures of this paragraph and the next are
+means of per-sample RMS values, which by Jensen's inequality lie at or below the global
+RMSE the table reports (digits-unet, Euler NFE 3: 0.1891 against 0.2027); their ranking
+is what the settings rest on. The earlier 40 iterations on fresh noise left
 EPD-Plugin behind iPNDM (NFE 5: 0.148 against 0.098); with a pool an iteration no longer
 runs the teacher, so 150 iterations cost about what 40 did (NFE 5: 22-26 s on one thread):
 EPD NFE 5 / 3: 0.049 / 0.094 (lr 0.1); EPD-Plugin NFE 5: 0.096 / 0.112 / 0.151 at
@@ -65,12 +68,13 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..metrics import feature_stats, frechet_distance_from_stats, rmse
+from ..metrics import feature_stats, frechet_distance_from_stats, global_rmse
 from ..sampling import make_noise, sample, solver_names, valid_budgets
 from . import outputs, plots
 from .errors import UserError, one_line
 from .resolve import (check_budget, class_labels_for, is_alias, load_model_or_fail,
                       model_shape, needs_params)
+from .threads import model_batch_runner, pick_threads
 
 __all__ = ["run_demo", "DemoConfig", "DEFAULT", "QUICK"]
 
@@ -122,38 +126,11 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _pick_threads(spec, model, shape, cond_fn, device) -> int:
-    """1 or all cores, whichever runs a batch of the model faster (busy machines often
-    run much faster with one thread)."""
-    most = torch.get_num_threads()
-    if most <= 1 or device != "cpu":
-        return most
-    B = 128
-    x = torch.randn((B,) + tuple(shape))
-    s = torch.full((B,), 1.0)
-    cond = cond_fn(range(B))
-    best, best_t = most, math.inf
-    for n in (1, most):
-        torch.set_num_threads(n)
-        with torch.no_grad():
-            model(x, s, **cond)
-            t0 = time.perf_counter()
-            for _ in range(2):
-                model(x, s, **cond)
-            dt = time.perf_counter() - t0
-        if dt < best_t:
-            best, best_t = n, dt
-    torch.set_num_threads(best)
-    return best
-
-
 class _Runner:
     """Samples the demo's fixed noise with one solver, in chunks; collects stats."""
 
     def __init__(self, model, noise, cond, chunk):
         self.model, self.noise, self.cond, self.chunk = model, noise, cond, chunk
-        self.evals_done = 0.0
-        self.seconds = 0.0
 
     def __call__(self, solver, nfe, params=None, progress=False):
         outs, wall, st0 = [], 0.0, None
@@ -166,20 +143,14 @@ class _Runner:
             outs.append(x.detach().cpu())
             wall += st.wall_time_s
             st0 = st0 or st
-        self.evals_done += float(st0.total_evals) * N
-        self.seconds += wall
         return torch.cat(outs), st0, wall
-
-    @property
-    def sec_per_eval(self) -> float:
-        return self.seconds / self.evals_done if self.evals_done else 1e-3
 
 
 def _data_for(spec: str, model) -> Optional[np.ndarray]:
     from .eval_job import model_data
 
     try:
-        return model_data(spec)
+        return model_data(spec, model)
     except UserError:
         return None
 
@@ -195,8 +166,9 @@ def _fmt(v, digits=4):
 
 
 def _table(rows: List[dict], ref: dict) -> str:
-    head = ["solver", "NFE", "latency NFE", "total evals", "RMSE to ref", "FD (pixels)",
-            "wall (s)", "ms/sample"]
+    n = ref["num_samples"]
+    head = ["solver", "NFE", "latency NFE", "total evals", "global RMSE to ref",
+            f"FD (pixels, n={n})", "wall (s)", "ms/sample"]
     lines = []
     r0 = ref
     lines.append([f"reference: {r0['solver']}", str(r0["nfe"]), str(r0["latency_nfe"]),
@@ -220,7 +192,7 @@ def _table(rows: List[dict], ref: dict) -> str:
     return "\n".join(out)
 
 
-def run_demo(args) -> int:
+def _config(args) -> DemoConfig:
     cfg = QUICK if args.quick else DEFAULT
     over = {}
     if args.nfes:
@@ -232,295 +204,338 @@ def run_demo(args) -> int:
     cfg = dataclasses.replace(cfg, **over)
     if cfg.num_samples < 2:
         raise UserError("--num-samples must be >= 2 (the Frechet distance needs 2)")
-    t_start = time.perf_counter()
-    timings: Dict[str, float] = {}
-    out = outputs.ensure_writable_dir(args.out)
-    pdir = outputs.ensure_writable_dir(os.path.join(out, "params"))
-    outputs.remove_stale_temporaries(out)
-    device = args.device
+    return cfg
 
-    # ---- model, noise, labels, data
-    model = load_model_or_fail(args.model, device=device)
-    shape = model_shape(model)
-    N = cfg.num_samples
-    seeds = list(range(N))
 
-    def cond_for(keys):
-        lab = class_labels_for(model, keys, "seed")
-        return {} if lab is None else {"class_labels": lab.to(device)}
+def run_demo(args) -> int:
+    cfg = _config(args)
+    _refuse_earlier_results(args.out, args.force)
+    demo = _Demo(args, cfg)
+    demo.stage("reference", demo.reference)
+    demo.stage("baselines", demo.baselines)
+    demo.stage("d-ode", demo.dode)
+    demo.stage("epd", demo.epd)
+    demo.stage("amed", demo.amed)
+    demo.stage("optional", demo.optional)
+    demo.stage("outputs", demo.write_outputs)
+    demo.report()
+    return 0
 
-    if args.threads == "auto" and args.quick:
-        threads = 1  # tiny batches never gain from more threads
-        torch.set_num_threads(1)
-    elif args.threads == "auto":
-        threads = _pick_threads(args.model, model, shape, cond_for, device)
-    else:
-        try:
-            threads = int(args.threads)
-        except ValueError:
-            raise UserError(f"--threads must be an integer or 'auto', got "
-                            f"{args.threads!r}") from None
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    noise = make_noise(seeds, shape, device=device)
-    cond = cond_for(seeds)
-    data = _data_for(args.model, model)
-    data_stats = feature_stats(data) if data is not None else None
-    run = _Runner(model, noise, cond, cfg.chunk)
-    _log(f"epd demo: model {args.model} (shape {list(shape)}"
-         + (f", labels = seed % {model.num_classes}" if cond else "") + f"), {N} samples, "
-         f"{threads} thread(s), output {out}" + (" [quick]" if args.quick else ""))
 
-    def fd_of(x):
-        if data_stats is None:
+class _Demo:
+    """One demo run: its settings, model and noise, and the results its stages (one method
+    each, run in order by `run_demo`) add up."""
+
+    def __init__(self, args, cfg: DemoConfig):
+        self.args, self.cfg = args, cfg
+        self.t_start = time.perf_counter()
+        self.timings: Dict[str, float] = {}
+        self.out = outputs.ensure_writable_dir(args.out)
+        self.pdir = outputs.ensure_writable_dir(os.path.join(self.out, "params"))
+        outputs.remove_stale_temporaries(self.out, _OWN_FILES)
+        self.device = args.device
+        self.model = load_model_or_fail(args.model, device=self.device)
+        self.shape = model_shape(self.model)
+        self.N = N = cfg.num_samples
+        if args.threads == "auto" and args.quick:
+            self.threads = pick_threads(1, None)  # tiny batches never gain from more threads
+        else:
+            self.threads = pick_threads(args.threads, model_batch_runner(
+                self.model, self.shape, 128, self.cond_for(range(128)), self.device),
+                self.device)
+        self.noise = make_noise(range(N), self.shape, device=self.device)
+        self.cond = self.cond_for(range(N))
+        data = _data_for(args.model, self.model)
+        self.data_stats = feature_stats(data) if data is not None else None
+        self.run = _Runner(self.model, self.noise, self.cond, cfg.chunk)
+        self.rows: List[dict] = []
+        self.skipped: List[dict] = []
+        self.cells: Dict[Tuple[str, int], np.ndarray] = {}
+        self.order: Dict[str, int] = {}
+        self.cost: Dict[str, Tuple[int, float, float]] = {}  # solver: nfe, evals, s/eval
+        self.deferred: List[Tuple[str, int]] = []
+        self.params_files: List[dict] = []
+        self.distilled: List[str] = []
+        self.seconds: Dict[Tuple[str, int], float] = {}  # (solver, nfe): distill time
+        self.baseline_names = [s for s in solver_names()
+                               if not needs_params(s) and not is_alias(s)]
+        self.amed_features = _amed_features(cfg.amed_features, self.model)
+        _log(f"epd demo: model {args.model} (shape {list(self.shape)}"
+             + (f", labels = seed % {self.model.num_classes}" if self.cond else "")
+             + f"), {N} samples, {self.threads} thread(s), output {self.out}"
+             + (" [quick]" if args.quick else ""))
+
+    def stage(self, name: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        self.timings[name] = time.perf_counter() - t0
+
+    def cond_for(self, keys) -> dict:
+        lab = class_labels_for(self.model, keys, "seed")
+        return {} if lab is None else {"class_labels": lab.to(self.device)}
+
+    def fd_of(self, x) -> Optional[float]:
+        if self.data_stats is None:
             return None
         mu, cov = feature_stats(x.numpy())
-        return frechet_distance_from_stats(mu, cov, *data_stats)
+        return frechet_distance_from_stats(mu, cov, *self.data_stats)
 
-    # ---- reference
-    t0 = time.perf_counter()
-    _log(f"[1/7] reference: {cfg.ref_solver} with {cfg.ref_nfe} steps")
-    ref, ref_st, ref_wall = run(cfg.ref_solver, cfg.ref_nfe, progress=args.progress)
-    m = min(cfg.ref_check_samples, N)
-    half = sample(model, noise[:m], solver=cfg.ref_solver, nfe=cfg.ref_nfe // 2,
-                  **{k: v[:m] for k, v in cond.items()})
-    ref_info = {"solver": cfg.ref_solver, "nfe": cfg.ref_nfe, "latency_nfe": ref_st.latency_nfe,
-                "steps": ref_st.steps, "total_evals": ref_st.total_evals,
-                "error_estimate": rmse(half.cpu(), ref[:m]) / 7.0,  # 3rd order: (2^3 - 1)
-                "error_check": f"rmse to {cfg.ref_nfe // 2} steps on {m} samples / 7",
-                "fd": fd_of(ref), "wall_time_s": ref_wall, "num_samples": N}
-    timings["reference"] = time.perf_counter() - t0
-
-    rows: List[dict] = []
-    skipped: List[dict] = []
-    cells: Dict[Tuple[str, int], np.ndarray] = {}
-    order = {}
-
-    def record(name, nfe, x, st, wall, distilled):
-        order.setdefault(name, len(order))
+    def record(self, name, nfe, x, st, wall, distilled) -> dict:
+        self.order.setdefault(name, len(self.order))
         r = {"solver": name, "nfe": int(nfe), "latency_nfe": st.latency_nfe,
-             "total_evals": st.total_evals, "steps": st.steps, "rmse": rmse(x, ref),
-             "fd": fd_of(x), "wall_time_s": wall, "num_samples": N, "distilled": distilled,
-             "order": order[name]}
-        rows.append(r)
-        cells[(name, int(nfe))] = x[:cfg.show].numpy()
+             "total_evals": st.total_evals, "steps": st.steps,
+             "rmse": global_rmse(x, self.ref), "fd": self.fd_of(x), "wall_time_s": wall,
+             "num_samples": self.N, "distilled": distilled, "order": self.order[name]}
+        self.rows.append(r)
+        self.cells[(name, int(nfe))] = x[:self.cfg.show].numpy()
         return r
 
-    # ---- baselines (parallel solvers above NFE 5 are deferred: they cost far more
-    # evaluations than their latency NFE and run at the end if the time budget allows)
-    t0 = time.perf_counter()
-    baselines = [s for s in solver_names() if not needs_params(s) and not is_alias(s)]
-    jobs = []
-    for s in baselines:
-        ok = set(valid_budgets(s, up_to=max(cfg.nfes)))
-        for n in cfg.nfes:
-            if n in ok:
-                jobs.append((s, n))
-            else:
-                skipped.append({"solver": s, "nfe": n, "reason": f"budget not reachable "
-                                f"(valid: {', '.join(map(str, sorted(ok)))})"})
-    jobs.sort(key=lambda j: (j[1], baselines.index(j[0])))
-    cost: Dict[str, Tuple[int, float, float]] = {}   # solver -> (nfe, evals/sample, s/eval)
-    deferred = []
+    # ---- 1. reference
 
-    def run_baseline(s, n):
+    def reference(self) -> None:
+        cfg, m = self.cfg, min(self.cfg.ref_check_samples, self.N)
+        _log(f"[1/7] reference: {cfg.ref_solver} with {cfg.ref_nfe} steps")
+        self.ref, st, wall = self.run(cfg.ref_solver, cfg.ref_nfe, progress=self.args.progress)
+        half = sample(self.model, self.noise[:m], solver=cfg.ref_solver, nfe=cfg.ref_nfe // 2,
+                      **{k: v[:m] for k, v in self.cond.items()})
+        self.ref_info = {
+            "solver": cfg.ref_solver, "nfe": cfg.ref_nfe, "latency_nfe": st.latency_nfe,
+            "steps": st.steps, "total_evals": st.total_evals,
+            "error_estimate": global_rmse(half.cpu(), self.ref[:m]) / 7.0,  # 3rd order: 2^3-1
+            "error_check": f"global RMSE to {cfg.ref_nfe // 2} steps on {m} samples / 7",
+            "fd": self.fd_of(self.ref), "wall_time_s": wall, "num_samples": self.N}
+
+    # ---- 2. baselines (parallel solvers above NFE 5 are deferred: they cost far more
+    # evaluations than their latency NFE and run at the end if the time budget allows)
+
+    def baselines(self) -> None:
+        cfg, names = self.cfg, self.baseline_names
+        jobs = []
+        for s in names:
+            ok = set(valid_budgets(s, up_to=max(cfg.nfes)))
+            for n in cfg.nfes:
+                if n in ok:
+                    jobs.append((s, n))
+                else:
+                    self.skipped.append({"solver": s, "nfe": n, "reason": f"budget not "
+                                         f"reachable (valid: {', '.join(map(str, sorted(ok)))})"})
+        jobs.sort(key=lambda j: (j[1], names.index(j[0])))
+        _log(f"[2/7] baselines: {len(names)} solvers x NFE {list(cfg.nfes)}")
+        bar = _bar(len(jobs), "baselines", self.args.progress)
+        for s, n in jobs:
+            c = self.cost.get(s)
+            if n > cfg.defer_above and c is not None and c[1] > 2 * c[0]:  # expensive
+                self.deferred.append((s, n))
+            else:
+                self.run_baseline(s, n)
+            if bar:
+                bar.update(1)
+                bar.set_postfix_str(f"{s} nfe={n}")
+        if bar:
+            bar.close()
+        if self.deferred:
+            _log("  deferred (many evaluations per latency NFE; run at the end if time "
+                 "allows): " + ", ".join(f"{s} NFE {n}" for s, n in self.deferred))
+
+    def run_baseline(self, s, n) -> None:
         try:
-            x, st, wall = run(s, n)
+            x, st, wall = self.run(s, n)
         except (ValueError, RuntimeError) as e:
-            skipped.append({"solver": s, "nfe": n, "reason": one_line(e)})
+            self.skipped.append({"solver": s, "nfe": n, "reason": one_line(e)})
             _log(f"  skipped {s} at NFE {n}: {one_line(e)}")
             return
-        record(s, n, x, st, wall, False)
-        cost[s] = (n, float(st.total_evals), wall / max(float(st.total_evals) * N, 1e-9))
+        self.record(s, n, x, st, wall, False)
+        evals = float(st.total_evals)
+        self.cost[s] = (n, evals, wall / max(evals * self.N, 1e-9))
 
-    def expensive(s):
-        c = cost.get(s)
-        return c is not None and c[1] > 2 * c[0]
+    # ---- 3-5. distilled solvers
 
-    _log(f"[2/7] baselines: {len(baselines)} solvers x NFE {list(cfg.nfes)}")
-    bar = _bar(len(jobs), "baselines", args.progress)
-    for s, n in jobs:
-        if n > cfg.defer_above and expensive(s):
-            deferred.append((s, n))
-        else:
-            run_baseline(s, n)
-        if bar:
-            bar.update(1)
-            bar.set_postfix_str(f"{s} nfe={n}")
-    if bar:
-        bar.close()
-    if deferred:
-        _log("  deferred (many evaluations per latency NFE; run at the end if time allows): "
-             + ", ".join(f"{s} NFE {n}" for s, n in deferred))
-    timings["baselines"] = time.perf_counter() - t0
-
-    # ---- distillation
-    params_files = []
-    distilled = []
-
-    def save(params, name, nfe, seconds):
-        params.meta.update({"model": args.model, "shape": list(shape), "class_labels": "seed",
-                            "command": "epd demo"})
-        path = os.path.join(pdir, f"{name}-nfe{nfe}.safetensors")
+    def save(self, params, name, nfe, seconds) -> None:
+        params.meta.update({"model": self.args.model, "shape": list(self.shape),
+                            "class_labels": "seed", "command": "epd demo"})
+        path = os.path.join(self.pdir, f"{name}-nfe{nfe}.safetensors")
         params.save(path)
-        params_files.append({"solver": name, "nfe": int(nfe), "path": path,
-                             "seconds": seconds, "final_loss": params.meta.get("final_loss")})
-        return path
+        self.params_files.append({"solver": name, "nfe": int(nfe), "path": path,
+                                  "seconds": seconds,
+                                  "final_loss": params.meta.get("final_loss")})
 
-    def sample_distilled(name, nfe, params):
-        x, st, wall = run(name, nfe, params=params)
-        r = record(name, nfe, x, st, wall, True)
-        if name not in distilled:
-            distilled.append(name)
+    def sample_distilled(self, name, nfe, params) -> None:
+        x, st, wall = self.run(name, nfe, params=params)
+        r = self.record(name, nfe, x, st, wall, True)
+        if name not in self.distilled:
+            self.distilled.append(name)
         _log(f"  {name} nfe={nfe}: RMSE {r['rmse']:.4g}, FD {_fmt(r['fd'])}")
 
-    from ..dode_fit import fit_dode
+    def dode(self) -> None:
+        from ..dode_fit import fit_dode
 
-    t0 = time.perf_counter()
-    _log(f"[3/7] D-ODE: {', '.join(cfg.dode_solvers)} at NFE {list(cfg.distill_nfes)} "
-         f"(closed form, batch {cfg.dode_batch})")
-    for name in cfg.dode_solvers:
-        for nfe in cfg.distill_nfes:
-            check_budget(name, nfe)
-            t1 = time.perf_counter()
-            p = fit_dode(model, solver=name, nfe=nfe, shape=shape, batch_size=cfg.dode_batch,
-                         teacher_factor=cfg.dode_teacher_factor, device=device,
-                         **cond_for(range(cfg.dode_batch)))
-            save(p, name, nfe, time.perf_counter() - t1)
-            sample_distilled(name, nfe, p)
-    timings["d-ode"] = time.perf_counter() - t0
+        cfg = self.cfg
+        _log(f"[3/7] D-ODE: {', '.join(cfg.dode_solvers)} at NFE {list(cfg.distill_nfes)} "
+             f"(closed form, batch {cfg.dode_batch})")
+        for name in cfg.dode_solvers:
+            for nfe in cfg.distill_nfes:
+                check_budget(name, nfe)
+                t1 = time.perf_counter()
+                p = fit_dode(self.model, solver=name, nfe=nfe, shape=self.shape,
+                             batch_size=cfg.dode_batch, teacher_factor=cfg.dode_teacher_factor,
+                             device=self.device, **self.cond_for(range(cfg.dode_batch)))
+                self.save(p, name, nfe, time.perf_counter() - t1)
+                self.sample_distilled(name, nfe, p)
 
-    from ..distill import distill
-
-    amed_features = _amed_features(cfg.amed_features, model)
-    seconds: Dict[Tuple[str, int], float] = {}   # (solver, nfe) -> distillation time
-
-    def distill_one(name, nfe):
+    def distill_one(self, name, nfe) -> None:
         """EPD, AMED or a plugin of either, with the demo's training settings."""
-        t1 = time.perf_counter()
+        from ..distill import distill
+
+        cfg, t1 = self.cfg, time.perf_counter()
         if name.startswith("amed"):   # fresh noise, labels per batch row
-            settings = dict(method="amed", amed_form="predictor", features=amed_features,
+            settings = dict(method="amed", amed_form="predictor", features=self.amed_features,
                             lr=cfg.amed_plugin_lr if name == "amed-ipndm" else cfg.amed_lr,
                             iterations=cfg.amed_iterations, pool=None,
-                            **cond_for(range(cfg.epd_batch)))
+                            **self.cond_for(range(cfg.epd_batch)))
         else:                          # a pool of draws, one label per pool entry
             settings = dict(num_points=cfg.num_points,
                             lr=cfg.plugin_lr if name == "epd-ipndm" else cfg.epd_lr,
                             iterations=cfg.epd_iterations, pool=cfg.epd_pool,
-                            **cond_for(range(cfg.epd_pool)))
-        p = distill(model, nfe=nfe, shape=shape, plugin=name.endswith("-ipndm"),
-                    batch_size=cfg.epd_batch, M=cfg.epd_teacher_points, device=device,
-                    progress=args.progress, **settings)
+                            **self.cond_for(range(cfg.epd_pool)))
+        p = distill(self.model, nfe=nfe, shape=self.shape, plugin=name.endswith("-ipndm"),
+                    batch_size=cfg.epd_batch, M=cfg.epd_teacher_points, device=self.device,
+                    progress=self.args.progress, **settings)
         sec = time.perf_counter() - t1
-        seconds[(name, nfe)] = sec
-        save(p, name, nfe, sec)
-        sample_distilled(name, nfe, p)
+        self.seconds[(name, nfe)] = sec
+        self.save(p, name, nfe, sec)
+        self.sample_distilled(name, nfe, p)
 
-    t0 = time.perf_counter()
-    _log(f"[4/7] EPD: distilling at NFE {list(cfg.distill_nfes)} (K={cfg.num_points}, "
-         f"{cfg.epd_iterations} iterations of batch {cfg.epd_batch} from a pool of "
-         f"{cfg.epd_pool} draws)")
-    for nfe in cfg.distill_nfes:
-        distill_one("epd", nfe)
-    timings["epd"] = time.perf_counter() - t0
+    def epd(self) -> None:
+        cfg = self.cfg
+        _log(f"[4/7] EPD: distilling at NFE {list(cfg.distill_nfes)} (K={cfg.num_points}, "
+             f"{cfg.epd_iterations} iterations of batch {cfg.epd_batch} from a pool of "
+             f"{cfg.epd_pool} draws)")
+        for nfe in cfg.distill_nfes:
+            self.distill_one("epd", nfe)
 
-    t0 = time.perf_counter()
-    _log(f"[5/7] AMED: distilling the predictor (features {amed_features!r}) at NFE "
-         f"{list(cfg.distill_nfes)} ({cfg.amed_iterations} iterations of batch "
-         f"{cfg.epd_batch})")
-    for nfe in cfg.distill_nfes:
-        distill_one("amed", nfe)
-    timings["amed"] = time.perf_counter() - t0
+    def amed(self) -> None:
+        cfg = self.cfg
+        _log(f"[5/7] AMED: distilling the predictor (features {self.amed_features!r}) at NFE "
+             f"{list(cfg.distill_nfes)} ({cfg.amed_iterations} iterations of batch "
+             f"{cfg.epd_batch})")
+        for nfe in cfg.distill_nfes:
+            self.distill_one("amed", nfe)
 
-    # ---- optional work, in order, each only if its estimated time fits the budget
-    t0 = time.perf_counter()
-    optional = [("baseline", s, n) for s, n in deferred]
-    for n in sorted(cfg.distill_nfes, reverse=True):
-        optional += [("plugin", "epd-ipndm", n), ("plugin", "amed-ipndm", n)]
-    reserve = 5.0  # figures and files
+    # ---- 6. optional work, in order, each only if its estimated time fits the budget
 
-    def estimate(kind, s, n):
+    def estimate(self, kind, s, n) -> float:
         if kind == "plugin":  # a plugin costs what its solver cost at the same NFE
-            return 1.15 * seconds[(s[:-len("-ipndm")], n)]
-        n0, evals0, spe = cost[s]
-        return evals0 * (n / n0) ** 2 * N * spe  # parallel solvers: evaluations ~ NFE^2
+            return 1.15 * self.seconds[(s[:-len("-ipndm")], n)]
+        n0, evals0, spe = self.cost[s]
+        return evals0 * (n / n0) ** 2 * self.N * spe  # parallel solvers: evals ~ NFE^2
 
-    if optional:
-        _log(f"[6/7] optional runs within the {cfg.budget_s:.0f} s budget: "
-             + ", ".join(f"{s} NFE {n}" for _, s, n in optional))
-    for kind, s, n in optional:
-        elapsed = time.perf_counter() - t_start
-        need = estimate(kind, s, n)
-        if elapsed + need + reserve > cfg.budget_s:
-            reason = (f"time budget: {elapsed:.0f} s used, about {need:.0f} s more needed, "
-                      f"budget {cfg.budget_s:.0f} s (raise --budget to include it)")
-            skipped.append({"solver": s, "nfe": n, "reason": reason})
-            _log(f"  skipped {s} at NFE {n}: {reason}")
-        elif kind == "plugin":
-            what = "EPD-Plugin" if s == "epd-ipndm" else "AMED-Plugin"
-            _log(f"  {what} ({s}) at NFE {n}, about {need:.0f} s")
-            distill_one(s, n)
+    def optional(self) -> None:
+        cfg, reserve = self.cfg, 5.0  # seconds kept for the figures and files
+        todo = [("baseline", s, n) for s, n in self.deferred]
+        for n in sorted(cfg.distill_nfes, reverse=True):
+            todo += [("plugin", "epd-ipndm", n), ("plugin", "amed-ipndm", n)]
+        if todo:
+            _log(f"[6/7] optional runs within the {cfg.budget_s:.0f} s budget: "
+                 + ", ".join(f"{s} NFE {n}" for _, s, n in todo))
+        for kind, s, n in todo:
+            elapsed = time.perf_counter() - self.t_start
+            need = self.estimate(kind, s, n)
+            if elapsed + need + reserve > cfg.budget_s:
+                reason = (f"time budget: {elapsed:.0f} s used, about {need:.0f} s more "
+                          f"needed, budget {cfg.budget_s:.0f} s (raise --budget to include it)")
+                self.skipped.append({"solver": s, "nfe": n, "reason": reason})
+                _log(f"  skipped {s} at NFE {n}: {reason}")
+            elif kind == "plugin":
+                what = "EPD-Plugin" if s == "epd-ipndm" else "AMED-Plugin"
+                _log(f"  {what} ({s}) at NFE {n}, about {need:.0f} s")
+                self.distill_one(s, n)
+            else:
+                _log(f"  {s} at NFE {n}, about {need:.0f} s")
+                self.run_baseline(s, n)
+
+    # ---- 7. figures, table, results.json
+
+    def write_figures(self) -> dict:
+        cfg, model, files = self.cfg, self.args.model, {}
+        grid_path = os.path.join(self.out, "samples_grid.png")
+        plot_path = os.path.join(self.out, "rmse_vs_nfe.png")
+        row_names = ([s for s in self.baseline_names if any(k[0] == s for k in self.cells)]
+                     + self.distilled)
+        grid_nfes = sorted(set(cfg.nfes) | set(cfg.distill_nfes))
+        title = f"{model}: seeds 0-{cfg.show - 1}" + (
+            f", labels 0-{min(cfg.show, self.model.num_classes) - 1}" if self.cond else "")
+        try:
+            labelled = plots.sample_grid_png(grid_path, self.cells, row_names, grid_nfes,
+                                             self.shape, reference=self.ref[:cfg.show].numpy(),
+                                             title=title)
+            files["samples_grid"] = grid_path
+            if not labelled:
+                _log("  (matplotlib, a dependency of epd_kernels, is missing: the grid has "
+                     "no labels; pip install matplotlib)")
+        except ValueError as e:
+            _log(f"  no sample grid: {e}")
+        series: Dict[str, List[Tuple[int, float]]] = {}
+        for r in self.rows:
+            series.setdefault(r["solver"], []).append((r["latency_nfe"], r["rmse"]))
+        if plots.error_plot_png(plot_path, series, distilled=self.distilled,
+                                title=f"{model}: global RMSE to the reference ({self.N} "
+                                      f"samples)"):
+            files["rmse_plot"] = plot_path
         else:
-            _log(f"  {s} at NFE {n}, about {need:.0f} s")
-            run_baseline(s, n)
-    timings["optional"] = time.perf_counter() - t0
+            _log("  no RMSE plot: matplotlib, a dependency of epd_kernels, is missing "
+                 "(pip install matplotlib)")
+        return files
 
-    # ---- outputs
-    t0 = time.perf_counter()
-    _log("[7/7] figures and files")
-    files = {"params": [p["path"] for p in params_files]}
-    grid_path = os.path.join(out, "samples_grid.png")
-    plot_path = os.path.join(out, "rmse_vs_nfe.png")
-    row_names = [s for s in baselines if any(k[0] == s for k in cells)] + distilled
-    grid_nfes = sorted(set(cfg.nfes) | set(cfg.distill_nfes))
-    title = f"{args.model}: seeds 0-{cfg.show - 1}" + (
-        f", labels 0-{min(cfg.show, model.num_classes) - 1}" if cond else "")
-    try:
-        labelled = plots.sample_grid_png(grid_path, cells, row_names, grid_nfes, shape,
-                                         reference=ref[:cfg.show].numpy(), title=title)
-        files["samples_grid"] = grid_path
-        if not labelled:
-            _log("  (matplotlib not installed: the grid has no labels; pip install matplotlib)")
-    except ValueError as e:
-        _log(f"  no sample grid: {e}")
-    series: Dict[str, List[Tuple[int, float]]] = {}
-    for r in rows:
-        series.setdefault(r["solver"], []).append((r["latency_nfe"], r["rmse"]))
-    if plots.error_plot_png(plot_path, series, distilled=distilled,
-                            title=f"{args.model}: RMSE to the reference ({N} samples)"):
-        files["rmse_plot"] = plot_path
-    else:
-        _log("  no RMSE plot: matplotlib is not installed (pip install matplotlib)")
-    table = _table(rows, ref_info)
-    table_path = os.path.join(out, "table.md")
-    outputs.atomic_write_bytes(table_path, (table + "\n").encode())
-    files["table"] = table_path
-    timings["outputs"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
+    def write_outputs(self) -> None:
+        _log("[7/7] figures and files")
+        self.files = {"params": [p["path"] for p in self.params_files]}
+        self.files.update(self.write_figures())
+        self.table = _table(self.rows, self.ref_info)
+        table_path = os.path.join(self.out, "table.md")
+        outputs.atomic_write_bytes(table_path, (self.table + "\n").encode())
+        self.files["table"] = table_path
 
-    results = {
-        "model": args.model, "shape": list(shape), "num_samples": N, "seeds": f"0-{N - 1}",
-        "class_labels": "seed % num_classes" if cond else None, "threads": threads,
-        "quick": bool(args.quick), "config": dataclasses.asdict(cfg),
-        "reference": ref_info,
-        "results": [{k: v for k, v in r.items() if k != "order"} for r in rows],
-        "skipped": skipped, "params": params_files, "files": files, "timings": timings,
-        "command": "epd " + " ".join(sys.argv[1:]),
-    }
-    json_path = os.path.join(out, "results.json")
-    files["results"] = json_path
-    outputs.write_json(json_path, results)
+    def report(self) -> None:
+        """Writes results.json (with every stage's time) and prints the table."""
+        self.timings["total"] = time.perf_counter() - self.t_start
+        N, cfg = self.N, self.cfg
+        json_path = os.path.join(self.out, "results.json")
+        self.files["results"] = json_path
+        outputs.write_json(json_path, {
+            "model": self.args.model, "shape": list(self.shape), "num_samples": N,
+            "seeds": f"0-{N - 1}",
+            "class_labels": "seed % num_classes" if self.cond else None,
+            "threads": self.threads, "rmse_kind": "global", "quick": bool(self.args.quick),
+            "config": dataclasses.asdict(cfg), "reference": self.ref_info,
+            "results": [{k: v for k, v in r.items() if k != "order"} for r in self.rows],
+            "skipped": self.skipped, "params": self.params_files, "files": self.files,
+            "timings": self.timings, "command": "epd " + " ".join(sys.argv[1:])})
+        _log("")
+        _log(self.table)
+        _log(f"\n* = lowest RMSE at that NFE. Global RMSE: the root of the mean squared "
+             f"difference, over all {N} samples and their dimensions, to the reference "
+             f"solution of the same ODE from the same noise; FD: Frechet distance in pixel "
+             f"space to the data, from n = {N} samples. Wall time: sampling the {N} samples "
+             f"on CPU.")
+        _log("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items()))
+        _log("files: " + ", ".join([json_path] + [v for v in self.files.values()
+                                                    if isinstance(v, str) and v != json_path]))
 
-    _log("")
-    _log(table)
-    _log(f"\n* = lowest RMSE at that NFE. RMSE: per-sample RMS difference to the reference "
-         f"solution of the same ODE from the same noise, mean over {N} samples; FD: Frechet "
-         f"distance in pixel space to the data. Wall time: sampling the {N} samples on CPU.")
-    _log("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    _log("files: " + ", ".join([json_path] + [v for k, v in files.items()
-                                                if isinstance(v, str) and v != json_path]))
-    return 0
+
+#: The files a demo writes in its folder (regex of names; params go to params/).
+_OWN_FILES = r"table\.md|results\.json|samples_grid\.png|rmse_vs_nfe\.png"
+_RESULTS = ("table.md", "results.json", "samples_grid.png", "rmse_vs_nfe.png")
+
+
+def _refuse_earlier_results(out, force: bool) -> None:
+    """`UserError` if ``out`` holds an earlier demo's results, unless ``force``."""
+    found = [n for n in _RESULTS if os.path.isfile(os.path.join(out, n))]
+    pdir = os.path.join(out, "params")
+    if os.path.isdir(pdir) and any(n.endswith(".safetensors") for n in os.listdir(pdir)):
+        found.append("params/")
+    if found and not force:
+        raise UserError(f"--out {out} holds the results of an earlier demo "
+                        f"({', '.join(found)}); give --force to replace them, or another --out")
 
 
 def _amed_features(spec: str, model) -> str:

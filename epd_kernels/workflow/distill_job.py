@@ -26,7 +26,8 @@ An option of one family given to another (``--num-points`` for AMED, ``--amed-fo
 Conditional models are distilled with labels ``row % num_classes`` (rows: pool entries,
 or batch rows with ``--pool none``; ``--class-label L`` for one class, ``none`` for
 unconditional). The params record the model spec and the
-sample shape in their ``meta``, which `epd sample` checks.
+sample shape in their ``meta``, which `epd sample` checks. An existing ``--out`` file is
+replaced only with ``--force``.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from .errors import UserError, one_line
 from .resolve import (AMED_SOLVERS, DISTILLABLE, EPD_SOLVERS, check_budget, class_labels_for,
                       load_model_or_fail, model_shape, parse_class_label)
 from . import outputs
+from .threads import model_batch_runner, pick_threads
 
 __all__ = ["run_distill"]
 
@@ -71,16 +73,25 @@ def run_distill(args) -> int:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if not os.fspath(args.out).endswith(".safetensors"):
         raise UserError(f"--out must be a .safetensors file, got {args.out!r}")
-    outputs.ensure_writable_file(args.out)
+    outputs.ensure_writable_file(args.out, force=bool(args.force))
     if args.checkpoint:
         outputs.ensure_writable_file(args.checkpoint)
     label_mode = parse_class_label(args.class_label)
     args.device = local_device(args.device)
     model = load_model_or_fail(args.model, device=args.device)
     shape = model_shape(model)
+    probe = args.batch_size or 64
+    labels = class_labels_for(model, range(probe), label_mode)
+    threads = pick_threads(args.threads, model_batch_runner(
+        model, shape, probe, {} if labels is None else {"class_labels": labels.to(args.device)},
+        args.device), args.device)
 
     with distributed_context(args.device) as dist:
         t0 = time.perf_counter()
+        if dist.is_main:   # the library's bars show the phases; this says what runs
+            print(f"epd distill: {solver} nfe={args.nfe} on {args.model} (shape {list(shape)})"
+                  f", {threads} thread(s)" + (f" x {dist.world} processes" if dist.active
+                                               else "") + f" -> {args.out}", flush=True)
         if trained:
             params = _distill(args, solver, model, shape, label_mode, dist)
         else:
@@ -96,8 +107,9 @@ def run_distill(args) -> int:
             loss = params.meta.get("final_loss")
             extra = f", final loss {loss:.4g}" if isinstance(loss, float) else ""
             print(f"epd distill: {solver} nfe={params.nfe} on {args.model}: wrote {args.out} "
-                  f"({time.perf_counter() - t0:.1f} s{extra}"
-                  + (f", {dist.world} processes" if dist.active else "") + ")", flush=True)
+                  f"({time.perf_counter() - t0:.1f} s{extra}, {threads} thread(s)"
+                  + (f" in each of {dist.world} processes" if dist.active else "") + ")",
+                  flush=True)
         dist.barrier()
     return 0
 

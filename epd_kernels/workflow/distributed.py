@@ -18,7 +18,7 @@ import os
 
 import torch
 
-__all__ = ["Dist", "env_world", "distributed_context", "local_device"]
+__all__ = ["distributed_context", "local_device"]
 
 
 def env_world() -> tuple:
@@ -44,7 +44,6 @@ def local_device(device: str) -> str:
 class Dist:
     rank: int = 0
     world: int = 1
-    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -66,25 +65,17 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if ``flag`` is true on any rank (to stop all ranks together)."""
-        if not self.active:
-            return bool(flag)
-        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-        torch.distributed.all_reduce(t)
-        return bool(t.item())
-
 
 @contextlib.contextmanager
 def distributed_context(device: str = "cpu"):
     """Yields a `Dist`; initialises (and later destroys) the default group under torchrun."""
     d = torch.distributed
     if d.is_available() and d.is_initialized():
-        yield Dist(d.get_rank(), d.get_world_size(), owns_group=False)
+        yield Dist(d.get_rank(), d.get_world_size())
         return
     rank, world = env_world()
     if world == 1:
-        yield Dist(0, 1, owns_group=False)
+        yield Dist(0, 1)
         return
     if not d.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this "
@@ -94,7 +85,7 @@ def distributed_context(device: str = "cpu"):
         torch.cuda.set_device(torch.device(local_device(device)))
     d.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
     try:
-        yield Dist(rank, world, owns_group=True)
+        yield Dist(rank, world)
     finally:
         with contextlib.suppress(Exception):
             d.destroy_process_group()

@@ -5,7 +5,7 @@ without a traceback. Anything else that escapes is a bug and keeps its traceback
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "one_line"]
+__all__ = ["UserError"]
 
 
 class UserError(Exception):

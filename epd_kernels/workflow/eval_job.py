@@ -2,15 +2,18 @@
 
 * samples: a folder of per-seed ``seed-NNNNNN.npy`` files or an ``.npz`` with
   ``samples`` (and ``seeds``), as `epd sample` writes them;
-* ``--reference DIR|FILE.npz``: RMSE to it (`metrics.rmse`, per-sample RMS over all
-  dimensions, then the mean), matched by seed;
+* ``--reference DIR|FILE.npz``: RMSE to it (`metrics.global_rmse`: the root of the mean
+  squared difference over all samples and dimensions), matched by seed;
 * ``--model NAME`` or ``--data FILE``: Frechet distance in pixel space
   (`metrics.frechet_distance`) to the model's data: the 1797 digits
   (`load_digits_data`) for the digits models, ``model.sample_data(10000, generator
   seeded 0)`` for models that have it (gaussian, gmm); ``--data`` takes an .npy array or
-  an .npz with ``samples``, ``images`` or ``data``.
+  an .npz with ``samples``, ``images`` or ``data``. With ``--model`` the samples must
+  have the model's shape.
 
-Prints the metrics; ``--json PATH`` also writes them.
+Prints the metrics; ``--json PATH`` also writes them. The Frechet distance depends on the
+number of samples (biased upwards for few), so it is printed as "FD (n=N)". Samples with
+NaN or inf values are refused with their count; damaged files with their name.
 """
 from __future__ import annotations
 
@@ -20,43 +23,48 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from ..metrics import frechet_distance, rmse
+from ..metrics import frechet_distance, global_rmse
 from . import outputs
-from .errors import UserError, one_line
+from .errors import UserError
+from .threads import pick_threads
 
-__all__ = ["run_eval", "load_samples", "model_data", "DATA_SAMPLES", "DATA_SEED"]
+__all__ = ["run_eval", "load_samples", "model_data"]
 
 DATA_SAMPLES = 10_000
 DATA_SEED = 0
 
 
 def load_samples(path) -> Tuple[np.ndarray, np.ndarray]:
-    """``(seeds [N] or None, samples [N, ...])`` from a per-seed folder or an .npz."""
+    """``(seeds [N] or None, samples [N, ...])`` from a per-seed folder, an .npz or .npy."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return outputs.load_seed_files(path)
     if not os.path.exists(path):
         raise UserError(f"samples not found: {path}")
-    try:
-        if path.lower().endswith(".npy"):
-            arr = np.load(path, allow_pickle=False)
-            return None, arr
-        with np.load(path, allow_pickle=False) as f:
-            if "samples" not in f:
-                raise UserError(f"{path} has no 'samples' array (has {sorted(f.files)})")
-            samples = f["samples"]
-            seeds = f["seeds"] if "seeds" in f else None
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"cannot read {path}: {one_line(e)}") from None
+    f = outputs.load_array_file(path, ("samples", "seeds"))
+    if not isinstance(f, dict):
+        return None, f
+    if "samples" not in f:
+        raise UserError(f"{path} has no 'samples' array")
+    samples, seeds = f["samples"], f.get("seeds")
     if seeds is not None and len(seeds) != len(samples):
         raise UserError(f"{path}: {len(seeds)} seeds but {len(samples)} samples")
     return seeds, samples
 
 
-def model_data(spec: str) -> np.ndarray:
-    """The data a model's samples are compared with (see the module docstring)."""
+def _check_finite(samples: np.ndarray, path) -> None:
+    if samples.dtype.kind not in "fiub" or samples.ndim < 1:
+        raise UserError(f"{path}: expected a numeric array of samples [N, ...], got "
+                        f"{samples.dtype} of shape {list(samples.shape)}")
+    bad = int((~np.isfinite(samples.reshape(len(samples), -1))).any(axis=1).sum())
+    if bad:
+        raise UserError(f"{path}: {bad} of {len(samples)} samples have non-finite values "
+                        f"(NaN or inf); the metrics need finite samples (a diverged solver?)")
+
+
+def model_data(spec: str, model=None) -> np.ndarray:
+    """The data a model's samples are compared with (see the module docstring);
+    ``model``: the loaded ``spec``, if at hand."""
     from .resolve import load_model_or_fail
 
     key = spec.strip().lower()
@@ -64,7 +72,7 @@ def model_data(spec: str) -> np.ndarray:
         from ..models.digits import load_digits_data
 
         return load_digits_data()[0].numpy()
-    model = load_model_or_fail(spec)
+    model = model if model is not None else load_model_or_fail(spec)
     if hasattr(model, "sample_data"):
         g = torch.Generator().manual_seed(DATA_SEED)
         data = model.sample_data(DATA_SAMPLES, generator=g)
@@ -80,18 +88,13 @@ def model_data(spec: str) -> np.ndarray:
 def _load_data_file(path) -> np.ndarray:
     if not os.path.exists(path):
         raise UserError(f"data file not found: {path}")
-    try:
-        if path.lower().endswith(".npy"):
-            return np.load(path, allow_pickle=False)
-        with np.load(path, allow_pickle=False) as f:
-            for k in ("samples", "images", "data"):
-                if k in f:
-                    return f[k]
-            raise UserError(f"{path} has none of the arrays 'samples', 'images', 'data'")
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"cannot read {path}: {one_line(e)}") from None
+    f = outputs.load_array_file(path, ("samples", "images", "data"))
+    if not isinstance(f, dict):
+        return f
+    for k in ("samples", "images", "data"):
+        if k in f:
+            return f[k]
+    raise UserError(f"{path} has none of the arrays 'samples', 'images', 'data'")
 
 
 def run_eval(args) -> int:
@@ -100,56 +103,80 @@ def run_eval(args) -> int:
                         "--reference DIR|FILE.npz (RMSE)")
     if args.json:
         outputs.ensure_writable_file(args.json)
+    pick_threads(args.threads, None)   # nothing to time: 'auto' keeps torch's count
     seeds, samples = load_samples(args.samples)
+    _check_finite(samples, args.samples)
     samples = samples.astype(np.float64)
     res = {"samples": os.fspath(args.samples), "num_samples": int(len(samples)),
            "shape": list(samples.shape[1:])}
     lines = [f"samples: {args.samples} ({len(samples)} of shape {list(samples.shape[1:])})"]
-
     if args.reference:
-        rseeds, ref = load_samples(args.reference)
-        if seeds is None or rseeds is None:
-            if len(ref) != len(samples):
-                raise UserError("without seeds, samples and reference must have the same "
-                                f"length ({len(samples)} vs {len(ref)})")
-            a, b, matched = samples, ref, len(samples)
-        else:
-            pos = {int(s): i for i, s in enumerate(rseeds.tolist())}
-            common = [(i, pos[int(s)]) for i, s in enumerate(seeds.tolist()) if int(s) in pos]
-            if not common:
-                raise UserError(f"no seed in common between {args.samples} and {args.reference}")
-            a = samples[[i for i, _ in common]]
-            b = ref[[j for _, j in common]]
-            matched = len(common)
-        if a.shape[1:] != b.shape[1:]:
-            raise UserError(f"shapes differ: samples {list(a.shape[1:])}, reference "
-                            f"{list(b.shape[1:])}")
-        res["rmse"] = rmse(a, b)
-        res["rmse_matched"] = int(matched)
-        res["reference"] = os.fspath(args.reference)
-        lines.append(f"rmse to reference: {res['rmse']:.6g} (over {matched} seed(s) matched)")
-
+        res.update(_rmse_to_reference(samples, seeds, args))
+        lines.append(f"global RMSE to reference: {res['rmse']:.6g} (over {res['rmse_matched']}"
+                     f" seed(s) matched)")
     if args.model or args.data:
-        data = _load_data_file(args.data) if args.data else model_data(args.model)
-        data = data.astype(np.float64)
-        if data.shape[1:] != samples.shape[1:]:
-            if data[0].size == samples[0].size:
-                data = data.reshape((len(data),) + samples.shape[1:])
-            else:
-                raise UserError(f"the data has shape {list(data.shape[1:])}, the samples "
-                                f"{list(samples.shape[1:])}")
-        if len(samples) < 2:
-            raise UserError("the Frechet distance needs at least 2 samples")
-        res["frechet_distance"] = frechet_distance(samples, data)
-        res["data"] = os.fspath(args.data) if args.data else f"model:{args.model}"
-        res["num_data"] = int(len(data))
-        lines.append(f"frechet distance (pixel space) to {res['data']} ({len(data)} items): "
+        res.update(_frechet(samples, args))
+        n = len(samples)
+        lines.append(f"FD (n={n}), pixel space, to {res['data']} ({res['num_data']} items): "
                      f"{res['frechet_distance']:.6g}")
-        if len(samples) < samples[0].size:
-            lines.append(f"  note: {len(samples)} samples for {samples[0].size} dimensions: "
-                         f"the estimate is biased upwards; use more samples")
+        if n < samples[0].size:
+            lines.append(f"  note: {n} samples for {samples[0].size} dimensions: the estimate "
+                         f"is biased upwards; compare FDs only at equal n")
     print("\n".join(lines))
     if args.json:
         outputs.write_json(args.json, res)
         print(f"wrote {args.json}")
     return 0
+
+
+def _rmse_to_reference(samples, seeds, args) -> dict:
+    rseeds, ref = load_samples(args.reference)
+    _check_finite(ref, args.reference)
+    if seeds is None or rseeds is None:
+        if len(ref) != len(samples):
+            raise UserError("without seeds, samples and reference must have the same "
+                            f"length ({len(samples)} vs {len(ref)})")
+        a, b, matched = samples, ref, len(samples)
+    else:
+        pos = {int(s): i for i, s in enumerate(rseeds.tolist())}
+        common = [(i, pos[int(s)]) for i, s in enumerate(seeds.tolist()) if int(s) in pos]
+        if not common:
+            raise UserError(f"no seed in common between {args.samples} and {args.reference}")
+        a = samples[[i for i, _ in common]]
+        b = ref[[j for _, j in common]]
+        matched = len(common)
+    if a.shape[1:] != b.shape[1:]:
+        raise UserError(f"shapes differ: samples {list(a.shape[1:])}, reference "
+                        f"{list(b.shape[1:])}")
+    return {"rmse": global_rmse(a, b), "rmse_kind": "global", "rmse_matched": int(matched),
+            "reference": os.fspath(args.reference)}
+
+
+def _frechet(samples, args) -> dict:
+    """The Frechet distance to the data of ``--model`` (samples of the model's shape) or to
+    ``--data`` (an array of the samples' shape, or of their size, then reshaped)."""
+    if args.data:
+        data = _load_data_file(args.data)
+        what = os.fspath(args.data)
+    else:
+        from .resolve import load_model_or_fail, model_shape
+
+        model = load_model_or_fail(args.model)
+        want = model_shape(model)
+        if tuple(samples.shape[1:]) != want:
+            raise UserError(f"the samples have shape {list(samples.shape[1:])} but model "
+                            f"{args.model!r} makes shape {list(want)}: these samples are not "
+                            f"from that model")
+        data = model_data(args.model, model)
+        what = f"model:{args.model}"
+    _check_finite(data, what)
+    data = data.astype(np.float64)
+    if data.shape[1:] != samples.shape[1:]:
+        if data[0].size != samples[0].size:
+            raise UserError(f"the data {what} has shape {list(data.shape[1:])}, the samples "
+                            f"{list(samples.shape[1:])}")
+        data = data.reshape((len(data),) + samples.shape[1:])
+    if len(samples) < 2:
+        raise UserError("the Frechet distance needs at least 2 samples")
+    return {"frechet_distance": frechet_distance(samples, data), "frechet_n": int(len(samples)),
+            "data": what, "num_data": int(len(data))}

@@ -3,7 +3,12 @@
 Every file is written to a temporary file in the destination folder, flushed, fsync'ed
 and moved over the destination with `os.replace`, so a process killed at any moment
 leaves either no file or a complete one, never a torn one. Temporaries are named
-``.tmp-<name>.<random>`` and removed by `remove_stale_temporaries`.
+``.tmp-<name>.<random>``; `remove_stale_temporaries` removes those of the names a command
+writes (other programs' files in the same folder are left alone).
+
+Folders: `ensure_writable_dir` records the folders it creates, and `new_folders` removes
+them again when the command fails before writing anything into them (a folder holding
+only its settings file ``run.json`` counts as empty).
 
 Per-seed layout (a folder): ``seed-<seed:06d>.npy`` (the exact float32 sample) and, for
 image-shaped samples, ``seed-<seed:06d>.png``. The PNG is written first and the .npy
@@ -11,7 +16,7 @@ last, so a seed counts as finished exactly when its .npy exists (`finished_seeds
 """
 from __future__ import annotations
 
-import glob
+import contextlib
 import io
 import json
 import math
@@ -19,6 +24,7 @@ import os
 import re
 import struct
 import tempfile
+import zipfile
 import zlib
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -28,13 +34,15 @@ from ..fileio import write_atomic
 
 from .errors import UserError
 
-__all__ = ["atomic_write_bytes", "write_png", "png_bytes", "write_npy", "write_npz",
-           "write_json", "to_uint8_image", "seed_stem", "seed_npy_path", "seed_png_path",
-           "finished_seeds", "remove_stale_temporaries", "ensure_writable_dir",
-           "ensure_writable_file", "is_png", "image_layout", "load_seed_files"]
+__all__ = ["write_png", "write_npy", "write_npz", "write_json", "load_array_file",
+           "load_seed_files", "finished_seeds", "image_layout", "to_uint8_image"]
 
 _TMP_PREFIX = ".tmp-"
 _SEED_RE = re.compile(r"^seed-(\d+)\.npy$")
+#: Files of a per-seed folder (`epd sample`), as a regex of names.
+SAMPLE_FILES = r"seed-\d+\.(?:npy|png)|run\.json"
+#: Settings file of a per-seed folder; a folder holding only it has no results.
+MANIFEST = "run.json"
 
 
 # --------------------------------------------------------------------------------------
@@ -44,15 +52,21 @@ _SEED_RE = re.compile(r"^seed-(\d+)\.npy$")
 atomic_write_bytes = write_atomic  # one implementation for every file we write
 
 
-def remove_stale_temporaries(folder) -> int:
-    """Deletes ``.tmp-*`` files a killed writer left in ``folder``; returns how many."""
+def remove_stale_temporaries(folder, names: str) -> int:
+    """Deletes the temporaries a killed writer left in ``folder`` for files whose names
+    match the regex ``names`` (and the write probe of `ensure_writable_dir`); returns how
+    many. Other ``.tmp-*`` files are not the package's and stay."""
+    # the random tail is tempfile.mkstemp's: 8 characters of [a-z0-9_]
+    own = re.compile(r"^" + re.escape(_TMP_PREFIX) + r"(?:" + names + r"|probe)\.[a-z0-9_]{8}$")
     n = 0
-    for tmp in glob.glob(os.path.join(glob.escape(os.fspath(folder)), _TMP_PREFIX + "*")):
-        try:
-            os.unlink(tmp)
-            n += 1
-        except OSError:
-            pass
+    folder = os.fspath(folder)
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if own.match(name):
+            try:
+                os.unlink(os.path.join(folder, name))
+                n += 1
+            except OSError:
+                pass
     return n
 
 
@@ -85,13 +99,22 @@ def _json_default(o):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
+_created: List[str] = []   # folders made by ensure_writable_dir, in creation order
+
+
 def ensure_writable_dir(path) -> str:
-    """Creates ``path`` (and parents) if needed and checks files can be written there."""
+    """Creates ``path`` (and parents) if needed and checks files can be written there;
+    the folders it creates are recorded for `new_folders`."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"cannot write to {path!r}: it exists and is not a folder")
+    missing, p = [], os.path.abspath(path)
+    while p and not os.path.exists(p):
+        missing.append(p)
+        p = os.path.dirname(p) if os.path.dirname(p) != p else ""
     try:
         os.makedirs(path, exist_ok=True)
+        _created.extend(reversed(missing))
         fd, probe = tempfile.mkstemp(prefix=_TMP_PREFIX + "probe.", dir=path)
         os.close(fd)
         os.unlink(probe)
@@ -100,11 +123,52 @@ def ensure_writable_dir(path) -> str:
     return path
 
 
-def ensure_writable_file(path) -> str:
-    """Checks that a file can be created at ``path`` (its folder is created if needed)."""
+class _NewFolders:
+    def __init__(self, start: int):
+        self.start = start
+
+    def remove_empty(self) -> None:
+        """Removes the folders created since `new_folders` began that hold nothing but a
+        settings file or temporaries, deepest first."""
+        for folder in sorted(_created[self.start:], key=len, reverse=True):
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                continue
+            if all(n == MANIFEST or n.startswith(_TMP_PREFIX) for n in names):
+                with contextlib.suppress(OSError):
+                    for n in names:
+                        os.unlink(os.path.join(folder, n))
+                    os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def new_folders():
+    """``with new_folders() as made: ...``: ``made.remove_empty()`` removes the folders
+    the block created that got no results; it is called by itself when the block raises
+    (including Ctrl-C: finished results stay, empty folders go)."""
+    made = _NewFolders(len(_created))
+    try:
+        yield made
+    except BaseException:
+        made.remove_empty()
+        raise
+    finally:
+        del _created[made.start:]
+
+
+def ensure_writable_file(path, force: Optional[bool] = None, option: str = "--out") -> str:
+    """Checks that a file can be created at ``path`` (its folder is created if needed).
+
+    ``force``: None allows replacing an existing file; False refuses it with a `UserError`
+    naming ``option`` and ``--force``.
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         raise UserError(f"output {path!r} is a folder, expected a file name")
+    if force is False and os.path.exists(path):
+        raise UserError(f"{option} {path} exists; give --force to replace it, or another "
+                        f"{option}")
     ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
     return path
 
@@ -227,13 +291,30 @@ def load_seed_files(folder, seeds: Optional[Iterable[int]] = None):
         raise UserError(f"{folder}: no sample file for seed(s) {missing[:10]}")
     if not chosen:
         raise UserError(f"{folder}: no per-seed sample files (seed-NNNNNN.npy)")
-    arrays = []
-    for s in chosen:
-        try:
-            arrays.append(np.load(done[s], allow_pickle=False))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {done[s]}: {e}") from None
+    arrays = [load_array_file(done[s]) for s in chosen]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise UserError(f"{folder}: sample files have different shapes {sorted(shapes)}")
     return np.asarray(chosen, dtype=np.int64), np.stack(arrays)
+
+
+def load_array_file(path, keys: Sequence[str] = ()):
+    """An .npy array, or for an .npz a dict of the arrays named ``keys`` that it holds
+    (all its arrays when ``keys`` is empty); a damaged or foreign file is a one-line
+    `UserError` naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: " + ("is a folder, expected a file" if os.path.isdir(path)
+                                       else "not found"))
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic == b"\x93NUMPY":
+            return np.load(path, allow_pickle=False)
+        if magic[:4] == b"PK\x03\x04" or magic[:4] == b"PK\x05\x06":
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in (keys or f.files) if k in f.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read {path}: damaged .npy/.npz file "
+                        f"({type(e).__name__})") from None
+    raise UserError(f"cannot read {path}: not an .npy or .npz file")

@@ -6,9 +6,10 @@ shows the same few samples (same seeds) side by side, upscaled by pixel repetiti
 `error_plot_png`: RMSE to the reference against latency NFE, log y axis, one line per
 solver (distilled solvers dashed).
 
-matplotlib (Agg backend) is imported lazily. Without it the grid is still written, as a
-plain image without labels (rows and columns in the order given), and the plot is
-skipped: both functions return False in that case.
+matplotlib (a dependency of the package; Agg backend) is imported lazily. In an
+environment where it is missing all the same, the grid is still written, as a plain
+image without labels (rows and columns in the order given), and the plot is skipped:
+both functions return False in that case.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from .outputs import atomic_write_bytes, image_layout, png_bytes, to_uint8_image
 
-__all__ = ["sample_grid_png", "error_plot_png", "cell_image", "have_matplotlib"]
+__all__ = ["sample_grid_png", "error_plot_png"]
 
 
 def have_matplotlib() -> bool:
@@ -131,7 +132,7 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
 
 def error_plot_png(path, series: Mapping[str, Sequence[Tuple[int, float]]],
                    distilled: Sequence[str] = (), title: str = "",
-                   ylabel: str = "RMSE to reference") -> bool:
+                   ylabel: str = "global RMSE to reference") -> bool:
     """Writes the RMSE-vs-NFE plot; ``series[solver] = [(nfe, rmse), ...]``.
     Returns False (and writes nothing) without matplotlib."""
     if not have_matplotlib():

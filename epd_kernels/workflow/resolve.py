@@ -13,10 +13,8 @@ import torch
 from ..sampling import _spec, nfe_to_steps, solver_names, valid_budgets
 from .errors import UserError, one_line
 
-__all__ = ["load_model_or_fail", "model_shape", "num_classes", "check_solver", "needs_params",
-           "check_budget", "budget_rule", "class_labels_for", "parse_class_label",
-           "load_params", "params_family", "file_sha256", "set_threads", "DISTILLABLE",
-           "EPD_SOLVERS", "AMED_SOLVERS", "is_alias"]
+__all__ = ["load_model_or_fail", "load_params", "check_solver", "check_budget",
+           "class_labels_for"]
 
 #: Solvers `epd distill` can produce params for.
 DISTILLABLE = ("epd", "epd-ipndm", "amed", "amed-ipndm", "d-euler", "d-heun", "d-ipndm")
@@ -25,13 +23,6 @@ EPD_SOLVERS = ("epd", "epd-ipndm")
 AMED_SOLVERS = ("amed", "amed-ipndm")
 #: Names that are aliases of another solver (same function, same settings).
 _ALIASES = {"ddim": "euler", "d-ddim": "d-euler"}
-
-
-def set_threads(n: Optional[int]) -> None:
-    if n is not None:
-        if n < 1:
-            raise UserError(f"--threads must be >= 1, got {n}")
-        torch.set_num_threads(int(n))
 
 
 def load_model_or_fail(spec: str, device: str = "cpu"):
@@ -183,6 +174,11 @@ def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
     the model here, so that a model without that submodule fails before sampling.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        raise UserError(f"--params {path} is a folder; give a params file (.safetensors, from "
+                        f"'epd distill')" + (f", e.g. one it holds: {', '.join(inside[:4])}"
+                                            if inside else ""))
     if not os.path.isfile(path):
         raise UserError(f"params file not found: {path}")
     want = params_family(solver)

@@ -12,16 +12,20 @@ Output (``--out``):
 
 Resume: a seed whose .npy exists is finished and skipped (its PNG is written before its
 .npy, so both are complete). For .npz output, the shards are the resume state; rerunning
-with an existing .npz takes the seeds it already holds from it. ``run.json`` guards
-against mixing: resuming into a folder made with another model, solver, NFE, params file
-or labelling is refused.
+with an existing .npz takes the seeds it already holds from it. ``run.json`` (and the
+``run`` array of an .npz) guards against mixing: resuming into a folder made with another
+model, solver, NFE, params file or labelling is refused, and so is resuming from a
+``run.json`` that cannot be read or an .npz without ``run`` (its settings are unknown).
+
+Progress: a bar over the denoiser steps of all batches (it appears after 2 s, so short
+runs print nothing but their summary); the line before it says what is computed.
 
 Every sample is drawn from its own generator (`make_noise`), so a seed gives the same
 sample whatever the batch size or the number of processes (bit for bit when the model's
 kernels do not depend on the batch size, as for the analytic models; convolutional
 networks may differ in the last float32 bits, about 1e-5 for the digits U-Net). Under
-torchrun rank r takes ``pending[r::world]`` of the unfinished seeds and writes its own files; for .npz output,
-rank 0 assembles after a barrier.
+torchrun rank r takes ``pending[r::world]`` of the unfinished seeds and writes its own
+files; for .npz output, rank 0 assembles after a barrier.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from typing import List
 import numpy as np
 import torch
 
-from ..sampling import make_noise, sample
+from ..sampling import make_noise, nfe_to_steps, sample
 from . import outputs
 from .distributed import distributed_context, local_device
 from .errors import UserError, one_line
@@ -42,18 +46,45 @@ from .resolve import (AMED_SOLVERS, EPD_SOLVERS, check_budget, check_solver,
                       class_labels_for, file_sha256, load_model_or_fail, load_params,
                       model_shape, needs_params, parse_class_label)
 from .seeds import format_seeds, parse_seeds
+from .threads import model_batch_runner, pick_threads
 
-__all__ = ["run_sample", "MANIFEST"]
+__all__ = ["run_sample"]
 
-MANIFEST = "run.json"
+MANIFEST = outputs.MANIFEST
+_OWN_FILES = outputs.SAMPLE_FILES
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class _StepProgress:
+    """A bar over the denoiser steps of every batch, driven by the solvers' per-step
+    callback, so that one long batch (a large NFE) shows progress too. Shown only once a
+    run has lasted `DELAY_S`."""
 
-    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+    DELAY_S = 2.0
+
+    def __init__(self, batches: int, steps: int, desc: str, enabled: bool):
+        self.steps, self.done_batches, self.bar = max(int(steps), 1), 0, None
+        if enabled and batches > 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=batches * self.steps, desc=desc, unit="step",
+                            delay=self.DELAY_S, dynamic_ncols=True)
+
+    def _advance_to(self, n: int) -> None:
+        if self.bar is not None and n > self.bar.n:
+            self.bar.update(n - self.bar.n)   # update() honours the 2 s delay
+
+    def callback(self, info) -> None:
+        self._advance_to(self.done_batches * self.steps + min(int(info["i"]) + 1, self.steps))
+
+    def batch_done(self, seeds_done: int) -> None:
+        self.done_batches += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{seeds_done} seeds", refresh=False)
+        self._advance_to(self.done_batches * self.steps)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _manifest(args, solver, nfe, shape, label_mode) -> dict:
@@ -75,8 +106,12 @@ def _check_manifest(folder: str, current: dict) -> None:
     try:
         with open(path) as f:
             saved = json.load(f)
-    except (OSError, ValueError):
-        return  # unreadable: it will be rewritten
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot resume: {path} cannot be read ({one_line(e)}), so the "
+                        f"settings of the samples in {folder} are unknown; use another --out "
+                        f"or delete the folder") from None
     diff = [k for k in current if saved.get(k) != current[k]]
     if diff:
         what = ", ".join(f"{k}: {saved.get(k)!r} there vs {current[k]!r} now" for k in diff)
@@ -88,19 +123,24 @@ def _absorb_existing_npz(npz_path: str, parts: str, manifest: dict, wanted: set)
     """Moves the wanted seeds of an existing final .npz into shards (rank 0, before work)."""
     if not os.path.exists(npz_path):
         return 0
+    f = outputs.load_array_file(npz_path, ("run", "seeds", "samples"))
+    if not isinstance(f, dict) or "run" not in f or "seeds" not in f or "samples" not in f:
+        raise UserError(f"cannot resume from {npz_path}: it has no run settings ('run', "
+                        f"'seeds', 'samples' as 'epd sample' writes them); use another --out "
+                        f"or delete it")
     try:
-        with np.load(npz_path, allow_pickle=False) as f:
-            run = json.loads(str(f["run"])) if "run" in f else None
-            seeds, samples = f["seeds"], f["samples"]
-    except Exception as e:  # damaged or foreign file
-        raise UserError(f"cannot resume from existing {npz_path}: {one_line(e)}; delete it "
-                        f"or choose another --out") from None
-    if run is not None:
-        diff = [k for k in manifest if run.get(k) != manifest[k]]
-        if diff:
-            what = ", ".join(f"{k}: {run.get(k)!r} there vs {manifest[k]!r} now" for k in diff)
-            raise UserError(f"{npz_path} holds samples made with other settings ({what}); use "
-                            f"another --out or delete it")
+        run = json.loads(str(f["run"]))
+        if not isinstance(run, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise UserError(f"cannot resume from {npz_path}: its run settings cannot be read "
+                        f"({one_line(e)}); use another --out or delete it") from None
+    seeds, samples = f["seeds"], f["samples"]
+    diff = [k for k in manifest if run.get(k) != manifest[k]]
+    if diff:
+        what = ", ".join(f"{k}: {run.get(k)!r} there vs {manifest[k]!r} now" for k in diff)
+        raise UserError(f"{npz_path} holds samples made with other settings ({what}); use "
+                        f"another --out or delete it")
     n = 0
     done = outputs.finished_seeds(parts)
     for s, x in zip(seeds.tolist(), samples):
@@ -110,7 +150,9 @@ def _absorb_existing_npz(npz_path: str, parts: str, manifest: dict, wanted: set)
     return n
 
 
-def run_sample(args) -> int:
+def _resolve(args):
+    """Checks the request and loads what it names: ``(solver, seeds, label_mode, model,
+    shape, params, nfe)``; every problem is a `UserError` before any file is written."""
     solver = check_solver(args.solver)
     seeds = parse_seeds(args.seeds)
     label_mode = parse_class_label(args.class_label)
@@ -122,13 +164,6 @@ def run_sample(args) -> int:
     if args.params and not needs_params(solver):
         raise UserError(f"solver {solver!r} takes no params; --params is only for the "
                         f"distilled solvers (epd, epd-ipndm, amed, amed-ipndm, d-*)")
-    out = os.fspath(args.out)
-    to_npz = out.lower().endswith(".npz")
-    folder = out + ".parts" if to_npz else out
-    if to_npz:
-        outputs.ensure_writable_file(out)
-    outputs.ensure_writable_dir(folder)
-
     args.device = local_device(args.device)
     model = load_model_or_fail(args.model, device=args.device)
     shape = model_shape(model)
@@ -145,14 +180,31 @@ def run_sample(args) -> int:
     if params is not None and solver in EPD_SOLVERS + AMED_SOLVERS:
         params = params.to(args.device)  # once, not on every batch
     class_labels_for(model, seeds[:1], label_mode)  # validates the label early
+    return solver, seeds, label_mode, model, shape, params, nfe
+
+
+def _cond(model, seeds, label_mode, device) -> dict:
+    labels = class_labels_for(model, seeds, label_mode)
+    return {} if labels is None else {"class_labels": labels.to(device)}
+
+
+def run_sample(args) -> int:
+    solver, seeds, label_mode, model, shape, params, nfe = _resolve(args)
+    out = os.fspath(args.out)
+    to_npz = out.lower().endswith(".npz")
+    folder = out + ".parts" if to_npz else out
+    if to_npz:
+        outputs.ensure_writable_file(out)
+    outputs.ensure_writable_dir(folder)
     manifest = _manifest(args, solver, nfe, shape, label_mode)
-    png = (not to_npz) and outputs.image_layout(shape) is not None
-    scale = args.png_scale if args.png_scale else max(1, 64 // max(
-        outputs.image_layout(shape)[:2])) if png else 1
+    batch = min(args.batch_size, len(seeds))
+    threads = pick_threads(args.threads, model_batch_runner(
+        model, shape, batch, _cond(model, seeds[:batch], label_mode, args.device),
+        args.device), args.device)
 
     with distributed_context(args.device) as dist:
         if dist.is_main:
-            outputs.remove_stale_temporaries(folder)
+            outputs.remove_stale_temporaries(folder, _OWN_FILES)
             _check_manifest(folder, manifest)
             if to_npz:
                 _absorb_existing_npz(out, folder, manifest, set(seeds))
@@ -164,22 +216,43 @@ def run_sample(args) -> int:
         if dist.is_main:
             print(f"epd sample: {solver} nfe={nfe} on {args.model}: {len(seeds)} seeds, "
                   f"{len(seeds) - len(pending)} already finished, {len(pending)} to compute"
-                  + (f" on {dist.world} processes" if dist.active else ""), flush=True)
-
-        bar = _progress(len(mine), args.progress and dist.is_main and len(mine) > 0,
-                        f"sample {solver} nfe={nfe}")
-        stats_list = []
+                  + (f" on {dist.world} processes" if dist.active else "")
+                  + f", {threads} thread(s)" + (" each" if dist.active else ""), flush=True)
         t0 = time.perf_counter()
+        stats_list = _sample_seeds(args, mine, solver, nfe, params, model, shape, label_mode,
+                                   folder, png=(not to_npz), show=dist.is_main)
+        summary = _summarise(stats_list, len(mine), time.perf_counter() - t0)
+        all_summaries = dist.all_gather_object(summary)
+        dist.barrier()
+        if dist.is_main:
+            if to_npz:
+                _assemble(out, folder, seeds, model, label_mode, manifest)
+            _report(solver, nfe, all_summaries, out)
+        dist.barrier()
+    return 0
+
+
+def _sample_seeds(args, mine, solver, nfe, params, model, shape, label_mode, folder, png,
+                  show) -> list:
+    """Samples ``mine`` in batches and writes their files; returns ``[(n, stats)]``."""
+    png = png and outputs.image_layout(shape) is not None
+    scale = (args.png_scale or max(1, 64 // max(outputs.image_layout(shape)[:2]))) if png else 1
+    batches = -(-len(mine) // args.batch_size)
+    try:
+        steps = nfe_to_steps(solver, nfe)
+    except ValueError:
+        steps = nfe
+    bar = _StepProgress(batches, steps, f"sample {solver} nfe={nfe}",
+                        args.progress and show and len(mine) > 0)
+    stats_list = []
+    try:
         for a in range(0, len(mine), args.batch_size):
             chunk = mine[a:a + args.batch_size]
             noise = make_noise(chunk, shape, device=args.device)
-            cond = {}
-            labels = class_labels_for(model, chunk, label_mode)
-            if labels is not None:
-                cond["class_labels"] = labels.to(args.device)
             try:
                 x, st = sample(model, noise, solver=solver, nfe=nfe, params=params,
-                               return_stats=True, **cond)
+                               return_stats=True, callback=bar.callback,
+                               **_cond(model, chunk, label_mode, args.device))
             except ValueError as e:
                 raise UserError(one_line(e)) from None
             stats_list.append((len(chunk), st))
@@ -189,21 +262,10 @@ def run_sample(args) -> int:
                     outputs.write_png(outputs.seed_png_path(folder, s),
                                       outputs.to_uint8_image(xs, shape, scale))
                 outputs.write_npy(outputs.seed_npy_path(folder, s), xs)
-            if bar is not None:
-                bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
-        wall = time.perf_counter() - t0
-
-        summary = _summarise(stats_list, len(mine), wall)
-        all_summaries = dist.all_gather_object(summary)
-        dist.barrier()
-        if dist.is_main:
-            if to_npz:
-                _assemble(out, folder, seeds, model, label_mode, manifest)
-            _report(solver, nfe, all_summaries, out)
-        dist.barrier()
-    return 0
+            bar.batch_done(a + len(chunk))
+    finally:
+        bar.close()
+    return stats_list
 
 
 def _summarise(stats_list, n, wall) -> dict:
@@ -225,9 +287,14 @@ def _report(solver, nfe, summaries: List[dict], out: str) -> None:
         return
     wall = max(s["wall_s"] for s in summaries)
     samp = sum(s["sampling_s"] for s in summaries)
+    # Under torchrun the processes sample at the same time: their sampling times add up
+    # to more than the wall time, so the sum is labelled as one.
+    n = len(summaries)
+    samp_text = (f"sampling time {samp:.2f} s" if n == 1 else
+                 f"sampling time summed over {n} processes {samp:.2f} s")
     print(f"epd sample: computed {computed} seed(s); solver {solver}, nfe {nfe}: latency NFE "
           f"{first['latency_nfe']}, total evaluations {first['total_evals']} per sample, "
-          f"{first['steps']} steps; sampling time {samp:.2f} s, wall time {wall:.2f} s "
+          f"{first['steps']} steps; {samp_text}, wall time {wall:.2f} s "
           f"({1000 * wall / max(computed, 1):.1f} ms/sample); output {out}", flush=True)
 
 

@@ -11,7 +11,7 @@ from typing import List, Sequence
 
 from .errors import UserError
 
-__all__ = ["parse_seeds", "format_seeds", "MAX_SEEDS"]
+__all__ = ["parse_seeds", "format_seeds"]
 
 #: A sanity bound on one request (10 million samples); larger requests are likely typos.
 MAX_SEEDS = 10_000_000

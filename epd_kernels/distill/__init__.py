@@ -120,16 +120,38 @@ without a pool, those whose leading dimension is the global batch are sliced per
 other conditioning is passed as is. The AMED predictor's initial weights come from a generator
 seeded with ``seed``, so every rank starts from the same network.
 """
+import sys as _sys
+import types as _types
+
+from .api import distill
 from .checkpoint import load_checkpoint, save_checkpoint
+from .conditioning import conditioning_rows
 from .latent import DELTA_MAX, O_MAX, LatentAMEDTable, LatentEPD
-from .loop import (DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_M, DEFAULT_POOL,
-                   METHODS, conditioning_rows, cosine_lr, distill, mse_loss)
-from .students import WEIGHT_LR_SCALE, AMEDStudent, EPDStudent
+from .loop import cosine_lr, mse_loss, train
 from .noise import row_seed, training_noise
+from .settings import (AUTO, DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_K, DEFAULT_LR,
+                       DEFAULT_M, DEFAULT_POOL, DEFAULT_TIME_BUDGET_S, METHODS,
+                       DistillSettings, SearchSettings)
+from .students import WEIGHT_LR_SCALE, AMEDStudent, EPDStudent
 from .teacher import refine_sigmas, teacher_targets
 
-__all__ = ["distill", "mse_loss", "cosine_lr", "LatentEPD", "LatentAMEDTable", "EPDStudent",
-           "AMEDStudent", "WEIGHT_LR_SCALE", "METHODS", "DELTA_MAX", "O_MAX",
-           "refine_sigmas", "teacher_targets", "training_noise", "row_seed",
-           "save_checkpoint", "load_checkpoint", "DEFAULT_ITERATIONS", "DEFAULT_BATCH_SIZE",
-           "DEFAULT_LR", "DEFAULT_M", "DEFAULT_POOL", "conditioning_rows"]
+__all__ = ["distill", "DistillSettings", "SearchSettings", "AUTO", "train", "mse_loss",
+           "cosine_lr", "LatentEPD", "LatentAMEDTable", "EPDStudent", "AMEDStudent",
+           "WEIGHT_LR_SCALE", "METHODS", "DELTA_MAX", "O_MAX", "refine_sigmas",
+           "teacher_targets", "training_noise", "row_seed", "save_checkpoint",
+           "load_checkpoint", "DEFAULT_ITERATIONS", "DEFAULT_BATCH_SIZE", "DEFAULT_LR",
+           "DEFAULT_M", "DEFAULT_POOL", "DEFAULT_K", "DEFAULT_TIME_BUDGET_S",
+           "conditioning_rows"]
+
+
+class _CallableModule(_types.ModuleType):
+    """This package, callable as `distill`: ``from epd_kernels import distill`` gives the
+    package (``epd_kernels.distill`` is always the module, with its submodules), and
+    ``distill(denoiser, nfe=5, shape=...)`` calls `epd_kernels.distill.distill`."""
+
+    def __call__(self, *args, **kwargs):
+        return distill(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
+__wrapped__ = distill   # inspect.signature(epd_kernels.distill) shows the function's

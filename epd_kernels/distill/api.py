@@ -4,6 +4,7 @@
 the baselines on held-out noise (`verdict`)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 from . import budget as _budget
@@ -110,10 +111,15 @@ def _sized(denoiser, s: DistillSettings, cond: dict, device):
     cost = _budget.measure_cost(denoiser, s, device, cond)
     candidates = len(s.search.candidates or DEFAULT_CANDIDATES)
     if _may_search(s):
-        out, record = _budget.plan(s.replace(schedule="auto"), cost, candidates)
-        if out.iterations >= MIN_SEARCH_ITERATIONS and (out.pool or 0) >= MIN_SEARCH_POOL:
-            record.update(world_size=world, schedule="auto: the grid search fits the budget")
-            return out, record
+        for names in (None, SMALL_SEARCH):
+            trial = s.replace(schedule="auto")
+            if names is not None:
+                trial = trial.replace(search=dataclasses.replace(s.search, candidates=names))
+            out, record = _budget.plan(trial, cost, len(names or DEFAULT_CANDIDATES))
+            if out.iterations >= MIN_SEARCH_ITERATIONS and (out.pool or 0) >= MIN_SEARCH_POOL:
+                record.update(world_size=world, schedule=f"auto: the grid search over "
+                              f"{list(names or DEFAULT_CANDIDATES)} fits the budget")
+                return out, record
     out, record = _budget.plan(s, cost, candidates if s.auto_schedule else 1)
     record["world_size"] = world
     if _may_search(s):
@@ -125,6 +131,10 @@ def _sized(denoiser, s: DistillSettings, cond: dict, device):
 #: final runs of at least this many iterations, teacher pools of at least this many draws.
 MIN_SEARCH_ITERATIONS = 150
 MIN_SEARCH_POOL = 512
+#: The candidates of the smaller search tried when the full one does not fit: one grid
+#: per kind of model where it was best (rho 7: digits, U-Net, Gaussian; rho 3.5 and
+#: time-uniform: the mixtures; `schedule_search` docstring).
+SMALL_SEARCH = ("poly7", "poly3.5", "time-uniform")
 
 
 def _may_search(s: DistillSettings) -> bool:

@@ -5,6 +5,7 @@ the baselines on held-out noise (`verdict`)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Optional
 
 from . import budget as _budget
@@ -69,6 +70,7 @@ def distill(denoiser: Callable, *, nfe: Optional[int] = None, shape=None,
             written with other settings. RuntimeError: ``max_failures`` non-finite steps
             in a row.
     """
+    t0 = time.perf_counter()
     required = {k: v for k, v in (("nfe", nfe), ("shape", shape)) if v is not None}
     if settings is None and len(required) < 2:
         raise ValueError("distill() needs nfe=... and shape=... (or settings=DistillSettings)")
@@ -87,6 +89,8 @@ def distill(denoiser: Callable, *, nfe: Optional[int] = None, shape=None,
         draws = record["compare_draws"] if record else _budget.COMPARE_DRAWS
         with frozen(denoiser):
             params, _ = verdict.compare(denoiser, params, s, cond, draws, device)
+    if record is not None:   # the estimate beside what it cost (timings vary with load)
+        params.meta["budget"]["wall_s"] = time.perf_counter() - t0
     return params
 
 

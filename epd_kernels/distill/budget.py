@@ -38,6 +38,8 @@ from .settings import (AUTO, DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_M, 
 
 __all__ = ["measure_cost", "plan", "REFERENCE_STEPS", "COMPARE_DRAWS"]
 
+#: Share of ``time_budget_s`` the plan fills (the rest is margin for the estimate's error).
+BUDGET_SHARE = 0.85
 #: Steps of the comparison's reference (UniPC, no AFS).
 REFERENCE_STEPS = 64
 #: Held-out draws of the comparison (at most).
@@ -121,7 +123,9 @@ def measure_cost(denoiser, s: DistillSettings, device, cond: dict) -> dict:
 def plan(s: DistillSettings, cost: dict, candidates: int = 1) -> tuple:
     """``(settings, record)``: ``s`` with its `AUTO` settings chosen for the budget
     (module docstring) and what was chosen, estimated and measured."""
-    budget = s.time_budget_s - cost["measure_s"]
+    # A margin for what the estimate leaves out (Python overhead between phases, load
+    # changing after the measurement).
+    budget = BUDGET_SHARE * s.time_budget_s - cost["measure_s"]
     S, K, afs = s.steps, s.K, int(s.afs)
     per_call = cost["call_chunk"] + cost["overhead"]               # per chunk of draws
     per_draw = lambda calls: calls * per_call / cost["chunk"]      # noqa: E731

@@ -175,3 +175,20 @@ def test_defaults_beat_every_baseline_on_an_unseen_mixture(monkeypatch):
     assert all(math.isfinite(v) for v in base.values())
     assert epd < min(base.values()), (epd, base, p.meta.get("budget"))
     assert p.meta["comparison"]["ratio"] < 1
+
+
+def test_budget_chosen_settings_resume_from_the_checkpoint(tmp_path, monkeypatch):
+    """With a checkpoint, the settings the budget chose are those of the checkpoint when
+    it exists: a resumed call continues the same run even if the budget (the machine's
+    speed) would now choose otherwise."""
+    from epd_kernels.distill import budget
+
+    ck = tmp_path / "run.ckpt"
+    kw = dict(nfe=3, shape=(8,), progress=False, compare=False, checkpoint=ck, time_budget_s=5)
+    first = distill(gaussian(), **kw)
+    chosen = first.meta["budget"]["chosen"]
+    monkeypatch.setattr(budget, "measure_cost", lambda *a: pytest.fail("measured again"))
+    again = distill(gaussian(), **kw)
+    assert again.meta["budget"]["from_checkpoint"] and again.meta["budget"]["chosen"] == chosen
+    for n in ("r", "weights", "delta", "o"):
+        assert torch.equal(getattr(again, n), getattr(first, n)), n

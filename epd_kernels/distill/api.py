@@ -109,6 +109,11 @@ def _sized(denoiser, s: DistillSettings, cond: dict, device):
         return s, None
     if s.time_budget_s is None:
         return s.with_fixed_defaults(), None
+    resumed = _resumed(s)
+    if resumed is not None:   # the budget chose them when the checkpoint was started
+        return resumed, {"time_budget_s": s.time_budget_s, "from_checkpoint": True,
+                         "chosen": {k: getattr(resumed, k) for k in s.unresolved()},
+                         "compare_draws": _budget.COMPARE_DRAWS}
     from .schedule_search import DEFAULT_CANDIDATES
 
     world, _ = dist_info()
@@ -139,6 +144,21 @@ MIN_SEARCH_POOL = 512
 #: per kind of model where it was best (rho 7: digits, U-Net, Gaussian; rho 3.5 and
 #: time-uniform: the mixtures; `schedule_search` docstring).
 SMALL_SEARCH = ("poly7", "poly3.5", "time-uniform")
+
+
+def _resumed(s: DistillSettings) -> Optional[DistillSettings]:
+    """The settings left at "auto" as an existing checkpoint recorded them, so that a
+    resumed call continues the same run whatever the budget would choose today (None
+    without a checkpoint file)."""
+    from .checkpoint import load_checkpoint
+
+    saved = None if s.checkpoint is None else load_checkpoint(s.checkpoint)
+    if saved is None:
+        return None
+    st, (world, _) = saved["settings"], dist_info()
+    known = {"iterations": st.get("iterations"), "M": st.get("M"), "pool": st.get("pool", AUTO),
+             "batch_size": st.get("global_batch_size", 0) // world or None}
+    return s.replace(**{k: known[k] for k in s.unresolved() if known[k] is not None})
 
 
 def _may_search(s: DistillSettings) -> bool:

@@ -13,7 +13,7 @@ AMED checkpoint is never resumed as EPD (or with other features) and vice versa.
 
 The learning rate is a pure function of the iteration and the noise a pure function of
 (seed, iteration, row), so nothing else is needed to continue exactly. Files are written
-with `epd_kernels.params.write_atomic` (temporary file, fsync, ``os.replace``) and the
+with `epd_kernels.fileio.write_atomic` (temporary file, fsync, ``os.replace``) and the
 folder is fsync'ed after the rename, so a process killed (or a machine losing power) at
 any moment leaves either the previous or the new checkpoint, never a torn one. Stale
 temporaries of the same checkpoint are removed on the next start: only names
@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ..params import temp_prefix, write_atomic
+from ..fileio import temp_prefix, write_atomic
 
 __all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "check_settings",
            "remove_stale_temporaries"]

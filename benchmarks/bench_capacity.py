@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import sys
 import time
@@ -59,7 +58,7 @@ if str(HERE.parent) not in sys.path:
 
 from benchmarks import bench_distill as bd  # noqa: E402
 from epd_kernels.distill.latent import DELTA_MAX, O_MAX  # noqa: E402
-from epd_kernels.distill.loop import _frozen, cosine_lr  # noqa: E402
+from epd_kernels.distill.loop import cosine_lr, frozen  # noqa: E402
 from epd_kernels.distill.students import EPDStudent  # noqa: E402
 from epd_kernels.params import EPDParams  # noqa: E402
 
@@ -115,7 +114,7 @@ def oracle_fit(problem, data, start: EPDParams, *, bound_scale: float, iteration
     x_T = noise * float(start.sigmas[0])
     gen = torch.Generator().manual_seed(seed)
     n = x_T.shape[0]
-    with _frozen(problem.model32):
+    with frozen(problem.model32):
         for it in range(iterations):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(lr, it, iterations)

@@ -246,8 +246,9 @@ def _fit_auto(problem, nfe, grid, *, plugin, method="epd"):
                 "final": rep.get("final"), "search": {
             n: {"val_rmse": c["val_rmse"], "wall_s": c["wall_s"]}
             for n, c in rep["candidates"].items()}}
-    else:
-        params = distill(problem.model32, schedule=GRIDS[grid], **kw)
+    else:   # the fixed defaults on that grid (no budget, no held-out comparison of its own)
+        params = distill(problem.model32, schedule=GRIDS[grid], time_budget_s=None,
+                         compare=False, **kw)
         info = {"grid": grid}
     info.update(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu,
                 settings="fast" if problem.fast else "defaults")

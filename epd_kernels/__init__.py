@@ -24,10 +24,10 @@ from .sampling import (  # noqa: E402
 __all__ += ["get_sigmas", "sample", "SampleStats", "CountingDenoiser", "make_noise",
             "parallel_calls"]
 
-# Distillation side: EPD parameters and their distillation. (The name `distill` is the
-# function; its modules stay importable as `epd_kernels.distill.<module>`.)
+# Distillation side: EPD parameters and their distillation. `distill` is the package
+# epd_kernels.distill, callable as its function `epd_kernels.distill.distill`.
 from .params import EPDParams  # noqa: E402
-from .distill import distill  # noqa: E402
+from . import distill  # noqa: E402
 
 __all__ += ["EPDParams", "distill"]
 

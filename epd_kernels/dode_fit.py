@@ -294,27 +294,7 @@ def fit_dode(denoiser: Callable, *, solver: str = "d-euler", nfe: Optional[int] 
     t0 = time.perf_counter()
     base = normalize_dode_base(solver)
     a = (base == "heun") if afs is None else bool(afs)
-    per_step = DODE_BASES[base]
-
-    if nfe is None:
-        if schedule is None or isinstance(schedule, (str, dict)):
-            raise ValueError("nfe must be given unless schedule is an explicit list of sigmas")
-        sigmas = check_sigmas(schedule, "schedule")
-        steps = sigmas.numel() - 1
-        nfe = dode_latency_nfe(steps, base, a)
-    else:
-        if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral):
-            raise ValueError(f"nfe must be an integer, got {nfe!r}")
-        steps, rem = divmod(int(nfe) + int(a), per_step)
-        if nfe < 1 or rem != 0 or steps < 1:
-            valid = ("any budget >= 1" if per_step == 1 else
-                     "odd budgets 1, 3, 5, ... (pass afs=False for even)" if a else
-                     "even budgets 2, 4, 6, ... (pass afs=True for odd)")
-            raise ValueError(f"solver 'd-{base}' with afs={a} cannot spend exactly nfe={nfe} "
-                             f"sequential evaluations; it can meet {valid}")
-        sigmas = _resolve_grid(schedule, steps)
-    if nfe < 1:
-        raise ValueError(f"the grid gives nfe={nfe} < 1 for 'd-{base}' with afs={a}")
+    sigmas, nfe = _student_grid(base, a, nfe, schedule)
 
     check_cond_keywords(denoiser, cond, where="fit_dode", options=_DISTILL_OPTIONS)
     if not isinstance(refine, bool):
@@ -322,22 +302,40 @@ def fit_dode(denoiser: Callable, *, solver: str = "d-euler", nfe: Optional[int] 
     refine_iterations = check_int("refine_iterations", refine_iterations, 0)
     if teacher == "same":
         teacher = base
-    if noise is None:
-        if shape is None:
-            raise ValueError("give shape (per-sample shape) or a noise batch")
-        batch_size = check_int("batch_size", batch_size, 1)
-        from .sampling import make_noise
-
-        first = FIT_SEED_BASE + int(seed) * int(batch_size)
-        noise = make_noise(range(first, first + int(batch_size)), shape, device=device,
-                           dtype=dtype)
-    elif not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() < 1:
-        raise ValueError("noise must be a floating tensor of shape [B, ...]")
-    elif device is not None:
-        noise = noise.to(device)
+    noise = _fitting_noise(noise, shape, batch_size, seed, device, dtype)
 
     x_T = noise * float(sigmas[0])
     extra = {"max_order": int(max_order)} if base == "ipndm" else {}
+    lambdas, loss, rule, refined, greedy_loss = _fit(
+        denoiser, base, a, x_T, sigmas, extra, cond, teacher=teacher,
+        teacher_factor=teacher_factor, teacher_afs=teacher_afs, refine=refine,
+        refine_iterations=refine_iterations)
+    meta = {
+        "teacher": teacher,
+        "teacher_factor": int(teacher_factor),
+        "teacher_afs": bool(teacher_afs),
+        "batch_size": int(noise.shape[0]),
+        "seed": int(seed),
+        "dtype": str(noise.dtype).replace("torch.", ""),
+        "loss": loss,
+        "loss_base": rule.loss_base,
+        "refine": refined,
+        "fit_seconds": time.perf_counter() - t0,
+    }
+    if refined is not None:
+        meta["loss_greedy"] = greedy_loss
+        meta["lambdas_greedy"] = list(rule.lambdas)
+    return DODEParams(lambdas=lambdas, sigmas=sigmas,
+                      base=base, nfe=int(nfe), afs=a, max_order=int(max_order),
+                      schedule=_schedule_meta(schedule), meta=meta).validate()
+
+
+def _fit(denoiser, base, a, x_T, sigmas, extra, cond, *, teacher, teacher_factor,
+         teacher_afs, refine, refine_iterations):
+    """The greedy closed-form fit, then (with ``refine``) the joint refinement:
+    ``(lambdas, per-step loss, the greedy rule, refinement record, greedy per-step loss)``."""
+    steps = sigmas.numel() - 1
+    greedy_loss = None
     with torch.no_grad():
         targets = teacher_targets(denoiser, x_T, sigmas, teacher=teacher,
                                   teacher_factor=teacher_factor, teacher_afs=teacher_afs, **cond)
@@ -369,21 +367,45 @@ def fit_dode(denoiser: Callable, *, solver: str = "d-euler", nfe: Optional[int] 
                        "iterations": int(refine_iterations)}
             DODE_SOLVERS[base](denoiser, x_T, sigmas, lambdas=lambdas.tolist(),
                                callback=record, afs=a, **extra, **cond)
-    meta = {
-        "teacher": teacher,
-        "teacher_factor": int(teacher_factor),
-        "teacher_afs": bool(teacher_afs),
-        "batch_size": int(noise.shape[0]),
-        "seed": int(seed),
-        "dtype": str(noise.dtype).replace("torch.", ""),
-        "loss": loss,
-        "loss_base": rule.loss_base,
-        "refine": refined,
-        "fit_seconds": time.perf_counter() - t0,
-    }
-    if refined is not None:
-        meta["loss_greedy"] = greedy_loss
-        meta["lambdas_greedy"] = list(rule.lambdas)
-    return DODEParams(lambdas=lambdas, sigmas=sigmas,
-                      base=base, nfe=int(nfe), afs=a, max_order=int(max_order),
-                      schedule=_schedule_meta(schedule), meta=meta).validate()
+    return lambdas, loss, rule, refined, greedy_loss
+
+
+def _student_grid(base: str, a: bool, nfe, schedule):
+    """``(sigmas, nfe)`` of the student: from the budget with the base solver's rule, or
+    from an explicit grid when ``nfe`` is None."""
+    per_step = DODE_BASES[base]
+    if nfe is None:
+        if schedule is None or isinstance(schedule, (str, dict)):
+            raise ValueError("nfe must be given unless schedule is an explicit list of sigmas")
+        sigmas = check_sigmas(schedule, "schedule")
+        nfe = dode_latency_nfe(sigmas.numel() - 1, base, a)
+    else:
+        if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral):
+            raise ValueError(f"nfe must be an integer, got {nfe!r}")
+        steps, rem = divmod(int(nfe) + int(a), per_step)
+        if nfe < 1 or rem != 0 or steps < 1:
+            valid = ("any budget >= 1" if per_step == 1 else
+                     "odd budgets 1, 3, 5, ... (pass afs=False for even)" if a else
+                     "even budgets 2, 4, 6, ... (pass afs=True for odd)")
+            raise ValueError(f"solver 'd-{base}' with afs={a} cannot spend exactly nfe={nfe} "
+                             f"sequential evaluations; it can meet {valid}")
+        sigmas = _resolve_grid(schedule, steps)
+    if nfe < 1:
+        raise ValueError(f"the grid gives nfe={nfe} < 1 for 'd-{base}' with afs={a}")
+    return sigmas, nfe
+
+
+def _fitting_noise(noise, shape, batch_size, seed, device, dtype):
+    """The fitting batch: the seeded one (`FIT_SEED_BASE`) or the caller's, checked."""
+    if noise is None:
+        if shape is None:
+            raise ValueError("give shape (per-sample shape) or a noise batch")
+        batch_size = check_int("batch_size", batch_size, 1)
+        from .sampling import make_noise
+
+        first = FIT_SEED_BASE + int(seed) * int(batch_size)
+        return make_noise(range(first, first + int(batch_size)), shape, device=device,
+                          dtype=dtype)
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() < 1:
+        raise ValueError("noise must be a floating tensor of shape [B, ...]")
+    return noise if device is None else noise.to(device)

@@ -114,13 +114,13 @@ def test_tie_goes_to_the_first_candidate():
 def test_distill_auto_continues_the_winner_from_its_search_params(monkeypatch):
     model = gaussian()
     starts = []
-    real = schedule_search.distill
+    real = schedule_search.train
 
-    def spy(*a, **k):
-        starts.append(k.get("init"))
-        return real(*a, **k)
+    def spy(denoiser, s, cond):
+        starts.append(s.init)
+        return real(denoiser, s, cond)
 
-    monkeypatch.setattr(schedule_search, "distill", spy)
+    monkeypatch.setattr(schedule_search, "train", spy)
     kw = dict(TINY, iterations=10, learn_grid=False)
     params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
     assert report["continued"] and report["search_iterations"] == 4
@@ -163,7 +163,7 @@ def test_final_run_reuses_the_winners_teacher_pool(monkeypatch):
     # the same final run from scratch (its own teacher pool) gives the same parameters
     fills.clear()
     again = distill(model, schedule=CANDS[report["chosen"]],
-                    init=report["candidates"][report["chosen"]]["params"],
+                    init=report["candidates"][report["chosen"]]["params"], compare=False,
                     **{k: v for k, v in kw.items()
                        if k not in ("val_size", "reference_steps", "learn_grid")})
     assert len(fills) == 1
@@ -275,14 +275,14 @@ def test_distill_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(mo
     the recorded scores are the validation RMSEs of the two results."""
     model = gaussian()
     calls = []
-    real = schedule_search.distill
+    real = schedule_search.train
 
-    def spy(*a, **k):
-        out = real(*a, **k)
-        calls.append((k, out))
+    def spy(denoiser, s, cond):
+        out = real(denoiser, s, cond)
+        calls.append((vars(s), out))
         return out
 
-    monkeypatch.setattr(schedule_search, "distill", spy)
+    monkeypatch.setattr(schedule_search, "train", spy)
     kw = dict(TINY, iterations=10)
     params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
     assert len(calls) == 5

@@ -3,9 +3,9 @@
 Two sources, both pure functions of (seed, iteration, global row), so that resumed and
 multi-process runs see exactly the data of one uninterrupted process:
 
-* fresh noise (``pool=None``, the default): row j of iteration i is
+* fresh noise (``pool=None``): row j of iteration i is
   ``training_noise(seed, i, [j])``; the teacher runs on every batch.
-* a fixed pool of P noise draws (``pool=P``): row j of iteration i is pool entry
+* a fixed pool of P noise draws (``pool=P``, the default): row j of iteration i is pool entry
   ``row_seed(seed, i, j) mod P``, whose noise is row p of iteration -1. The
   teacher runs once over the whole pool (in chunks of `POOL_CHUNK` rows, on the first
   batch; split between the processes of a multi-process run) and its targets are kept,
@@ -67,7 +67,8 @@ class TeacherBatches:
     def __init__(self, denoiser: Callable, sigmas: torch.Tensor, shape, *, seed: int,
                  M: int, teacher: str, insert: str, rho: float, device, dtype,
                  pool: Optional[int] = None, cond: Optional[dict] = None,
-                 pool_cond: Optional[dict] = None, world: int = 1, rank: int = 0):
+                 pool_cond: Optional[dict] = None, world: int = 1, rank: int = 0,
+                 progress: bool = False):
         self.denoiser = denoiser
         self.sigmas = sigmas
         self.shape = tuple(shape)
@@ -81,9 +82,11 @@ class TeacherBatches:
             raise ValueError("pool_cond needs a pool")
         self.world, self.rank = world, rank
         self._pool_x = self._pool_y = None
+        self.progress = progress
 
-    def _teacher(self, x, cond):
-        return teacher_targets(self.denoiser, x, self.sigmas, **self.teacher_kw, **cond)
+    def _teacher(self, x, cond, on_step=None):
+        return teacher_targets(self.denoiser, x, self.sigmas, **self.teacher_kw,
+                               on_step=on_step, **cond)
 
     def _pool_key(self):
         return (id(self.denoiser), tuple(self.sigmas.tolist()), self.shape, self.seed,
@@ -115,13 +118,19 @@ class TeacherBatches:
         computes rows [r P/W, (r+1) P/W) and the shards are all-gathered."""
         world, rank = (self.world, self.rank) if self.pool % self.world == 0 else (1, 0)
         share = self.pool // world
+        starts = range(rank * share, (rank + 1) * share, POOL_CHUNK)
+        bar = self._bar(len(starts))
         xs, ys = [], []
-        for start in range(rank * share, (rank + 1) * share, POOL_CHUNK):
-            rows = range(start, min(start + POOL_CHUNK, (rank + 1) * share))
-            xs.append(training_noise(self.seed, -1, rows, self.shape, self.device,
-                                     self.dtype) * scale)
-            ys.append(self._teacher(xs[-1], dict(cond, **self._pool_rows_cond(
-                slice(rows.start, rows.stop)))))
+        try:
+            for start in starts:
+                rows = range(start, min(start + POOL_CHUNK, (rank + 1) * share))
+                xs.append(training_noise(self.seed, -1, rows, self.shape, self.device,
+                                         self.dtype) * scale)
+                ys.append(self._teacher(xs[-1], dict(cond, **self._pool_rows_cond(
+                    slice(rows.start, rows.stop))), None if bar is None else bar.update))
+        finally:
+            if bar is not None:
+                bar.close()
         x, y = torch.cat(xs), torch.cat(ys, dim=1)
         if world > 1:
             x_all = [torch.empty_like(x) for _ in range(world)]
@@ -130,6 +139,16 @@ class TeacherBatches:
             torch.distributed.all_gather(y_all, y.contiguous())
             x, y = torch.cat(x_all), torch.cat(y_all, dim=1)
         self._pool_x, self._pool_y = x, y
+
+    def _bar(self, chunks: int):
+        """A tqdm bar over the teacher's steps of the whole pool (None without progress)."""
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        steps = (len(self.sigmas) - 1) * (self.teacher_kw["M"] + 1)
+        return tqdm(total=chunks * steps, desc=f"teacher pool ({self.pool} draws, "
+                    f"M={self.teacher_kw['M']})", unit="step", leave=False, dynamic_ncols=True)
 
     def batch(self, iteration: int, rows: range):
         cond = self.cond

@@ -13,15 +13,19 @@ AMED checkpoint is never resumed as EPD (or with other features) and vice versa.
 
 The learning rate is a pure function of the iteration and the noise a pure function of
 (seed, iteration, row), so nothing else is needed to continue exactly. Files are written
-with `epd_kernels.params.write_atomic` (temporary file, fsync, ``os.replace``), so a
-process killed at any moment leaves either the previous or the new checkpoint, never a
-torn one (stale temporaries are removed on the next start).
+with `epd_kernels.fileio.write_atomic` (temporary file, fsync, ``os.replace``) and the
+folder is fsync'ed after the rename, so a process killed (or a machine losing power) at
+any moment leaves either the previous or the new checkpoint, never a torn one. Stale
+temporaries of the same checkpoint are removed on the next start: only names
+``temp_prefix(path)`` followed by the 8 characters `tempfile.mkstemp` adds, and only
+regular files, so other programs' files in the folder (``--out .``) are never touched.
 """
 from __future__ import annotations
 
-import glob
 import io
 import os
+import re
+import stat
 from typing import Optional
 
 import torch
@@ -34,22 +38,54 @@ __all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "check_se
 CHECKPOINT_VERSION = 1
 
 
+#: What `tempfile.mkstemp` appends to the prefix: 8 characters of its alphabet.
+_MKSTEMP_TAIL = r"[a-z0-9_]{8}"
+
+
+def _fsync_folder(folder: str) -> None:
+    """Makes a rename inside ``folder`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path, state: dict) -> None:
-    """Writes ``state`` (plus the format version) to ``path`` atomically."""
+    """Writes ``state`` (plus the format version) to ``path`` atomically and durably."""
     buf = io.BytesIO()
     torch.save({"version": CHECKPOINT_VERSION, **state}, buf)
     write_atomic(path, buf.getvalue())
+    _fsync_folder(os.path.dirname(os.path.abspath(os.fspath(path))))
 
 
-def remove_stale_temporaries(path) -> None:
-    """Deletes temporaries a killed writer of ``path`` left behind."""
+def remove_stale_temporaries(path) -> int:
+    """Deletes the temporaries a killed writer of ``path`` left behind: regular files named
+    ``temp_prefix(path)`` + mkstemp's 8 characters, nothing else. Returns how many."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    for tmp in glob.glob(os.path.join(glob.escape(folder), glob.escape(temp_prefix(path)) + "*")):
+    own = re.compile(re.escape(temp_prefix(path)) + _MKSTEMP_TAIL)
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if not own.fullmatch(name):
+            continue
+        full = os.path.join(folder, name)
         try:
-            os.unlink(tmp)
+            if stat.S_ISREG(os.lstat(full).st_mode):
+                os.unlink(full)
+                removed += 1
         except OSError:
             pass
+    return removed
 
 
 def load_checkpoint(path) -> Optional[dict]:

@@ -70,7 +70,7 @@ class LatentEPD(nn.Module):
         self.b = nn.Parameter(b)
         self.c = nn.Parameter(c)
         self.e = nn.Parameter(e)
-        # (registered last, so the flat gradient of a fixed-grid latent is unchanged)
+        # (registered last: the flat gradient of a fixed-grid latent keeps its layout)
         self.g = None if g is None else nn.Parameter(g)
 
     @property
@@ -117,18 +117,6 @@ class LatentEPD(nn.Module):
                          sigmas=self.grid().detach().cpu(), nfe=t.nfe,
                          afs=t.afs, plugin=t.plugin, max_order=t.max_order,
                          schedule=t.schedule, meta=dict(t.meta if meta is None else meta))
-
-    def flat_grads(self) -> torch.Tensor:
-        """All gradients in one vector (zeros where a gradient is missing)."""
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in self.parameters()])
-
-    def set_flat_grads(self, flat: torch.Tensor) -> None:
-        i = 0
-        for p in self.parameters():
-            n = p.numel()
-            p.grad = flat[i:i + n].view_as(p).clone()
-            i += n
 
 
 class LatentAMEDTable(nn.Module):

@@ -60,9 +60,8 @@ with ``params.solver``.
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
-import numbers
 import time
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
@@ -71,8 +70,9 @@ import torch
 from ..sampling import _resolve_sigmas, make_noise, nfe_to_steps, sample, steps_to_nfe
 from ..solvers.common import check_int
 from .batches import shared_pools
-from .loop import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_POOL, distill
+from .loop import default_device, dist_info, train
 from .noise import row_seed
+from .settings import AUTO, DistillSettings, SearchSettings, split_keywords
 
 __all__ = ["choose_schedule", "distill_auto", "DEFAULT_CANDIDATES", "VAL_SEED_BASE",
            "DEFAULT_VAL_SIZE", "DEFAULT_REFERENCE_STEPS", "DEFAULT_SEARCH_ITERATIONS", "AUTO_LR",
@@ -131,7 +131,8 @@ _REFUSED = {
     "checkpoint": "a checkpoint file belongs to one run; distil the chosen grid with "
                   "checkpoint=... afterwards",
 }
-
+#: The grid search's options (`settings.SearchSettings`), as keywords of `distill`.
+SEARCH_OPTIONS = tuple(f.name for f in dataclasses.fields(SearchSettings))
 
 def validation_seeds(val_size: int, val_seed: int = 0) -> range:
     """The per-sample seeds of the validation noise."""
@@ -220,33 +221,121 @@ def _rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     return v if math.isfinite(v) else math.inf
 
 
+class _Validation:
+    """Held-out validation noise, its conditioning and the shared reference; `score`
+    gives any params' validation RMSE."""
+
+    def __init__(self, denoiser, s: DistillSettings, cond: dict, search_iterations: int):
+        o = s.search
+        size = check_int("val_size", DEFAULT_VAL_SIZE if o.val_size is None else o.val_size, 1)
+        seed = check_int("val_seed", o.val_seed, 0)
+        steps = check_int("reference_steps", DEFAULT_REFERENCE_STEPS
+                          if o.reference_steps is None else o.reference_steps, 1)
+        self.chunk = check_int("chunk", o.chunk, 1)
+        world, _ = dist_info()
+        seeds = validation_seeds(size, seed)
+        clash = training_seeds(s.seed, search_iterations, world * s.batch_size, s.pool) & set(seeds)
+        if clash:  # a 2^-40-scale event for hashed seeds; refuse rather than select on it
+            raise ValueError(f"validation seeds {sorted(clash)[:3]} are also training seeds; "
+                             f"pass another val_seed")
+        self.cond = _split_cond(cond, o.val_cond, (world * s.batch_size, s.pool), size)
+        device = default_device(denoiser) if s.device is None else s.device
+        self.denoiser = denoiser
+        self.noise = make_noise(seeds, s.shape, device=device, dtype=s.dtype)
+        try:
+            ref_nfe = steps_to_nfe(o.reference_solver, steps, afs=False)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"reference_solver {o.reference_solver!r}: {e}") from None
+        t0 = time.perf_counter()
+        self.ref = _run(denoiser, self.noise, self.cond, self.chunk, solver=o.reference_solver,
+                        afs=False, nfe=ref_nfe, schedule={"kind": "polynomial", "rho": 7.0})
+        self.info = {"size": size, "seeds": [seeds.start, seeds.stop - 1],
+                     "reference": f"{o.reference_solver}, no AFS, {steps} steps, "
+                                  f"polynomial rho 7",
+                     "reference_wall_s": time.perf_counter() - t0}
+
+    def score(self, params) -> float:
+        """RMSE of ``params``' samples of the validation noise to the shared reference."""
+        x = _run(self.denoiser, self.noise, self.cond, self.chunk, solver=params.solver,
+                 nfe=None, params=params)
+        return _rmse(x, self.ref)
+
+
+def _search_iterations(s: DistillSettings, default_full: bool) -> int:
+    n = s.search.search_iterations
+    if n == AUTO:
+        n = None if default_full else min(DEFAULT_SEARCH_ITERATIONS, max(1, s.iterations // 3))
+    return check_int("search_iterations", s.iterations if n is None else n, 1)
+
+
+def _choose(denoiser, s: DistillSettings, cond: dict, search_iterations: int):
+    """`choose_schedule` on settings: ``(schedule, report)``."""
+    t_start = time.perf_counter()
+    method = "amed" if s.method == "amed" else "epd"
+    candidates = _check_candidates(DEFAULT_CANDIDATES if s.search.candidates is None
+                                   else s.search.candidates, nfe_to_steps(method, s.nfe, s.afs))
+    val = _Validation(denoiser, s, cond, search_iterations)
+    results, params_of = {}, {}
+    bar = _bar(s.progress, len(candidates), "grid search")
+    run = dict(iterations=search_iterations, progress=False, checkpoint=None, learn_grid=None,
+               match=None, search=SearchSettings())
+    for name, spec in candidates.items():
+        t0 = time.perf_counter()
+        try:
+            p = train(denoiser, s.replace(schedule=spec, **run), cond)
+        except RuntimeError as e:  # e.g. persistent non-finite losses on this grid
+            results[name] = {"schedule": spec, "val_rmse": math.inf, "error": str(e),
+                             "wall_s": time.perf_counter() - t0}
+            continue
+        finally:
+            if bar is not None:
+                bar.update(1)
+        results[name] = {"schedule": spec, "sigmas": p.sigmas.tolist(),
+                         "val_rmse": val.score(p), "final_loss": p.meta.get("final_loss"),
+                         "wall_s": time.perf_counter() - t0, "params": p}
+        params_of[name] = p
+    if bar is not None:
+        bar.close()
+    if not params_of:
+        raise RuntimeError("choose_schedule: every candidate distillation failed: " + "; ".join(
+            f"{n}: {r['error']}" for n, r in results.items()))
+    chosen = min(params_of, key=lambda n: results[n]["val_rmse"])
+    report = {"chosen": chosen, "score": val.score, "params": params_of[chosen],
+              "candidates": results, "search_iterations": search_iterations,
+              "validation": val.info, "wall_s": time.perf_counter() - t_start}
+    return candidates[chosen], report
+
+
+def _entry_settings(denoiser, where: str, nfe, shape, plugin, kwargs: dict, refused=()):
+    """Settings and conditioning of a keyword call of `choose_schedule` / `distill_auto`
+    (the `AUTO` settings take the fixed defaults: no budget here)."""
+    for key in refused:
+        if kwargs.get(key) is not None:
+            raise ValueError(f"{where} does not take {key}=...: {_REFUSED[key]}")
+        kwargs.pop(key, None)
+    kwargs.setdefault("lr", AUTO_LR)
+    kwargs.setdefault("progress", False)
+    s, cond = split_keywords(denoiser, dict(kwargs, schedule="auto", compare=False),
+                             nfe=nfe, shape=shape, plugin=plugin)
+    return s.with_fixed_defaults(), cond
+
+
 def choose_schedule(denoiser: Callable, *, nfe: int, shape, plugin: bool = False,
-                    candidates=None, search_iterations: Optional[int] = None,
-                    val_size: int = DEFAULT_VAL_SIZE, val_seed: int = 0,
-                    val_cond: Optional[dict] = None,
-                    reference_steps: int = DEFAULT_REFERENCE_STEPS,
-                    reference_solver: str = "unipc", chunk: int = 256,
-                    **distill_kwargs) -> Tuple[object, dict]:
+                    search_iterations: Optional[int] = None, **kwargs) -> Tuple[object, dict]:
     """Distils EPD (or EPD-Plugin) on every candidate grid; picks the grid whose result has
     the lowest RMSE on held-out validation noise (module docstring).
 
     Args:
         denoiser, nfe, shape, plugin: as for `distill`.
-        candidates: ``{name: schedule}`` (a schedule as `distill` takes it: None, a kind
-            name, a dict of `get_sigmas` arguments or explicit sigmas), or a list of names
-            (keys of `DEFAULT_CANDIDATES` or schedule kinds); default `DEFAULT_CANDIDATES`.
-        search_iterations: iterations of each candidate run (default: ``iterations`` of
-            the distillation, i.e. full runs whose winner is final).
-        val_size, val_seed: validation draws, seeds `validation_seeds(val_size, val_seed)`.
-        val_cond: conditioning for the validation draws (needed when ``**cond`` has one row
-            per training sample; otherwise ``**cond`` is used as is).
-        reference_steps, reference_solver: the validation reference: ``reference_solver``
-            (a baseline solver name, default "unipc") without AFS on the polynomial rho = 7
-            grid of ``reference_steps`` steps (default 128), computed once.
-        chunk: samples per validation sampling call.
-        **distill_kwargs: everything else `distill` takes (iterations, lr, M, teacher,
-            num_points, batch_size, pool, seed, dtype, device, **cond ...), the same for
-            every candidate. ``schedule``, ``init`` and ``checkpoint`` are refused.
+        search_iterations: iterations of each candidate run (default: ``iterations``).
+        **kwargs: the grid search's options (`SearchSettings`: candidates -- ``{name:
+            schedule}`` or a list of names of `DEFAULT_CANDIDATES` / schedule kinds;
+            val_size, val_seed (validation seeds `validation_seeds`); val_cond (their
+            conditioning, needed when ``**cond`` has one row per training sample);
+            reference_steps, reference_solver (UniPC, 128 steps, no AFS, polynomial rho 7);
+            chunk), `distill`'s settings (the same for every candidate; ``schedule``,
+            ``init`` and ``checkpoint`` are refused; lr defaults to `AUTO_LR`) and
+            conditioning.
 
     Returns:
         ``(schedule, report)``: the winning candidate's schedule (as given) and a dict with
@@ -258,158 +347,66 @@ def choose_schedule(denoiser: Callable, *, nfe: int, shape, plugin: bool = False
     Raises:
         ValueError: bad arguments (named). RuntimeError: every candidate run failed.
     """
-    t_start = time.perf_counter()
-    for key, why in _REFUSED.items():
-        if distill_kwargs.get(key) is not None:
-            raise ValueError(f"choose_schedule does not take {key}=...: {why}")
-        distill_kwargs.pop(key, None)
-    nfe = check_int("nfe", nfe, 1)
-    val_size = check_int("val_size", val_size, 1)
-    val_seed = check_int("val_seed", val_seed, 0)
-    reference_steps = check_int("reference_steps", reference_steps, 1)
-    chunk = check_int("chunk", chunk, 1)
-    afs = bool(distill_kwargs.get("afs", True))
-    method = distill_kwargs.get("method", "epd")
-    steps = nfe_to_steps("amed" if method == "amed" else "epd", nfe, afs)
-    candidates = _check_candidates(DEFAULT_CANDIDATES if candidates is None else candidates,
-                                   steps)
-    iterations = check_int("iterations", distill_kwargs.get("iterations", DEFAULT_ITERATIONS), 1)
-    if search_iterations is None:
-        search_iterations = iterations
-    search_iterations = check_int("search_iterations", search_iterations, 1)
-    shape = tuple(int(n) for n in ((shape,) if isinstance(shape, numbers.Integral) else shape))
-
-    # ---- training vs validation noise: disjoint seeds, checked rather than assumed
-    seed = int(distill_kwargs.get("seed", 0))
-    world = torch.distributed.get_world_size() if (
-        torch.distributed.is_available() and torch.distributed.is_initialized()) else 1
-    batch = int(distill_kwargs.get("batch_size", DEFAULT_BATCH_SIZE))
-    pool = distill_kwargs.get("pool", DEFAULT_POOL)
-    seeds = validation_seeds(val_size, val_seed)
-    clash = training_seeds(seed, search_iterations, world * batch, pool) & set(seeds)
-    if clash:  # a 2^-40-scale event for hashed seeds; refuse rather than select on it
-        raise ValueError(f"validation seeds {sorted(clash)[:3]} are also training seeds; "
-                         f"pass another val_seed")
-
-    cond = {k: v for k, v in distill_kwargs.items() if k not in _DISTILL_ARGS}
-    vcond = _split_cond(cond, val_cond, (world * batch, pool), val_size)
-
-    # ---- validation noise and the shared reference
-    dtype = distill_kwargs.get("dtype", torch.float32)
-    device = distill_kwargs.get("device")
-    if device is None and isinstance(denoiser, torch.nn.Module):
-        device = next((t.device for t in list(denoiser.parameters()) + list(denoiser.buffers())),
-                      None)
-    noise = make_noise(seeds, shape, device=device, dtype=dtype)
-    t0 = time.perf_counter()
-    try:
-        ref_nfe = steps_to_nfe(reference_solver, reference_steps, afs=False)
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"reference_solver {reference_solver!r}: {e}") from None
-    ref = _run(denoiser, noise, vcond, chunk, solver=reference_solver, afs=False, nfe=ref_nfe,
-               schedule={"kind": "polynomial", "rho": 7.0})
-    ref_wall = time.perf_counter() - t0
-
-    # ---- one distillation per candidate
-    kw = dict(distill_kwargs, iterations=search_iterations)
-    kw.setdefault("progress", False)
-    results, params_of = {}, {}
-    for name, spec in candidates.items():
-        t0 = time.perf_counter()
-        try:
-            p = distill(denoiser, nfe=nfe, shape=shape, plugin=plugin, schedule=spec, **kw)
-        except RuntimeError as e:  # e.g. persistent non-finite losses on this grid
-            results[name] = {"schedule": spec, "val_rmse": math.inf, "error": str(e),
-                             "wall_s": time.perf_counter() - t0}
-            continue
-        wall = time.perf_counter() - t0
-        x = _run(denoiser, noise, vcond, chunk, solver=p.solver, nfe=None, params=p)
-        results[name] = {"schedule": spec, "sigmas": p.sigmas.tolist(),
-                         "val_rmse": _rmse(x, ref), "final_loss": p.meta.get("final_loss"),
-                         "wall_s": wall, "params": p}
-        params_of[name] = p
-    finished = [n for n in results if n in params_of]
-    if not finished:
-        raise RuntimeError("choose_schedule: every candidate distillation failed: " + "; ".join(
-            f"{n}: {r['error']}" for n, r in results.items()))
-    chosen = min(finished, key=lambda n: results[n]["val_rmse"])
-
-    def score(params) -> float:
-        """RMSE of ``params``' samples of the validation noise to the shared reference."""
-        x = _run(denoiser, noise, vcond, chunk, solver=params.solver, nfe=None, params=params)
-        return _rmse(x, ref)
-
-    report = {
-        "chosen": chosen,
-        "score": score,
-        "params": params_of[chosen],
-        "candidates": results,
-        "search_iterations": search_iterations,
-        "validation": {"size": val_size, "seeds": [seeds.start, seeds.stop - 1],
-                       "reference": f"{reference_solver}, no AFS, {reference_steps} steps, "
-                                    f"polynomial rho 7", "reference_wall_s": ref_wall},
-        "wall_s": time.perf_counter() - t_start,
-    }
-    return candidates[chosen], report
+    s, cond = _entry_settings(denoiser, "choose_schedule", nfe, shape, plugin, dict(kwargs),
+                              refused=("schedule", "init", "checkpoint"))
+    n = s.iterations if search_iterations is None else search_iterations
+    return _choose(denoiser, s, cond, check_int("search_iterations", n, 1))
 
 
 def distill_auto(denoiser: Callable, *, nfe: int, shape, plugin: bool = False,
-                 candidates=None, search_iterations: Optional[int] = DEFAULT_SEARCH_ITERATIONS,
-                 final_iterations: Optional[int] = None, grid_iterations: Optional[int] = None,
                  **kwargs) -> Tuple[object, dict]:
-    """`choose_schedule`, then the distilled parameters on the winning grid.
+    """`choose_schedule`, then the distilled parameters on the winning grid:
+    ``(params, report)``.
 
-    Each candidate is distilled for ``search_iterations``; the winner is then distilled
-    again for ``final_iterations`` (default: ``iterations``, the plain run's length)
-    starting from its search parameters (``init``: a warm restart of Adam and of the
-    cosine learning rate). With ``search_iterations=None`` the candidate runs are full
-    length and the winner's run is the result (no second run). ``lr`` defaults to
-    `AUTO_LR`; ``checkpoint`` / ``checkpoint_every`` apply to the final run (a resumed call
-    repeats the deterministic search, then resumes). The report gains ``continued`` and
-    its ``wall_s`` covers everything.
+    Each candidate is distilled for ``search_iterations`` (default `DEFAULT_SEARCH_ITERATIONS`,
+    at most a third of ``iterations``); the winner is then distilled again for
+    ``final_iterations`` (default: ``iterations``) starting from its search parameters (a
+    warm restart of Adam and of the cosine learning rate). With ``search_iterations=None``
+    the candidate runs are full length and the winner's run is the result. ``lr`` defaults
+    to `AUTO_LR`; ``checkpoint`` / ``checkpoint_every`` apply to the final run (a resumed
+    call repeats the deterministic search, then resumes).
 
     ``learn_grid`` (default: True for EPD when there is a final run) and ``match`` apply
-    to the final run only: the candidates are compared on their named grids with the
-    trajectory loss; a second final run then learns the winner's interior sigmas, with the
-    final-state loss and the learning rate ``lr * LEARN_GRID_LR_SCALE``, starting from the
-    fixed-grid final run, for ``grid_iterations`` (default: as many as the final run);
-    the one of the two with the lower validation RMSE is returned (module docstring,
-    "Learning the grid"). ``report["final"]`` records both scores.
+    to the final run only; a second final run then learns the winner's interior sigmas
+    (final-state loss, ``lr * LEARN_GRID_LR_SCALE``, ``grid_iterations``, default as many as
+    the final run) and the one of the two with the lower validation RMSE is returned
+    (module docstring, "Learning the grid"). ``report["final"]`` records both scores.
     """
+    s, cond = _entry_settings(denoiser, "distill_auto", nfe, shape, plugin, dict(kwargs),
+                              refused=("schedule", "init"))
+    return _auto(denoiser, s, cond)
+
+
+def search_and_distill(denoiser, s: DistillSettings, cond: dict):
+    """What ``distill(schedule="auto")`` runs (settings resolved by `distill`)."""
+    if s.lr is None:
+        s = s.replace(lr=AUTO_LR)
+    params, _ = _auto(denoiser, s, cond)
+    return params
+
+
+def _auto(denoiser, s: DistillSettings, cond: dict):
     t0 = time.perf_counter()
-    if final_iterations is not None:
-        final_iterations = check_int("final_iterations", final_iterations, 1)
-    if grid_iterations is not None:
-        grid_iterations = check_int("grid_iterations", grid_iterations, 1)
-    kwargs.setdefault("lr", AUTO_LR)
-    choice_kw = {k: kwargs.pop(k) for k in CHOICE_OPTIONS if k in kwargs}
-    # A checkpoint belongs to the final run. The search is deterministic, so a resumed call
-    # repeats it, finds the same winner and start, and the checkpoint's settings match.
-    final_kw = {k: kwargs.pop(k) for k in ("checkpoint", "checkpoint_every", "match",
-                                           "learn_grid") if k in kwargs}
+    o = s.search
+    final_it = None if o.final_iterations is None else check_int(
+        "final_iterations", o.final_iterations, 1)
+    grid_it = None if o.grid_iterations is None else check_int(
+        "grid_iterations", o.grid_iterations, 1)
+    full = o.search_iterations is None
     for name in ("checkpoint", "learn_grid", "match"):
-        if final_kw.get(name) not in (None, False) and search_iterations is None:
+        if getattr(s, name) not in (None, False) and full:
             raise ValueError(f"{name}=... needs a final run: pass search_iterations (the "
                              f"full-length search has none)")
-    if final_kw.get("learn_grid") is None and search_iterations is not None:
-        final_kw["learn_grid"] = kwargs.get("method", "epd") == "epd"
     with shared_pools():   # the final run reuses the winning grid's teacher pool
-        schedule, report = choose_schedule(denoiser, nfe=nfe, shape=shape, plugin=plugin,
-                                           candidates=candidates,
-                                           search_iterations=search_iterations,
-                                           **choice_kw, **kwargs)
+        schedule, report = _choose(denoiser, s, cond, _search_iterations(s, False))
         params = report["params"]
         score = report.pop("score")
-        report["continued"] = search_iterations is not None
-        if report["continued"]:
-            iterations = kwargs.get("iterations", DEFAULT_ITERATIONS)
-            kw = dict(kwargs, iterations=iterations if final_iterations is None
-                      else final_iterations)
-            kw.setdefault("progress", False)
-            params, report["final"] = _final_runs(
-                denoiser, score, params,
-                dict(nfe=nfe, shape=shape, plugin=plugin, schedule=schedule, **kw), final_kw,
-                grid_iterations)
+        report["continued"] = not full
+        if not full:
+            final = s.replace(schedule=schedule, iterations=final_it or s.iterations,
+                              progress=False, search=SearchSettings())
+            params, report["final"] = _final_runs(denoiser, score, params, final, cond,
+                                                  grid_it, s.progress)
     params.meta["schedule_search"] = {
         "chosen": report["chosen"], "final": report.get("final"),
         "val_rmse": {n: (r["val_rmse"] if math.isfinite(r["val_rmse"]) else None)
@@ -421,48 +418,34 @@ def distill_auto(denoiser: Callable, *, nfe: int, shape, plugin: bool = False,
     return params, report
 
 
-def _final_runs(denoiser, score, start, kw: dict, final_kw: dict,
-                grid_iterations: Optional[int]):
-    """The final run(s) of `distill_auto` from the search winner ``start``: (params, record).
+def _final_runs(denoiser, score, start, s: DistillSettings, cond: dict,
+                grid_iterations: Optional[int], progress: bool):
+    """The final run(s) from the search winner ``start``: (params, record).
 
-    The winner is distilled in full on its grid; with ``learn_grid`` that result is the
-    start of a second run that also learns the grid (final-state loss, lr scaled by
-    `LEARN_GRID_LR_SCALE`), and the one with the lower validation RMSE is returned."""
-    learn = bool(final_kw.get("learn_grid"))
-    checkpoint = final_kw.get("checkpoint")
-    every = {k: v for k, v in final_kw.items() if k == "checkpoint_every"}
-    fixed_kw = dict(kw, **every, checkpoint=checkpoint)
-    if not learn and final_kw.get("match") is not None:
-        fixed_kw["match"] = final_kw["match"]
-    fixed = distill(denoiser, init=start, **fixed_kw)
+    The winner is distilled in full on its grid; with ``learn_grid`` (default for EPD) that
+    result is the start of a second run that also learns the grid (final-state loss, lr
+    scaled by `LEARN_GRID_LR_SCALE`), and the one with the lower validation RMSE is kept."""
+    learn = s.method == "epd" if s.learn_grid is None else bool(s.learn_grid)
+    match = None if learn else s.match
+    fixed = train(denoiser, s.replace(init=start, learn_grid=False, match=match,
+                                      progress=progress), cond)
     record = {"learn_grid": learn}
     if not learn:
         return fixed, record
-    grid_kw = dict(kw, **every, schedule=fixed.sigmas, learn_grid=True,
-                   match=final_kw.get("match"), lr=kw["lr"] * LEARN_GRID_LR_SCALE,
-                   iterations=kw["iterations"] if grid_iterations is None else grid_iterations,
-                   checkpoint=None if checkpoint is None else f"{checkpoint}.learn_grid")
-    learned = distill(denoiser, init=fixed, **grid_kw)
+    grid = s.replace(schedule=fixed.sigmas, init=fixed, learn_grid=True,
+                     lr=s.lr * LEARN_GRID_LR_SCALE, iterations=s.iterations if grid_iterations is None else grid_iterations,
+                     checkpoint=None if s.checkpoint is None else f"{s.checkpoint}.learn_grid",
+                     progress=progress)
+    learned = train(denoiser, grid, cond)
     record.update(fixed_val_rmse=score(fixed), learned_val_rmse=score(learned))
     better = record["learned_val_rmse"] < record["fixed_val_rmse"]
     record["kept"] = "learned" if better else "fixed"
     return (learned if better else fixed), record
 
 
-#: `distill`'s own keyword arguments; anything else in **distill_kwargs is conditioning.
-_DISTILL_ARGS = frozenset(
-    n for n, p in inspect.signature(distill).parameters.items()
-    if p.kind is not inspect.Parameter.VAR_KEYWORD)
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
 
-
-def _own_options(fn, shared=("nfe", "shape", "plugin")) -> tuple:
-    return tuple(n for n, p in inspect.signature(fn).parameters.items()
-                 if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in shared)
-
-
-#: `choose_schedule`'s own options (its other keywords go to `distill`).
-CHOICE_OPTIONS = _own_options(choose_schedule, ("nfe", "shape", "plugin", "candidates",
-                                                "search_iterations"))
-#: What ``distill(schedule="auto", ...)`` hands on to `distill_auto` beyond `distill`'s own
-#: arguments (the grid search's options; FAST_SETTINGS holds some of them).
-SEARCH_OPTIONS = _own_options(distill_auto) + CHOICE_OPTIONS
+    return tqdm(total=total, desc=desc, unit="grid", leave=False, dynamic_ncols=True)

@@ -27,9 +27,10 @@ from ..params import EPDParams
 from ..params.file import checksum
 from ..solvers.amed import amed_sampler
 from ..solvers.epd import epd_sampler
-from .latent import LatentAMEDTable, LatentEPD
+from .latent import DELTA_MAX, O_MAX, LatentAMEDTable, LatentEPD
 
-__all__ = ["EPDStudent", "AMEDStudent", "amed_start", "WEIGHT_LR_SCALE"]
+__all__ = ["EPDStudent", "AMEDStudent", "amed_start", "epd_start", "build_student",
+           "WEIGHT_LR_SCALE", "schedule_description", "callable_name"]
 
 #: Learning-rate factor of the AMED predictor's weights (its head biases learn at lr).
 WEIGHT_LR_SCALE = 0.1
@@ -45,6 +46,7 @@ class EPDStudent:
     def __init__(self, denoiser: Callable, start: EPDParams, delta_max: float, o_max: float,
                  device, learn_grid: bool = False):
         self.denoiser, self.start = denoiser, start
+        self.delta_max, self.o_max = float(delta_max), float(o_max)
         self.module = LatentEPD.from_params(start, delta_max, o_max, device=device,
                                             learn_grid=learn_grid)
         self.runner = BranchRunner(denoiser, start.num_points)
@@ -78,6 +80,7 @@ class AMEDStudent:
     def __init__(self, denoiser: Callable, start: AMEDParams, delta_max: float, o_max: float,
                  device):
         self.denoiser, self.start = denoiser, start
+        self.delta_max, self.o_max = float(delta_max), float(o_max)
         if start.form == "table":
             self.module = LatentAMEDTable.from_params(start, delta_max, o_max, device=device)
         else:
@@ -101,6 +104,13 @@ class AMEDStudent:
         biases = [p for n, p in self.module.named_parameters() if _is_head_bias(n)]
         rest = [p for n, p in self.module.named_parameters() if not _is_head_bias(n)]
         return [{"params": biases}, {"params": rest, "lr_scale": WEIGHT_LR_SCALE}]
+
+    def feature_label(self):
+        """The feature source as recorded in settings and meta (None for a table)."""
+        if self.start.form == "table":
+            return None
+        f = self.start.features
+        return f if isinstance(f, str) else "callable:" + callable_name(f)
 
     def init_summary(self):
         if self.start.form == "table":
@@ -165,3 +175,49 @@ def amed_start(denoiser: Callable, sigmas, *, init, form, features, plugin, afs,
     start = AMEDParams.init(sigmas, form="predictor", features=spec, feature_dim=fdim,
                             delta_max=delta_max, o_max=o_max, seed=seed, **kw)
     return start, delta_max, o_max
+
+
+def callable_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+def schedule_description(schedule):
+    """The grid's name as params record it (``params.schedule``)."""
+    if schedule is None:
+        return {"kind": "polynomial", "rho": 7.0, "sigma_min": 0.002, "sigma_max": 80.0}
+    if isinstance(schedule, (str, dict)):
+        return schedule
+    return {"kind": "explicit"}
+
+
+def epd_start(sigmas, s) -> EPDParams:
+    """The starting `EPDParams` of an EPD run with settings ``s``: the neutral init on the
+    grid, or ``s.init`` after checking it fits."""
+    if s.init is None:
+        return EPDParams.init(sigmas, s.K, afs=s.afs, plugin=s.plugin, max_order=s.max_order,
+                              schedule=schedule_description(s.schedule))
+    if not isinstance(s.init, EPDParams):
+        raise ValueError(f"init must be EPDParams for method='epd', got {type(s.init).__name__}")
+    s.init.check_compatible(nfe=s.nfe, num_points=s.K, sigmas=sigmas)
+    if s.init.afs != s.afs or s.init.plugin != s.plugin:
+        raise ValueError(f"init params have afs={s.init.afs}, plugin={s.init.plugin} but "
+                         f"afs={s.afs}, plugin={s.plugin} was asked")
+    start = s.init.detach()
+    start.max_order = s.max_order
+    return start
+
+
+def build_student(denoiser: Callable, s, sigmas, device, probe_cond: dict):
+    """The student of settings ``s`` (a resolved `DistillSettings`) on the grid ``sigmas``.
+    ``probe_cond``: conditioning for one batch, used to size the AMED predictor's input."""
+    if s.method == "amed":
+        probe = torch.zeros((s.batch_size,) + s.shape, dtype=s.dtype, device=device)
+        start, delta_max, o_max = amed_start(
+            denoiser, sigmas, init=s.init, form=s.amed_form, features=s.features,
+            plugin=s.plugin, afs=s.afs, max_order=s.max_order,
+            schedule=schedule_description(s.schedule), delta_max=s.delta_max, o_max=s.o_max,
+            seed=s.seed, nfe=s.nfe, probe=probe, cond=probe_cond)
+        return AMEDStudent(denoiser, start, delta_max, o_max, device)
+    return EPDStudent(denoiser, epd_start(sigmas, s),
+                      DELTA_MAX if s.delta_max is None else s.delta_max,
+                      O_MAX if s.o_max is None else s.o_max, device, bool(s.learn_grid))

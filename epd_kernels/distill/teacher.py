@@ -52,8 +52,10 @@ def refine_sigmas(sigmas, M: int, insert: str = "polynomial", rho: float = 7.0) 
 
 @torch.no_grad()
 def teacher_targets(denoiser: Callable, x: torch.Tensor, sigmas, M: int, teacher: str = "dpm2",
-                    insert: str = "polynomial", rho: float = 7.0, **cond) -> torch.Tensor:
-    """Teacher states at ``sigmas[1:]`` from ``x`` at ``sigmas[0]``: ``[S, *x.shape]``."""
+                    insert: str = "polynomial", rho: float = 7.0, on_step=None,
+                    **cond) -> torch.Tensor:
+    """Teacher states at ``sigmas[1:]`` from ``x`` at ``sigmas[0]``: ``[S, *x.shape]``.
+    ``on_step()``, if given, is called after every step of the refined grid (progress)."""
     if teacher not in TEACHERS:
         raise ValueError(f"teacher must be one of {sorted(TEACHERS)}, got {teacher!r}")
     fine = refine_sigmas(sigmas, M, insert, rho)
@@ -61,6 +63,8 @@ def teacher_targets(denoiser: Callable, x: torch.Tensor, sigmas, M: int, teacher
     states = []
 
     def keep(info):
+        if on_step is not None:
+            on_step()
         if (info["i"] + 1) % (M + 1) == 0:
             states.append(info["x_next"])
 

@@ -135,7 +135,7 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
     max_order = params.max_order if max_order is None else int(max_order)
     if not 1 <= max_order <= 4:
         raise ValueError(f"max_order must be in 1..4, got {max_order}")
-    K, S = params.num_points, params.num_steps
+    K = params.num_points
     raw, counter = unwrap_counter(denoiser)
     if runner is None:
         runner = (runner_for(raw, K, x) if use_cuda_graph is None

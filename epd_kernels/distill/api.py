@@ -1,0 +1,169 @@
+"""`distill`: the entry point. Sorts its keywords into settings and conditioning
+(`settings.split_keywords`), sizes the run to the time budget (`budget`), trains
+(`loop.train`, or the grid search for ``schedule="auto"``), then compares the result with
+the baselines on held-out noise (`verdict`)."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Optional
+
+from . import budget as _budget
+from . import verdict
+from .conditioning import per_row_keys
+from .loop import default_device, dist_info, frozen, train
+from .settings import AUTO, DistillSettings, split_keywords
+
+__all__ = ["distill"]
+
+
+def distill(denoiser: Callable, *, nfe: Optional[int] = None, shape=None,
+            settings: Optional[DistillSettings] = None, **keywords):
+    """Distils EPD-Solver / EPD-Plugin (or, with ``method="amed"``, AMED-Solver / AMED-Plugin)
+    parameters for ``denoiser`` at latency ``nfe``; returns detached, validated
+    `EPDParams` (`AMEDParams` for AMED).
+
+    Every setting is a keyword named like a field of `DistillSettings` (or of
+    `SearchSettings` for ``schedule="auto"``), or comes from ``settings=``; all other
+    keywords are conditioning for the denoiser (``D(x, sigma, **cond)``), and a keyword
+    that looks like a misspelt setting or that the denoiser cannot take is refused
+    (`settings`). The settings:
+
+        nfe, shape         latency budget (``2 S - afs``: 3, 5, 7, ... with AFS) and the
+                           per-sample shape.
+        num_points         K branches of EPD (default 2; 1 or unset for AMED).
+        plugin             EPD-Plugin / AMED-Plugin on iPNDM (``max_order``, default 4).
+        method             "epd" (default) or "amed"; amed_form "predictor" (default) or
+                           "table"; features for the AMED predictor ("denoised",
+                           "module:<name>" or a callable).
+        schedule           None (polynomial rho 7, sigma 0.002..80), a kind, a dict of
+                           `get_sigmas` arguments, explicit sigmas, or "auto": the grid
+                           search of `schedule_search` (about 3x the cost; its options are
+                           `SearchSettings` fields: val_size, search_iterations, ...).
+        afs                analytic first step (default on).
+        teacher, M, insert DPM-Solver-2 ("dpm2", default) or "heun" on the student grid
+                           with M points inserted per interval ("polynomial" or "logsnr").
+        iterations, batch_size (per process), lr (0.05; 0.1 with "auto"), pool (a fixed
+                           pool of P draws whose teacher runs once, or None: fresh noise
+                           every iteration), seed.
+        time_budget_s      seconds (default 60): M, pool, iterations and batch_size left
+                           at "auto" are sized to it from the model's measured cost per
+                           evaluation (`budget`); None: the fixed defaults 15 / 4096 / 300
+                           / 64. The choice is in ``meta["budget"]``.
+        compare            after training, score the result and every baseline that meets
+                           the NFE on held-out noise (`verdict`): ``meta["comparison"]``, a
+                           UserWarning naming the baseline if EPD lost, and for EPD the
+                           start returned if it beats the trained params (default True).
+        loss, match        distance (default mean squared) over the trajectory or only the
+                           final state ("final"); learn_grid: learn the interior sigmas too
+                           (EPD; default on inside "auto", off otherwise).
+        init, delta_max, o_max  start params and the bounds of |delta|, |o|.
+        device, dtype      where and in what the states are (default: the denoiser's
+                           device, float32).
+        checkpoint, checkpoint_every  resumable checkpoint path and write interval.
+        max_failures       consecutive non-finite steps before RuntimeError.
+        progress           tqdm bars for the teacher pool, the search, training and the
+                           comparison (rank 0).
+
+    Raises:
+        ValueError: invalid settings (named), an NFE the grid cannot meet, or a checkpoint
+            written with other settings. RuntimeError: ``max_failures`` non-finite steps
+            in a row.
+    """
+    t0 = time.perf_counter()
+    required = {k: v for k, v in (("nfe", nfe), ("shape", shape)) if v is not None}
+    if settings is None and len(required) < 2:
+        raise ValueError("distill() needs nfe=... and shape=... (or settings=DistillSettings)")
+    s, cond = split_keywords(denoiser, keywords, base=settings, **required)
+    device = default_device(denoiser) if s.device is None else s.device
+    s, record = _sized(denoiser, s, cond, device)
+    if s.auto_schedule:
+        from .schedule_search import search_and_distill
+
+        params = search_and_distill(denoiser, s, cond)
+    else:
+        params = train(denoiser, s, cond)
+    if record is not None:
+        params.meta["budget"] = record
+    if s.compare:
+        draws = record["compare_draws"] if record else _budget.COMPARE_DRAWS
+        with frozen(denoiser):
+            params, _ = verdict.compare(denoiser, params, s, cond, draws, device)
+    if record is not None:   # the estimate beside what it cost (timings vary with load)
+        params.meta["budget"]["wall_s"] = time.perf_counter() - t0
+    return params
+
+
+def _sized(denoiser, s: DistillSettings, cond: dict, device):
+    """``(settings, record)``: the `AUTO` settings chosen by the budget, or the fixed
+    defaults with ``time_budget_s=None`` (record None then)."""
+    per_row = per_row_keys(cond)
+    if per_row and s.pool == AUTO:
+        raise ValueError(f"conditioning {per_row} has one row per draw: set pool=P (one row "
+                         f"per pool entry) or pool=None (one row per sample of the global "
+                         f"batch) explicitly, since the budget would otherwise choose it")
+    if per_row and s.pool is None and s.batch_size == AUTO:
+        raise ValueError(f"conditioning {per_row} has one row per sample of the global batch: "
+                         f"set batch_size explicitly")
+    if not s.unresolved():
+        return s, None
+    if s.time_budget_s is None:
+        return s.with_fixed_defaults(), None
+    resumed = _resumed(s)
+    if resumed is not None:   # the budget chose them when the checkpoint was started
+        return resumed, {"time_budget_s": s.time_budget_s, "from_checkpoint": True,
+                         "chosen": {k: getattr(resumed, k) for k in s.unresolved()},
+                         "compare_draws": _budget.COMPARE_DRAWS}
+    from .schedule_search import DEFAULT_CANDIDATES
+
+    world, _ = dist_info()
+    cost = _budget.measure_cost(denoiser, s, device, cond)
+    candidates = len(s.search.candidates or DEFAULT_CANDIDATES)
+    if _may_search(s):
+        for names in (None, SMALL_SEARCH):
+            trial = s.replace(schedule="auto")
+            if names is not None:
+                trial = trial.replace(search=dataclasses.replace(s.search, candidates=names))
+            out, record = _budget.plan(trial, cost, len(names or DEFAULT_CANDIDATES))
+            if out.iterations >= MIN_SEARCH_ITERATIONS and (out.pool or 0) >= MIN_SEARCH_POOL:
+                record.update(world_size=world, schedule=f"auto: the grid search over "
+                              f"{list(names or DEFAULT_CANDIDATES)} fits the budget")
+                return out, record
+    out, record = _budget.plan(s, cost, candidates if s.auto_schedule else 1)
+    record["world_size"] = world
+    if _may_search(s):
+        record["schedule"] = "polynomial rho 7: the grid search does not fit the budget"
+    return out, record
+
+
+#: The smallest run for which the default picks the grid search (``schedule`` unset):
+#: final runs of at least this many iterations, teacher pools of at least this many draws.
+MIN_SEARCH_ITERATIONS = 150
+MIN_SEARCH_POOL = 512
+#: The candidates of the smaller search tried when the full one does not fit: one grid
+#: per kind of model where it was best (rho 7: digits, U-Net, Gaussian; rho 3.5 and
+#: time-uniform: the mixtures; `schedule_search` docstring).
+SMALL_SEARCH = ("poly7", "poly3.5", "time-uniform")
+
+
+def _resumed(s: DistillSettings) -> Optional[DistillSettings]:
+    """The settings left at "auto" as an existing checkpoint recorded them, so that a
+    resumed call continues the same run whatever the budget would choose today (None
+    without a checkpoint file)."""
+    from .checkpoint import load_checkpoint
+
+    saved = None if s.checkpoint is None else load_checkpoint(s.checkpoint)
+    if saved is None:
+        return None
+    st, (world, _) = saved["settings"], dist_info()
+    known = {"iterations": st.get("iterations"), "M": st.get("M"), "pool": st.get("pool", AUTO),
+             "batch_size": st.get("global_batch_size", 0) // world or None}
+    return s.replace(**{k: known[k] for k in s.unresolved() if known[k] is not None})
+
+
+def _may_search(s: DistillSettings) -> bool:
+    """The default grid is the budget's choice when the user left both the grid and the
+    run's length to it (``schedule`` None, ``iterations`` "auto") and gave no start or
+    checkpoint (which belong to one grid)."""
+    return (s.schedule is None and s.iterations == AUTO and s.init is None
+            and s.checkpoint is None and s.time_budget_s is not None)

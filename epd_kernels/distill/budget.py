@@ -1,0 +1,202 @@
+"""Sizing a distillation to a wall-time budget (``distill(time_budget_s=...)``).
+
+At the start, `measure_cost` times a few denoiser calls (forward without autograd at the
+teacher's chunk size and at the training batch size, forward plus backward to the input
+at the training batch size) and one EPD sample of a training batch (the solver's own time
+per call), and one unrolled, differentiated student on a training batch (an iteration). `plan`
+then chooses the settings the user left at `AUTO` so that the estimated total fits the
+budget:
+
+* the held-out comparison (`verdict`; ``compare=True``): 256 draws, fewer (at least 64)
+  if that would take over 15 % of the budget;
+* training: ``batch_size`` 64 and 300 iterations (the fixed defaults, the most the budget
+  gives), fewer iterations (at least 40) and a batch down to 16 when the training would
+  take over 55 % of what is left;
+* the teacher pool: the rest. ``M`` = 15, 7 or 3, the largest that still affords a pool
+  of 1024 draws (at most 4096), else M = 3 and the pool the rest affords (at least one
+  batch).
+
+Costs, in sequential calls on chunks of draws: the teacher DPM-Solver-2 on the refined
+grid makes ``2 S (M + 1)`` calls; the comparison a reference of `REFERENCE_STEPS` UniPC
+steps, every baseline at the NFE, the init and the result; each call costs the measured
+call plus the solver's overhead per call; a training iteration scales with the batch. With ``schedule="auto"`` the grid
+search runs one teacher pool per candidate grid and about ``C / 3 + 2`` runs' worth of
+training (`schedule_search.distill_auto`), and the plan divides accordingly.
+
+The chosen values and the estimate are recorded in ``params.meta["budget"]``. Timings on
+a loaded machine are noisy; the plan is an estimate, not a guarantee.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from .settings import (AUTO, DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_M, DEFAULT_POOL,
+                       DistillSettings)
+
+__all__ = ["measure_cost", "plan", "REFERENCE_STEPS", "COMPARE_DRAWS"]
+
+#: Share of ``time_budget_s`` the plan fills (the rest is margin for the estimate's error).
+BUDGET_SHARE = 0.85
+#: Steps of the comparison's reference (UniPC, no AFS).
+REFERENCE_STEPS = 64
+#: Held-out draws of the comparison (at most).
+COMPARE_DRAWS = 256
+#: Baselines the comparison runs per held-out draw, for the estimate (`verdict.BASELINES`).
+_BASELINE_COUNT = 7
+_TEACHER_CHUNK = 256
+
+
+def _cycle(cond: dict, n: int) -> dict:
+    """``n`` rows of the conditioning: per-row tensors cycled, the rest as is."""
+    out = {}
+    for k, v in cond.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
+            v = v[torch.arange(n, device=v.device) % v.shape[0]]
+        out[k] = v
+    return out
+
+
+def _time_calls(fn, max_calls: int = 5, max_s: float = 0.5) -> float:
+    """Seconds per call of ``fn``: the fastest of a few timed calls after one warm-up (the
+    minimum, since other processes only ever add time); fewer calls when slow."""
+    fn()
+    best, start = float("inf"), time.perf_counter()
+    for _ in range(max_calls):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > max_s:
+            break
+    return best
+
+
+def measure_cost(denoiser, s: DistillSettings, device, cond: dict) -> dict:
+    """What the plan needs, in seconds: ``call_chunk`` (one forward call on a teacher chunk
+    of draws, no autograd), ``overhead`` (the solver's own time per sequential call,
+    from one EPD sample of a training batch), ``iteration`` (the neutral student unrolled
+    and differentiated on a training batch: an iteration without its stored teacher
+    targets), and ``measure_s`` (time spent here)."""
+    from ..params import EPDParams
+    from ..sampling import _resolve_sigmas, sample
+    from .latent import DELTA_MAX, O_MAX
+    from .loop import frozen
+    from .students import EPDStudent
+
+    t0 = time.perf_counter()
+    batch = DEFAULT_BATCH_SIZE if s.batch_size == AUTO else s.batch_size
+    chunk = _TEACHER_CHUNK if s.pool in (AUTO, None) else min(_TEACHER_CHUNK, s.pool)
+
+    def call(n, grad):
+        x = torch.randn((n,) + s.shape, dtype=s.dtype, device=device)
+        sigma = torch.ones(n, dtype=s.dtype, device=device)
+        if not grad:
+            with torch.no_grad():
+                denoiser(x, sigma, **_cycle(cond, n))
+            return
+        x.requires_grad_(True)
+        denoiser(x, sigma, **_cycle(cond, n)).sum().backward()
+
+    S, afs = s.steps, int(s.afs)
+    start = EPDParams.init(_resolve_sigmas(None, S), s.K, afs=s.afs)
+    noise = torch.randn((batch,) + s.shape, dtype=s.dtype, device=device)
+
+    def epd():
+        with torch.no_grad():
+            sample(denoiser, noise, solver="epd", params=start, **_cycle(cond, batch))
+
+    student = EPDStudent(denoiser, start, DELTA_MAX, O_MAX, device)
+
+    def iteration():   # a training iteration without the teacher (its targets are stored)
+        traj = student.unroll(noise * float(start.sigmas[0]), **_cycle(cond, batch))
+        sum(t.pow(2).mean() for t in traj[1:]).backward()
+
+    with frozen(denoiser):
+        fwd_b = _time_calls(lambda: call(batch, False))
+        call_chunk = _time_calls(lambda: call(chunk, False)) if chunk != batch else fwd_b
+        epd_b = _time_calls(epd, max_calls=2)
+        step = _time_calls(iteration, max_calls=2)
+    calls = 2 * S - afs
+    overhead = max(0.0, epd_b - ((s.K + 1) * S - afs) * fwd_b) / calls
+    return {"call_chunk": call_chunk, "chunk": chunk, "overhead": overhead, "batch": batch,
+            "iteration": step, "measure_s": time.perf_counter() - t0}
+
+
+def plan(s: DistillSettings, cost: dict, candidates: int = 1) -> tuple:
+    """``(settings, record)``: ``s`` with its `AUTO` settings chosen for the budget
+    (module docstring) and what was chosen, estimated and measured."""
+    # A margin for what the estimate leaves out (Python overhead between phases, load
+    # changing after the measurement).
+    budget = BUDGET_SHARE * s.time_budget_s - cost["measure_s"]
+    S, afs = s.steps, int(s.afs)
+    per_call = cost["call_chunk"] + cost["overhead"]               # per chunk of draws
+    per_draw = lambda calls: calls * per_call / cost["chunk"]      # noqa: E731
+    teacher_calls = lambda M: 2 * S * (M + 1)                      # noqa: E731
+    compare_draw = per_draw(REFERENCE_STEPS + _BASELINE_COUNT * s.nfe + 2 * (2 * S - afs))
+    auto = s.auto_schedule
+    runs = candidates / 3 + 2 if auto else 1          # training runs' worth of iterations
+    draws = COMPARE_DRAWS if s.compare else 0
+    if draws and draws * compare_draw > 0.15 * budget:
+        draws = max(64, int(0.15 * budget / compare_draw))
+    rest = budget - draws * compare_draw
+    val = _validation_plan(s, candidates, per_draw, budget) if auto else {}
+    rest -= val.get("val_size", 0) * val.get("draw_s", 0.0)
+    batch = DEFAULT_BATCH_SIZE if s.batch_size == AUTO else s.batch_size
+    iters = DEFAULT_ITERATIONS if s.iterations == AUTO else s.iterations
+    per_iter = lambda b: runs * cost["iteration"] * b / cost["batch"]  # noqa: E731
+    if s.batch_size == AUTO:
+        while batch > 16 and iters * per_iter(batch) > 0.55 * rest:
+            batch //= 2
+    if s.iterations == AUTO:
+        iters = int(min(DEFAULT_ITERATIONS, max(40, 0.55 * rest / per_iter(batch))))
+    rest -= iters * per_iter(batch)
+    pools = candidates if auto else 1
+    M, pool = s.M, s.pool
+    if pool == AUTO or M == AUTO:
+        M, pool = _teacher_plan(s, rest / pools, lambda m: per_draw(teacher_calls(m)), batch)
+    chosen = {"iterations": iters, "batch_size": batch, "pool": pool, "M": M}
+    out = s.replace(**{k: v for k, v in chosen.items() if getattr(s, k) == AUTO})
+    if auto and s.search.val_size is None:
+        out = out.replace(search=dataclasses.replace(out.search, val_size=val["val_size"]))
+        chosen["val_size"] = val["val_size"]
+    teacher_s = 0.0 if out.pool is None else pools * out.pool * per_draw(teacher_calls(out.M))
+    estimate = (cost["measure_s"] + draws * compare_draw + teacher_s
+                + val.get("val_size", 0) * val.get("draw_s", 0.0)
+                + out.iterations * per_iter(out.batch_size))
+    record = {"time_budget_s": s.time_budget_s,
+              "measured": {k: v for k, v in cost.items()},
+              "chosen": {k: v for k, v in chosen.items()
+                         if k == "val_size" or k in s.unresolved()},
+              "compare_draws": draws, "estimated_s": estimate}
+    return out, record
+
+
+def _validation_plan(s: DistillSettings, candidates: int, per_draw, budget: float) -> dict:
+    """The grid search's validation draws: 1024 (its default), fewer (at least 256) when
+    their reference and scoring would take over 15 % of the budget."""
+    from .schedule_search import DEFAULT_REFERENCE_STEPS, DEFAULT_VAL_SIZE
+
+    steps = s.search.reference_steps or DEFAULT_REFERENCE_STEPS
+    draw_s = per_draw(steps + (candidates + 2) * (2 * s.steps - int(s.afs)))
+    size = s.search.val_size
+    if size is None:
+        size = DEFAULT_VAL_SIZE
+        if size * draw_s > 0.15 * budget:
+            size = max(256, int(0.15 * budget / draw_s))
+    return {"val_size": size, "draw_s": draw_s}
+
+
+def _teacher_plan(s: DistillSettings, seconds: float, per_draw, batch: int):
+    """``(M, pool)`` for the teacher's share of the budget (module docstring)."""
+    choices = (DEFAULT_M, 7, 3) if s.M == AUTO else (s.M,)
+    for M in choices:
+        affordable = int(seconds / per_draw(M)) if seconds > 0 else 0
+        if s.pool != AUTO:       # pool given (or None: fresh noise): only M is chosen
+            if s.pool is None or affordable >= s.pool or M == choices[-1]:
+                return M, s.pool
+            continue
+        if affordable >= 1024 or M == choices[-1]:
+            return M, max(batch, min(DEFAULT_POOL, affordable))
+    raise AssertionError("unreachable")

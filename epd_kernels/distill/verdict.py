@@ -1,0 +1,150 @@
+"""Never silently worse: the distilled solver against the baselines on held-out noise.
+
+After training, `compare` samples ``draws`` held-out noises (per-sample seeds
+``HELD_OUT_SEED_BASE + i``: disjoint from the training pool's hashed seeds and from the
+grid search's validation seeds) with
+
+* a reference: UniPC, `budget.REFERENCE_STEPS` steps, no AFS, on the polynomial rho = 7 grid
+  with the same ends as the distilled grid;
+* every baseline of `BASELINES` that can spend exactly the same latency NFE (with its
+  default AFS setting; heun and dpm2 only at odd NFE), on that polynomial grid;
+* the distilled params, and the params the run started from (``init=``, or the neutral
+  start on the distilled grid: a known solver, since r = 1/2 with equal weights and
+  delta = o = 0 is a midpoint-type second-order step);
+
+and scores each by one RMSE: the global root mean square over every element of the
+batch, ``sqrt(mean((x - ref)^2))`` (not a mean of per-sample RMS values). The record goes
+to ``params.meta["comparison"]``; a `UserWarning` names the best baseline when the
+distilled solver lost to it. For EPD, when the trained params are worse on these draws
+than their start, the start is returned instead (``meta["comparison"]["kept"] = "init"``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ..sampling import make_noise, nfe_to_steps, sample
+from .budget import REFERENCE_STEPS, _cycle
+
+__all__ = ["compare", "BASELINES", "HELD_OUT_SEED_BASE", "RMSE_DEFINITION"]
+
+#: Baseline solvers the result is compared with (those that can meet the NFE).
+BASELINES = ("euler", "ipndm", "dpmpp3m", "unipc", "deis", "heun", "dpm2")
+#: Per-sample seeds of the held-out noise: far from users' small seeds, from the grid
+#: search's validation seeds (3 * 2^40 + ...) and from D-ODE's fitting seeds (2^40 + ...).
+HELD_OUT_SEED_BASE = 5 * 2 ** 40
+RMSE_DEFINITION = "global RMS over all elements of the batch: sqrt(mean((x - ref)^2))"
+_CHUNK = 256
+
+
+def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
+    v = (x.to(torch.float64) - ref.to(torch.float64)).pow(2).mean().sqrt().item()
+    return v if math.isfinite(v) else math.inf
+
+
+@torch.no_grad()
+def _run(denoiser, noise, cond, **kw) -> torch.Tensor:
+    n = noise.shape[0]
+    return torch.cat([sample(denoiser, noise[a:a + _CHUNK], **kw,
+                             **_cycle(cond, min(n, a + _CHUNK) - a))
+                      for a in range(0, n, _CHUNK)])
+
+
+def _neutral_start(params, s):
+    """The params the run started from: ``s.init`` or the neutral start on the grid."""
+    if s.init is not None:
+        return s.init.detach()
+    from ..params import EPDParams
+
+    return EPDParams.init(params.sigmas, params.num_points, afs=params.afs,
+                          plugin=params.plugin, max_order=params.max_order,
+                          schedule=params.schedule)
+
+
+def _baselines(nfe: int) -> list:
+    ok = []
+    for name in BASELINES:
+        try:
+            nfe_to_steps(name, nfe)
+        except ValueError:
+            continue
+        ok.append(name)
+    return ok
+
+
+def compare(denoiser, params, s, cond: dict, draws: int, device):
+    """``(params, record)``: the params to return (the trained ones or, for EPD, their
+    start when that is better on the held-out draws) with ``meta["comparison"]``."""
+    noise = make_noise(range(HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + draws), s.shape,
+                       device=device, dtype=s.dtype)
+    lo, hi = float(params.sigmas[-1]), float(params.sigmas[0])
+    grid = {"kind": "polynomial", "rho": 7.0, "sigma_min": lo, "sigma_max": hi}
+    names = _baselines(s.nfe)
+    bar = _bar(s.progress, len(names) + 3)
+    try:
+        ref = _run(denoiser, noise, cond, solver="unipc", nfe=REFERENCE_STEPS, afs=False,
+                   schedule=grid)
+        _tick(bar)
+        scores = {}
+        for name in names:
+            scores[name] = rmse(_run(denoiser, noise, cond, solver=name, nfe=s.nfe,
+                                     schedule=grid), ref)
+            _tick(bar)
+        trained = rmse(_run(denoiser, noise, cond, solver=params.solver, nfe=None,
+                            params=params), ref)
+        _tick(bar)
+        start, start_rmse = None, None
+        if s.method == "epd":
+            start = _neutral_start(params, s)
+            start_rmse = rmse(_run(denoiser, noise, cond, solver=start.solver, nfe=None,
+                                   params=start), ref)
+        _tick(bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    kept = "init" if start_rmse is not None and start_rmse < trained else "trained"
+    result = params
+    if kept == "init":
+        result = start.detach()
+        result.meta = dict(params.meta)
+    best = min(scores, key=scores.get) if scores else None
+    final = start_rmse if kept == "init" else trained
+    record = {"rmse": _json(final), "trained_rmse": _json(trained),
+              "init_rmse": _json(start_rmse), "kept": kept,
+              "baselines": {k: _json(v) for k, v in scores.items()}, "best_baseline": best,
+              "ratio": _json(final / scores[best]) if best and scores[best] > 0 else None,
+              "draws": draws, "seeds": [HELD_OUT_SEED_BASE, HELD_OUT_SEED_BASE + draws - 1],
+              "reference": f"unipc, no AFS, {REFERENCE_STEPS} steps, polynomial rho 7 "
+                           f"[{hi:g}, {lo:g}]",
+              "rmse_definition": RMSE_DEFINITION}
+    result.meta["comparison"] = record
+    if kept == "init":
+        warnings.warn(f"distill: the trained params were worse on {draws} held-out draws than "
+                      f"the params they started from (RMSE {trained:.4g} vs "
+                      f"{start_rmse:.4g}); returning the start", UserWarning, stacklevel=4)
+    if best is not None and final >= scores[best]:
+        warnings.warn(f"distill: the distilled {result.solver} at NFE {s.nfe} lost to the "
+                      f"baseline {best!r} on {draws} held-out draws (RMSE {final:.4g} vs "
+                      f"{scores[best]:.4g}); sample with solver={best!r} or distil longer "
+                      f"(time_budget_s, schedule='auto')", UserWarning, stacklevel=4)
+    return result, record
+
+
+def _json(v):
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _bar(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="held-out comparison", unit="solver", leave=False,
+                dynamic_ncols=True)
+
+
+def _tick(bar):
+    if bar is not None:
+        bar.update(1)

@@ -53,6 +53,19 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
+def _time_budget(text: str):
+    """Seconds > 0, or 'none' for distill's fixed defaults."""
+    if str(text).lower() == "none":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be seconds > 0 or 'none', got {text!r}")
+    return v
+
+
 def _int_list(text: str) -> List[int]:
     try:
         vals = [int(t) for t in text.split(",") if t.strip()]
@@ -150,7 +163,10 @@ def _add_distill(sub, default_model: str) -> None:
                         "that submodule of the model (the embedded digits U-Net's bottleneck "
                         "is 'module:net.mid2'); 'epd sample' needs the same model")
     p.add_argument("--iterations", type=int, default=None,
-                   help="EPD / AMED iterations (default 300)")
+                   help="EPD / AMED iterations (default: sized to --time-budget)")
+    p.add_argument("--time-budget", type=_time_budget, default=60.0,
+                   help="seconds the distillation may take; iterations, teacher points and "
+                        "batch not given are sized to it (default 60; 'none': fixed defaults)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch per process (EPD / AMED, default 64) or fitting batch (D-ODE, "
                         "default 512)")

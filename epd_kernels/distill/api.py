@@ -8,6 +8,7 @@ import dataclasses
 import time
 from typing import Callable, Optional
 
+from ..models.conditioning import warn_missing_labels
 from . import budget as _budget
 from . import verdict
 from .conditioning import per_row_keys
@@ -75,6 +76,7 @@ def distill(denoiser: Callable, *, nfe: Optional[int] = None, shape=None,
     if settings is None and len(required) < 2:
         raise ValueError("distill() needs nfe=... and shape=... (or settings=DistillSettings)")
     s, cond = split_keywords(denoiser, keywords, base=settings, **required)
+    warn_missing_labels(denoiser, cond, "distill")
     device = default_device(denoiser) if s.device is None else s.device
     s, record = _sized(denoiser, s, cond, device)
     if s.auto_schedule:

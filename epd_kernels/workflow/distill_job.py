@@ -170,8 +170,7 @@ def _features(args):
 
 def _distill(args, solver, model, shape, label_mode, dist):
     """EPD or AMED by `epd_kernels.distill`, with the command line's conditioning."""
-    from ..distill import (DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_POOL,
-                           conditioning_rows, distill)
+    from ..distill import DEFAULT_BATCH_SIZE, DEFAULT_POOL, conditioning_rows, distill
     from ..distill.schedule_search import DEFAULT_VAL_SIZE, FAST_SETTINGS, SEARCH_OPTIONS
 
     if solver in AMED_SOLVERS:
@@ -187,12 +186,16 @@ def _distill(args, solver, model, shape, label_mode, dist):
     if args.iterations is not None:   # an explicit length is also the final runs' length
         for k in ("final_iterations", "grid_iterations"):
             search.pop(k, None)
-    bs = args.batch_size or fast.get("batch_size", DEFAULT_BATCH_SIZE)
     pool = (_parse_pool(args.pool) if args.pool is not None
             else fast.get("pool", DEFAULT_POOL))
+    # What is not given is left to distill's time budget (`--time-budget`), except the
+    # pool, which the labels must know, and the batch where the labels follow it.
+    bs = args.batch_size or fast.get("batch_size")
+    if bs is None and pool is None:
+        bs = DEFAULT_BATCH_SIZE
     # Labels follow the training draws: one per pool entry (the draw keeps its label in
     # every batch), or one per row of the global batch with fresh noise (--pool none).
-    labels = class_labels_for(model, range(conditioning_rows(pool, bs * dist.world)),
+    labels = class_labels_for(model, range(conditioning_rows(pool, (bs or 1) * dist.world)),
                               label_mode)
     cond = {} if labels is None else {"class_labels": labels.to(args.device)}
     extra = {"pool": pool}
@@ -210,10 +213,13 @@ def _distill(args, solver, model, shape, label_mode, dist):
         extra["schedule"] = args.schedule
     if getattr(args, "learn_grid", None) is not None:
         extra["learn_grid"] = args.learn_grid == "on"
-    iterations = args.iterations or fast.get("iterations", DEFAULT_ITERATIONS)
+    for name, value in (("iterations", args.iterations or fast.get("iterations")),
+                        ("batch_size", bs)):
+        if value is not None:
+            extra[name] = value
     try:
         return distill(model, nfe=args.nfe, shape=shape, plugin=solver.endswith("-ipndm"),
-                       iterations=iterations, batch_size=bs, lr=args.lr, seed=args.seed,
+                       time_budget_s=args.time_budget, lr=args.lr, seed=args.seed,
                        device=args.device, checkpoint=args.checkpoint,
                        progress=args.progress and dist.is_main, **method, **extra, **cond)
     except ValueError as e:

@@ -155,6 +155,32 @@ def current() -> str:
     return _forced or "auto"
 
 
+def current_forced() -> Optional[str]:
+    """The forced backend, or None under "auto"."""
+    return _forced
+
+
+def active(device) -> str:
+    """The backend whose kernels run tensors on `device` now."""
+    kind = torch.device(device).type
+    if not LIBRARY_LOADED:
+        return "reference"
+    if _forced is not None:
+        return _forced
+    if kind == "cpu":
+        return "cpp"
+    if kind == "cuda" and _triton_kernels() is not None:
+        return "triton"
+    return "reference"
+
+
+def for_device(device):
+    """A record naming the backend that runs tensors on `device` (`.name`), for reports."""
+    import types
+
+    return types.SimpleNamespace(name=active(device))
+
+
 def set_backend(name: Optional[str]) -> None:
     """Force a backend for every call ("cpp", "triton", "reference"), or "auto"/None."""
     global _forced, _override

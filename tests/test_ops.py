@@ -665,3 +665,17 @@ def test_backend_env_var_and_available():
     assert ("'triton'" in names) == (cuda == "True"), res.stdout + res.stderr
     res = run("import epd_kernels.backends as b; print(b.available())", TRITON_INTERPRET="1")
     assert "'triton'" in res.stdout, res.stderr
+
+
+def test_float16_overflow_behaviour(backend):
+    """As the epd_step docstring states: float16 accumulates in float32, so terms beyond
+    65504 that cancel give a finite result, and a result beyond it becomes inf."""
+    big = 1.5 * 2.0 ** 15  # exact in float16; 2 * big is not representable
+    x = torch.zeros(1, 3, dtype=torch.float16)
+    g = torch.tensor([[[big, big, -big]], [[big, -big, -big]]], dtype=torch.float16)
+    w = torch.tensor([1.0, 1.0])
+    assert epd_step(x, g, w, 0.25).tolist() == [[big / 2, 0.0, -big / 2]]
+    y = epd_step(x, g, w, 1.0)
+    assert y.tolist() == [[float("inf"), 0.0, float("-inf")]]
+    # Eager float16 arithmetic overflows in the sum already:
+    assert torch.isinf((g[0] + g[1]))[0, 0]

@@ -179,9 +179,9 @@ def test_instruction_set_copies_and_streaming_stores():
     # them (where the outputs are suitably aligned) on these small shapes.
     order = ["DEFAULT", "AVX2", "AVX512"]
     have = torch.backends.cpu.get_cpu_capability()
-    if have not in order:
-        pytest.fail(f"torch runs {have} here, which this test does not know")
-    runs = [("DEFAULT", "auto")] + [(isa, "always") for isa in order[1:order.index(have) + 1]]
+    # Off x86 only the portable copy exists.
+    top = order.index(have) if have in order else 0
+    runs = [("DEFAULT", "auto")] + [(isa, "always") for isa in order[1:top + 1]]
     test_dir = os.path.dirname(os.path.abspath(__file__))
     procs = []
     for isa, streaming in runs:

@@ -392,9 +392,6 @@ def test_opcheck(backend):
 
 
 def test_torch_compile_fullgraph(backend):
-    if backend == "triton":
-        pytest.skip("compile over the interpreter adds nothing over the cpp/reference runs")
-
     def f(x, g, w, h):
         return epd_step(x, g, w, h, 0.1) * 2
 

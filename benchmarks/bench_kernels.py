@@ -18,6 +18,13 @@ is timed as `torch.autograd.grad(y, (x, g, w, h, o), gy, retain_graph=True)` on 
 built once: this excludes the forward exactly, and the fresh gradient tensors are what a
 real backward allocates (no accumulation into `.grad`).
 
+Op targets (`op_targets`, when eager and compile are timed): fp32, K = 3, float h and o,
+[K] weights, i.e. the uniform-coefficient fast path. A 1-D x of 16M elements against
+torch.compile (>= 0.8x its speed); [4, 16384] against the eager expression (no slower);
+[8, 2M] with `out=` against copy_ bandwidth ((K + 2) streams, >= 85%) and allocating
+against torch.compile (>= 1.0x). --quick uses 1M and [8, 128K]. Each target is printed
+and stored (kernels.json, "op_targets") as met or missed.
+
 Byte floors: forward (K + 2) * N * itemsize (x and K grads read, y written); backward
 (2K + 1) * N * itemsize (grad_out and K grads read, K grad_grads written). Achieved GB/s =
 floor bytes / median time. The copy bandwidth (`dst.copy_(src)`, 64 MB fp32 on CPU,

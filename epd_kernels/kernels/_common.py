@@ -49,11 +49,16 @@ INTERPRET: bool = _interpret_mode()
 # Under the interpreter a single small config keeps runs fast and still exercises
 # several programs per row (and several slices per program) on modest N.
 # --------------------------------------------------------------------------------------
-#: (BLOCK, num_warps) of the elementwise kernels, on a GPU. At most 16 elements per
-#: thread per tile, so that fp64 and K = 16 do not spill (checked by aot.compile_all).
-CONFIGS_1D = [(1024, 4), (2048, 4), (2048, 8), (4096, 8)]
-#: (S, num_warps) of the reducing kernels, BLOCK = S * SUB, on a GPU.
-CONFIGS_2D = [(1, 4), (2, 4), (2, 8), (4, 8)]
+#: (BLOCK, num_warps) of the elementwise kernels, on a GPU: 16 elements per thread per
+#: tile, so that fp64 and K = 16 do not spill; smaller tiles use fewer warps. (8 elements
+#: per thread made ptxas spill a few bytes for branch_states, bf16, K = 4 on sm_80.)
+#: Checked for every dtype and K by aot.compile_all.
+CONFIGS_1D = [(512, 1), (1024, 2), (2048, 4), (4096, 8)]
+#: (S, num_warps) of the reducing kernels, BLOCK = S * SUB, on a GPU. Which tiles let
+#: ptxas keep everything in registers is a matter of its heuristics, not of a simple
+#: count: (1, 4), (1, 8), (2, 4) and (4, 16) each spill a few bytes for some dtype and
+#: K in {3, 4, 8} on sm_80 or sm_90; these do not. Checked by aot.compile_all.
+CONFIGS_2D = [(2, 8), (1, 16), (2, 16)]
 SUB_GPU = 1024
 
 if INTERPRET:

@@ -47,11 +47,21 @@ _warned = False
 def load_library() -> bool:
     """Loads the compiled op library (schemas and CPU kernels); True when it is loaded.
 
-    The one function that knows how the library is found: importing the extension
-    module registers the ops with torch's dispatcher.
+    The one function that knows how the library is found: `epd_kernels._extension` when
+    the package has it (it builds the library for the running torch if needed), else the
+    extension module built in place, whose import registers the ops.
     """
     global _LIBRARY_ERROR
     if hasattr(torch.ops.epd_kernels, "epd_step"):
+        return True
+    try:
+        from . import _extension
+    except ImportError:
+        _extension = None
+    if _extension is not None:
+        if _extension.load() is None:
+            _LIBRARY_ERROR = str(_extension.load_error())
+            return False
         return True
     try:
         importlib.import_module("epd_kernels._C")

@@ -12,7 +12,7 @@ STAMP   = $(VENV)/.installed
 NODEPS_TEST = k-diffusion==0.1.1.post1 torchsde==0.2.6 torchdiffeq==0.2.5 trampoline==0.1.2 \
               transformers==5.25.0 tokenizers==0.23.3
 
-.PHONY: setup demo test bench bench-quick readme-demo dev clean
+.PHONY: setup demo test bench bench-quick readme-demo dev clean gpu-check
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ bench-quick: setup
 
 bench: setup
 	$(PY) benchmarks/run.py --all --markdown BENCHMARKS.md --readme README.md
+
+# On a machine with a CUDA GPU (a few minutes): the tests marked gpu, with the compiled
+# Triton kernels, then the kernels section at 256 MB (an fp32 x of 64M elements, K = 3)
+# against copy_ and torch.compile, with the op's targets marked met / missed.
+gpu-check: setup
+	TRITON_INTERPRET=0 $(VENV)/bin/pytest -q -p no:cacheprovider -m gpu -rs tests
+	TRITON_INTERPRET=0 $(PY) benchmarks/run.py --sections kernels --device cuda --sizes 64M --ks 3 --dtypes float32 --repeats 10 --out benchmarks/results/gpu-check
 
 # The README's demo table and pictures, from a real run into docs/demo/.
 readme-demo: setup

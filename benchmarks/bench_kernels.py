@@ -18,6 +18,13 @@ is timed as `torch.autograd.grad(y, (x, g, w, h, o), gy, retain_graph=True)` on 
 built once: this excludes the forward exactly, and the fresh gradient tensors are what a
 real backward allocates (no accumulation into `.grad`).
 
+Op targets (`op_targets`, when eager and compile are timed): fp32, K = 3, float h and o,
+[K] weights, i.e. the uniform-coefficient fast path. A 1-D x of 16M elements against
+torch.compile (>= 0.8x its speed); [4, 16384] against the eager expression (no slower);
+[8, 2M] with `out=` against copy_ bandwidth ((K + 2) streams, >= 85%) and allocating
+against torch.compile (>= 1.0x). --quick uses 1M and [8, 128K]. Each target is printed
+and stored (kernels.json, "op_targets") as met or missed.
+
 Byte floors: forward (K + 2) * N * itemsize (x and K grads read, y written); backward
 (2K + 1) * N * itemsize (grad_out and K grads read, K grad_grads written). Achieved GB/s =
 floor bytes / median time. The copy bandwidth (`dst.copy_(src)`, 64 MB fp32 on CPU,
@@ -501,6 +508,80 @@ def _loadavg() -> Optional[List[float]]:
         return None
 
 
+# --------------------------------------------------------------------------------------
+# the op's own targets: uniform coefficients (float h and o, [K] weights), fp32, K = 3
+
+#: (name, shape) of each target case; the quick run uses the smaller shapes.
+OP_TARGET_SHAPES = {
+    False: {"1d": (16 * MI,), "small": (4, 16 * KI), "wide": (8, 2 * MI)},
+    True: {"1d": (1 * MI,), "small": (4, 16 * KI), "wide": (8, 128 * KI)},
+}
+OP_TARGETS = (
+    # (case, what, measured key, at least)
+    ("1d", "1-D x, fused vs torch.compile (speed ratio)", "x_compile", 0.8),
+    ("small", "[4, 16K], fused vs the eager expression (speed ratio)", "x_eager", 1.0),
+    ("wide", "[8, N] with out=: (K+2) streams vs copy_ bandwidth", "out_frac_copy", 0.85),
+    ("wide", "[8, N] allocating, fused vs torch.compile (speed ratio)", "x_compile", 1.0),
+)
+
+
+def _uniform_expression(x, g, w, h: float, o: float):
+    """The EPD step as a user writes it in PyTorch (w is [K], h and o are floats)."""
+    return x + (1 + o) * h * (w.view((-1,) + (1,) * x.dim()) * g).sum(0)
+
+
+def _op_target_case(timer, dev, shape, p, compiled_cache) -> dict:
+    K, h, o = 3, -0.5, 0.01
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(shape, device=dev, generator=gen)
+    g = torch.randn((K,) + tuple(shape), device=dev, generator=gen)
+    w = torch.softmax(torch.randn(K, device=dev, generator=gen), 0)
+    out, src, dst = torch.empty_like(x), torch.randn_like(x), torch.empty_like(x)
+    compiled = compiled_cache.setdefault(len(shape), torch.compile(_uniform_expression,
+                                                                   dynamic=False))
+    with torch.no_grad():
+        want = _uniform_expression(x, g, w, h, o)
+        compiled(x, g, w, h, o)  # compile outside the timing
+        err = _rel_err(epd_step(x, g, w, h, o), want)
+        fns = {
+            "fused": lambda: epd_step(x, g, w, h, o),
+            "fused_out": lambda: epd_step(x, g, w, h, o, out=out),
+            "eager": lambda: _uniform_expression(x, g, w, h, o),
+            "compile": lambda: compiled(x, g, w, h, o),
+            "copy": lambda: dst.copy_(src),
+        }
+        st = bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"],
+                               min_sample_s=p["min_sample_s"])
+    t = {n: v["median_s"] for n, v in st.items()}
+    n = x.numel()
+    return dict(shape=list(shape), K=K, rel_err=err, median_ms={k: v * 1e3 for k, v in t.items()},
+                x_eager=t["eager"] / t["fused"], x_compile=t["compile"] / t["fused"],
+                out_gbps=(K + 2) * n * 4 / t["fused_out"] / 1e9,
+                copy_gbps=2 * n * 4 / t["copy"] / 1e9,
+                out_frac_copy=((K + 2) * n * 4 / t["fused_out"]) / (2 * n * 4 / t["copy"]))
+
+
+def op_targets(timer, dev, quick, p, say) -> List[dict]:
+    """Times the op's target cases and returns one verdict per target (met / missed)."""
+    cases, compiled_cache = {}, {}
+    for name, shape in OP_TARGET_SHAPES[quick].items():
+        cases[name] = _op_target_case(timer, dev, shape, p, compiled_cache)
+        c = cases[name]
+        say(f"op target case {name} {c['shape']}: fused {c['median_ms']['fused']:.3g} ms, "
+            f"out= {c['median_ms']['fused_out']:.3g}, eager {c['median_ms']['eager']:.3g}, "
+            f"compile {c['median_ms']['compile']:.3g}, copy_ {c['median_ms']['copy']:.3g} "
+            f"(rel err {c['rel_err']:.1e})")
+    verdicts = []
+    for case, what, key, need in OP_TARGETS:
+        got = cases[case][key]
+        v = dict(case=case, shape=cases[case]["shape"], target=what, measured=got, need=need,
+                 met=bool(got >= need))
+        verdicts.append(v)
+        say(f"target {what} at {v['shape']}: {got:.2f} (need >= {need}) "
+            f"{'met' if v['met'] else 'missed'}")
+    return verdicts
+
+
 def _configs(quick, sizes, ks, dtypes):
     if quick and sizes is None and ks is None and dtypes is None:
         out = [("float32", K, N) for N in QUICK["sizes"] for K in QUICK["ks"]]
@@ -554,6 +635,7 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
 
 
     prev_forced = backends.current_forced() if backend else None
+    op_target_verdicts = []
     if backend:
         backends.set_backend(backend)
     stack = contextlib.ExitStack()
@@ -628,6 +710,13 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
                                  f"relative error {err:.2e} vs float32 eager maths")
             gc.collect()
 
+        if "compile" in impls and "eager" in impls:
+            say("op targets (fp32, K = 3, float h and o, [K] weights)")
+            op_target_verdicts = op_targets(timer, dev, quick, p, say)
+            for v in op_target_verdicts:
+                notes.append(f"op target: {v['target']} at {v['shape']}: {v['measured']:.2f} "
+                             f"(need >= {v['need']}): {'met' if v['met'] else 'missed'}")
+
         bw_end = measure_bandwidth(timer, buf, max(p["repeats"], 5), p["warmup"],
                                    p["min_sample_s"])
     finally:
@@ -689,6 +778,7 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
         eager_form_text=EAGER_FORM_TEXT,
         compile_form=COMPILE_FORM,
         targets=dict(scope=TARGETS.get(dev.type), text=TARGET_TEXT.get(dev.type)),
+        op_targets=op_target_verdicts,
         results=rows,
         notes=notes,
         tables=_tables(rows, impls),

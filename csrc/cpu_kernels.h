@@ -41,13 +41,14 @@
 namespace epd_kernels::cpu {
 
 // Inputs are validated and outputs allocated by ops.cpp; the kernels only compute.
-// All tensors are contiguous CPU tensors with the shapes documented in ops.cpp.
+// All tensors are contiguous CPU tensors with the shapes documented in ops.cpp; an
+// undefined `scale` means 1 for every row.
 #define EPD_KERNELS_DECLARE_CPU_KERNELS                                                 \
   void epd_step_fwd(const at::Tensor& x, const at::Tensor& grads,                      \
-                    const at::Tensor& weights, const at::Tensor& h, const at::Tensor& o, \
+                    const at::Tensor& weights, const at::Tensor& scale, double alpha,   \
                     const at::Tensor& y);                                               \
   void epd_step_bwd(const at::Tensor& grad_out, const at::Tensor& grads,               \
-                    const at::Tensor& weights, const at::Tensor& h, const at::Tensor& o, \
+                    const at::Tensor& weights, const at::Tensor& scale, double alpha,   \
                     const at::Tensor& grad_grads, const at::Tensor& dots);              \
   void branch_states(const at::Tensor& x, const at::Tensor& d, const at::Tensor& c,     \
                      const at::Tensor& out);                                            \

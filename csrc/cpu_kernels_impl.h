@@ -336,23 +336,44 @@ inline void step_fwd_segment(T* y, const T* x, const T* g, int64_t kstride,
   });
 }
 
+// Row b's coefficient pointer and factor: weights [K] (row stride 0) or [B, K]; the
+// factor is alpha * scale[b] with scale [] (stride 0), [B], or absent (1).
+template <typename A>
+struct StepCoefs {
+  const A* w;
+  int64_t wstride;
+  const A* s;
+  int64_t sstride;
+  double alpha;
+
+  StepCoefs(const at::Tensor& weights, const at::Tensor& scale, double alpha_)
+      : w(weights.const_data_ptr<A>()),
+        wstride(weights.dim() == 2 ? weights.size(1) : 0),
+        s(scale.defined() ? scale.const_data_ptr<A>() : nullptr),
+        sstride(scale.defined() && scale.dim() == 1 ? 1 : 0),
+        alpha(alpha_) {}
+
+  inline const A* row(int64_t b) const { return w + b * wstride; }
+  inline A factor(int64_t b) const {
+    return s == nullptr ? static_cast<A>(alpha) : static_cast<A>(alpha * s[b * sstride]);
+  }
+};
+
 template <typename T, int KS>
 void step_fwd_typed(const at::Tensor& x, const at::Tensor& grads, const at::Tensor& weights,
-                    const at::Tensor& h, const at::Tensor& o, const at::Tensor& y) {
+                    const at::Tensor& scale, double alpha, const at::Tensor& y) {
   using A = at::opmath_type<T>;
   const int64_t B = x.size(0), N = x.size(1), K = grads.size(0);
   const T* xp = x.const_data_ptr<T>();
   const T* gp = grads.const_data_ptr<T>();
-  const A* wp = weights.const_data_ptr<A>();
-  const A* hp = h.const_data_ptr<A>();
-  const A* op = o.const_data_ptr<A>();
+  const StepCoefs<A> sc(weights, scale, alpha);
   T* yp = y.mutable_data_ptr<T>();
   const int64_t kstride = B * N;
   const bool stream = use_streaming<T>(B * N * int64_t(sizeof(T)), 0, yp);
 
   at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
     for_each_row_segment(begin, end, N, [&](int64_t b, int64_t n0, int64_t n1) {
-      const RowCoef<T, KS> coef(wp + b * K, (A(1) + op[b]) * hp[b], K);
+      const RowCoef<T, KS> coef(sc.row(b), sc.factor(b), K);
       const int64_t off = b * N + n0;
       step_fwd_segment<T, KS>(yp + off, xp + off, gp + off, kstride, coef, K, n1 - n0,
                               stream);
@@ -390,22 +411,20 @@ inline void step_bwd_segment(T* gg, const T* go, const T* g, int64_t kstride,
 
 template <typename T, int KS>
 void step_bwd_typed(const at::Tensor& grad_out, const at::Tensor& grads,
-                    const at::Tensor& weights, const at::Tensor& h, const at::Tensor& o,
+                    const at::Tensor& weights, const at::Tensor& scale, double alpha,
                     const at::Tensor& grad_grads, const at::Tensor& dots) {
   using A = at::opmath_type<T>;
   const int64_t B = grad_out.size(0), N = grad_out.size(1), K = grads.size(0);
   const T* gop = grad_out.const_data_ptr<T>();
   const T* gp = grads.const_data_ptr<T>();
-  const A* wp = weights.const_data_ptr<A>();
-  const A* hp = h.const_data_ptr<A>();
-  const A* op = o.const_data_ptr<A>();
+  const StepCoefs<A> sc(weights, scale, alpha);
   T* ggp = grad_grads.mutable_data_ptr<T>();
   const int64_t kstride = B * N;
   const bool stream = use_streaming<T>(K * B * N * int64_t(sizeof(T)), kstride, ggp);
 
   reduce_rows<A>(B, N, K, dots.mutable_data_ptr<A>(),
                  [&](int64_t b, int64_t n0, int64_t n1, double* part) {
-                   const RowCoef<T, KS> coef(wp + b * K, (A(1) + op[b]) * hp[b], K);
+                   const RowCoef<T, KS> coef(sc.row(b), sc.factor(b), K);
                    const int64_t off = b * N + n0;
                    step_bwd_segment<T, KS>(ggp + off, gop + off, gp + off, kstride, coef, K,
                                            n1 - n0, stream, part);
@@ -436,17 +455,18 @@ template <typename T, int KS>
 void branch_fwd_typed(const at::Tensor& x, const at::Tensor& d, const at::Tensor& c,
                       const at::Tensor& out) {
   using A = at::opmath_type<T>;
-  const int64_t B = x.size(0), N = x.size(1), K = c.size(1);
+  const int64_t B = x.size(0), N = x.size(1), K = c.size(-1);
   const T* xp = x.const_data_ptr<T>();
   const T* dp = d.const_data_ptr<T>();
   const A* cp = c.const_data_ptr<A>();
+  const int64_t cstride = c.dim() == 2 ? K : 0;  // c is [B, K] or [K] (shared by rows)
   T* outp = out.mutable_data_ptr<T>();
   const int64_t kstride = B * N;
   const bool stream = use_streaming<T>(K * B * N * int64_t(sizeof(T)), kstride, outp);
 
   at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
     for_each_row_segment(begin, end, N, [&](int64_t b, int64_t n0, int64_t n1) {
-      const RowCoef<T, KS> coef(cp + b * K, A(1), K);
+      const RowCoef<T, KS> coef(cp + b * cstride, A(1), K);
       const int64_t off = b * N + n0;
       branch_fwd_segment<T, KS>(outp + off, xp + off, dp + off, kstride, coef, K, n1 - n0,
                                 stream);
@@ -493,10 +513,11 @@ void branch_bwd_typed(const at::Tensor& grad_out, const at::Tensor& d, const at:
                       const at::Tensor& grad_x, const at::Tensor& grad_d,
                       const at::Tensor& grad_c) {
   using A = at::opmath_type<T>;
-  const int64_t B = d.size(0), N = d.size(1), K = c.size(1);
+  const int64_t B = d.size(0), N = d.size(1), K = c.size(-1);
   const T* gop = grad_out.const_data_ptr<T>();
   const T* dp = d.const_data_ptr<T>();
   const A* cp = c.const_data_ptr<A>();
+  const int64_t cstride = c.dim() == 2 ? K : 0;
   T* gxp = grad_x.mutable_data_ptr<T>();
   T* gdp = grad_d.mutable_data_ptr<T>();
   const int64_t kstride = B * N;
@@ -509,7 +530,7 @@ void branch_bwd_typed(const at::Tensor& grad_out, const at::Tensor& d, const at:
   }
   reduce_rows<A>(B, N, K, grad_c.mutable_data_ptr<A>(),
                  [&](int64_t b, int64_t n0, int64_t n1, double* part) {
-                   const RowCoef<T, KS> coef(cp + b * K, A(1), K);
+                   const RowCoef<T, KS> coef(cp + b * cstride, A(1), K);
                    const int64_t off = b * N + n0;
                    branch_bwd_segment<T, KS>(gxp + off, gdp + off, gop + off, dp + off,
                                              kstride, coef, K, n1 - n0, stream, part);
@@ -522,20 +543,20 @@ void branch_bwd_typed(const at::Tensor& grad_out, const at::Tensor& d, const at:
 // Entry points declared in cpu_kernels.h: dtype and K dispatch only.
 
 void epd_step_fwd(const at::Tensor& x, const at::Tensor& grads, const at::Tensor& weights,
-                  const at::Tensor& h, const at::Tensor& o, const at::Tensor& y) {
+                  const at::Tensor& scale, double alpha, const at::Tensor& y) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "epd_step_fwd", [&] {
     dispatch_k(grads.size(0), [&](auto ks) {
-      step_fwd_typed<scalar_t, decltype(ks)::value>(x, grads, weights, h, o, y);
+      step_fwd_typed<scalar_t, decltype(ks)::value>(x, grads, weights, scale, alpha, y);
     });
   });
 }
 
 void epd_step_bwd(const at::Tensor& grad_out, const at::Tensor& grads,
-                  const at::Tensor& weights, const at::Tensor& h, const at::Tensor& o,
+                  const at::Tensor& weights, const at::Tensor& scale, double alpha,
                   const at::Tensor& grad_grads, const at::Tensor& dots) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "epd_step_bwd", [&] {
     dispatch_k(grads.size(0), [&](auto ks) {
-      step_bwd_typed<scalar_t, decltype(ks)::value>(grad_out, grads, weights, h, o,
+      step_bwd_typed<scalar_t, decltype(ks)::value>(grad_out, grads, weights, scale, alpha,
                                                     grad_grads, dots);
     });
   });
@@ -544,7 +565,7 @@ void epd_step_bwd(const at::Tensor& grad_out, const at::Tensor& grads,
 void branch_states(const at::Tensor& x, const at::Tensor& d, const at::Tensor& c,
                    const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "branch_states", [&] {
-    dispatch_k(c.size(1), [&](auto ks) {
+    dispatch_k(c.size(-1), [&](auto ks) {
       branch_fwd_typed<scalar_t, decltype(ks)::value>(x, d, c, out);
     });
   });
@@ -554,7 +575,7 @@ void branch_states_bwd(const at::Tensor& grad_out, const at::Tensor& d, const at
                        const at::Tensor& grad_x, const at::Tensor& grad_d,
                        const at::Tensor& grad_c) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "branch_states_bwd", [&] {
-    dispatch_k(c.size(1), [&](auto ks) {
+    dispatch_k(c.size(-1), [&](auto ks) {
       branch_bwd_typed<scalar_t, decltype(ks)::value>(grad_out, d, c, grad_x, grad_d, grad_c);
     });
   });

@@ -1,14 +1,18 @@
-// Op registration for the C++ CPU kernels: schemas, input validation, output
-// allocation, and the choice of the instruction-set copy of the kernels.
-//
-// The Python op layer (epd_kernels/ops.py) registers fake kernels and autograd on top
-// of these and brings user inputs to the canonical shapes; the checks below repeat its
-// contract so that a direct call with bad inputs fails with a message instead of
-// reading out of bounds.
+// The op library `epd_kernels`: every op's schema (defined here, once) and its CPU
+// kernels (input validation, output allocation, and the choice of the instruction-set
+// copy of the kernels). The CUDA kernels are the Triton kernels, registered for these
+// schemas from Python (epd_kernels/ops.py), which also registers the fake (meta)
+// kernels and autograd and brings user inputs to the canonical shapes below. The checks
+// here repeat that contract so that a direct call with bad inputs fails with a message
+// instead of reading out of bounds.
 //
 // Canonical shapes (T = data dtype, A = opmath dtype: double for double, else float):
-//   x, d, grad_out (step) [B, N] T     grads, grad_out (branches) [K, B, N] T
-//   weights, c [B, K] A                h, o [B] A
+//   x, d, grad_out (step) [B, N] T        grads, grad_out (branches) [K, B, N] T
+//   weights, c            [K] or [B, K] A  ([K]: the same K values for every row)
+//   scale                 None, [] or [B] A   alpha: a float
+//   epd_step: y[b, n] = x[b, n] + alpha * scale[b] * sum_k weights[b, k] * grads[k, b, n]
+// Uniform coefficients thus travel as a [K] tensor and a float, never expanded to
+// [B, K] / [B]; the Python layer views such inputs as one row [1, B*N].
 #include <Python.h>
 
 #include <ATen/MemoryOverlap.h>
@@ -18,6 +22,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #if defined(__linux__)
@@ -27,14 +32,14 @@
 
 #include "cpu_kernels.h"
 
-// `import epd_kernels._C` must succeed so that loading the module registers the ops;
-// the module itself exposes nothing (ops are reached through torch.ops.epd_kernels_cpp).
+// Importing the shared library as a Python module registers the ops; the module
+// itself exposes nothing (the ops are reached through torch.ops.epd_kernels).
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",  // m_name
-      "C++ CPU kernels of epd_kernels, registered as torch.ops.epd_kernels_cpp",
+      "C++ CPU kernels of epd_kernels, registered as torch.ops.epd_kernels",
       -1,    // m_size
       nullptr,
   };
@@ -147,13 +152,6 @@ at::ScalarType check_data_tensor(const Tensor& t, const char* op, const char* na
   return dt;
 }
 
-int64_t check_coef(const Tensor& t, const char* op, const char* name, int64_t B,
-                   at::ScalarType dtype) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [B, K], got shape ", t.sizes());
-  const int64_t K = t.size(1);
-  check_tensor(t, op, name, {B, K}, dtype);
-  return K;
-}
 
 // ---------------------------------------------------------------------------------
 // Instruction-set choice: follow torch's own CPU capability (which honours the
@@ -185,13 +183,13 @@ Isa cpu_isa() {
 #endif
 
 void call_epd_step_fwd(const Tensor& x, const Tensor& grads, const Tensor& weights,
-                       const Tensor& h, const Tensor& o, const Tensor& y) {
-  EPD_KERNELS_CALL(epd_step_fwd, x, grads, weights, h, o, y)
+                       const Tensor& scale, double alpha, const Tensor& y) {
+  EPD_KERNELS_CALL(epd_step_fwd, x, grads, weights, scale, alpha, y)
 }
 void call_epd_step_bwd(const Tensor& grad_out, const Tensor& grads, const Tensor& weights,
-                       const Tensor& h, const Tensor& o, const Tensor& grad_grads,
+                       const Tensor& scale, double alpha, const Tensor& grad_grads,
                        const Tensor& dots) {
-  EPD_KERNELS_CALL(epd_step_bwd, grad_out, grads, weights, h, o, grad_grads, dots)
+  EPD_KERNELS_CALL(epd_step_bwd, grad_out, grads, weights, scale, alpha, grad_grads, dots)
 }
 void call_branch_states(const Tensor& x, const Tensor& d, const Tensor& c, const Tensor& out) {
   EPD_KERNELS_CALL(branch_states, x, d, c, out)
@@ -206,37 +204,82 @@ void call_branch_states_bwd(const Tensor& grad_out, const Tensor& d, const Tenso
 // ---------------------------------------------------------------------------------
 // Ops.
 
-// Checks the common inputs of epd_step_fwd/bwd; `data` is x or grad_out ([B, N]).
+// Checks weights ([K] or [B, K]) and scale (undefined, [] or [B]) against B, K, dtype.
+void check_coefs(const char* op, const char* name, const Tensor& w, int64_t B, int64_t K,
+                 at::ScalarType acc) {
+  if (w.dim() == 1) {
+    check_tensor(w, op, name, {K}, acc);
+  } else {
+    TORCH_CHECK(w.dim() == 2, op, ": ", name, " must be [K] or [B, K], got shape ", w.sizes());
+    check_tensor(w, op, name, {B, K}, acc);
+  }
+}
+
+// Checks the common inputs of epd_step / epd_step_backward; `data` is x or grad_out
+// ([B, N]). Returns K.
 int64_t check_step_inputs(const char* op, const char* data_name, const Tensor& data,
-                          const Tensor& grads, const Tensor& weights, const Tensor& h,
-                          const Tensor& o) {
+                          const Tensor& grads, const Tensor& weights,
+                          const std::optional<Tensor>& scale) {
   const auto dt = check_data_tensor(data, op, data_name, 2);
   const int64_t B = data.size(0), N = data.size(1);
   check_tensor(data, op, data_name, {B, N}, dt);
   TORCH_CHECK(grads.dim() == 3, op, ": grads must be 3-D [K, B, N], got shape ", grads.sizes());
   const int64_t K = grads.size(0);
+  TORCH_CHECK(K >= 1, op, ": grads has K = 0 branches, need at least one");
   check_tensor(grads, op, "grads", {K, B, N}, dt);
-  check_tensor(weights, op, "weights", {B, K}, opmath_of(dt));
-  check_tensor(h, op, "h", {B}, opmath_of(dt));
-  check_tensor(o, op, "o", {B}, opmath_of(dt));
+  check_coefs(op, "weights", weights, B, K, opmath_of(dt));
+  if (scale.has_value()) {
+    const Tensor& s = *scale;
+    if (s.dim() == 0) {
+      check_tensor(s, op, "scale", {}, opmath_of(dt));
+    } else {
+      check_tensor(s, op, "scale", {B}, opmath_of(dt));
+    }
+  }
   return K;
 }
 
-Tensor epd_step_fwd(const Tensor& x, const Tensor& grads, const Tensor& weights,
-                    const Tensor& h, const Tensor& o) {
-  check_step_inputs("epd_step_fwd", "x", x, grads, weights, h, o);
+Tensor scale_or_undefined(const std::optional<Tensor>& scale) {
+  return scale.has_value() ? *scale : Tensor();
+}
+
+Tensor epd_step(const Tensor& x, const Tensor& grads, const Tensor& weights,
+                const std::optional<Tensor>& scale, double alpha) {
+  check_step_inputs("epd_step", "x", x, grads, weights, scale);
   Tensor y = at::empty(x.sizes(), x.options());
-  call_epd_step_fwd(x, grads, weights, h, o, y);
+  call_epd_step_fwd(x, grads, weights, scale_or_undefined(scale), alpha, y);
   return y;
 }
 
-std::tuple<Tensor, Tensor> epd_step_bwd(const Tensor& grad_out, const Tensor& grads,
-                                        const Tensor& weights, const Tensor& h,
-                                        const Tensor& o) {
-  const int64_t K = check_step_inputs("epd_step_bwd", "grad_out", grad_out, grads, weights, h, o);
+// The result is written into `out`, which may be x itself (each element of y depends
+// only on the same element of x and grads, read before it is written) but must not
+// overlap anything else.
+void epd_step_out(const Tensor& x, const Tensor& grads, const Tensor& weights,
+                  const std::optional<Tensor>& scale, double alpha, const Tensor& out) {
+  const char* op = "epd_step_out";
+  check_step_inputs(op, "x", x, grads, weights, scale);
+  check_tensor(out, op, "out", x.sizes(), x.scalar_type());
+  const auto with_x = at::get_overlap_status(out, x);
+  TORCH_CHECK(with_x == at::MemOverlapStatus::No || with_x == at::MemOverlapStatus::Full,
+              op, ": out partially overlaps x; it must be x itself or separate memory");
+  at::assert_no_overlap(out, grads);
+  at::assert_no_overlap(out, weights);
+  if (scale.has_value()) at::assert_no_overlap(out, *scale);
+  call_epd_step_fwd(x, grads, weights, scale_or_undefined(scale), alpha, out);
+}
+
+// Returns grad_grads [K, B, N] (T) and dots [B, K] (A) with
+// dots[b, k] = sum_n grad_out[b, n] * grads[k, b, n].
+std::tuple<Tensor, Tensor> epd_step_backward(const Tensor& grad_out, const Tensor& grads,
+                                             const Tensor& weights,
+                                             const std::optional<Tensor>& scale,
+                                             double alpha) {
+  const int64_t K =
+      check_step_inputs("epd_step_backward", "grad_out", grad_out, grads, weights, scale);
   Tensor grad_grads = at::empty(grads.sizes(), grads.options());
   Tensor dots = at::empty({grad_out.size(0), K}, weights.options());
-  call_epd_step_bwd(grad_out, grads, weights, h, o, grad_grads, dots);
+  call_epd_step_bwd(grad_out, grads, weights, scale_or_undefined(scale), alpha, grad_grads,
+                    dots);
   return {grad_grads, dots};
 }
 
@@ -246,7 +289,12 @@ int64_t check_branch_inputs(const char* op, const Tensor& x, const Tensor& d, co
   const int64_t B = x.size(0), N = x.size(1);
   check_tensor(x, op, "x", {B, N}, dt);
   check_tensor(d, op, "d", {B, N}, dt);
-  return check_coef(c, op, "c", B, opmath_of(dt));
+  TORCH_CHECK(c.dim() == 1 || c.dim() == 2, op, ": c must be [K] or [B, K], got shape ",
+              c.sizes());
+  const int64_t K = c.size(-1);
+  TORCH_CHECK(K >= 1, op, ": c has K = 0 branch offsets, need at least one");
+  check_coefs(op, "c", c, B, K, opmath_of(dt));
+  return K;
 }
 
 Tensor branch_states(const Tensor& x, const Tensor& d, const Tensor& c) {
@@ -270,17 +318,18 @@ void branch_states_out(const Tensor& x, const Tensor& d, const Tensor& c, const 
   // Branch k is written while x and d are still being read.
   at::assert_no_overlap(out, x);
   at::assert_no_overlap(out, d);
+  at::assert_no_overlap(out, c);
   call_branch_states(x, d, c, out);
 }
 
-std::tuple<Tensor, Tensor, Tensor> branch_states_bwd(const Tensor& grad_out, const Tensor& d,
-                                                     const Tensor& c) {
-  const char* op = "branch_states_bwd";
-  const auto dt = check_data_tensor(d, op, "d", 2);
+// Returns grad_x, grad_d [B, N] (T) and grad_c [B, K] (A, one row per sample even when
+// c is [K]: the caller sums it).
+std::tuple<Tensor, Tensor, Tensor> branch_states_backward(const Tensor& grad_out,
+                                                          const Tensor& d, const Tensor& c) {
+  const char* op = "branch_states_backward";
+  const int64_t K = check_branch_inputs(op, d, d, c);
   const int64_t B = d.size(0), N = d.size(1);
-  check_tensor(d, op, "d", {B, N}, dt);
-  const int64_t K = check_coef(c, op, "c", B, opmath_of(dt));
-  check_tensor(grad_out, op, "grad_out", {K, B, N}, dt);
+  check_tensor(grad_out, op, "grad_out", {K, B, N}, d.scalar_type());
   Tensor grad_x = at::empty({B, N}, d.options());
   Tensor grad_d = at::empty({B, N}, d.options());
   Tensor grad_c = at::empty({B, K}, c.options());
@@ -291,18 +340,22 @@ std::tuple<Tensor, Tensor, Tensor> branch_states_bwd(const Tensor& grad_out, con
 }  // namespace
 }  // namespace epd_kernels
 
-TORCH_LIBRARY(epd_kernels_cpp, m) {
-  m.def("epd_step_fwd(Tensor x, Tensor grads, Tensor weights, Tensor h, Tensor o) -> Tensor");
-  m.def("epd_step_bwd(Tensor grad_out, Tensor grads, Tensor weights, Tensor h, Tensor o) -> (Tensor, Tensor)");
+TORCH_LIBRARY(epd_kernels, m) {
+  m.def("epd_step(Tensor x, Tensor grads, Tensor weights, Tensor? scale, float alpha) -> Tensor");
+  m.def("epd_step_out(Tensor x, Tensor grads, Tensor weights, Tensor? scale, float alpha, "
+        "Tensor(a!) out) -> ()");
+  m.def("epd_step_backward(Tensor grad_out, Tensor grads, Tensor weights, Tensor? scale, "
+        "float alpha) -> (Tensor, Tensor)");
   m.def("branch_states(Tensor x, Tensor d, Tensor c) -> Tensor");
   m.def("branch_states_out(Tensor x, Tensor d, Tensor c, Tensor(a!) out) -> ()");
-  m.def("branch_states_bwd(Tensor grad_out, Tensor d, Tensor c) -> (Tensor, Tensor, Tensor)");
+  m.def("branch_states_backward(Tensor grad_out, Tensor d, Tensor c) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(epd_kernels_cpp, CPU, m) {
-  m.impl("epd_step_fwd", &epd_kernels::epd_step_fwd);
-  m.impl("epd_step_bwd", &epd_kernels::epd_step_bwd);
+TORCH_LIBRARY_IMPL(epd_kernels, CPU, m) {
+  m.impl("epd_step", &epd_kernels::epd_step);
+  m.impl("epd_step_out", &epd_kernels::epd_step_out);
+  m.impl("epd_step_backward", &epd_kernels::epd_step_backward);
   m.impl("branch_states", &epd_kernels::branch_states);
   m.impl("branch_states_out", &epd_kernels::branch_states_out);
-  m.impl("branch_states_bwd", &epd_kernels::branch_states_bwd);
+  m.impl("branch_states_backward", &epd_kernels::branch_states_backward);
 }

@@ -1,22 +1,30 @@
-"""Which raw-kernel implementation runs for a tensor: C++ (CPU), Triton (GPU), or reference.
+"""Which kernels implement the `torch.ops.epd_kernels` ops, decided once, not per call.
 
-Every backend exposes the same five raw functions on canonical, contiguous inputs (see
-`reference.py` for shapes):
+The op library (`csrc/ops.cpp`) defines every op's schema and registers its C++ CPU
+kernels. This module loads that library (`load_library`, the one place that does) and
+registers, once, the CUDA kernels: the Triton launchers of `epd_kernels.kernels` when a
+CUDA device and Triton are present, else the plain-torch reference with one warning.
+After that, torch's dispatcher picks the kernel from the tensors' device; no Python runs
+per call to choose.
 
-    epd_step_fwd(x, grads, weights, h, o) -> y
-    epd_step_bwd(grad_out, grads, weights, h, o) -> (grad_grads, dots)
-    branch_states(x, d, c) -> out
-    branch_states_out(x, d, c, out) -> None
-    branch_states_bwd(grad_out, d, c) -> (grad_x, grad_d, grad_c)
+Backends (`available()` lists those usable here):
+    cpp        the C++ CPU kernels (needs the built extension)
+    triton     the Triton kernels: listed when a CUDA device exists, or when the kernels
+               run under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors, tests)
+    reference  the plain-torch formulas of `reference.py` (any device)
+    auto       cpp on CPU, triton on CUDA (the default)
 
-The choice is made per call from the tensor's device, unless forced with `set_backend`
-or the environment variable EPD_KERNELS_BACKEND (tests use this to run the Triton kernels
-under TRITON_INTERPRET=1 on CPU tensors, and to compare backends).
+`set_backend(name)` (or the environment variable EPD_KERNELS_BACKEND, read once when
+the package is imported) forces one backend for CPU and CUDA tensors alike by
+registering its kernels over the defaults; `set_backend("auto")` removes them again.
+When the extension did not build, the ops do not exist: `epd_kernels.ops` then runs the
+reference directly, after one warning.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
-import types
 import warnings
 from typing import Optional
 
@@ -25,123 +33,215 @@ import torch
 from . import reference as _ref
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
+ENV_VAR = "EPD_KERNELS_BACKEND"
+OPS = ("epd_step", "epd_step_out", "epd_step_backward",
+       "branch_states", "branch_states_out", "branch_states_backward")
 
+_LIBRARY_ERROR: Optional[str] = None
 _forced: Optional[str] = None
-_warned_fallback = False
+_override: Optional[torch.library.Library] = None
+_defaults: Optional[torch.library.Library] = None
+_warned = False
 
 
-def _load_cpp():
-    from . import _extension
+def load_library() -> bool:
+    """Loads the compiled op library (schemas and CPU kernels); True when it is loaded.
 
-    if _extension.load() is None:  # loading registers torch.ops.epd_kernels_cpp
+    The one function that knows how the library is found: `epd_kernels._extension` when
+    the package has it (it builds the library for the running torch if needed), else the
+    extension module built in place, whose import registers the ops.
+    """
+    global _LIBRARY_ERROR
+    if hasattr(torch.ops.epd_kernels, "epd_step"):
+        return True
+    try:
+        from . import _extension
+    except ImportError:
+        _extension = None
+    if _extension is not None:
+        if _extension.load() is None:
+            _LIBRARY_ERROR = str(_extension.load_error())
+            return False
+        return True
+    try:
+        importlib.import_module("epd_kernels._C")
+    except ImportError as exc:
+        _LIBRARY_ERROR = f"{type(exc).__name__}: {exc}"
+        return False
+    return True
+
+
+LIBRARY_LOADED: bool = load_library()
+
+
+def library_error() -> Optional[str]:
+    """Why the compiled library did not load (None when it did)."""
+    return _LIBRARY_ERROR
+
+
+def _triton_kernels(require_usable: bool = True):
+    """The `epd_kernels.kernels` module when its kernels can run here, else None."""
+    if require_usable and not (torch.cuda.is_available()
+                               or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
         return None
-    ops = torch.ops.epd_kernels_cpp
-    return types.SimpleNamespace(
-        name="cpp",
-        epd_step_fwd=ops.epd_step_fwd,
-        epd_step_bwd=ops.epd_step_bwd,
-        branch_states=ops.branch_states,
-        branch_states_out=ops.branch_states_out,
-        branch_states_bwd=ops.branch_states_bwd,
-    )
-
-
-def _load_triton():
     try:
         from . import kernels
-    except ImportError:
+    except ImportError:  # pragma: no cover - the package imports without triton
         return None
-    if not getattr(kernels, "HAS_TRITON", False):
+    if not kernels.HAS_TRITON:
         return None
-    return types.SimpleNamespace(
-        name="triton",
-        epd_step_fwd=kernels.epd_step_fwd,
-        epd_step_bwd=kernels.epd_step_bwd,
-        branch_states=kernels.branch_states,
-        branch_states_out=kernels.branch_states_out,
-        branch_states_bwd=kernels.branch_states_bwd,
-    )
-
-
-def _reference_branch_states_out(x, d, c, out):
-    out.view(-1).copy_(_ref.branch_states(x, d, c).view(-1))
-
-
-REFERENCE = types.SimpleNamespace(
-    name="reference",
-    epd_step_fwd=_ref.epd_step,
-    epd_step_bwd=_ref.epd_step_backward,
-    branch_states=_ref.branch_states,
-    branch_states_out=_reference_branch_states_out,
-    branch_states_bwd=_ref.branch_states_backward,
-)
-
-_cache: dict = {}
-
-
-def get(name: str):
-    """The backend namespace called `name`, or None when it is not available here."""
-    if name == "reference":
-        return REFERENCE
-    if name not in _cache:
-        _cache[name] = {"cpp": _load_cpp, "triton": _load_triton}[name]()
-    return _cache[name]
+    if not (torch.cuda.is_available() or kernels.INTERPRET):
+        return None
+    return kernels
 
 
 def available() -> list:
-    return [n for n in ("cpp", "triton", "reference") if get(n) is not None]
+    """The backends that can run here (see the module docstring for when triton is)."""
+    names = ["cpp"] if LIBRARY_LOADED else []
+    if LIBRARY_LOADED and _triton_kernels() is not None:
+        names.append("triton")
+    return names + ["reference"]
+
+
+def _warn_reference(why: str) -> None:
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    warnings.warn(f"epd_kernels: using the plain-PyTorch reference: {why}. Results are "
+                  "correct but slower.", RuntimeWarning, stacklevel=3)
+
+
+def _reference_on_cuda(name):
+    fn = getattr(_ref, name)
+
+    def kernel(*args):
+        _warn_reference(f"Triton is not usable here ({_triton_missing_reason()})")
+        return fn(*args)
+
+    return kernel
+
+
+def _triton_missing_reason() -> str:
+    try:
+        from . import kernels
+    except ImportError as exc:  # pragma: no cover
+        return str(exc)
+    return kernels.TRITON_IMPORT_ERROR or "no CUDA device"
+
+
+def _cpp_only(name):
+    def kernel(*args):
+        raise RuntimeError(f"epd_kernels: the forced backend 'cpp' runs CPU tensors only; "
+                           f"{name} got a CUDA tensor (use set_backend('auto'))")
+
+    return kernel
+
+
+@contextlib.contextmanager
+def _quiet_override():
+    # Registering over an existing kernel makes torch warn once per op; here that is the
+    # point, so the warning is noise.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        yield
+
+
+def _register_defaults() -> None:
+    """The CUDA kernels of every op (the CPU ones come from the C++ library)."""
+    global _defaults
+    if not LIBRARY_LOADED or _defaults is not None:
+        return
+    kernels = _triton_kernels() if torch.cuda.is_available() else None
+    lib = torch.library.Library("epd_kernels", "IMPL")
+    for name in OPS:
+        fn = getattr(kernels, name) if kernels is not None else _reference_on_cuda(name)
+        lib.impl(name, fn, "CUDA")
+    _defaults = lib
+
+
+def current() -> str:
+    """The forced backend, or "auto"."""
+    return _forced or "auto"
+
+
+def current_forced() -> Optional[str]:
+    """The forced backend, or None under "auto"."""
+    return _forced
+
+
+def active(device) -> str:
+    """The backend whose kernels run tensors on `device` now."""
+    kind = torch.device(device).type
+    if not LIBRARY_LOADED:
+        return "reference"
+    if _forced is not None:
+        return _forced
+    if kind == "cpu":
+        return "cpp"
+    if kind == "cuda" and _triton_kernels() is not None:
+        return "triton"
+    return "reference"
+
+
+def for_device(device):
+    """A record naming the backend that runs tensors on `device` (`.name`), for reports."""
+    import types
+
+    return types.SimpleNamespace(name=active(device))
 
 
 def set_backend(name: Optional[str]) -> None:
     """Force a backend for every call ("cpp", "triton", "reference"), or "auto"/None."""
-    global _forced
-    if name is not None and name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    if name not in (None, "auto") and get(name) is None:
-        raise RuntimeError(f"backend {name!r} is not available on this installation")
-    _forced = None if name == "auto" else name
-
-
-def current_forced() -> Optional[str]:
-    if _forced is not None:
-        return _forced
-    env = os.environ.get("EPD_KERNELS_BACKEND", "auto")
-    return None if env in ("", "auto") else env
-
-
-def for_device(device: torch.device):
-    """The backend that runs tensors on `device`."""
-    forced = current_forced()
-    if forced is not None:
-        backend = get(forced)
-        if backend is None:
-            raise RuntimeError(f"EPD_KERNELS_BACKEND={forced!r} is not available here")
-        return backend
-    preferred = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else None
-    backend = get(preferred) if preferred else None
-    if backend is None:
-        _warn_fallback(device, preferred)
-        return REFERENCE
-    return backend
-
-
-def _warn_fallback(device, preferred):
-    global _warned_fallback
-    if _warned_fallback:
+    global _forced, _override
+    name = "auto" if name is None else name
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    if name != "auto" and name not in available():
+        raise RuntimeError(f"backend {name!r} is not available here (available: "
+                           f"{', '.join(available())}){_why_unavailable(name)}")
+    if name == current():
         return
-    _warned_fallback = True
-    if preferred == "cpp":
-        from . import _extension
+    if _override is not None:
+        _override._destroy()
+        _override = None
+    _forced = None if name == "auto" else name
+    # auto: the defaults; without the library only "reference" is available, and ops.py
+    # runs it directly.
+    if _forced is None or not LIBRARY_LOADED:
+        return
+    lib = torch.library.Library("epd_kernels", "IMPL")
+    with _quiet_override():
+        for op in OPS:
+            if _forced == "cpp":
+                lib.impl(op, _cpp_only(op), "CUDA")
+            else:
+                module = _ref if _forced == "reference" else _triton_kernels()
+                for key in ("CPU", "CUDA"):
+                    lib.impl(op, getattr(module, op), key)
+    _override = lib
 
-        why = f"the C++ extension is unavailable: {_extension.load_error()}"
-    else:
-        why = {
-            "triton": "triton is not installed (`pip install triton`)",
-            None: f"no fused kernel exists for device type {device.type!r}",
-        }[preferred]
-    warnings.warn(
-        f"epd_kernels: using the plain-PyTorch reference on {device.type}: {why}. "
-        "Results are correct but slower.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+
+def _why_unavailable(name: str) -> str:
+    if not LIBRARY_LOADED:
+        return f": the compiled library did not load ({_LIBRARY_ERROR})"
+    if name == "triton":
+        return (": Triton kernels run on a CUDA device, or on CPU tensors under "
+                "TRITON_INTERPRET=1 (tests)")
+    return ""
+
+
+def _backend_from_env() -> Optional[str]:
+    value = os.environ.get(ENV_VAR, "").strip()
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not a backend; use one of "
+                         f"{', '.join(BACKENDS)}")
+    return value
+
+
+_register_defaults()
+_env_backend = _backend_from_env()
+if _env_backend is not None:
+    set_backend(_env_backend)

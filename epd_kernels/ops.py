@@ -1,27 +1,37 @@
-"""The fused EPD ops: torch.library registration, input checks, autograd, dispatch.
+"""The fused EPD ops: public entry points, canonical arguments, fake kernels, autograd.
 
 Public entry points (user-facing shapes):
 
-    epd_step(x, grads, weights, h, o=0.0)        x + (1 + o) * h * sum_k weights_k * grads_k
-    branch_states(x, d, c)                       [K, B, ...]: x + c_k * d for each k
-    branch_states_into(x, d, c, out)             same, written into a static buffer
+    epd_step(x, grads, weights, h, o=0.0, *, out=None)   x + (1 + o) * h * sum_k w_k * grads_k
+    branch_states(x, d, c, *, out=None)                  [K, B, ...]: x + c_k * d for each k
+    branch_states_into(x, d, c, out)                     same, written into a static buffer
 
-Each is a thin Python function that validates and canonicalises its arguments (flatten
-to [B, N], weights to [B, K], scalars to [B] tensors in the accumulation dtype), then
-calls one `torch.ops.epd_kernels.*` custom op. The canonicalisation uses differentiable
-torch ops, so gradients reach the user's original tensors (a [K] weight vector gets the
-batch-summed gradient). Scalars become device tensors, never Python constants in a
-kernel, so a CUDA graph captured around a step stays valid when they change.
+Each validates its arguments and calls one op of the `torch.ops.epd_kernels` library,
+whose schemas and CPU kernels live in `csrc/ops.cpp` and whose CUDA kernels are the
+Triton kernels (registered by `backends.py`); the dispatcher picks the kernel from the
+device. This module registers, once, the ops' fake kernels (for torch.compile and meta
+tensors) and their autograd formulas. Without the compiled library, the same canonical
+arguments go to the plain-torch formulas of `reference.py` (one warning).
+
+Canonical arguments (see `reference.py`): uniform coefficients stay small. `[K]` weights
+with a float (or 0-d) step factor make the whole tensor one row `[1, B*N]`, so the
+kernels read K + 1 scalars and no `[B]` / `[B, K]` tensor is built; a 1-D x of N
+elements runs as fast as `[8, N/8]`. Per-sample `[B]` h/o or `[B, K]` weights keep one
+row per sample. Float h and o are folded into the float `alpha = (1 + o) * h`; tensor
+h or o become the tensor `scale = (1 + o) * h` (differentiable). In a captured CUDA
+graph, floats are constants of the capture: pass 0-d or [B] device tensors for h and o
+when replays must see new values.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from . import backends
+from . import reference as _ref
 from .reference import opmath_dtype
 
 __all__ = ["epd_step", "branch_states", "branch_states_into"]
@@ -30,55 +40,87 @@ Scalar = Union[float, int, torch.Tensor]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # --------------------------------------------------------------------------------------
-# custom ops on canonical inputs
+# the ops: the compiled library, or the reference when it did not build
+
+if backends.LIBRARY_LOADED:
+    _OPS = torch.ops.epd_kernels
+else:
+    _OPS = _ref
 
 
-@torch.library.custom_op("epd_kernels::epd_step", mutates_args=())
-def _epd_step_op(x: torch.Tensor, grads: torch.Tensor, weights: torch.Tensor,
-                 h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    return backends.for_device(x.device).epd_step_fwd(x, grads, weights, h, o)
+def _ops():
+    if not backends.LIBRARY_LOADED:
+        backends._warn_reference(
+            f"the compiled extension did not load ({backends.library_error()}); reinstall "
+            "with `pip install --no-build-isolation .`")
+    return _OPS
 
 
-@_epd_step_op.register_fake
-def _(x, grads, weights, h, o):
-    return torch.empty_like(x)
+def _register_fake_and_autograd():
+    lib = "epd_kernels::"
 
+    @torch.library.register_fake(lib + "epd_step")
+    def _(x, grads, weights, scale, alpha):
+        return torch.empty_like(x)
 
-@torch.library.custom_op("epd_kernels::epd_step_backward", mutates_args=())
-def _epd_step_backward_op(grad_out: torch.Tensor, grads: torch.Tensor, weights: torch.Tensor,
-                          h: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return backends.for_device(grads.device).epd_step_bwd(grad_out, grads, weights, h, o)
+    @torch.library.register_fake(lib + "epd_step_out")
+    def _(x, grads, weights, scale, alpha, out):
+        return None
 
+    @torch.library.register_fake(lib + "epd_step_backward")
+    def _(grad_out, grads, weights, scale, alpha):
+        return (torch.empty_like(grads),
+                weights.new_empty((grad_out.shape[0], grads.shape[0])))
 
-@_epd_step_backward_op.register_fake
-def _(grad_out, grads, weights, h, o):
-    return torch.empty_like(grads), weights.new_empty(weights.shape)
+    @torch.library.register_fake(lib + "branch_states")
+    def _(x, d, c):
+        return x.new_empty((c.shape[-1],) + tuple(x.shape))
+
+    @torch.library.register_fake(lib + "branch_states_out")
+    def _(x, d, c, out):
+        return None
+
+    @torch.library.register_fake(lib + "branch_states_backward")
+    def _(grad_out, d, c):
+        return torch.empty_like(d), torch.empty_like(d), c.new_empty((d.shape[0], c.shape[-1]))
+
+    torch.library.register_autograd(lib + "epd_step", _epd_step_grad,
+                                    setup_context=_epd_step_setup)
+    torch.library.register_autograd(lib + "branch_states", _branch_states_grad,
+                                    setup_context=_branch_states_setup)
+    for name in ("epd_step_backward", "branch_states_backward"):
+        torch.library.register_autograd(lib + name, _no_double_backward,
+                                        setup_context=_setup_nothing)
 
 
 def _epd_step_setup(ctx, inputs, output):
-    _, grads, weights, h, o = inputs
-    ctx.save_for_backward(grads, weights, h, o)
+    _, grads, weights, scale, alpha = inputs
+    ctx.save_for_backward(grads, weights, scale)
+    ctx.alpha = alpha
 
 
 def _epd_step_grad(ctx, grad_out):
-    grads, weights, h, o = ctx.saved_tensors
-    need_x, need_g, need_w, need_h, need_o = ctx.needs_input_grad
+    grads, weights, scale = ctx.saved_tensors
+    need_x, need_g, need_w, need_s, _ = ctx.needs_input_grad
+    alpha = ctx.alpha
     grad_x = grad_out if need_x else None
-    if not (need_g or need_w or need_h or need_o):
+    if not (need_g or need_w or need_s):
         return grad_x, None, None, None, None
-    # One fused pass gives grad_grads and dots[b, k] = <grad_out_b, grads_kb>; the rest is
-    # [B, K]-sized arithmetic.
-    grad_grads, dots = _epd_step_backward_op(grad_out.contiguous(), grads, weights, h, o)
-    one_plus_o = 1.0 + o
-    scale = one_plus_o * h
-    grad_w = scale[:, None] * dots if need_w else None
-    wdot = (weights * dots).sum(1)
-    grad_h = one_plus_o * wdot if need_h else None
-    grad_o = h * wdot if need_o else None
-    return grad_x, (grad_grads if need_g else None), grad_w, grad_h, grad_o
-
-
-_epd_step_op.register_autograd(_epd_step_grad, setup_context=_epd_step_setup)
+    # One fused pass gives grad_grads and dots[b, k] = <grad_out_b, grads_kb>; the rest
+    # is [B, K]-sized arithmetic.
+    grad_grads, dots = torch.ops.epd_kernels.epd_step_backward(
+        grad_out.contiguous(), grads, weights, scale, alpha)
+    grad_w = grad_s = None
+    if need_w:
+        factor = alpha if scale is None else (alpha * scale).reshape(-1, 1)
+        grad_w = factor * dots
+        if weights.dim() == 1:
+            grad_w = grad_w.sum(0)
+    if need_s:
+        grad_s = alpha * (weights * dots).sum(-1)
+        if scale.dim() == 0:
+            grad_s = grad_s.sum()
+    return grad_x, (grad_grads if need_g else None), grad_w, grad_s, None
 
 
 def _no_double_backward(ctx, *grads):
@@ -92,30 +134,6 @@ def _setup_nothing(ctx, inputs, output):
     pass
 
 
-_epd_step_backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
-
-
-@torch.library.custom_op("epd_kernels::branch_states", mutates_args=())
-def _branch_states_op(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    return backends.for_device(x.device).branch_states(x, d, c)
-
-
-@_branch_states_op.register_fake
-def _(x, d, c):
-    return x.new_empty((c.shape[1],) + tuple(x.shape))
-
-
-@torch.library.custom_op("epd_kernels::branch_states_backward", mutates_args=())
-def _branch_states_backward_op(grad_out: torch.Tensor, d: torch.Tensor,
-                               c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.for_device(d.device).branch_states_bwd(grad_out, d, c)
-
-
-@_branch_states_backward_op.register_fake
-def _(grad_out, d, c):
-    return torch.empty_like(d), torch.empty_like(d), c.new_empty(c.shape)
-
-
 def _branch_states_setup(ctx, inputs, output):
     _, d, c = inputs
     ctx.save_for_backward(d, c)
@@ -123,25 +141,15 @@ def _branch_states_setup(ctx, inputs, output):
 
 def _branch_states_grad(ctx, grad_out):
     d, c = ctx.saved_tensors
-    gx, gd, gc = _branch_states_backward_op(grad_out.contiguous(), d, c)
+    gx, gd, gc = torch.ops.epd_kernels.branch_states_backward(grad_out.contiguous(), d, c)
+    if c.dim() == 1:
+        gc = gc.sum(0)
     nx, nd, nc = ctx.needs_input_grad
     return (gx if nx else None), (gd if nd else None), (gc if nc else None)
 
 
-_branch_states_op.register_autograd(_branch_states_grad, setup_context=_branch_states_setup)
-_branch_states_backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
-
-
-@torch.library.custom_op("epd_kernels::branch_states_out", mutates_args=("out",))
-def _branch_states_out_op(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor,
-                          out: torch.Tensor) -> None:
-    backends.for_device(x.device).branch_states_out(x, d, c, out)
-
-
-@_branch_states_out_op.register_fake
-def _(x, d, c, out):
-    return None
-
+if backends.LIBRARY_LOADED:
+    _register_fake_and_autograd()
 
 # --------------------------------------------------------------------------------------
 # argument checking and canonicalisation
@@ -162,22 +170,31 @@ def _check_device(device, **named):
                 f"{name} is on {t.device} but x is on {device}: all tensors must share a device")
 
 
-def _as_batch_scalar(name, value, batch, device, acc):
-    """A float, 0-d tensor or [B] tensor -> a [B] tensor of dtype `acc` on `device`."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _row_scalar(name, value, batch, device, acc):
+    """A 0-d or [B] tensor h / o, checked and cast to `acc`."""
+    if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a float or a tensor of shape [B]={batch}, "
                         f"got {type(value).__name__}")
-    if isinstance(value, torch.Tensor):
-        if not (value.is_floating_point()):
-            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        _check_device(device, **{name: value})
-        if value.dim() == 0:
-            return value.to(acc).expand(batch)
-        if value.dim() != 1 or value.shape[0] != batch:
-            raise ValueError(f"{name} must be a float, a 0-d tensor or a tensor of shape "
-                             f"[{batch}] (one per sample), got shape {list(value.shape)}")
-        return value.to(acc)
-    return torch.full((batch,), float(value), dtype=acc, device=device)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    _check_device(device, **{name: value})
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
+        raise ValueError(f"{name} must be a float, a 0-d tensor or a tensor of shape "
+                         f"[{batch}] (one per sample), got shape {list(value.shape)}")
+    return value.to(acc)
+
+
+def _step_factor(h, o, batch, device, acc):
+    """(scale tensor or None, alpha float) with alpha * scale = (1 + o) * h."""
+    if _is_number(h) and _is_number(o):
+        return None, (1.0 + float(o)) * float(h)
+    ht = float(h) if _is_number(h) else _row_scalar("h", h, batch, device, acc)
+    ot = float(o) if _is_number(o) else _row_scalar("o", o, batch, device, acc)
+    return (1.0 + ot) * ht, 1.0
 
 
 def _stack_grads(grads, x):
@@ -194,13 +211,7 @@ def _stack_grads(grads, x):
     return grads
 
 
-def _canonical_step_args(x, grads, weights, h, o):
-    _check_tensor("x", x)
-    if x.dim() < 1:
-        raise ValueError("x must have a batch dimension: shape [B, ...], got a 0-d tensor")
-    grads = _stack_grads(grads, x)
-    _check_tensor("weights", weights)
-    _check_device(x.device, grads=grads, weights=weights)
+def _check_step_shapes(x, grads, weights):
     if grads.dtype != x.dtype:
         raise TypeError(f"grads has dtype {grads.dtype} but x has {x.dtype}: they must match")
     if grads.dim() != x.dim() + 1:
@@ -215,19 +226,87 @@ def _canonical_step_args(x, grads, weights, h, o):
     if grads.shape[2:] != x.shape[1:]:
         raise ValueError(f"trailing shape mismatch: grads {list(grads.shape)} has per-sample "
                          f"shape {list(grads.shape[2:])}, x {list(x.shape)} has {list(x.shape[1:])}")
-    acc = opmath_dtype(x.dtype)
-    if weights.dim() == 1 and weights.shape[0] == K:
-        w = weights.to(acc)[None].expand(B, K)
-    elif weights.dim() == 2 and tuple(weights.shape) == (B, K):
-        w = weights.to(acc)
-    else:
+    if not ((weights.dim() == 1 and weights.shape[0] == K)
+            or (weights.dim() == 2 and tuple(weights.shape) == (B, K))):
         raise ValueError(f"weights must have shape [K]=[{K}] or [B, K]=[{B}, {K}], "
                          f"got {list(weights.shape)}")
-    hb = _as_batch_scalar("h", h, B, x.device, acc)
-    ob = _as_batch_scalar("o", o, B, x.device, acc)
-    N = math.prod(x.shape[1:])
-    return (x.reshape(B, N).contiguous(), grads.reshape(K, B, N).contiguous(),
-            w.contiguous(), hb.contiguous(), ob.contiguous())
+    return K, B
+
+
+def _rows_of(x, uniform):
+    """(rows, row length) of the canonical view: one row when coefficients are uniform."""
+    if uniform:
+        return 1, x.numel()
+    return x.shape[0], math.prod(x.shape[1:])
+
+
+def _canonical_step_args(x, grads, weights, h, o):
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension: shape [B, ...], got a 0-d tensor")
+    grads = _stack_grads(grads, x)
+    _check_tensor("weights", weights)
+    _check_device(x.device, grads=grads, weights=weights)
+    K, B = _check_step_shapes(x, grads, weights)
+    acc = opmath_dtype(x.dtype)
+    if not (_is_number(h) or isinstance(h, torch.Tensor)):
+        raise TypeError(f"h must be a float or a tensor of shape [B]={B}, got {type(h).__name__}")
+    if not (_is_number(o) or isinstance(o, torch.Tensor)):
+        raise TypeError(f"o must be a float or a tensor of shape [B]={B}, got {type(o).__name__}")
+    scale, alpha = _step_factor(h, o, B, x.device, acc)
+    uniform = weights.dim() == 1 and (scale is None or scale.dim() == 0)
+    rows, n = _rows_of(x, uniform)
+    return (x.reshape(rows, n).contiguous(), grads.reshape(K, rows, n).contiguous(),
+            weights.to(acc).contiguous(), scale, alpha)
+
+
+# --------------------------------------------------------------------------------------
+# out= checks
+
+
+def _byte_span(t):
+    """[first, last) byte addresses that the elements of t can occupy."""
+    extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + extent * t.element_size()
+
+
+def _overlaps(a, b):
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, a1 = _byte_span(a)
+    b0, b1 = _byte_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _same_memory(a, b):
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+def _check_out(op, out, shape, x, may_be_x, **inputs):
+    """`out` must be a tensor of `shape` and x's dtype/device, outside autograd, and
+    overlap none of `inputs` (and x only when `may_be_x` and it is x itself)."""
+    _check_tensor("out", out)
+    _check_device(x.device, out=out)
+    if out.dtype != x.dtype:
+        raise TypeError(f"{op}: out has dtype {out.dtype} but x has {x.dtype}: they must match")
+    if shape is not None and tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{op}: out must have shape {list(shape)}, got {list(out.shape)}")
+    if torch.is_grad_enabled():
+        for name, t in dict(inputs, x=x, out=out).items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeError(
+                    f"{op}(out=...) does not take part in autograd, but {name} requires "
+                    f"grad: call {op} without out=, or under torch.no_grad()")
+    if torch.compiler.is_compiling():
+        return
+    if _overlaps(out, x) and not (may_be_x and _same_memory(out, x)):
+        raise ValueError(f"{op}: out overlaps x; it must be "
+                         f"{'x itself or ' if may_be_x else ''}separate memory")
+    for name, t in inputs.items():
+        if isinstance(t, torch.Tensor) and _overlaps(out, t):
+            raise ValueError(f"{op}: out overlaps {name}; it must be separate memory")
 
 
 # --------------------------------------------------------------------------------------
@@ -235,7 +314,8 @@ def _canonical_step_args(x, grads, weights, h, o):
 
 
 def epd_step(x: torch.Tensor, grads: Union[torch.Tensor, Sequence[torch.Tensor]],
-             weights: torch.Tensor, h: Scalar, o: Scalar = 0.0) -> torch.Tensor:
+             weights: torch.Tensor, h: Scalar, o: Scalar = 0.0, *,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One fused EPD update: ``x + (1 + o) * h * sum_k weights[..., k] * grads[k]``.
 
     Args:
@@ -244,12 +324,29 @@ def epd_step(x: torch.Tensor, grads: Union[torch.Tensor, Sequence[torch.Tensor]]
         weights: ``[K]`` (shared by the batch) or ``[B, K]``; any real values.
         h: step size ``t_{n+1} - t_n``: a float, a 0-d tensor or a ``[B]`` tensor.
         o: scale perturbation, same forms as h.
+        out: optional buffer for the result (keyword only): x's shape, dtype and device,
+            any strides. It may be x itself (an in-place step: every element of the
+            result depends only on the same element of x and grads), but must not
+            overlap grads, weights, h or o (ValueError). With out= the op does not take
+            part in autograd: if grad mode is on and any input or out requires grad, it
+            raises a RuntimeError. Returns out.
 
-    Accumulates in float32 (float64 for float64 data); returns x's dtype and shape.
-    Differentiable in every tensor input (first order).
+    Accumulates in float32 (float64 for float64 data) and rounds once to x's dtype;
+    returns x's dtype and shape. Differentiable in every tensor input (first order).
+    float16 results beyond its range (|y| > 65504) become +-inf, as a cast of the exact
+    float32 result would; NaN and inf inputs propagate.
     """
-    x2, g2, w2, h2, o2 = _canonical_step_args(x, grads, weights, h, o)
-    return _epd_step_op(x2, g2, w2, h2, o2).view(x.shape)
+    x2, g2, w2, scale, alpha = _canonical_step_args(x, grads, weights, h, o)
+    ops = _ops()
+    if out is None:
+        return ops.epd_step(x2, g2, w2, scale, alpha).view(x.shape)
+    _check_out("epd_step", out, x.shape, x, True, grads=grads if isinstance(
+        grads, torch.Tensor) else None, weights=weights, h=h, o=o)
+    if out.is_contiguous():
+        ops.epd_step_out(x2, g2, w2, scale, alpha, out.view(x2.shape))
+    else:
+        out.copy_(ops.epd_step(x2, g2, w2, scale, alpha).view(x.shape))
+    return out
 
 
 def _canonical_branch_args(x, d, c):
@@ -264,26 +361,29 @@ def _canonical_branch_args(x, d, c):
     if d.dtype != x.dtype:
         raise TypeError(f"d has dtype {d.dtype} but x has {x.dtype}: they must match")
     B = x.shape[0]
-    acc = opmath_dtype(x.dtype)
-    if c.dim() == 1:
-        if c.shape[0] == 0:
+    if not ((c.dim() == 1 and c.shape[0] > 0) or (c.dim() == 2 and c.shape[0] == B
+                                                    and c.shape[1] > 0)):
+        if c.dim() == 1:
             raise ValueError("c has K = 0 branch offsets: need at least one")
-        cb = c.to(acc)[None].expand(B, c.shape[0])
-    elif c.dim() == 2 and c.shape[0] == B and c.shape[1] > 0:
-        cb = c.to(acc)
-    else:
         raise ValueError(f"c must have shape [K] or [B, K] with B={B}, got {list(c.shape)}")
-    N = math.prod(x.shape[1:])
-    return x.reshape(B, N).contiguous(), d.reshape(B, N).contiguous(), cb.contiguous()
+    rows, n = _rows_of(x, c.dim() == 1)
+    return (x.reshape(rows, n).contiguous(), d.reshape(rows, n).contiguous(),
+            c.to(opmath_dtype(x.dtype)).contiguous())
 
 
-def branch_states(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def branch_states(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor, *,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Branch starting points ``out[k] = x + c[..., k] * d``, shape ``[K, *x.shape]``.
 
-    ``c`` is ``[K]`` or ``[B, K]`` (EPD uses ``c_k = tau_k - t_n``). Differentiable in x, d, c.
+    ``c`` is ``[K]`` or ``[B, K]`` (EPD uses ``c_k = tau_k - t``). Differentiable in x, d,
+    c. With ``out=`` (keyword only) the result is written into a buffer of that shape or
+    any contiguous buffer of K*B*N elements (see `branch_states_into`) and returned.
     """
+    K = c.shape[-1] if isinstance(c, torch.Tensor) and c.dim() > 0 else None
     x2, d2, c2 = _canonical_branch_args(x, d, c)
-    return _branch_states_op(x2, d2, c2).view((c2.shape[1],) + tuple(x.shape))
+    if out is not None:
+        return _branch_states_into(x, d, c, out, x2, d2, c2)
+    return _ops().branch_states(x2, d2, c2).view((K,) + tuple(x.shape))
 
 
 def branch_states_into(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor,
@@ -291,16 +391,20 @@ def branch_states_into(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor,
     """Writes ``branch_states(x, d, c)`` into a contiguous buffer of K*B*N elements.
 
     The buffer is typically the static ``[K*B, ...]`` input of a batched (graph-captured)
-    denoiser call. No autograd: use `branch_states` when gradients are needed.
+    denoiser call. It must not overlap x, d or c (branch k is written while they are
+    still read). No autograd: with grad mode on, inputs that require grad are refused;
+    use `branch_states` when gradients are needed.
     """
     x2, d2, c2 = _canonical_branch_args(x, d, c)
-    _check_tensor("out", out)
-    _check_device(x.device, out=out)
-    if out.dtype != x.dtype:
-        raise TypeError(f"out has dtype {out.dtype} but x has {x.dtype}: they must match")
-    if not out.is_contiguous() or out.numel() != c2.shape[1] * x2.numel():
-        raise ValueError(f"out must be contiguous with K*B*N = {c2.shape[1] * x2.numel()} "
+    return _branch_states_into(x, d, c, out, x2, d2, c2)
+
+
+def _branch_states_into(x, d, c, out, x2, d2, c2):
+    K = c2.shape[-1]
+    _check_out("branch_states", out, None, x, False, d=d, c=c)
+    if not out.is_contiguous() or out.numel() != K * x2.numel():
+        raise ValueError(f"out must be contiguous with K*B*N = {K * x2.numel()} "
                          f"elements, got shape {list(out.shape)}"
                          f"{'' if out.is_contiguous() else ' (non-contiguous)'}")
-    _branch_states_out_op(x2, d2, c2, out)
+    _ops().branch_states_out(x2, d2, c2, out)
     return out

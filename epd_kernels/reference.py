@@ -1,16 +1,17 @@
-"""Plain-PyTorch versions of every op: the oracle for tests and the CPU fallback.
+"""Plain-PyTorch versions of every op: the oracle for tests and the fallback backend.
 
 Every function here works for any floating dtype (float64 included) and any strides,
-and is written as the formula in DESIGN.md section 1, with no fusion tricks, so that a
-reader can check it against the paper. The kernels in `csrc/` and `kernels/` must agree
-with these to per-dtype tolerances.
+and is written as the formula of docs/design.md ("EPD step"), with no fusion tricks, so
+that a reader can check it against the paper. The kernels in `csrc/` and `kernels/` must
+agree with these to per-dtype tolerances. They take the canonical arguments of the
+`torch.ops.epd_kernels` ops (see `csrc/ops.cpp`); `ops.py` brings user inputs to them:
 
-Canonical shapes (the op layer in `ops.py` brings user inputs to these):
-    x       [B, N]       state, flattened per sample
-    grads   [K, B, N]    K branch gradients
-    weights [B, K]       convex weights (any real values are accepted here)
-    h, o    [B]          step size and scale perturbation
-    c       [B, K]       branch offsets: branch k starts at x + c[:, k] * d
+    x       [B, N]          state, flattened per sample (or all samples as one row)
+    grads   [K, B, N]       K branch gradients
+    weights [K] or [B, K]   convex weights (any real values are accepted here)
+    scale   None, [] or [B] per-row factor; with the float alpha the step is
+                            y = x + alpha * scale * sum_k weights_k * grads_k
+    c       [K] or [B, K]   branch offsets: branch k starts at x + c[..., k] * d
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import torch
 __all__ = [
     "opmath_dtype",
     "epd_step",
+    "epd_step_out",
     "epd_step_backward",
     "branch_states",
+    "branch_states_out",
     "branch_states_backward",
 ]
 
@@ -30,23 +33,41 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def epd_step(x, grads, weights, h, o):
-    """x_next = x + (1 + o) * h * sum_k weights_k * grads_k, accumulated in opmath."""
+def _rows(t, B, acc):
+    """A [K] or [B, K] coefficient tensor as [B, K] in `acc`."""
+    t = t.to(acc)
+    return t.expand(B, t.shape[-1]) if t.dim() == 1 else t
+
+
+def _factor(scale, alpha, B, acc, device):
+    """alpha * scale as a [B] tensor in `acc`."""
+    if scale is None:
+        return torch.full((B,), float(alpha), dtype=acc, device=device)
+    return (float(alpha) * scale.to(acc)).expand(B)
+
+
+def epd_step(x, grads, weights, scale, alpha):
+    """y = x + alpha * scale * sum_k weights_k * grads_k, accumulated in opmath."""
     acc = opmath_dtype(x.dtype)
-    scale = ((1.0 + o.to(acc)) * h.to(acc))  # [B]
-    combo = torch.einsum("bk,kbn->bn", weights.to(acc), grads.to(acc))
-    return (x.to(acc) + scale[:, None] * combo).to(x.dtype)
+    B = x.shape[0]
+    f = _factor(scale, alpha, B, acc, x.device)
+    combo = torch.einsum("bk,kbn->bn", _rows(weights, B, acc), grads.to(acc))
+    return (x.to(acc) + f[:, None] * combo).to(x.dtype)
 
 
-def epd_step_backward(grad_out, grads, weights, h, o):
+def epd_step_out(x, grads, weights, scale, alpha, out):
+    out.copy_(epd_step(x, grads, weights, scale, alpha))
+
+
+def epd_step_backward(grad_out, grads, weights, scale, alpha):
     """Returns (grad_grads [K,B,N] in the data dtype, dots [B,K] in opmath).
 
     dots[b, k] = sum_n grad_out[b, n] * grads[k, b, n]: the partial reduction from which
-    the op layer forms grad_weights, grad_h and grad_o (grad_x is grad_out itself).
+    the op layer forms the gradients of weights and scale (grad_x is grad_out itself).
     """
     acc = opmath_dtype(grads.dtype)
-    scale = (1.0 + o.to(acc)) * h.to(acc)
-    coef = scale[:, None] * weights.to(acc)  # [B, K]
+    B = grad_out.shape[0]
+    coef = _factor(scale, alpha, B, acc, grads.device)[:, None] * _rows(weights, B, acc)
     gy = grad_out.to(acc)
     grad_grads = (coef.t()[:, :, None] * gy[None]).to(grads.dtype).contiguous()
     dots = torch.einsum("bn,kbn->bk", gy, grads.to(acc))
@@ -56,15 +77,21 @@ def epd_step_backward(grad_out, grads, weights, h, o):
 def branch_states(x, d, c):
     """out[k, b, n] = x[b, n] + c[b, k] * d[b, n]  ->  [K, B, N] in x's dtype."""
     acc = opmath_dtype(x.dtype)
-    out = x.to(acc)[None] + c.to(acc).t()[:, :, None] * d.to(acc)[None]
+    cb = _rows(c, x.shape[0], acc)
+    out = x.to(acc)[None] + cb.t()[:, :, None] * d.to(acc)[None]
     return out.to(x.dtype).contiguous()
 
 
+def branch_states_out(x, d, c, out):
+    out.view(-1).copy_(branch_states(x, d, c).view(-1))
+
+
 def branch_states_backward(grad_out, d, c):
-    """Returns (grad_x [B,N], grad_d [B,N], grad_c [B,K] in opmath) for branch_states."""
+    """Returns (grad_x [B,N], grad_d [B,N] in the data dtype, grad_c [B,K] in opmath)."""
     acc = opmath_dtype(grad_out.dtype)
     g = grad_out.to(acc)
+    cb = _rows(c, d.shape[0], acc)
     grad_x = g.sum(0)
-    grad_d = torch.einsum("bk,kbn->bn", c.to(acc), g)
+    grad_d = torch.einsum("bk,kbn->bn", cb, g)
     grad_c = torch.einsum("kbn,bn->bk", g, d.to(acc))
     return grad_x.to(grad_out.dtype), grad_d.to(grad_out.dtype), grad_c

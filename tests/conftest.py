@@ -38,3 +38,10 @@ def _reset_backend():
 
     yield
     backends.set_backend("auto")
+
+
+def pytest_configure(config):
+    # Registered here as well as in pyproject.toml so that `pytest -m gpu` works from any
+    # checkout of the tests.
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA GPU (compiled Triton kernels); run by `make gpu-check`")

@@ -1,10 +1,10 @@
-"""Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90 (no GPU needed).
+"""Ahead-of-time compilation of every Triton kernel config for sm_80 and sm_90 (no GPU).
 
-All compilations run in ONE subprocess without TRITON_INTERPRET (under the interpreter
-@triton.jit returns objects that cannot be lowered to PTX), with a private Triton cache so
-that the kernels really are compiled. The subprocess reports, per kernel build, the global
-load/store instructions found in the PTX, whether the PTX declares local memory, and what
-Triton's bundled `ptxas -v` says about registers and spills.
+`epd_kernels.kernels.aot.compile_all(arch)` runs in ONE subprocess without
+TRITON_INTERPRET (under the interpreter @triton.jit returns objects that cannot be
+lowered to PTX) and compiles every autotune config of every kernel for fp16, bf16, fp32,
+fp64 and K in {1, 2, 3, 4, 8, 16}; ptxas reports spills for each compile. Takes a few
+minutes on a busy machine (about 770 compiles), hence `slow`; CI runs it.
 """
 import json
 import os
@@ -13,67 +13,35 @@ import sys
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("triton")
+pytest.importorskip("triton", reason="needs the optional package triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-ARCHS = (80, 90)
-DTYPES = ("float32", "bfloat16")
-KS = (2, 4)
-KERNELS = ("epd_step_fwd", "epd_step_bwd", "branch_states", "branch_states_bwd")
+ARCHS = ("sm_80", "sm_90")
 
 _SCRIPT = r"""
-import json, re, sys
-from concurrent.futures import ThreadPoolExecutor
+import json, re, sys, time
 import torch
 import epd_kernels.kernels as kk
-from epd_kernels.kernels.aot import compile_kernel, ptxas_stats
+from epd_kernels.kernels import aot
 
 assert kk.HAS_TRITON, kk.TRITON_IMPORT_ERROR
 assert not kk.INTERPRET, "TRITON_INTERPRET leaked into the AOT subprocess"
-archs, dtypes, ks, kernels = json.loads(sys.argv[1])
-jobs = [(n, a, d, k, True) for n in kernels for a in archs for d in dtypes for k in ks]
-# Control: the same forward kernel without alignment hints must not get vector loads.
-jobs += [("epd_step_fwd", a, "float32", 4, False) for a in archs]
-
-def build(job):
-    name, arch, dtype, K, aligned = job
-    key = f"{name}|{arch}|{dtype}|{K}|{int(aligned)}"
-    try:
-        ptx = compile_kernel(name, arch, getattr(torch, dtype), K, aligned).asm["ptx"]
-    except Exception as e:  # reported, asserted on in the parent
-        return key, {"error": f"{type(e).__name__}: {e}"}
-    return key, {"ptx": ptx}
-
-def inspect(item):
-    key, res = item
-    if "error" in res:
-        return key, res
-    ptx = res.pop("ptx")
-    arch = int(key.split("|")[1])
-    stats = ptxas_stats(ptx, arch)
-    res.update(
-        target=(re.search(r"^\.target\s+(\S+)", ptx, re.M) or [None, None])[1],
-        entries=re.findall(r"\.entry\s+(\w+)", ptx),
-        loads=sorted(set(re.findall(r"\bld\.global[\w.:]*", ptx))),
-        stores=sorted(set(re.findall(r"\bst\.global[\w.:]*", ptx))),
-        local_decl=bool(re.search(r"\.local\b", ptx)),
-        local_ops=sorted(set(re.findall(r"\b(?:ld|st)\.local[\w.]*", ptx))),
-        registers=stats["registers"],
-        spill_stores=stats["spill_stores"],
-        spill_loads=stats["spill_loads"],
-        stack_frame=stats["stack_frame"],
-        excerpt=[l.strip() for l in ptx.splitlines() if "ld.global" in l][:6],
-    )
-    return key, res
-
-# Triton compilation is mostly in-process C++; ptxas -v runs as a child process, so
-# overlap the two with a small pool.
-built = [build(j) for j in jobs]
-with ThreadPoolExecutor(2) as pool:
-    results = dict(pool.map(inspect, built))
-print("AOT_RESULTS=" + json.dumps(results))
+t0 = time.time()
+out = {"records": {}, "control": {}, "ttir": None}
+for arch in json.loads(sys.argv[1]):
+    def progress(i, n, rec, arch=arch):
+        if i % 64 == 0 or i == n:
+            print(f"{arch}: {i}/{n} compiled, {time.time() - t0:.0f} s", file=sys.stderr,
+                  flush=True)
+    out["records"][arch] = aot.compile_all(arch, progress=progress)
+    # Control: the forward without alignment hints must not get vector loads.
+    ptx = aot.compile_kernel("epd_step_fwd", arch, torch.float32, 4, aligned=False).asm["ptx"]
+    out["control"][arch] = {
+        "loads": sorted(set(re.findall(r"\bld\.global[\w.:]*", ptx))),
+        "target": (re.search(r"^\.target\s+(\S+)", ptx, re.M) or [None, None])[1],
+    }
+out["ttir"] = aot.compile_kernel("epd_step_fwd", "sm_80", torch.float16, 3).asm["ttir"]
+print("AOT_RESULTS=" + json.dumps(out))
 """
 
 
@@ -82,72 +50,62 @@ def aot(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    arg = json.dumps([ARCHS, DTYPES, KS, KERNELS])
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, arg], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(ARCHS)],
+                          stdout=subprocess.PIPE, stderr=None, text=True, env=env, cwd=ROOT,
+                          timeout=1800)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("AOT_RESULTS=")]
-    assert proc.returncode == 0 and lines, (
-        f"AOT subprocess failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    assert proc.returncode == 0 and lines, f"AOT subprocess failed (rc={proc.returncode})"
     return json.loads(lines[-1][len("AOT_RESULTS="):])
 
 
-def _key(name, arch, dtype, K, aligned=True):
-    return f"{name}|{arch}|{dtype}|{K}|{int(aligned)}"
+pytestmark = pytest.mark.slow
 
 
-ALL = [(n, a, d, k) for n in KERNELS for a in ARCHS for d in DTYPES for k in KS]
+def test_every_config_dtype_and_k_is_compiled(aot):
+    from epd_kernels.kernels._common import CONFIGS_1D, CONFIGS_2D
+
+    for arch in ARCHS:
+        recs = aot["records"][arch]
+        seen = {(r["kernel"], r["dtype"], r["K"], json.dumps(r["config"], sort_keys=True))
+                for r in recs}
+        assert len(seen) == len(recs)
+        for kernel, n_cfg in [("epd_step_fwd", len(CONFIGS_1D)), ("branch_states", len(CONFIGS_1D)),
+                              ("epd_step_bwd", len(CONFIGS_2D)),
+                              ("branch_states_bwd", len(CONFIGS_2D))]:
+            mine = [r for r in recs if r["kernel"] == kernel]
+            assert len(mine) == n_cfg * 4 * 6, (kernel, len(mine))
+            assert {r["dtype"] for r in mine} == {"float16", "bfloat16", "float32", "float64"}
+            assert {r["K"] for r in mine} == {1, 2, 3, 4, 8, 16}
+        for r in recs:
+            assert r["arch"] == arch and isinstance(r["spills"], int)
+            assert r["registers"] is None or r["registers"] > 0
 
 
-def _ids(case):
-    n, a, d, k = case
-    return f"{n}-sm{a}-{d}-K{k}"
+def test_no_spills_anywhere(aot):
+    spilled = [r for arch in ARCHS for r in aot["records"][arch] if r["spills"] != 0]
+    assert not spilled, [(r["kernel"], r["arch"], r["dtype"], r["K"], r["config"], r["spills"])
+                         for r in spilled]
 
 
-def _get(aot, *case, aligned=True):
-    res = aot[_key(*case, aligned=aligned)]
-    assert "error" not in res, res["error"]
-    return res
-
-
-@pytest.mark.parametrize("case", ALL, ids=_ids)
-def test_kernel_builds_for_target(aot, case):
-    name, arch, _, _ = case
-    res = _get(aot, *case)
-    assert res["target"] in (f"sm_{arch}", f"sm_{arch}a"), res["target"]
-    assert res["entries"] == [f"_{name}_kernel"]
-    assert res["registers"] > 0
-
-
-@pytest.mark.parametrize("case", ALL, ids=_ids)
-def test_aligned_kernels_use_128bit_global_accesses(aot, case):
-    res = _get(aot, *case)
-    vec_loads = [op for op in res["loads"] if ".v4.b32" in op or ".v4.f32" in op]
-    vec_stores = [op for op in res["stores"] if ".v4.b32" in op or ".v4.f32" in op]
-    assert vec_loads, f"no 128-bit global loads in {res['loads']}"
-    assert vec_stores, f"no 128-bit global stores in {res['stores']}"
+def test_fp32_forward_uses_128bit_loads(aot):
+    for arch in ARCHS:
+        fwd = [r for r in aot["records"][arch]
+               if r["kernel"] == "epd_step_fwd" and r["dtype"] == "float32"]
+        assert fwd and all(r["vector_loads"] for r in fwd), [r for r in fwd if not r["vector_loads"]]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_unaligned_forward_has_no_vector_loads(aot, arch):
-    """Control for the check above: without divisibility hints Triton must fall back to
+    """Control for the check above: without divisibility hints Triton falls back to
     scalar accesses, so the vector loads really come from the alignment information."""
-    res = _get(aot, "epd_step_fwd", arch, "float32", 4, aligned=False)
-    assert not [op for op in res["loads"] if ".v4." in op], res["loads"]
-    assert res["loads"], "no global loads at all?"
+    ctl = aot["control"][arch]
+    assert ctl["target"] in (arch, arch + "a")
+    assert ctl["loads"] and not [op for op in ctl["loads"] if ".v4." in op or ".v2." in op]
 
 
-@pytest.mark.parametrize("case", ALL, ids=_ids)
-def test_no_local_memory_or_spills(aot, case):
-    res = _get(aot, *case)
-    assert not res["local_decl"], "PTX declares .local memory"
-    assert not res["local_ops"], f"PTX uses local memory: {res['local_ops']}"
-    assert res["spill_stores"] == 0 and res["spill_loads"] == 0, (
-        f"ptxas reports spills: {res['spill_stores']} B stores, {res['spill_loads']} B loads")
-    assert res["stack_frame"] == 0
-
-
-def test_forward_ptx_excerpt_sm80(aot):
-    """The forward kernel at sm_80, fp32, K = 4 loads its inputs 4 x 32 bits at a time."""
-    res = _get(aot, "epd_step_fwd", 80, "float32", 4)
-    assert any("ld.global.v4.b32" in line for line in res["excerpt"]), res["excerpt"]
+def test_tile_offsets_are_64_bit(aot):
+    """The program id is widened to int64 before any offset is formed, so rows of more
+    than 2^31 elements are addressed correctly."""
+    ttir = aot["ttir"]
+    assert "tt.get_program_id" in ttir
+    assert "arith.extsi" in ttir and "to i64" in ttir

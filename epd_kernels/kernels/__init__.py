@@ -1,19 +1,19 @@
-"""Triton kernels of epd_kernels (DESIGN.md section 2, "kernels" layer).
+"""Triton kernels of epd_kernels (docs/design.md, "Layers": the kernels layer).
 
-Pure launchers on canonical, contiguous tensors (the op layer in `ops.py` validates and
-reshapes user inputs, and owns autograd):
+Launchers on the canonical arguments of the `torch.ops.epd_kernels` ops (see
+`csrc/ops.cpp` and `epd_kernels/reference.py`), registered as those ops' CUDA kernels by
+`epd_kernels.backends`; the op layer in `ops.py` validates and reshapes user inputs and
+owns autograd:
 
-    epd_step_fwd(x, grads, weights, h, o) -> y
-    epd_step_bwd(grad_out, grads, weights, h, o) -> (grad_grads, dots)
+    epd_step(x, grads, weights, scale, alpha) -> y
+    epd_step_out(x, grads, weights, scale, alpha, out) -> None
+    epd_step_backward(grad_out, grads, weights, scale, alpha) -> (grad_grads, dots)
     branch_states(x, d, c) -> out
     branch_states_out(x, d, c, out) -> None
-    branch_states_bwd(grad_out, d, c) -> (grad_x, grad_d, grad_c)
-    aot_compile(kernel_name, arch, dtype, K, aligned=True) -> PTX string
+    branch_states_backward(grad_out, d, c) -> (grad_x, grad_d, grad_c)
 
-Shapes: x, d, grad_out [B, N]; grads [K, B, N]; weights, c [B, K]; h, o [B]. Data is
-float32/float64/float16/bfloat16; weights/h/o/c are in the opmath dtype (float64 for
-float64 data, float32 otherwise) and are read inside the kernels, so CUDA graphs that
-capture these launches stay valid when those tensors are updated in place.
+Shapes: x, d, grad_out [B, N]; grads [K, B, N]; weights, c [K] or [B, K]; scale None, []
+or [B]. Ahead-of-time compilation for GPUs that are not present: `kernels.aot`.
 
 The kernels autotune over a few tile sizes on GPU; run each launch once before capturing
 a CUDA graph so that autotuning does not happen during capture.
@@ -25,17 +25,10 @@ package is first imported, the kernels run on CPU tensors through the Triton int
 """
 from __future__ import annotations
 
-__all__ = [
-    "HAS_TRITON",
-    "TRITON_IMPORT_ERROR",
-    "INTERPRET",
-    "epd_step_fwd",
-    "epd_step_bwd",
-    "branch_states",
-    "branch_states_out",
-    "branch_states_bwd",
-    "aot_compile",
-]
+OPS = ("epd_step", "epd_step_out", "epd_step_backward",
+       "branch_states", "branch_states_out", "branch_states_backward")
+
+__all__ = ["HAS_TRITON", "TRITON_IMPORT_ERROR", "INTERPRET", "OPS", *OPS]
 
 try:
     import triton  # noqa: F401
@@ -49,9 +42,8 @@ else:
 
 if HAS_TRITON:
     from ._common import INTERPRET
-    from .aot import aot_compile
-    from .branch_states import branch_states, branch_states_bwd, branch_states_out
-    from .epd_step import epd_step_bwd, epd_step_fwd
+    from .branch_states import branch_states, branch_states_backward, branch_states_out
+    from .epd_step import epd_step, epd_step_backward, epd_step_out
 else:
     INTERPRET = False
 
@@ -67,9 +59,6 @@ else:
         launcher.__qualname__ = name
         return launcher
 
-    epd_step_fwd = _missing("epd_step_fwd")
-    epd_step_bwd = _missing("epd_step_bwd")
-    branch_states = _missing("branch_states")
-    branch_states_out = _missing("branch_states_out")
-    branch_states_bwd = _missing("branch_states_bwd")
-    aot_compile = _missing("aot_compile")
+    for _name in OPS:
+        globals()[_name] = _missing(_name)
+    del _name

@@ -23,13 +23,13 @@ reference directly, after one warning.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import warnings
 from typing import Optional
 
 import torch
 
+from . import _extension
 from . import reference as _ref
 
 BACKENDS = ("auto", "cpp", "triton", "reference")
@@ -46,27 +46,13 @@ _warned = False
 
 def load_library() -> bool:
     """Loads the compiled op library (schemas and CPU kernels); True when it is loaded.
-
-    The one function that knows how the library is found: `epd_kernels._extension` when
-    the package has it (it builds the library for the running torch if needed), else the
-    extension module built in place, whose import registers the ops.
-    """
+    `epd_kernels._extension` finds it: the build of the running torch, or a build into the
+    per-torch cache on first use (a minute, announced on stderr)."""
     global _LIBRARY_ERROR
     if hasattr(torch.ops.epd_kernels, "epd_step"):
         return True
-    try:
-        from . import _extension
-    except ImportError:
-        _extension = None
-    if _extension is not None:
-        if _extension.load() is None:
-            _LIBRARY_ERROR = str(_extension.load_error())
-            return False
-        return True
-    try:
-        importlib.import_module("epd_kernels._C")
-    except ImportError as exc:
-        _LIBRARY_ERROR = f"{type(exc).__name__}: {exc}"
+    if _extension.load() is None:
+        _LIBRARY_ERROR = str(_extension.load_error())
         return False
     return True
 

@@ -468,7 +468,7 @@ def _one_nfe(data, nfe, cfg, baselines, params_dir, mname, say) -> dict:
             params, info = d.fit(data.p, nfe, grid)
             ev = data.evaluate(d.solver, params=params)
             path = params_dir / f"{mname}_{d.solver}_nfe{nfe}_{key}.safetensors"
-            params.save(path)
+            params.save(path, overwrite=True)
             runs[key] = dict(info, **ev, file=path.name, sigmas=params.sigmas.tolist())
             say(f"{mname} NFE {nfe} {d.solver} [{key}: {info['grid']}]: {info['wall_s']:.1f} s "
                 f"wall, test {ev['rmse']:.4g}" + ("" if ev["flips"] is None

@@ -316,7 +316,7 @@ def params_for(bm: BenchModel, solver, nfe, params, params_dir, distill, notes,
             return None
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
-            p.save(str(save_dir / f"{bm.name}-{solver}-nfe{nfe}.safetensors"))
+            p.save(str(save_dir / f"{bm.name}-{solver}-nfe{nfe}.safetensors"), overwrite=True)
         return p
     return None
 

@@ -98,7 +98,7 @@ def main(argv=None):
     # 2. save (atomic) with a note of what it is for; load it back as a user would
     params.meta.update({"model": "distill_and_sample_own_model:make_denoiser",
                         "shape": list(D.shape)})
-    params.save(args.out)
+    params.save(args.out, overwrite=True)   # a rerun resumes and rewrites it
     params = EPDParams.load(args.out)
     print(f"saved {args.out}: K={params.num_points}, nfe={params.nfe}, "
           f"final loss {params.meta.get('final_loss')}")

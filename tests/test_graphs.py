@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from epd_kernels import EPDParams, get_sigmas, make_noise, sample
-from epd_kernels.amed_params import AMEDParams
+from epd_kernels.params import AMEDParams
 from epd_kernels.branches import BranchRunner, capture_failed
-from epd_kernels.dode_params import DODEParams
+from epd_kernels.params import DODEParams
 from epd_kernels.models import GaussianMixtureModel
 from epd_kernels.sampling import clear_graph_cache
 from epd_kernels.solvers.registry import nfe_to_steps, valid_budgets

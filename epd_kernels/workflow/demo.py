@@ -354,7 +354,7 @@ class _Demo:
         params.meta.update({"model": self.args.model, "shape": list(self.shape),
                             "class_labels": "seed", "command": "epd demo"})
         path = os.path.join(self.pdir, f"{name}-nfe{nfe}.safetensors")
-        params.save(path)
+        params.save(path, overwrite=True)   # its folder was checked (demo --force)
         self.params_files.append({"solver": name, "nfe": int(nfe), "path": path,
                                   "seconds": seconds,
                                   "final_loss": params.meta.get("final_loss")})

@@ -103,7 +103,7 @@ def run_distill(args) -> int:
                                 "class_labels": label_mode if isinstance(label_mode, str)
                                 else int(label_mode),
                                 "command": "epd " + " ".join(sys.argv[1:])})
-            params.save(args.out)
+            params.save(args.out, overwrite=args.force)
             loss = params.meta.get("final_loss")
             extra = f", final loss {loss:.4g}" if isinstance(loss, float) else ""
             print(f"epd distill: {solver} nfe={params.nfe} on {args.model}: wrote {args.out} "

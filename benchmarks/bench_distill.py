@@ -78,7 +78,7 @@ from epd_kernels.distill.schedule_search import (AUTO_LR, DEFAULT_CANDIDATES,  #
                                                  SEARCH_OPTIONS,
                                                  DEFAULT_SEARCH_ITERATIONS, DEFAULT_VAL_SIZE,
                                                  distill_auto)
-from epd_kernels.dode_fit import DEFAULT_FIT_BATCH  # noqa: E402
+from epd_kernels.distill.dode_fit import DEFAULT_FIT_BATCH  # noqa: E402
 from epd_kernels.models import GaussianMixtureModel, GaussianModel, load_model  # noqa: E402
 from epd_kernels.sampling import _SOLVERS, solver_names  # noqa: E402
 from epd_kernels.workflow.resolve import class_labels_for  # noqa: E402

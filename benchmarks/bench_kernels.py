@@ -45,7 +45,6 @@ import json
 import math
 import os
 import pathlib
-import statistics
 import sys
 import time
 import warnings
@@ -58,9 +57,10 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.plot` importa
 
 from benchmarks import heap_probe  # noqa: E402
 from benchmarks.plot import line_panels, size_label  # noqa: E402
+from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels import epd_step  # noqa: E402
 
-__all__ = ["run", "EAGER_FORMS", "TARGETS", "Timer", "bench_interleaved"]
+__all__ = ["run", "EAGER_FORMS", "TARGETS"]
 
 KI, MI = 1 << 10, 1 << 20
 IMPLS = ("fused", "eager", "compile")
@@ -144,63 +144,7 @@ def fused_step(x, g, w, h, o):
 # timing
 
 
-class Timer:
-    """Seconds per call of `fn`, averaged over `inner` back-to-back calls."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def measure(self, fn: Callable, inner: int) -> float:
-        if self.cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / inner
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        return (time.perf_counter() - t0) / inner
-
-
-def _stats(samples: List[float], inner: int) -> dict:
-    s = sorted(samples)
-    q = statistics.quantiles(s, n=4, method="inclusive") if len(s) >= 2 else [s[0]] * 3
-    return dict(median_s=statistics.median(s), min_s=s[0], q25_s=q[0], q75_s=q[2],
-                repeats=len(s), inner=inner)
-
-
-def bench_interleaved(timer: Timer, fns: Dict[str, Callable], *, repeats: int, warmup: int,
-                      min_sample_s: float) -> Dict[str, dict]:
-    """Times every fn; samples are interleaved round-robin with a rotating start."""
-    inner = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        timer.sync()
-        t = timer.measure(fn, 1)
-        inner[name] = max(1, min(1000, math.ceil(min_sample_s / max(t, 1e-7))))
-    names = list(fns)
-    samples: Dict[str, List[float]] = {n: [] for n in names}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            shift = r % len(names)
-            for n in names[shift:] + names[:shift]:
-                samples[n].append(timer.measure(fns[n], inner[n]))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {n: _stats(samples[n], inner[n]) for n in names}
+# One interleaved timer for every section: benchmarks/timing.py.
 
 
 # --------------------------------------------------------------------------------------

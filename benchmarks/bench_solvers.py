@@ -64,7 +64,7 @@ if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
 from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
-from epd_kernels.dode_fit import DEFAULT_FIT_BATCH as DODE_BATCH  # noqa: E402
+from epd_kernels.distill.dode_fit import DEFAULT_FIT_BATCH as DODE_BATCH  # noqa: E402
 from epd_kernels.models import GaussianMixtureModel, GaussianModel  # noqa: E402
 from epd_kernels.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
 from epd_kernels.sampling import make_noise, sample  # noqa: E402
@@ -275,7 +275,7 @@ def _fit_amed(plugin: bool):
 
 def _fit_dode(solver: str):
     def fit(bm: BenchModel, nfe: int, **overrides):
-        from epd_kernels.dode_fit import fit_dode
+        from epd_kernels.distill.dode_fit import fit_dode
 
         kw = dict(batch_size=DODE_BATCH, dtype=bm.dtype)
         kw.update(overrides)

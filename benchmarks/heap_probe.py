@@ -51,8 +51,8 @@ def measure(n: int, ks: Sequence[int], repeats: int, threads: int) -> dict:
     elements)."""
     import torch
 
-    from benchmarks.bench_kernels import (Timer, _inputs, bench_interleaved, floor_bytes,
-                                          fused_step)
+    from benchmarks.bench_kernels import _inputs, floor_bytes, fused_step
+    from benchmarks.timing import Timer, bench_interleaved
 
     torch.set_num_threads(threads)
     timer = Timer(torch.device("cpu"))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from distill_helpers.problems import F64, SMALL, gaussian, mixture
-from epd_kernels import AMEDParams, EPDParams, amed_sampler, distill, get_sigmas, make_noise, sample
+from epd_kernels import AMEDParams, EPDParams, distill, get_sigmas, make_noise, sample
+from epd_kernels.solvers.amed import amed_sampler
 from epd_kernels.params.amed_predictor import pool_features
 from epd_kernels.distill import load_checkpoint
 from epd_kernels.models import GaussianMixtureModel

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from epd_kernels import AMEDParams, DODEParams, EPDParams, amed_sampler, get_sigmas, make_noise
+from epd_kernels import AMEDParams, DODEParams, EPDParams, get_sigmas, make_noise
+from epd_kernels.solvers.amed import amed_sampler
 from epd_kernels.models import GaussianModel
 from epd_kernels.params import AMEDPredictor
 from epd_kernels.params.file import checksum

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from epd_kernels.dode_fit import (FIT_SEED_BASE, fit_dode, refine_sigmas, solve_lambda,
+from epd_kernels.distill.dode_fit import (FIT_SEED_BASE, fit_dode, refine_sigmas, solve_lambda,
                                   teacher_targets)
 from epd_kernels import make_noise
 from epd_kernels.models import GaussianMixtureModel, GaussianModel
@@ -298,7 +298,7 @@ def test_refinement_lowers_the_final_loss(base, gmm):
 def test_refine_lambdas_solves_a_linear_problem():
     """On an affine map x(lambda) = c + A lambda the Gauss-Newton step is exact: one step
     reaches the least-squares solution (numpy's lstsq as the oracle), lambda_0 held fixed."""
-    from epd_kernels.dode_fit import refine_lambdas
+    from epd_kernels.distill.dode_fit import refine_lambdas
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(40, 4, generator=g, dtype=F64)

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import epd_kernels
-from epd_kernels import backends, branch_states, branch_states_into, epd_step
+from epd_kernels import backends, epd_step
+from epd_kernels.ops import branch_states, branch_states_into
 from epd_kernels import reference as ref
 
 from conftest import require_cpp
@@ -561,8 +562,13 @@ def test_fallback_warns_once_when_extension_missing(monkeypatch):
 
 
 def test_public_names():
-    for name in ("epd_step", "branch_states", "branch_states_into", "set_backend"):
-        assert hasattr(epd_kernels, name)
+    # The top level is what a user needs; the branch-state ops are the samplers' internals.
+    for name in ("epd_step", "set_backend", "sample", "distill", "EPDParams", "get_sigmas",
+                 "make_noise"):
+        assert hasattr(epd_kernels, name) and name in epd_kernels.__all__
+    for name in ("branch_states", "branch_states_into", "CountingDenoiser", "parallel_calls"):
+        assert not hasattr(epd_kernels, name)
+    assert all(hasattr(epd_kernels, n) for n in epd_kernels.__all__)
 
 
 # --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ sigma_n``, and the D-ODE step is
             = a_n + lambda_n b_n,   a_n = x_n + h_n v_n  (the base step),
                                     b_n = h_n (v_n - v_{n-1}),
 
-affine in lambda_n (which is what makes the closed-form fit in `epd_kernels.dode_fit`
+affine in lambda_n (which is what makes the closed-form fit in `epd_kernels.distill.dode_fit`
 exact). ``v_{n-1}`` is the base estimate of the previous step (not its O), so the
 gradient history of multistep bases is untouched, and step 0, which has no previous
 estimate, is the plain base step (``lambdas[0]`` must be 0). With all lambdas 0 each

@@ -367,7 +367,7 @@ class _Demo:
         _log(f"  {name} nfe={nfe}: RMSE {r['rmse']:.4g}, FD {_fmt(r['fd'])}")
 
     def dode(self) -> None:
-        from ..dode_fit import fit_dode
+        from ..distill.dode_fit import fit_dode
 
         cfg = self.cfg
         _log(f"[3/7] D-ODE: {', '.join(cfg.dode_solvers)} at NFE {list(cfg.distill_nfes)} "

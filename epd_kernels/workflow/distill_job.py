@@ -239,7 +239,7 @@ def _parse_pool(text):
 
 
 def _fit_dode(args, solver, model, shape, label_mode):
-    from ..dode_fit import DEFAULT_FIT_BATCH, fit_dode
+    from ..distill.dode_fit import DEFAULT_FIT_BATCH, fit_dode
 
     bs = args.batch_size or DEFAULT_FIT_BATCH
     cond = {}

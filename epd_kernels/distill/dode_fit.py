@@ -52,11 +52,11 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .params.dode import DODE_BASES, DODEParams, dode_latency_nfe, normalize_dode_base
-from .solvers import SOLVERS
-from .solvers.common import check_cond_keywords, check_int
-from .solvers.dode import DODE_SOLVERS
-from .solvers.schedules import check_sigmas, get_sigmas
+from ..params.dode import DODE_BASES, DODEParams, dode_latency_nfe, normalize_dode_base
+from ..solvers import SOLVERS
+from ..solvers.common import check_cond_keywords, check_int
+from ..solvers.dode import DODE_SOLVERS
+from ..solvers.schedules import check_sigmas, get_sigmas
 
 __all__ = ["fit_dode", "refine_sigmas", "teacher_targets", "solve_lambda", "refine_lambdas",
            "FIT_SEED_BASE", "DEFAULT_FIT_BATCH"]
@@ -401,7 +401,7 @@ def _fitting_noise(noise, shape, batch_size, seed, device, dtype):
         if shape is None:
             raise ValueError("give shape (per-sample shape) or a noise batch")
         batch_size = check_int("batch_size", batch_size, 1)
-        from .sampling import make_noise
+        from ..noise import make_noise
 
         first = FIT_SEED_BASE + int(seed) * int(batch_size)
         return make_noise(range(first, first + int(batch_size)), shape, device=device,

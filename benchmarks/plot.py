@@ -91,16 +91,7 @@ def line_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    for j in range(n, nrows * ncols):
-        axes[j // ncols][j % ncols].axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_grid(plt, fig, axes, n, title, path)
 
 
 def error_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
@@ -143,6 +134,12 @@ def error_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
         ax.set_ylabel(p.get("ylabel", ""))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
+    return _save_grid(plt, fig, axes, n, title, path)
+
+
+def _save_grid(plt, fig, axes, n: int, title: str, path) -> pathlib.Path:
+    """Blanks the unused cells of a panel grid, titles and writes the figure."""
+    nrows, ncols = len(axes), len(axes[0])
     for j in range(n, nrows * ncols):
         axes[j // ncols][j % ncols].axis("off")
     if title:

@@ -45,7 +45,7 @@ def _commit() -> str:
         return "unknown"
 
 
-def block(run_dir: str, readme_dir: str) -> str:
+def block(run_dir: str, readme_dir: str, commit: str) -> str:
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     with open(os.path.join(run_dir, "table.md")) as f:
@@ -59,7 +59,7 @@ def block(run_dir: str, readme_dir: str) -> str:
         START,
         f"_Written by `python tools/readme_demo.py` from a run of `{res['command']}` — "
         f"{_cpu_name()} · {os.cpu_count()} logical CPUs · {res['threads']} thread(s) · "
-        f"torch {torch.__version__} · commit `{_commit()}`; total {t['total']:.0f} s "
+        f"torch {torch.__version__} · commit `{commit}`; total {t['total']:.0f} s "
         f"(reference {t['reference']:.0f} s, baselines {t['baselines']:.0f} s, D-ODE "
         f"{t['d-ode']:.0f} s, EPD {t['epd']:.0f} s"
         + (f", AMED {t['amed']:.0f} s" if "amed" in t else "")
@@ -107,13 +107,16 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", default="README.md")
     args, demo_args = ap.parse_known_args(argv)
     run_dir = args.src
+    # The tree the demo runs on, read before the run rewrites docs/demo and the README.
+    commit = _commit() if run_dir is None else "of an earlier run (--from)"
     if run_dir is None:
         run_dir = args.out
         if os.path.isdir(run_dir):
             shutil.rmtree(run_dir)
         epd = os.path.join(os.path.dirname(sys.executable), "epd")
         subprocess.run([epd, "demo", "--out", run_dir, *demo_args], check=True)
-    update_readme(args.readme, block(run_dir, os.path.dirname(os.path.abspath(args.readme))))
+    update_readme(args.readme, block(run_dir, os.path.dirname(os.path.abspath(args.readme)),
+                                     commit))
     print(f"updated {args.readme} from {run_dir}")
     return 0
 

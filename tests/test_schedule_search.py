@@ -185,14 +185,24 @@ def test_other_methods_are_sampled_with_their_own_solver():
 
 
 @pytest.mark.parametrize("pool", [None, 24])
-def test_per_row_conditioning_needs_val_cond(pool):
-    """Labels per training row (per batch row with fresh noise, per pool entry with a pool)
-    say nothing about the validation draws: val_cond is required."""
+def test_per_row_conditioning_is_cycled_for_validation(pool):
+    """Without val_cond, labels per training row (per batch row with fresh noise, per pool
+    entry with a pool) give validation draw i the label of row i mod rows."""
+    from epd_kernels.distill.schedule_search import _split_cond
+
     rows = TINY["batch_size"] if pool is None else pool
-    labels = torch.zeros(rows, dtype=torch.long)
-    with pytest.raises(ValueError, match="val_cond"):
-        choose_schedule(gaussian(), candidates=["poly7"], class_labels=labels,
-                        **dict(TINY, pool=pool))
+    labels = torch.arange(rows) % 3
+    other = torch.tensor([7.0])
+    got = _split_cond({"class_labels": labels, "scale": other}, None,
+                      (TINY["batch_size"], pool), 50)
+    assert torch.equal(got["class_labels"], torch.arange(50) % rows % 3)
+    assert got["scale"] is other
+    given = {"class_labels": torch.ones(50, dtype=torch.long)}
+    assert _split_cond({"class_labels": labels}, given, (rows,), 50) == given
+    # and the search runs with such labels
+    _, report = choose_schedule(gaussian(), candidates=["poly7"], class_labels=labels,
+                                **dict(TINY, pool=pool))
+    assert report["chosen"] == "poly7"
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -70,6 +70,7 @@ import torch
 from ..sampling import _resolve_sigmas, make_noise, nfe_to_steps, sample, steps_to_nfe
 from ..solvers.common import check_int
 from .batches import shared_pools
+from .budget import _cycle
 from .loop import default_device, dist_info, train
 from .noise import row_seed
 from .settings import AUTO, DistillSettings, SearchSettings, split_keywords
@@ -183,20 +184,19 @@ def _check_candidates(candidates, steps) -> Dict[str, object]:
 
 
 def _split_cond(cond: dict, val_cond: Optional[dict], rows: tuple, val_size: int) -> dict:
-    """Conditioning for the validation draws: ``val_cond`` if given, else ``cond`` when it
-    has no per-row tensors (leading dimension in ``rows``: the global batch, or the pool;
-    those belong to the training draws, not to validation)."""
+    """Conditioning for the validation draws: ``val_cond`` if given, else ``cond`` with its
+    per-row tensors (leading dimension in ``rows``: the global batch, or the pool) cycled
+    to ``val_size`` rows, validation draw i taking row i mod rows, as the held-out
+    comparison (`verdict`) does; so labels such as ``arange(P) % C`` keep their mix."""
     if val_cond is not None:
         if not isinstance(val_cond, Mapping):
             raise ValueError(f"val_cond must be a dict of conditioning, got "
                              f"{type(val_cond).__name__}")
         return dict(val_cond)
-    per_row = [k for k, v in cond.items() if isinstance(v, torch.Tensor) and v.dim() >= 1
-               and v.shape[0] in rows]
-    if per_row:
-        raise ValueError(f"conditioning {per_row} has one row per training sample; pass "
-                         f"val_cond={{...}} with {val_size} rows for the validation draws")
-    return dict(cond)
+    per_row = {k for k, v in cond.items() if isinstance(v, torch.Tensor) and v.dim() >= 1
+               and v.shape[0] in rows}
+    cycled = _cycle({k: cond[k] for k in per_row}, val_size)
+    return {k: cycled.get(k, v) for k, v in cond.items()}
 
 
 def _chunks(n: int, size: int):

@@ -48,7 +48,7 @@ if str(HERE.parent) not in sys.path:
 from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels.branches import BranchRunner  # noqa: E402
 from epd_kernels.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
-from epd_kernels.sampling import make_noise  # noqa: E402
+from epd_kernels.noise import make_noise  # noqa: E402
 
 QUICK = dict(repeats=15, warmup=2, batches=(8, 64), ks=(1, 2, 3, 4))
 FULL = dict(repeats=25, warmup=3, batches=(1, 8, 64, 256), ks=(1, 2, 3, 4))

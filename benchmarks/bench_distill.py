@@ -80,7 +80,7 @@ from epd_kernels.distill.schedule_search import (AUTO_LR, DEFAULT_CANDIDATES,  #
                                                  distill_auto)
 from epd_kernels.distill.dode_fit import DEFAULT_FIT_BATCH  # noqa: E402
 from epd_kernels.models import GaussianMixtureModel, GaussianModel, load_model  # noqa: E402
-from epd_kernels.sampling import _SOLVERS, solver_names  # noqa: E402
+from epd_kernels.solvers.registry import _SOLVERS, solver_names  # noqa: E402
 from epd_kernels.workflow.resolve import class_labels_for  # noqa: E402
 
 F64 = torch.float64

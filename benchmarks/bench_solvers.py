@@ -67,7 +67,8 @@ from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels.distill.dode_fit import DEFAULT_FIT_BATCH as DODE_BATCH  # noqa: E402
 from epd_kernels.models import GaussianMixtureModel, GaussianModel  # noqa: E402
 from epd_kernels.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
-from epd_kernels.sampling import make_noise, sample  # noqa: E402
+from epd_kernels.noise import make_noise  # noqa: E402
+from epd_kernels.sampling import sample  # noqa: E402
 from epd_kernels.workflow.demo import DEFAULT as DEMO  # noqa: E402
 from epd_kernels.workflow.resolve import class_labels_for  # noqa: E402
 
@@ -332,7 +333,8 @@ def expected_total(params, nfe: int):
 
 def _run_variant(model, noise, base, nfe, kw, cond):
     """A solver variant with extra keywords, counted like sample() counts."""
-    from epd_kernels.sampling import CountingDenoiser, SampleStats, nfe_to_steps
+    from epd_kernels.solvers.counting import CountingDenoiser, SampleStats
+    from epd_kernels.solvers.registry import nfe_to_steps
     from epd_kernels.solvers import SOLVERS as FUNCS
     from epd_kernels.solvers import get_sigmas
 

@@ -47,36 +47,15 @@ import torch
 from .branches import clear_graph_cache as _clear_branch_runners
 from .branches import runner_for
 from .models.conditioning import warn_missing_labels
-from .noise import make_noise
 from .solvers import schedules as _schedules
 from .solvers import solve_graph as _solve_graph
-from .solvers.counting import CountingDenoiser, SampleStats, parallel_calls
+from .solvers.counting import CountingDenoiser, SampleStats
 from .solvers.graphs import (check_cond_device, device_guard, graph_mode,
                              strategy_for)
-from .solvers.registry import (_SOLVERS, all_option_names, is_explicit, nfe_to_steps,
-                               register_solver, resolve_afs, resolve_sigmas, solver_names,
-                               solver_options, spec, steps_to_nfe, valid_budgets)
+from .solvers.registry import (all_option_names, is_explicit, nfe_to_steps, resolve_afs,
+                               resolve_sigmas, spec, steps_to_nfe)
 
-# Names other modules import from here; their homes are noise.py, solvers/counting.py and
-# solvers/registry.py.
-_spec = spec
-_resolve_sigmas = resolve_sigmas
-
-__all__ = [
-    "sample",
-    "SampleStats",
-    "CountingDenoiser",
-    "parallel_calls",
-    "make_noise",
-    "nfe_to_steps",
-    "steps_to_nfe",
-    "valid_budgets",
-    "solver_names",
-    "solver_options",
-    "register_solver",
-    "clear_graph_cache",
-    "DEFAULT_NFE",
-]
+__all__ = ["sample", "clear_graph_cache", "DEFAULT_NFE"]
 
 #: The budget of a solver without params when ``nfe`` is None and no explicit grid says.
 DEFAULT_NFE = 5

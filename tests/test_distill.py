@@ -447,7 +447,7 @@ def test_schedule_auto_is_the_schedule_search():
     p = distill(model, schedule="auto", compare=False, **kw)
     q, report = distill_auto(model, **kw)
     assert_same_params(p, q, rtol=0, atol=0)
-    from epd_kernels.sampling import _resolve_sigmas
+    from epd_kernels.solvers.registry import resolve_sigmas as _resolve_sigmas
 
     grids = [_resolve_sigmas(c, 3) for c in DEFAULT_CANDIDATES.values()]
     chosen = _resolve_sigmas(DEFAULT_CANDIDATES[report["chosen"]], 3).to(p.sigmas)

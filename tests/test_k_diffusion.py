@@ -19,7 +19,7 @@ import torch
 
 import epd_kernels.k_diffusion as kd
 from epd_kernels import EPDParams, get_sigmas, make_noise
-from epd_kernels.sampling import solver_names
+from epd_kernels.solvers.registry import solver_names
 from epd_kernels.models import GaussianMixtureModel, GaussianModel
 from epd_kernels.solvers import sample_heun
 from epd_kernels.solvers.epd import epd_sampler

@@ -6,7 +6,7 @@ from scipy import linalg
 
 from epd_kernels.metrics import (feature_stats, frechet_distance, frechet_distance_from_stats,
                                  global_rmse, nfe_table, rmse)
-from epd_kernels.sampling import SampleStats
+from epd_kernels.solvers.counting import SampleStats
 
 
 def test_global_rmse_definition():

@@ -80,7 +80,8 @@ def measure_cost(denoiser, s: DistillSettings, device, cond: dict) -> dict:
     and differentiated on a training batch: an iteration without its stored teacher
     targets), and ``measure_s`` (time spent here)."""
     from ..params import EPDParams
-    from ..sampling import _resolve_sigmas, sample
+    from ..solvers.registry import resolve_sigmas as _resolve_sigmas
+    from ..sampling import sample
     from .latent import DELTA_MAX, O_MAX
     from .loop import frozen
     from .students import EPDStudent

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from ..sampling import _resolve_sigmas
+from ..solvers.registry import resolve_sigmas as _resolve_sigmas
 from . import checkpoint as ckpt
 from .batches import TeacherBatches
 from .conditioning import rows_of, split_rank_cond

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..sampling import make_noise
+from ..noise import make_noise
 
 __all__ = ["row_seed", "training_noise"]
 

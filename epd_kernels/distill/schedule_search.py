@@ -67,7 +67,9 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..sampling import _resolve_sigmas, make_noise, nfe_to_steps, sample, steps_to_nfe
+from ..solvers.registry import resolve_sigmas as _resolve_sigmas, nfe_to_steps, steps_to_nfe
+from ..noise import make_noise
+from ..sampling import sample
 from ..solvers.common import check_int
 from .batches import shared_pools
 from .budget import _cycle

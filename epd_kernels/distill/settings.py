@@ -204,7 +204,7 @@ class DistillSettings:
 
     @property
     def steps(self) -> int:
-        from ..sampling import nfe_to_steps
+        from ..solvers.registry import nfe_to_steps
 
         return nfe_to_steps("epd", self.nfe, self.afs)
 

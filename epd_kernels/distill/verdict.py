@@ -25,7 +25,9 @@ import warnings
 
 import torch
 
-from ..sampling import make_noise, nfe_to_steps, sample
+from ..noise import make_noise
+from ..solvers.registry import nfe_to_steps
+from ..sampling import sample
 from .budget import REFERENCE_STEPS, _cycle
 
 __all__ = ["compare", "BASELINES", "HELD_OUT_SEED_BASE", "RMSE_DEFINITION"]

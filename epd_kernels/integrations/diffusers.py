@@ -253,7 +253,7 @@ def sample_pipeline(pipe, prompts: Prompts, *, solver: str = "ipndm", nfe: Optio
 
 def make_latents(seeds, shape, device, dtype) -> torch.Tensor:
     """Standard normal latents, one generator per seed (`epd_kernels.make_noise`)."""
-    from ..sampling import make_noise
+    from ..noise import make_noise
 
     return make_noise(seeds, shape, device=device, dtype=dtype)
 

@@ -69,7 +69,9 @@ import numpy as np
 import torch
 
 from ..metrics import feature_stats, frechet_distance_from_stats, global_rmse
-from ..sampling import make_noise, sample, solver_names, valid_budgets
+from ..noise import make_noise
+from ..sampling import sample
+from ..solvers.registry import solver_names, valid_budgets
 from . import outputs, plots
 from .errors import UserError, one_line
 from .resolve import (check_budget, class_labels_for, is_alias, load_model_or_fail,

@@ -1,7 +1,7 @@
 """`epd list`: the solvers (NFE rule, valid budgets up to 9, params) and embedded models."""
 from __future__ import annotations
 
-from ..sampling import solver_names, valid_budgets
+from ..solvers.registry import solver_names, valid_budgets
 from .resolve import _ALIASES, budget_rule, model_shape, needs_params, num_classes
 
 __all__ = ["run_list"]

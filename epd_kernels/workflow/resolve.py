@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..sampling import _spec, nfe_to_steps, solver_names, valid_budgets
+from ..solvers.registry import spec as _spec, nfe_to_steps, solver_names, valid_budgets
 from .errors import UserError, one_line
 
 __all__ = ["load_model_or_fail", "load_params", "check_solver", "check_budget",

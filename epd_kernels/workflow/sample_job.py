@@ -38,7 +38,9 @@ from typing import List
 import numpy as np
 import torch
 
-from ..sampling import make_noise, nfe_to_steps, sample
+from ..noise import make_noise
+from ..solvers.registry import nfe_to_steps
+from ..sampling import sample
 from . import outputs
 from .distributed import distributed_context, local_device
 from .errors import UserError, one_line

@@ -13,9 +13,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_distill import mixture_64 as mixture  # noqa: E402,F401  (the benchmark's model)
+from benchmarks.bench_distill import mixture as _bench_mixture  # noqa: E402
 
 F64 = torch.float64
+
+
+def mixture(seed: int = 0, dim: int = 64, components: int = 8):
+    """8 isotropic components in 64 dims: means N(0, I), stds U(0.2, 0.6), weights
+    U(0.5, 1.5)."""
+    from epd_kernels.models import GaussianMixtureModel
+
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(components, dim, generator=g, dtype=F64)
+    stds = 0.2 + 0.4 * torch.rand(components, generator=g, dtype=F64)
+    weights = 0.5 + torch.rand(components, generator=g, dtype=F64)
+    return GaussianMixtureModel(means, stds, weights)
 
 
 def gaussian(dim: int = 8, seed: int = 0) -> GaussianModel:
@@ -59,13 +71,7 @@ def ddp_cases(global_batch: int) -> dict:
     }
 
 
-def skewed_mixture(dim: int = 16, components: int = 4, seed: int = 11):
-    """A mixture the distillation defaults were not chosen on: unequal weights (about 1:12),
-    a different scale per component and per dimension (stds 0.05-1.0), means 1.5 N(0, I)."""
-    from epd_kernels.models import GaussianMixtureModel
-
-    g = torch.Generator().manual_seed(seed)
-    means = 1.5 * torch.randn(components, dim, generator=g, dtype=F64)
-    stds = 0.05 + 0.95 * torch.rand(components, dim, generator=g, dtype=F64)
-    weights = torch.linspace(1.0, 12.0, components, dtype=F64)
-    return GaussianMixtureModel(means, stds, weights)
+def skewed_mixture():
+    """The distill benchmark's 16-dim skewed mixture (unequal weights, per-dimension scales),
+    which the distillation defaults were not chosen on."""
+    return _bench_mixture(16, 4, 11)

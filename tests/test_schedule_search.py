@@ -124,14 +124,20 @@ def test_distill_auto_continues_the_winner_from_its_search_params(monkeypatch):
     kw = dict(TINY, iterations=10, learn_grid=False)
     params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
     assert report["continued"] and report["search_iterations"] == 4
-    assert report["final"] == {"learn_grid": False}
+    final = report["final"]
+    assert final["learn_grid"] is False and final["kept"] in ("search", "fixed")
     chosen = report["candidates"][report["chosen"]]
     assert chosen["params"].meta["iterations"] == 4
-    # the final run starts from the winner's search parameters and runs `iterations`
+    # the final run starts from the winner's search parameters and runs `iterations`; the
+    # better of the two on validation is returned
     assert starts[:3] == [None] * 3 and starts[3] is chosen["params"] and len(starts) == 4
-    assert params.meta["iterations"] == 10
+    assert final["search_val_rmse"] == chosen["val_rmse"]
     torch.testing.assert_close(params.sigmas, torch.as_tensor(chosen["sigmas"], dtype=F64))
-    assert not torch.equal(params.weights, chosen["params"].weights)  # trained further
+    if final["kept"] == "fixed":
+        assert params.meta["iterations"] == 10 and final["fixed_val_rmse"] < chosen["val_rmse"]
+        assert not torch.equal(params.weights, chosen["params"].weights)  # trained further
+    else:
+        assert params is chosen["params"] and final["fixed_val_rmse"] >= chosen["val_rmse"]
     assert params.meta["schedule_search"]["chosen"] == report["chosen"]
     # full-length search: the winner's run is the result, nothing is re-run
     p2, r2 = distill_auto(model, candidates=["poly7"], search_iterations=None, **TINY)
@@ -158,7 +164,12 @@ def test_final_run_reuses_the_winners_teacher_pool(monkeypatch):
     assert len(fills) == len(CANDS) and len(set(fills)) == len(CANDS)
     fills.clear()
     kw["learn_grid"] = False
-    params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
+    runs = []
+    real_train = schedule_search.train
+    monkeypatch.setattr(schedule_search, "train",
+                        lambda *a: runs.append(real_train(*a)) or runs[-1])
+    _, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
+    params = runs[-1]                                  # the final run (kept or not)
     assert len(fills) == len(CANDS) and len(set(fills)) == len(CANDS)
     # the same final run from scratch (its own teacher pool) gives the same parameters
     fills.clear()
@@ -270,9 +281,11 @@ def test_fast_settings_are_accepted_by_distill_auto_and_distill():
     p = distill(model, nfe=3, shape=(8,), schedule="auto", progress=False, **FAST_SETTINGS)
     assert p.meta["schedule_search"]["validation"]["size"] == FAST_SETTINGS["val_size"]
     assert p.meta["schedule_search"]["search_iterations"] == FAST_SETTINGS["search_iterations"]
-    # the final runs (fixed grid, then learned grid) take their own lengths
-    assert p.meta["iterations"] in (FAST_SETTINGS["final_iterations"],
-                                    FAST_SETTINGS["grid_iterations"])
+    # the search winner or the final runs (fixed grid, then learned grid), each its length
+    lengths = {"search": FAST_SETTINGS["search_iterations"],
+               "fixed": FAST_SETTINGS["final_iterations"],
+               "learned": FAST_SETTINGS["grid_iterations"]}
+    assert p.meta["iterations"] == lengths[p.meta["schedule_search"]["final"]["kept"]]
     assert p.meta["M"] == FAST_SETTINGS["M"] and p.meta["pool"] == FAST_SETTINGS["pool"]
     q = distill(model, nfe=3, shape=(8,), progress=False,
                 **{k: v for k, v in FAST_SETTINGS.items() if k not in SEARCH_OPTIONS})
@@ -296,9 +309,9 @@ def test_distill_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(mo
     kw = dict(TINY, iterations=10)
     params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
     assert len(calls) == 5
-    (fixed_kw, fixed), (grid_kw, learned) = calls[3], calls[4]
+    (search_kw, winner), (fixed_kw, fixed), (grid_kw, learned) = calls[2], calls[3], calls[4]
     assert not fixed_kw.get("learn_grid") and grid_kw["learn_grid"] is True
-    assert grid_kw["init"] is fixed
+    assert fixed_kw["init"] is report["candidates"][report["chosen"]]["params"]
     assert grid_kw["lr"] == pytest.approx(TINY["lr"] * schedule_search.LEARN_GRID_LR_SCALE)
     assert learned.meta["match"] == "final" and learned.schedule["kind"] == "learned"
     rec = report["final"]
@@ -307,15 +320,19 @@ def test_distill_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(mo
     _, rep = choose_schedule(model, candidates={"fixed": fixed.sigmas}, search_iterations=None,
                              **dict(TINY, iterations=1))
     score = rep["score"]
-    assert rec["fixed_val_rmse"] == pytest.approx(score(fixed), rel=1e-9)
-    assert rec["learned_val_rmse"] == pytest.approx(score(learned), rel=1e-9)
-    kept = learned if rec["learned_val_rmse"] < rec["fixed_val_rmse"] else fixed
-    assert rec["kept"] == ("learned" if kept is learned else "fixed") and params is kept
+    start = fixed_kw["init"]
+    runs = {"search": start, "fixed": fixed, "learned": learned}
+    for name, p in runs.items():
+        assert rec[f"{name}_val_rmse"] == pytest.approx(score(p), rel=1e-9), name
+    # the grid run starts from the better of the winner and the fixed run; the best is kept
+    assert grid_kw["init"] is min((start, fixed), key=score)
+    assert params is runs[rec["kept"]] and rec["kept"] == min(runs, key=lambda n: score(runs[n]))
     # AMED has no learned grid: one final run
     calls.clear()
     _, rep = distill_auto(model, candidates=["poly7"], search_iterations=2, method="amed",
                           amed_form="table", num_points=None, **kw)
-    assert rep["final"] == {"learn_grid": False} and len(calls) == 2
+    assert rep["final"]["learn_grid"] is False and set(rep["final"]) == {
+        "learn_grid", "kept", "search_val_rmse", "fixed_val_rmse"} and len(calls) == 2
     with pytest.raises(ValueError, match="learn_grid=... needs a final run"):
         distill_auto(model, candidates=["poly7"], search_iterations=None, learn_grid=True,
                      **TINY)

@@ -71,13 +71,9 @@ _SOLVERS: Dict[str, SolverSpec] = {}
 def register_solver(name: str, fn: Optional[Callable] = None, *, evals_per_step: int = 1,
                     default_afs: bool = False, lazy: Optional[str] = None,
                     needs_params: bool = False, **extra) -> None:
-    """Adds a solver to `sample` (``fn`` or ``lazy="module:function"``).
-
-    ``fn(denoiser, x, sigmas, *, callback, progress, afs, **options, **cond)`` for plain
-    solvers, or ``fn(denoiser, x, sigmas, *, params, callback, progress, **extra,
-    **options, **cond)`` with ``needs_params``. ``evals_per_step`` (1 or 2) defines the NFE
-    rule ``nfe = evals_per_step * steps - afs``.
-    """
+    """Adds a solver to `sample` (``fn`` or ``lazy="module:function"``, with the baseline
+    signature, plus ``params`` and the fixed keywords ``extra`` with ``needs_params``);
+    ``evals_per_step`` (1 or 2) sets its NFE rule."""
     if (fn is None) == (lazy is None):
         raise ValueError("give exactly one of fn and lazy")
     if evals_per_step not in (1, 2):
@@ -139,6 +135,7 @@ def all_option_names() -> frozenset:
 
 
 def resolve_afs(s: SolverSpec, afs: Optional[bool]) -> bool:
+    """The afs setting: the solver's default where None."""
     return s.default_afs if afs is None else bool(afs)
 
 
@@ -181,10 +178,8 @@ def nfe_to_steps(solver: str, nfe: int, afs: Optional[bool] = None) -> int:
 
 def resolve_sigmas(schedule, steps: Optional[int]) -> torch.Tensor:
     """float64 CPU grid from `schedule` (None / kind name / dict / explicit sigmas)."""
-    if schedule is None:
-        return _schedules.get_sigmas("polynomial", steps)
-    if isinstance(schedule, str):
-        return _schedules.get_sigmas(schedule, steps)
+    if schedule is None or isinstance(schedule, str):
+        return _schedules.get_sigmas("polynomial" if schedule is None else schedule, steps)
     if isinstance(schedule, dict):
         kw = dict(schedule)
         kind = kw.pop("kind", "polynomial")

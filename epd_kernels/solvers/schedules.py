@@ -35,15 +35,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = [
-    "SCHEDULES",
-    "get_sigmas",
-    "check_sigmas",
-    "vp_sigma",
-    "vp_sigma_inv",
-    "VP_BETA_D",
-    "VP_BETA_MIN",
-]
+__all__ = ["SCHEDULES", "get_sigmas", "check_sigmas", "vp_sigma", "vp_sigma_inv"]
 
 VP_BETA_D = 19.9
 VP_BETA_MIN = 0.1
@@ -51,19 +43,10 @@ VP_BETA_MIN = 0.1
 #: Canonical schedule names.
 SCHEDULES = ("polynomial", "logsnr", "time-uniform", "explicit")
 
-_ALIASES = {
-    "polynomial": "polynomial",
-    "karras": "polynomial",
-    "edm": "polynomial",
-    "logsnr": "logsnr",
-    "log-snr": "logsnr",
-    "log_snr": "logsnr",
-    "time-uniform": "time-uniform",
-    "time_uniform": "time-uniform",
-    "timeuniform": "time-uniform",
-    "vp": "time-uniform",
-    "explicit": "explicit",
-}
+_ALIASES = {"polynomial": "polynomial", "karras": "polynomial", "edm": "polynomial",
+            "logsnr": "logsnr", "log-snr": "logsnr", "log_snr": "logsnr",
+            "time-uniform": "time-uniform", "time_uniform": "time-uniform",
+            "timeuniform": "time-uniform", "vp": "time-uniform", "explicit": "explicit"}
 
 SigmasLike = Union[torch.Tensor, Sequence[float]]
 
@@ -98,11 +81,8 @@ def _check_positive_real(name, value):
 
 
 def check_sigmas(sigmas: SigmasLike, name: str = "sigmas") -> torch.Tensor:
-    """Validates an explicit grid; returns it as a 1-D float64 CPU tensor.
-
-    Requires at least two values (one step), all finite and > 0, strictly decreasing.
-    Raises ValueError naming `name` otherwise.
-    """
+    """An explicit grid as a 1-D float64 CPU tensor; ValueError naming `name` unless it has
+    at least two values (one step), all finite and > 0, strictly decreasing."""
     if sigmas is None:
         raise ValueError(f"{name} must be given (a 1-D list or tensor of noise levels)")
     try:
@@ -133,19 +113,12 @@ def get_sigmas(kind: str, num_steps: Optional[int] = None, sigma_min: float = 0.
                sigma_max: float = 80.0, rho: float = 7.0, sigmas: Optional[SigmasLike] = None,
                device: Union[str, torch.device, None] = None,
                dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``num_steps + 1`` noise levels from ``sigma_max`` down to ``sigma_min`` (see module doc).
+    """``num_steps + 1`` strictly decreasing noise levels from ``sigma_max`` down to
+    ``sigma_min`` (module docstring), computed in float64 and returned in ``dtype``.
 
-    Args:
-        kind: "polynomial" (alias "karras"), "logsnr", "time-uniform" (alias "vp") or
-            "explicit".
-        num_steps: number of solver steps N >= 1. For "explicit" it may be None (taken from
-            the list) or must equal ``len(sigmas) - 1``.
-        sigma_min, sigma_max: the ends, ``0 < sigma_min < sigma_max`` (ignored for "explicit").
-        rho: the polynomial exponent (> 0), only used by "polynomial".
-        sigmas: the explicit grid, only with ``kind="explicit"``.
-        device, dtype: of the returned tensor (computed in float64 first).
-
-    Returns: a 1-D tensor of ``num_steps + 1`` strictly decreasing values.
+    ``kind``: "polynomial" (alias "karras"), "logsnr", "time-uniform" (alias "vp") or
+    "explicit" (``sigmas`` given; ``num_steps`` None or ``len(sigmas) - 1``; the ends and
+    ``rho``, the polynomial's exponent, unused).
     """
     if not isinstance(kind, str):
         raise ValueError(f"kind must be one of {SCHEDULES}, got {kind!r}")

@@ -29,8 +29,9 @@ from torch.utils import _pytree as pytree
 from .ops import branch_states, branch_states_into
 from .reference import opmath_dtype
 from .solvers.counting import unwrap_counter
-from .solvers.graphs import (GRAPH_ENV, DenoiserKey, check_cond_device, device_guard, freeze,
-                             graph_mode, strategy_for)
+from .solvers.common import check_int
+from .solvers.graphs import (GRAPH_ENV, DenoiserKey, check_cond_device, cond_rebuilder,
+                             device_guard, freeze, graph_mode, strategy_for)
 
 __all__ = ["BranchRunner", "repeat_cond", "check_cond_device", "runner_for",
            "clear_graph_cache", "capture_failed", "remember_capture_failure"]
@@ -96,14 +97,12 @@ class BranchRunner:
 
     def __init__(self, denoiser: Callable, num_points: int, use_cuda_graph: Optional[bool] = None,
                  graph_strategy: Any = None, graph: Optional[str] = None):
-        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-            raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}")
+        num_points = check_int("num_points", num_points)
         # A counting wrapper never goes into a graph: the runner calls the model and
         # reports its logical calls to the wrapper's counts instead.
         self.denoiser, self._own_counter = unwrap_counter(denoiser)
         self.num_points = num_points
         self.use_cuda_graph = use_cuda_graph
-        self.graph_strategy = graph_strategy
         self.graph = graph_mode(graph)
         self._strategy = graph_strategy
         self._counter = None
@@ -168,7 +167,8 @@ class BranchRunner:
 
     def _allocate(self, x, leaves, spec, sigma_dtype, graphs):
         B, K = x.shape[0], self.num_points
-        self.input_buffer = torch.empty((K * B,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        self.input_buffer = torch.empty((K * B,) + tuple(x.shape[1:]), dtype=x.dtype,
+                                        device=x.device)
         self.sigma_buffer = torch.empty(K * B, dtype=sigma_dtype, device=x.device)
         self.tau_buffer = torch.empty((K * B,) + (1,) * (x.dim() - 1), dtype=sigma_dtype,
                                       device=x.device)
@@ -180,7 +180,8 @@ class BranchRunner:
                 self.cond_buffers.append(torch.empty((K * B,) + tuple(v.shape[1:]),
                                                      dtype=v.dtype, device=v.device))
             elif isinstance(v, torch.Tensor) and graphs:
-                self.cond_buffers.append(torch.empty_like(v, memory_format=torch.contiguous_format))
+                self.cond_buffers.append(torch.empty_like(v,
+                                                          memory_format=torch.contiguous_format))
             else:
                 self.cond_buffers.append(None)
         self._fn = self._make_fn(leaves, spec, x.dtype)
@@ -188,15 +189,10 @@ class BranchRunner:
     def _make_fn(self, leaves, spec, dtype):
         """``fn(xin, sigma, tau, *tensor leaves) -> g``: the work a graph captures. It closes
         over the non-tensor leaves only, so a replay sees whatever the buffers hold."""
-        den = self.denoiser
-        template = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-        slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        den, rebuild = self.denoiser, cond_rebuilder(leaves, spec)
 
         def fn(xin, sig, tau, *tensors):
-            vals = list(template)
-            for i, t in zip(slots, tensors):
-                vals[i] = t
-            d = den(xin, sig, **pytree.tree_unflatten(vals, spec))
+            d = den(xin, sig, **rebuild(tensors))
             return ((xin - d) / tau).to(dtype)
 
         return fn

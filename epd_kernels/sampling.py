@@ -18,11 +18,11 @@ from typing import Callable, Optional
 
 import torch
 
-from .branches import clear_graph_cache as _clear_branch_runners
-from .branches import runner_for
+from .branches import clear_graph_cache, runner_for
 from .models.conditioning import warn_missing_labels
 from .solvers import schedules as _schedules
 from .solvers import solve_graph as _solve_graph
+from .solvers.common import keyword_names
 from .solvers.counting import CountingDenoiser, SampleStats
 from .solvers.graphs import (check_cond_device, device_guard, graph_mode,
                              strategy_for)
@@ -39,12 +39,6 @@ _PARAMS = {"epd": ("EPDParams", "epd_kernels.distill(...) or EPDParams.load(path
            "amed": ("AMEDParams", "epd_kernels.distill(..., method='amed'), "
                                   "AMEDParams.init(...) or AMEDParams.load(path)"),
            "d": ("DODEParams", "epd_kernels.fit_dode(...) or DODEParams.load(path)")}
-
-
-def clear_graph_cache() -> None:
-    """Drops every cached branch runner and solve graph (and their memory pools), and
-    forgets which denoisers failed to capture."""
-    _clear_branch_runners()
 
 
 def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
@@ -126,12 +120,10 @@ def _run(fn, s, denoiser, counter, noise, sigmas, params, kwargs, cond, mode, gr
         if strategy_for(mode, noise.device) is not None:   # refused before any call
             check_cond_device(cond, noise.device)
     c0, r0 = (runner.captures, runner.replays) if runner is not None else (0, 0)
-    x = noise * float(sigmas[0])
     if s.needs_params:
-        out = fn(counter, x, sigmas, params=params, callback=callback, progress=progress,
-                 **kwargs, **cond)
-    else:
-        out = fn(counter, x, sigmas, callback=callback, progress=progress, **kwargs, **cond)
+        kwargs = dict(kwargs, params=params)
+    out = fn(counter, noise * float(sigmas[0]), sigmas, callback=callback, progress=progress,
+             **kwargs, **cond)
     if runner is None:
         return out, 0, 0
     return out, runner.captures - c0, runner.replays - r0
@@ -141,32 +133,23 @@ def _check_options(s, options, cond, denoiser) -> dict:
     """The solver options as a dict; ValueError for unknown ones and for options given as
     conditioning keywords (a denoiser taking ``**kwargs`` would swallow them silently)."""
     valid = s.options()
-    if options is None:
-        options = {}
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise ValueError(f"options must be a dict of solver options, got {type(options).__name__}")
     unknown = sorted(k for k in options if k not in valid)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for solver {s.name!r}; its options are "
                          f"{list(valid) if valid else 'none'}")
-    misplaced = sorted(k for k in cond if k in all_option_names() and not _names(denoiser, k))
+    # A keyword the denoiser's signature names itself is its conditioning, not an option.
+    signature = keyword_names(denoiser)
+    named = signature[0] if signature is not None else set()
+    misplaced = sorted(k for k in cond if k in all_option_names() and k not in named)
     if misplaced:
+        given = ", ".join(repr(k) + ": ..." for k in misplaced)
         raise ValueError(f"sample() got {misplaced} as conditioning keywords, but these are "
-                         f"solver options: pass options={{{', '.join(repr(k) + ': ...' for k in misplaced)}}}"
-                         f" (solver {s.name!r} takes {list(valid) if valid else 'no options'})")
+                         f"solver options: pass options={{{given}}} (solver {s.name!r} takes "
+                         f"{list(valid) if valid else 'no options'})")
     return dict(options)
-
-
-def _names(denoiser, name: str) -> bool:
-    """Whether the denoiser's signature (its forward's for a module) names `name` itself
-    (then a keyword of that name is its conditioning, not a misplaced option)."""
-    fn = getattr(denoiser, "forward", denoiser)
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    p = params.get(name)
-    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 def _check_graph(graph, s, params, callback, progress) -> None:

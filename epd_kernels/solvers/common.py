@@ -65,12 +65,25 @@ def call_denoiser(denoiser: Callable, x: torch.Tensor, sigma: torch.Tensor,
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+def keyword_names(denoiser: Callable):
+    """``(names the denoiser takes by keyword, whether it takes **kwargs)`` from its
+    signature (its ``forward``'s for a module); None where there is none to read."""
+    fn = getattr(denoiser, "forward", denoiser)
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins, C extensions
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return ({p.name for p in params if p.kind in named},
+            any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
+
+
 def check_cond_keywords(denoiser: Callable, cond: dict, *, where: str,
                         options: Iterable[str] = ()) -> None:
     """ValueError for a conditioning keyword that is surely a mistake: one named like an
-    option of a related function (`options`), or one the denoiser's signature (its
-    ``forward``'s for a module) cannot take. Functions that forward ``**cond`` would
-    otherwise pass a typo on silently or fail deep inside a model call."""
+    option of a related function (`options`), or one the denoiser cannot take. Functions
+    that forward ``**cond`` would otherwise pass a typo on silently or fail deep inside a
+    model call."""
     if not cond:
         return
     misplaced = sorted(k for k in cond if k in set(options))
@@ -78,17 +91,13 @@ def check_cond_keywords(denoiser: Callable, cond: dict, *, where: str,
         raise ValueError(f"{where}() got {misplaced}, which {where}() does not take; unknown "
                          f"keywords are passed to the denoiser as conditioning, and these are "
                          f"options of another function (fit_dode / distill / sample?)")
-    fn = getattr(denoiser, "forward", denoiser)
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins, C extensions: nothing to check against
+    signature = keyword_names(denoiser)
+    if signature is None or signature[1]:
         return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    names = {p.name for p in params if p.kind in named}
+    names = signature[0]
     unknown = sorted(k for k in cond if k not in names)
     if unknown:
+        fn = getattr(denoiser, "forward", denoiser)
         raise ValueError(f"{where}() got {unknown}: neither an argument of {where}() nor a "
                          f"parameter of the denoiser {getattr(fn, '__qualname__', fn)!r} "
                          f"(which takes {sorted(names)})")

@@ -53,7 +53,8 @@ def _vp_t(sig: np.ndarray) -> np.ndarray:
     return 2.0 * L / (np.sqrt(VP_BETA_MIN ** 2 + 2.0 * VP_BETA_D * L) + VP_BETA_MIN)
 
 
-def deis_coefficients(sigmas: Sequence[float], max_order: int = 3, mode: str = "tab") -> List[List[float]]:
+def deis_coefficients(sigmas: Sequence[float], max_order: int = 3,
+                      mode: str = "tab") -> List[List[float]]:
     """C[n][j]: the weight of eps_{n-j} in step n (see module docstring), float64."""
     if mode == "tab":
         to_t = _vp_t
@@ -80,9 +81,9 @@ def deis_coefficients(sigmas: Sequence[float], max_order: int = 3, mode: str = "
     return coeffs
 
 
-def sample_deis(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optional[Callable] = None,
-                progress: bool = False, afs: bool = False, max_order: int = 3,
-                mode: str = "tab", **cond) -> torch.Tensor:
+def sample_deis(denoiser: Callable, x: torch.Tensor, sigmas, *,
+                callback: Optional[Callable] = None, progress: bool = False, afs: bool = False,
+                max_order: int = 3, mode: str = "tab", **cond) -> torch.Tensor:
     """DEIS (tAB by default) from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``; ``max_order`` in
     1..4 is the number of eps values in the polynomial (the global order)."""
     max_order = check_int("max_order", max_order, 1, 4)

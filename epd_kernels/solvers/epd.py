@@ -15,21 +15,17 @@ to ``t' = t_{n+1}``, ``h = t' - t``. With the parameters of step n (`EPDParams`:
               all K branches in ONE denoiser call of batch K*B (`BranchRunner`)
     x_{n+1} = x_n + (1 + o_n) h sum_k lambda_k g_k     (`epd_step`, fused)
 
-AB_p is iPNDM's Adams-Bashforth combination (`ipndm.AB_COEFFS`); the plugin's history holds
+AB_p: iPNDM's Adams-Bashforth combination (`ipndm.AB_COEFFS`); the plugin's history holds
 main-point gradients only (the AFS ``d_0`` included, as in the authors' code). Cost: latency
-NFE ``2 S - afs``, total evaluations ``(K + 1) S - afs``.
+NFE ``2 S - afs``, total evaluations ``(K + 1) S - afs``. K = 1, r = 0, lambda = 1,
+delta = o = 0 is Euler WITHOUT AFS (r = 0 leaves the branch state at x_n). EPD-Plugin
+updates with the branch gradients only, so it is NOT iPNDM for any parameters (deliberate,
+as in the authors' update rule: the history only places the branch states).
 
-Special cases used as tests: K = 1, r = 0, lambda = 1, delta = o = 0 is Euler WITHOUT AFS
-(the branch state is x_n itself, so the AFS ``d_0`` moves nothing). EPD-Plugin with K = 1
-evaluates the gradient at a point placed by the history but updates with that single
-gradient, so, following the authors' update rule, it is NOT iPNDM for any parameters
-(deliberate: the history only places the branch states).
-
-When the parameters, x or the denoiser's weights require grad and autograd is on, the
-sampler is differentiable end to end (r through tau, lambda, delta, o); a ``sigmas`` tensor
-that requires grad (``distill(learn_grid=True)``, values equal to ``params.sigmas``) makes
-it differentiable in the grid too. Otherwise the branch call runs on static buffers,
-captured in a graph where graphs are on (`epd_kernels.branches`).
+With autograd on and parameters, x or the denoiser's weights requiring grad, the sampler is
+differentiable end to end; a ``sigmas`` tensor that requires grad (a learned grid equal to
+``params.sigmas``) makes it differentiable in the grid too. Otherwise the branch call runs
+on static buffers, captured in a graph where graphs are on (`epd_kernels.branches`).
 """
 from __future__ import annotations
 

@@ -99,18 +99,37 @@ class _Captured:
         return self.output
 
 
-class SimulatedGraphStrategy:
+def cond_rebuilder(leaves: list, spec) -> Callable:
+    """``rebuild(tensors) -> cond``: the flattened conditioning (`leaves`, `spec`) with its
+    tensor leaves replaced by `tensors` in order. It closes over the non-tensor leaves only,
+    so a graph replay sees whatever the static buffers hold."""
+    template = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+    slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+
+    def rebuild(tensors):
+        vals = list(template)
+        for i, t in zip(slots, tensors):
+            vals[i] = t
+        return _pytree.tree_unflatten(vals, spec)
+
+    return rebuild
+
+
+class _Strategy:
+    def __init__(self, warmup: int = WARMUP):
+        self.warmup = int(warmup)
+        self.pool = None
+        self.captures = 0
+        self.replays = 0
+
+
+class SimulatedGraphStrategy(_Strategy):
     """CUDA-graph semantics on any device (module docstring): warm-up, one traced capture,
     replays that run the trace."""
 
     name = "simulate"
 
-    def __init__(self, warmup: int = WARMUP):
-        self.warmup = int(warmup)
-        self.captures = 0
-        self.replays = 0
-
-    def capture(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> _Captured:
+    def capture(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
         inputs = tuple(inputs)
         for _ in range(self.warmup):
             fn(*inputs)
@@ -121,19 +140,13 @@ class SimulatedGraphStrategy:
         return _Captured(lambda: traced(*inputs), None, self)
 
 
-class CudaGraphStrategy:  # pragma: no cover - needs a GPU (tests marked gpu)
+class CudaGraphStrategy(_Strategy):  # pragma: no cover - needs a GPU (tests marked gpu)
     """Warm-up on a side stream, one ``torch.cuda.CUDAGraph`` capture, replays; every
     capture of this strategy shares one memory pool."""
 
     name = "cuda"
 
-    def __init__(self, warmup: int = WARMUP):
-        self.warmup = int(warmup)
-        self.pool = None
-        self.captures = 0
-        self.replays = 0
-
-    def capture(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> _Captured:
+    def capture(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
         inputs = tuple(inputs)
         device = inputs[0].device
         with torch.cuda.device(device):

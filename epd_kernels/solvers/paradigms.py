@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -62,7 +61,7 @@ from ..branches import repeat_cond
 from ..reference import opmath_dtype
 from .common import check_int
 from .counting import parallel_calls
-from .schedules import check_sigmas
+from .schedules import check_positive, check_sigmas
 
 __all__ = ["sample_paradigms", "run_paradigms", "paradigms_sampler", "paradigms_grid",
            "ParadigmsStats"]
@@ -84,15 +83,6 @@ class ParadigmsStats:
     strides: Tuple[int, ...]
     steps: int
     window: int
-
-
-def _check_tol(tol) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
-    t = float(tol)
-    if not math.isfinite(t) or t <= 0:
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
-    return t
 
 
 def _variances(s: List[float], noise_scale: str) -> List[float]:
@@ -122,7 +112,7 @@ def run_paradigms(denoiser: Callable, x: torch.Tensor, sigmas, *, window: Option
     s = check_sigmas(sigmas, "sigmas").tolist()
     S = len(s) - 1
     W = S if window is None else min(check_int("window", window), S)
-    t = _check_tol(tol)
+    t = check_positive("tol", tol)
     R = None if max_rounds is None else check_int("max_rounds", max_rounds)
     thresh = [t * t * v for v in _variances(s, noise_scale)]
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
@@ -225,10 +215,7 @@ def paradigms_grid(sigmas, substeps: int = 4, rho: float = 7.0) -> torch.Tensor:
     ``substeps`` times the steps, up to rounding)."""
     s = check_sigmas(sigmas, "sigmas")
     m = check_int("substeps", substeps)
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not (
-            math.isfinite(float(rho)) and float(rho) > 0):
-        raise ValueError(f"rho must be a finite number > 0, got {rho!r}")
-    r = float(rho)
+    r = check_positive("rho", rho)
     a, b = s[:-1] ** (1.0 / r), s[1:] ** (1.0 / r)
     frac = torch.arange(m, dtype=torch.float64) / m
     inner = (a[:, None] + frac[None, :] * (b - a)[:, None]) ** r          # [N, m]

@@ -82,33 +82,32 @@ def register_solver(name: str, fn: Optional[Callable] = None, *, evals_per_step:
                                 tuple(sorted(extra.items())))
 
 
+#: Two sequential calls per step, the first one analytic on step 0 by default.
+_TWO_CALLS = {"evals_per_step": 2, "default_afs": True}
+
 register_solver("euler", sample_euler)
 register_solver("ddim", sample_euler)
-register_solver("heun", sample_heun, evals_per_step=2, default_afs=True)
-register_solver("dpm2", sample_dpm2, evals_per_step=2, default_afs=True)
+register_solver("heun", sample_heun, **_TWO_CALLS)
+register_solver("dpm2", sample_dpm2, **_TWO_CALLS)
 register_solver("dpmpp3m", sample_dpmpp3m)
 register_solver("unipc", sample_unipc)
 register_solver("ipndm", sample_ipndm)
 register_solver("deis", sample_deis)
-register_solver("epd", lazy=".epd:epd_sampler", evals_per_step=2, default_afs=True,
-                needs_params=True, plugin=False)
-register_solver("epd-ipndm", lazy=".epd:epd_sampler", evals_per_step=2,
-                default_afs=True, needs_params=True, plugin=True)
-# AMED-Solver / AMED-Plugin: a predicted intermediate time per step (amed.py); params are
-# AMEDParams (table or predictor form).
-register_solver("amed", lazy=".amed:amed_sampler", evals_per_step=2, default_afs=True,
-                needs_params=True, plugin=False)
-register_solver("amed-ipndm", lazy=".amed:amed_sampler", evals_per_step=2,
-                default_afs=True, needs_params=True, plugin=True)
-# ParaDiGMS: Picard iterations over a sliding window of a 4x finer Euler grid; the budget
-# counts batched rounds (paradigms.py).
+register_solver("epd", lazy=".epd:epd_sampler", needs_params=True, plugin=False, **_TWO_CALLS)
+register_solver("epd-ipndm", lazy=".epd:epd_sampler", needs_params=True, plugin=True,
+                **_TWO_CALLS)
+# AMED-Solver / AMED-Plugin: AMEDParams (table or predictor form).
+register_solver("amed", lazy=".amed:amed_sampler", needs_params=True, plugin=False,
+                **_TWO_CALLS)
+register_solver("amed-ipndm", lazy=".amed:amed_sampler", needs_params=True, plugin=True,
+                **_TWO_CALLS)
+# ParaDiGMS: the budget counts batched rounds on a 4x finer Euler grid.
 register_solver("paradigms", lazy=".paradigms:paradigms_sampler")
-# D-ODE: the base solver with one distilled scalar per step (dode.py); the NFE rule is the
-# base solver's.
+# D-ODE: DODEParams; the NFE rule is the base solver's.
 register_solver("d-euler", lazy=".dode:dode_sampler", needs_params=True, solver="d-euler")
 register_solver("d-ddim", lazy=".dode:dode_sampler", needs_params=True, solver="d-euler")
-register_solver("d-heun", lazy=".dode:dode_sampler", evals_per_step=2,
-                default_afs=True, needs_params=True, solver="d-heun")
+register_solver("d-heun", lazy=".dode:dode_sampler", needs_params=True, solver="d-heun",
+                **_TWO_CALLS)
 register_solver("d-ipndm", lazy=".dode:dode_sampler", needs_params=True, solver="d-ipndm")
 
 

@@ -53,9 +53,8 @@ SigmasLike = Union[torch.Tensor, Sequence[float]]
 
 def vp_sigma(t, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
     """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) of the VP-SDE (tensor or float)."""
-    if isinstance(t, torch.Tensor):
-        return torch.sqrt(torch.expm1(0.5 * beta_d * t * t + beta_min * t))
-    return math.sqrt(math.expm1(0.5 * beta_d * t * t + beta_min * t))
+    m = torch if isinstance(t, torch.Tensor) else math
+    return m.sqrt(m.expm1(0.5 * beta_d * t * t + beta_min * t))
 
 
 def vp_sigma_inv(sigma, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
@@ -64,20 +63,17 @@ def vp_sigma_inv(sigma, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN
     Solving ``beta_d t^2 / 2 + beta_min t = L``, ``L = log(1 + sigma^2)``, for t > 0 gives
     ``t = (sqrt(beta_min^2 + 2 beta_d L) - beta_min) / beta_d = 2 L / (sqrt(...) + beta_min)``.
     """
-    if isinstance(sigma, torch.Tensor):
-        L = torch.log1p(sigma * sigma)
-        return 2.0 * L / (torch.sqrt(beta_min ** 2 + 2.0 * beta_d * L) + beta_min)
-    L = math.log1p(sigma * sigma)
-    return 2.0 * L / (math.sqrt(beta_min ** 2 + 2.0 * beta_d * L) + beta_min)
+    m = torch if isinstance(sigma, torch.Tensor) else math
+    L = m.log1p(sigma * sigma)
+    return 2.0 * L / (m.sqrt(beta_min ** 2 + 2.0 * beta_d * L) + beta_min)
 
 
-def _check_positive_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
-        raise ValueError(f"{name} must be a positive real number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return v
+def check_positive(name: str, value) -> float:
+    """``float(value)``, or ValueError naming `name` unless it is a finite real > 0."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)) \
+            or not math.isfinite(float(value)) or float(value) <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_sigmas(sigmas: SigmasLike, name: str = "sigmas") -> torch.Tensor:
@@ -146,14 +142,14 @@ def get_sigmas(kind: str, num_steps: Optional[int] = None, sigma_min: float = 0.
         if num_steps is None:
             raise ValueError(f"num_steps must be given for kind={kind!r}")
         n = int(num_steps)
-        lo = _check_positive_real("sigma_min", sigma_min)
-        hi = _check_positive_real("sigma_max", sigma_max)
+        lo = check_positive("sigma_min", sigma_min)
+        hi = check_positive("sigma_max", sigma_max)
         if not lo < hi:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={lo!r}, "
                              f"sigma_max={hi!r}")
         frac = torch.arange(n + 1, dtype=torch.float64) / n
         if key == "polynomial":
-            r = _check_positive_real("rho", rho)
+            r = check_positive("rho", rho)
             a, b = hi ** (1.0 / r), lo ** (1.0 / r)
             s = (a + frac * (b - a)) ** r
         elif key == "logsnr":

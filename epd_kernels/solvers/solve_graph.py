@@ -23,7 +23,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .counting import CountingDenoiser
-from .graphs import GRAPH_ENV, DenoiserKey, check_cond_device, device_guard, freeze, strategy_for
+from .graphs import (GRAPH_ENV, DenoiserKey, check_cond_device, cond_rebuilder, device_guard,
+                     freeze, strategy_for)
 
 __all__ = ["solve", "clear", "unsupported_reason"]
 
@@ -130,8 +131,7 @@ def solve(fn: Callable, denoiser: Callable, counter: CountingDenoiser, x: torch.
 
 def _make_body(fn, denoiser, sigmas, params, dev_fields, kwargs, leaves, spec, leaves_batch):
     """The function a solve graph captures; it closes over no tensor that changes."""
-    template = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-    slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+    rebuild = cond_rebuilder(leaves, spec)
     takes_runner = "runner" in inspect.signature(fn).parameters
     np_ = len(dev_fields)
     sigma0 = float(sigmas[0])
@@ -148,11 +148,8 @@ def _make_body(fn, denoiser, sigmas, params, dev_fields, kwargs, leaves, spec, l
             from ..branches import BranchRunner
 
             kw["runner"] = BranchRunner(denoiser, params.num_points, graph="off")
-        vals = list(template)
-        for i, t in zip(slots, tensors[np_:]):
-            vals[i] = t
         counting = CountingDenoiser(denoiser, batch)  # (a traced shape is a tensor)
-        out = fn(counting, x0 * sigma0, sigmas, **kw, **pytree.tree_unflatten(vals, spec))
+        out = fn(counting, x0 * sigma0, sigmas, **kw, **rebuild(tensors[np_:]))
         body_cost["calls"], body_cost["samples"] = counting.calls, counting.samples
         return out
 

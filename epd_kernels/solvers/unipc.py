@@ -41,7 +41,8 @@ from .dpmpp3m import MAX_STEP_RATIO, check_multistep, multistep_order, step_rati
 __all__ = ["sample_unipc"]
 
 
-def unipc_coefficients(rs: Sequence[float], h: float, variant: str = "bh2") -> Tuple[float, List[float]]:
+def unipc_coefficients(rs: Sequence[float], h: float,
+                       variant: str = "bh2") -> Tuple[float, List[float]]:
     """(B(h), a) for the relative points ``rs`` (see module docstring), in float64."""
     if variant == "bh2":
         B = phi(1, h)
@@ -73,9 +74,9 @@ def _unipc_update(x, m0, lam0, h, points, variant):
     return out
 
 
-def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optional[Callable] = None,
-                 progress: bool = False, afs: bool = False, order: int = 3,
-                 variant: str = "bh2", lower_order_final: bool = True,
+def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas, *,
+                 callback: Optional[Callable] = None, progress: bool = False, afs: bool = False,
+                 order: int = 3, variant: str = "bh2", lower_order_final: bool = True,
                  max_step_ratio: Optional[float] = MAX_STEP_RATIO, **cond) -> torch.Tensor:
     """UniPC from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``; ``order`` in 1..3 is the
     predictor order p, ``variant`` "bh2" or "bh1" (module docstring)."""

@@ -1,38 +1,20 @@
 """K parallel branches in ONE batched denoiser call (docs/design.md, "EPD step").
 
-For one EPD step from ``t`` with direction ``v`` (``d_n``, or the iPNDM combination for the
-plugin) and branch points ``tau [K]``:
+For one EPD step from ``t`` with direction ``v`` and branch points ``tau [K]``:
 
     x_k     = x + (tau_k - t) * v                       branch states, k = 0..K-1
     sigma_k = (1 + delta_k) * tau_k                     per-sample noise level
     D       = denoiser(cat_k x_k, cat_k sigma_k, **cond repeated K times)   # batch K*B
     g_k     = (x_k - D_k) / tau_k                       -> returned as [K, B, ...]
 
-The batch is branch-major (k-major): rows ``k*B .. k*B+B-1`` are branch k, for the states,
-the sigmas and every repeated conditioning tensor alike. Conditioning may be nested
-(dicts, lists, tuples of tensors, e.g. diffusers' ``added_cond_kwargs``): every tensor
-leaf with leading dim B is repeated.
-
-`BranchRunner.run` (no autograd) writes the states with `branch_states_into` straight into
-a static ``[K*B, ...]`` input buffer, fills static sigma and conditioning buffers, and
-calls the denoiser once. With graphs on (`epd_kernels.solvers.graphs`: CUDA graphs for
-CUDA tensors, or the CPU stand-in under ``EPD_KERNELS_GRAPH=simulate``) that call and the
-``g`` arithmetic are captured once per key and replayed every step. The key is the shape,
-dtype and device of x, K, and the structure of the conditioning with the shapes and
-dtypes of its tensors (plus the values of non-tensor leaves); a change re-allocates the
-buffers and captures again. The result is copied out of the static output, so a later
-replay cannot overwrite it.
-
-The runner counts its logical calls itself (``calls``, ``samples``) and reports each to
-the `CountingDenoiser` given with `counting`, so counts are right whether the call ran
-in Python or was a replay. `runner_for` keeps one runner per (denoiser, K, shape, dtype,
-device, graph mode) in a bounded cache, so repeated `sample()` calls reuse one capture
-and one memory pool; `clear_graph_cache` empties it. A denoiser whose capture failed is
-remembered and runs eagerly from then on.
-
-`BranchRunner.run_differentiable` is the autograd path (distillation): `branch_states` and
-``torch.cat`` of the conditioning, no static buffers, so gradients reach r (through tau),
-delta, x, v and the denoiser.
+The batch is k-major (rows ``k*B .. k*B+B-1`` are branch k) for states, sigmas and every
+conditioning tensor leaf with leading dim B (conditioning may be nested). `BranchRunner.run`
+(no autograd) writes the states straight into static buffers and, where graphs are on
+(`epd_kernels.solvers.graphs`), captures the call once per key (x's shape, dtype, device, K,
+the conditioning's structure and tensor shapes) and replays it; `run_differentiable` is the
+autograd path (distillation). The runner reports each logical call to the counter given
+with `counting`, replayed or not. `runner_for` caches runners, so repeated `sample()` calls
+reuse one capture; a denoiser whose capture failed runs eagerly from then on.
 """
 from __future__ import annotations
 
@@ -47,8 +29,9 @@ from torch.utils import _pytree as pytree
 from .ops import branch_states, branch_states_into
 from .reference import opmath_dtype
 from .solvers.counting import unwrap_counter
-from .solvers.graphs import (GRAPH_ENV, DenoiserKey, check_cond_device, device_guard,
-                             graph_mode, strategy_for)
+from .solvers.common import check_int
+from .solvers.graphs import (GRAPH_ENV, DenoiserKey, check_cond_device, cond_rebuilder,
+                             device_guard, freeze, graph_mode, strategy_for)
 
 __all__ = ["BranchRunner", "repeat_cond", "check_cond_device", "runner_for",
            "clear_graph_cache", "capture_failed", "remember_capture_failure"]
@@ -56,10 +39,6 @@ __all__ = ["BranchRunner", "repeat_cond", "check_cond_device", "runner_for",
 Scalar = Union[float, torch.Tensor]
 
 CACHE_SIZE = 8        # runners kept by runner_for (each may hold a graph and its pool)
-
-
-# --------------------------------------------------------------------------------------
-# conditioning (possibly nested)
 
 
 def _is_batch_tensor(v: Any, batch: int) -> bool:
@@ -73,50 +52,22 @@ def repeat_cond(cond: dict, batch: int, num_points: int) -> dict:
         lambda v: torch.cat([v] * num_points, 0) if _is_batch_tensor(v, batch) else v, cond)
 
 
-def _freeze(v: Any):
-    try:
-        hash(v)
-        return ("value", type(v).__name__, v)
-    except TypeError:
-        return ("id", id(v))
-
-
 def _leaf_signature(v: Any, batch: int):
     if isinstance(v, torch.Tensor):
         kind = "batch" if _is_batch_tensor(v, batch) else "static"
         return (kind, tuple(v.shape), v.dtype, v.device)
-    return ("object", _freeze(v))
+    return ("object", freeze(v))
 
 
-def _as_bk(name: str, value, batch: int, K: int, dtype, device) -> torch.Tensor:
-    """A [K] or [B, K] tensor (or float) -> [B, K] in `dtype` (differentiable)."""
+def _expand(name: str, value, shape: tuple, dtype, device) -> torch.Tensor:
+    """A float, a 0-d tensor or a tensor of the trailing dims of `shape` ([B]; [K] or
+    [B, K]) expanded to `shape` in `dtype` (differentiable)."""
     if not isinstance(value, torch.Tensor):
-        return torch.full((batch, K), float(value), dtype=dtype, device=device)
-    value = value.to(device=device, dtype=dtype)
-    if value.dim() == 0:
-        return value.expand(batch, K)
-    if value.dim() == 1 and value.shape[0] == K:
-        return value[None].expand(batch, K)
-    if value.dim() == 2 and tuple(value.shape) == (batch, K):
-        return value
-    raise ValueError(f"{name} must be a float, a [K]=[{K}] or a [B, K]=[{batch}, {K}] tensor, "
-                     f"got shape {list(value.shape)}")
-
-
-def _as_b(name: str, value, batch: int, dtype, device) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        return torch.full((batch,), float(value), dtype=dtype, device=device)
-    value = value.to(device=device, dtype=dtype)
-    if value.dim() == 0:
-        return value.expand(batch)
-    if value.dim() == 1 and value.shape[0] == batch:
-        return value
-    raise ValueError(f"{name} must be a float, a 0-d or a [B]=[{batch}] tensor, got shape "
-                     f"{list(value.shape)}")
-
-
-# --------------------------------------------------------------------------------------
-# denoisers whose capture failed
+        return torch.full(shape, float(value), dtype=dtype, device=device)
+    if tuple(value.shape) != tuple(shape[len(shape) - value.dim():]):
+        raise ValueError(f"{name} must be a float, a 0-d tensor or a tensor of the trailing "
+                         f"dims of {list(shape)}, got shape {list(value.shape)}")
+    return value.to(device=device, dtype=dtype).expand(shape)
 
 
 _FAILED: "collections.deque[DenoiserKey]" = collections.deque(maxlen=64)
@@ -132,40 +83,26 @@ def remember_capture_failure(denoiser: Callable) -> None:
     _FAILED.append(DenoiserKey(denoiser))
 
 
-# --------------------------------------------------------------------------------------
-# the runner
-
-
 class BranchRunner:
     """Evaluates K branch gradients of one EPD step with one batched denoiser call.
 
-    Args:
-        denoiser: ``D(x [N, ...], sigma [N], **cond) -> x0_hat [N, ...]``; a
-            `CountingDenoiser` is unwrapped (``runner.denoiser`` is the model inside) and
-            gets the runner's logical calls.
-        num_points: K.
-        use_cuda_graph: None (follow ``graph``), False (never capture) or True (CUDA
-            graphs; ValueError for tensors that are not on a CUDA device).
-        graph_strategy: a strategy object (`epd_kernels.solvers.graphs`) used on any
-            device, e.g. ``SimulatedGraphStrategy()``; otherwise chosen from ``graph``.
-        graph: "auto", "off" or "simulate"; None reads ``EPD_KERNELS_GRAPH`` now.
-
-    Attributes after `run`: ``input_buffer`` [K*B, ...], ``sigma_buffer`` [K*B],
-    ``tau_buffer`` [K*B, 1, ...], ``cond_buffers`` (static tensors of the conditioning
-    leaves), and the counters ``calls`` (logical branch calls), ``samples`` (rows
-    evaluated), ``captures`` and ``replays``.
+    A `CountingDenoiser` is unwrapped (``runner.denoiser`` is the model inside) and gets the
+    runner's logical calls. ``use_cuda_graph``: None (follow ``graph``), False (never
+    capture) or True (CUDA graphs; ValueError off CUDA). ``graph_strategy``: a strategy
+    object used on any device (e.g. ``SimulatedGraphStrategy()``). ``graph``: "auto",
+    "off" or "simulate"; None reads ``EPD_KERNELS_GRAPH`` now. After `run`: the static
+    ``input_buffer``, ``sigma_buffer``, ``tau_buffer``, ``cond_buffers``, and the counters
+    ``calls``, ``samples`` (rows), ``captures``, ``replays``.
     """
 
     def __init__(self, denoiser: Callable, num_points: int, use_cuda_graph: Optional[bool] = None,
                  graph_strategy: Any = None, graph: Optional[str] = None):
-        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-            raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}")
+        num_points = check_int("num_points", num_points)
         # A counting wrapper never goes into a graph: the runner calls the model and
         # reports its logical calls to the wrapper's counts instead.
         self.denoiser, self._own_counter = unwrap_counter(denoiser)
         self.num_points = num_points
         self.use_cuda_graph = use_cuda_graph
-        self.graph_strategy = graph_strategy
         self.graph = graph_mode(graph)
         self._strategy = graph_strategy
         self._counter = None
@@ -195,15 +132,13 @@ class BranchRunner:
         finally:
             self._counter = before
 
-    # ------------------------------------------------------------------ helpers
-
     def _branch_scalars(self, x, t, tau, delta):
         """(c [B,K], sigma [K*B], tau [K*B]) in the sigma dtype (differentiable)."""
         B, K = x.shape[0], self.num_points
         dt = opmath_dtype(x.dtype)  # sigma dtype: float32, float64 for float64 data
-        tau_bk = _as_bk("tau", tau, B, K, dt, x.device)
-        delta_bk = _as_bk("delta", 0.0 if delta is None else delta, B, K, dt, x.device)
-        t_b = _as_b("t", t, B, dt, x.device)
+        tau_bk = _expand("tau", tau, (B, K), dt, x.device)
+        delta_bk = _expand("delta", 0.0 if delta is None else delta, (B, K), dt, x.device)
+        t_b = _expand("t", t, (B,), dt, x.device)
         c = tau_bk - t_b[:, None]
         sigma = ((1.0 + delta_bk) * tau_bk).t().reshape(K * B)
         return c, sigma, tau_bk.t().reshape(K * B)
@@ -232,7 +167,8 @@ class BranchRunner:
 
     def _allocate(self, x, leaves, spec, sigma_dtype, graphs):
         B, K = x.shape[0], self.num_points
-        self.input_buffer = torch.empty((K * B,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        self.input_buffer = torch.empty((K * B,) + tuple(x.shape[1:]), dtype=x.dtype,
+                                        device=x.device)
         self.sigma_buffer = torch.empty(K * B, dtype=sigma_dtype, device=x.device)
         self.tau_buffer = torch.empty((K * B,) + (1,) * (x.dim() - 1), dtype=sigma_dtype,
                                       device=x.device)
@@ -244,7 +180,8 @@ class BranchRunner:
                 self.cond_buffers.append(torch.empty((K * B,) + tuple(v.shape[1:]),
                                                      dtype=v.dtype, device=v.device))
             elif isinstance(v, torch.Tensor) and graphs:
-                self.cond_buffers.append(torch.empty_like(v, memory_format=torch.contiguous_format))
+                self.cond_buffers.append(torch.empty_like(v,
+                                                          memory_format=torch.contiguous_format))
             else:
                 self.cond_buffers.append(None)
         self._fn = self._make_fn(leaves, spec, x.dtype)
@@ -252,15 +189,10 @@ class BranchRunner:
     def _make_fn(self, leaves, spec, dtype):
         """``fn(xin, sigma, tau, *tensor leaves) -> g``: the work a graph captures. It closes
         over the non-tensor leaves only, so a replay sees whatever the buffers hold."""
-        den = self.denoiser
-        template = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-        slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        den, rebuild = self.denoiser, cond_rebuilder(leaves, spec)
 
         def fn(xin, sig, tau, *tensors):
-            vals = list(template)
-            for i, t in zip(slots, tensors):
-                vals[i] = t
-            d = den(xin, sig, **pytree.tree_unflatten(vals, spec))
+            d = den(xin, sig, **rebuild(tensors))
             return ((xin - d) / tau).to(dtype)
 
         return fn
@@ -294,20 +226,11 @@ class BranchRunner:
         self.captures += 1
         return captured
 
-    # ------------------------------------------------------------------ public
-
     def run(self, x: torch.Tensor, v: torch.Tensor, t: Scalar, tau, delta=None,
             **cond) -> torch.Tensor:
-        """Branch gradients ``g [K, B, ...]`` (no autograd; static buffers, maybe a graph).
-
-        Args:
-            x, v: ``[B, ...]`` state and direction.
-            t: current sigma (float, 0-d or [B] tensor).
-            tau: branch sigmas, ``[K]`` or ``[B, K]``.
-            delta: sigma perturbations, None, ``[K]`` or ``[B, K]``.
-            **cond: conditioning for the denoiser (see `repeat_cond`); with a graph, on
-                x's device (ValueError otherwise, before anything is captured).
-        """
+        """Branch gradients ``g [K, B, ...]`` (no autograd; static buffers, maybe a graph)
+        for ``x, v [B, ...]``, ``t`` (float, 0-d or [B]), ``tau`` and ``delta`` (None,
+        ``[K]`` or ``[B, K]``); with a graph, conditioning must be on x's device."""
         self._check_inputs(x, v)
         B, K = x.shape[0], self.num_points
         with torch.no_grad(), device_guard(x.device):
@@ -371,10 +294,6 @@ class BranchRunner:
         if isinstance(self.denoiser, torch.nn.Module):
             return any(p.requires_grad for p in self.denoiser.parameters())
         return False
-
-
-# --------------------------------------------------------------------------------------
-# one runner per (denoiser, K, shape, dtype, device, graph mode)
 
 
 _RUNNERS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()

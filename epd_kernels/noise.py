@@ -17,16 +17,11 @@ def make_noise(seeds: Union[int, Sequence[int]], shape: Sequence[int], device=No
     batch it is drawn in. The draw is made on the CPU (float64 if ``dtype`` is float64,
     float32 otherwise) and then moved, so it is also the same on every device.
     """
-    if isinstance(seeds, numbers.Integral):
-        seeds = [int(seeds)]
-    seeds = [int(s) for s in seeds]
+    seeds = [int(seeds)] if isinstance(seeds, numbers.Integral) else [int(s) for s in seeds]
     if len(seeds) == 0:
         raise ValueError("seeds must contain at least one seed")
     shape = tuple(int(n) for n in shape)
     draw = torch.float64 if dtype == torch.float64 else torch.float32
-    out = []
-    for seed in seeds:
-        g = torch.Generator(device="cpu")
-        g.manual_seed(seed)
-        out.append(torch.randn(shape, generator=g, dtype=draw))
+    out = [torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(seed),
+                       dtype=draw) for seed in seeds]
     return torch.stack(out).to(device=device, dtype=dtype)

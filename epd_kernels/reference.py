@@ -1,10 +1,9 @@
 """Plain-PyTorch versions of every op: the oracle for tests and the fallback backend.
 
-Every function here works for any floating dtype (float64 included) and any strides,
-and is written as the formula of docs/design.md ("EPD step"), with no fusion tricks, so
-that a reader can check it against the paper. The kernels in `csrc/` and `kernels/` must
-agree with these to per-dtype tolerances. They take the canonical arguments of the
-`torch.ops.epd_kernels` ops (see `csrc/ops.cpp`); `ops.py` brings user inputs to them:
+Any floating dtype and any strides; each function is the formula of docs/design.md ("EPD
+step") with no fusion tricks, and the kernels in `csrc/` and `kernels/` must agree with it
+to per-dtype tolerances. The arguments are the canonical ones of the `torch.ops.epd_kernels`
+ops (`csrc/ops.cpp`), to which `ops.py` brings user inputs:
 
     x       [B, N]          state, flattened per sample (or all samples as one row)
     grads   [K, B, N]       K branch gradients
@@ -17,15 +16,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = [
-    "opmath_dtype",
-    "epd_step",
-    "epd_step_out",
-    "epd_step_backward",
-    "branch_states",
-    "branch_states_out",
-    "branch_states_backward",
-]
+__all__ = ["opmath_dtype", "epd_step", "epd_step_out", "epd_step_backward", "branch_states",
+           "branch_states_out", "branch_states_backward"]
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -10,7 +10,8 @@ import torch
 from epd_kernels.branches import BranchRunner
 from epd_kernels.solvers.graphs import SimulatedGraphStrategy
 from epd_kernels.params import EPDParams
-from epd_kernels.solvers.epd import IPNDM_COEFFS, epd_sampler, ipndm_direction
+from epd_kernels.solvers.epd import epd_sampler
+from epd_kernels.solvers.ipndm import AB_COEFFS as IPNDM_COEFFS, ab_direction
 
 pytestmark = pytest.mark.filterwarnings("ignore:epd_kernels. using the plain-PyTorch reference")
 
@@ -185,12 +186,13 @@ def test_plugin_r1_branch_state_is_ipndm_prediction(afs, max_order):
 
 def test_ipndm_direction_orders():
     d, h1, h2, h3 = (torch.full((2,), v, dtype=F64) for v in (1.0, 2.0, 3.0, 4.0))
-    assert torch.equal(ipndm_direction(d, [], 4), d)
-    torch.testing.assert_close(ipndm_direction(d, [h1], 4), (3 * d - h1) / 2)
-    torch.testing.assert_close(ipndm_direction(d, [h2, h1], 4), (23 * d - 16 * h1 + 5 * h2) / 12)
-    torch.testing.assert_close(ipndm_direction(d, [h3, h2, h1], 4),
+    # history newest first
+    assert torch.equal(ab_direction(d, [], 4), d)
+    torch.testing.assert_close(ab_direction(d, [h1], 4), (3 * d - h1) / 2)
+    torch.testing.assert_close(ab_direction(d, [h1, h2], 4), (23 * d - 16 * h1 + 5 * h2) / 12)
+    torch.testing.assert_close(ab_direction(d, [h1, h2, h3], 4),
                                (55 * d - 59 * h1 + 37 * h2 - 9 * h3) / 24)
-    torch.testing.assert_close(ipndm_direction(d, [h3, h2, h1], 2), (3 * d - h1) / 2)
+    torch.testing.assert_close(ab_direction(d, [h1, h2, h3], 2), (3 * d - h1) / 2)
     # Each AB formula integrates constants exactly: coefficients sum to 1.
     for c in IPNDM_COEFFS:
         assert abs(sum(c) - 1) < 1e-15

@@ -1,20 +1,14 @@
-"""Solvers: schedules, the baseline ODE solvers, and (in `epd`) EPD-Solver / EPD-Plugin.
+"""Solvers: schedules, the baseline ODE solvers (one module each, beside its formula), and
+EPD, AMED, D-ODE and ParaDiGMS (`epd`, `amed`, `dode`, `paradigms`).
 
 Every baseline solver has one signature (k-diffusion style)::
 
     x_final = solver(denoiser, x, sigmas, *, callback=None, progress=False, afs=False, **cond)
 
-where ``x = noise * sigmas[0]``, ``denoiser(x, sigma [B], **cond) -> x0_hat`` and the ODE
-gradient is ``d = (x - D) / sigma``; the result is the state at ``sigmas[-1] > 0``. The
-solvers are autograd-transparent (`epd_kernels.sample` runs them under ``torch.no_grad``).
-
-``SOLVERS`` maps the baseline names to functions. The EPD sampler lives in
-`epd_kernels.solvers.epd` and is imported lazily (``from epd_kernels.solvers import
-epd_sampler``).
-
-Beside the solvers: `registry` (the names `sample()` knows, their NFE rules and options),
-`counting` (latency NFE and total evaluations), `graphs` (CUDA graphs and the CPU
-stand-in, ``EPD_KERNELS_GRAPH``) and `solve_graph` (``sample(..., graph="solve")``).
+with ``x = noise * sigmas[0]``; the result is the state at ``sigmas[-1] > 0``. The solvers
+are autograd-transparent. ``SOLVERS`` maps the baseline names to functions; ``epd_sampler``
+is imported lazily. Beside them: `registry` (names, NFE rules, options), `counting`,
+`graphs` (``EPD_KERNELS_GRAPH``) and `solve_graph` (``sample(..., graph="solve")``).
 """
 from .common import afs_d
 from .deis import deis_coefficients, sample_deis
@@ -38,24 +32,9 @@ SOLVERS = {
     "deis": sample_deis,
 }
 
-__all__ = [
-    "SOLVERS",
-    "SCHEDULES",
-    "get_sigmas",
-    "check_sigmas",
-    "vp_sigma",
-    "vp_sigma_inv",
-    "afs_d",
-    "sample_euler",
-    "sample_ddim",
-    "sample_heun",
-    "sample_dpm2",
-    "sample_dpmpp3m",
-    "sample_unipc",
-    "sample_ipndm",
-    "sample_deis",
-    "deis_coefficients",
-]
+__all__ = ["SOLVERS", "SCHEDULES", "get_sigmas", "check_sigmas", "vp_sigma", "vp_sigma_inv",
+           "afs_d", "sample_euler", "sample_ddim", "sample_heun", "sample_dpm2",
+           "sample_dpmpp3m", "sample_unipc", "sample_ipndm", "sample_deis", "deis_coefficients"]
 
 
 def __getattr__(name):

@@ -1,18 +1,10 @@
-"""Helpers shared by the solvers: grids as floats, gradient evaluation, AFS, callbacks.
+"""Helpers shared by the solvers: grids as floats, gradients, AFS, the one-direction loop.
 
-Conventions (docs/design.md, "EDM convention"): a denoiser is ``D(x, sigma, **cond) -> x0_hat`` with
-``x: [B, ...]`` and ``sigma: [B]``; the ODE is ``dx/dsigma = d(x, sigma) = (x - D) / sigma``
-integrated from ``sigmas[0]`` down to ``sigmas[-1] > 0``.
-
-Analytic first step (AFS, from the AMED / EPD authors' code): at sigma_0 = 80 the
-denoiser output is tiny next to x (centred data of scale ~1), so the first gradient
-``d = (x - D) / sigma ~ x / sigma`` is replaced by
-
-    d_0 = x_0 / sqrt(1 + sigma_0^2)
-
-(the noise estimate of the VP-scaled input) instead of one network call. It is an
-approximation (relative error ~ |D| / |x| + 1 / (2 sigma_0^2)), saving one evaluation.
-The implied denoised estimate is ``x_0 - sigma_0 * d_0``.
+Conventions: docs/design.md, "EDM convention" (``d = (x - D) / sigma``, integrated from
+``sigmas[0]`` down to ``sigmas[-1] > 0``). The analytic first step (AFS, from the AMED / EPD
+authors' code) replaces the first gradient at sigma_0 = 80, where ``D`` is tiny next to
+``x``, by ``d_0 = x_0 / sqrt(1 + sigma_0^2)`` (relative error ~ |D| / |x| + 1 / (2 sigma_0^2)),
+saving one call; its implied denoised estimate is ``x_0 - sigma_0 * d_0``.
 """
 from __future__ import annotations
 
@@ -26,31 +18,12 @@ import torch
 from ..reference import opmath_dtype
 from .schedules import check_sigmas
 
-__all__ = [
-    "sigma_list",
-    "sigma_batch",
-    "to_d",
-    "afs_d",
-    "denoise",
-    "call_denoiser",
-    "check_cond_keywords",
-    "check_int",
-    "step_range",
-    "emit",
-    "phi",
-    "lam",
-]
+__all__ = ["afs_d", "phi"]
 
 
 def sigma_list(sigmas) -> List[float]:
     """Validated grid as Python floats (float64): >= 2 values, > 0, strictly decreasing."""
     return check_sigmas(sigmas, "sigmas").tolist()
-
-
-def sigma_batch(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A [B] tensor filled with `sigma` on x's device, in x's accumulation dtype (float64 for
-    float64 states, float32 otherwise, as the EPD sampler does)."""
-    return torch.full((x.shape[0],), float(sigma), dtype=opmath_dtype(x.dtype), device=x.device)
 
 
 def to_d(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -65,8 +38,8 @@ def afs_d(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def gradient(denoiser: Callable, x: torch.Tensor, sigma: float, cond: dict, *,
              analytic: bool = False):
-    """``(d, denoised)`` at ``(x, sigma)``: one denoiser call, or with ``analytic`` the
-    analytic first step (AFS) and the denoised value it implies, with no call."""
+    """``(d, denoised)`` at ``(x, sigma)``: one denoiser call, or with ``analytic`` the AFS
+    gradient and the denoised value it implies, with no call."""
     if analytic:
         d = afs_d(x, sigma)
         return d, x - sigma * d
@@ -75,15 +48,16 @@ def gradient(denoiser: Callable, x: torch.Tensor, sigma: float, cond: dict, *,
 
 
 def denoise(denoiser: Callable, x: torch.Tensor, sigma: float, cond: dict) -> torch.Tensor:
-    """One sequential denoiser call ``D(x, sigma * ones(B), **cond)``, cast to x's dtype."""
-    return call_denoiser(denoiser, x, sigma_batch(x, sigma), cond)
+    """One sequential call ``D(x, sigma * ones(B), **cond)`` (sigma in x's opmath dtype)."""
+    sigma_b = torch.full((x.shape[0],), float(sigma), dtype=opmath_dtype(x.dtype),
+                         device=x.device)
+    return call_denoiser(denoiser, x, sigma_b, cond)
 
 
 def call_denoiser(denoiser: Callable, x: torch.Tensor, sigma: torch.Tensor,
                   cond: dict) -> torch.Tensor:
-    """``D(x, sigma, **cond)`` with per-sample ``sigma [B]``, checked to be shaped like x
-    (a wrong shape would otherwise broadcast silently into the update) and cast to x's
-    dtype."""
+    """``D(x, sigma [B], **cond)`` cast to x's dtype; ValueError unless shaped like x (a
+    wrong shape would otherwise broadcast silently into the update)."""
     out = denoiser(x, sigma, **cond)
     if out.shape != x.shape:
         raise ValueError(f"the denoiser returned shape {list(out.shape)} for an input of shape "
@@ -91,13 +65,25 @@ def call_denoiser(denoiser: Callable, x: torch.Tensor, sigma: torch.Tensor,
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+def keyword_names(denoiser: Callable):
+    """``(names the denoiser takes by keyword, whether it takes **kwargs)`` from its
+    signature (its ``forward``'s for a module); None where there is none to read."""
+    fn = getattr(denoiser, "forward", denoiser)
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins, C extensions
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return ({p.name for p in params if p.kind in named},
+            any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
+
+
 def check_cond_keywords(denoiser: Callable, cond: dict, *, where: str,
                         options: Iterable[str] = ()) -> None:
     """ValueError for a conditioning keyword that is surely a mistake: one named like an
-    option of a related function (`options`, e.g. ``teacher_factor`` given to `distill`),
-    or one the denoiser cannot take (its signature, or its ``forward``'s for a module, has
-    no such parameter and no ``**kwargs``). Functions that forward ``**cond`` to the
-    denoiser would otherwise pass a typo on silently or fail deep inside a model call."""
+    option of a related function (`options`), or one the denoiser cannot take. Functions
+    that forward ``**cond`` would otherwise pass a typo on silently or fail deep inside a
+    model call."""
     if not cond:
         return
     misplaced = sorted(k for k in cond if k in set(options))
@@ -105,28 +91,25 @@ def check_cond_keywords(denoiser: Callable, cond: dict, *, where: str,
         raise ValueError(f"{where}() got {misplaced}, which {where}() does not take; unknown "
                          f"keywords are passed to the denoiser as conditioning, and these are "
                          f"options of another function (fit_dode / distill / sample?)")
-    fn = getattr(denoiser, "forward", denoiser)
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):  # builtins, C extensions: nothing to check against
+    signature = keyword_names(denoiser)
+    if signature is None or signature[1]:
         return
-    params = sig.parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    names = {p.name for p in params if p.kind in named}
+    names = signature[0]
     unknown = sorted(k for k in cond if k not in names)
     if unknown:
+        fn = getattr(denoiser, "forward", denoiser)
         raise ValueError(f"{where}() got {unknown}: neither an argument of {where}() nor a "
                          f"parameter of the denoiser {getattr(fn, '__qualname__', fn)!r} "
                          f"(which takes {sorted(names)})")
 
 
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """``int(value)``, or ValueError naming `name` unless it is an integer >= minimum
-    (bools are refused: True would pass as 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def check_int(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    """``int(value)``, or ValueError naming `name` unless it is an integer in range (bools
+    are refused: True would pass as 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum \
+            or (maximum is not None and value > maximum):
+        want = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise ValueError(f"{name} must be an integer {want}, got {value!r}")
     return int(value)
 
 
@@ -140,17 +123,46 @@ def step_range(num_steps: int, progress: bool, desc: str):
 
 
 def emit(callback: Optional[Callable], i: int, x: torch.Tensor, x_next: torch.Tensor,
-         sigma: float, sigma_next: float, denoised: Optional[torch.Tensor]) -> None:
-    """Calls ``callback({'i', 'x', 'x_next', 'sigma', 'sigma_next', 'denoised'})`` if given.
-
-    Called once per step, after the update (the same keys as the EPD sampler's callback):
-    'x' is the state at 'sigma' at the start of step 'i', 'x_next' the new state at
-    'sigma_next', and 'denoised' the x0 estimate at (x, sigma) (for an AFS step: the
-    implied ``x - sigma * d_0``).
-    """
+         sigma: float, sigma_next: float, denoised: Optional[torch.Tensor], **extra) -> None:
+    """Calls ``callback`` once per step, after the update, with 'i', 'x' (the state at
+    'sigma'), 'x_next' (at 'sigma_next'), 'denoised' (the x0 estimate at x; for an AFS step
+    the implied ``x - sigma * d_0``) and any `extra` keys: the keys of the EPD sampler's."""
     if callback is not None:
         callback({"i": i, "x": x, "x_next": x_next, "sigma": sigma, "sigma_next": sigma_next,
-                  "denoised": denoised})
+                  "denoised": denoised, **extra})
+
+
+def integrate(denoiser: Callable, x: torch.Tensor, sigmas, direction: Callable, desc: str,
+              callback: Optional[Callable], progress: bool, afs: bool, cond: dict,
+              rule: Optional[Callable] = None) -> torch.Tensor:
+    """The loop of the solvers that move along one direction per step (Euler, Heun,
+    DPM-Solver-2, iPNDM) and of their D-ODE variants:
+
+        d_n     = (x_n - D(x_n, sigma_n)) / sigma_n     (AFS on step 0 with ``afs``)
+        v_n     = direction(i, x_n, d_n, sigmas)
+        x_{n+1} = x_n + h_n v_n [+ lambda_n h_n (v_n - v_{n-1})]   (D-ODE, with ``rule``)
+
+    ``rule(i, a, b) -> lambda_i`` gets the base step ``a`` and ``b = h_n (v_n - v_{n-1})``;
+    step 0 has no previous direction and is the base step. The D-ODE callback also holds
+    ``'lambda'``."""
+    s = sigma_list(sigmas)
+    v_prev = None
+    for i in step_range(len(s) - 1, progress, desc):
+        d, denoised = gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
+        h = s[i + 1] - s[i]
+        v = direction(i, x, d, s)
+        x_next = x + h * v
+        extra = {}
+        if rule is not None:
+            lam = 0.0
+            if v_prev is not None:
+                b = h * (v - v_prev)
+                lam = float(rule(i, x_next, b))
+                x_next = x_next + lam * b if lam != 0.0 else x_next
+            extra, v_prev = {"lambda": lam}, v
+        emit(callback, i, x, x_next, s[i], s[i + 1], denoised, **extra)
+        x = x_next
+    return x
 
 
 def lam(sigma: float) -> float:
@@ -159,15 +171,12 @@ def lam(sigma: float) -> float:
 
 
 def phi(m: int, h: float) -> float:
-    """psi_m(h) = e^{-h} int_0^h e^tau tau^(m-1)/(m-1)! dtau, for m >= 1, h >= 0.
+    """psi_m(h) = e^{-h} int_0^h e^tau tau^(m-1)/(m-1)! dtau (m >= 1, h >= 0): the weights
+    of the exponential integrator ``x_t = e^{-h} x_s + sum_n psi_{n+1}(h) D^(n)(lambda_s)``
+    (DPM-Solver++, UniPC); psi_1 = 1 - e^{-h}, psi_2 = h - 1 + e^{-h}, ...
 
-    These are the exponential-integrator weights of the data-prediction form
-    ``x_t = e^{-h} x_s + sum_{n>=0} psi_{n+1}(h) D^(n)(lambda_s)`` (DPM-Solver++, UniPC):
-
-        psi_1 = 1 - e^{-h},  psi_2 = h - 1 + e^{-h},  psi_3 = h^2/2 - h + 1 - e^{-h}, ...
-
-    Closed form ``(-1)^m (e^{-h} - sum_{i<m} (-h)^i / i!)``; for small h the series
-    ``sum_{j>=0} (-1)^j h^(j+m) / (j+m)!`` is used instead to avoid cancellation.
+    Closed form ``(-1)^m (e^{-h} - sum_{i<m} (-h)^i / i!)``; for h < 2 the series
+    ``sum_j (-1)^j h^(j+m) / (j+m)!`` instead, which avoids the cancellation.
     """
     if m < 1:
         raise ValueError("phi: m must be >= 1")

@@ -9,28 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
 from typing import Callable, Optional, Tuple
 
 import torch
+
+from .common import check_int
 
 __all__ = ["CountingDenoiser", "parallel_calls", "SampleStats", "unwrap_counter"]
 
 
 class CountingDenoiser:
-    """Wraps ``denoiser(x, sigma, **cond)`` and counts its cost.
-
-    ``calls``: sequential calls (latency NFE). ``evaluations``: samples evaluated divided by
-    ``batch_size`` (a call on a ``[K * B, ...]`` batch counts 1 call and K evaluations).
-    Inside ``with counter.parallel():`` all calls count as ONE sequential call (for solver
-    code that evaluates independent branches in several chunks); evaluations still add up.
-    """
+    """Wraps ``denoiser(x, sigma, **cond)`` and counts ``calls`` (sequential: latency NFE)
+    and ``evaluations`` (samples evaluated / ``batch_size``: a ``[K * B, ...]`` call is 1
+    call and K evaluations). Inside ``with counter.parallel():`` all calls count as ONE
+    sequential call; evaluations still add up."""
 
     def __init__(self, denoiser: Callable, batch_size: int):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.denoiser = denoiser
-        self.batch_size = int(batch_size)
+        self.batch_size = check_int("batch_size", batch_size)
         self.calls = 0
         self.samples = 0
         self._parallel_depth = 0
@@ -42,15 +38,10 @@ class CountingDenoiser:
         q, r = divmod(self.samples, self.batch_size)
         return q if r == 0 else self.samples / self.batch_size
 
-    def reset(self) -> None:
-        self.calls = 0
-        self.samples = 0
-
     @contextlib.contextmanager
     def parallel(self):
         """Calls inside the block are parallel: together they cost one latency NFE."""
-        outer = self._parallel_depth == 0
-        if outer:
+        if self._parallel_depth == 0:
             self._parallel_counted = False
         self._parallel_depth += 1
         try:
@@ -97,9 +88,8 @@ def parallel_calls(denoiser):
 
 @dataclasses.dataclass(frozen=True)
 class SampleStats:
-    """Cost of one `sample` call: latency NFE and total evaluations (logical calls, counted
-    also when they were graph replays), steps, time, and the graph captures and replays
-    the call made."""
+    """Cost of one `sample` call: latency NFE and total evaluations (graph replays
+    included), steps, time, and the graph captures and replays it made."""
 
     latency_nfe: int
     total_evals: float

@@ -1,29 +1,22 @@
 """DEIS (Zhang & Chen 2023): exponential-integrator multistep, "tAB" (Adams-Bashforth in t).
 
-In EDM's variables (``alpha = 1``) the exponential integrator of the probability-flow ODE
-with noise prediction ``eps(x, sigma) = d(x, sigma) = (x - D) / sigma`` is simply
-
-    x_{n+1} = x_n + int_{sigma_n}^{sigma_{n+1}} eps(x(sigma), sigma) dsigma .
-
-tAB-DEIS fits eps by the Lagrange polynomial through the last q evaluations *in the
-diffusion time t* of the VP-SDE (beta_d = 19.9, beta_min = 0.1, `schedules.vp_sigma_inv`)
-and integrates it exactly against ``dsigma = sigma'(t) dt``:
+In EDM's variables (``alpha = 1``) the exponential integrator with noise prediction
+``eps(x, sigma) = d(x, sigma) = (x - D) / sigma`` is ``x_{n+1} = x_n + int_{sigma_n}^{sigma_{n+1}}
+eps dsigma``. tAB-DEIS fits eps by the Lagrange polynomial through the last q evaluations in
+the VP-SDE time t (beta_d = 19.9, beta_min = 0.1, `schedules.vp_sigma_inv`) and integrates
+it exactly:
 
     x_{n+1} = x_n + sum_{j<q} C_{n,j} eps_{n-j},
-    C_{n,j} = int_{t_n}^{t_{n+1}} L_j(t) sigma'(t) dt = int_{sigma_n}^{sigma_{n+1}} L_j(t(sigma)) dsigma,
+    C_{n,j} = int_{sigma_n}^{sigma_{n+1}} L_j(t(sigma)) dsigma,
     L_j(t)  = prod_{m<q, m!=j} (t - t_{n-m}) / (t_{n-j} - t_{n-m}).
 
-``mode="rhoab"`` fits the polynomial in ``rho = sigma`` instead (rhoAB-DEIS; for alpha = 1
-this is variable-step Adams-Bashforth in sigma). The coefficients are computed once per
-grid with composite Gauss-Legendre quadrature in ``log sigma`` (8 panels x 32 nodes per
-step; the integrand is analytic there, so this is accurate to float64 round-off).
+``mode="rhoab"`` fits in ``rho = sigma`` instead (variable-step Adams-Bashforth in sigma).
+The coefficients are computed once per grid by composite Gauss-Legendre quadrature in
+``log sigma`` (8 panels x 32 nodes per step: float64 round-off for this analytic integrand).
 
-Order: ``q = min(max_order, n + 1)`` points (warm-up with lower order); ``max_order = 3``
-(default) is a quadratic in t and gives global order 3 (the DEIS paper calls the degree
-``r = q - 1``, so this is its tAB2; ``max_order=4`` is its tAB3). q = 1 is Euler/DDIM.
-
-NFE rule: one denoiser call per step, N steps -> N; with ``afs=True`` the first eps is the
-analytic ``x_0 / sqrt(1 + sigma_0^2)``, N steps -> N - 1.
+Order: ``q = min(max_order, n + 1)`` points; ``max_order = 3`` (default, the paper's tAB2
+with degree ``r = q - 1``) gives global order 3; q = 1 is Euler/DDIM.
+One call per step: N steps -> N - afs.
 """
 from __future__ import annotations
 
@@ -33,10 +26,10 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .common import afs_d, denoise, emit, sigma_list, step_range, to_d
+from .common import check_int, emit, gradient, sigma_list, step_range
 from .schedules import VP_BETA_D, VP_BETA_MIN
 
-__all__ = ["sample_deis", "deis_coefficients"]
+__all__ = ["sample_deis"]
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(32)
 _PANELS = 8
@@ -60,7 +53,8 @@ def _vp_t(sig: np.ndarray) -> np.ndarray:
     return 2.0 * L / (np.sqrt(VP_BETA_MIN ** 2 + 2.0 * VP_BETA_D * L) + VP_BETA_MIN)
 
 
-def deis_coefficients(sigmas: Sequence[float], max_order: int = 3, mode: str = "tab") -> List[List[float]]:
+def deis_coefficients(sigmas: Sequence[float], max_order: int = 3,
+                      mode: str = "tab") -> List[List[float]]:
     """C[n][j]: the weight of eps_{n-j} in step n (see module docstring), float64."""
     if mode == "tab":
         to_t = _vp_t
@@ -87,27 +81,19 @@ def deis_coefficients(sigmas: Sequence[float], max_order: int = 3, mode: str = "
     return coeffs
 
 
-def sample_deis(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optional[Callable] = None,
-                progress: bool = False, afs: bool = False, max_order: int = 3,
-                mode: str = "tab", **cond) -> torch.Tensor:
-    """DEIS (tAB by default) from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` (see module docstring).
-
-    ``max_order`` in 1..4 is the number of eps values in the polynomial (global order).
-    """
-    if isinstance(max_order, bool) or int(max_order) != max_order or not 1 <= max_order <= 4:
-        raise ValueError(f"max_order must be an integer in 1..4, got {max_order!r}")
+def sample_deis(denoiser: Callable, x: torch.Tensor, sigmas, *,
+                callback: Optional[Callable] = None, progress: bool = False, afs: bool = False,
+                max_order: int = 3, mode: str = "tab", **cond) -> torch.Tensor:
+    """DEIS (tAB by default) from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``; ``max_order`` in
+    1..4 is the number of eps values in the polynomial (the global order)."""
+    max_order = check_int("max_order", max_order, 1, 4)
     s = sigma_list(sigmas)
-    C = deis_coefficients(s, int(max_order), mode)
+    C = deis_coefficients(s, max_order, mode)
     history: List[torch.Tensor] = []  # eps values, newest first
     for i in step_range(len(s) - 1, progress, "deis"):
-        if afs and i == 0:
-            eps = afs_d(x, s[0])
-            denoised = x - s[0] * eps
-        else:
-            denoised = denoise(denoiser, x, s[i], cond)
-            eps = to_d(x, denoised, s[i])
+        eps, denoised = gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
         history.insert(0, eps)
-        del history[int(max_order):]
+        del history[max_order:]
         x_next = x
         for c, e in zip(C[i], history):
             x_next = x_next + c * e

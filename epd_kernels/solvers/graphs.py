@@ -1,22 +1,15 @@
 """Graph capture and replay: CUDA graphs on GPUs, and a CPU stand-in with the same semantics.
 
-A *strategy* captures ``fn(*inputs) -> tensor`` once, where ``inputs`` are static buffers
-the caller refills before each replay, and returns an object whose ``replay()`` runs the
-captured work again and returns one static output tensor (overwritten by every replay).
+A *strategy* captures ``fn(*inputs) -> tensor`` once (``inputs``: static buffers the caller
+refills) and returns an object whose ``replay()`` reruns the captured work and returns one
+static output tensor. `CudaGraphStrategy`: warm-up on a side stream, one
+``torch.cuda.CUDAGraph`` capture in a memory pool kept for the strategy's lifetime.
+`SimulatedGraphStrategy`: warm-up, then one trace of ``fn``; a replay runs the trace on the
+buffers' current contents and no Python of ``fn``, so code that relies on Python running at
+replay time (a counter inside a denoiser, data-dependent branches) is caught on a CPU.
 
-* `CudaGraphStrategy`: warm-up calls on a side stream, then one ``torch.cuda.CUDAGraph``
-  capture, all under the inputs' device and in one memory pool kept for the strategy's
-  lifetime.
-* `SimulatedGraphStrategy`: the same call pattern on any device. Warm-up calls, then one
-  capture that traces ``fn`` with ``make_fx`` (one Python call of ``fn``); a replay runs
-  the traced aten graph on the current contents of the static inputs and executes no
-  Python of ``fn``. So a Python counter inside a denoiser stops counting after the
-  capture, exactly as on a GPU, and code that relies on Python running at replay time
-  (counting wrappers, data-dependent branches) is caught on a CPU.
-
-`graph_mode` reads ``EPD_KERNELS_GRAPH``: ``auto`` (default: CUDA graphs for CUDA tensors,
-none elsewhere), ``off``, or ``simulate`` (the stand-in on every device). The older
-``EPD_KERNELS_NO_CUDA_GRAPH=1`` still means ``off`` when ``EPD_KERNELS_GRAPH`` is unset.
+`graph_mode` reads ``EPD_KERNELS_GRAPH``: ``auto`` (default: CUDA graphs for CUDA tensors),
+``off`` or ``simulate``; ``EPD_KERNELS_NO_CUDA_GRAPH=1`` means ``off`` when it is unset.
 """
 from __future__ import annotations
 
@@ -30,8 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils import _pytree
 
-__all__ = ["GRAPH_ENV", "GRAPH_MODES", "graph_mode", "CudaGraphStrategy",
-           "SimulatedGraphStrategy", "strategy_for", "device_guard", "check_cond_device", "DenoiserKey"]
+__all__ = ["GRAPH_ENV", "graph_mode", "CudaGraphStrategy", "SimulatedGraphStrategy"]
 
 GRAPH_ENV = "EPD_KERNELS_GRAPH"
 LEGACY_ENV = "EPD_KERNELS_NO_CUDA_GRAPH"
@@ -75,6 +67,19 @@ def check_cond_device(cond: dict, device: torch.device) -> None:
                                  f"on {device}: move the conditioning to x's device")
 
 
+def freeze(v):
+    """A hashable cache-key part: a tensor by shape, dtype, device and values, a hashable
+    value with its type (1, 1.0 and True hash alike), anything else by identity."""
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), v.dtype, v.device,
+                tuple(v.detach().cpu().reshape(-1).tolist()))
+    try:
+        hash(v)
+        return ("value", type(v).__name__, v)
+    except TypeError:
+        return ("id", id(v))
+
+
 class _Captured:
     """A captured graph: ``replay()`` reruns it and returns the static output."""
 
@@ -94,18 +99,37 @@ class _Captured:
         return self.output
 
 
-class SimulatedGraphStrategy:
+def cond_rebuilder(leaves: list, spec) -> Callable:
+    """``rebuild(tensors) -> cond``: the flattened conditioning (`leaves`, `spec`) with its
+    tensor leaves replaced by `tensors` in order. It closes over the non-tensor leaves only,
+    so a graph replay sees whatever the static buffers hold."""
+    template = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+    slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+
+    def rebuild(tensors):
+        vals = list(template)
+        for i, t in zip(slots, tensors):
+            vals[i] = t
+        return _pytree.tree_unflatten(vals, spec)
+
+    return rebuild
+
+
+class _Strategy:
+    def __init__(self, warmup: int = WARMUP):
+        self.warmup = int(warmup)
+        self.pool = None
+        self.captures = 0
+        self.replays = 0
+
+
+class SimulatedGraphStrategy(_Strategy):
     """CUDA-graph semantics on any device (module docstring): warm-up, one traced capture,
     replays that run the trace."""
 
     name = "simulate"
 
-    def __init__(self, warmup: int = WARMUP):
-        self.warmup = int(warmup)
-        self.captures = 0
-        self.replays = 0
-
-    def capture(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> _Captured:
+    def capture(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
         inputs = tuple(inputs)
         for _ in range(self.warmup):
             fn(*inputs)
@@ -116,19 +140,13 @@ class SimulatedGraphStrategy:
         return _Captured(lambda: traced(*inputs), None, self)
 
 
-class CudaGraphStrategy:  # pragma: no cover - needs a GPU (tests marked gpu)
+class CudaGraphStrategy(_Strategy):  # pragma: no cover - needs a GPU (tests marked gpu)
     """Warm-up on a side stream, one ``torch.cuda.CUDAGraph`` capture, replays; every
     capture of this strategy shares one memory pool."""
 
     name = "cuda"
 
-    def __init__(self, warmup: int = WARMUP):
-        self.warmup = int(warmup)
-        self.pool = None
-        self.captures = 0
-        self.replays = 0
-
-    def capture(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> _Captured:
+    def capture(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]):
         inputs = tuple(inputs)
         device = inputs[0].device
         with torch.cuda.device(device):

@@ -7,11 +7,8 @@ Per step n, ``h = sigma_{n+1} - sigma_n``:
     d~       = (x~ - D(x~, sigma_{n+1})) / sigma_{n+1}
     x_{n+1}  = x_n + h * (d_n + d~) / 2                        (trapezoidal corrector)
 
-The correction is applied on every step, the last one included, because the grid ends at
-``sigma_min > 0`` (EDM skips it only when the next sigma is 0). Global error O(h^2).
-
-NFE rule: 2 denoiser calls per step, N steps -> 2N; with ``afs=True`` the first ``d_0``
-is analytic, N steps -> 2N - 1 (so odd budgets 3, 5, 7, 9 are reachable).
+The correction runs on every step, the last one included, because the grid ends at
+``sigma_min > 0``. Global error O(h^2). Two calls per step: N steps -> 2N - afs.
 """
 from __future__ import annotations
 
@@ -19,21 +16,23 @@ from typing import Callable, Optional
 
 import torch
 
-from .common import denoise, emit, gradient, sigma_list, step_range, to_d
+from .common import denoise, integrate, to_d
 
 __all__ = ["sample_heun"]
 
 
-def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optional[Callable] = None,
-                progress: bool = False, afs: bool = False, **cond) -> torch.Tensor:
+def heun_direction(denoiser: Callable, cond: dict) -> Callable:
+    """``direction(i, x, d, s)`` of Heun: ``(d_n + d~) / 2`` (module docstring)."""
+    def direction(i, x, d, s):
+        x_pred = x + (s[i + 1] - s[i]) * d
+        return 0.5 * (d + to_d(x_pred, denoise(denoiser, x_pred, s[i + 1], cond), s[i + 1]))
+
+    return direction
+
+
+def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas, *,
+                callback: Optional[Callable] = None, progress: bool = False, afs: bool = False,
+                **cond) -> torch.Tensor:
     """EDM Heun from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` (see module docstring)."""
-    s = sigma_list(sigmas)
-    for i in step_range(len(s) - 1, progress, "heun"):
-        d, denoised = gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
-        h = s[i + 1] - s[i]
-        x_pred = x + h * d
-        d_pred = to_d(x_pred, denoise(denoiser, x_pred, s[i + 1], cond), s[i + 1])
-        x_next = x + h * 0.5 * (d + d_pred)
-        emit(callback, i, x, x_next, s[i], s[i + 1], denoised)
-        x = x_next
-    return x
+    return integrate(denoiser, x, sigmas, heun_direction(denoiser, cond), "heun", callback,
+                     progress, afs, cond)

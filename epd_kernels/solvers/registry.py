@@ -71,13 +71,9 @@ _SOLVERS: Dict[str, SolverSpec] = {}
 def register_solver(name: str, fn: Optional[Callable] = None, *, evals_per_step: int = 1,
                     default_afs: bool = False, lazy: Optional[str] = None,
                     needs_params: bool = False, **extra) -> None:
-    """Adds a solver to `sample` (``fn`` or ``lazy="module:function"``).
-
-    ``fn(denoiser, x, sigmas, *, callback, progress, afs, **options, **cond)`` for plain
-    solvers, or ``fn(denoiser, x, sigmas, *, params, callback, progress, **extra,
-    **options, **cond)`` with ``needs_params``. ``evals_per_step`` (1 or 2) defines the NFE
-    rule ``nfe = evals_per_step * steps - afs``.
-    """
+    """Adds a solver to `sample` (``fn`` or ``lazy="module:function"``, with the baseline
+    signature, plus ``params`` and the fixed keywords ``extra`` with ``needs_params``);
+    ``evals_per_step`` (1 or 2) sets its NFE rule."""
     if (fn is None) == (lazy is None):
         raise ValueError("give exactly one of fn and lazy")
     if evals_per_step not in (1, 2):
@@ -86,33 +82,32 @@ def register_solver(name: str, fn: Optional[Callable] = None, *, evals_per_step:
                                 tuple(sorted(extra.items())))
 
 
+#: Two sequential calls per step, the first one analytic on step 0 by default.
+_TWO_CALLS = {"evals_per_step": 2, "default_afs": True}
+
 register_solver("euler", sample_euler)
 register_solver("ddim", sample_euler)
-register_solver("heun", sample_heun, evals_per_step=2, default_afs=True)
-register_solver("dpm2", sample_dpm2, evals_per_step=2, default_afs=True)
+register_solver("heun", sample_heun, **_TWO_CALLS)
+register_solver("dpm2", sample_dpm2, **_TWO_CALLS)
 register_solver("dpmpp3m", sample_dpmpp3m)
 register_solver("unipc", sample_unipc)
 register_solver("ipndm", sample_ipndm)
 register_solver("deis", sample_deis)
-register_solver("epd", lazy=".epd:epd_sampler", evals_per_step=2, default_afs=True,
-                needs_params=True, plugin=False)
-register_solver("epd-ipndm", lazy=".epd:epd_sampler", evals_per_step=2,
-                default_afs=True, needs_params=True, plugin=True)
-# AMED-Solver / AMED-Plugin: a predicted intermediate time per step (amed.py); params are
-# AMEDParams (table or predictor form).
-register_solver("amed", lazy=".amed:amed_sampler", evals_per_step=2, default_afs=True,
-                needs_params=True, plugin=False)
-register_solver("amed-ipndm", lazy=".amed:amed_sampler", evals_per_step=2,
-                default_afs=True, needs_params=True, plugin=True)
-# ParaDiGMS: Picard iterations over a sliding window of a 4x finer Euler grid; the budget
-# counts batched rounds (paradigms.py).
+register_solver("epd", lazy=".epd:epd_sampler", needs_params=True, plugin=False, **_TWO_CALLS)
+register_solver("epd-ipndm", lazy=".epd:epd_sampler", needs_params=True, plugin=True,
+                **_TWO_CALLS)
+# AMED-Solver / AMED-Plugin: AMEDParams (table or predictor form).
+register_solver("amed", lazy=".amed:amed_sampler", needs_params=True, plugin=False,
+                **_TWO_CALLS)
+register_solver("amed-ipndm", lazy=".amed:amed_sampler", needs_params=True, plugin=True,
+                **_TWO_CALLS)
+# ParaDiGMS: the budget counts batched rounds on a 4x finer Euler grid.
 register_solver("paradigms", lazy=".paradigms:paradigms_sampler")
-# D-ODE: the base solver with one distilled scalar per step (dode.py); the NFE rule is the
-# base solver's.
+# D-ODE: DODEParams; the NFE rule is the base solver's.
 register_solver("d-euler", lazy=".dode:dode_sampler", needs_params=True, solver="d-euler")
 register_solver("d-ddim", lazy=".dode:dode_sampler", needs_params=True, solver="d-euler")
-register_solver("d-heun", lazy=".dode:dode_sampler", evals_per_step=2,
-                default_afs=True, needs_params=True, solver="d-heun")
+register_solver("d-heun", lazy=".dode:dode_sampler", needs_params=True, solver="d-heun",
+                **_TWO_CALLS)
 register_solver("d-ipndm", lazy=".dode:dode_sampler", needs_params=True, solver="d-ipndm")
 
 
@@ -139,6 +134,7 @@ def all_option_names() -> frozenset:
 
 
 def resolve_afs(s: SolverSpec, afs: Optional[bool]) -> bool:
+    """The afs setting: the solver's default where None."""
     return s.default_afs if afs is None else bool(afs)
 
 
@@ -181,10 +177,8 @@ def nfe_to_steps(solver: str, nfe: int, afs: Optional[bool] = None) -> int:
 
 def resolve_sigmas(schedule, steps: Optional[int]) -> torch.Tensor:
     """float64 CPU grid from `schedule` (None / kind name / dict / explicit sigmas)."""
-    if schedule is None:
-        return _schedules.get_sigmas("polynomial", steps)
-    if isinstance(schedule, str):
-        return _schedules.get_sigmas(schedule, steps)
+    if schedule is None or isinstance(schedule, str):
+        return _schedules.get_sigmas("polynomial" if schedule is None else schedule, steps)
     if isinstance(schedule, dict):
         kw = dict(schedule)
         kind = kw.pop("kind", "polynomial")

@@ -35,15 +35,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = [
-    "SCHEDULES",
-    "get_sigmas",
-    "check_sigmas",
-    "vp_sigma",
-    "vp_sigma_inv",
-    "VP_BETA_D",
-    "VP_BETA_MIN",
-]
+__all__ = ["SCHEDULES", "get_sigmas", "check_sigmas", "vp_sigma", "vp_sigma_inv"]
 
 VP_BETA_D = 19.9
 VP_BETA_MIN = 0.1
@@ -51,28 +43,18 @@ VP_BETA_MIN = 0.1
 #: Canonical schedule names.
 SCHEDULES = ("polynomial", "logsnr", "time-uniform", "explicit")
 
-_ALIASES = {
-    "polynomial": "polynomial",
-    "karras": "polynomial",
-    "edm": "polynomial",
-    "logsnr": "logsnr",
-    "log-snr": "logsnr",
-    "log_snr": "logsnr",
-    "time-uniform": "time-uniform",
-    "time_uniform": "time-uniform",
-    "timeuniform": "time-uniform",
-    "vp": "time-uniform",
-    "explicit": "explicit",
-}
+_ALIASES = {"polynomial": "polynomial", "karras": "polynomial", "edm": "polynomial",
+            "logsnr": "logsnr", "log-snr": "logsnr", "log_snr": "logsnr",
+            "time-uniform": "time-uniform", "time_uniform": "time-uniform",
+            "timeuniform": "time-uniform", "vp": "time-uniform", "explicit": "explicit"}
 
 SigmasLike = Union[torch.Tensor, Sequence[float]]
 
 
 def vp_sigma(t, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
     """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) of the VP-SDE (tensor or float)."""
-    if isinstance(t, torch.Tensor):
-        return torch.sqrt(torch.expm1(0.5 * beta_d * t * t + beta_min * t))
-    return math.sqrt(math.expm1(0.5 * beta_d * t * t + beta_min * t))
+    m = torch if isinstance(t, torch.Tensor) else math
+    return m.sqrt(m.expm1(0.5 * beta_d * t * t + beta_min * t))
 
 
 def vp_sigma_inv(sigma, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
@@ -81,28 +63,22 @@ def vp_sigma_inv(sigma, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN
     Solving ``beta_d t^2 / 2 + beta_min t = L``, ``L = log(1 + sigma^2)``, for t > 0 gives
     ``t = (sqrt(beta_min^2 + 2 beta_d L) - beta_min) / beta_d = 2 L / (sqrt(...) + beta_min)``.
     """
-    if isinstance(sigma, torch.Tensor):
-        L = torch.log1p(sigma * sigma)
-        return 2.0 * L / (torch.sqrt(beta_min ** 2 + 2.0 * beta_d * L) + beta_min)
-    L = math.log1p(sigma * sigma)
-    return 2.0 * L / (math.sqrt(beta_min ** 2 + 2.0 * beta_d * L) + beta_min)
+    m = torch if isinstance(sigma, torch.Tensor) else math
+    L = m.log1p(sigma * sigma)
+    return 2.0 * L / (m.sqrt(beta_min ** 2 + 2.0 * beta_d * L) + beta_min)
 
 
-def _check_positive_real(name, value):
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
-        raise ValueError(f"{name} must be a positive real number, got {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return v
+def check_positive(name: str, value) -> float:
+    """``float(value)``, or ValueError naming `name` unless it is a finite real > 0."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)) \
+            or not math.isfinite(float(value)) or float(value) <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_sigmas(sigmas: SigmasLike, name: str = "sigmas") -> torch.Tensor:
-    """Validates an explicit grid; returns it as a 1-D float64 CPU tensor.
-
-    Requires at least two values (one step), all finite and > 0, strictly decreasing.
-    Raises ValueError naming `name` otherwise.
-    """
+    """An explicit grid as a 1-D float64 CPU tensor; ValueError naming `name` unless it has
+    at least two values (one step), all finite and > 0, strictly decreasing."""
     if sigmas is None:
         raise ValueError(f"{name} must be given (a 1-D list or tensor of noise levels)")
     try:
@@ -133,19 +109,12 @@ def get_sigmas(kind: str, num_steps: Optional[int] = None, sigma_min: float = 0.
                sigma_max: float = 80.0, rho: float = 7.0, sigmas: Optional[SigmasLike] = None,
                device: Union[str, torch.device, None] = None,
                dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``num_steps + 1`` noise levels from ``sigma_max`` down to ``sigma_min`` (see module doc).
+    """``num_steps + 1`` strictly decreasing noise levels from ``sigma_max`` down to
+    ``sigma_min`` (module docstring), computed in float64 and returned in ``dtype``.
 
-    Args:
-        kind: "polynomial" (alias "karras"), "logsnr", "time-uniform" (alias "vp") or
-            "explicit".
-        num_steps: number of solver steps N >= 1. For "explicit" it may be None (taken from
-            the list) or must equal ``len(sigmas) - 1``.
-        sigma_min, sigma_max: the ends, ``0 < sigma_min < sigma_max`` (ignored for "explicit").
-        rho: the polynomial exponent (> 0), only used by "polynomial".
-        sigmas: the explicit grid, only with ``kind="explicit"``.
-        device, dtype: of the returned tensor (computed in float64 first).
-
-    Returns: a 1-D tensor of ``num_steps + 1`` strictly decreasing values.
+    ``kind``: "polynomial" (alias "karras"), "logsnr", "time-uniform" (alias "vp") or
+    "explicit" (``sigmas`` given; ``num_steps`` None or ``len(sigmas) - 1``; the ends and
+    ``rho``, the polynomial's exponent, unused).
     """
     if not isinstance(kind, str):
         raise ValueError(f"kind must be one of {SCHEDULES}, got {kind!r}")
@@ -173,14 +142,14 @@ def get_sigmas(kind: str, num_steps: Optional[int] = None, sigma_min: float = 0.
         if num_steps is None:
             raise ValueError(f"num_steps must be given for kind={kind!r}")
         n = int(num_steps)
-        lo = _check_positive_real("sigma_min", sigma_min)
-        hi = _check_positive_real("sigma_max", sigma_max)
+        lo = check_positive("sigma_min", sigma_min)
+        hi = check_positive("sigma_max", sigma_max)
         if not lo < hi:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={lo!r}, "
                              f"sigma_max={hi!r}")
         frac = torch.arange(n + 1, dtype=torch.float64) / n
         if key == "polynomial":
-            r = _check_positive_real("rho", rho)
+            r = check_positive("rho", rho)
             a, b = hi ** (1.0 / r), lo ** (1.0 / r)
             s = (a + frac * (b - a)) ** r
         elif key == "logsnr":

@@ -1,20 +1,14 @@
-"""Whole-solve capture (``sample(..., graph="solve")``): the entire sampling loop captured
-once for fixed shapes and replayed.
+"""Whole-solve capture (``sample(..., graph="solve")``): the sampling loop captured once
+for fixed shapes and replayed, which removes the launch overhead that dominates at batch 1.
 
-At batch 1 on a GPU the launch overhead of the main call, the branch call and the fused
-step dominate; one graph replay per `sample()` call removes it. The captured function is
-``fn(noise, *param tensors, *conditioning tensors) -> x_final``; all of them are static
-device buffers that every call refills, so new noise, new EPD / AMED parameter values and
-new conditioning of the same shapes replay the same graph. What is baked into the graph
-is keyed: the denoiser, the solver and its options, the grid (values), the shapes and
-dtypes of the noise, the parameter structure (and D-ODE's lambdas, read on the host),
-the conditioning structure. Inside the capture the EPD branch call runs without a graph
-of its own (no nested capture).
-
-Counting: the capture runs the solver once in Python through a `CountingDenoiser`; those
-calls and samples are the cost of one replay and are reported for every replay.
-
-The same code serves CUDA graphs and the CPU stand-in (`epd_kernels.solvers.graphs`).
+The captured function is ``fn(noise, *param tensors, *conditioning tensors) -> x_final``,
+all static buffers refilled at every call, so new noise, parameter values and conditioning
+of the same shapes replay one graph. What the graph bakes in is keyed: the denoiser, the
+solver and its options, the grid, the shapes and dtypes, the parameter structure (and
+D-ODE's lambdas), the conditioning structure. The EPD branch call runs without a graph of
+its own inside. The capture runs the solver once through a `CountingDenoiser`; its calls
+are the cost reported for every replay. CUDA graphs and the CPU stand-in alike
+(`epd_kernels.solvers.graphs`).
 """
 from __future__ import annotations
 
@@ -29,7 +23,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .counting import CountingDenoiser
-from .graphs import GRAPH_ENV, DenoiserKey, check_cond_device, device_guard, strategy_for
+from .graphs import (GRAPH_ENV, DenoiserKey, check_cond_device, cond_rebuilder, device_guard,
+                     freeze, strategy_for)
 
 __all__ = ["solve", "clear", "unsupported_reason"]
 
@@ -55,16 +50,6 @@ def unsupported_reason(solver: str, params) -> Optional[str]:
     return None
 
 
-def _freeze(v):
-    if isinstance(v, torch.Tensor):
-        return ("tensor", tuple(v.shape), v.dtype, v.device, tuple(v.detach().cpu().reshape(-1).tolist()))
-    try:
-        hash(v)
-        return v
-    except TypeError:
-        return ("id", id(v))
-
-
 def _params_signature(params):
     if params is None:
         return None
@@ -75,7 +60,7 @@ def _params_signature(params):
         if f.name in dev:
             sig.append((f.name, tuple(v.shape), v.dtype))
         elif f.name != "meta":
-            sig.append((f.name, _freeze(v)))
+            sig.append((f.name, freeze(v)))
     return tuple(sig)
 
 
@@ -109,9 +94,9 @@ def solve(fn: Callable, denoiser: Callable, counter: CountingDenoiser, x: torch.
     leaves, spec = pytree.tree_flatten(cond)
     ident = DenoiserKey(denoiser)
     key = (ident.key, fn, tuple(x.shape), x.dtype, x.device, mode,
-           tuple(sigmas.tolist()), tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())),
+           tuple(sigmas.tolist()), tuple(sorted((k, freeze(v)) for k, v in kwargs.items())),
            _params_signature(params), spec,
-           tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else _freeze(v)
+           tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else freeze(v)
                  for v in leaves))
     entry = _GRAPHS.get(key)
     if isinstance(entry, _Failed) and entry.ident.matches(ident):
@@ -146,8 +131,7 @@ def solve(fn: Callable, denoiser: Callable, counter: CountingDenoiser, x: torch.
 
 def _make_body(fn, denoiser, sigmas, params, dev_fields, kwargs, leaves, spec, leaves_batch):
     """The function a solve graph captures; it closes over no tensor that changes."""
-    template = [None if isinstance(v, torch.Tensor) else v for v in leaves]
-    slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+    rebuild = cond_rebuilder(leaves, spec)
     takes_runner = "runner" in inspect.signature(fn).parameters
     np_ = len(dev_fields)
     sigma0 = float(sigmas[0])
@@ -164,11 +148,8 @@ def _make_body(fn, denoiser, sigmas, params, dev_fields, kwargs, leaves, spec, l
             from ..branches import BranchRunner
 
             kw["runner"] = BranchRunner(denoiser, params.num_points, graph="off")
-        vals = list(template)
-        for i, t in zip(slots, tensors[np_:]):
-            vals[i] = t
         counting = CountingDenoiser(denoiser, batch)  # (a traced shape is a tensor)
-        out = fn(counting, x0 * sigma0, sigmas, **kw, **pytree.tree_unflatten(vals, spec))
+        out = fn(counting, x0 * sigma0, sigmas, **kw, **rebuild(tensors[np_:]))
         body_cost["calls"], body_cost["samples"] = counting.calls, counting.samples
         return out
 

@@ -1,42 +1,31 @@
 """UniPC (Zhao et al. 2023): unified predictor-corrector, data prediction, variant bh2.
 
-Notation as in `dpmpp3m`: ``lambda = -log sigma``, ``h = lambda_{n+1} - lambda_n``,
-``m_k = D(x_k, sigma_k)`` the model outputs, ``psi_k`` from `common.phi`. For points
-``lambda_n + r_k h`` with values ``m_(k)``, UniPC writes a step as
+Notation as in `dpmpp3m` (``lambda = -log sigma``, ``h = lambda_{n+1} - lambda_n``,
+``psi_k`` from `common.phi`); ``m_k = D(x_k, sigma_k)``. For points ``lambda_n + r_k h`` with
+values ``m_(k)`` a step is
 
     x_{n+1} = e^{-h} x_n + psi_1(h) m_n + B(h) sum_k a_k (m_(k) - m_n) / r_k
 
-and picks ``a`` so that the Taylor terms of the exact solution
-``sum_j psi_{j+1}(h) D^(j)(lambda_n)`` are matched up to ``j = K`` (K points):
+with ``a`` matching the Taylor terms of the exact solution up to ``j = K`` (K points):
 
     sum_k a_k r_k^(j-1) = j! psi_{j+1}(h) / (h^j B(h)),     j = 1..K
 
 (the paper's ``R_p(h) a_p = g_p(h) / B(h)``; ``B(h) = 1 - e^{-h}`` is "bh2", ``B(h) = h``
-is "bh1"). For K >= 2 points the Vandermonde system is solved exactly (then ``B a`` does
-not depend on B). For a single point (order-2 predictor, order-1 corrector) UniPC uses
-``a_1 = 1/2``, the h -> 0 limit of the exact ``psi_2(h) / (h B(h))``; this keeps the order
-and is where the choice of B matters (bh2: ``(1 - e^{-h}) / 2`` times the difference).
+"bh1"). For K >= 2 the Vandermonde system is solved exactly; for one point UniPC uses
+``a_1 = 1/2``, the h -> 0 limit, which keeps the order (there the choice of B matters).
 
-* UniP-p (predictor, order p): the K = p - 1 previous outputs, ``r_k = (lambda_{n-k} -
-  lambda_n) / h < 0``.
-* UniC (corrector): after evaluating ``m_{n+1} = D(x~_{n+1}, sigma_{n+1})`` at the
-  predicted state, the step from x_n is redone with the same points plus ``r = 1``
-  (``m_{n+1}``), raising the order by one. ``m_{n+1}`` (at the predicted state) is then
-  used for the next step too, so the corrector costs no extra evaluation.
-* No corrector after the final step (there is no next evaluation to reuse).
+* UniP-p (predictor): the K = p - 1 previous outputs, ``r_k = (lambda_{n-k} - lambda_n) / h``.
+* UniC (corrector): after ``m_{n+1} = D(x~_{n+1}, sigma_{n+1})`` at the predicted state, the
+  step from x_n is redone with the same points plus ``r = 1`` (``m_{n+1}``), raising the
+  order by one; ``m_{n+1}`` is reused by the next step, so the corrector costs no call.
+  No corrector after the final step.
 
-Order schedule: ``p = min(order, n + 1)`` and, for fewer than 10 steps, ``p <= N - n``
-(``lower_order_final``; the threshold of 10 follows the DPM-Solver reference code and is
-shared with `dpmpp3m`, so that the asymptotic order is not lowered by an order-1 final
-step on long grids), and the step-ratio guard of `dpmpp3m` (``max_step_ratio``: order 1
-on a step more than 3 times longer in lambda than the one before it; the corrector of the
-previous step is unaffected). With predictor order p the method has
-global order p + 1 (UniPC paper, Thm. 3.1); ``order = 3`` is the usual setting for
-unconditional sampling (global order 4), ``order = 2`` gives global order 3.
+Order schedule: `dpmpp3m.multistep_order` with ``order`` as the cap (warm-up,
+``lower_order_final`` for fewer than 10 steps, order 1 past ``max_step_ratio``; the
+corrector of the previous step is unaffected). Predictor order p gives global order p + 1
+(UniPC paper, Thm. 3.1): ``order = 3`` (default) is global order 4.
 
-NFE rule: one denoiser call per step (at sigma_0 and at each predicted state except the
-last), N steps -> N; with ``afs=True`` the first model output is ``x_0 - sigma_0 d_0`` from
-the analytic first gradient, N steps -> N - 1.
+One call per step (at sigma_0 and each predicted state but the last): N steps -> N - afs.
 """
 from __future__ import annotations
 
@@ -46,13 +35,14 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .common import afs_d, denoise, emit, lam, phi, sigma_list, step_range
-from .dpmpp3m import MAX_STEP_RATIO, check_max_step_ratio, multistep_order, step_ratio
+from .common import afs_d, check_int, denoise, emit, lam, phi, sigma_list, step_range
+from .dpmpp3m import MAX_STEP_RATIO, check_multistep, multistep_order, step_ratio
 
-__all__ = ["sample_unipc", "unipc_coefficients"]
+__all__ = ["sample_unipc"]
 
 
-def unipc_coefficients(rs: Sequence[float], h: float, variant: str = "bh2") -> Tuple[float, List[float]]:
+def unipc_coefficients(rs: Sequence[float], h: float,
+                       variant: str = "bh2") -> Tuple[float, List[float]]:
     """(B(h), a) for the relative points ``rs`` (see module docstring), in float64."""
     if variant == "bh2":
         B = phi(1, h)
@@ -84,20 +74,14 @@ def _unipc_update(x, m0, lam0, h, points, variant):
     return out
 
 
-def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optional[Callable] = None,
-                 progress: bool = False, afs: bool = False, order: int = 3,
-                 variant: str = "bh2", lower_order_final: bool = True,
+def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas, *,
+                 callback: Optional[Callable] = None, progress: bool = False, afs: bool = False,
+                 order: int = 3, variant: str = "bh2", lower_order_final: bool = True,
                  max_step_ratio: Optional[float] = MAX_STEP_RATIO, **cond) -> torch.Tensor:
-    """UniPC from ``x`` at ``sigmas[0]`` to ``sigmas[-1]`` (see module docstring).
-
-    ``order`` in 1..3 is the predictor order p (global order p + 1); ``variant`` "bh2"
-    (default) or "bh1"; ``lower_order_final``, ``max_step_ratio`` as in the module docstring.
-    """
-    if isinstance(order, bool) or int(order) != order or not 1 <= order <= 3:
-        raise ValueError(f"order must be an integer in 1..3, got {order!r}")
-    if variant not in ("bh1", "bh2"):
-        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
-    max_step_ratio = check_max_step_ratio(max_step_ratio)
+    """UniPC from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``; ``order`` in 1..3 is the
+    predictor order p, ``variant`` "bh2" or "bh1" (module docstring)."""
+    order = check_int("order", order, 1, 3)
+    max_step_ratio = check_multistep(variant, ("bh1", "bh2"), max_step_ratio)
     s = sigma_list(sigmas)
     N = len(s) - 1
     lams = [lam(v) for v in s]
@@ -115,8 +99,8 @@ def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas, *, callback: Optio
             x = _unipc_update(x_base, m_base, lams[i - 1], lams[i] - lams[i - 1],
                               pts + [(lams[i], m_new)], variant)
             hist.insert(0, (lams[i], m_new))
-            del hist[int(order):]
-        p = multistep_order(i, N, int(order), lower_order_final, step_ratio(lams, i),
+            del hist[order:]
+        p = multistep_order(i, N, order, lower_order_final, step_ratio(lams, i),
                             max_step_ratio)
         m_i = hist[0][1]
         pts = hist[1:p]

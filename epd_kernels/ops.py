@@ -156,7 +156,7 @@ def _row_scalar(name, value, batch, device, acc):
     if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
         raise ValueError(f"{name} must be a float, a 0-d tensor or a tensor of shape "
                          f"[{batch}] (one per sample), got shape {list(value.shape)}")
-    return value.to(acc)
+    return value.to(acc).contiguous()
 
 
 def _stack_grads(grads, x):

@@ -1,18 +1,12 @@
-"""Build script: the C++ CPU extension `epd_kernels._C`, ahead of time or on first use.
+"""Build script: the C++ CPU extension `epd_kernels._C`, ahead of time or on first use
+(the GPU path is Triton, compiled at run time: no CUDA C++ is built).
 
-The GPU path is Triton (pure Python, compiled at run time), so no CUDA C++ is built.
-
-* torch importable here (`pip install --no-build-isolation .`, as the Makefile does): the
-  extension is compiled against that torch, and the torch it was compiled against is
-  recorded beside it in `epd_kernels/_C.build.json`, so that a later torch upgrade makes
-  the package compile anew instead of loading a library built for other headers.
-* torch not importable (plain `pip install .`: pip's isolated build environment holds only
-  setuptools and wheel, never torch, so pip cannot fetch another torch into it): nothing is
-  compiled here; `epd_kernels._extension` compiles on first use.
-
-Either way the C++ sources are installed with the package as `epd_kernels/_csrc/`, which
-is what the first-use build compiles. Compiler flags, the C++ standard included, come from
-`epd_kernels/_extension.py` so both builds use the same ones.
+With torch importable (`pip install --no-build-isolation .`, as the Makefile does) the
+extension is compiled against it and that torch is recorded in `epd_kernels/_C.build.json`,
+so that a later torch upgrade compiles anew. Without (plain `pip install .`: the isolated
+build environment never holds torch, so pip cannot fetch another one) nothing is compiled
+here and `epd_kernels._extension` compiles on first use. Either way the sources are
+installed as `epd_kernels/_csrc/`; the flags of both builds come from `_extension.py`.
 """
 import glob
 import importlib.util

@@ -22,10 +22,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
 #include <initializer_list>
-#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>

@@ -1,5 +1,6 @@
 // The CPU kernels proper. Included once per instruction set by cpu_kernels_<isa>.cpp,
-// with CPU_CAPABILITY (DEFAULT, AVX2, AVX512) defined; see cpu_kernels.h for why.
+// with CPU_CAPABILITY (DEFAULT, AVX2, AVX512) and the compiler's target set; see
+// cpu_kernels.h for why.
 // No include guard on purpose, and no namespace-scope object needing a run-time
 // initialiser: such code would run at load time with AVX instructions on any CPU.
 //
@@ -17,6 +18,27 @@
 
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) before including cpu_kernels_impl.h"
+#endif
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// at::vec's AVX classes name SLEEF functions that sleef.h declares only under __AVX__ (and
+// __AVX512F__), macros GCC's C++ front end does not define for `#pragma GCC target`.
+// Define them for this include alone: it only exposes prototypes (nothing here calls them).
+#ifndef __AVX__
+#define __AVX__ 1
+#define EPD_KERNELS_UNDEF_AVX
+#endif
+#if defined(CPU_CAPABILITY_AVX512) && !defined(__AVX512F__)
+#define __AVX512F__ 1
+#define EPD_KERNELS_UNDEF_AVX512F
+#endif
+#include <sleef.h>
+#ifdef EPD_KERNELS_UNDEF_AVX
+#undef __AVX__
+#endif
+#ifdef EPD_KERNELS_UNDEF_AVX512F
+#undef __AVX512F__
+#endif
 #endif
 
 #include <ATen/cpu/vec/functional.h>
@@ -218,6 +240,15 @@ inline void for_each_row_segment(int64_t begin, int64_t end, int64_t N, const F&
   }
 }
 
+// The elementwise ops: f(b, n0, n1) for every row segment of [0, B*N), in parallel.
+template <typename F>
+void parallel_segments(int64_t B, int64_t N, const F& f) {
+  at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_row_segment(begin, end, N, f);
+    stream_fence();
+  });
+}
+
 // out[b, k] = sum over the row of the partials that seg(b, n0, n1, part[K]) adds into
 // part (which starts at zero). Rows that fit in one chunk are written directly; a row
 // cut by chunk boundaries leaves its pieces in per-chunk slots that are combined in
@@ -225,7 +256,6 @@ inline void for_each_row_segment(int64_t begin, int64_t end, int64_t N, const F&
 template <typename A, typename Seg>
 void reduce_rows(int64_t B, int64_t N, int64_t K, A* out, const Seg& seg) {
   const int64_t total = B * N;
-  if (K == 0) return;
   if (total == 0) {
     std::fill(out, out + B * K, A(0));
     return;
@@ -276,6 +306,20 @@ void reduce_rows(int64_t B, int64_t N, int64_t K, A* out, const Seg& seg) {
   flush();
 }
 
+// One row segment [off, off + len) of a backward op, block by block (see kBlock):
+// elem(i, n, tag) writes the elementwise outputs of each pack (aligned as `out`), then
+// part[k] += dot(k, i, n) over the block, whose second read hits L1.
+template <typename T, typename Elem, typename Dot>
+inline void backward_sweep(int64_t off, int64_t len, const T* out, bool stream, int64_t nk,
+                           double* part, const Elem& elem, const Dot& dot) {
+  for (int64_t blk = off; blk < off + len; blk += kBlock) {
+    const int64_t n = std::min(off + len - blk, kBlock);
+    for_each_pack(n, out + blk, stream,
+                  [&](int64_t i, int64_t m, auto tag) { elem(blk + i, m, tag); });
+    for (int64_t k = 0; k < nk; ++k) part[k] += dot(k, blk, n);
+  }
+}
+
 // Compile-time K (KS > 0) lets the compiler unroll the branch loop and keep the
 // coefficients and accumulators in registers; KS == 0 is the general path for any K.
 // The dispatch covers the K an EPD solver uses in practice.
@@ -290,63 +334,17 @@ inline void dispatch_k(int64_t K, const F& f) {
   }
 }
 
-// Per-row coefficients as vectors. For a compile-time K they are hoisted into
-// registers once per segment; for a run-time K they are broadcast on use (a broadcast
-// is far cheaper than the loads it feeds).
-template <typename T, int KS>
-struct RowCoef {
-  using A = at::opmath_type<T>;
-  using VA = Vectorized<A>;
-  const A* w;  // K coefficients of this row, multiplied by `scale`
-  A scale;
-  VA v[KS > 0 ? KS : 1];
-
-  RowCoef(const A* w_, A scale_, int64_t K) : w(w_), scale(scale_) {
-    if constexpr (KS > 0) {
-      for (int k = 0; k < KS; ++k) v[k] = VA(scale * w[k]);
-    }
-    (void)K;
-  }
-  inline VA operator[](int64_t k) const {
-    if constexpr (KS > 0) {
-      return v[k];
-    } else {
-      return VA(scale * w[k]);
-    }
-  }
-};
-
-// ---------------------------------------------------------------------------------
-// epd_step forward: y = x + sum_k coef_k * g_k over one row segment of length len.
-// g points at branch 0; branch k is g + k * kstride.
-template <typename T, int KS>
-inline void step_fwd_segment(T* y, const T* x, const T* g, int64_t kstride,
-                             const RowCoef<T, KS>& coef, int64_t K, int64_t len,
-                             bool stream) {
-  using P = Pack<T>;
-  const int64_t nk = KS > 0 ? KS : K;
-  for_each_pack(len, y, stream, [&](int64_t i, int64_t n, auto tag) {
-    auto acc = P::load(x + i, n);
-    for (int64_t k = 0; k < nk; ++k) {
-      const auto gv = P::load(g + k * kstride + i, n);
-      const auto ck = coef[k];
-      for (int j = 0; j < P::kParts; ++j) acc.p[j] = at::vec::fmadd(ck, gv.p[j], acc.p[j]);
-    }
-    P::put(y + i, acc, n, tag);
-  });
-}
-
-// Row b's coefficient pointer and factor: weights [K] (row stride 0) or [B, K]; the
-// factor is alpha * scale[b] with scale [] (stride 0), [B], or absent (1).
+// Row b's coefficients and factor: weights (or c) [K] (row stride 0) or [B, K]; the factor
+// is alpha * scale[b] with scale [] (stride 0), [B], or undefined (1).
 template <typename A>
-struct StepCoefs {
+struct Coefs {
   const A* w;
   int64_t wstride;
   const A* s;
   int64_t sstride;
   double alpha;
 
-  StepCoefs(const at::Tensor& weights, const at::Tensor& scale, double alpha_)
+  Coefs(const at::Tensor& weights, const at::Tensor& scale, double alpha_)
       : w(weights.const_data_ptr<A>()),
         wstride(weights.dim() == 2 ? weights.size(1) : 0),
         s(scale.defined() ? scale.const_data_ptr<A>() : nullptr),
@@ -359,226 +357,191 @@ struct StepCoefs {
   }
 };
 
+// Row b's coefficients factor * w[k] as vectors. For a compile-time K they are hoisted
+// into registers once per segment; for a run-time K they are broadcast on use (a
+// broadcast is far cheaper than the loads it feeds).
+template <typename T, int KS>
+struct RowCoef {
+  using A = at::opmath_type<T>;
+  using VA = Vectorized<A>;
+  const A* w;
+  A scale;
+  VA v[KS > 0 ? KS : 1];
+
+  RowCoef(const Coefs<A>& coefs, int64_t b) : w(coefs.row(b)), scale(coefs.factor(b)) {
+    if constexpr (KS > 0) {
+      for (int k = 0; k < KS; ++k) v[k] = VA(scale * w[k]);
+    }
+  }
+  inline VA operator[](int64_t k) const {
+    if constexpr (KS > 0) {
+      return v[k];
+    } else {
+      return VA(scale * w[k]);
+    }
+  }
+};
+
+// epd_step forward: y = x + sum_k coef_k * g_k (branch k of grads is kstride further).
 template <typename T, int KS>
 void step_fwd_typed(const at::Tensor& x, const at::Tensor& grads, const at::Tensor& weights,
                     const at::Tensor& scale, double alpha, const at::Tensor& y) {
-  using A = at::opmath_type<T>;
-  const int64_t B = x.size(0), N = x.size(1), K = grads.size(0);
+  using P = Pack<T>;
+  const int64_t B = x.size(0), N = x.size(1), kstride = B * N;
+  const int64_t nk = KS > 0 ? KS : grads.size(0);
   const T* xp = x.const_data_ptr<T>();
   const T* gp = grads.const_data_ptr<T>();
-  const StepCoefs<A> sc(weights, scale, alpha);
   T* yp = y.mutable_data_ptr<T>();
-  const int64_t kstride = B * N;
+  const Coefs<at::opmath_type<T>> coefs(weights, scale, alpha);
   const bool stream = use_streaming<T>(B * N * int64_t(sizeof(T)), 0, yp);
-
-  at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
-    for_each_row_segment(begin, end, N, [&](int64_t b, int64_t n0, int64_t n1) {
-      const RowCoef<T, KS> coef(sc.row(b), sc.factor(b), K);
-      const int64_t off = b * N + n0;
-      step_fwd_segment<T, KS>(yp + off, xp + off, gp + off, kstride, coef, K, n1 - n0,
-                              stream);
+  parallel_segments(B, N, [&](int64_t b, int64_t n0, int64_t n1) {
+    const RowCoef<T, KS> coef(coefs, b);
+    const int64_t off = b * N + n0;
+    for_each_pack(n1 - n0, yp + off, stream, [&](int64_t i, int64_t n, auto tag) {
+      i += off;
+      auto acc = P::load(xp + i, n);
+      for (int64_t k = 0; k < nk; ++k) {
+        const auto gv = P::load(gp + k * kstride + i, n);
+        const auto ck = coef[k];
+        for (int j = 0; j < P::kParts; ++j) acc.p[j] = at::vec::fmadd(ck, gv.p[j], acc.p[j]);
+      }
+      P::put(yp + i, acc, n, tag);
     });
-    stream_fence();
   });
 }
 
-// ---------------------------------------------------------------------------------
-// epd_step backward over one row segment: gg_k = coef_k * go and part[k] += <go, g_k>.
-template <typename T, int KS>
-inline void step_bwd_segment(T* gg, const T* go, const T* g, int64_t kstride,
-                             const RowCoef<T, KS>& coef, int64_t K, int64_t len,
-                             bool stream, double* part) {
-  using P = Pack<T>;
-  const int64_t nk = KS > 0 ? KS : K;
-  for (int64_t blk = 0; blk < len; blk += kBlock) {
-    const int64_t blk_end = std::min(len, blk + kBlock);
-    const int64_t blk_len = blk_end - blk;
-    for_each_pack(blk_len, gg + blk, stream, [&](int64_t i, int64_t n, auto tag) {
-      i += blk;
-      const auto gov = P::load(go + i, n);
-      for (int64_t k = 0; k < nk; ++k) {
-        const auto ck = coef[k];
-        typename P::V out;
-        for (int j = 0; j < P::kParts; ++j) out.p[j] = ck * gov.p[j];
-        P::put(gg + k * kstride + i, out, n, tag);
-      }
-    });
-    for (int64_t k = 0; k < nk; ++k) {
-      part[k] += dot_block(go + blk, g + k * kstride + blk, blk_end - blk);
-    }
-  }
-}
-
+// epd_step backward: gg_k = coef_k * go and dots[b, k] = <go_b, g_kb>.
 template <typename T, int KS>
 void step_bwd_typed(const at::Tensor& grad_out, const at::Tensor& grads,
                     const at::Tensor& weights, const at::Tensor& scale, double alpha,
                     const at::Tensor& grad_grads, const at::Tensor& dots) {
+  using P = Pack<T>;
   using A = at::opmath_type<T>;
   const int64_t B = grad_out.size(0), N = grad_out.size(1), K = grads.size(0);
+  const int64_t kstride = B * N, nk = KS > 0 ? KS : K;
   const T* gop = grad_out.const_data_ptr<T>();
   const T* gp = grads.const_data_ptr<T>();
-  const StepCoefs<A> sc(weights, scale, alpha);
   T* ggp = grad_grads.mutable_data_ptr<T>();
-  const int64_t kstride = B * N;
+  const Coefs<A> coefs(weights, scale, alpha);
   const bool stream = use_streaming<T>(K * B * N * int64_t(sizeof(T)), kstride, ggp);
-
   reduce_rows<A>(B, N, K, dots.mutable_data_ptr<A>(),
                  [&](int64_t b, int64_t n0, int64_t n1, double* part) {
-                   const RowCoef<T, KS> coef(sc.row(b), sc.factor(b), K);
-                   const int64_t off = b * N + n0;
-                   step_bwd_segment<T, KS>(ggp + off, gop + off, gp + off, kstride, coef, K,
-                                           n1 - n0, stream, part);
-                 });
-}
-
-// ---------------------------------------------------------------------------------
-// branch_states: out_k = x + c_k * d over one row segment.
-template <typename T, int KS>
-inline void branch_fwd_segment(T* out, const T* x, const T* d, int64_t kstride,
-                               const RowCoef<T, KS>& coef, int64_t K, int64_t len,
-                               bool stream) {
-  using P = Pack<T>;
-  const int64_t nk = KS > 0 ? KS : K;
-  for_each_pack(len, out, stream, [&](int64_t i, int64_t n, auto tag) {
-    const auto xv = P::load(x + i, n);
-    const auto dv = P::load(d + i, n);
-    for (int64_t k = 0; k < nk; ++k) {
-      const auto ck = coef[k];
-      typename P::V r;
-      for (int j = 0; j < P::kParts; ++j) r.p[j] = at::vec::fmadd(ck, dv.p[j], xv.p[j]);
-      P::put(out + k * kstride + i, r, n, tag);
-    }
+    const RowCoef<T, KS> coef(coefs, b);
+    const auto elem = [&](int64_t i, int64_t n, auto tag) {
+      const auto gov = P::load(gop + i, n);
+      for (int64_t k = 0; k < nk; ++k) {
+        const auto ck = coef[k];
+        typename P::V out;
+        for (int j = 0; j < P::kParts; ++j) out.p[j] = ck * gov.p[j];
+        P::put(ggp + k * kstride + i, out, n, tag);
+      }
+    };
+    const auto dot = [&](int64_t k, int64_t i, int64_t n) {
+      return dot_block(gop + i, gp + k * kstride + i, n);
+    };
+    backward_sweep(b * N + n0, n1 - n0, ggp, stream, nk, part, elem, dot);
   });
 }
 
+// branch_states: out_k = x + c_k * d.
 template <typename T, int KS>
 void branch_fwd_typed(const at::Tensor& x, const at::Tensor& d, const at::Tensor& c,
                       const at::Tensor& out) {
-  using A = at::opmath_type<T>;
+  using P = Pack<T>;
   const int64_t B = x.size(0), N = x.size(1), K = c.size(-1);
+  const int64_t kstride = B * N, nk = KS > 0 ? KS : K;
   const T* xp = x.const_data_ptr<T>();
   const T* dp = d.const_data_ptr<T>();
-  const A* cp = c.const_data_ptr<A>();
-  const int64_t cstride = c.dim() == 2 ? K : 0;  // c is [B, K] or [K] (shared by rows)
   T* outp = out.mutable_data_ptr<T>();
-  const int64_t kstride = B * N;
+  const Coefs<at::opmath_type<T>> coefs(c, at::Tensor(), 1.0);
   const bool stream = use_streaming<T>(K * B * N * int64_t(sizeof(T)), kstride, outp);
-
-  at::parallel_for(0, B * N, kGrain, [&](int64_t begin, int64_t end) {
-    for_each_row_segment(begin, end, N, [&](int64_t b, int64_t n0, int64_t n1) {
-      const RowCoef<T, KS> coef(cp + b * cstride, A(1), K);
-      const int64_t off = b * N + n0;
-      branch_fwd_segment<T, KS>(outp + off, xp + off, dp + off, kstride, coef, K, n1 - n0,
-                                stream);
+  parallel_segments(B, N, [&](int64_t b, int64_t n0, int64_t n1) {
+    const RowCoef<T, KS> coef(coefs, b);
+    const int64_t off = b * N + n0;
+    for_each_pack(n1 - n0, outp + off, stream, [&](int64_t i, int64_t n, auto tag) {
+      i += off;
+      const auto xv = P::load(xp + i, n);
+      const auto dv = P::load(dp + i, n);
+      for (int64_t k = 0; k < nk; ++k) {
+        const auto ck = coef[k];
+        typename P::V r;
+        for (int j = 0; j < P::kParts; ++j) r.p[j] = at::vec::fmadd(ck, dv.p[j], xv.p[j]);
+        P::put(outp + k * kstride + i, r, n, tag);
+      }
     });
-    stream_fence();
   });
 }
 
-// ---------------------------------------------------------------------------------
-// branch_states backward over one row segment:
-//   gx = sum_k go_k,  gdd = sum_k c_k * go_k,  part[k] += <go_k, d>.
+// branch_states backward: gx = sum_k go_k, gd = sum_k c_k * go_k, grad_c[b, k] = <go_kb, d_b>.
 template <typename T, int KS>
-inline void branch_bwd_segment(T* gx, T* gdd, const T* go, const T* d, int64_t kstride,
-                               const RowCoef<T, KS>& coef, int64_t K, int64_t len,
-                               bool stream, double* part) {
+void branch_bwd_typed(const at::Tensor& grad_out, const at::Tensor& d, const at::Tensor& c,
+                      const at::Tensor& grad_x, const at::Tensor& grad_d,
+                      const at::Tensor& grad_c) {
   using P = Pack<T>;
-  using V = typename P::V;
-  const int64_t nk = KS > 0 ? KS : K;
-  for (int64_t blk = 0; blk < len; blk += kBlock) {
-    const int64_t blk_end = std::min(len, blk + kBlock);
-    const int64_t blk_len = blk_end - blk;
-    for_each_pack(blk_len, gx + blk, stream, [&](int64_t i, int64_t n, auto tag) {
-      i += blk;
-      V sx = P::broadcast(0), sd = P::broadcast(0);
+  using A = at::opmath_type<T>;
+  const int64_t B = d.size(0), N = d.size(1), K = c.size(-1);
+  const int64_t kstride = B * N, nk = KS > 0 ? KS : K;
+  const T* gop = grad_out.const_data_ptr<T>();
+  const T* dp = d.const_data_ptr<T>();
+  T* gxp = grad_x.mutable_data_ptr<T>();
+  T* gdp = grad_d.mutable_data_ptr<T>();
+  const Coefs<A> coefs(c, at::Tensor(), 1.0);
+  const bool stream = use_streaming<T>(2 * B * N * int64_t(sizeof(T)), 0, gxp, gdp);
+  reduce_rows<A>(B, N, K, grad_c.mutable_data_ptr<A>(),
+                 [&](int64_t b, int64_t n0, int64_t n1, double* part) {
+    const RowCoef<T, KS> coef(coefs, b);
+    const auto elem = [&](int64_t i, int64_t n, auto tag) {
+      auto sx = P::broadcast(0), sd = P::broadcast(0);
       for (int64_t k = 0; k < nk; ++k) {
-        const auto gk = P::load(go + k * kstride + i, n);
+        const auto gk = P::load(gop + k * kstride + i, n);
         const auto ck = coef[k];
         for (int j = 0; j < P::kParts; ++j) {
           sx.p[j] = sx.p[j] + gk.p[j];
           sd.p[j] = at::vec::fmadd(ck, gk.p[j], sd.p[j]);
         }
       }
-      P::put(gx + i, sx, n, tag);
-      P::put(gdd + i, sd, n, tag);
-    });
-    for (int64_t k = 0; k < nk; ++k) {
-      part[k] += dot_block(go + k * kstride + blk, d + blk, blk_end - blk);
-    }
-  }
-}
-
-template <typename T, int KS>
-void branch_bwd_typed(const at::Tensor& grad_out, const at::Tensor& d, const at::Tensor& c,
-                      const at::Tensor& grad_x, const at::Tensor& grad_d,
-                      const at::Tensor& grad_c) {
-  using A = at::opmath_type<T>;
-  const int64_t B = d.size(0), N = d.size(1), K = c.size(-1);
-  const T* gop = grad_out.const_data_ptr<T>();
-  const T* dp = d.const_data_ptr<T>();
-  const A* cp = c.const_data_ptr<A>();
-  const int64_t cstride = c.dim() == 2 ? K : 0;
-  T* gxp = grad_x.mutable_data_ptr<T>();
-  T* gdp = grad_d.mutable_data_ptr<T>();
-  const int64_t kstride = B * N;
-  const bool stream = use_streaming<T>(2 * B * N * int64_t(sizeof(T)), 0, gxp, gdp);
-
-  if (K == 0) {  // no branch: the gradients of x and d are zero
-    std::fill(gxp, gxp + B * N, T(0));
-    std::fill(gdp, gdp + B * N, T(0));
-    return;
-  }
-  reduce_rows<A>(B, N, K, grad_c.mutable_data_ptr<A>(),
-                 [&](int64_t b, int64_t n0, int64_t n1, double* part) {
-                   const RowCoef<T, KS> coef(cp + b * cstride, A(1), K);
-                   const int64_t off = b * N + n0;
-                   branch_bwd_segment<T, KS>(gxp + off, gdp + off, gop + off, dp + off,
-                                             kstride, coef, K, n1 - n0, stream, part);
-                 });
+      P::put(gxp + i, sx, n, tag);
+      P::put(gdp + i, sd, n, tag);
+    };
+    const auto dot = [&](int64_t k, int64_t i, int64_t n) {
+      return dot_block(gop + k * kstride + i, dp + i, n);
+    };
+    backward_sweep(b * N + n0, n1 - n0, gxp, stream, nk, part, elem, dot);
+  });
 }
 
 }  // namespace
 
-// ---------------------------------------------------------------------------------
 // Entry points declared in cpu_kernels.h: dtype and K dispatch only.
+#define EPD_KERNELS_DISPATCH(dtype_of, K, typed, ...)                                      \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (dtype_of).scalar_type(),      \
+                                  #typed, [&] {                                            \
+    dispatch_k(K, [&](auto ks) { typed<scalar_t, decltype(ks)::value>(__VA_ARGS__); });     \
+  })
 
 void epd_step_fwd(const at::Tensor& x, const at::Tensor& grads, const at::Tensor& weights,
                   const at::Tensor& scale, double alpha, const at::Tensor& y) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "epd_step_fwd", [&] {
-    dispatch_k(grads.size(0), [&](auto ks) {
-      step_fwd_typed<scalar_t, decltype(ks)::value>(x, grads, weights, scale, alpha, y);
-    });
-  });
+  EPD_KERNELS_DISPATCH(x, grads.size(0), step_fwd_typed, x, grads, weights, scale, alpha, y);
 }
 
 void epd_step_bwd(const at::Tensor& grad_out, const at::Tensor& grads,
                   const at::Tensor& weights, const at::Tensor& scale, double alpha,
                   const at::Tensor& grad_grads, const at::Tensor& dots) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "epd_step_bwd", [&] {
-    dispatch_k(grads.size(0), [&](auto ks) {
-      step_bwd_typed<scalar_t, decltype(ks)::value>(grad_out, grads, weights, scale, alpha,
-                                                    grad_grads, dots);
-    });
-  });
+  EPD_KERNELS_DISPATCH(grads, grads.size(0), step_bwd_typed, grad_out, grads, weights, scale,
+                       alpha, grad_grads, dots);
 }
 
 void branch_states(const at::Tensor& x, const at::Tensor& d, const at::Tensor& c,
                    const at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "branch_states", [&] {
-    dispatch_k(c.size(-1), [&](auto ks) {
-      branch_fwd_typed<scalar_t, decltype(ks)::value>(x, d, c, out);
-    });
-  });
+  EPD_KERNELS_DISPATCH(x, c.size(-1), branch_fwd_typed, x, d, c, out);
 }
 
 void branch_states_bwd(const at::Tensor& grad_out, const at::Tensor& d, const at::Tensor& c,
                        const at::Tensor& grad_x, const at::Tensor& grad_d,
                        const at::Tensor& grad_c) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "branch_states_bwd", [&] {
-    dispatch_k(c.size(-1), [&](auto ks) {
-      branch_bwd_typed<scalar_t, decltype(ks)::value>(grad_out, d, c, grad_x, grad_d, grad_c);
-    });
-  });
+  EPD_KERNELS_DISPATCH(d, c.size(-1), branch_bwd_typed, grad_out, d, c, grad_x, grad_d, grad_c);
 }
+
+#undef EPD_KERNELS_DISPATCH
 
 }  // namespace epd_kernels::cpu::CPU_CAPABILITY

@@ -1,20 +1,17 @@
 // The op library `epd_kernels`: every op's schema (defined here, once) and its CPU
-// kernels (input validation, output allocation, and the choice of the instruction-set
-// copy of the kernels). The CUDA kernels are the Triton kernels, registered for these
-// schemas from Python (epd_kernels/ops.py), which also registers the fake (meta)
-// kernels and autograd and brings user inputs to the canonical shapes below. The checks
-// here repeat that contract so that a direct call with bad inputs fails with a message
-// instead of reading out of bounds.
+// kernels (input checks, output allocation, the choice of the instruction-set copy). The
+// CUDA kernels (Triton) are registered by epd_kernels/backends.py, the fake kernels and
+// autograd by epd_kernels/ops.py, which also brings user inputs to the canonical shapes
+// below; the checks here repeat that contract so that a direct call with bad inputs fails
+// with a message instead of reading out of bounds. The library has no Python module
+// init: epd_kernels/_extension.py loads it with torch.ops.load_library.
 //
 // Canonical shapes (T = data dtype, A = opmath dtype: double for double, else float):
 //   x, d, grad_out (step) [B, N] T        grads, grad_out (branches) [K, B, N] T
 //   weights, c            [K] or [B, K] A  ([K]: the same K values for every row)
 //   scale                 None, [] or [B] A   alpha: a float
 //   epd_step: y[b, n] = x[b, n] + alpha * scale[b] * sum_k weights[b, k] * grads[k, b, n]
-// Uniform coefficients thus travel as a [K] tensor and a float, never expanded to
-// [B, K] / [B]; the Python layer views such inputs as one row [1, B*N].
-#include <Python.h>
-
+// Uniform coefficients thus travel as a [K] tensor and a float, never expanded.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
@@ -24,6 +21,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -31,21 +29,6 @@
 #endif
 
 #include "cpu_kernels.h"
-
-// Importing the shared library as a Python module registers the ops; the module
-// itself exposes nothing (the ops are reached through torch.ops.epd_kernels).
-extern "C" {
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",  // m_name
-      "C++ CPU kernels of epd_kernels, registered as torch.ops.epd_kernels",
-      -1,    // m_size
-      nullptr,
-  };
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace epd_kernels {
 
@@ -142,16 +125,32 @@ void check_tensor(const Tensor& t, const char* op, const char* name, at::IntArra
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-// Returns the data dtype after checking that `t` is a supported [..., N]-style input.
-at::ScalarType check_data_tensor(const Tensor& t, const char* op, const char* name,
-                                 int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+// Checks a [B, N] data input (x, d or grad_out); returns its dtype.
+at::ScalarType check_rows(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", dt);
+  check_tensor(t, op, name, t.sizes(), dt);
   return dt;
 }
 
+// Checks coefficients ([K] or [B, K]: weights, c) and scale ([] or [B]) in opmath.
+void check_coefs(const char* op, const char* name, const Tensor& w, int64_t B, int64_t K,
+                 at::ScalarType dt) {
+  TORCH_CHECK(w.dim() == 1 || w.dim() == 2, op, ": ", name, " must be [K] or [B, K], got shape ",
+              w.sizes());
+  check_tensor(w, op, name, w.dim() == 1 ? std::vector<int64_t>{K} : std::vector<int64_t>{B, K},
+               opmath_of(dt));
+}
+
+void check_scale(const char* op, const std::optional<Tensor>& scale, int64_t B,
+                 at::ScalarType dt) {
+  if (!scale.has_value()) return;
+  const bool per_row = scale->dim() != 0;
+  check_tensor(*scale, op, "scale", per_row ? std::vector<int64_t>{B} : std::vector<int64_t>{},
+               opmath_of(dt));
+}
 
 // ---------------------------------------------------------------------------------
 // Instruction-set choice: follow torch's own CPU capability (which honours the
@@ -171,71 +170,34 @@ Isa cpu_isa() {
   return isa;
 }
 
+// Calls kernel `fn` of the instruction-set copy chosen for this CPU.
 #if EPD_KERNELS_X86_ISA_COPIES
-#define EPD_KERNELS_CALL(fn, ...)                          \
-  switch (cpu_isa()) {                                     \
-    case Isa::kAvx512: return cpu::AVX512::fn(__VA_ARGS__); \
-    case Isa::kAvx2: return cpu::AVX2::fn(__VA_ARGS__);     \
-    default: return cpu::DEFAULT::fn(__VA_ARGS__);          \
+#define EPD_KERNELS_CALL(fn, ...)                                    \
+  switch (cpu_isa()) {                                               \
+    case Isa::kAvx512: cpu::AVX512::fn(__VA_ARGS__); break;          \
+    case Isa::kAvx2: cpu::AVX2::fn(__VA_ARGS__); break;              \
+    default: cpu::DEFAULT::fn(__VA_ARGS__);                          \
   }
 #else
-#define EPD_KERNELS_CALL(fn, ...) return cpu::DEFAULT::fn(__VA_ARGS__);
+#define EPD_KERNELS_CALL(fn, ...) cpu::DEFAULT::fn(__VA_ARGS__);
 #endif
-
-void call_epd_step_fwd(const Tensor& x, const Tensor& grads, const Tensor& weights,
-                       const Tensor& scale, double alpha, const Tensor& y) {
-  EPD_KERNELS_CALL(epd_step_fwd, x, grads, weights, scale, alpha, y)
-}
-void call_epd_step_bwd(const Tensor& grad_out, const Tensor& grads, const Tensor& weights,
-                       const Tensor& scale, double alpha, const Tensor& grad_grads,
-                       const Tensor& dots) {
-  EPD_KERNELS_CALL(epd_step_bwd, grad_out, grads, weights, scale, alpha, grad_grads, dots)
-}
-void call_branch_states(const Tensor& x, const Tensor& d, const Tensor& c, const Tensor& out) {
-  EPD_KERNELS_CALL(branch_states, x, d, c, out)
-}
-void call_branch_states_bwd(const Tensor& grad_out, const Tensor& d, const Tensor& c,
-                            const Tensor& grad_x, const Tensor& grad_d, const Tensor& grad_c) {
-  EPD_KERNELS_CALL(branch_states_bwd, grad_out, d, c, grad_x, grad_d, grad_c)
-}
-
-#undef EPD_KERNELS_CALL
 
 // ---------------------------------------------------------------------------------
 // Ops.
 
-// Checks weights ([K] or [B, K]) and scale (undefined, [] or [B]) against B, K, dtype.
-void check_coefs(const char* op, const char* name, const Tensor& w, int64_t B, int64_t K,
-                 at::ScalarType acc) {
-  if (w.dim() == 1) {
-    check_tensor(w, op, name, {K}, acc);
-  } else {
-    TORCH_CHECK(w.dim() == 2, op, ": ", name, " must be [K] or [B, K], got shape ", w.sizes());
-    check_tensor(w, op, name, {B, K}, acc);
-  }
-}
-
-// Checks the common inputs of epd_step / epd_step_backward; `data` is x or grad_out
-// ([B, N]). Returns K.
+// Checks the inputs of epd_step / epd_step_backward; `data` is x or grad_out ([B, N]).
+// Returns K.
 int64_t check_step_inputs(const char* op, const char* data_name, const Tensor& data,
                           const Tensor& grads, const Tensor& weights,
                           const std::optional<Tensor>& scale) {
-  const auto dt = check_data_tensor(data, op, data_name, 2);
+  const auto dt = check_rows(data, op, data_name);
   const int64_t B = data.size(0), N = data.size(1);
-  check_tensor(data, op, data_name, {B, N}, dt);
   TORCH_CHECK(grads.dim() == 3, op, ": grads must be 3-D [K, B, N], got shape ", grads.sizes());
   const int64_t K = grads.size(0);
   TORCH_CHECK(K >= 1, op, ": grads has K = 0 branches, need at least one");
   check_tensor(grads, op, "grads", {K, B, N}, dt);
-  check_coefs(op, "weights", weights, B, K, opmath_of(dt));
-  if (scale.has_value()) {
-    const Tensor& s = *scale;
-    if (s.dim() == 0) {
-      check_tensor(s, op, "scale", {}, opmath_of(dt));
-    } else {
-      check_tensor(s, op, "scale", {B}, opmath_of(dt));
-    }
-  }
+  check_coefs(op, "weights", weights, B, K, dt);
+  check_scale(op, scale, B, dt);
   return K;
 }
 
@@ -247,7 +209,7 @@ Tensor epd_step(const Tensor& x, const Tensor& grads, const Tensor& weights,
                 const std::optional<Tensor>& scale, double alpha) {
   check_step_inputs("epd_step", "x", x, grads, weights, scale);
   Tensor y = at::empty(x.sizes(), x.options());
-  call_epd_step_fwd(x, grads, weights, scale_or_undefined(scale), alpha, y);
+  EPD_KERNELS_CALL(epd_step_fwd, x, grads, weights, scale_or_undefined(scale), alpha, y)
   return y;
 }
 
@@ -265,7 +227,7 @@ void epd_step_out(const Tensor& x, const Tensor& grads, const Tensor& weights,
   at::assert_no_overlap(out, grads);
   at::assert_no_overlap(out, weights);
   if (scale.has_value()) at::assert_no_overlap(out, *scale);
-  call_epd_step_fwd(x, grads, weights, scale_or_undefined(scale), alpha, out);
+  EPD_KERNELS_CALL(epd_step_fwd, x, grads, weights, scale_or_undefined(scale), alpha, out)
 }
 
 // Returns grad_grads [K, B, N] (T) and dots [B, K] (A) with
@@ -278,29 +240,28 @@ std::tuple<Tensor, Tensor> epd_step_backward(const Tensor& grad_out, const Tenso
       check_step_inputs("epd_step_backward", "grad_out", grad_out, grads, weights, scale);
   Tensor grad_grads = at::empty(grads.sizes(), grads.options());
   Tensor dots = at::empty({grad_out.size(0), K}, weights.options());
-  call_epd_step_bwd(grad_out, grads, weights, scale_or_undefined(scale), alpha, grad_grads,
-                    dots);
+  EPD_KERNELS_CALL(epd_step_bwd, grad_out, grads, weights, scale_or_undefined(scale), alpha,
+                   grad_grads, dots)
   return {grad_grads, dots};
 }
 
 // Checks x/d/c of branch_states; returns K.
 int64_t check_branch_inputs(const char* op, const Tensor& x, const Tensor& d, const Tensor& c) {
-  const auto dt = check_data_tensor(x, op, "x", 2);
+  const auto dt = check_rows(x, op, "x");
   const int64_t B = x.size(0), N = x.size(1);
-  check_tensor(x, op, "x", {B, N}, dt);
   check_tensor(d, op, "d", {B, N}, dt);
   TORCH_CHECK(c.dim() == 1 || c.dim() == 2, op, ": c must be [K] or [B, K], got shape ",
               c.sizes());
   const int64_t K = c.size(-1);
   TORCH_CHECK(K >= 1, op, ": c has K = 0 branch offsets, need at least one");
-  check_coefs(op, "c", c, B, K, opmath_of(dt));
+  check_coefs(op, "c", c, B, K, dt);
   return K;
 }
 
 Tensor branch_states(const Tensor& x, const Tensor& d, const Tensor& c) {
   const int64_t K = check_branch_inputs("branch_states", x, d, c);
   Tensor out = at::empty({K, x.size(0), x.size(1)}, x.options());
-  call_branch_states(x, d, c, out);
+  EPD_KERNELS_CALL(branch_states, x, d, c, out)
   return out;
 }
 
@@ -309,17 +270,14 @@ Tensor branch_states(const Tensor& x, const Tensor& d, const Tensor& c) {
 void branch_states_out(const Tensor& x, const Tensor& d, const Tensor& c, const Tensor& out) {
   const char* op = "branch_states_out";
   const int64_t K = check_branch_inputs(op, x, d, c);
-  TORCH_CHECK(out.device().is_cpu(), op, ": out must be a CPU tensor, got ", out.device());
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": out must have dtype ",
-              x.scalar_type(), ", got ", out.scalar_type());
-  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
+  check_tensor(out, op, "out", out.sizes(), x.scalar_type());  // any shape: numel below
   TORCH_CHECK(out.numel() == K * x.numel(), op, ": out must have K*B*N = ", K * x.numel(),
               " elements, got ", out.numel(), " (shape ", out.sizes(), ")");
   // Branch k is written while x and d are still being read.
   at::assert_no_overlap(out, x);
   at::assert_no_overlap(out, d);
   at::assert_no_overlap(out, c);
-  call_branch_states(x, d, c, out);
+  EPD_KERNELS_CALL(branch_states, x, d, c, out)
 }
 
 // Returns grad_x, grad_d [B, N] (T) and grad_c [B, K] (A, one row per sample even when
@@ -333,9 +291,11 @@ std::tuple<Tensor, Tensor, Tensor> branch_states_backward(const Tensor& grad_out
   Tensor grad_x = at::empty({B, N}, d.options());
   Tensor grad_d = at::empty({B, N}, d.options());
   Tensor grad_c = at::empty({B, K}, c.options());
-  call_branch_states_bwd(grad_out, d, c, grad_x, grad_d, grad_c);
+  EPD_KERNELS_CALL(branch_states_bwd, grad_out, d, c, grad_x, grad_d, grad_c)
   return {grad_x, grad_d, grad_c};
 }
+
+#undef EPD_KERNELS_CALL
 
 }  // namespace
 }  // namespace epd_kernels

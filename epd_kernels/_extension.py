@@ -1,33 +1,22 @@
-"""Loading the C++ extension built against exactly the torch that runs.
+"""Loading the C++ extension built against exactly the torch that runs: `load()` gives it
+(its ops registered with torch) or None, `load_error()` says why not.
 
-    load()        -> the extension module (its ops registered with torch), or None
-    load_error()  -> why load() returned None (a sentence for the user), or None
+Two builds can provide it: `pip install --no-build-isolation .` compiles `epd_kernels/_C*.so`
+ahead of time and records the torch it was built against in `_C.build.json` (setup.py);
+a plain `pip install .` (no torch in its isolated build) installs the sources as
+`epd_kernels/_csrc/`, and the first `load()` compiles them with ninja into a cache folder
+per torch build, `$EPD_KERNELS_CACHE_DIR` or `${XDG_CACHE_HOME:-~/.cache}/epd_kernels`.
+A prebuilt library is loaded only when its record names the running torch: one compiled
+against other torch headers may load and then corrupt memory.
 
-Two builds can provide the extension:
-
-1. *Ahead of time*: `pip install --no-build-isolation .` with torch importable compiles
-   `epd_kernels/_C*.so` and records the torch it was compiled against beside it in
-   `_C.build.json` (written by setup.py).
-2. *Just in time*: a plain `pip install .` builds in an isolated environment without
-   torch, so it installs the C++ sources as `epd_kernels/_csrc/`. The first `load()`
-   compiles them with ninja (torch.utils.cpp_extension) into a cache directory per torch
-   build, `$EPD_KERNELS_CACHE_DIR` or `${XDG_CACHE_HOME:-~/.cache}/epd_kernels`, subfolder
-   `torch-<version>-<python>-<abi>`; later processes reuse it.
-
-An ahead-of-time build is loaded only when its record names the running torch: a library
-compiled against other torch headers may load and then corrupt memory, so a mismatch
-falls through to the just-in-time build. Loading never depends on op names; it only makes
-sure the library is in the process, so its static registrations have run.
-
-This file imports nothing but the standard library at module level: setup.py loads it by
-path (before the package or torch can be imported) for `cxx_standard` and `compile_flags`.
+Only the standard library is imported at module level: setup.py loads this file by path
+(before torch can be imported) for `compile_flags` and the build record.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
 import importlib.machinery
-import importlib.util
 import json
 import os
 import re
@@ -205,22 +194,17 @@ def _read_record() -> Optional[dict]:
 
 
 def _import_library(path: str) -> types.ModuleType:
-    """Load the shared library at `path` as `epd_kernels._C` (running its registrations)."""
-    name = f"{__package__ or 'epd_kernels'}.{EXTENSION_NAME}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    try:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    except ImportError as exc:
-        # A library without a Python module init (ops registered in C++ only) is still
-        # usable: loading it runs its TORCH_LIBRARY registrations.
-        if "module export function" not in str(exc):
-            raise
-        import torch
+    """Loads the library at `path` (running its op registrations) as `epd_kernels._C`.
 
-        torch.ops.load_library(path)
-        module = types.ModuleType(name, "C++ library of epd_kernels (ops only)")
-        module.__file__ = path
+    The library has no Python module init (csrc/ops.cpp): it is loaded by
+    torch.ops.load_library and stands in sys.modules as a module holding its path.
+    """
+    import torch
+
+    torch.ops.load_library(path)
+    name = f"{__package__ or 'epd_kernels'}.{EXTENSION_NAME}"
+    module = types.ModuleType(name, "C++ library of epd_kernels (ops only)")
+    module.__file__ = path
     sys.modules[name] = module
     return module
 
@@ -253,7 +237,7 @@ def _compile(sources: list, build_dir: str, torch_version: str) -> str:
     os.makedirs(build_dir, exist_ok=True)
     library = os.path.join(build_dir, EXTENSION_NAME + ".so")
     inputs = sources + glob.glob(os.path.join(os.path.dirname(sources[0]), "*.h"))
-    with _BuildLock(build_dir), _ninja_on_path():
+    with _build_lock(build_dir), _ninja_on_path():
         # ninja decides what to rebuild; this only decides what to tell the user.
         stale = not os.path.exists(library) or any(
             os.path.getmtime(s) > os.path.getmtime(library) for s in inputs)
@@ -298,50 +282,43 @@ def _heartbeat(message: str, enabled: bool = True, every: float = 15.0):
         done.set()
 
 
-class _BuildLock:
+@contextlib.contextmanager
+def _build_lock(build_dir: str):
     """An exclusive lock on `build_dir`, released by the OS if its holder dies.
 
     torch's own lock (a `lock` file created with O_EXCL) stays behind when a build is
     killed, and every later build would wait for it forever; every builder of this folder
     takes this lock first, so whoever holds it may delete a leftover `lock` file.
     """
-
-    def __init__(self, build_dir: str):
-        self.path = os.path.join(build_dir, "epd_kernels.lock")
-        self.fd = None
-
-    def __enter__(self):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file only
+        yield
+        return
+    fd = os.open(os.path.join(build_dir, "epd_kernels.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
         try:
-            import fcntl
-        except ImportError:  # not POSIX: torch's own lock file only
-            return self
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            _say(f"waiting for another process compiling in {os.path.dirname(self.path)}")
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        leftover = os.path.join(os.path.dirname(self.path), "lock")
-        if os.path.exists(leftover):
-            os.remove(leftover)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # releases the flock
+            _say(f"waiting for another process compiling in {build_dir}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(build_dir, "lock")):
+            os.remove(os.path.join(build_dir, "lock"))
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 @contextlib.contextmanager
 def _ninja_on_path():
     """Puts the `ninja` package's binary on PATH for the build when PATH has no ninja."""
-    saved = os.environ.get("PATH")
     folder = _ninja_dir() if shutil.which("ninja") is None else None
-    if folder is not None:
-        os.environ["PATH"] = folder + os.pathsep + (saved or "")
+    if folder is None:
+        yield
+        return
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = folder + os.pathsep + saved
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("PATH", None)
-        else:
-            os.environ["PATH"] = saved
+        os.environ["PATH"] = saved

@@ -1,29 +1,21 @@
 """Which kernels implement the `torch.ops.epd_kernels` ops, decided once, not per call.
 
-The op library (`csrc/ops.cpp`) defines every op's schema and registers its C++ CPU
-kernels. This module loads that library (`load_library`, the one place that does) and
-registers, once, the CUDA kernels: the Triton launchers of `epd_kernels.kernels` when a
-CUDA device and Triton are present, else the plain-torch reference with one warning.
-After that, torch's dispatcher picks the kernel from the tensors' device; no Python runs
-per call to choose.
+`load_library` loads the op library of `csrc/ops.cpp` (every schema and the C++ CPU
+kernels); the CUDA kernels are registered once here: the Triton launchers of
+`epd_kernels.kernels` when Triton can run, else the reference with one warning. Torch's
+dispatcher then picks the kernel from the tensors' device; no Python chooses per call.
 
-Backends (`available()` lists those usable here):
-    cpp        the C++ CPU kernels (needs the built extension)
-    triton     the Triton kernels: listed when a CUDA device exists, or when the kernels
-               run under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors, tests)
-    reference  the plain-torch formulas of `reference.py` (any device)
-    auto       cpp on CPU, triton on CUDA (the default)
-
-`set_backend(name)` (or the environment variable EPD_KERNELS_BACKEND, read once when
-the package is imported) forces one backend for CPU and CUDA tensors alike by
-registering its kernels over the defaults; `set_backend("auto")` removes them again.
-When the extension did not build, the ops do not exist: `epd_kernels.ops` then runs the
-reference directly, after one warning.
+Backends: cpp (CPU tensors, needs the built extension), triton (a CUDA device, or CPU
+tensors under TRITON_INTERPRET=1, for tests), reference (`reference.py`, any device) and
+auto (cpp on CPU, triton on CUDA: the default). `set_backend(name)`, or the variable
+EPD_KERNELS_BACKEND read at import, forces one for CPU and CUDA tensors alike by
+registering its kernels over the defaults. Without the library `ops.py` runs the
+reference directly.
 """
 from __future__ import annotations
 
-import contextlib
 import os
+import types
 import warnings
 from typing import Optional
 
@@ -45,9 +37,8 @@ _warned = False
 
 
 def load_library() -> bool:
-    """Loads the compiled op library (schemas and CPU kernels); True when it is loaded.
-    `epd_kernels._extension` finds it: the build of the running torch, or a build into the
-    per-torch cache on first use (a minute, announced on stderr)."""
+    """Loads the compiled op library (found, or built on first use, by `_extension`);
+    True when it is loaded."""
     global _LIBRARY_ERROR
     if hasattr(torch.ops.epd_kernels, "epd_step"):
         return True
@@ -65,20 +56,16 @@ def library_error() -> Optional[str]:
     return _LIBRARY_ERROR
 
 
-def _triton_kernels(require_usable: bool = True):
+def _triton_kernels():
     """The `epd_kernels.kernels` module when its kernels can run here, else None."""
-    if require_usable and not (torch.cuda.is_available()
-                               or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if not (torch.cuda.is_available() or interpret):
         return None
-    try:
-        from . import kernels
-    except ImportError:  # pragma: no cover - the package imports without triton
-        return None
-    if not kernels.HAS_TRITON:
-        return None
-    if not (torch.cuda.is_available() or kernels.INTERPRET):
-        return None
-    return kernels
+    from . import kernels  # never fails: without triton, HAS_TRITON is False
+
+    if kernels.HAS_TRITON and (torch.cuda.is_available() or kernels.INTERPRET):
+        return kernels
+    return None
 
 
 def available() -> list:
@@ -91,29 +78,21 @@ def available() -> list:
 
 def _warn_reference(why: str) -> None:
     global _warned
-    if _warned:
-        return
-    _warned = True
-    warnings.warn(f"epd_kernels: using the plain-PyTorch reference: {why}. Results are "
-                  "correct but slower.", RuntimeWarning, stacklevel=3)
+    if not _warned:
+        _warned = True
+        warnings.warn(f"epd_kernels: using the plain-PyTorch reference: {why}. Results are "
+                      "correct but slower.", RuntimeWarning, stacklevel=3)
 
 
 def _reference_on_cuda(name):
-    fn = getattr(_ref, name)
-
     def kernel(*args):
-        _warn_reference(f"Triton is not usable here ({_triton_missing_reason()})")
-        return fn(*args)
+        from . import kernels
+
+        why = kernels.TRITON_IMPORT_ERROR or "no CUDA device"
+        _warn_reference(f"Triton is not usable here ({why})")
+        return getattr(_ref, name)(*args)
 
     return kernel
-
-
-def _triton_missing_reason() -> str:
-    try:
-        from . import kernels
-    except ImportError as exc:  # pragma: no cover
-        return str(exc)
-    return kernels.TRITON_IMPORT_ERROR or "no CUDA device"
 
 
 def _cpp_only(name):
@@ -124,31 +103,16 @@ def _cpp_only(name):
     return kernel
 
 
-@contextlib.contextmanager
-def _quiet_override():
-    # Registering over an existing kernel makes torch warn once per op; here that is the
-    # point, so the warning is noise.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
-        yield
-
-
 def _register_defaults() -> None:
     """The CUDA kernels of every op (the CPU ones come from the C++ library)."""
     global _defaults
     if not LIBRARY_LOADED or _defaults is not None:
         return
     kernels = _triton_kernels() if torch.cuda.is_available() else None
-    lib = torch.library.Library("epd_kernels", "IMPL")
+    _defaults = torch.library.Library("epd_kernels", "IMPL")
     for name in OPS:
         fn = getattr(kernels, name) if kernels is not None else _reference_on_cuda(name)
-        lib.impl(name, fn, "CUDA")
-    _defaults = lib
-
-
-def current() -> str:
-    """The forced backend, or "auto"."""
-    return _forced or "auto"
+        _defaults.impl(name, fn, "CUDA")
 
 
 def current_forced() -> Optional[str]:
@@ -156,25 +120,16 @@ def current_forced() -> Optional[str]:
     return _forced
 
 
-def active(device) -> str:
-    """The backend whose kernels run tensors on `device` now."""
-    kind = torch.device(device).type
-    if not LIBRARY_LOADED:
-        return "reference"
-    if _forced is not None:
-        return _forced
-    if kind == "cpu":
-        return "cpp"
-    if kind == "cuda" and _triton_kernels() is not None:
-        return "triton"
-    return "reference"
-
-
 def for_device(device):
-    """A record naming the backend that runs tensors on `device` (`.name`), for reports."""
-    import types
-
-    return types.SimpleNamespace(name=active(device))
+    """A record naming (`.name`) the backend that runs tensors on `device` now."""
+    kind = torch.device(device).type
+    if not LIBRARY_LOADED or _forced is not None:
+        name = _forced or "reference"
+    elif kind == "cpu":
+        name = "cpp"
+    else:
+        name = "triton" if kind == "cuda" and _triton_kernels() is not None else "reference"
+    return types.SimpleNamespace(name=name)
 
 
 def set_backend(name: Optional[str]) -> None:
@@ -186,7 +141,7 @@ def set_backend(name: Optional[str]) -> None:
     if name != "auto" and name not in available():
         raise RuntimeError(f"backend {name!r} is not available here (available: "
                            f"{', '.join(available())}){_why_unavailable(name)}")
-    if name == current():
+    if name == (_forced or "auto"):
         return
     if _override is not None:
         _override._destroy()
@@ -197,14 +152,17 @@ def set_backend(name: Optional[str]) -> None:
     if _forced is None or not LIBRARY_LOADED:
         return
     lib = torch.library.Library("epd_kernels", "IMPL")
-    with _quiet_override():
+    # Registering over an existing kernel makes torch warn once per op; here that is the
+    # point, so the warning is noise.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
         for op in OPS:
             if _forced == "cpp":
                 lib.impl(op, _cpp_only(op), "CUDA")
-            else:
-                module = _ref if _forced == "reference" else _triton_kernels()
-                for key in ("CPU", "CUDA"):
-                    lib.impl(op, getattr(module, op), key)
+                continue
+            module = _ref if _forced == "reference" else _triton_kernels()
+            for key in ("CPU", "CUDA"):
+                lib.impl(op, getattr(module, op), key)
     _override = lib
 
 

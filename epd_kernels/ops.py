@@ -1,26 +1,14 @@
-"""The fused EPD ops: public entry points, canonical arguments, fake kernels, autograd.
+"""The fused EPD ops (`epd_step`, `branch_states`, `branch_states_into`): argument checks,
+canonical arguments, and the fake kernels and autograd of the `torch.ops.epd_kernels` ops.
 
-Public entry points (user-facing shapes):
-
-    epd_step(x, grads, weights, h, o=0.0, *, out=None)   x + (1 + o) * h * sum_k w_k * grads_k
-    branch_states(x, d, c, *, out=None)                  [K, B, ...]: x + c_k * d for each k
-    branch_states_into(x, d, c, out)                     same, written into a static buffer
-
-Each validates its arguments and calls one op of the `torch.ops.epd_kernels` library,
-whose schemas and CPU kernels live in `csrc/ops.cpp` and whose CUDA kernels are the
-Triton kernels (registered by `backends.py`); the dispatcher picks the kernel from the
-device. This module registers, once, the ops' fake kernels (for torch.compile and meta
-tensors) and their autograd formulas. Without the compiled library, the same canonical
-arguments go to the plain-torch formulas of `reference.py` (one warning).
-
-Canonical arguments (see `reference.py`): uniform coefficients stay small. `[K]` weights
-with a float (or 0-d) step factor make the whole tensor one row `[1, B*N]`, so the
-kernels read K + 1 scalars and no `[B]` / `[B, K]` tensor is built; a 1-D x of N
-elements runs as fast as `[8, N/8]`. Per-sample `[B]` h/o or `[B, K]` weights keep one
-row per sample. Float h and o are folded into the float `alpha = (1 + o) * h`; tensor
-h or o become the tensor `scale = (1 + o) * h` (differentiable). In a captured CUDA
-graph, floats are constants of the capture: pass 0-d or [B] device tensors for h and o
-when replays must see new values.
+The schemas and CPU kernels are in `csrc/ops.cpp`, the CUDA kernels are registered by
+`backends.py`; without the compiled library the canonical arguments go to the formulas of
+`reference.py` (one warning). Canonical arguments: `[K]` weights with a float (or 0-d)
+step factor make the whole tensor one row `[1, B*N]`, so the kernels read K + 1 scalars;
+per-sample `[B]` h/o or `[B, K]` weights keep one row per sample. Float h and o fold into
+the float `alpha = (1 + o) * h`, tensor ones into the differentiable tensor `scale`. In a
+captured CUDA graph floats are constants: pass 0-d or [B] device tensors for h and o when
+replays must see new values.
 """
 from __future__ import annotations
 
@@ -39,13 +27,8 @@ __all__ = ["epd_step", "branch_states", "branch_states_into"]
 Scalar = Union[float, int, torch.Tensor]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# --------------------------------------------------------------------------------------
-# the ops: the compiled library, or the reference when it did not build
-
-if backends.LIBRARY_LOADED:
-    _OPS = torch.ops.epd_kernels
-else:
-    _OPS = _ref
+# the compiled library, or the reference when it did not build
+_OPS = torch.ops.epd_kernels if backends.LIBRARY_LOADED else _ref
 
 
 def _ops():
@@ -58,39 +41,25 @@ def _ops():
 
 def _register_fake_and_autograd():
     lib = "epd_kernels::"
-
-    @torch.library.register_fake(lib + "epd_step")
-    def _(x, grads, weights, scale, alpha):
-        return torch.empty_like(x)
-
-    @torch.library.register_fake(lib + "epd_step_out")
-    def _(x, grads, weights, scale, alpha, out):
-        return None
-
-    @torch.library.register_fake(lib + "epd_step_backward")
-    def _(grad_out, grads, weights, scale, alpha):
-        return (torch.empty_like(grads),
-                weights.new_empty((grad_out.shape[0], grads.shape[0])))
-
-    @torch.library.register_fake(lib + "branch_states")
-    def _(x, d, c):
-        return x.new_empty((c.shape[-1],) + tuple(x.shape))
-
-    @torch.library.register_fake(lib + "branch_states_out")
-    def _(x, d, c, out):
-        return None
-
-    @torch.library.register_fake(lib + "branch_states_backward")
-    def _(grad_out, d, c):
-        return torch.empty_like(d), torch.empty_like(d), c.new_empty((d.shape[0], c.shape[-1]))
-
+    fakes = {
+        "epd_step": lambda x, grads, weights, scale, alpha: torch.empty_like(x),
+        "epd_step_out": lambda x, grads, weights, scale, alpha, out: None,
+        "epd_step_backward": lambda grad_out, grads, weights, scale, alpha: (
+            torch.empty_like(grads), weights.new_empty((grad_out.shape[0], grads.shape[0]))),
+        "branch_states": lambda x, d, c: x.new_empty((c.shape[-1],) + tuple(x.shape)),
+        "branch_states_out": lambda x, d, c, out: None,
+        "branch_states_backward": lambda grad_out, d, c: (
+            torch.empty_like(d), torch.empty_like(d), c.new_empty((d.shape[0], c.shape[-1]))),
+    }
+    for name, fake in fakes.items():
+        torch.library.register_fake(lib + name, fake)
     torch.library.register_autograd(lib + "epd_step", _epd_step_grad,
                                     setup_context=_epd_step_setup)
     torch.library.register_autograd(lib + "branch_states", _branch_states_grad,
                                     setup_context=_branch_states_setup)
     for name in ("epd_step_backward", "branch_states_backward"):
         torch.library.register_autograd(lib + name, _no_double_backward,
-                                        setup_context=_setup_nothing)
+                                        setup_context=lambda ctx, inputs, output: None)
 
 
 def _epd_step_setup(ctx, inputs, output):
@@ -126,12 +95,7 @@ def _epd_step_grad(ctx, grad_out):
 def _no_double_backward(ctx, *grads):
     raise RuntimeError(
         "epd_kernels: second-order gradients of epd_step / branch_states are not supported "
-        "(the backward kernels are not differentiable). Use first-order gradients only."
-    )
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
+        "(the backward kernels are not differentiable). Use first-order gradients only.")
 
 
 def _branch_states_setup(ctx, inputs, output):
@@ -144,8 +108,7 @@ def _branch_states_grad(ctx, grad_out):
     gx, gd, gc = torch.ops.epd_kernels.branch_states_backward(grad_out.contiguous(), d, c)
     if c.dim() == 1:
         gc = gc.sum(0)
-    nx, nd, nc = ctx.needs_input_grad
-    return (gx if nx else None), (gd if nd else None), (gc if nc else None)
+    return tuple(g if need else None for g, need in zip((gx, gd, gc), ctx.needs_input_grad))
 
 
 if backends.LIBRARY_LOADED:
@@ -170,12 +133,20 @@ def _check_device(device, **named):
                 f"{name} is on {t.device} but x is on {device}: all tensors must share a device")
 
 
+def _check_x(x):
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension: shape [B, ...], got a 0-d tensor")
+
+
 def _is_number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _row_scalar(name, value, batch, device, acc):
-    """A 0-d or [B] tensor h / o, checked and cast to `acc`."""
+    """A float, or a 0-d or [B] tensor h / o checked and cast to `acc`."""
+    if _is_number(value):
+        return float(value)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a float or a tensor of shape [B]={batch}, "
                         f"got {type(value).__name__}")
@@ -185,38 +156,29 @@ def _row_scalar(name, value, batch, device, acc):
     if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
         raise ValueError(f"{name} must be a float, a 0-d tensor or a tensor of shape "
                          f"[{batch}] (one per sample), got shape {list(value.shape)}")
-    return value.to(acc)
-
-
-def _step_factor(h, o, batch, device, acc):
-    """(scale tensor or None, alpha float) with alpha * scale = (1 + o) * h."""
-    if _is_number(h) and _is_number(o):
-        return None, (1.0 + float(o)) * float(h)
-    ht = float(h) if _is_number(h) else _row_scalar("h", h, batch, device, acc)
-    ot = float(o) if _is_number(o) else _row_scalar("o", o, batch, device, acc)
-    return (1.0 + ot) * ht, 1.0
+    return value.to(acc).contiguous()
 
 
 def _stack_grads(grads, x):
-    if isinstance(grads, (list, tuple)):
-        if len(grads) == 0:
-            raise ValueError("grads is an empty list: need at least one branch (K >= 1)")
-        for i, g in enumerate(grads):
-            _check_tensor(f"grads[{i}]", g)
-            if g.shape != x.shape:
-                raise ValueError(f"grads[{i}] has shape {list(g.shape)} but x has shape "
-                                 f"{list(x.shape)}: each branch gradient must match x")
-        return torch.stack(list(grads))
-    _check_tensor("grads", grads)
-    return grads
+    if not isinstance(grads, (list, tuple)):
+        _check_tensor("grads", grads)
+        return grads
+    if len(grads) == 0:
+        raise ValueError("grads is an empty list: need at least one branch (K >= 1)")
+    for i, g in enumerate(grads):
+        _check_tensor(f"grads[{i}]", g)
+        if g.shape != x.shape:
+            raise ValueError(f"grads[{i}] has shape {list(g.shape)} but x has shape "
+                             f"{list(x.shape)}: each branch gradient must match x")
+    return torch.stack(list(grads))
 
 
 def _check_step_shapes(x, grads, weights):
     if grads.dtype != x.dtype:
         raise TypeError(f"grads has dtype {grads.dtype} but x has {x.dtype}: they must match")
     if grads.dim() != x.dim() + 1:
-        raise ValueError(f"grads must have shape [K, *x.shape] = [K, {', '.join(map(str, x.shape))}]"
-                         f", got {list(grads.shape)}")
+        raise ValueError(f"grads must have shape [K, *x.shape] = [K, "
+                         f"{', '.join(map(str, x.shape))}], got {list(grads.shape)}")
     K, B = grads.shape[0], x.shape[0]
     if K == 0:
         raise ValueError("grads has K = 0 branches: need at least one")
@@ -225,39 +187,54 @@ def _check_step_shapes(x, grads, weights):
                          f"(grads {list(grads.shape)}, x {list(x.shape)})")
     if grads.shape[2:] != x.shape[1:]:
         raise ValueError(f"trailing shape mismatch: grads {list(grads.shape)} has per-sample "
-                         f"shape {list(grads.shape[2:])}, x {list(x.shape)} has {list(x.shape[1:])}")
-    if not ((weights.dim() == 1 and weights.shape[0] == K)
-            or (weights.dim() == 2 and tuple(weights.shape) == (B, K))):
+                         f"shape {list(grads.shape[2:])}, x {list(x.shape)} has "
+                         f"{list(x.shape[1:])}")
+    if weights.shape not in ((K,), (B, K)):
         raise ValueError(f"weights must have shape [K]=[{K}] or [B, K]=[{B}, {K}], "
                          f"got {list(weights.shape)}")
-    return K, B
 
 
-def _rows_of(x, uniform):
-    """(rows, row length) of the canonical view: one row when coefficients are uniform."""
+def _rows(x, uniform):
+    """x as the canonical [rows, N]: one row when the coefficients are uniform."""
     if uniform:
-        return 1, x.numel()
-    return x.shape[0], math.prod(x.shape[1:])
+        return x.reshape(1, x.numel())
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def _canonical_step_args(x, grads, weights, h, o):
-    _check_tensor("x", x)
-    if x.dim() < 1:
-        raise ValueError("x must have a batch dimension: shape [B, ...], got a 0-d tensor")
+    _check_x(x)
     grads = _stack_grads(grads, x)
     _check_tensor("weights", weights)
     _check_device(x.device, grads=grads, weights=weights)
-    K, B = _check_step_shapes(x, grads, weights)
-    acc = opmath_dtype(x.dtype)
-    if not (_is_number(h) or isinstance(h, torch.Tensor)):
-        raise TypeError(f"h must be a float or a tensor of shape [B]={B}, got {type(h).__name__}")
-    if not (_is_number(o) or isinstance(o, torch.Tensor)):
-        raise TypeError(f"o must be a float or a tensor of shape [B]={B}, got {type(o).__name__}")
-    scale, alpha = _step_factor(h, o, B, x.device, acc)
-    uniform = weights.dim() == 1 and (scale is None or scale.dim() == 0)
-    rows, n = _rows_of(x, uniform)
-    return (x.reshape(rows, n).contiguous(), grads.reshape(K, rows, n).contiguous(),
-            weights.to(acc).contiguous(), scale, alpha)
+    _check_step_shapes(x, grads, weights)
+    B, acc = x.shape[0], opmath_dtype(x.dtype)
+    h, o = _row_scalar("h", h, B, x.device, acc), _row_scalar("o", o, B, x.device, acc)
+    if isinstance(h, float) and isinstance(o, float):  # alpha * scale = (1 + o) * h
+        scale, alpha = None, (1.0 + o) * h
+    else:
+        scale, alpha = (1.0 + o) * h, 1.0
+    x2 = _rows(x, weights.dim() == 1 and (scale is None or scale.dim() == 0))
+    g2 = grads.reshape((grads.shape[0],) + tuple(x2.shape))
+    return x2.contiguous(), g2.contiguous(), weights.to(acc).contiguous(), scale, alpha
+
+
+def _canonical_branch_args(x, d, c):
+    _check_x(x)
+    _check_tensor("d", d)
+    _check_tensor("c", c)
+    _check_device(x.device, d=d, c=c)
+    if d.shape != x.shape:
+        raise ValueError(f"d has shape {list(d.shape)} but x has {list(x.shape)}: they must match")
+    if d.dtype != x.dtype:
+        raise TypeError(f"d has dtype {d.dtype} but x has {x.dtype}: they must match")
+    B = x.shape[0]
+    if c.dim() == 1 and c.shape[0] == 0:
+        raise ValueError("c has K = 0 branch offsets: need at least one")
+    if not (c.dim() == 1 or (c.dim() == 2 and c.shape[0] == B and c.shape[1] > 0)):
+        raise ValueError(f"c must have shape [K] or [B, K] with B={B}, got {list(c.shape)}")
+    x2 = _rows(x, c.dim() == 1)
+    return (x2.contiguous(), d.reshape(x2.shape).contiguous(),
+            c.to(opmath_dtype(x.dtype)).contiguous())
 
 
 # --------------------------------------------------------------------------------------
@@ -267,21 +244,14 @@ def _canonical_step_args(x, grads, weights, h, o):
 def _byte_span(t):
     """[first, last) byte addresses that the elements of t can occupy."""
     extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
-    start = t.data_ptr()
-    return start, start + extent * t.element_size()
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
 def _overlaps(a, b):
     if a.device != b.device or a.numel() == 0 or b.numel() == 0:
         return False
-    a0, a1 = _byte_span(a)
-    b0, b1 = _byte_span(b)
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
     return a0 < b1 and b0 < a1
-
-
-def _same_memory(a, b):
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)
 
 
 def _check_out(op, out, shape, x, may_be_x, **inputs):
@@ -301,7 +271,8 @@ def _check_out(op, out, shape, x, may_be_x, **inputs):
                     f"grad: call {op} without out=, or under torch.no_grad()")
     if torch.compiler.is_compiling():
         return
-    if _overlaps(out, x) and not (may_be_x and _same_memory(out, x)):
+    is_x = (out.data_ptr(), out.shape, out.stride()) == (x.data_ptr(), x.shape, x.stride())
+    if _overlaps(out, x) and not (may_be_x and is_x):
         raise ValueError(f"{op}: out overlaps x; it must be "
                          f"{'x itself or ' if may_be_x else ''}separate memory")
     for name, t in inputs.items():
@@ -318,57 +289,30 @@ def epd_step(x: torch.Tensor, grads: Union[torch.Tensor, Sequence[torch.Tensor]]
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One fused EPD update: ``x + (1 + o) * h * sum_k weights[..., k] * grads[k]``.
 
-    Args:
-        x: state ``[B, ...]`` (float16, bfloat16, float32 or float64).
-        grads: ``[K, B, ...]`` branch gradients, or a list of K tensors shaped like x.
-        weights: ``[K]`` (shared by the batch) or ``[B, K]``; any real values.
-        h: step size ``t_{n+1} - t_n``: a float, a 0-d tensor or a ``[B]`` tensor.
-        o: scale perturbation, same forms as h.
-        out: optional buffer for the result (keyword only): x's shape, dtype and device,
-            any strides. It may be x itself (an in-place step: every element of the
-            result depends only on the same element of x and grads), but must not
-            overlap grads, weights, h or o (ValueError). With out= the op does not take
-            part in autograd: if grad mode is on and any input or out requires grad, it
-            raises a RuntimeError. Returns out.
+    x is ``[B, ...]`` (float16, bfloat16, float32 or float64); grads ``[K, B, ...]`` or a
+    list of K tensors shaped like x; weights ``[K]`` or ``[B, K]``; h (the step
+    ``t_{n+1} - t_n``) and o (the scale perturbation) a float, a 0-d or a ``[B]`` tensor.
 
-    Accumulates in float32 (float64 for float64 data) and rounds once to x's dtype;
-    returns x's dtype and shape. Differentiable in every tensor input (first order).
-    float16 results beyond its range (|y| > 65504) become +-inf, as a cast of the exact
-    float32 result would; NaN and inf inputs propagate.
+    ``out=`` takes a buffer of x's shape, dtype and device (any strides) and returns it.
+    It may be x itself (each element of the result depends only on the same element of x
+    and grads) but must not overlap grads, weights, h or o (ValueError); with grad mode on,
+    an input or out that requires grad is a RuntimeError (out= is outside autograd).
+
+    Accumulates in float32 (float64 for float64 data) and rounds once to x's dtype.
+    Differentiable in every tensor input (first order). float16 results beyond its range
+    (|y| > 65504) become +-inf, as a cast of the exact result would; NaN and inf propagate.
     """
-    x2, g2, w2, scale, alpha = _canonical_step_args(x, grads, weights, h, o)
+    args = _canonical_step_args(x, grads, weights, h, o)
     ops = _ops()
     if out is None:
-        return ops.epd_step(x2, g2, w2, scale, alpha).view(x.shape)
+        return ops.epd_step(*args).view(x.shape)
     _check_out("epd_step", out, x.shape, x, True, grads=grads if isinstance(
         grads, torch.Tensor) else None, weights=weights, h=h, o=o)
     if out.is_contiguous():
-        ops.epd_step_out(x2, g2, w2, scale, alpha, out.view(x2.shape))
+        ops.epd_step_out(*args, out.view(args[0].shape))
     else:
-        out.copy_(ops.epd_step(x2, g2, w2, scale, alpha).view(x.shape))
+        out.copy_(ops.epd_step(*args).view(x.shape))
     return out
-
-
-def _canonical_branch_args(x, d, c):
-    _check_tensor("x", x)
-    _check_tensor("d", d)
-    _check_tensor("c", c)
-    _check_device(x.device, d=d, c=c)
-    if x.dim() < 1:
-        raise ValueError("x must have a batch dimension: shape [B, ...], got a 0-d tensor")
-    if d.shape != x.shape:
-        raise ValueError(f"d has shape {list(d.shape)} but x has {list(x.shape)}: they must match")
-    if d.dtype != x.dtype:
-        raise TypeError(f"d has dtype {d.dtype} but x has {x.dtype}: they must match")
-    B = x.shape[0]
-    if not ((c.dim() == 1 and c.shape[0] > 0) or (c.dim() == 2 and c.shape[0] == B
-                                                    and c.shape[1] > 0)):
-        if c.dim() == 1:
-            raise ValueError("c has K = 0 branch offsets: need at least one")
-        raise ValueError(f"c must have shape [K] or [B, K] with B={B}, got {list(c.shape)}")
-    rows, n = _rows_of(x, c.dim() == 1)
-    return (x.reshape(rows, n).contiguous(), d.reshape(rows, n).contiguous(),
-            c.to(opmath_dtype(x.dtype)).contiguous())
 
 
 def branch_states(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor, *,
@@ -376,14 +320,12 @@ def branch_states(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor, *,
     """Branch starting points ``out[k] = x + c[..., k] * d``, shape ``[K, *x.shape]``.
 
     ``c`` is ``[K]`` or ``[B, K]`` (EPD uses ``c_k = tau_k - t``). Differentiable in x, d,
-    c. With ``out=`` (keyword only) the result is written into a buffer of that shape or
-    any contiguous buffer of K*B*N elements (see `branch_states_into`) and returned.
+    c. ``out=`` writes into a buffer as `branch_states_into` does and returns it.
     """
-    K = c.shape[-1] if isinstance(c, torch.Tensor) and c.dim() > 0 else None
-    x2, d2, c2 = _canonical_branch_args(x, d, c)
     if out is not None:
-        return _branch_states_into(x, d, c, out, x2, d2, c2)
-    return _ops().branch_states(x2, d2, c2).view((K,) + tuple(x.shape))
+        return branch_states_into(x, d, c, out)
+    x2, d2, c2 = _canonical_branch_args(x, d, c)
+    return _ops().branch_states(x2, d2, c2).view((c2.shape[-1],) + tuple(x.shape))
 
 
 def branch_states_into(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor,
@@ -392,19 +334,13 @@ def branch_states_into(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor,
 
     The buffer is typically the static ``[K*B, ...]`` input of a batched (graph-captured)
     denoiser call. It must not overlap x, d or c (branch k is written while they are
-    still read). No autograd: with grad mode on, inputs that require grad are refused;
-    use `branch_states` when gradients are needed.
+    still read). No autograd: with grad mode on, inputs that require grad are refused.
     """
     x2, d2, c2 = _canonical_branch_args(x, d, c)
-    return _branch_states_into(x, d, c, out, x2, d2, c2)
-
-
-def _branch_states_into(x, d, c, out, x2, d2, c2):
-    K = c2.shape[-1]
+    size = c2.shape[-1] * x2.numel()
     _check_out("branch_states", out, None, x, False, d=d, c=c)
-    if not out.is_contiguous() or out.numel() != K * x2.numel():
-        raise ValueError(f"out must be contiguous with K*B*N = {K * x2.numel()} "
-                         f"elements, got shape {list(out.shape)}"
-                         f"{'' if out.is_contiguous() else ' (non-contiguous)'}")
+    if not out.is_contiguous() or out.numel() != size:
+        raise ValueError(f"out must be contiguous with K*B*N = {size} elements, got shape "
+                         f"{list(out.shape)}{'' if out.is_contiguous() else ' (non-contiguous)'}")
     _ops().branch_states_out(x2, d2, c2, out)
     return out

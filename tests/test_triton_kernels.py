@@ -130,7 +130,7 @@ def test_input_validation():
         kk.epd_step(x, g.transpose(1, 2).contiguous().transpose(1, 2), w, s, 1.0)
     with pytest.raises(ValueError, match="K\\*B\\*N"):
         kk.branch_states_out(x, d, c, torch.empty(2 * 2 * 10 + 1, dtype=torch.float16))
-    with pytest.raises(ValueError, match="grad_out must be contiguous"):
+    with pytest.raises(ValueError, match="grad_out \\[K, B, N\\]"):
         kk.branch_states_backward(g[:1], d, c)
 
 

@@ -1,26 +1,11 @@
-"""Shared pieces of the Triton kernels: mode detection, autotune configs, tile maps.
-
-Only imported when triton itself imports (see `__init__.py`).
-"""
+"""Shared pieces of the Triton kernels: mode, autotune configs, the launchers' checks and
+grids, and the program -> tile maps. Only imported when triton imports (`__init__.py`)."""
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
-
-__all__ = [
-    "INTERPRET",
-    "SUB",
-    "CONFIGS_1D",
-    "CONFIGS_2D",
-    "configs_1d",
-    "configs_2d",
-    "FP_FUSION",
-    "opmath_dtype",
-    "row_tile_1d",
-    "row_tile_2d",
-    "device_guard",
-]
 
 
 def _interpret_mode() -> bool:
@@ -37,22 +22,14 @@ def _interpret_mode() -> bool:
 #: tensors through the Triton interpreter. Fixed when this package is first imported.
 INTERPRET: bool = _interpret_mode()
 
-# --------------------------------------------------------------------------------------
-# Tiling.
+# Tiling. The elementwise kernels use a 1D tile of BLOCK elements per program. The
+# reducing kernels (the backwards) use a 2D tile [S, SUB]: every program writes S partial
+# sums per branch, one per SUB-element slice, so the partial buffer is
+# [B, cdiv(N, SUB), K] whatever S the autotuner picks and can be sized before the launch.
 #
-# Elementwise kernels (epd_step, branch_states) use a 1D tile of BLOCK elements per
-# program. The kernels that also reduce over N (the backwards) use a 2D tile [S, SUB]:
-# every program writes S partial sums per branch, one per SUB-element slice, so the
-# partial buffer is [B, cdiv(N, SUB), K] whatever S the autotuner picks and the launcher
-# can size it before the launch. SUB is a module constant, not tuned.
-#
-# Under the interpreter a single small config keeps runs fast and still exercises
-# several programs per row (and several slices per program) on modest N.
-# --------------------------------------------------------------------------------------
-#: (BLOCK, num_warps) of the elementwise kernels, on a GPU: 16 elements per thread per
-#: tile, so that fp64 and K = 16 do not spill; smaller tiles use fewer warps. (8 elements
-#: per thread made ptxas spill a few bytes for branch_states, bf16, K = 4 on sm_80.)
-#: Checked for every dtype and K by aot.compile_all.
+#: (BLOCK, num_warps) of the elementwise kernels on a GPU: 16 elements per thread, so that
+#: fp64 and K = 16 do not spill (8 per thread made ptxas spill a few bytes for
+#: branch_states, bf16, K = 4 on sm_80). Checked for every dtype and K by aot.compile_all.
 CONFIGS_1D = [(512, 1), (1024, 2), (2048, 4), (4096, 8)]
 #: (S, num_warps) of the reducing kernels, BLOCK = S * SUB, on a GPU. Which tiles let
 #: ptxas keep everything in registers is a matter of its heuristics, not of a simple
@@ -60,24 +37,11 @@ CONFIGS_1D = [(512, 1), (1024, 2), (2048, 4), (4096, 8)]
 #: K in {3, 4, 8} on sm_80 or sm_90; these do not. Checked by aot.compile_all.
 CONFIGS_2D = [(2, 8), (1, 16), (2, 16)]
 SUB_GPU = 1024
-
-if INTERPRET:
-    SUB = 64
-    _CFG_1D = [(128, 4)]
-    _CFG_2D = [(2, 4)]
-else:
-    SUB = SUB_GPU
-    _CFG_1D = CONFIGS_1D
-    _CFG_2D = CONFIGS_2D
-
-
-def configs_1d():
-    return [triton.Config({"BLOCK": blk}, num_warps=w) for blk, w in _CFG_1D]
-
-
-def configs_2d():
-    return [triton.Config({"S": s}, num_warps=w) for s, w in _CFG_2D]
-
+# Under the interpreter one small config keeps runs fast and still exercises several
+# programs per row (and several slices per program) on modest N.
+SUB = 64 if INTERPRET else SUB_GPU
+_CFG_1D = [(128, 4)] if INTERPRET else CONFIGS_1D
+_CFG_2D = [(2, 4)] if INTERPRET else CONFIGS_2D
 
 #: Let the compiler contract a*b+c into FMA (one rounding instead of two). Passed
 #: explicitly so results do not change with Triton's default.
@@ -88,23 +52,84 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def autotuned_1d(kernel, key):
+    return triton.autotune([triton.Config({"BLOCK": b}, num_warps=w) for b, w in _CFG_1D],
+                           key=key)(kernel)
+
+
+def autotuned_2d(kernel, key):
+    return triton.autotune([triton.Config({"S": s}, num_warps=w) for s, w in _CFG_2D],
+                           key=key)(kernel)
+
+
+def check_canonical(rows, stacked, coef_name, c, scale=None):
+    """The launchers' contract on canonical arguments, as ops.cpp checks it for the C++
+    kernels (a direct call with bad inputs must fail, not read out of bounds).
+
+    `rows` and `stacked` map names to the [B, N] and [K, B, N] data tensors (contiguous,
+    one dtype), `c` (named `coef_name`) holds the [K] or [B, K] opmath coefficients,
+    `scale` is None, [] or [B]. Returns (B, N, K, row stride of the coefficients).
+    """
+    data = {**rows, **stacked}
+    lead = next(iter(rows.values()))
+    K = c.shape[-1] if c.dim() in (1, 2) else -1
+    B, N = lead.shape if lead.dim() == 2 else (-1, -1)  # -1: no shape matches
+    if (any(t.shape != (B, N) for t in rows.values())
+            or any(t.shape != (K, B, N) for t in stacked.values())
+            or c.shape not in ((K,), (B, K))):
+        want = ([f"{n} [B, N]" for n in rows] + [f"{n} [K, B, N]" for n in stacked]
+                + [f"{coef_name} [K] or [B, K]"])
+        got = ", ".join(f"{n} {list(t.shape)}" for n, t in {**data, coef_name: c}.items())
+        raise ValueError(f"shapes must be {', '.join(want)}; got {got}")
+    if len({t.dtype for t in data.values()}) != 1 or not all(
+            t.is_contiguous() for t in data.values()):
+        raise ValueError(f"{', '.join(data)} must be contiguous with one dtype")
+    acc = opmath_dtype(lead.dtype)
+    if c.dtype != acc or not c.is_contiguous() or K < 1:
+        raise TypeError(f"{coef_name} must be a contiguous {acc} tensor with K >= 1, got "
+                        f"{c.dtype} {list(c.shape)}")
+    if scale is not None and (scale.dtype != acc or scale.shape not in ((), (B,))):
+        raise TypeError(f"scale must be a 0-d or [B] {acc} tensor, got {scale.dtype} "
+                        f"{list(scale.shape)}")
+    return B, N, K, (K if c.dim() == 2 else 0)
+
+
 def device_guard(t: torch.Tensor):
     """Launch under the tensor's device (Triton launches on the current CUDA device)."""
-    if t.is_cuda:
-        return torch.cuda.device(t.device)
-    import contextlib
-
-    return contextlib.nullcontext()
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-# --------------------------------------------------------------------------------------
-# Program -> tile maps shared by the kernels (inlined by the compiler).
-#
-# The grid is B * cdiv(N, BLOCK) programs; program pid covers block `blk` of row `b`, so
-# a tile never straddles two rows and per-row scalars are loaded once. Everything that
-# grows with the tensor (program id, row, start of the tile: `base`) is int64, so rows
-# of more than 2^31 elements and K*B*N beyond 2^31 are addressed correctly; only the
-# lane offsets inside a tile (< BLOCK) are int32.
+def launch_1d(kernel, B, N, device_of, *args, **constexprs):
+    """Launches an elementwise kernel on B * cdiv(N, BLOCK) programs (none when empty)."""
+    if B == 0 or N == 0:
+        return
+    with device_guard(device_of):
+        kernel[lambda meta: (B * triton.cdiv(N, meta["BLOCK"]),)](
+            *args, enable_fp_fusion=FP_FUSION, **constexprs)
+
+
+def launch_reduce(kernel, B, N, device_of, *args, **constexprs):
+    """Launches a reducing kernel whose last two run-time arguments are its partial-sum
+    scratch [B, cdiv(N, SUB), K] and cdiv(N, SUB); returns the [B, K] row sums (opmath)."""
+    K = constexprs["K"]
+    acc = opmath_dtype(device_of.dtype)
+    if B == 0 or N == 0:
+        return torch.zeros((B, K), dtype=acc, device=device_of.device)
+    nsub = triton.cdiv(N, SUB)
+    # Every slot is written exactly once whatever S is tuned to: no zero-fill needed.
+    partial = torch.empty((B, nsub, K), dtype=acc, device=device_of.device)
+    with device_guard(device_of):
+        kernel[lambda meta: (B * triton.cdiv(N, meta["S"] * SUB),)](
+            *args, partial, nsub, SUB=SUB, enable_fp_fusion=FP_FUSION, **constexprs)
+    return partial.sum(dim=1)  # a fresh tensor, never a view of the scratch
+
+
+# Program -> tile maps shared by the kernels (inlined by the compiler). The grid is
+# B * cdiv(N, BLOCK) programs; program pid covers block `blk` of row `b`, so a tile never
+# straddles two rows and per-row scalars are loaded once. Everything that grows with the
+# tensor (program id, row, start of the tile: `base`) is int64, so rows of more than 2^31
+# elements and K*B*N beyond 2^31 are addressed correctly; only the lane offsets inside a
+# tile (< BLOCK) are int32.
 
 
 @triton.jit
@@ -121,12 +146,9 @@ def row_tile_1d(N, BLOCK: tl.constexpr):
 
 @triton.jit
 def row_tile_2d(N, NSUB, S: tl.constexpr, SUB: tl.constexpr):
-    """(b, base, lanes [S, SUB], mask, slot [S], slot_mask) of this program's 2D tile.
-
-    The tile is S consecutive slices of SUB elements; slice `slot` of the row owns
-    partial-sum slot `slot` of the [B, NSUB, K] scratch, so the scratch layout does not
-    depend on the tuned S.
-    """
+    """(b, base, lanes [S, SUB], mask, slot [S], slot_mask) of this program's 2D tile: S
+    consecutive slices of SUB elements; slice `slot` of the row owns partial-sum slot
+    `slot` of the [B, NSUB, K] scratch, so its layout does not depend on the tuned S."""
     BLOCK: tl.constexpr = S * SUB
     pid = tl.program_id(0).to(tl.int64)
     nblk = tl.cdiv(N, BLOCK)

@@ -2,33 +2,22 @@
 
 Forward (docs/design.md, "EPD step": x_k = x_n + (tau_k - t) * d_n):
     out[k, b, n] = x[b, n] + c[b, k] * d[b, n]            -> [K, B, N]
-
-c is [K] (row stride 0: the same offsets for every row) or [B, K]. `branch_states_out`
-writes straight into a caller-owned contiguous buffer with K*B*N elements, e.g. the
-static [K*B, C, H, W] input of a captured CUDA graph (k-major, so sample k*B + b of the
-batch is branch k of sample b).
+c is [K] (row stride 0) or [B, K]. `branch_states_out` writes into a caller-owned
+contiguous buffer of K*B*N elements, e.g. the static [K*B, C, H, W] input of a captured
+CUDA graph (k-major: sample k*B + b of the batch is branch k of sample b).
 
 Backward, one pass over grad_out:
     grad_x[b, n] = sum_k grad_out[k, b, n]
     grad_d[b, n] = sum_k c[b, k] * grad_out[k, b, n]
     grad_c[b, k] = sum_n grad_out[k, b, n] * d[b, n]      (opmath, [B, K])
-
 Loads / stores in the data dtype, arithmetic in opmath (the dtype of c).
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    FP_FUSION,
-    SUB,
-    configs_1d,
-    configs_2d,
-    device_guard,
-    opmath_dtype,
-    row_tile_1d,
-    row_tile_2d,
-)
+from ._common import (autotuned_1d, autotuned_2d, check_canonical, launch_1d, launch_reduce,
+                      row_tile_1d, row_tile_2d)
 
 __all__ = ["branch_states", "branch_states_out", "branch_states_backward"]
 
@@ -64,11 +53,11 @@ def _branch_states_bwd_kernel(
     c_ptr,      # [K] or [B, K]   opmath
     gx_ptr,     # [B, N]          T      grad_x (out)
     gd_ptr,     # [B, N]          T      grad_d (out)
-    part_ptr,   # [B, NSUB, K]    opmath partial grad_c (out)
     B,
     N,
-    NSUB,
     c_stride,
+    part_ptr,   # [B, NSUB, K]    opmath partial grad_c (out)
+    NSUB,
     K: tl.constexpr,
     SUB: tl.constexpr,
     S: tl.constexpr,
@@ -93,71 +82,32 @@ def _branch_states_bwd_kernel(
     tl.store(gd_ptr + base + lanes, acc_d.to(gd_ptr.dtype.element_ty), mask=mask)
 
 
-_branch_states_tuned = triton.autotune(configs=configs_1d(), key=["N", "K"])(_branch_states_kernel)
-_branch_states_bwd_tuned = triton.autotune(configs=configs_2d(), key=["N", "K"])(
-    _branch_states_bwd_kernel)
-
-
-def _check(x, d, c):
-    if x.dim() != 2 or d.shape != x.shape or d.dtype != x.dtype:
-        raise ValueError(f"x and d must be [B, N] of one dtype, got {list(x.shape)} "
-                         f"{x.dtype} and {list(d.shape)} {d.dtype}")
-    if not (x.is_contiguous() and d.is_contiguous() and c.is_contiguous()):
-        raise ValueError("x, d and c must be contiguous")
-    acc = opmath_dtype(x.dtype)
-    if c.dtype != acc or c.dim() not in (1, 2) or c.shape[-1] < 1:
-        raise ValueError(f"c must be a [K] or [B, K] {acc} tensor with K >= 1, got "
-                         f"{c.dtype} {list(c.shape)}")
-    return x.shape[0], x.shape[1], c.shape[-1], (c.shape[-1] if c.dim() == 2 else 0)
-
-
-def _launch_fwd(x, d, c, out):
-    B, N, K, c_stride = _check(x, d, c)
-    if B == 0 or N == 0:
-        return
-    grid = lambda meta: (B * triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
-    with device_guard(x):
-        _branch_states_tuned[grid](x, d, c, out, B, N, c_stride, K=K,
-                                   enable_fp_fusion=FP_FUSION)
-
-
-def branch_states(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """out[k, b] = x[b] + c[..., k] * d[b]  ->  [K, B, N] in x's dtype."""
-    out = torch.empty((c.shape[-1],) + tuple(x.shape), dtype=x.dtype, device=x.device)
-    _launch_fwd(x, d, c, out)
-    return out
+_branch_states_tuned = autotuned_1d(_branch_states_kernel, ["N", "K"])
+_branch_states_bwd_tuned = autotuned_2d(_branch_states_bwd_kernel, ["N", "K"])
 
 
 def branch_states_out(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor,
                       out: torch.Tensor) -> None:
-    """Same as `branch_states`, written into `out` (contiguous, K*B*N elements, x's dtype).
-
-    `out` may have any shape with that many elements, e.g. a static [K*B, C, H, W] batch.
-    """
-    K = c.shape[-1]
+    """`branch_states` written into `out`: contiguous, x's dtype, K*B*N elements in any
+    shape (e.g. a static [K*B, C, H, W] batch)."""
+    B, N, K, c_stride = check_canonical({"x": x, "d": d}, {}, "c", c)
     if out.numel() != K * x.numel() or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {x.dtype} tensor of K*B*N = "
                          f"{K * x.numel()} elements, got {out.dtype} {list(out.shape)}")
-    _launch_fwd(x, d, c, out)
+    launch_1d(_branch_states_tuned, B, N, x, x, d, c, out, B, N, c_stride, K=K)
+
+
+def branch_states(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """out[k, b] = x[b] + c[..., k] * d[b]  ->  [K, B, N] in x's dtype."""
+    out = x.new_empty((c.shape[-1],) + tuple(x.shape))
+    branch_states_out(x, d, c, out)
+    return out
 
 
 def branch_states_backward(grad_out: torch.Tensor, d: torch.Tensor, c: torch.Tensor):
     """Returns (grad_x [B, N], grad_d [B, N] in the data dtype, grad_c [B, K] in opmath)."""
-    B, N, K, c_stride = _check(d, d, c)
-    if tuple(grad_out.shape) != (K, B, N) or not grad_out.is_contiguous():
-        raise ValueError(f"grad_out must be contiguous [K, B, N] = {[K, B, N]}, got "
-                         f"{list(grad_out.shape)}")
-    acc = opmath_dtype(d.dtype)
-    grad_x = torch.empty_like(d)
-    grad_d = torch.empty_like(d)
-    if B == 0 or N == 0:
-        return grad_x, grad_d, torch.zeros((B, K), dtype=acc, device=d.device)
-    nsub = triton.cdiv(N, SUB)
-    partial = torch.empty((B, nsub, K), dtype=acc, device=d.device)
-    grid = lambda meta: (B * triton.cdiv(N, meta["S"] * SUB),)  # noqa: E731
-    with device_guard(d):
-        _branch_states_bwd_tuned[grid](grad_out, d, c, grad_x, grad_d, partial,
-                                       B, N, nsub, c_stride, K=K, SUB=SUB,
-                                       enable_fp_fusion=FP_FUSION)
-    grad_c = partial.sum(dim=1)  # [B, K]; a fresh tensor, never a view of the scratch
+    B, N, K, c_stride = check_canonical({"d": d}, {"grad_out": grad_out}, "c", c)
+    grad_x, grad_d = torch.empty_like(d), torch.empty_like(d)
+    grad_c = launch_reduce(_branch_states_bwd_tuned, B, N, d, grad_out, d, c, grad_x,
+                           grad_d, B, N, c_stride, K=K)
     return grad_x, grad_d, grad_c

@@ -3,32 +3,14 @@
     python python/train_digits_unet.py --iters 4000 --minutes 10 --threads 1 \\
         --out epd_kernels/models/weights/digits_unet.safetensors
 
-Recipe (Karras et al. 2022, EDM): log-normal noise levels ``ln sigma ~ N(P_mean=-1.2,
-P_std=1.2)``; loss ``lambda(sigma) |D(y + sigma n, sigma) - y|^2`` with
-``lambda = (sigma^2 + sd^2) / (sigma sd)^2``, sd = 0.5; Adam (lr 2e-3, betas 0.9/0.99, 100
-warm-up iterations, then cosine decay to 5% over the larger of the iteration and the
-wall-time fraction; gradient norm clipped at 1); batch 128; EMA of the weights, decay
-0.999 (these are what is saved); class labels dropped with probability 0.1 (all-zero
-one-hot), so the same network is conditional and unconditional; no augmentation by default (``--shift`` adds random +-1 pixel shifts).
-
-The saved safetensors file (fp16 by default, ~1.3 MB) carries in its metadata the
-architecture config and a "training" record: command, iterations, wall time, final
-training loss (mean of the last 10% of iterations) and the EDM loss of the EMA weights on
-the whole data set at fixed noise draws (``eval_loss``). Training uses
-``torch.set_num_threads(--threads)``; on a CPU shared with other jobs one thread was
-several times faster than two (thread oversubscription), so the shipped run used one.
-
-Shipped run (``epd_kernels.models.unet.weights_metadata()["training"]`` has the record):
-
-    python python/train_digits_unet.py --iters 4000 --minutes 10 --threads 1 \\
-        --out epd_kernels/models/weights/digits_unet.safetensors
-
-stopped by the 10-minute budget after 2128 iterations (600 s wall time), final training
-loss 0.392, EMA eval loss 0.391. ``--eval-only WEIGHTS --png grid.png`` samples 1000
+EDM recipe: ``ln sigma ~ N(-1.2, 1.2)``, loss weight ``(sigma^2 + sd^2) / (sigma sd)^2``;
+Adam with warm-up and a cosine decay over the larger of the iteration and wall-time
+fractions; EMA weights (saved); labels dropped with probability 0.1. The shipped run stopped
+at its 10-minute budget after 2128 iterations (final loss 0.392); its record is in
+``weights_metadata()["training"]``. ``--eval-only WEIGHTS --png grid.png`` samples 1000
 digits with Heun (NFE 39) and prints pixel-space Frechet distances to the data: 0.158
-(class-conditional), 0.353 (unconditional), vs 0.110 for the exact denoiser and 0.052
-for a 1000-image subset of the data (see ``epd_kernels/models/unet.py``).
-"""
+(class-conditional), 0.353 (unconditional), vs 0.110 for the exact denoiser and 0.052 for a
+1000-image subset of the data."""
 from __future__ import annotations
 
 import argparse

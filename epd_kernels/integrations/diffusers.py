@@ -1,43 +1,16 @@
 """Latent text-to-image with a Stable-Diffusion-style diffusers pipeline, on this package's
 solvers (EPD included), with classifier-free guidance.
 
-    from diffusers import StableDiffusionPipeline
-    from epd_kernels.integrations.diffusers import distill_pipeline, sample_pipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(...).to("cuda")
     params = distill_pipeline(pipe, prompts, nfe=5, guidance_scale=7.5)      # EPDParams
     images = sample_pipeline(pipe, ["a red fox"], solver="epd", params=params,
                              guidance_scale=7.5, seeds=[0])                 # [B, 3, H, W]
 
-A "pipeline" is any object with ``tokenizer``, ``text_encoder``, ``unet``, ``scheduler`` and
-``vae`` attributes that behave like ``StableDiffusionPipeline``'s (a
-``types.SimpleNamespace`` of components works):
-
-1. Prompts -> embeddings: ``tokenizer(prompts, padding="max_length",
-   max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")``, then
-   the first output of ``text_encoder(input_ids)`` (``[B, L, D]``), as diffusers does. The
-   negative prompt (default ``""``) is encoded the same way, one row shared by all samples
-   or one per sample.
-2. The unet becomes an EDM denoiser with `DiffusersDenoiser.from_scheduler(unet,
-   scheduler)`: the discrete-time VP model's ``alphas_cumprod`` give its sigma table,
-   inputs are scaled ``x / sqrt(1 + sigma^2)``, sigma maps to a fractional timestep,
-   ``epsilon`` / ``v_prediction`` outputs become ``D(x, sigma)``. The conditioning keyword is
-   ``encoder_hidden_states``.
-3. Guidance: `CFGDenoiser` stacks the conditional and unconditional rows, so every
-   evaluation is ONE unet call of ``2B`` rows (``2KB`` in EPD's branch call). Guidance is
-   on when ``guidance_scale > 1`` (as in diffusers) or a per-sample tensor is given.
-4. Latents: ``make_noise(seeds, (C, H/f, W/f))``, one generator per seed (a seed gives the
-   same image in any batch), with ``f = 2 ** (len(vae.config.block_out_channels) - 1)``.
-   The grid defaults to the polynomial (Karras, rho = 7) schedule on the model's own sigma
-   range ``[DiffusersDenoiser.sigma_min, sigma_max]`` (about 0.029 .. 14.6 for SD 1.x);
-   params carry the grid they were distilled on.
-5. Decoding: ``vae.decode(latents / scaling_factor (+ shift_factor))``, mapped from [-1, 1]
-   to [0, 1].
-
-`distill_pipeline` distils EPD parameters for the guided model over a list of prompts: the
-conditioning follows the distillation's noise pool (entry p gets prompt ``p mod P``), the
-teacher runs through the same guidance, and the grid is the one `sample_pipeline` uses.
-"""
+A pipeline is any object with ``tokenizer``, ``text_encoder``, ``unet``, ``scheduler`` and
+``vae`` that behave like ``StableDiffusionPipeline``'s. Prompts are encoded as diffusers does;
+the unet becomes an EDM denoiser (`DiffusersDenoiser.from_scheduler`) wrapped in
+`CFGDenoiser` when guidance is on (one unet call of 2B rows per evaluation); latents come
+from one generator per seed; the default grid is the polynomial schedule on the model's own
+sigma range (`default_schedule`); `decode_latents` maps the VAE output to [0, 1]."""
 from __future__ import annotations
 
 import numbers

@@ -1,33 +1,10 @@
-"""Adapters: turn other libraries' networks into ``D(x, sigma [B], **cond) -> x0_hat``.
+"""Adapters: other libraries' networks as EDM denoisers ``D(x, sigma [B], **cond) -> x0_hat``.
 
-All solvers here work in EDM's variance-exploding convention ``x = x0 + sigma n``. The
-adapters do the conversions:
-
-`DiffusersDenoiser` (a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` trained as a
-discrete-time VP model with ``alphas_cumprod`` ``a_t``):
-
-- VP <-> VE: ``x_vp = sqrt(a) x0 + sqrt(1 - a) n`` with ``sigma = sqrt((1 - a) / a)``, so
-  ``x_vp = x / sqrt(1 + sigma^2)``;
-- timestep: the (fractional) index ``t`` where the table ``sigma_t = sqrt((1-a_t)/a_t)``
-  takes the value sigma, by linear interpolation of ``log sigma_t`` between neighbouring
-  integers (sigmas outside the table are clamped to its ends; ``quantize=True`` rounds to
-  the nearest integer timestep);
-- output: ``"epsilon"``: ``D = x - sigma eps``; ``"v_prediction"`` (``v = alpha eps - s x0``
-  with ``alpha = 1/sqrt(1+sigma^2)``, ``s = sigma alpha``): ``D = x / (1 + sigma^2) -
-  sigma / sqrt(1 + sigma^2) v``; ``"sample"``: D is the output.
-
-Conditioning keywords are passed to the unet (``class_labels`` for ``UNet2DModel`` with
-class embeddings, ``encoder_hidden_states`` for ``UNet2DConditionModel``); they must
-already be repeated per sample (the solvers and `epd_kernels.branches` do that).
-
-`KDiffusionDenoiser` wraps any k-diffusion-style ``model(x, sigma, **kw) -> denoised``
-(already in EDM's convention); `EpsDenoiser` wraps an eps-prediction model in sigma space
-(``D = x - sigma eps(c_in x, sigma)``), `VDenoiser` a v-prediction model in sigma space
-with a given sigma_data.
-
-diffusers is an optional dependency (``pip install diffusers``): it is imported only by
-`DiffusersDenoiser.from_pretrained`; wrapping an already-built unet needs no import.
-"""
+`DiffusersDenoiser`: a diffusers discrete-time VP unet (input ``x / sqrt(1 + sigma^2)``, a
+fractional timestep interpolated in log sigma from ``alphas_cumprod``, epsilon / v / sample
+outputs converted to D). `KDiffusionDenoiser`: a k-diffusion-style denoiser; `EpsDenoiser`
+and `VDenoiser`: eps- and v-prediction models in sigma space. diffusers is imported only by
+`DiffusersDenoiser.from_pretrained`."""
 from __future__ import annotations
 
 from typing import Callable, Optional

@@ -1,33 +1,10 @@
-"""Analytic denoisers: exact D(x, sigma) for Gaussian and Gaussian-mixture data.
+"""Analytic denoisers: the exact D(x, sigma) of Gaussian and Gaussian-mixture data.
 
-They need no download or training and give exact oracles for the solvers:
-
-- `GaussianModel`: data ``x0 ~ N(mu, diag(s^2))``. With ``x = x0 + sigma * n``,
-
-      D(x, sigma) = E[x0 | x] = mu + s^2 / (s^2 + sigma^2) * (x - mu)
-
-  and the probability-flow ODE ``dx/dsigma = (x - D) / sigma = sigma (x - mu) / (s^2 + sigma^2)``
-  has the closed-form solution
-
-      x(sigma) - mu = (x_T - mu) * sqrt((s^2 + sigma^2) / (s^2 + sigma_T^2)).
-
-- `GaussianMixtureModel`: ``x0 ~ sum_k w_k N(mu_k, diag(s_k^2))``. Then
-  ``p(x | k; sigma) = N(mu_k, diag(s_k^2 + sigma^2))`` and
-
-      D(x, sigma) = sum_k gamma_k(x, sigma) * (mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k)),
-      gamma_k = softmax_k(log w_k + log N(x; mu_k, s_k^2 + sigma^2))      (log-sum-exp)
-
-  With ``class_labels`` the model is conditioned on a component: integer labels ``[B]``
-  select component ``k`` (``D = D_k``); float labels ``[B, K]`` (e.g. one-hot) replace the
-  prior weights by ``w_k * labels_k`` (zeros exclude a component). No closed-form ODE
-  solution exists; `reference_solution` integrates the ODE to high accuracy.
-
-Both are ``torch.nn.Module`` s called as ``D(x, sigma, **cond)`` with ``x [B, *shape]`` and
-``sigma [B]`` (a float or 0-d tensor is broadcast); they compute in x's dtype and move with
-``.to(device, dtype)``. `reference_solution` (on both) solves the ODE in float64 with
-scipy's DOP853 in the variable ``u = log sigma`` (``dx/du = x - D``), which is smooth and
-non-stiff over the whole range ``[sigma_min, sigma_max]``.
-"""
+`GaussianModel` (``N(mu, diag(s^2))``: ``D = mu + s^2 / (s^2 + sigma^2) (x - mu)``, and its
+ODE has a closed-form solution, `exact_solution`) and `GaussianMixtureModel` (posterior-
+weighted component denoisers; ``class_labels`` select or reweight components). Both
+compute in x's dtype; `reference_solution` solves the ODE in float64 with scipy's DOP853 in
+``u = log sigma`` (``dx/du = x - D``)."""
 from __future__ import annotations
 
 import math

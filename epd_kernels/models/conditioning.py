@@ -1,23 +1,9 @@
 """Conditioning helpers shared by the model wrappers: row matching and a missing-label check.
 
-`match_rows(value, rows)` gives a conditioning tensor the batch of a denoiser call. The
-solvers call the denoiser on ``B`` rows (one per sample), and EPD's branch call on ``K*B``
-rows, branch-major: rows ``k*B .. k*B+B-1`` are branch k, and every per-sample tensor is
-tiled K times in that order (`epd_kernels.branches.repeat_cond`). A wrapper that holds its
-own conditioning (`CFGDenoiser`'s ``uncond``) must tile it the same way, so:
-
-* a tensor of leading dimension ``rows`` is used as it is;
-* a tensor of leading dimension 1 is broadcast to every row (one empty prompt, one null
-  class for the whole batch);
-* a tensor of leading dimension ``b`` with ``rows = m * b`` is tiled m times, block after
-  block (``cat([v] * m)``), exactly as `repeat_cond` tiles the per-sample tensors.
-
-`warn_missing_labels(denoiser, cond, where)` warns once when a class-conditional model (one
-with a ``num_classes`` attribute) is called without its labels: such a model then runs on
-whatever its default is (often an unconditional or a "class 0" embedding), which gives
-plausible-looking but wrong samples and, in distillation, parameters fitted to the wrong
-trajectories.
-"""
+A denoiser call has B rows, or K*B in EPD's branch call, where per-sample tensors are tiled
+K times branch after branch (`epd_kernels.branches.repeat_cond`); `match_rows` gives a
+wrapper's own conditioning the same rows. `warn_missing_labels` warns once when a
+class-conditional model is called without its labels (it would sample from its default)."""
 from __future__ import annotations
 
 import warnings

@@ -1,22 +1,10 @@
 """The 8x8 handwritten digits and their exact (optimal) denoiser.
 
-Data: the 1797 8x8 digits that scikit-learn ships (UCI Optical Recognition of Handwritten
-Digits, CC BY 4.0; see ``models/data/README.md``), stored in ``models/data/digits.npz`` so
-no scikit-learn is needed at run time. Pixels 0..16 are scaled to ``[-1, 1]`` as
-``x / 8 - 1``.
-
-`DigitsExactDenoiser` (``load_model("digits-exact")``) is the exact denoiser of the
-*empirical* distribution ``p = (1/N) sum_i delta(y_i)``: with ``x = y + sigma n``,
-
-    D(x, sigma) = E[y | x] = sum_i w_i y_i,   w = softmax_i(-|x - y_i|^2 / (2 sigma^2))
-
-evaluated with the log-sum-exp shift (stable for any sigma) in batches. Its probability-
-flow ODE has no closed form but is smooth and can be solved to high accuracy;
-`DigitsExactDenoiser.reference_solution` does so in float64 and is what "error to the
-reference" means in the demos. Being exact for the *training set*, its ODE memorises: every
-trajectory ends on (within sigma_min of) one of the 1797 images. That is expected; the
-trained U-Net (``"digits-unet"``) is the model that generalises.
-"""
+The 1797 digits scikit-learn ships (CC BY 4.0, see ``models/data/README.md``), stored in
+``models/data/digits.npz`` and scaled to ``[-1, 1]`` as ``x / 8 - 1``. `DigitsExactDenoiser`
+(``load_model("digits-exact")``) is the exact denoiser of the empirical distribution,
+``D = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``; its ODE memorises (every trajectory
+ends on a training image), and `reference_solution` solves it in float64."""
 from __future__ import annotations
 
 import math

@@ -1,41 +1,11 @@
 r"""Flow-matching (rectified-flow) models as EDM denoisers: `FlowMatchDenoiser(model)`.
 
-Convention (Stable Diffusion 3, Flux): data ``x0``, noise ``n ~ N(0, I)``, time ``t`` in
-[0, 1] with ``t = 0`` the data and ``t = 1`` pure noise,
-
-    x_t = (1 - t) x0 + t n,
-
-and a velocity model ``v(x_t, t) = model(x_t, t [B], **cond)`` trained to predict
-``dx_t / dt = n - x0``. Sampling integrates ``dx_t/dt = v`` from t = 1 to t = 0.
-
-Conversion to EDM's ``x = x0 + sigma n`` (every solver here works in that form). Divide
-``x_t`` by ``1 - t``:
-
-    x_t / (1 - t) = x0 + (t / (1 - t)) n,
-
-which is EDM's state with
-
-    sigma = t / (1 - t),        x = x_t / (1 - t).
-
-Inverting, ``t = sigma / (1 + sigma)``, ``1 - t = 1 / (1 + sigma)``, so the model's input is
-``x_t = x / (1 + sigma)``. The denoised estimate follows from the velocity: with
-``v = n - x0``, ``x_t = (1 - t) x0 + t (v + x0) = x0 + t v``, hence
-
-    D(x, sigma) = x0_hat = x_t - t v(x_t, t),     t = sigma / (1 + sigma).
-
-This is exact, not an approximation: the two ODEs are the same curve. Along a solution,
-``x = x_t / (1 - t)`` and ``dsigma/dt = 1 / (1 - t)^2``, so ``dx/dsigma = (1 - t) dx_t/dt +
-x_t``, while EDM's right side is ``(x - D) / sigma = (x_t - (1 - t) x0_hat) / t``. Equating
-the two gives ``dx_t/dt = (x_t - x0_hat) / t = v``: the flow ODE. So a solver on the sigma
-grid integrates the flow, and the flow's sample at t = 0 is EDM's at sigma = 0.
-
-Range: ``sigma_max = 80`` is ``t = 80/81 ~ 0.988`` and ``sigma_min = 0.002`` is
-``t ~ 0.002``; t = 1 (sigma = inf) itself is never evaluated. EDM's start ``x = 80 n`` is
-``x_t = (80/81) n``, the noise end of the flow up to the data's share ``(1/81) x0``.
-
-``t_scale`` multiplies the time handed to the model, for models that take it in another
-unit (diffusers' SD3 / Flux transformers take ``1000 t`` as ``timestep``).
-"""
+Convention (SD3, Flux): ``x_t = (1 - t) x0 + t n`` with t in [0, 1] and a velocity model
+``v(x_t, t) = model(x_t, t [B], **cond)`` predicting ``n - x0``. Dividing by ``1 - t`` gives
+EDM's state: ``sigma = t / (1 - t)``, ``x = x_t / (1 - t)``, and ``D(x, sigma) = x_t - t v``.
+The two ODEs are the same curve, so a solver on the sigma grid integrates the flow exactly
+(docs/design.md, "EDM convention"). ``t_scale`` multiplies the time handed to the model
+(diffusers' SD3 / Flux transformers take ``1000 t``)."""
 from __future__ import annotations
 
 from typing import Callable, Optional

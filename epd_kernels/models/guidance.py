@@ -1,36 +1,10 @@
 """Classifier-free guidance as a denoiser: `CFGDenoiser(denoiser, guidance_scale, uncond)`.
 
-Guidance (Ho & Salimans 2022) mixes a conditional and an unconditional prediction of the
-same network. In the denoiser (x0) form used by every solver here:
-
-    D_cfg(x, sigma) = D_u + s (D_c - D_u),   D_c = D(x, sigma, **cond),  D_u = D(x, sigma, **uncond)
-
-(for ``D = x - sigma eps`` this is the usual ``eps_u + s (eps_c - eps_u)``, since the
-``x`` terms cancel). ``s = 1`` is the conditional model, ``s = 0`` the unconditional one.
-
-One call per evaluation: the conditional and unconditional rows are stacked into one batch
-of ``2N`` rows (``x`` and ``sigma`` twice, the conditioning of ``uncond``'s keywords as
-``[cond; uncond]``, any other per-row conditioning twice), so a solver's latency NFE is
-unchanged and EPD's branch call of ``K*B`` rows becomes one call of ``2*K*B`` rows.
-
-Rows. The solvers call the wrapper with ``N = B`` rows (one per sample) and EPD's branch
-call with ``N = K*B`` rows, in which every per-sample conditioning tensor is tiled K times,
-branch after branch (`epd_kernels.branches.repeat_cond`). ``uncond`` tensors and a
-per-sample scale are given the call's rows by `conditioning.match_rows`: one row is
-broadcast to all (the empty prompt, the null class), ``B`` rows are used as they are in a
-``B``-row call and tiled K times in the ``K*B`` call, like the conditioning.
-
-Per-row values that must follow a distillation's noise pool (or any batch other than the
-one the wrapper was built for) can instead travel with the conditioning: a keyword
-``uncond_<name>=`` given at call time (to `sample`, `distill`, a solver) is the
-unconditional value of ``<name>`` and wins over ``uncond[name]``; ``guidance_scale=`` at
-call time (a float or a per-row ``[B]`` tensor) wins over the wrapper's scale. Both are
-repeated for EPD's branches like any conditioning, since they are ordinary keywords there.
-
-Distillation works through the wrapper unchanged: the teacher and the student both call
-it, so the teacher uses the same guidance as the student, and gradients flow through the
-stacked call.
-"""
+``D_cfg = D_u + s (D_c - D_u)`` with the conditional and unconditional rows stacked into one
+call of 2N rows, so the latency NFE is unchanged (EPD's K*B-row branch call becomes 2*K*B).
+``uncond`` tensors and a per-row scale get the call's rows by `conditioning.match_rows`.
+Values that must follow a distillation's pool travel as call-time keywords: ``uncond_<name>=``
+overrides ``uncond[name]`` and ``guidance_scale=`` overrides the wrapper's scale."""
 from __future__ import annotations
 
 import math

@@ -1,19 +1,9 @@
 """`load_model(spec)`: an embedded denoiser by name, or any model from ``"module:factory"``.
 
-    load_model("digits-unet")       # the default: trained class-conditional U-Net, [1, 8, 8]
-    load_model("digits-exact")      # exact denoiser of the 1797 digits (memorising), [1, 8, 8]
-    load_model("gaussian")          # GaussianModel in 64 dims (closed-form ODE solution)
-    load_model("gmm")               # 8-component GaussianMixtureModel in 64 dims
-    load_model("my_pkg.models:build_denoiser")   # calls build_denoiser(**kwargs)
-
-Every model is a callable ``D(x [B, *shape], sigma [B], **cond) -> x0_hat`` with a
-``.shape`` attribute (per-sample shape), ``.sigma_min`` / ``.sigma_max`` (the sampling
-range it is meant for; 0.002 and 80 here) and, for conditional models, ``.num_classes``.
-Embedded models are ``nn.Module`` s in eval mode; ``device`` moves them. For
-``"module:factory"`` the factory is called with ``**kwargs`` and its result returned
-(moved to ``device`` if it is an ``nn.Module``); the attribute path after ":" may be
-dotted (``"pkg.mod:Class.create"``).
-"""
+Names: "digits-unet" (the default), "digits-exact", "gaussian", "gmm" (64 dims). Every model
+has ``.shape``, ``.sigma_min`` / ``.sigma_max`` and, if conditional, ``.num_classes``. For
+``"pkg.mod:factory"`` (the path after ":" may be dotted) the factory is called with
+``**kwargs``; an ``nn.Module`` is put in eval mode and moved to ``device``."""
 from __future__ import annotations
 
 import importlib

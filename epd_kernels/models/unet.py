@@ -1,48 +1,14 @@
-"""A small class-conditional U-Net denoiser for the 8x8 digits, with EDM preconditioning.
+"""The embedded default model ``"digits-unet"``: a small trained class-conditional U-Net for
+the 8x8 digits with EDM preconditioning (Karras et al. 2022, Table 1; sigma_data = 0.5).
 
-This is the embedded default model ``"digits-unet"``: a real (trained) network, so solvers
-are compared on the kind of denoiser they will meet in practice, but small enough to ship
-in the wheel and to run on a CPU.
-
-    from epd_kernels.models import load_model
     D = load_model("digits-unet")                  # eval mode, float32, CPU
-    x0 = D(x, sigma)                               # x [B, 1, 8, 8], sigma [B]
-    x0 = D(x, sigma, class_labels=labels)          # labels int [B] in 0..9 or one-hot [B, 10]
+    x0 = D(x, sigma, class_labels=labels)          # x [B, 1, 8, 8]; labels int [B] or [B, 10]
 
-Preconditioning (Karras et al. 2022, EDM, Table 1), ``sigma_data = 0.5``::
-
-    D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, labels)
-    c_skip = sd^2 / (sigma^2 + sd^2),   c_out = sigma sd / sqrt(sigma^2 + sd^2),
-    c_in   = 1 / sqrt(sigma^2 + sd^2),  c_noise = log(sigma) / 4
-
-Network F (660,849 parameters): sinusoidal embedding of ``c_noise`` (16 geometric
-frequencies from 1/4 to 32, cos and sin) -> 2-layer MLP, plus a linear embedding of the
-one-hot class label (all-zero for "no label", which the model was trained on with
-probability 0.1, so it is also an unconditional model); an encoder-decoder over the
-resolutions 8x8 -> 4x4 -> 2x2 (16, 32, 64 channels) of GroupNorm + SiLU residual blocks
-(the embedding enters each block as a per-channel scale and shift), single-head
-self-attention at 2x2, average-pool down, nearest up, skip connections by concatenation.
-Hyperparameters are in `UNetConfig`.
-
-The shipped weights (``models/weights/digits_unet.safetensors``, the EMA weights) carry
-their config, training command, iteration count, wall time and final loss in the
-safetensors metadata (`weights_metadata()`); ``python/train_digits_unet.py`` reproduces
-them. The shipped file was trained on 2 CPU cores shared with other jobs, one thread:
-
-    python python/train_digits_unet.py --iters 4000 --minutes 10 --threads 1 \\
-        --out epd_kernels/models/weights/digits_unet.safetensors
-
-It stopped at the 10-minute budget after 2128 iterations of batch 128 (600 s; the
-learning-rate schedule follows the time fraction, so it completed its cosine decay),
-final EDM training loss 0.392 (mean of the last 10% of iterations), EMA weights' loss on
-all digits 0.391; stored in float16 (1.3 MB). Quality, from 1000 Heun samples (NFE 39,
-20 steps, same noise), pixel-space Frechet distance to the 1797 digits: class-conditional
-0.158, unconditional 0.353; the exact (memorising) denoiser 0.110; a random 1000-image
-subset of the data itself 0.052 (the finite-sample floor). Median distance of a U-Net
-sample to its nearest training image 2.64 (between training images: 2.02; exact-denoiser
-samples: 0.016), so the network does not just copy the training set. At sigma = 0.5 its
-denoising MSE is far below the trivial estimators' (tests/test_models.py).
-"""
+An all-zero label means "no label" (trained with probability 0.1), so the same network is
+also unconditional. Architecture: `UNetConfig`. The shipped EMA weights
+(``models/weights/digits_unet.safetensors``) carry their config and training record
+(`weights_metadata()`); ``python/train_digits_unet.py`` reproduces them and reports their
+quality (Frechet distances in its docstring)."""
 from __future__ import annotations
 
 import dataclasses

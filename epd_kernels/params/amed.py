@@ -1,30 +1,8 @@
-"""AMED-Solver / AMED-Plugin parameters (arXiv 2312.00094), in one of two forms.
-
-Both forms give, at step n (from ``t = t_n`` to ``t' = t_{n+1}``), the values the sampler
-(`epd_kernels.solvers.amed`) needs, in the parametrisation EPD uses:
-
-    r      in [0, 1]   intermediate time  t_mid = t'^r t^(1 - r)
-    delta  > -1        the intermediate evaluation is at sigma (1 + delta) t_mid
-                       (the paper's scale_time = 1 + delta)
-    o      > -1        the update is scaled by 1 + o (the paper's scale_dir = 1 + o)
-
-* TABLE form: ``r, delta, o [S]``, one value per step for every sample ("EPD with K = 1").
-* PREDICTOR form (the paper's): an `AMEDPredictor` network maps per-sample features read
-  at the main point (``features``: "denoised", "module:<name>" or a callable; see
-  `epd_kernels.params.amed_predictor`) and the two sigmas to ``[B]`` values of r, delta, o.
-
-`AMEDParams.init` gives the neutral start of either form, r = 1/2, delta = o = 0: AMED-Solver
-is then DPM-Solver-2 and AMED-Plugin is iPNDM on the grid refined by the geometric
-midpoints. The other fields are those of every params family (`epd_kernels.params.base`),
-with latency NFE ``2 S - afs`` (also the total number of evaluations), and ``plugin``
-(AMED-Plugin on iPNDM, whose order is ``max_order``).
-
-File (`save` / `load`, format in `epd_kernels.params.file`): the tensors ``sigmas`` and
-either ``r``, ``delta``, ``o`` (table) or the predictor's state dict under
-``predictor.<name>``; besides the common metadata ``kind`` ("amed"), ``form``, ``plugin``,
-``features`` (the feature source, None for a table) and ``predictor`` (the network's
-config, None for a table).
-"""
+"""AMED-Solver / AMED-Plugin parameters (docs/design.md, "AMED"), in one of two forms:
+a TABLE ``r, delta, o [S]`` (one value per step), or the paper's PREDICTOR, an
+`AMEDPredictor` mapping per-sample features and the step's sigmas to ``[B]`` values.
+`AMEDParams.init` gives the neutral start r = 1/2, delta = o = 0 (DPM-Solver-2, or iPNDM on
+the grid refined by geometric midpoints)."""
 from __future__ import annotations
 
 import copy

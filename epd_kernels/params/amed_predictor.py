@@ -1,42 +1,14 @@
-r"""The AMED predictor network and the features it reads (Zhou et al. 2024, arXiv 2312.00094).
+r"""The AMED predictor network and the features it reads (arXiv 2312.00094).
 
-At every step the AMED sampler asks a small network, per sample, where to put the
-intermediate time and how to scale the step:
+``AMEDPredictor(features [B, F], t, t') -> (r, delta, o)``: a sinusoidal embedding of
+``log sigma`` for t and t', a two-layer feature encoder, and three heads bounded by
+sigmoids (``|delta| < delta_max``, ``|o| < o_max``; the paper's 0.2 and 0.01). The heads
+start at zero, so an untrained predictor gives r = 1/2, delta = o = 0.
 
-    (r, delta, o) = AMEDPredictor(features [B, F], t, t')
-
-    time:      e(s)  = SiLU(Linear(sinusoid(log s)))   (``time_channels`` = 8, shared by t, t')
-    features:  f     = Linear(hidden, bottleneck)(SiLU(Linear(F, hidden)(features)))
-                                                        (hidden 128, bottleneck 4)
-    heads on   z     = [f, e(t), e(t')]:
-               r     = sigmoid(w_r . z)                               in (0, 1)
-               delta = delta_max (2 sigmoid(w_d . z) - 1)             |delta| < delta_max
-               o     = o_max (2 sigmoid(w_o . z) - 1)                 |o| < o_max
-
-With the paper's bounds ``delta_max = 0.2``, ``o_max = 0.01`` these are exactly the authors'
-``scale_time = 1 + delta = 0.8 + sigmoid/2.5`` and ``scale_dir = 1 + o = 0.99 + sigmoid/50``.
-The three heads start at zero, so an untrained predictor gives r = 1/2, delta = o = 0
-(DPM-Solver-2, or iPNDM on the refined grid for the plugin). We embed ``log sigma``
-rather than the authors' raw sigma: one step of the grid is the same distance in log
-sigma at every noise level, and the embedding only has to tell the steps apart.
-
-Features (what ``features=`` selects; always detached: no gradient into the denoiser):
-
-* ``"denoised"`` (default, any denoiser): the main-point x0 estimate ``D(x_n, t_n)``.
-* ``"module:<dotted.name>"``: the output of that submodule of an ``nn.Module`` denoiser,
-  taken by a forward hook during the main-point call; the paper reads the U-Net
-  bottleneck. In the package's digits U-Net (`epd_kernels.models.unet`, the
-  `EDMPrecond` returned by ``load_digits_unet``) the bottleneck is ``"module:net.mid2"``:
-  the residual block after the middle attention level, 64 channels at 2x2 (4 pooled
-  values); ``"module:net.enc.1.0"`` is the 4x4 encoder level (16 values).
-* a callable ``(x, sigma, denoised) -> [B, F]`` (sigma a float); not saveable unless a
-  name is given (`AMEDParams.save(..., feature_name=...)`).
-
-Tensors are pooled to at most 64 values per sample (`pool_features`): a 4-d ``[B, C, H, W]``
-map is averaged over the channels and adaptive-average-pooled to at most 8x8 (the
-paper's 64 values for an 8x8 bottleneck); anything else is flattened and pooled to at
-most 64 values. On the AFS step no evaluation happens and the features are zeros.
-"""
+Features (``features=``, always detached): ``"denoised"`` (the main-point x0 estimate),
+``"module:<dotted.name>"`` (a forward hook on that submodule; the digits U-Net's bottleneck
+is ``"module:net.mid2"``), or a callable ``(x, sigma, denoised) -> [B, F]``. Tensors are
+pooled to at most 64 values per sample (`pool_features`); the AFS step reads zeros."""
 from __future__ import annotations
 
 import math

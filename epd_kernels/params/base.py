@@ -1,21 +1,8 @@
-"""What the three params families (EPD, AMED, D-ODE) share, written once.
-
-Each family is a dataclass deriving from `ParamsBase`, with its own tensors (named in
-``_VALUES``) and the fields every family has:
-
-    sigmas     [S+1] float64   the time grid, strictly decreasing, all > 0
-    nfe        latency NFE (sequential denoiser calls): evals_per_step * S - afs
-    afs        analytic first step
-    max_order  iPNDM order cap (the iPNDM-based variants)
-    schedule   the name or description of the grid
-    meta       free-form, JSON-serialisable (teacher, training settings, ...)
-
-Here: conversion of the fields, the structural and value checks common to all, the
-compatibility check against a requested solver / NFE / grid, copies, and `save` / `load`
-in the params file format (`file.py`). A family supplies the shapes of its tensors
-(``_shapes``), its own value checks (``_check_values``), its file fields
-(``_file_fields``) and how it reads them back (``_from_file``).
-"""
+"""What the three params families (EPD, AMED, D-ODE) share, written once: the common fields
+(``sigmas`` [S+1] float64, ``nfe``, ``afs``, ``max_order``, ``schedule``, ``meta``), their
+conversion and checks, the compatibility check against a requested solver / NFE / grid,
+copies, and `save` / `load` in the params file format (`file.py`). A family declares its
+tensors (``_VALUES``, ``_shapes``), its value checks, file fields and how it reads them back."""
 from __future__ import annotations
 
 import dataclasses

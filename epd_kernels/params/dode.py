@@ -1,19 +1,6 @@
-"""D-ODE solver parameters: one scalar lambda per step on one time grid.
-
-A D-ODE solver (Kim, Tang, Yu, CVPR 2024; `epd_kernels.solvers.dode`) replaces its base
-solver's gradient estimate ``v_n`` by ``O_n = v_n + lambda_n (v_n - v_{n-1})``. For ``S``
-steps:
-
-    lambdas [S]    float64   lambda_n; lambdas[0] = 0 (step 0 has no previous estimate)
-
-plus ``base`` ("euler", "heun" or "ipndm"; the solver name is ``"d-" + base``) and the
-fields every params family has (`epd_kernels.params.base`), with the base solver's latency
-NFE (``S - afs`` for euler / ipndm, ``2 S - afs`` for heun) and ``afs`` defaulting to the
-base solver's default in `sample` (on for heun). ``max_order`` is used by d-ipndm only.
-
-File (`save` / `load`, format in `epd_kernels.params.file`): the float64 tensors
-``lambdas`` and ``sigmas``; besides the common metadata ``kind`` ("d-ode") and ``base``.
-"""
+"""D-ODE parameters (docs/design.md, "D-ODE"): one extrapolation weight ``lambdas[n]`` per
+step (``lambdas[0] = 0``) for the base solver ``base`` ("euler", "heun", "ipndm"; the
+solver is ``"d-" + base``), whose latency NFE and default ``afs`` they take."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,24 +1,7 @@
-"""EPD-Solver parameters: the per-step branch points, weights and perturbations.
-
-`EPDParams` holds the NATURAL (constrained) values the sampler uses, so that exact
-settings such as ``r = 0`` (a branch at the start point) or a one-hot weight vector are
-representable. For ``S`` steps and ``K`` parallel branches (docs/design.md, "EPD step"):
-
-    r       [S, K]  in [0, 1]   branch point  tau_k = t'^{r_k} * t^{1 - r_k}
-    weights [S, K]  simplex     lambda_k >= 0, sum_k lambda_k = 1
-    delta   [S, K]  > -1        the branch is evaluated at sigma (1 + delta_k) * tau_k
-    o       [S]     > -1        the update is scaled by (1 + o_n)
-
-plus the fields every params family has (`epd_kernels.params.base`), with latency NFE
-``2 S - afs``, and ``plugin`` (EPD-Plugin on iPNDM, whose order is ``max_order``).
-
-The tensors may require grad (distillation optimises unconstrained latents and maps them
-here); `validate` and `save` always look at detached values.
-
-File (`save` / `load`, format in `epd_kernels.params.file`): the tensors ``r``,
-``weights``, ``delta``, ``o``, ``sigmas``; besides the common metadata ``K`` and
-``plugin``, and no ``kind`` (the first layout had none).
-"""
+"""EPD-Solver / EPD-Plugin parameters (docs/design.md, "EPD step"), in natural values so that
+exact settings such as ``r = 0`` or one-hot weights are representable: ``r``, ``weights``,
+``delta`` [S, K] and ``o`` [S], plus the common fields and ``plugin``. The tensors may require
+grad (distillation maps its latents here); `validate` and `save` look at detached values."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,17 +1,10 @@
 """The params file format, shared by EPD, AMED and D-ODE params.
 
-A params file is one safetensors file: the tensors, plus in the header's string-to-string
-metadata one JSON-encoded value per field. Every family writes ``format_version`` (readers
-refuse newer layouts), ``solver``, ``S``, ``nfe``, ``afs``, ``max_order``, ``schedule``,
-``meta``, ``package_version`` and ``checksum`` (sha256 over the tensors' names, dtypes,
-shapes and bytes, so that a corrupted data section is detected); ``kind`` names the
-family ("amed", "d-ode"; absent in EPD files, the first layout). Files are written
-atomically (`epd_kernels.fileio.write_atomic`).
-
-Every load error is a one-line ValueError that starts with the file's path
-(`ParamsFile.fail`), except a missing file (FileNotFoundError) and a folder
-(IsADirectoryError).
-"""
+One safetensors file: the tensors, plus one JSON-encoded header value per field
+(``format_version``, ``solver``, ``S``, ``nfe``, ``afs``, ``max_order``, ``schedule``,
+``meta``, ``package_version``, ``checksum`` and the family's own; ``kind`` names the family,
+absent in EPD files, the first layout), written atomically. Every load error is a one-line
+ValueError starting with the file's path, except FileNotFoundError and IsADirectoryError."""
 from __future__ import annotations
 
 import contextlib

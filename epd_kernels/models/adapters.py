@@ -12,6 +12,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .conditioning import first_output, per_sample, sigma_rows
+
 __all__ = ["DiffusersDenoiser", "KDiffusionDenoiser", "EpsDenoiser", "VDenoiser",
            "require_diffusers"]
 
@@ -25,20 +27,6 @@ def require_diffusers():
                           "pip install diffusers   (or pip install 'epd_kernels[diffusers]')"
                           ) from e
     return diffusers
-
-
-def _sigma_vec(sigma, x: torch.Tensor, dtype=None) -> torch.Tensor:
-    s = torch.as_tensor(sigma, dtype=dtype or x.dtype, device=x.device)
-    if s.dim() == 0:
-        s = s.expand(x.shape[0])
-    if s.shape != (x.shape[0],):
-        raise ValueError(f"sigma must be a float, 0-d or [B]={x.shape[0]} tensor, got "
-                         f"{list(s.shape)}")
-    return s
-
-
-def _bview(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return s.reshape((-1,) + (1,) * (x.dim() - 1))
 
 
 class DiffusersDenoiser(nn.Module):
@@ -127,8 +115,8 @@ class DiffusersDenoiser(nn.Module):
         return torch.exp(ls[lo] + w * (ls[lo + 1] - ls[lo]))
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        s = _sigma_vec(sigma, x)
-        sv = _bview(s, x)
+        s = sigma_rows(sigma, x)
+        sv = per_sample(s, x)
         x_vp = x / torch.sqrt(1 + sv * sv)
         t = self.sigma_to_t(s)
         param = next(iter(self.unet.parameters()), None) if isinstance(self.unet, nn.Module) \
@@ -136,12 +124,7 @@ class DiffusersDenoiser(nn.Module):
         net_dtype = param.dtype if param is not None else x.dtype
         # Timesteps in float32 (what diffusers' embeddings compute in), float64 for float64 x.
         t = t.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        out = self.unet(x_vp.to(net_dtype), t, **cond)
-        if hasattr(out, "sample"):
-            out = out.sample
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
-        out = out.to(x.dtype)
+        out = first_output(self.unet(x_vp.to(net_dtype), t, **cond)).to(x.dtype)
         if out.shape[1] != x.shape[1]:  # learned variance: [eps, var] -> eps
             out = out[:, :x.shape[1]]
         if self.prediction_type == "epsilon":
@@ -174,7 +157,7 @@ class KDiffusionDenoiser(nn.Module):
             self.num_classes = model.num_classes
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        return self.inner(x, _sigma_vec(sigma, x), **cond)
+        return self.inner(x, sigma_rows(sigma, x), **cond)
 
 
 class EpsDenoiser(KDiffusionDenoiser):
@@ -192,8 +175,8 @@ class EpsDenoiser(KDiffusionDenoiser):
         self.input_scaling = input_scaling
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        s = _sigma_vec(sigma, x)
-        sv = _bview(s, x)
+        s = sigma_rows(sigma, x)
+        sv = per_sample(s, x)
         xin = x / torch.sqrt(1 + sv * sv) if self.input_scaling == "vp" else x
         return x - sv * self.inner(xin, s, **cond)
 
@@ -210,8 +193,8 @@ class VDenoiser(KDiffusionDenoiser):
         self.sigma_data = float(sigma_data)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        s = _sigma_vec(sigma, x)
-        sv = _bview(s, x)
+        s = sigma_rows(sigma, x)
+        sv = per_sample(s, x)
         sd2 = self.sigma_data ** 2
         r = torch.sqrt(sv * sv + sd2)
         v = self.inner(x / r, s, **cond)

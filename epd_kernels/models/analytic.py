@@ -13,20 +13,15 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .conditioning import check_shape, int_labels, per_sample, sigma_rows
+
 __all__ = ["AnalyticDenoiser", "GaussianModel", "GaussianMixtureModel"]
 
 Tensorish = Union[torch.Tensor, float, Sequence[float]]
 
 
 def _sigma_view(sigma, x: torch.Tensor) -> torch.Tensor:
-    """sigma as a [B, 1, ..., 1] tensor in x's dtype/device (accepts float, 0-d or [B])."""
-    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-    if s.dim() == 0:
-        s = s.expand(x.shape[0])
-    if s.dim() != 1 or s.shape[0] != x.shape[0]:
-        raise ValueError(f"sigma must be a float, a 0-d tensor or a [B]={x.shape[0]} tensor, got "
-                         f"shape {list(s.shape)}")
-    return s.reshape((-1,) + (1,) * (x.dim() - 1))
+    return per_sample(sigma_rows(sigma, x), x)
 
 
 class AnalyticDenoiser(nn.Module):
@@ -40,9 +35,7 @@ class AnalyticDenoiser(nn.Module):
         return math.prod(self.shape)
 
     def _check_x(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[1:]) != tuple(self.shape):
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.shape))}], got "
-                             f"{list(x.shape)}")
+        check_shape(x, self.shape)
 
     @torch.no_grad()
     def reference_solution(self, x_T: torch.Tensor, sigma_T: float, sigma_end: float,
@@ -186,13 +179,9 @@ class GaussianMixtureModel(AnalyticDenoiser):
         if class_labels is None:
             return logw
         lab = torch.as_tensor(class_labels, device=x.device)
-        if lab.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
-            if lab.shape != (B,):
-                raise ValueError(f"integer class_labels must be [B]={B}, got {list(lab.shape)}")
-            if (lab < 0).any() or (lab >= K).any():
-                raise ValueError(f"class_labels must be in 0..{K - 1}")
+        if not lab.is_floating_point():
             mask = torch.full((B, K), -math.inf, dtype=x.dtype, device=x.device)
-            mask.scatter_(1, lab.long()[:, None], 0.0)
+            mask.scatter_(1, int_labels(lab, B, K)[:, None], 0.0)
             return mask  # only the selected component; its weight cancels in the softmax
         if lab.shape != (B, K):
             raise ValueError(f"float class_labels must be [B, K]=[{B}, {K}], got {list(lab.shape)}")

@@ -12,11 +12,52 @@ from typing import Callable
 
 import torch
 
-__all__ = ["match_rows", "warn_missing_labels", "MissingLabelsWarning", "LABEL_KEYWORD"]
+__all__ = ["match_rows", "warn_missing_labels", "MissingLabelsWarning"]
 
 #: The keyword under which class-conditional denoisers take their labels (diffusers'
 #: ``UNet2DModel``, the package's own models).
 LABEL_KEYWORD = "class_labels"
+
+
+def sigma_rows(sigma, x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """sigma (a float, 0-d or [B] tensor) as a [B] tensor in x's device and ``dtype``."""
+    s = torch.as_tensor(sigma, dtype=dtype or x.dtype, device=x.device)
+    if s.dim() == 0:
+        s = s.expand(x.shape[0])
+    if s.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a float, 0-d or [B]={x.shape[0]} tensor, got "
+                         f"{list(s.shape)}")
+    return s
+
+
+def per_sample(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A [B] tensor viewed as [B, 1, ..., 1] to broadcast against x."""
+    return s.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def check_shape(x: torch.Tensor, shape, name: str = "x") -> None:
+    """ValueError unless x is [B, *shape]."""
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(f"{name} must have shape [B, {', '.join(map(str, shape))}], got "
+                         f"{list(x.shape)}")
+
+
+def int_labels(labels: torch.Tensor, B: int, num_classes: int) -> torch.Tensor:
+    """Integer class labels (0-d broadcast) as a checked int64 [B] tensor."""
+    if labels.dim() == 0:
+        labels = labels.expand(B)
+    if labels.shape != (B,):
+        raise ValueError(f"integer class_labels must be [B]={B}, got {list(labels.shape)}")
+    if (labels < 0).any() or (labels >= num_classes).any():
+        raise ValueError(f"class_labels must be in 0..{num_classes - 1}")
+    return labels.long()
+
+
+def first_output(out) -> torch.Tensor:
+    """The tensor of a network's output: itself, its ``.sample``, or its first item."""
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def match_rows(value: torch.Tensor, rows: int, name: str = "conditioning") -> torch.Tensor:

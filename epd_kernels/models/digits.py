@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .conditioning import check_shape, int_labels, sigma_rows
+
 __all__ = ["DATA_FILE", "load_digits_data", "DigitsExactDenoiser"]
 
 DATA_FILE = Path(__file__).parent / "data" / "digits.npz"
@@ -100,15 +102,10 @@ class DigitsExactDenoiser(nn.Module):
         lab = torch.as_tensor(class_labels, device=device)
         if lab.is_floating_point():
             return None
-        if lab.dim() == 0:
-            lab = lab.expand(B)
-        if lab.shape != (B,):
-            raise ValueError(f"integer class_labels must be [B]={B}, got {list(lab.shape)}")
-        if (lab < 0).any() or (lab >= NUM_CLASSES).any():
-            raise ValueError(f"class_labels must be in 0..{NUM_CLASSES - 1}")
+        lab = int_labels(lab, B, NUM_CLASSES)
         if any(len(self._class_images[c]) == 0 for c in torch.unique(lab).tolist()):
             raise ValueError("a requested class has no image in this data set")
-        return lab.long()
+        return lab
 
     def _log_weights(self, class_labels, B: int, device, dtype) -> torch.Tensor:
         """``[B, N]`` log prior weight of every image for float class weights ``[B, 10]``."""
@@ -133,16 +130,10 @@ class DigitsExactDenoiser(nn.Module):
         return torch.cat(out)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **unused) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.shape))}], got "
-                             f"{list(x.shape)}")
+        check_shape(x, self.shape)
         B = x.shape[0]
         dt, dev = x.dtype, x.device
-        s = torch.as_tensor(sigma, dtype=dt, device=dev)
-        if s.dim() == 0:
-            s = s.expand(B)
-        if s.shape != (B,):
-            raise ValueError(f"sigma must be a float, 0-d or [B]={B} tensor, got {list(s.shape)}")
+        s = sigma_rows(sigma, x)
         Y = self.data.to(device=dev, dtype=dt)
         y2 = self.sqnorm.to(device=dev, dtype=dt)
         mu = self.mean.to(device=dev, dtype=dt)
@@ -184,8 +175,7 @@ class DigitsExactDenoiser(nn.Module):
         ``return_info`` also ``{"steps", "evals", "error_estimate"}`` (the last difference,
         divided by 15: the Richardson estimate for a 4th-order method).
         """
-        if tuple(noise.shape[1:]) != self.shape:
-            raise ValueError(f"noise must have shape [B, {', '.join(map(str, self.shape))}]")
+        check_shape(noise, self.shape, "noise")
         model = self
         if self.data.dtype != torch.float64 or self.data.device.type != "cpu":
             import copy

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .adapters import _bview, _sigma_vec
+from .conditioning import first_output, per_sample, sigma_rows
 
 __all__ = ["FlowMatchDenoiser", "sigma_to_flow_t", "flow_t_to_sigma"]
 
@@ -56,12 +56,8 @@ class FlowMatchDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        s = _sigma_vec(sigma, x, dtype)
+        s = sigma_rows(sigma, x, dtype)
         t = s / (1 + s)
-        x_t = x / _bview(1 + s, x).to(x.dtype)
-        v = self.model(x_t, t * self.t_scale if self.t_scale != 1.0 else t, **cond)
-        if hasattr(v, "sample"):
-            v = v.sample
-        elif isinstance(v, (tuple, list)):
-            v = v[0]
-        return x_t - _bview(t, x).to(x.dtype) * v.to(x.dtype)
+        x_t = x / per_sample(1 + s, x).to(x.dtype)
+        v = first_output(self.model(x_t, t * self.t_scale if self.t_scale != 1.0 else t, **cond))
+        return x_t - per_sample(t, x).to(x.dtype) * v.to(x.dtype)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conditioning import check_shape, int_labels, per_sample, sigma_rows
+
 __all__ = ["UNetConfig", "DigitsUNet", "EDMPrecond", "load_digits_unet", "weights_path",
            "weights_metadata", "save_weights"]
 
@@ -214,30 +216,19 @@ class EDMPrecond(nn.Module):
         lab = torch.as_tensor(class_labels, device=device)
         K = self.num_classes
         if not lab.is_floating_point():
-            if lab.dim() == 0:
-                lab = lab.expand(B)
-            if lab.shape != (B,):
-                raise ValueError(f"integer class_labels must be [B]={B}, got {list(lab.shape)}")
-            if (lab < 0).any() or (lab >= K).any():
-                raise ValueError(f"class_labels must be in 0..{K - 1}")
-            return F.one_hot(lab.long(), K).to(dtype)
+            return F.one_hot(int_labels(lab, B, K), K).to(dtype)
         if lab.shape != (B, K):
             raise ValueError(f"float class_labels must be [B, {K}] (one-hot), got {list(lab.shape)}")
         return lab.to(dtype)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **unused) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.shape))}], got "
-                             f"{list(x.shape)}")
+        check_shape(x, self.shape)
         dtype = self.net.conv_in.weight.dtype
         B = x.shape[0]
-        s = torch.as_tensor(sigma, device=x.device, dtype=dtype)
-        if s.dim() == 0:
-            s = s.expand(B)
-        s = s.reshape(B)
+        s = sigma_rows(sigma, x, dtype)
         xs = x.to(dtype)
         sd = self.sigma_data
-        sv = s.reshape(B, 1, 1, 1)
+        sv = per_sample(s, x)
         c_skip = sd ** 2 / (sv ** 2 + sd ** 2)
         c_out = sv * sd / (sv ** 2 + sd ** 2).sqrt()
         c_in = 1.0 / (sv ** 2 + sd ** 2).sqrt()

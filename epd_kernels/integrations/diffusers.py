@@ -19,11 +19,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..models.adapters import DiffusersDenoiser
+from ..models.conditioning import first_output
 from ..models.guidance import SCALE_KEYWORD, UNCOND_PREFIX, CFGDenoiser
 
-__all__ = ["encode_prompts", "pipeline_denoiser", "latent_shape", "default_schedule",
-           "guided_denoiser", "decode_latents", "sample_pipeline", "distill_pipeline",
-           "COND_KEYWORD"]
+__all__ = ["sample_pipeline", "distill_pipeline", "encode_prompts", "decode_latents"]
 
 #: The unet's conditioning keyword (text embeddings).
 COND_KEYWORD = "encoder_hidden_states"
@@ -35,8 +34,6 @@ Prompts = Union[str, Sequence[str]]
 def _cfg(obj, key, default=None):
     """``obj.config[key]`` for a diffusers component (config dict or attribute)."""
     cfg = getattr(obj, "config", None)
-    if cfg is None:
-        return default
     if isinstance(cfg, dict):
         return cfg.get(key, default)
     return getattr(cfg, key, default)
@@ -137,9 +134,8 @@ def _negative(pipe, negative_prompt, n: int) -> Optional[torch.Tensor]:
 
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor, output_type: str = "pt"):
-    """Latents -> images: ``vae.decode(latents / scaling_factor (+ shift_factor))`` in
-    [-1, 1], returned in [0, 1] as ``[B, 3, H, W]`` ("pt"), ``[B, H, W, 3]`` numpy ("np") or a
-    list of PIL images ("pil"); "latent" returns the latents unchanged."""
+    """Latents -> images in [0, 1]: ``[B, 3, H, W]`` ("pt"), ``[B, H, W, 3]`` numpy ("np"),
+    PIL images ("pil"), or the latents unchanged ("latent")."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if output_type == "latent":
@@ -151,8 +147,7 @@ def decode_latents(pipe, latents: torch.Tensor, output_type: str = "pt"):
         z = z + float(shift)
     _, vdtype = _module_place(vae)
     out = vae.decode(z.to(vdtype))
-    img = out.sample if hasattr(out, "sample") else out[0]
-    img = (img.float() / 2 + 0.5).clamp(0, 1)
+    img = (first_output(out).float() / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
         return img
     arr = img.permute(0, 2, 3, 1).cpu().numpy()
@@ -176,26 +171,10 @@ def sample_pipeline(pipe, prompts: Prompts, *, solver: str = "ipndm", nfe: Optio
                     negative_prompt: Optional[Prompts] = None, height: Optional[int] = None,
                     width: Optional[int] = None, schedule=None, output_type: str = "pt",
                     return_stats: bool = False, progress: bool = False):
-    """Text-to-image with one of the package's solvers (module docstring for the steps).
-
-    Args:
-        pipe: a `StableDiffusionPipeline`-like object (tokenizer, text_encoder, unet,
-            scheduler, vae).
-        prompts: a string or a list of B strings.
-        solver, nfe, params: as for `epd_kernels.sample` (``nfe=None``: the params' own
-            budget with params, else 5). EPD / AMED / D-ODE params carry their grid.
-        guidance_scale: a float (guidance when > 1) or a per-prompt ``[B]`` tensor.
-        seeds: one per prompt (default ``0 .. B-1``); latents come from one generator each.
-        negative_prompt: the unconditional text, one string or one per prompt (default "").
-        height, width: image size (default ``unet.config.sample_size * f``).
-        schedule: for solvers without params: as in `sample` (default: polynomial on the
-            model's sigma range, `default_schedule`).
-        output_type: "pt" (``[B, 3, H, W]`` in [0, 1]), "np", "pil" or "latent".
-        return_stats: also return `SampleStats` (latency NFE, total evaluations, time).
-
-    Returns:
-        The images (and the stats with ``return_stats``).
-    """
+    """Images for ``prompts`` (one seed each, default ``0 .. B-1``) by one of the package's
+    solvers; ``solver``, ``nfe``, ``params``, ``schedule`` as for `epd_kernels.sample`.
+    Guidance is on when ``guidance_scale > 1`` or a per-prompt tensor is given."""
+    from ..noise import make_noise
     from ..sampling import sample
 
     prompts = _as_prompts(prompts)
@@ -217,18 +196,11 @@ def sample_pipeline(pipe, prompts: Prompts, *, solver: str = "ipndm", nfe: Optio
             nfe = 5
     elif schedule is not None:
         raise ValueError("schedule is not used with params: the params carry their grid")
-    noise = make_latents(seeds, shape, device, dtype)
+    noise = make_noise(seeds, shape, device=device, dtype=dtype)
     x0, stats = sample(D, noise, solver=solver, nfe=nfe, params=params, schedule=schedule,
                        return_stats=True, progress=progress, **cond)
     images = decode_latents(pipe, x0, output_type)
     return (images, stats) if return_stats else images
-
-
-def make_latents(seeds, shape, device, dtype) -> torch.Tensor:
-    """Standard normal latents, one generator per seed (`epd_kernels.make_noise`)."""
-    from ..noise import make_noise
-
-    return make_noise(seeds, shape, device=device, dtype=dtype)
 
 
 def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5,
@@ -236,23 +208,11 @@ def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5
                      iterations: int = 100, batch_size: int = 8, pool: Optional[int] = 256,
                      seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
                      schedule=None, progress: bool = True, **distill_settings):
-    """Distils EPD-Solver params for the guided pipeline over ``prompts``.
+    """`EPDParams` distilled for the guided pipeline over ``prompts``.
 
-    The distillation's conditioning rows cycle through the prompts: with a noise pool of P
-    entries, entry p is paired with prompt ``p mod len(prompts)`` (and negative prompt, if
-    one per prompt) for the teacher and in every batch that draws it; with ``pool=None``
-    (fresh noise) row j of each batch gets prompt ``j mod len(prompts)``. The teacher and
-    the student call the same guided denoiser. The grid defaults to `default_schedule` (the
-    model's sigma range), the one `sample_pipeline` uses for solvers without params.
-
-    Args mirror `sample_pipeline` and `epd_kernels.distill` (``num_points`` K,
-    ``iterations``, ``batch_size``, ``pool``, ``seed``, ``progress``); any other keyword
-    is handed to `distill` as one of its settings (``M``, ``lr``, ``teacher``, ...), never
-    as conditioning (the conditioning is built here).
-
-    Returns:
-        `EPDParams` for ``sample_pipeline(pipe, ..., solver="epd", params=...)``; their
-        ``meta["pipeline"]`` records the number of prompts and the guidance scale.
+    Pool entry p (or, with ``pool=None``, batch row p) gets prompt ``p mod len(prompts)``;
+    the teacher and the student call the same guided denoiser on `default_schedule`'s grid.
+    Other keywords are `distill` settings (``M``, ``lr``, ...), never conditioning.
     """
     from ..distill import distill
 

@@ -26,11 +26,7 @@ _CONFIG_KEYS = ("feature_dim", "hidden", "bottleneck", "time_channels", "delta_m
 
 @dataclass
 class AMEDParams(ParamsBase):
-    """AMED parameters on one time grid, table or predictor form (module docstring).
-
-    Build with `AMEDParams.init(sigmas, form=...)`, by ``distill(..., method="amed")``, or
-    with `AMEDParams.load(path)`. Give either ``r, delta, o`` or ``predictor``.
-    """
+    """AMED parameters on one grid: either ``r, delta, o`` or ``predictor``."""
 
     sigmas: torch.Tensor
     r: Optional[torch.Tensor] = None
@@ -65,15 +61,8 @@ class AMEDParams(ParamsBase):
              bottleneck: int = 4, time_channels: int = 8,
              delta_max: float = AMED_DELTA_MAX, o_max: float = AMED_O_MAX, seed: int = 0,
              dtype: torch.dtype = torch.float64, device=None) -> "AMEDParams":
-        """The neutral start (r = 1/2, delta = o = 0) on ``sigmas`` ([S+1], decreasing).
-
-        ``form="table"``: r, delta, o of shape [S] (``dtype``, ``device``).
-        ``form="predictor"``: an `AMEDPredictor` whose heads are zero (so it outputs the
-        neutral values for any input) reading ``features``; its input size is
-        ``feature_dim``, or for ``features="denoised"`` the pooled size of a sample of
-        per-sample ``shape``. ``hidden``, ``bottleneck``, ``time_channels``,
-        ``delta_max``, ``o_max`` and ``seed`` (initial encoder weights) configure it.
-        """
+        """The neutral start (r = 1/2, delta = o = 0) as a table or an `AMEDPredictor` reading
+        ``features`` (input size ``feature_dim``, or from ``shape`` for "denoised")."""
         if form not in AMED_FORMS:
             raise ValueError(f"form must be one of {AMED_FORMS}, got {form!r}")
         sig = cls._grid(sigmas)
@@ -107,8 +96,7 @@ class AMEDParams(ParamsBase):
 
     def step_values(self, n: int, features: Optional[torch.Tensor] = None, t=None,
                     t_next=None):
-        """``(r, delta, o)`` of step n: 0-d tensors (table) or ``[B]`` tensors (predictor,
-        from ``features [B, F]`` and the sigmas t, t', default ``sigmas[n], sigmas[n+1]``)."""
+        """``(r, delta, o)`` of step n: 0-d (table) or ``[B]`` from ``features [B, F]``."""
         if not 0 <= int(n) < self.num_steps:
             raise ValueError(f"step n = {n} is outside 0..{self.num_steps - 1}")
         if self.predictor is None:
@@ -119,11 +107,8 @@ class AMEDParams(ParamsBase):
         t_next = float(self.sigmas[n + 1]) if t_next is None else t_next
         return self.predictor(features, t, t_next)
 
-    # ---------------------------------------------------------------- copies
-
     def with_features(self, features) -> "AMEDParams":
-        """A copy (sharing the predictor) that reads ``features`` (e.g. the callable a
-        file could only name)."""
+        """A copy (sharing the predictor) that reads ``features`` (e.g. a named callable)."""
         if self.predictor is None:
             raise ValueError("table-form AMED params read no features")
         return self.replace(features=check_feature_spec(features))
@@ -142,10 +127,8 @@ class AMEDParams(ParamsBase):
                             predictor=copy.deepcopy(self.predictor).to(device=device,
                                                                         dtype=dtype))
 
-    # ---------------------------------------------------------------- checks
-
     def _shapes(self, S):
-        """The table's tensors; none for the predictor form (whose own checks are here)."""
+        """The table's tensors; none for the predictor form (checked here)."""
         given = [n for n in self._VALUES if getattr(self, n) is not None]
         if self.predictor is not None:
             if given:
@@ -165,16 +148,13 @@ class AMEDParams(ParamsBase):
         return {n: ("[S]", (S,)) for n in self._VALUES}
 
     def _check_values(self, values):
-        """Table: r in [0, 1], delta > -1, o > -1. Predictor: finite weights (its outputs
-        are bounded by construction)."""
+        """Table: EPD's ranges. Predictor: finite weights (its outputs are bounded)."""
         if self.predictor is None:
             return self._check_step_values(values)
         for name, p in self.predictor.state_dict().items():
             if not torch.isfinite(p).all():
                 raise ValueError(f"AMEDParams.predictor weight {name!r} has non-finite values "
                                  f"(nan or inf)")
-
-    # ---------------------------------------------------------------- files
 
     def _tensors_for_file(self):
         out = super()._tensors_for_file()
@@ -184,8 +164,7 @@ class AMEDParams(ParamsBase):
         return out
 
     def save(self, path, feature_name: Optional[str] = None, *, overwrite: bool = False) -> None:
-        """`ParamsBase.save`. A predictor reading a callable needs ``feature_name`` (stored
-        as ``"callable:<name>"``; pass the callable again to `load`)."""
+        """`ParamsBase.save`; a predictor reading a callable needs ``feature_name``."""
         net = self.predictor
         self._save(path, overwrite, {
             "form": self.form, "plugin": self.plugin,
@@ -194,8 +173,7 @@ class AMEDParams(ParamsBase):
 
     @classmethod
     def load(cls, path, device=None, features: Optional[Callable] = None) -> "AMEDParams":
-        """`ParamsBase.load`; ``features``: the callable for a file saved with a named
-        callable feature source."""
+        """`ParamsBase.load`; ``features`` is the callable a file saved by name."""
         return cls._load(path, device, features=features)
 
     @classmethod

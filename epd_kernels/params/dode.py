@@ -32,20 +32,14 @@ def normalize_dode_base(name) -> str:
 
 
 def dode_latency_nfe(num_steps: int, base: str, afs: bool) -> int:
-    """Sequential denoiser calls of a D-ODE solver: the same as its base solver,
-    ``S - afs`` (euler, ipndm) or ``2 S - afs`` (heun)."""
+    """Sequential denoiser calls of a D-ODE solver: those of its base solver."""
     return DODE_BASES[normalize_dode_base(base)] * int(num_steps) - int(bool(afs))
 
 
 @dataclass
 class DODEParams(ParamsBase):
-    """Per-step lambdas of a D-ODE solver on one time grid (see module docstring).
-
-    Build one with `fit_dode` (closed-form least squares against a teacher), with
-    `DODEParams.zeros(sigmas, base)` (lambda = 0: exactly the base solver), or with
-    `DODEParams.load(path)`. ``lambdas`` and ``sigmas`` are kept as float64 CPU tensors
-    (the solver reads the lambdas as Python floats).
-    """
+    """Per-step lambdas of a D-ODE solver on one grid, float64 on the CPU (the solver reads
+    them as floats): `fit_dode`, `DODEParams.zeros` or `load` make them."""
 
     lambdas: torch.Tensor
     sigmas: torch.Tensor

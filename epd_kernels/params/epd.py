@@ -29,11 +29,7 @@ def epd_total_evaluations(num_steps: int, num_points: int, afs: bool) -> int:
 
 @dataclass
 class EPDParams(ParamsBase):
-    """Natural-valued EPD / EPD-Plugin parameters for one time grid (see module docstring).
-
-    Build one with `EPDParams.init(sigmas, num_points)` (a sensible untrained start), from
-    a distillation, or with `EPDParams.load(path)`.
-    """
+    """EPD / EPD-Plugin parameters on one grid: `init`, `distill` or `load` make them."""
 
     r: torch.Tensor
     weights: torch.Tensor
@@ -59,23 +55,13 @@ class EPDParams(ParamsBase):
              r_init: str = "gauss", dtype: torch.dtype = torch.float64,
              device: Union[str, torch.device, None] = None,
              meta: Optional[dict] = None) -> "EPDParams":
-        """A starting point on `sigmas` ([S+1], decreasing) with `num_points` branches.
+        """An untrained start on `sigmas` with `num_points` branches, ``delta = o = 0``.
 
-        ``delta = o = 0``. The branch times and weights (``r_init``):
-
-        * ``"gauss"`` (default): Gauss-Legendre quadrature in sigma. The EPD update
-          ``x' = x + h sum_k w_k g(tau_k)`` is a quadrature of ``int g dsigma`` over the
-          step, so the start puts ``tau_k = t + c_k (t' - t)`` at the Gauss-Legendre nodes
-          ``c_k`` of [0, 1] with their weights (K = 2: c = 0.211, 0.789, w = 1/2, 1/2), and
-          ``r_k = log(tau_k / t) / log(t' / t)`` per step. Measured (`distill` with
-          schedule="auto" on the benchmark's Gaussian, mixture and exact-digits models at
-          NFE 3-9): against the log-sigma start below, test RMSE lower in 11 of 12 cases
-          (the twelfth equal within seed noise), by up to 3x on the exact digits, where a
-          branch placed at ``t'^0.79 t^0.21`` in the last step (``t' = sigma_min``) lands
-          where the denoiser has already collapsed onto one image.
-        * ``"gauss-log"``: the same nodes as ``r`` directly (nodes in log sigma, equal
-          weights 1/K; K = 1 is the log-midpoint, the geometric mean of t and t').
-        * ``"linspace"``: ``r = (k + 1) / (K + 1)``, equal weights.
+        ``r_init``: ``"gauss"`` (default) puts the branches at the Gauss-Legendre nodes of
+        each step in sigma with their weights (the EPD update is a quadrature of the
+        gradient over the step; against "gauss-log" it distilled to a lower test RMSE in 11
+        of 12 benchmark cases); ``"gauss-log"`` the same nodes as ``r`` (in log sigma) with
+        equal weights; ``"linspace"`` ``r = (k + 1) / (K + 1)`` with equal weights.
         """
         if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
             raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}")
@@ -127,8 +113,7 @@ class EPDParams(ParamsBase):
                 "delta": ("[S, K]", (S, K)), "o": ("[S]", (S,))}
 
     def _check_values(self, values):
-        """r in [0, 1]; weights >= 0 summing to 1 per step (tolerance 1e-5, 1e-2 for half
-        dtypes); delta > -1 and o > -1."""
+        """EPD's ranges, and weights on the simplex (tolerance 1e-5, 1e-2 for half dtypes)."""
         self._check_step_values(values)
         w = values["weights"]
         tol = 1e-2 if self.weights.dtype in (torch.float16, torch.bfloat16) else 1e-5
@@ -144,8 +129,7 @@ class EPDParams(ParamsBase):
 
     def check_compatible(self, nfe: Optional[int] = None, num_points: Optional[int] = None,
                          sigmas=None, **kw) -> None:
-        """Raises ValueError unless these params fit the requested K (``num_points``) and
-        what `ParamsBase.check_compatible` checks."""
+        """`ParamsBase.check_compatible`, and K (``num_points``)."""
         if num_points is not None and int(num_points) != self.num_points:
             raise ValueError(f"EPD params have K = {self.num_points} parallel points but "
                              f"K = {num_points} was asked")

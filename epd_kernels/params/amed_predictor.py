@@ -26,12 +26,9 @@ _MAX_SIDE, _MAX_FLAT = 8, 64
 FeatureSpec = Union[str, Callable]
 
 
-# --------------------------------------------------------------------------------------
-# features
-
-
 def pool_features(t: torch.Tensor) -> torch.Tensor:
-    """``[B, ...] -> [B, F]`` with F <= 64 (see the module docstring)."""
+    """``[B, ...] -> [B, F]``, F <= 64: a 4-d map is averaged over channels and pooled to at
+    most 8x8; anything else is flattened and pooled to at most 64 values."""
     if t.dim() == 4:
         m = t.mean(dim=1)
         side = (min(m.shape[1], _MAX_SIDE), min(m.shape[2], _MAX_SIDE))
@@ -53,15 +50,13 @@ def pooled_dim(shape) -> int:
 
 
 def check_feature_spec(spec) -> FeatureSpec:
-    """``"denoised"``, ``"module:<name>"`` or a callable; ValueError otherwise."""
-    if callable(spec) and not isinstance(spec, str):
+    """``"denoised"``, ``"module:<name>"``, a callable, or ``"callable:<name>"`` (a named
+    callable from a file, supplied at load time); ValueError otherwise."""
+    if callable(spec) and not isinstance(spec, str) or spec == "denoised":
         return spec
-    if spec == "denoised":
+    if isinstance(spec, str) and spec.partition(":")[0] in ("module", "callable") \
+            and spec.partition(":")[2]:
         return spec
-    if isinstance(spec, str) and spec.startswith("module:") and len(spec) > len("module:"):
-        return spec
-    if isinstance(spec, str) and spec.startswith("callable:") and len(spec) > len("callable:"):
-        return spec  # a named callable from a file, to be supplied at load time
     raise ValueError(f"features must be 'denoised', 'module:<dotted.submodule.name>' or a "
                      f"callable (x, sigma, denoised) -> [B, F], got {spec!r}")
 
@@ -89,13 +84,10 @@ def _unwrap_module(denoiser) -> nn.Module:
 
 
 class FeatureExtractor:
-    """Reads the predictor's features at the main point of each step.
-
-    ``with FeatureExtractor(spec, denoiser, F) as fx:`` (registers a forward hook for a
-    ``module:`` spec, removed on exit); per step: ``fx.arm()`` right before the main-point
-    call, ``fx.collect(x, sigma, denoised) -> [B, F]`` right after it (detached), or
-    ``fx.zeros(x)`` on the AFS step.
-    """
+    """Reads the predictor's features at each step's main point: ``with FeatureExtractor(
+    spec, denoiser, F) as fx`` (a forward hook for "module:"), then per step ``fx.arm()``
+    before the main-point call and ``fx.collect(x, sigma, denoised)`` after it, or
+    ``fx.zeros(x)`` on the AFS step."""
 
     def __init__(self, spec: FeatureSpec, denoiser, feature_dim: Optional[int], dtype=None):
         self.spec = check_feature_spec(spec)
@@ -179,9 +171,7 @@ class FeatureExtractor:
 @torch.no_grad()
 def probe_feature_dim(spec: FeatureSpec, denoiser, x: torch.Tensor, sigma: float,
                       cond: Optional[dict] = None) -> int:
-    """F for a feature source, for states shaped like ``x``: from the shape for
-    "denoised"; by calling the callable on zeros; by one denoiser call (no grad) with the
-    hook for "module:" (``cond`` must fit x's batch)."""
+    """F of a feature source for states like ``x`` (one no-grad denoiser call for "module:")."""
     spec = check_feature_spec(spec)
     if spec == "denoised":
         return pooled_dim(x.shape[1:])
@@ -198,22 +188,9 @@ def _callable_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
-# --------------------------------------------------------------------------------------
-# the network
-
-
 class AMEDPredictor(nn.Module):
-    """``(features [B, F], t, t') -> (r, delta, o)``, each ``[B]`` (module docstring).
-
-    Args:
-        feature_dim: F, values per sample after pooling.
-        hidden, bottleneck: sizes of the feature encoder (paper: 128, 4).
-        time_channels: sinusoidal channels per sigma (paper: 8).
-        delta_max, o_max: bounds of |delta| and |o| (paper: 0.2, 0.01).
-        seed: the encoder's initial weights are drawn from ``torch.Generator`` seeded
-            with it (every process of a multi-process run starts alike).
-        dtype, device: of the weights (float64 by default: the net is tiny).
-    """
+    """``(features [B, F], t, t') -> (r, delta, o)``, each ``[B]``. The encoder's initial
+    weights come from a generator seeded with ``seed``, so every process starts alike."""
 
     def __init__(self, feature_dim: int, hidden: int = 128, bottleneck: int = 4,
                  time_channels: int = 8, delta_max: float = 0.2, o_max: float = 0.01,

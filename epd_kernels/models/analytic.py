@@ -41,12 +41,8 @@ class AnalyticDenoiser(nn.Module):
     def reference_solution(self, x_T: torch.Tensor, sigma_T: float, sigma_end: float,
                            rtol: float = 1e-12, atol: float = 1e-12, method: str = "DOP853",
                            **cond) -> torch.Tensor:
-        """x(sigma_end) from x(sigma_T) = x_T, by scipy ``solve_ivp`` in float64.
-
-        The ODE is written in ``u = log sigma``: ``dx/du = x - D(x, e^u)``. All samples are
-        integrated jointly (one adaptive step size for the batch, which only makes the
-        error control stricter). Returns a tensor shaped, typed and placed like x_T.
-        """
+        """x(sigma_end) from x(sigma_T) = x_T, by scipy ``solve_ivp`` in float64 in
+        ``u = log sigma``, the whole batch at once (one step size: stricter error control)."""
         from scipy.integrate import solve_ivp
 
         self._check_x(x_T)
@@ -75,12 +71,8 @@ class AnalyticDenoiser(nn.Module):
 
 
 class GaussianModel(AnalyticDenoiser):
-    """Per-dimension Gaussian data ``N(mean, std^2)``; exact denoiser and exact ODE solution.
-
-    Args:
-        mean, std: tensors (or numbers) broadcastable to `shape`; ``std > 0``.
-        shape: per-sample shape; default: the broadcast shape of mean and std.
-    """
+    """Per-dimension Gaussian data ``N(mean, std^2)`` (``shape`` default: mean's and std's
+    broadcast shape); exact denoiser and exact ODE solution."""
 
     def __init__(self, mean: Tensorish, std: Tensorish, shape: Optional[Sequence[int]] = None):
         super().__init__()
@@ -120,16 +112,9 @@ class GaussianModel(AnalyticDenoiser):
 
 
 class GaussianMixtureModel(AnalyticDenoiser):
-    """Mixture ``sum_k w_k N(means_k, diag(stds_k^2))`` with an exact denoiser.
-
-    Args:
-        means: ``[K, *shape]``.
-        stds: a number (shared), ``[K]`` (one isotropic std per component) or ``[K, *shape]``.
-        weights: ``[K]`` non-negative, normalised here; default uniform.
-
-    Conditioning: ``class_labels`` as int64 ``[B]`` (component index) or float ``[B, K]``
-    (multiplies the prior weights; one-hot selects a component).
-    """
+    """Mixture ``sum_k w_k N(means_k [K, *shape], diag(stds_k^2))`` with an exact denoiser;
+    ``stds`` a number, ``[K]`` or ``[K, *shape]``; ``weights`` default uniform. Integer
+    ``class_labels [B]`` select a component; float ``[B, K]`` reweight the prior."""
 
     def __init__(self, means: Tensorish, stds: Tensorish = 1.0,
                  weights: Optional[Tensorish] = None):

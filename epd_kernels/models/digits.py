@@ -26,10 +26,7 @@ NUM_CLASSES = 10
 
 def load_digits_data(device=None, dtype: torch.dtype = torch.float32
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(images [1797, 1, 8, 8] in [-1, 1], labels [1797] int64 in 0..9)``.
-
-    Images are the stored 0..16 values mapped by ``x / 8 - 1`` (so 0 -> -1, 16 -> 1).
-    """
+    """``(images [1797, 1, 8, 8] in [-1, 1], labels [1797] int64 in 0..9)``."""
     with np.load(DATA_FILE) as f:
         imgs = f["images"]
         labels = f["labels"]
@@ -39,19 +36,12 @@ def load_digits_data(device=None, dtype: torch.dtype = torch.float32
 
 
 class DigitsExactDenoiser(nn.Module):
-    """Exact denoiser of the empirical digits distribution (optionally class-conditional).
+    """Exact denoiser of ``images`` (default: the digits), in x's dtype.
 
-    Args:
-        images: ``[N, 1, 8, 8]`` data (default: all 1797 digits from `load_digits_data`).
-        labels: ``[N]`` int labels (default: the digits' labels; needed for conditioning).
-        batch_size: samples per chunk of the ``[chunk, N]`` distance matrix (memory bound).
-
-    Call: ``D(x [B, 1, 8, 8], sigma [B] | float, class_labels=None)``. ``class_labels``:
-    int ``[B]`` restricts sample b to the images of class ``class_labels[b]``; float
-    ``[B, 10]`` (e.g. one-hot) multiplies the prior weight of each image by the entry of
-    its class (zeros exclude a class). Computes in x's dtype (use float64 for reference
-    work); the data is centred first, which keeps the ``|x|^2 - 2 x.y + |y|^2`` expansion
-    accurate in float32 down to sigma_min.
+    Integer ``class_labels [B]`` restrict each sample to its class's images; float ``[B, 10]``
+    multiply each image's prior weight by its class's entry. ``batch_size`` rows at a time
+    bound the ``[chunk, N]`` distance matrix. The data is centred, which keeps the
+    ``|x|^2 - 2 x.y + |y|^2`` expansion accurate in float32 down to sigma_min.
     """
 
     sigma_min = 0.002
@@ -93,8 +83,7 @@ class DigitsExactDenoiser(nn.Module):
         return (self.data + self.mean).reshape((-1,) + self.shape)
 
     def _int_labels(self, class_labels, B: int, device) -> Optional[torch.Tensor]:
-        """Integer ``class_labels`` checked and expanded to ``[B]``; None for no labels or
-        float (weighted) labels."""
+        """Integer ``class_labels`` as a checked ``[B]``; None for none or float labels."""
         if class_labels is None:
             return None
         if self.labels is None:
@@ -115,8 +104,7 @@ class DigitsExactDenoiser(nn.Module):
         return torch.log(lab.to(dtype)[:, self.labels.to(device)])
 
     def _posterior_mean(self, xf, s, Y, y2, logp=None) -> torch.Tensor:
-        """``sum_i w_i Y_i`` for centred rows ``xf [B, F]`` against centred images ``Y``, in
-        chunks of ``batch_size`` rows (the ``[chunk, N]`` matrix bounds the memory)."""
+        """``sum_i w_i Y_i`` for centred rows ``xf`` against centred images ``Y``, by chunks."""
         out = []
         for a in range(0, xf.shape[0], self.batch_size):
             b = min(xf.shape[0], a + self.batch_size)
@@ -156,24 +144,18 @@ class DigitsExactDenoiser(nn.Module):
                 out = out.index_copy(0, r, self._posterior_mean(xf[r], s[r], Y[keep], y2[keep]))
         return (out + mu).reshape(x.shape)
 
-    # ----------------------------------------------------------------------------------
     @torch.no_grad()
     def reference_solution(self, noise: torch.Tensor, sigma_max: float = 80.0,
                            sigma_min: float = 0.002, tol: float = 1e-6,
                            min_steps: int = 64, max_steps: int = 8192,
                            return_info: bool = False, class_labels=None):
-        """High-accuracy solution of the probability-flow ODE from ``noise * sigma_max``.
+        """x at ``sigma_min`` of the ODE from ``noise * sigma_max``, to ``tol`` (max-abs).
 
-        Float64, classical RK4 on the equivalent ODE ``dz/dw = D(z / w, 1 / w)`` for
-        ``z = x / sigma``, ``w = 1 / sigma`` (exact rewrite of ``dx/dsigma = (x - D)/sigma``;
-        it is linear-free and non-stiff: D is nearly constant both at large sigma, where it
-        is about the data mean, and at small sigma, where the posterior has collapsed onto
-        one image), on a grid uniform in log sigma. The number of steps starts at
-        ``min_steps`` and doubles until two successive solutions agree to ``tol``
-        (max-abs over all pixels of all samples); a warning is raised if ``max_steps`` is
-        reached first. Returns x at ``sigma_min`` (like noise: same dtype/device), and with
-        ``return_info`` also ``{"steps", "evals", "error_estimate"}`` (the last difference,
-        divided by 15: the Richardson estimate for a 4th-order method).
+        Float64 RK4 on ``dz/dw = D(z / w, 1 / w)`` (``z = x / sigma``, ``w = 1 / sigma``: an
+        exact, non-stiff rewrite, since D is nearly constant at both ends), on a grid uniform
+        in log sigma whose steps double from ``min_steps`` until two solutions agree
+        (a warning at ``max_steps``). ``return_info`` adds ``{"steps", "evals",
+        "error_estimate"}`` (the last difference / 15, Richardson for 4th order).
         """
         check_shape(noise, self.shape, "noise")
         model = self

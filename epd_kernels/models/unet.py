@@ -23,8 +23,7 @@ from torch import nn
 
 from .conditioning import check_shape, int_labels, per_sample, sigma_rows
 
-__all__ = ["UNetConfig", "DigitsUNet", "EDMPrecond", "load_digits_unet", "weights_path",
-           "weights_metadata", "save_weights"]
+__all__ = ["UNetConfig", "EDMPrecond", "load_digits_unet", "weights_metadata"]
 
 WEIGHTS_FILE = Path(__file__).parent / "weights" / "digits_unet.safetensors"
 
@@ -54,10 +53,6 @@ class UNetConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------------------
-# blocks
 
 
 def _norm(c: int, groups: int) -> nn.GroupNorm:
@@ -192,12 +187,9 @@ class DigitsUNet(nn.Module):
 
 
 class EDMPrecond(nn.Module):
-    """``D(x, sigma, class_labels=None) = c_skip x + c_out F(c_in x, log(sigma)/4, onehot)``.
-
-    ``x [B, 1, 8, 8]``; ``sigma`` a float, 0-d or ``[B]`` tensor; ``class_labels`` None
-    (unconditional), int ``[B]`` in ``0..num_classes-1``, or float ``[B, num_classes]``
-    (one-hot, or any mixture). Computes in float32 (or the module's dtype) and returns x's dtype.
-    """
+    """``D(x, sigma, class_labels=None) = c_skip x + c_out F(c_in x, log(sigma)/4, onehot)``
+    (EDM, Table 1); labels int ``[B]`` or float ``[B, num_classes]``. Computes in the
+    module's dtype and returns x's."""
 
     sigma_min = 0.002
     sigma_max = 80.0
@@ -237,17 +229,8 @@ class EDMPrecond(nn.Module):
         return (c_skip * xs + c_out * Fx).to(x.dtype)
 
 
-# --------------------------------------------------------------------------------------
-# weights
-
-
-def weights_path() -> Path:
-    """Path of the shipped weights file."""
-    return WEIGHTS_FILE
-
-
 def weights_metadata(path=None) -> dict:
-    """The metadata stored with the weights: {"config": {...}, "training": {...}}."""
+    """The weights file's metadata: {"config": {...}, "training": {...}}."""
     from safetensors import safe_open
 
     with safe_open(str(path or WEIGHTS_FILE), framework="pt") as f:

@@ -30,18 +30,9 @@ def require_diffusers():
 
 
 class DiffusersDenoiser(nn.Module):
-    """EDM-style denoiser from a diffusers discrete-time (VP) unet.
-
-    Args:
-        unet: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (or any callable
-            ``unet(sample, timestep [B], **cond)`` returning a tensor, a tuple or an object
-            with ``.sample``).
-        alphas_cumprod: ``[T]`` cumulative products of ``1 - beta_t`` (``scheduler.alphas_cumprod``).
-        prediction_type: "epsilon", "v_prediction" or "sample" (``scheduler.config.prediction_type``).
-        quantize: round the timestep to the nearest integer instead of passing a fractional one.
-
-    ``sigma_min`` / ``sigma_max`` are the ends of the model's sigma table.
-    """
+    """EDM denoiser of a diffusers discrete-time (VP) unet (or any callable ``unet(sample,
+    timestep [B], **cond)``) with its scheduler's ``alphas_cumprod`` and prediction type;
+    ``quantize`` rounds the timestep. ``sigma_min`` / ``sigma_max``: its sigma table's ends."""
 
     def __init__(self, unet: Callable, alphas_cumprod, prediction_type: str = "epsilon",
                  quantize: bool = False):
@@ -135,12 +126,8 @@ class DiffusersDenoiser(nn.Module):
 
 
 class KDiffusionDenoiser(nn.Module):
-    """Wraps a k-diffusion-style ``model(x, sigma [B], **kw) -> denoised`` (EDM convention).
-
-    Makes sigma a ``[B]`` tensor in x's dtype/device and forwards the conditioning;
-    ``shape``, ``sigma_min``, ``sigma_max`` and ``num_classes`` are copied from the model
-    when it has them (or given here).
-    """
+    """A k-diffusion-style ``model(x, sigma [B], **kw) -> denoised``, with sigma made [B];
+    ``shape``, ``sigma_min``, ``sigma_max``, ``num_classes`` given or copied from the model."""
 
     def __init__(self, model: Callable, shape=None, sigma_min: Optional[float] = None,
                  sigma_max: Optional[float] = None):
@@ -161,12 +148,8 @@ class KDiffusionDenoiser(nn.Module):
 
 
 class EpsDenoiser(KDiffusionDenoiser):
-    """Wraps a noise-prediction model in sigma space: ``D = x - sigma * eps``.
-
-    ``eps = model(c_in * x, sigma [B], **cond)`` with ``c_in = 1`` (``input_scaling="none"``,
-    the model sees ``x = x0 + sigma n``) or ``c_in = 1 / sqrt(1 + sigma^2)``
-    (``input_scaling="vp"``, the model sees the VP-scaled input).
-    """
+    """``D = x - sigma eps(c_in x, sigma)`` with ``c_in = 1`` (``input_scaling="none"``) or
+    ``1 / sqrt(1 + sigma^2)`` (``"vp"``)."""
 
     def __init__(self, model: Callable, input_scaling: str = "none", **kw):
         super().__init__(model, **kw)
@@ -182,11 +165,8 @@ class EpsDenoiser(KDiffusionDenoiser):
 
 
 class VDenoiser(KDiffusionDenoiser):
-    """Wraps a v-prediction model in sigma space with data std ``sigma_data``:
-
-    ``D = c_skip x + c_out v(c_in x, sigma)``, ``c_skip = sd^2/(sigma^2+sd^2)``,
-    ``c_out = -sigma sd / sqrt(sigma^2+sd^2)``, ``c_in = 1/sqrt(sigma^2+sd^2)``.
-    """
+    """A v-prediction model in sigma space: ``D = c_skip x + c_out v(c_in x, sigma)`` with
+    EDM's coefficients for ``sigma_data`` (c_out negated for v)."""
 
     def __init__(self, model: Callable, sigma_data: float = 1.0, **kw):
         super().__init__(model, **kw)

@@ -61,9 +61,8 @@ def first_output(out) -> torch.Tensor:
 
 
 def match_rows(value: torch.Tensor, rows: int, name: str = "conditioning") -> torch.Tensor:
-    """``value`` with ``rows`` rows: as is, broadcast from one row, or tiled block-wise
-    (see the module docstring). ValueError naming ``name`` when ``rows`` is not a multiple
-    of its leading dimension."""
+    """``value`` with ``rows`` rows: as is, broadcast from one row, or tiled block-wise as
+    `repeat_cond` tiles per-sample tensors."""
     if not isinstance(value, torch.Tensor) or value.dim() < 1:
         got = "a 0-d tensor" if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"{name} must be a tensor with a leading batch dimension, got {got}")
@@ -105,9 +104,8 @@ def _already_warned(denoiser, where: str) -> bool:
 
 def warn_missing_labels(denoiser: Callable, cond: dict, where: str,
                         keyword: str = LABEL_KEYWORD) -> bool:
-    """Warns (`MissingLabelsWarning`, once per denoiser and ``where``) when ``denoiser``
-    declares ``num_classes`` (an integer > 0) but ``cond`` has no ``keyword`` (or has it as
-    None). Returns True when the labels are missing, warned now or before."""
+    """Warns once per denoiser and ``where`` when a model with ``num_classes`` gets no
+    ``keyword``; True when the labels are missing."""
     num_classes = getattr(denoiser, "num_classes", None)
     if not num_classes or isinstance(num_classes, bool):
         return False

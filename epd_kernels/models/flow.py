@@ -29,17 +29,8 @@ def flow_t_to_sigma(t):
 
 
 class FlowMatchDenoiser(nn.Module):
-    """EDM denoiser ``D(x, sigma [B], **cond)`` of a rectified-flow velocity model.
-
-    Args:
-        model: ``model(x_t [B, ...], t [B], **cond) -> v`` predicting ``n - x0`` (see the
-            module docstring for the conversion). An ``nn.Module`` is registered as a
-            submodule. The output may also be a tuple (first item) or carry ``.sample``.
-        t_scale: the model receives ``t * t_scale`` (1000 for diffusers' SD3 / Flux).
-        shape: per-sample shape (default: ``model.shape`` if present).
-
-    The time tensor is in x's dtype (float32 for half-precision x).
-    """
+    """EDM denoiser of a velocity model ``model(x_t, t [B], **cond) -> v``; the model gets
+    ``t * t_scale`` in float32 (float64 for float64 x)."""
 
     def __init__(self, model: Callable, t_scale: float = 1.0, shape=None):
         super().__init__()

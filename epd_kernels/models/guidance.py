@@ -43,19 +43,9 @@ def _check_scale(scale, name: str = "guidance_scale") -> Scale:
 class CFGDenoiser(nn.Module):
     """``D_u + s (D_c - D_u)`` of ``denoiser`` with one stacked call per evaluation.
 
-    Args:
-        denoiser: ``D(x [N, ...], sigma [N], **cond) -> x0_hat`` (an ``nn.Module`` is
-            registered as a submodule, so ``.to()`` and freezing reach it).
-        guidance_scale: ``s``, a float or a per-sample ``[B]`` tensor (see the module
-            docstring for rows).
-        uncond: the conditioning of the unconditional branch, a dict of tensors whose keys
-            are conditioning keywords of the denoiser (``{"encoder_hidden_states":
-            empty_prompt_embeddings}``, ``{"class_labels": null_class}``), each with 1 row
-            or one per sample. Every key must also be given at call time (the conditional
-            value); keywords not in ``uncond`` are shared by both branches.
-
-    ``shape``, ``sigma_min``, ``sigma_max`` and ``num_classes`` are copied from the denoiser
-    when it has them.
+    ``uncond`` maps conditioning keywords to their unconditional tensors (1 row or one per
+    sample), e.g. ``{"class_labels": null_class}``; each must also be given at call time,
+    and keywords not in it are shared by both halves. ``guidance_scale``: a float or [B].
     """
 
     def __init__(self, denoiser: Callable, guidance_scale: Scale,

@@ -25,8 +25,7 @@ def _tag(model, **attrs):
 
 
 def gaussian_default():
-    """``N(mean, diag(std^2))`` in 64 dims: ``mean_i = 0.5 cos(0.3 i)``, std geometric from
-    0.05 to 1 (a 20x spread of scales, so the ODE has both fast and slow directions)."""
+    """64 dims with stds from 0.05 to 1, so the ODE has fast and slow directions."""
     from .analytic import GaussianModel
 
     i = torch.arange(64, dtype=torch.float64)
@@ -36,9 +35,7 @@ def gaussian_default():
 
 
 def gmm_default():
-    """8 isotropic components in 64 dims: means ``N(0, I)`` drawn with seed 0, stds 0.1..0.4,
-    uniform weights. ``class_labels`` (int ``[B]`` in 0..7 or ``[B, 8]`` weights) select
-    components."""
+    """8 isotropic components in 64 dims (``class_labels`` select them)."""
     from .analytic import GaussianMixtureModel
 
     g = torch.Generator().manual_seed(0)
@@ -98,11 +95,7 @@ def _from_factory(spec: str, kwargs: dict):
 
 
 def load_model(spec: str = DEFAULT_MODEL, device=None, **kwargs):
-    """A denoiser by name (`model_names()`) or by ``"package.module:factory"``.
-
-    Raises ValueError for an unknown name or a spec whose module cannot be imported, whose
-    attribute is missing, or whose target is not callable.
-    """
+    """A denoiser by name (`model_names()`) or by ``"package.module:factory"``."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()

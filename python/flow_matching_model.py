@@ -3,18 +3,10 @@
     python python/flow_matching_model.py                       # a Gaussian flow, exact answer
     python python/flow_matching_model.py --model my_module:make_velocity_model --iterations 300
 
-A flow model here is ``model(x_t, t [B], **cond) -> v`` with ``x_t = (1 - t) x0 + t n`` and
-``v = n - x0`` (the SD3 / Flux convention, t in [0, 1]); a ``--model module:factory`` must
-return one with a ``shape`` attribute (per-sample shape). `FlowMatchDenoiser` turns it
-into an EDM denoiser: ``sigma = t / (1 - t)``, ``x = x_t / (1 - t)``, ``D = x_t - t v``
-(the derivation is in `epd_kernels.models.flow`), and then every solver of the package,
-and `distill`, work on it unchanged.
-
-Without ``--model`` the data are Gaussian, ``x0 ~ N(mu, diag(s^2))``, whose exact velocity
-``v(x, t) = (t - (1-t) s^2) / ((1-t)^2 s^2 + t^2) (x - (1-t) mu) - mu`` and flow map are
-closed-form, so the table's RMSE is to the exact answer. With ``--model`` it is to a
-many-step Heun reference from the same noise.
-"""
+A flow model is ``model(x_t, t [B], **cond) -> v`` (SD3 / Flux convention) with a ``shape``
+attribute; `FlowMatchDenoiser` makes it an EDM denoiser for every solver and `distill`.
+The default Gaussian data have a closed-form flow map, so the RMSE is to the exact answer;
+with ``--model`` it is to a many-step Heun reference."""
 from __future__ import annotations
 
 import argparse

@@ -58,38 +58,32 @@ def shift_batch(y, generator):
 def eval_loss(model, data, labels, seed=0, reps=2):
     """EDM loss of `model` on the whole data set at fixed noise draws (conditional labels)."""
     g = torch.Generator().manual_seed(seed)
-    tot = 0.0
-    for _ in range(reps):
-        tot += float(edm_loss(model, data, labels, g).mean())
-    return tot / reps
+    return sum(float(edm_loss(model, data, labels, g).mean()) for _ in range(reps)) / reps
 
 
 @torch.no_grad()
 def evaluate(model, n=1000, nfe=39, png=None, seed=0):
-    """Heun samples (``nfe`` latency NFE, i.e. (nfe+1)/2 steps) of `model` and of the exact
-    denoiser from the same noise; pixel-space Frechet distances to the data; optional PNG
-    grid (rows: 10 unconditional samples, then one row per class 0..9)."""
+    """Frechet distances to the data of Heun samples of `model` and of the exact denoiser
+    from the same noise; a PNG grid (unconditional row, then one row per class)."""
     from epd_kernels import make_noise, sample
     from epd_kernels.metrics import frechet_distance
     from epd_kernels.models.digits import DigitsExactDenoiser
 
     data, _ = load_digits_data()
     noise = make_noise(range(seed, seed + n), (1, 8, 8))
-    res = {"n": n, "solver": "heun", "nfe": nfe}
     x_u = sample(model, noise, solver="heun", nfe=nfe)
     x_c = sample(model, noise, solver="heun", nfe=nfe, class_labels=torch.arange(n) % 10)
-    exact = DigitsExactDenoiser()
-    x_e = sample(exact, noise, solver="heun", nfe=nfe)
+    x_e = sample(DigitsExactDenoiser(), noise, solver="heun", nfe=nfe)
     g = torch.Generator().manual_seed(seed)
     subset = data[torch.randperm(data.shape[0], generator=g)[:n]]
-    res["fd_unet_uncond"] = frechet_distance(x_u, data)
-    res["fd_unet_cond"] = frechet_distance(x_c, data)
-    res["fd_exact"] = frechet_distance(x_e, data)
-    res["fd_data_subset"] = frechet_distance(subset, data)
+    res = {"n": n, "solver": "heun", "nfe": nfe}
+    for name, x in (("unet_uncond", x_u), ("unet_cond", x_c), ("exact", x_e),
+                    ("data_subset", subset)):
+        res["fd_" + name] = frechet_distance(x, data)
     # how far samples are from the nearest training image (memorisation check)
-    d = torch.cdist(x_u.flatten(1), data.flatten(1)).min(dim=1).values
-    res["unet_nn_dist_median"] = float(d.median())
-    res["exact_nn_dist_median"] = float(torch.cdist(x_e.flatten(1), data.flatten(1)).min(1).values.median())
+    for name, x in (("unet", x_u), ("exact", x_e)):
+        nearest = torch.cdist(x.flatten(1), data.flatten(1)).min(dim=1).values
+        res[name + "_nn_dist_median"] = float(nearest.median())
     if png:
         import matplotlib
         matplotlib.use("Agg")
@@ -133,14 +127,12 @@ def main(argv=None):
                     help="do not train: sample from these weights, print FDs, write --png")
     ap.add_argument("--png", help="sample grid PNG written by the evaluation")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.eval_only:
         from epd_kernels.models.unet import load_digits_unet
 
-        torch.set_num_threads(args.threads)
         print(json.dumps(evaluate(load_digits_unet(args.eval_only), png=args.png), indent=1))
         return
-
-    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     data, labels = load_digits_data()
@@ -199,24 +191,18 @@ def main(argv=None):
             print(f"time limit reached after {it + 1} iterations", flush=True)
             break
     iters_done = it + 1
-    wall = time.perf_counter() - t0
     tail = losses[-max(1, iters_done // 10):]
-    final_loss = sum(tail) / len(tail)
-    ev = eval_loss(ema, data, labels)
-    ev_train = eval_loss(model, data, labels)
+    command = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     training = {
-        "command": "python python/train_digits_unet.py " + " ".join(shlex.quote(a) for a in (
-            argv if argv is not None else sys.argv[1:])),
-        "iterations": iters_done,
-        "max_iterations": args.iters,
+        "command": "python python/train_digits_unet.py " + command,
+        "iterations": iters_done, "max_iterations": args.iters,
         "minutes_budget": args.minutes,
         "stopped_by": "time budget" if iters_done < args.iters else "iterations",
-        "final_lr": lr,
-        "wall_time_s": round(wall, 1),
-        "final_loss": round(final_loss, 5),
+        "final_lr": lr, "wall_time_s": round(time.perf_counter() - t0, 1),
+        "final_loss": round(sum(tail) / len(tail), 5),
         "final_loss_note": "mean EDM training loss over the last 10% of iterations",
-        "eval_loss_ema": round(ev, 5),
-        "eval_loss_raw": round(ev_train, 5),
+        "eval_loss_ema": round(eval_loss(ema, data, labels), 5),
+        "eval_loss_raw": round(eval_loss(model, data, labels), 5),
         "eval_loss_note": "EDM loss on all 1797 digits, conditional, 2 fixed noise draws",
         "batch": args.batch, "lr": args.lr, "ema": args.ema, "seed": args.seed,
         "label_dropout": args.label_dropout, "shift": bool(args.shift),

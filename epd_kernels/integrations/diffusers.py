@@ -101,24 +101,26 @@ def default_schedule(denoiser: DiffusersDenoiser) -> dict:
             "sigma_max": float(denoiser.sigma_max)}
 
 
-def _guidance_on(guidance_scale) -> bool:
+def _guidance_on(guidance_scale, n: int) -> bool:
+    """Whether guidance is on; ValueError unless a float or one value per prompt (n)."""
     if isinstance(guidance_scale, torch.Tensor):
+        if guidance_scale.numel() not in (1, n):
+            raise ValueError(f"guidance_scale must be a float or hold one value per prompt "
+                             f"({n}), got {guidance_scale.numel()} values")
         return True
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
         raise ValueError(f"guidance_scale must be a float or a [B] tensor, got {guidance_scale!r}")
     return float(guidance_scale) > 1.0
 
 
-def guided_denoiser(pipe, guidance_scale=7.5, negative_embeds: Optional[torch.Tensor] = None,
-                    denoiser: Optional[DiffusersDenoiser] = None):
-    """The pipeline's denoiser, wrapped in `CFGDenoiser` when guidance is on (unconditional
-    branch: ``negative_embeds``, default the empty prompt's embedding)."""
-    D = denoiser if denoiser is not None else pipeline_denoiser(pipe)
-    if not _guidance_on(guidance_scale):
-        return D
+def _guided(pipe, base: DiffusersDenoiser, guidance_scale, negative_embeds, on: bool):
+    """`base` in `CFGDenoiser` when guidance is on (unconditional branch: the negative
+    embeddings, default the empty prompt's)."""
+    if not on:
+        return base
     if negative_embeds is None:
         negative_embeds = encode_prompts(pipe, [""])
-    return CFGDenoiser(D, guidance_scale, {COND_KEYWORD: negative_embeds})
+    return CFGDenoiser(base, guidance_scale, {COND_KEYWORD: negative_embeds})
 
 
 def _negative(pipe, negative_prompt, n: int) -> Optional[torch.Tensor]:
@@ -184,11 +186,9 @@ def sample_pipeline(pipe, prompts: Prompts, *, solver: str = "ipndm", nfe: Optio
     device, dtype = _module_place(pipe.unet)
     base = pipeline_denoiser(pipe)
     cond = {COND_KEYWORD: encode_prompts(pipe, prompts)}
-    if isinstance(guidance_scale, torch.Tensor) and guidance_scale.numel() not in (1, n):
-        raise ValueError(f"guidance_scale must be a float or hold one value per prompt ({n}), "
-                         f"got {guidance_scale.numel()} values")
-    neg = _negative(pipe, negative_prompt, n) if _guidance_on(guidance_scale) else None
-    D = guided_denoiser(pipe, guidance_scale, neg, denoiser=base)
+    on = _guidance_on(guidance_scale, n)
+    neg = _negative(pipe, negative_prompt, n) if on else None
+    D = _guided(pipe, base, guidance_scale, neg, on)
     if params is None:
         if schedule is None:
             schedule = default_schedule(base)
@@ -221,7 +221,8 @@ def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5
     base = pipeline_denoiser(pipe)
     emb = encode_prompts(pipe, prompts)
     P = len(prompts)
-    neg = _negative(pipe, negative_prompt, P) if _guidance_on(guidance_scale) else None
+    on = _guidance_on(guidance_scale, P)
+    neg = _negative(pipe, negative_prompt, P) if on else None
     rows = pool if pool is not None else batch_size
     if rows is None or isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
         raise ValueError(f"pool must be an integer >= 1 or None, got {pool!r}")
@@ -232,11 +233,8 @@ def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5
         cond[UNCOND_PREFIX + COND_KEYWORD] = neg[idx]
     if isinstance(guidance_scale, torch.Tensor):   # one scale per prompt: follows the rows
         scale = guidance_scale.reshape(-1)
-        if scale.numel() not in (1, P):
-            raise ValueError(f"guidance_scale must be a float or hold one value per prompt "
-                             f"({P}), got {scale.numel()} values")
         cond[SCALE_KEYWORD] = scale.to(emb.device)[idx % scale.numel()]
-    D = guided_denoiser(pipe, guidance_scale, shared_neg, denoiser=base)
+    D = _guided(pipe, base, guidance_scale, shared_neg, on)
     if schedule is None:
         schedule = default_schedule(base)
     clash = sorted(k for k in distill_settings if k in cond or k.startswith(UNCOND_PREFIX))

@@ -25,6 +25,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from .models.conditioning import match_rows
+
 __all__ = ["solver_functions", "check_grid", "BoundModel"]
 
 #: Keywords the wrapper sets itself; never options.
@@ -72,16 +74,9 @@ class BoundModel:
     def _rows(self, n: int) -> dict:
         if n == self.batch:
             return self.extra_args
-        m, rem = divmod(n, self.batch)
-        out = {}
-        for k, v in self.extra_args.items():
-            if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == self.batch:
-                if rem:
-                    raise ValueError(f"extra_args[{k!r}] has {self.batch} rows, which cannot "
-                                     f"follow a call of {n} rows")
-                v = torch.cat([v] * m, 0)
-            out[k] = v
-        return out
+        return {k: match_rows(v, n, f"extra_args[{k!r}]")
+                if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == self.batch
+                else v for k, v in self.extra_args.items()}
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         self.calls += 1
@@ -99,16 +94,11 @@ def _progress(disable: Optional[bool]) -> bool:
     return not disable
 
 
-def _option_names(fn: Callable) -> list:
-    sig = inspect.signature(fn)
-    return sorted(p.name for p in sig.parameters.values()
-                  if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _RESERVED)
-
-
 def _check_opts(name: str, fn: Callable, opts: dict) -> dict:
-    """The options for ``fn``; ValueError for unknown ones (listing the valid ones) and
-    for churn (stochastic sampling is not what these solvers do)."""
-    valid = _option_names(fn)
+    """The options for ``fn``; ValueError for unknown ones and for churn (these are ODE
+    solvers)."""
+    valid = sorted(p.name for p in inspect.signature(fn).parameters.values()
+                   if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _RESERVED)
     out = {}
     for k, v in opts.items():
         if k in _CHURN:
@@ -125,15 +115,11 @@ def _check_opts(name: str, fn: Callable, opts: dict) -> dict:
 
 
 def _kd_callback(callback: Optional[Callable], sigmas) -> Optional[Callable]:
+    """The solvers' callback info in k-diffusion's form."""
     if callback is None:
         return None
-
-    def cb(info):
-        sigma = sigmas[info["i"]]
-        callback({"x": info["x"], "i": info["i"], "sigma": sigma, "sigma_hat": sigma,
-                  "denoised": info["denoised"]})
-
-    return cb
+    return lambda info: callback({"x": info["x"], "i": info["i"], "sigma": sigmas[info["i"]],
+                                  "sigma_hat": sigmas[info["i"]], "denoised": info["denoised"]})
 
 
 def _run(name: str, fn: Callable, model: Callable, x: torch.Tensor, sigmas,
@@ -148,20 +134,18 @@ def _run(name: str, fn: Callable, model: Callable, x: torch.Tensor, sigmas,
     positive = grid[:-1] if to_zero else grid
     denoiser = BoundModel(model, extra_args, x.shape[0])
     progress = _progress(disable)
+    report = _kd_callback(callback, user_sigmas)
     with torch.no_grad():
         if positive.numel() >= 2:
-            x = fn(denoiser, x, positive, callback=_kd_callback(callback, user_sigmas),
-                   progress=progress, **fixed, **opts)
+            x = fn(denoiser, x, positive, callback=report, progress=progress, **fixed, **opts)
         if to_zero:
             # Euler step to sigma = 0: x + (0 - s) (x - D) / s = D, exactly.
             s = float(positive[-1])
             sig = torch.full((x.shape[0],), s, dtype=torch.float64 if x.dtype == torch.float64
                              else torch.float32, device=x.device)
             denoised = denoiser(x, sig).to(x.dtype)
-            if callback is not None:
-                i = grid.numel() - 2
-                callback({"x": x, "i": i, "sigma": user_sigmas[i], "sigma_hat": user_sigmas[i],
-                          "denoised": denoised})
+            if report is not None:
+                report({"x": x, "i": grid.numel() - 2, "denoised": denoised})
             x = denoised
     return x
 

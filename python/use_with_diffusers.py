@@ -83,7 +83,8 @@ def main(argv=None):
             for c in range(args.n):
                 img = (outs[name][c].float().cpu().clamp(-1, 1) + 1) / 2
                 ax = axes[r][c]
-                ax.imshow(img.permute(1, 2, 0).squeeze(-1), cmap="gray" if img.shape[0] == 1 else None)
+                ax.imshow(img.permute(1, 2, 0).squeeze(-1),
+                          cmap="gray" if img.shape[0] == 1 else None)
                 ax.set_xticks([]), ax.set_yticks([])
             axes[r][0].set_ylabel(name, rotation=0, ha="right")
         fig.savefig(args.out, dpi=80, bbox_inches="tight")

@@ -100,7 +100,8 @@ class DigitsExactDenoiser(nn.Module):
         """``[B, N]`` log prior weight of every image for float class weights ``[B, 10]``."""
         lab = torch.as_tensor(class_labels, device=device)
         if lab.dim() != 2 or lab.shape[0] != B:
-            raise ValueError(f"float class_labels must be [B, {NUM_CLASSES}], got {list(lab.shape)}")
+            raise ValueError(f"float class_labels must be [B, {NUM_CLASSES}], got "
+                             f"{list(lab.shape)}")
         return torch.log(lab.to(dtype)[:, self.labels.to(device)])
 
     def _posterior_mean(self, xf, s, Y, y2, logp=None) -> torch.Tensor:

@@ -45,21 +45,14 @@ def gmm_default():
                 num_classes=8)
 
 
-def _digits_exact():
-    from .digits import DigitsExactDenoiser
-
-    return DigitsExactDenoiser()
-
-
-def _digits_unet():
-    from .unet import load_digits_unet
-
-    return load_digits_unet()
+def _lazy(module: str, attr: str) -> Callable:
+    """A factory calling ``module.attr()``, imported on first use."""
+    return lambda: getattr(importlib.import_module(module, __package__), attr)()
 
 
 _MODELS: Dict[str, Callable] = {
-    "digits-unet": _digits_unet,
-    "digits-exact": _digits_exact,
+    "digits-unet": _lazy(".unet", "load_digits_unet"),
+    "digits-exact": _lazy(".digits", "DigitsExactDenoiser"),
     "gaussian": gaussian_default,
     "gmm": gmm_default,
 }
@@ -81,8 +74,8 @@ def _from_factory(spec: str, kwargs: dict):
                          f"({type(e).__name__}: {e})") from e
     for part in attr_path.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"model spec {spec!r}: {obj.__name__ if hasattr(obj, '__name__') else obj!r} "
-                             f"has no attribute {part!r}")
+            owner = getattr(obj, "__name__", repr(obj))
+            raise ValueError(f"model spec {spec!r}: {owner} has no attribute {part!r}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise ValueError(f"model spec {spec!r}: {attr_path!r} is not callable "

@@ -60,7 +60,7 @@ def _norm(c: int, groups: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GN -> SiLU -> conv3x3 -> (scale, shift from emb) -> GN -> SiLU -> dropout -> conv3x3, + skip."""
+    """GN, SiLU, conv3x3, (scale, shift) from emb, GN, SiLU, dropout, conv3x3; + skip."""
 
     def __init__(self, cin: int, cout: int, emb: int, groups: int, dropout: float):
         super().__init__()
@@ -210,7 +210,8 @@ class EDMPrecond(nn.Module):
         if not lab.is_floating_point():
             return F.one_hot(int_labels(lab, B, K), K).to(dtype)
         if lab.shape != (B, K):
-            raise ValueError(f"float class_labels must be [B, {K}] (one-hot), got {list(lab.shape)}")
+            raise ValueError(f"float class_labels must be [B, {K}] (one-hot), got "
+                             f"{list(lab.shape)}")
         return lab.to(dtype)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **unused) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..models.adapters import DiffusersDenoiser
+from ..models.adapters import DiffusersDenoiser, config_value, module_place
 from ..models.conditioning import first_output
 from ..models.guidance import SCALE_KEYWORD, UNCOND_PREFIX, CFGDenoiser
 
@@ -29,21 +29,6 @@ COND_KEYWORD = "encoder_hidden_states"
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 
 Prompts = Union[str, Sequence[str]]
-
-
-def _cfg(obj, key, default=None):
-    """``obj.config[key]`` for a diffusers component (config dict or attribute)."""
-    cfg = getattr(obj, "config", None)
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
-def _module_place(module, fallback_device=None):
-    """(device, dtype) of an nn.Module's first parameter, else (fallback, float32)."""
-    for p in getattr(module, "parameters", lambda: iter(()))():
-        return p.device, p.dtype
-    return torch.device(fallback_device or "cpu"), torch.float32
 
 
 def _as_prompts(prompts: Prompts, name: str = "prompts") -> list:
@@ -66,10 +51,10 @@ def encode_prompts(pipe, prompts: Prompts) -> torch.Tensor:
         kw["max_length"] = max_len
     enc = tok(prompts, **kw)
     ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc.input_ids
-    enc_device, _ = _module_place(pipe.text_encoder)
+    enc_device, _ = module_place(pipe.text_encoder)
     out = pipe.text_encoder(ids.to(enc_device))
     emb = out if isinstance(out, torch.Tensor) else out[0]
-    device, dtype = _module_place(pipe.unet)
+    device, dtype = module_place(pipe.unet)
     return emb.to(device=device, dtype=dtype)
 
 
@@ -81,9 +66,9 @@ def pipeline_denoiser(pipe, quantize: bool = False) -> DiffusersDenoiser:
 def latent_shape(pipe, height: Optional[int] = None, width: Optional[int] = None) -> tuple:
     """``(C, height / f, width / f)``: the unet's channels and the VAE's downsampling ``f``;
     the default image size is ``unet.config.sample_size * f``."""
-    blocks = _cfg(pipe.vae, "block_out_channels")
+    blocks = config_value(pipe.vae, "block_out_channels")
     f = getattr(pipe, "vae_scale_factor", None) or (2 ** (len(blocks) - 1) if blocks else 8)
-    size = _cfg(pipe.unet, "sample_size")
+    size = config_value(pipe.unet, "sample_size")
     hw = (size, size) if isinstance(size, int) else tuple(size) if size else (None, None)
     height = height if height is not None else (hw[0] * f if hw[0] else None)
     width = width if width is not None else (hw[1] * f if hw[1] else None)
@@ -92,7 +77,7 @@ def latent_shape(pipe, height: Optional[int] = None, width: Optional[int] = None
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < f or v % f:
             raise ValueError(f"{name} must be a positive multiple of the VAE factor {f}, got {v!r}")
-    return (int(_cfg(pipe.unet, "in_channels")), int(height) // f, int(width) // f)
+    return (int(config_value(pipe.unet, "in_channels")), int(height) // f, int(width) // f)
 
 
 def default_schedule(denoiser: DiffusersDenoiser) -> dict:
@@ -143,11 +128,11 @@ def decode_latents(pipe, latents: torch.Tensor, output_type: str = "pt"):
     if output_type == "latent":
         return latents
     vae = pipe.vae
-    z = latents / float(_cfg(vae, "scaling_factor", 1.0))
-    shift = _cfg(vae, "shift_factor", None)
+    z = latents / float(config_value(vae, "scaling_factor", 1.0))
+    shift = config_value(vae, "shift_factor", None)
     if shift is not None:
         z = z + float(shift)
-    _, vdtype = _module_place(vae)
+    _, vdtype = module_place(vae)
     out = vae.decode(z.to(vdtype))
     img = (first_output(out).float() / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
@@ -183,7 +168,7 @@ def sample_pipeline(pipe, prompts: Prompts, *, solver: str = "ipndm", nfe: Optio
     n = len(prompts)
     seeds = _check_seeds(seeds, n)
     shape = latent_shape(pipe, height, width)
-    device, dtype = _module_place(pipe.unet)
+    device, dtype = module_place(pipe.unet)
     base = pipeline_denoiser(pipe)
     cond = {COND_KEYWORD: encode_prompts(pipe, prompts)}
     on = _guidance_on(guidance_scale, n)

@@ -29,6 +29,22 @@ def require_diffusers():
     return diffusers
 
 
+def config_value(obj, key, default=None):
+    """``obj.config[key]`` for a diffusers component (config dict or attribute)."""
+    cfg = getattr(obj, "config", None)
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def module_place(module, device=None, dtype=torch.float32):
+    """(device, dtype) of a module's first parameter, else the given ones."""
+    if isinstance(module, nn.Module):
+        for p in module.parameters():
+            return p.device, p.dtype
+    return torch.device(device or "cpu"), dtype
+
+
 class DiffusersDenoiser(nn.Module):
     """EDM denoiser of a diffusers discrete-time (VP) unet (or any callable ``unet(sample,
     timestep [B], **cond)``) with its scheduler's ``alphas_cumprod`` and prediction type;
@@ -54,17 +70,14 @@ class DiffusersDenoiser(nn.Module):
         self.quantize = bool(quantize)
         self.sigma_min = float(sig[0])
         self.sigma_max = float(sig[-1])
-        cfg = getattr(unet, "config", None)
-        get = (lambda k: (cfg.get(k) if isinstance(cfg, dict) else getattr(cfg, k, None))
-               ) if cfg is not None else (lambda k: None)
-        size, chans = get("sample_size"), get("in_channels")
+        size, chans = config_value(unet, "sample_size"), config_value(unet, "in_channels")
         if size is not None and chans is not None:
             hw = (size, size) if isinstance(size, int) else tuple(size)
             self.shape = (int(chans),) + tuple(int(v) for v in hw)
         else:
             self.shape = None
-        self.out_channels = get("out_channels")
-        ncls = get("num_class_embeds")
+        self.out_channels = config_value(unet, "out_channels")
+        ncls = config_value(unet, "num_class_embeds")
         if ncls:
             self.num_classes = int(ncls)
 
@@ -110,9 +123,7 @@ class DiffusersDenoiser(nn.Module):
         sv = per_sample(s, x)
         x_vp = x / torch.sqrt(1 + sv * sv)
         t = self.sigma_to_t(s)
-        param = next(iter(self.unet.parameters()), None) if isinstance(self.unet, nn.Module) \
-            else None
-        net_dtype = param.dtype if param is not None else x.dtype
+        net_dtype = module_place(self.unet, dtype=x.dtype)[1]
         # Timesteps in float32 (what diffusers' embeddings compute in), float64 for float64 x.
         t = t.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         out = first_output(self.unet(x_vp.to(net_dtype), t, **cond)).to(x.dtype)

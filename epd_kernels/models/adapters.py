@@ -76,7 +76,6 @@ class DiffusersDenoiser(nn.Module):
             self.shape = (int(chans),) + tuple(int(v) for v in hw)
         else:
             self.shape = None
-        self.out_channels = config_value(unet, "out_channels")
         ncls = config_value(unet, "num_class_embeds")
         if ncls:
             self.num_classes = int(ncls)

@@ -126,14 +126,9 @@ class GaussianMixtureModel(AnalyticDenoiser):
         K = means.shape[0]
         self.shape = tuple(means.shape[1:])
         stds = torch.as_tensor(stds, dtype=torch.float64)
-        if stds.dim() == 0:
-            stds = stds.expand(K)
-        iso = stds.clone() if stds.dim() == 1 and stds.shape[0] == K else None
-        if stds.dim() == 1:
-            if stds.shape[0] != K:
-                raise ValueError(f"stds must be a number, [K]={K} or [K, *shape], got "
-                                 f"{list(stds.shape)}")
-            stds = stds.reshape((K,) + (1,) * len(self.shape)).expand(means.shape)
+        iso = stds.expand(K).clone() if stds.dim() == 0 or stds.shape == (K,) else None
+        if iso is not None:
+            stds = iso.reshape((K,) + (1,) * len(self.shape)).expand(means.shape)
         if tuple(stds.shape) != tuple(means.shape):
             raise ValueError(f"stds must be a number, [K]={K} or [K, *shape]={list(means.shape)}, "
                              f"got {list(stds.shape)}")

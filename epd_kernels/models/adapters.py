@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .conditioning import first_output, per_sample, sigma_rows
+from .conditioning import copy_model_attrs, first_output, per_sample, sigma_rows
 
 __all__ = ["DiffusersDenoiser", "KDiffusionDenoiser", "EpsDenoiser", "VDenoiser",
            "require_diffusers"]
@@ -145,13 +145,8 @@ class KDiffusionDenoiser(nn.Module):
         if not callable(model):
             raise ValueError("model must be callable")
         self.inner = model
-        self.shape = shape if shape is not None else getattr(model, "shape", None)
-        for name, val in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-            v = val if val is not None else getattr(model, name, None)
-            if v is not None:
-                setattr(self, name, float(v))
-        if getattr(model, "num_classes", None) is not None:
-            self.num_classes = model.num_classes
+        self.shape = None
+        copy_model_attrs(self, model, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         return self.inner(x, sigma_rows(sigma, x), **cond)

@@ -53,6 +53,17 @@ def int_labels(labels: torch.Tensor, B: int, num_classes: int) -> torch.Tensor:
     return labels.long()
 
 
+def copy_model_attrs(wrapper, model, names=("shape", "sigma_min", "sigma_max", "num_classes"),
+                     **given) -> None:
+    """Sets on `wrapper` the model attributes that samplers and the CLI read: the ones
+    `given`, else `model`'s."""
+    for name in names:
+        value = given.get(name)
+        value = getattr(model, name, None) if value is None else value
+        if value is not None:
+            setattr(wrapper, name, value)
+
+
 def first_output(out) -> torch.Tensor:
     """The tensor of a network's output: itself, its ``.sample``, or its first item."""
     if hasattr(out, "sample"):

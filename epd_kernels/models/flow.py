@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .conditioning import first_output, per_sample, sigma_rows
+from .conditioning import copy_model_attrs, first_output, per_sample, sigma_rows
 
 __all__ = ["FlowMatchDenoiser", "sigma_to_flow_t", "flow_t_to_sigma"]
 
@@ -41,9 +41,9 @@ class FlowMatchDenoiser(nn.Module):
             raise ValueError(f"t_scale must be > 0, got {t_scale!r}")
         self.model = model
         self.t_scale = t_scale
-        self.shape: Optional[tuple] = shape if shape is not None else getattr(model, "shape", None)
-        if getattr(model, "num_classes", None) is not None:
-            self.num_classes = model.num_classes
+        self.shape: Optional[tuple] = None
+        # the model's own sigma range, if any, is in t, not sigma: not copied
+        copy_model_attrs(self, model, ("shape", "num_classes"), shape=shape)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

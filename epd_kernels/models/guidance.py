@@ -14,7 +14,7 @@ from typing import Callable, Dict, Union
 import torch
 from torch import nn
 
-from .conditioning import match_rows
+from .conditioning import copy_model_attrs, match_rows
 
 __all__ = ["CFGDenoiser", "UNCOND_PREFIX", "SCALE_KEYWORD"]
 
@@ -65,10 +65,7 @@ class CFGDenoiser(nn.Module):
         self.denoiser = denoiser
         self.guidance_scale = _check_scale(guidance_scale)
         self.uncond = dict(uncond)
-        for name in ("shape", "sigma_min", "sigma_max", "num_classes"):
-            value = getattr(denoiser, name, None)
-            if value is not None:
-                setattr(self, name, value)
+        copy_model_attrs(self, denoiser)
 
     def extra_repr(self) -> str:
         s = self.guidance_scale

@@ -95,18 +95,14 @@ class MissingLabelsWarning(UserWarning):
 # denoiser -> the `where`s already warned about (weak keys: a denoiser that goes away takes
 # its entry with it); objects that cannot be weakly referenced are remembered by id.
 _WARNED = weakref.WeakKeyDictionary()
-_WARNED_BY_ID: set = set()
+_WARNED_BY_ID: dict = {}
 
 
 def _already_warned(denoiser, where: str) -> bool:
     try:
         seen = _WARNED.setdefault(denoiser, set())
     except TypeError:
-        key = (id(denoiser), where)
-        if key in _WARNED_BY_ID:
-            return True
-        _WARNED_BY_ID.add(key)
-        return False
+        seen = _WARNED_BY_ID.setdefault(id(denoiser), set())
     if where in seen:
         return True
     seen.add(where)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .conditioning import check_shape, int_labels, sigma_rows
 
-__all__ = ["DATA_FILE", "load_digits_data", "DigitsExactDenoiser"]
+__all__ = ["load_digits_data", "DigitsExactDenoiser"]
 
 DATA_FILE = Path(__file__).parent / "data" / "digits.npz"
 NUM_CLASSES = 10

@@ -12,7 +12,7 @@ from typing import Callable, Dict
 
 import torch
 
-__all__ = ["load_model", "model_names", "DEFAULT_MODEL", "gaussian_default", "gmm_default"]
+__all__ = ["load_model", "model_names", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "digits-unet"
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0

@@ -180,42 +180,32 @@ def _make(name: str, module: str, attr: str, fixed: dict, with_params: bool,
 
 
 # solver -> (module, function, fixed keywords, takes params, what it is)
+_EPD, _AMED = ".solvers.epd", ".solvers.amed"
 _SOLVERS = {
-    "euler": (".solvers.euler", "sample_euler", {}, False,
-              "Euler (= DDIM), first order, 1 call per step"),
+    "euler": (".solvers.euler", "sample_euler", {}, False, "Euler (= DDIM), 1 call per step"),
     "ddim": (".solvers.euler", "sample_euler", {}, False, "DDIM, the same as Euler in sigma"),
-    "heun": (".solvers.heun", "sample_heun", {}, False,
-             "EDM's Heun, second order, 2 calls per step"),
-    "dpm2": (".solvers.dpm2", "sample_dpm2", {}, False,
-             "DPM-Solver-2 (midpoint in log sigma), 2 calls per step"),
-    "dpmpp3m": (".solvers.dpmpp3m", "sample_dpmpp3m", {}, False,
-                "DPM-Solver++(3M), multistep, 1 call per step"),
-    "unipc": (".solvers.unipc", "sample_unipc", {}, False,
-              "UniPC (bh2, order 3), 1 call per step"),
-    "ipndm": (".solvers.ipndm", "sample_ipndm", {}, False,
-              "iPNDM (Adams-Bashforth up to order 4), 1 call per step"),
-    "deis": (".solvers.deis", "sample_deis", {}, False, "DEIS (tAB, order 3), 1 call per step"),
+    "heun": (".solvers.heun", "sample_heun", {}, False, "EDM's Heun, 2 calls per step"),
+    "dpm2": (".solvers.dpm2", "sample_dpm2", {}, False, "DPM-Solver-2, 2 calls per step"),
+    "dpmpp3m": (".solvers.dpmpp3m", "sample_dpmpp3m", {}, False, "DPM-Solver++(3M)"),
+    "unipc": (".solvers.unipc", "sample_unipc", {}, False, "UniPC (bh2, order 3)"),
+    "ipndm": (".solvers.ipndm", "sample_ipndm", {}, False, "iPNDM (Adams-Bashforth, order 4)"),
+    "deis": (".solvers.deis", "sample_deis", {}, False, "DEIS (tAB, order 3)"),
     "paradigms": (".solvers.paradigms", "paradigms_sampler", {}, False,
-                  "ParaDiGMS (Picard iterations on a finer grid), 1 batched round per step"),
-    "epd": (".solvers.epd", "epd_sampler", {"plugin": False}, True,
-            "EPD-Solver with distilled `EPDParams`, 2 calls per step (the K branches in one)"),
-    "epd-ipndm": (".solvers.epd", "epd_sampler", {"plugin": True}, True,
-                  "EPD-Plugin on iPNDM with distilled `EPDParams`"),
-    "amed": (".solvers.amed", "amed_sampler", {"plugin": False}, True,
-             "AMED-Solver with `AMEDParams`, 2 calls per step"),
-    "amed-ipndm": (".solvers.amed", "amed_sampler", {"plugin": True}, True,
-                   "AMED-Plugin on iPNDM with `AMEDParams`"),
-    "d-euler": (".solvers.dode", "dode_sampler", {"solver": "d-euler"}, True,
-                "D-ODE Euler with fitted `DODEParams`"),
-    "d-ddim": (".solvers.dode", "dode_sampler", {"solver": "d-euler"}, True,
-               "D-ODE DDIM (= D-ODE Euler) with fitted `DODEParams`"),
-    "d-heun": (".solvers.dode", "dode_sampler", {"solver": "d-heun"}, True,
-               "D-ODE Heun with fitted `DODEParams`"),
-    "d-ipndm": (".solvers.dode", "dode_sampler", {"solver": "d-ipndm"}, True,
-                "D-ODE iPNDM with fitted `DODEParams`"),
+                  "ParaDiGMS (Picard iterations on a finer grid)"),
+    "epd": (_EPD, "epd_sampler", {"plugin": False}, True, "EPD-Solver with `EPDParams`"),
+    "epd-ipndm": (_EPD, "epd_sampler", {"plugin": True}, True, "EPD-Plugin with `EPDParams`"),
+    "amed": (_AMED, "amed_sampler", {"plugin": False}, True, "AMED-Solver with `AMEDParams`"),
+    "amed-ipndm": (_AMED, "amed_sampler", {"plugin": True}, True, "AMED-Plugin with `AMEDParams`"),
 }
+_SOLVERS.update({name: (".solvers.dode", "dode_sampler", {"solver": solver}, True,
+                        f"D-ODE {base} with fitted `DODEParams`")
+                 for name, solver, base in (("d-euler", "d-euler", "Euler"),
+                                            ("d-ddim", "d-euler", "DDIM (= Euler)"),
+                                            ("d-heun", "d-heun", "Heun"),
+                                            ("d-ipndm", "d-ipndm", "iPNDM"))})
 _FUNCTIONS: Dict[str, Callable] = {solver: _make(solver.replace("-", "_"), *row)
                                    for solver, row in _SOLVERS.items()}
+# sample_euler, sample_heun, ..., sample_d_ipndm: one module-level function per solver
 globals().update({fn.__name__: fn for fn in _FUNCTIONS.values()})
 __all__ += [fn.__name__ for fn in _FUNCTIONS.values()]
 

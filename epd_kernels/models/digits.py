@@ -73,6 +73,11 @@ class DigitsExactDenoiser(nn.Module):
                               [(labels == c).nonzero().squeeze(1) for c in range(NUM_CLASSES)])
         self.batch_size = int(batch_size)
 
+    @property
+    def images(self) -> torch.Tensor:
+        """The data, ``[N, *shape]`` float64."""
+        return (self.data + self.mean).reshape((-1,) + self.shape)
+
     def _int_labels(self, class_labels, B: int, device) -> Optional[torch.Tensor]:
         """Integer ``class_labels`` as a checked ``[B]``; None for none or float labels."""
         if class_labels is None:

@@ -74,6 +74,10 @@ class DigitsExactDenoiser(nn.Module):
         self.batch_size = int(batch_size)
 
     @property
+    def num_images(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
     def images(self) -> torch.Tensor:
         """The data, ``[N, *shape]`` float64."""
         return (self.data + self.mean).reshape((-1,) + self.shape)

@@ -1,20 +1,17 @@
 """Recipe: distil EPD-Solver parameters for YOUR network, save them, sample with them.
 
-Copy this file and edit the places marked EDIT. As shipped it runs end to end on a
-stand-in network (the package's small EDM-preconditioned digits U-Net), so every step can
-be seen working first (about a minute on a laptop CPU):
+Copy this file and edit the places marked EDIT. As shipped it runs on a stand-in network
+(the package's digits U-Net) in about a minute on a laptop CPU:
 
     python python/distill_and_sample_own_model.py --nfe 5 --iterations 40 --out my_epd.safetensors
 
-The same model through the command line (``make_denoiser`` below is a factory that
-``--model module:function`` can load; put this folder on PYTHONPATH):
+The same through the command line (``make_denoiser`` is a ``--model module:function``):
 
     PYTHONPATH=python epd distill --model distill_and_sample_own_model:make_denoiser \\
         --solver epd --nfe 5 --out my_epd.safetensors
     PYTHONPATH=python epd sample --model distill_and_sample_own_model:make_denoiser \\
         --solver epd --params my_epd.safetensors --seeds 0-999 --out samples/
-    # several processes (GPUs or CPU cores): the same commands under
-    # torchrun --nproc_per_node=4 -m epd_kernels ...
+    # several processes: the same under torchrun --nproc_per_node=4 -m epd_kernels ...
 """
 from __future__ import annotations
 
@@ -37,12 +34,8 @@ def build_network() -> torch.nn.Module:
 
 
 class MyDenoiser(torch.nn.Module):
-    """``D(x, sigma, **cond) -> x0_hat`` in EDM's convention ``x = x0 + sigma * noise``.
-
-    ``sigma`` is a ``[B]`` tensor, one noise level PER SAMPLE: EPD evaluates its K parallel
-    branches, at different sigmas, in one batch, so never assume one sigma per batch.
-    Conditioning arrives by keyword, already repeated for every branch.
-    """
+    """``D(x, sigma [B], **cond) -> x0_hat`` with ``x = x0 + sigma * noise``. One sigma PER
+    SAMPLE: EPD evaluates its K branches at different sigmas in one batch."""
 
     def __init__(self, net, shape=SHAPE, num_classes=NUM_CLASSES):
         super().__init__()
@@ -54,11 +47,7 @@ class MyDenoiser(torch.nn.Module):
     def forward(self, x, sigma, class_labels=None):
         # EDIT: call your network. An EDM / k-diffusion preconditioned net gives x0_hat:
         return self.net(x, sigma, class_labels=class_labels)
-        # An eps-prediction net in sigma space would be
-        #     s = sigma.view(-1, *[1] * (x.dim() - 1))
-        #     return x - s * eps_net(x / torch.sqrt(1 + s * s), sigma, class_labels)
-        # or use the adapters epd_kernels.models.EpsDenoiser / VDenoiser /
-        # DiffusersDenoiser (a diffusers UNet + scheduler).
+        # Other nets: the adapters EpsDenoiser, VDenoiser, DiffusersDenoiser (epd_kernels.models).
 
 
 def make_denoiser() -> MyDenoiser:
@@ -86,14 +75,11 @@ def main(argv=None):
     D = make_denoiser()
     cond = lambda n: {} if labels_for(n) is None else {"class_labels": labels_for(n)}  # noqa: E731
 
-    # 1. distil (resumable: rerunning after an interruption continues from the checkpoint)
+    # 1. distil (resumable from the checkpoint); with a pool, the conditioning has one row
+    #    per pool entry (with pool=None, one per batch sample)
     params = distill(D, nfe=args.nfe, shape=D.shape, num_points=2, iterations=args.iterations,
-                     batch_size=args.batch_size, lr=args.lr, M=3,
-                     # a fixed pool of draws, the teacher run once over it; per-sample
-                     # conditioning then has one row per pool entry (each draw keeps its
-                     # label); with pool=None (fresh noise) one row per batch sample
-                     pool=args.pool, **cond(args.pool),
-                     checkpoint=args.out + ".ckpt")
+                     batch_size=args.batch_size, lr=args.lr, M=3, pool=args.pool,
+                     **cond(args.pool), checkpoint=args.out + ".ckpt")
 
     # 2. save (atomic) with a note of what it is for; load it back as a user would
     params.meta.update({"model": "distill_and_sample_own_model:make_denoiser",

@@ -2,25 +2,14 @@
 and EPD distilled for that pipeline.
 
     pip install diffusers transformers
-    # your pipeline (a local directory, or a hub id if your environment can reach the hub):
     python python/guided_latent_text_to_image.py --model path/to/stable-diffusion --device cuda \\
         --prompts "a red fox in snow" "a lighthouse at dusk" --iterations 300 --out grid.png
-    # no weights at hand: tiny random components, to see the plumbing work in seconds
-    python python/guided_latent_text_to_image.py --tiny
+    python python/guided_latent_text_to_image.py --tiny   # tiny random components, offline
 
-What happens:
-
-1. `distill_pipeline` distils EPD params (K = 2 branches) for the guided model over the
-   prompts: the teacher and the student both run through `CFGDenoiser`, so every
-   evaluation is ONE unet call on ``[cond; uncond]`` rows.
-2. `sample_pipeline` samples the same prompts and seeds with EPD and with baseline solvers
-   at the same latency NFE, and a many-step DPM-Solver-2 reference; the table gives latency
-   NFE, total evaluations, time and the latent RMSE to the reference.
-3. With ``--out`` the decoded images are saved as a grid (one row per solver).
-
-The tiny pipeline is randomly initialised (its "images" are noise patterns): it shows that
-shapes, NFE and guidance are right, not image quality.
-"""
+`distill_pipeline` distils EPD for the guided model over the prompts; `sample_pipeline`
+samples them with EPD and the baselines at the same latency NFE; the table gives the latent
+RMSE to a many-step reference, and ``--out`` saves the decoded images (a row per solver).
+The tiny pipeline's images are noise: it shows shapes, NFE and guidance, not quality."""
 from __future__ import annotations
 
 import argparse

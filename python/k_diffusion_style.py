@@ -2,21 +2,13 @@
 
     python python/k_diffusion_style.py
 
-Everything a k-diffusion user has stays as it is: a model ``model(x, sigma, **extra_args)``
-returning the denoised estimate, a grid that ends in 0, ``x = noise * sigmas[0]``, a
-callback for previews:
-
     import epd_kernels.k_diffusion as kd
     x0 = kd.sample_dpmpp3m(model, noise * sigmas[0], sigmas, extra_args={"class_labels": y},
                            callback=preview, disable=True)
     x0 = kd.sample_epd(model, noise * sigmas[0], sigmas, extra_args=..., params=params)
 
-A grid ending in 0 takes its last step, to 0, as an Euler step, which lands exactly on
-the denoised estimate: one call, counted below. This recipe uses a class-conditional
-Gaussian mixture (exact denoiser; the `GaussianMixtureModel` of `epd_kernels.models`) as
-the model, distils EPD for it, and prints each solver's calls and its RMSE to a
-many-step reference.
-"""
+On a class-conditional Gaussian mixture, this distils EPD and prints each solver's model
+calls (the final step to sigma = 0 is one more call) and its RMSE to a many-step reference."""
 from __future__ import annotations
 
 import argparse

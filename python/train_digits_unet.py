@@ -3,32 +3,14 @@
     python python/train_digits_unet.py --iters 4000 --minutes 10 --threads 1 \\
         --out epd_kernels/models/weights/digits_unet.safetensors
 
-Recipe (Karras et al. 2022, EDM): log-normal noise levels ``ln sigma ~ N(P_mean=-1.2,
-P_std=1.2)``; loss ``lambda(sigma) |D(y + sigma n, sigma) - y|^2`` with
-``lambda = (sigma^2 + sd^2) / (sigma sd)^2``, sd = 0.5; Adam (lr 2e-3, betas 0.9/0.99, 100
-warm-up iterations, then cosine decay to 5% over the larger of the iteration and the
-wall-time fraction; gradient norm clipped at 1); batch 128; EMA of the weights, decay
-0.999 (these are what is saved); class labels dropped with probability 0.1 (all-zero
-one-hot), so the same network is conditional and unconditional; no augmentation by default (``--shift`` adds random +-1 pixel shifts).
-
-The saved safetensors file (fp16 by default, ~1.3 MB) carries in its metadata the
-architecture config and a "training" record: command, iterations, wall time, final
-training loss (mean of the last 10% of iterations) and the EDM loss of the EMA weights on
-the whole data set at fixed noise draws (``eval_loss``). Training uses
-``torch.set_num_threads(--threads)``; on a CPU shared with other jobs one thread was
-several times faster than two (thread oversubscription), so the shipped run used one.
-
-Shipped run (``epd_kernels.models.unet.weights_metadata()["training"]`` has the record):
-
-    python python/train_digits_unet.py --iters 4000 --minutes 10 --threads 1 \\
-        --out epd_kernels/models/weights/digits_unet.safetensors
-
-stopped by the 10-minute budget after 2128 iterations (600 s wall time), final training
-loss 0.392, EMA eval loss 0.391. ``--eval-only WEIGHTS --png grid.png`` samples 1000
+EDM recipe: ``ln sigma ~ N(-1.2, 1.2)``, loss weight ``(sigma^2 + sd^2) / (sigma sd)^2``;
+Adam with warm-up and a cosine decay over the larger of the iteration and wall-time
+fractions; EMA weights (saved); labels dropped with probability 0.1. The shipped run stopped
+at its 10-minute budget after 2128 iterations (final loss 0.392); its record is in
+``weights_metadata()["training"]``. ``--eval-only WEIGHTS --png grid.png`` samples 1000
 digits with Heun (NFE 39) and prints pixel-space Frechet distances to the data: 0.158
-(class-conditional), 0.353 (unconditional), vs 0.110 for the exact denoiser and 0.052
-for a 1000-image subset of the data (see ``epd_kernels/models/unet.py``).
-"""
+(class-conditional), 0.353 (unconditional), vs 0.110 for the exact denoiser and 0.052 for a
+1000-image subset of the data."""
 from __future__ import annotations
 
 import argparse
@@ -76,38 +58,32 @@ def shift_batch(y, generator):
 def eval_loss(model, data, labels, seed=0, reps=2):
     """EDM loss of `model` on the whole data set at fixed noise draws (conditional labels)."""
     g = torch.Generator().manual_seed(seed)
-    tot = 0.0
-    for _ in range(reps):
-        tot += float(edm_loss(model, data, labels, g).mean())
-    return tot / reps
+    return sum(float(edm_loss(model, data, labels, g).mean()) for _ in range(reps)) / reps
 
 
 @torch.no_grad()
 def evaluate(model, n=1000, nfe=39, png=None, seed=0):
-    """Heun samples (``nfe`` latency NFE, i.e. (nfe+1)/2 steps) of `model` and of the exact
-    denoiser from the same noise; pixel-space Frechet distances to the data; optional PNG
-    grid (rows: 10 unconditional samples, then one row per class 0..9)."""
+    """Frechet distances to the data of Heun samples of `model` and of the exact denoiser
+    from the same noise; a PNG grid (unconditional row, then one row per class)."""
     from epd_kernels import make_noise, sample
     from epd_kernels.metrics import frechet_distance
     from epd_kernels.models.digits import DigitsExactDenoiser
 
     data, _ = load_digits_data()
     noise = make_noise(range(seed, seed + n), (1, 8, 8))
-    res = {"n": n, "solver": "heun", "nfe": nfe}
     x_u = sample(model, noise, solver="heun", nfe=nfe)
     x_c = sample(model, noise, solver="heun", nfe=nfe, class_labels=torch.arange(n) % 10)
-    exact = DigitsExactDenoiser()
-    x_e = sample(exact, noise, solver="heun", nfe=nfe)
+    x_e = sample(DigitsExactDenoiser(), noise, solver="heun", nfe=nfe)
     g = torch.Generator().manual_seed(seed)
     subset = data[torch.randperm(data.shape[0], generator=g)[:n]]
-    res["fd_unet_uncond"] = frechet_distance(x_u, data)
-    res["fd_unet_cond"] = frechet_distance(x_c, data)
-    res["fd_exact"] = frechet_distance(x_e, data)
-    res["fd_data_subset"] = frechet_distance(subset, data)
+    res = {"n": n, "solver": "heun", "nfe": nfe}
+    for name, x in (("unet_uncond", x_u), ("unet_cond", x_c), ("exact", x_e),
+                    ("data_subset", subset)):
+        res["fd_" + name] = frechet_distance(x, data)
     # how far samples are from the nearest training image (memorisation check)
-    d = torch.cdist(x_u.flatten(1), data.flatten(1)).min(dim=1).values
-    res["unet_nn_dist_median"] = float(d.median())
-    res["exact_nn_dist_median"] = float(torch.cdist(x_e.flatten(1), data.flatten(1)).min(1).values.median())
+    for name, x in (("unet", x_u), ("exact", x_e)):
+        nearest = torch.cdist(x.flatten(1), data.flatten(1)).min(dim=1).values
+        res[name + "_nn_dist_median"] = float(nearest.median())
     if png:
         import matplotlib
         matplotlib.use("Agg")
@@ -151,14 +127,12 @@ def main(argv=None):
                     help="do not train: sample from these weights, print FDs, write --png")
     ap.add_argument("--png", help="sample grid PNG written by the evaluation")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.eval_only:
         from epd_kernels.models.unet import load_digits_unet
 
-        torch.set_num_threads(args.threads)
         print(json.dumps(evaluate(load_digits_unet(args.eval_only), png=args.png), indent=1))
         return
-
-    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     data, labels = load_digits_data()
@@ -217,24 +191,18 @@ def main(argv=None):
             print(f"time limit reached after {it + 1} iterations", flush=True)
             break
     iters_done = it + 1
-    wall = time.perf_counter() - t0
     tail = losses[-max(1, iters_done // 10):]
-    final_loss = sum(tail) / len(tail)
-    ev = eval_loss(ema, data, labels)
-    ev_train = eval_loss(model, data, labels)
+    command = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     training = {
-        "command": "python python/train_digits_unet.py " + " ".join(shlex.quote(a) for a in (
-            argv if argv is not None else sys.argv[1:])),
-        "iterations": iters_done,
-        "max_iterations": args.iters,
+        "command": "python python/train_digits_unet.py " + command,
+        "iterations": iters_done, "max_iterations": args.iters,
         "minutes_budget": args.minutes,
         "stopped_by": "time budget" if iters_done < args.iters else "iterations",
-        "final_lr": lr,
-        "wall_time_s": round(wall, 1),
-        "final_loss": round(final_loss, 5),
+        "final_lr": lr, "wall_time_s": round(time.perf_counter() - t0, 1),
+        "final_loss": round(sum(tail) / len(tail), 5),
         "final_loss_note": "mean EDM training loss over the last 10% of iterations",
-        "eval_loss_ema": round(ev, 5),
-        "eval_loss_raw": round(ev_train, 5),
+        "eval_loss_ema": round(eval_loss(ema, data, labels), 5),
+        "eval_loss_raw": round(eval_loss(model, data, labels), 5),
         "eval_loss_note": "EDM loss on all 1797 digits, conditional, 2 fixed noise draws",
         "batch": args.batch, "lr": args.lr, "ema": args.ema, "seed": args.seed,
         "label_dropout": args.label_dropout, "shift": bool(args.shift),

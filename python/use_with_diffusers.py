@@ -1,28 +1,12 @@
-"""Few-step sampling of a diffusers model with the epd_kernels solvers.
+"""Few-step sampling of a diffusers pixel-space unet (``UNet2DModel``) with the package's solvers.
 
     pip install diffusers
-    # a diffusers DDPM/DDIM model directory (unet/ + scheduler/), or a hub id if you can reach it:
     python python/use_with_diffusers.py --model path/to/ddpm-cifar10-32 --nfe 5 --n 16
-    # no model at hand: a tiny randomly initialised UNet2DModel, to see the plumbing work
-    python python/use_with_diffusers.py --tiny
+    python python/use_with_diffusers.py --tiny     # a tiny random unet: see the plumbing work
 
-This recipe is for unconditional (or class-conditional) pixel-space unets
-(``UNet2DModel``). For a text-to-image latent pipeline with classifier-free guidance
-(``StableDiffusionPipeline``-like: tokenizer, text encoder, unet, scheduler, VAE), see
-``python/guided_latent_text_to_image.py``.
-
-What happens:
-
-1. `DiffusersDenoiser` wraps the unet: the solvers' EDM variables (``x = x0 + sigma n``)
-   are mapped to the model's VP input ``x / sqrt(1 + sigma^2)`` and to a fractional
-   timestep (interpolating the scheduler's sigma table in log sigma); eps- or
-   v-predictions are turned into ``D(x, sigma)``.
-2. The sigma range is clipped to what the model was trained on (``D.sigma_min``,
-   ``D.sigma_max``; for the usual linear DDPM table about 0.01 .. 157).
-3. Every solver runs at the same latency budget (``--nfe``) from the same noise; the
-   table reports latency NFE, total evaluations, time, and the RMSE to a many-step Heun
-   reference from the same noise.
-"""
+`DiffusersDenoiser` turns the unet into an EDM denoiser; every solver runs at the same latency
+NFE from the same noise on the model's sigma range, and the table gives the RMSE to a
+many-step Heun reference. Text-to-image pipelines: ``python/guided_latent_text_to_image.py``."""
 from __future__ import annotations
 
 import argparse
@@ -99,7 +83,8 @@ def main(argv=None):
             for c in range(args.n):
                 img = (outs[name][c].float().cpu().clamp(-1, 1) + 1) / 2
                 ax = axes[r][c]
-                ax.imshow(img.permute(1, 2, 0).squeeze(-1), cmap="gray" if img.shape[0] == 1 else None)
+                ax.imshow(img.permute(1, 2, 0).squeeze(-1),
+                          cmap="gray" if img.shape[0] == 1 else None)
                 ax.set_xticks([]), ax.set_yticks([])
             axes[r][0].set_ylabel(name, rotation=0, ha="right")
         fig.savefig(args.out, dpi=80, bbox_inches="tight")

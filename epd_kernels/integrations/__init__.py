@@ -1,7 +1,1 @@
-"""Integrations with other libraries' pipelines.
-
-- `epd_kernels.integrations.diffusers`: latent text-to-image with a Stable-Diffusion-style
-  diffusers pipeline (`sample_pipeline`, `distill_pipeline`, `encode_prompts`).
-
-Each module imports its library only when it is used.
-"""
+"""Integrations with other libraries' pipelines (diffusers); each imports its library on use."""

@@ -1,43 +1,16 @@
 """Latent text-to-image with a Stable-Diffusion-style diffusers pipeline, on this package's
 solvers (EPD included), with classifier-free guidance.
 
-    from diffusers import StableDiffusionPipeline
-    from epd_kernels.integrations.diffusers import distill_pipeline, sample_pipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(...).to("cuda")
     params = distill_pipeline(pipe, prompts, nfe=5, guidance_scale=7.5)      # EPDParams
     images = sample_pipeline(pipe, ["a red fox"], solver="epd", params=params,
                              guidance_scale=7.5, seeds=[0])                 # [B, 3, H, W]
 
-A "pipeline" is any object with ``tokenizer``, ``text_encoder``, ``unet``, ``scheduler`` and
-``vae`` attributes that behave like ``StableDiffusionPipeline``'s (a
-``types.SimpleNamespace`` of components works):
-
-1. Prompts -> embeddings: ``tokenizer(prompts, padding="max_length",
-   max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")``, then
-   the first output of ``text_encoder(input_ids)`` (``[B, L, D]``), as diffusers does. The
-   negative prompt (default ``""``) is encoded the same way, one row shared by all samples
-   or one per sample.
-2. The unet becomes an EDM denoiser with `DiffusersDenoiser.from_scheduler(unet,
-   scheduler)`: the discrete-time VP model's ``alphas_cumprod`` give its sigma table,
-   inputs are scaled ``x / sqrt(1 + sigma^2)``, sigma maps to a fractional timestep,
-   ``epsilon`` / ``v_prediction`` outputs become ``D(x, sigma)``. The conditioning keyword is
-   ``encoder_hidden_states``.
-3. Guidance: `CFGDenoiser` stacks the conditional and unconditional rows, so every
-   evaluation is ONE unet call of ``2B`` rows (``2KB`` in EPD's branch call). Guidance is
-   on when ``guidance_scale > 1`` (as in diffusers) or a per-sample tensor is given.
-4. Latents: ``make_noise(seeds, (C, H/f, W/f))``, one generator per seed (a seed gives the
-   same image in any batch), with ``f = 2 ** (len(vae.config.block_out_channels) - 1)``.
-   The grid defaults to the polynomial (Karras, rho = 7) schedule on the model's own sigma
-   range ``[DiffusersDenoiser.sigma_min, sigma_max]`` (about 0.029 .. 14.6 for SD 1.x);
-   params carry the grid they were distilled on.
-5. Decoding: ``vae.decode(latents / scaling_factor (+ shift_factor))``, mapped from [-1, 1]
-   to [0, 1].
-
-`distill_pipeline` distils EPD parameters for the guided model over a list of prompts: the
-conditioning follows the distillation's noise pool (entry p gets prompt ``p mod P``), the
-teacher runs through the same guidance, and the grid is the one `sample_pipeline` uses.
-"""
+A pipeline is any object with ``tokenizer``, ``text_encoder``, ``unet``, ``scheduler`` and
+``vae`` that behave like ``StableDiffusionPipeline``'s. Prompts are encoded as diffusers does;
+the unet becomes an EDM denoiser (`DiffusersDenoiser.from_scheduler`) wrapped in
+`CFGDenoiser` when guidance is on (one unet call of 2B rows per evaluation); latents come
+from one generator per seed; the default grid is the polynomial schedule on the model's own
+sigma range (`default_schedule`); `decode_latents` maps the VAE output to [0, 1]."""
 from __future__ import annotations
 
 import numbers
@@ -45,35 +18,17 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..models.adapters import DiffusersDenoiser
+from ..models.adapters import DiffusersDenoiser, config_value, module_place
+from ..models.conditioning import first_output
 from ..models.guidance import SCALE_KEYWORD, UNCOND_PREFIX, CFGDenoiser
 
-__all__ = ["encode_prompts", "pipeline_denoiser", "latent_shape", "default_schedule",
-           "guided_denoiser", "decode_latents", "sample_pipeline", "distill_pipeline",
-           "COND_KEYWORD"]
+__all__ = ["sample_pipeline", "distill_pipeline", "encode_prompts", "decode_latents"]
 
 #: The unet's conditioning keyword (text embeddings).
 COND_KEYWORD = "encoder_hidden_states"
 OUTPUT_TYPES = ("pt", "np", "pil", "latent")
 
 Prompts = Union[str, Sequence[str]]
-
-
-def _cfg(obj, key, default=None):
-    """``obj.config[key]`` for a diffusers component (config dict or attribute)."""
-    cfg = getattr(obj, "config", None)
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
-def _module_place(module, fallback_device=None):
-    """(device, dtype) of an nn.Module's first parameter, else (fallback, float32)."""
-    for p in getattr(module, "parameters", lambda: iter(()))():
-        return p.device, p.dtype
-    return torch.device(fallback_device or "cpu"), torch.float32
 
 
 def _as_prompts(prompts: Prompts, name: str = "prompts") -> list:
@@ -96,10 +51,10 @@ def encode_prompts(pipe, prompts: Prompts) -> torch.Tensor:
         kw["max_length"] = max_len
     enc = tok(prompts, **kw)
     ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc.input_ids
-    enc_device, _ = _module_place(pipe.text_encoder)
+    enc_device, _ = module_place(pipe.text_encoder)
     out = pipe.text_encoder(ids.to(enc_device))
     emb = out if isinstance(out, torch.Tensor) else out[0]
-    device, dtype = _module_place(pipe.unet)
+    device, dtype = module_place(pipe.unet)
     return emb.to(device=device, dtype=dtype)
 
 
@@ -111,9 +66,9 @@ def pipeline_denoiser(pipe, quantize: bool = False) -> DiffusersDenoiser:
 def latent_shape(pipe, height: Optional[int] = None, width: Optional[int] = None) -> tuple:
     """``(C, height / f, width / f)``: the unet's channels and the VAE's downsampling ``f``;
     the default image size is ``unet.config.sample_size * f``."""
-    blocks = _cfg(pipe.vae, "block_out_channels")
+    blocks = config_value(pipe.vae, "block_out_channels")
     f = getattr(pipe, "vae_scale_factor", None) or (2 ** (len(blocks) - 1) if blocks else 8)
-    size = _cfg(pipe.unet, "sample_size")
+    size = config_value(pipe.unet, "sample_size")
     hw = (size, size) if isinstance(size, int) else tuple(size) if size else (None, None)
     height = height if height is not None else (hw[0] * f if hw[0] else None)
     width = width if width is not None else (hw[1] * f if hw[1] else None)
@@ -122,7 +77,7 @@ def latent_shape(pipe, height: Optional[int] = None, width: Optional[int] = None
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < f or v % f:
             raise ValueError(f"{name} must be a positive multiple of the VAE factor {f}, got {v!r}")
-    return (int(_cfg(pipe.unet, "in_channels")), int(height) // f, int(width) // f)
+    return (int(config_value(pipe.unet, "in_channels")), int(height) // f, int(width) // f)
 
 
 def default_schedule(denoiser: DiffusersDenoiser) -> dict:
@@ -131,24 +86,26 @@ def default_schedule(denoiser: DiffusersDenoiser) -> dict:
             "sigma_max": float(denoiser.sigma_max)}
 
 
-def _guidance_on(guidance_scale) -> bool:
+def _guidance_on(guidance_scale, n: int) -> bool:
+    """Whether guidance is on; ValueError unless a float or one value per prompt (n)."""
     if isinstance(guidance_scale, torch.Tensor):
+        if guidance_scale.numel() not in (1, n):
+            raise ValueError(f"guidance_scale must be a float or hold one value per prompt "
+                             f"({n}), got {guidance_scale.numel()} values")
         return True
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
         raise ValueError(f"guidance_scale must be a float or a [B] tensor, got {guidance_scale!r}")
     return float(guidance_scale) > 1.0
 
 
-def guided_denoiser(pipe, guidance_scale=7.5, negative_embeds: Optional[torch.Tensor] = None,
-                    denoiser: Optional[DiffusersDenoiser] = None):
-    """The pipeline's denoiser, wrapped in `CFGDenoiser` when guidance is on (unconditional
-    branch: ``negative_embeds``, default the empty prompt's embedding)."""
-    D = denoiser if denoiser is not None else pipeline_denoiser(pipe)
-    if not _guidance_on(guidance_scale):
-        return D
+def _guided(pipe, base: DiffusersDenoiser, guidance_scale, negative_embeds, on: bool):
+    """`base` in `CFGDenoiser` when guidance is on (unconditional branch: the negative
+    embeddings, default the empty prompt's)."""
+    if not on:
+        return base
     if negative_embeds is None:
         negative_embeds = encode_prompts(pipe, [""])
-    return CFGDenoiser(D, guidance_scale, {COND_KEYWORD: negative_embeds})
+    return CFGDenoiser(base, guidance_scale, {COND_KEYWORD: negative_embeds})
 
 
 def _negative(pipe, negative_prompt, n: int) -> Optional[torch.Tensor]:
@@ -164,22 +121,20 @@ def _negative(pipe, negative_prompt, n: int) -> Optional[torch.Tensor]:
 
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor, output_type: str = "pt"):
-    """Latents -> images: ``vae.decode(latents / scaling_factor (+ shift_factor))`` in
-    [-1, 1], returned in [0, 1] as ``[B, 3, H, W]`` ("pt"), ``[B, H, W, 3]`` numpy ("np") or a
-    list of PIL images ("pil"); "latent" returns the latents unchanged."""
+    """Latents -> images in [0, 1]: ``[B, 3, H, W]`` ("pt"), ``[B, H, W, 3]`` numpy ("np"),
+    PIL images ("pil"), or the latents unchanged ("latent")."""
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if output_type == "latent":
         return latents
     vae = pipe.vae
-    z = latents / float(_cfg(vae, "scaling_factor", 1.0))
-    shift = _cfg(vae, "shift_factor", None)
+    z = latents / float(config_value(vae, "scaling_factor", 1.0))
+    shift = config_value(vae, "shift_factor", None)
     if shift is not None:
         z = z + float(shift)
-    _, vdtype = _module_place(vae)
+    _, vdtype = module_place(vae)
     out = vae.decode(z.to(vdtype))
-    img = out.sample if hasattr(out, "sample") else out[0]
-    img = (img.float() / 2 + 0.5).clamp(0, 1)
+    img = (first_output(out).float() / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
         return img
     arr = img.permute(0, 2, 3, 1).cpu().numpy()
@@ -203,40 +158,22 @@ def sample_pipeline(pipe, prompts: Prompts, *, solver: str = "ipndm", nfe: Optio
                     negative_prompt: Optional[Prompts] = None, height: Optional[int] = None,
                     width: Optional[int] = None, schedule=None, output_type: str = "pt",
                     return_stats: bool = False, progress: bool = False):
-    """Text-to-image with one of the package's solvers (module docstring for the steps).
-
-    Args:
-        pipe: a `StableDiffusionPipeline`-like object (tokenizer, text_encoder, unet,
-            scheduler, vae).
-        prompts: a string or a list of B strings.
-        solver, nfe, params: as for `epd_kernels.sample` (``nfe=None``: the params' own
-            budget with params, else 5). EPD / AMED / D-ODE params carry their grid.
-        guidance_scale: a float (guidance when > 1) or a per-prompt ``[B]`` tensor.
-        seeds: one per prompt (default ``0 .. B-1``); latents come from one generator each.
-        negative_prompt: the unconditional text, one string or one per prompt (default "").
-        height, width: image size (default ``unet.config.sample_size * f``).
-        schedule: for solvers without params: as in `sample` (default: polynomial on the
-            model's sigma range, `default_schedule`).
-        output_type: "pt" (``[B, 3, H, W]`` in [0, 1]), "np", "pil" or "latent".
-        return_stats: also return `SampleStats` (latency NFE, total evaluations, time).
-
-    Returns:
-        The images (and the stats with ``return_stats``).
-    """
+    """Images for ``prompts`` (one seed each, default ``0 .. B-1``) by one of the package's
+    solvers; ``solver``, ``nfe``, ``params``, ``schedule`` as for `epd_kernels.sample`.
+    Guidance is on when ``guidance_scale > 1`` or a per-prompt tensor is given."""
+    from ..noise import make_noise
     from ..sampling import sample
 
     prompts = _as_prompts(prompts)
     n = len(prompts)
     seeds = _check_seeds(seeds, n)
     shape = latent_shape(pipe, height, width)
-    device, dtype = _module_place(pipe.unet)
+    device, dtype = module_place(pipe.unet)
     base = pipeline_denoiser(pipe)
     cond = {COND_KEYWORD: encode_prompts(pipe, prompts)}
-    if isinstance(guidance_scale, torch.Tensor) and guidance_scale.numel() not in (1, n):
-        raise ValueError(f"guidance_scale must be a float or hold one value per prompt ({n}), "
-                         f"got {guidance_scale.numel()} values")
-    neg = _negative(pipe, negative_prompt, n) if _guidance_on(guidance_scale) else None
-    D = guided_denoiser(pipe, guidance_scale, neg, denoiser=base)
+    on = _guidance_on(guidance_scale, n)
+    neg = _negative(pipe, negative_prompt, n) if on else None
+    D = _guided(pipe, base, guidance_scale, neg, on)
     if params is None:
         if schedule is None:
             schedule = default_schedule(base)
@@ -244,18 +181,11 @@ def sample_pipeline(pipe, prompts: Prompts, *, solver: str = "ipndm", nfe: Optio
             nfe = 5
     elif schedule is not None:
         raise ValueError("schedule is not used with params: the params carry their grid")
-    noise = make_latents(seeds, shape, device, dtype)
+    noise = make_noise(seeds, shape, device=device, dtype=dtype)
     x0, stats = sample(D, noise, solver=solver, nfe=nfe, params=params, schedule=schedule,
                        return_stats=True, progress=progress, **cond)
     images = decode_latents(pipe, x0, output_type)
     return (images, stats) if return_stats else images
-
-
-def make_latents(seeds, shape, device, dtype) -> torch.Tensor:
-    """Standard normal latents, one generator per seed (`epd_kernels.make_noise`)."""
-    from ..noise import make_noise
-
-    return make_noise(seeds, shape, device=device, dtype=dtype)
 
 
 def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5,
@@ -263,23 +193,11 @@ def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5
                      iterations: int = 100, batch_size: int = 8, pool: Optional[int] = 256,
                      seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
                      schedule=None, progress: bool = True, **distill_settings):
-    """Distils EPD-Solver params for the guided pipeline over ``prompts``.
+    """`EPDParams` distilled for the guided pipeline over ``prompts``.
 
-    The distillation's conditioning rows cycle through the prompts: with a noise pool of P
-    entries, entry p is paired with prompt ``p mod len(prompts)`` (and negative prompt, if
-    one per prompt) for the teacher and in every batch that draws it; with ``pool=None``
-    (fresh noise) row j of each batch gets prompt ``j mod len(prompts)``. The teacher and
-    the student call the same guided denoiser. The grid defaults to `default_schedule` (the
-    model's sigma range), the one `sample_pipeline` uses for solvers without params.
-
-    Args mirror `sample_pipeline` and `epd_kernels.distill` (``num_points`` K,
-    ``iterations``, ``batch_size``, ``pool``, ``seed``, ``progress``); any other keyword
-    is handed to `distill` as one of its settings (``M``, ``lr``, ``teacher``, ...), never
-    as conditioning (the conditioning is built here).
-
-    Returns:
-        `EPDParams` for ``sample_pipeline(pipe, ..., solver="epd", params=...)``; their
-        ``meta["pipeline"]`` records the number of prompts and the guidance scale.
+    Pool entry p (or, with ``pool=None``, batch row p) gets prompt ``p mod len(prompts)``;
+    the teacher and the student call the same guided denoiser on `default_schedule`'s grid.
+    Other keywords are `distill` settings (``M``, ``lr``, ...), never conditioning.
     """
     from ..distill import distill
 
@@ -288,7 +206,8 @@ def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5
     base = pipeline_denoiser(pipe)
     emb = encode_prompts(pipe, prompts)
     P = len(prompts)
-    neg = _negative(pipe, negative_prompt, P) if _guidance_on(guidance_scale) else None
+    on = _guidance_on(guidance_scale, P)
+    neg = _negative(pipe, negative_prompt, P) if on else None
     rows = pool if pool is not None else batch_size
     if rows is None or isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 1:
         raise ValueError(f"pool must be an integer >= 1 or None, got {pool!r}")
@@ -299,11 +218,8 @@ def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5
         cond[UNCOND_PREFIX + COND_KEYWORD] = neg[idx]
     if isinstance(guidance_scale, torch.Tensor):   # one scale per prompt: follows the rows
         scale = guidance_scale.reshape(-1)
-        if scale.numel() not in (1, P):
-            raise ValueError(f"guidance_scale must be a float or hold one value per prompt "
-                             f"({P}), got {scale.numel()} values")
         cond[SCALE_KEYWORD] = scale.to(emb.device)[idx % scale.numel()]
-    D = guided_denoiser(pipe, guidance_scale, shared_neg, denoiser=base)
+    D = _guided(pipe, base, guidance_scale, shared_neg, on)
     if schedule is None:
         schedule = default_schedule(base)
     clash = sorted(k for k in distill_settings if k in cond or k.startswith(UNCOND_PREFIX))

@@ -1,39 +1,18 @@
-"""Adapters: turn other libraries' networks into ``D(x, sigma [B], **cond) -> x0_hat``.
+"""Adapters: other libraries' networks as EDM denoisers ``D(x, sigma [B], **cond) -> x0_hat``.
 
-All solvers here work in EDM's variance-exploding convention ``x = x0 + sigma n``. The
-adapters do the conversions:
-
-`DiffusersDenoiser` (a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` trained as a
-discrete-time VP model with ``alphas_cumprod`` ``a_t``):
-
-- VP <-> VE: ``x_vp = sqrt(a) x0 + sqrt(1 - a) n`` with ``sigma = sqrt((1 - a) / a)``, so
-  ``x_vp = x / sqrt(1 + sigma^2)``;
-- timestep: the (fractional) index ``t`` where the table ``sigma_t = sqrt((1-a_t)/a_t)``
-  takes the value sigma, by linear interpolation of ``log sigma_t`` between neighbouring
-  integers (sigmas outside the table are clamped to its ends; ``quantize=True`` rounds to
-  the nearest integer timestep);
-- output: ``"epsilon"``: ``D = x - sigma eps``; ``"v_prediction"`` (``v = alpha eps - s x0``
-  with ``alpha = 1/sqrt(1+sigma^2)``, ``s = sigma alpha``): ``D = x / (1 + sigma^2) -
-  sigma / sqrt(1 + sigma^2) v``; ``"sample"``: D is the output.
-
-Conditioning keywords are passed to the unet (``class_labels`` for ``UNet2DModel`` with
-class embeddings, ``encoder_hidden_states`` for ``UNet2DConditionModel``); they must
-already be repeated per sample (the solvers and `epd_kernels.branches` do that).
-
-`KDiffusionDenoiser` wraps any k-diffusion-style ``model(x, sigma, **kw) -> denoised``
-(already in EDM's convention); `EpsDenoiser` wraps an eps-prediction model in sigma space
-(``D = x - sigma eps(c_in x, sigma)``), `VDenoiser` a v-prediction model in sigma space
-with a given sigma_data.
-
-diffusers is an optional dependency (``pip install diffusers``): it is imported only by
-`DiffusersDenoiser.from_pretrained`; wrapping an already-built unet needs no import.
-"""
+`DiffusersDenoiser`: a diffusers discrete-time VP unet (input ``x / sqrt(1 + sigma^2)``, a
+fractional timestep interpolated in log sigma from ``alphas_cumprod``, epsilon / v / sample
+outputs converted to D). `KDiffusionDenoiser`: a k-diffusion-style denoiser; `EpsDenoiser`
+and `VDenoiser`: eps- and v-prediction models in sigma space. diffusers is imported only by
+`DiffusersDenoiser.from_pretrained`."""
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from .conditioning import copy_model_attrs, first_output, per_sample, sigma_rows
 
 __all__ = ["DiffusersDenoiser", "KDiffusionDenoiser", "EpsDenoiser", "VDenoiser",
            "require_diffusers"]
@@ -50,33 +29,26 @@ def require_diffusers():
     return diffusers
 
 
-def _sigma_vec(sigma, x: torch.Tensor, dtype=None) -> torch.Tensor:
-    s = torch.as_tensor(sigma, dtype=dtype or x.dtype, device=x.device)
-    if s.dim() == 0:
-        s = s.expand(x.shape[0])
-    if s.shape != (x.shape[0],):
-        raise ValueError(f"sigma must be a float, 0-d or [B]={x.shape[0]} tensor, got "
-                         f"{list(s.shape)}")
-    return s
+def config_value(obj, key, default=None):
+    """``obj.config[key]`` for a diffusers component (config dict or attribute)."""
+    cfg = getattr(obj, "config", None)
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
 
 
-def _bview(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return s.reshape((-1,) + (1,) * (x.dim() - 1))
+def module_place(module, device=None, dtype=torch.float32):
+    """(device, dtype) of a module's first parameter, else the given ones."""
+    if isinstance(module, nn.Module):
+        for p in module.parameters():
+            return p.device, p.dtype
+    return torch.device(device or "cpu"), dtype
 
 
 class DiffusersDenoiser(nn.Module):
-    """EDM-style denoiser from a diffusers discrete-time (VP) unet.
-
-    Args:
-        unet: a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (or any callable
-            ``unet(sample, timestep [B], **cond)`` returning a tensor, a tuple or an object
-            with ``.sample``).
-        alphas_cumprod: ``[T]`` cumulative products of ``1 - beta_t`` (``scheduler.alphas_cumprod``).
-        prediction_type: "epsilon", "v_prediction" or "sample" (``scheduler.config.prediction_type``).
-        quantize: round the timestep to the nearest integer instead of passing a fractional one.
-
-    ``sigma_min`` / ``sigma_max`` are the ends of the model's sigma table.
-    """
+    """EDM denoiser of a diffusers discrete-time (VP) unet (or any callable ``unet(sample,
+    timestep [B], **cond)``) with its scheduler's ``alphas_cumprod`` and prediction type;
+    ``quantize`` rounds the timestep. ``sigma_min`` / ``sigma_max``: its sigma table's ends."""
 
     def __init__(self, unet: Callable, alphas_cumprod, prediction_type: str = "epsilon",
                  quantize: bool = False):
@@ -98,17 +70,13 @@ class DiffusersDenoiser(nn.Module):
         self.quantize = bool(quantize)
         self.sigma_min = float(sig[0])
         self.sigma_max = float(sig[-1])
-        cfg = getattr(unet, "config", None)
-        get = (lambda k: (cfg.get(k) if isinstance(cfg, dict) else getattr(cfg, k, None))
-               ) if cfg is not None else (lambda k: None)
-        size, chans = get("sample_size"), get("in_channels")
+        size, chans = config_value(unet, "sample_size"), config_value(unet, "in_channels")
         if size is not None and chans is not None:
             hw = (size, size) if isinstance(size, int) else tuple(size)
             self.shape = (int(chans),) + tuple(int(v) for v in hw)
         else:
             self.shape = None
-        self.out_channels = get("out_channels")
-        ncls = get("num_class_embeds")
+        ncls = config_value(unet, "num_class_embeds")
         if ncls:
             self.num_classes = int(ncls)
 
@@ -150,21 +118,14 @@ class DiffusersDenoiser(nn.Module):
         return torch.exp(ls[lo] + w * (ls[lo + 1] - ls[lo]))
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        s = _sigma_vec(sigma, x)
-        sv = _bview(s, x)
+        s = sigma_rows(sigma, x)
+        sv = per_sample(s, x)
         x_vp = x / torch.sqrt(1 + sv * sv)
         t = self.sigma_to_t(s)
-        param = next(iter(self.unet.parameters()), None) if isinstance(self.unet, nn.Module) \
-            else None
-        net_dtype = param.dtype if param is not None else x.dtype
+        net_dtype = module_place(self.unet, dtype=x.dtype)[1]
         # Timesteps in float32 (what diffusers' embeddings compute in), float64 for float64 x.
         t = t.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        out = self.unet(x_vp.to(net_dtype), t, **cond)
-        if hasattr(out, "sample"):
-            out = out.sample
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
-        out = out.to(x.dtype)
+        out = first_output(self.unet(x_vp.to(net_dtype), t, **cond)).to(x.dtype)
         if out.shape[1] != x.shape[1]:  # learned variance: [eps, var] -> eps
             out = out[:, :x.shape[1]]
         if self.prediction_type == "epsilon":
@@ -175,12 +136,8 @@ class DiffusersDenoiser(nn.Module):
 
 
 class KDiffusionDenoiser(nn.Module):
-    """Wraps a k-diffusion-style ``model(x, sigma [B], **kw) -> denoised`` (EDM convention).
-
-    Makes sigma a ``[B]`` tensor in x's dtype/device and forwards the conditioning;
-    ``shape``, ``sigma_min``, ``sigma_max`` and ``num_classes`` are copied from the model
-    when it has them (or given here).
-    """
+    """A k-diffusion-style ``model(x, sigma [B], **kw) -> denoised``, with sigma made [B];
+    ``shape``, ``sigma_min``, ``sigma_max``, ``num_classes`` given or copied from the model."""
 
     def __init__(self, model: Callable, shape=None, sigma_min: Optional[float] = None,
                  sigma_max: Optional[float] = None):
@@ -188,25 +145,16 @@ class KDiffusionDenoiser(nn.Module):
         if not callable(model):
             raise ValueError("model must be callable")
         self.inner = model
-        self.shape = shape if shape is not None else getattr(model, "shape", None)
-        for name, val in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-            v = val if val is not None else getattr(model, name, None)
-            if v is not None:
-                setattr(self, name, float(v))
-        if getattr(model, "num_classes", None) is not None:
-            self.num_classes = model.num_classes
+        self.shape = None
+        copy_model_attrs(self, model, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        return self.inner(x, _sigma_vec(sigma, x), **cond)
+        return self.inner(x, sigma_rows(sigma, x), **cond)
 
 
 class EpsDenoiser(KDiffusionDenoiser):
-    """Wraps a noise-prediction model in sigma space: ``D = x - sigma * eps``.
-
-    ``eps = model(c_in * x, sigma [B], **cond)`` with ``c_in = 1`` (``input_scaling="none"``,
-    the model sees ``x = x0 + sigma n``) or ``c_in = 1 / sqrt(1 + sigma^2)``
-    (``input_scaling="vp"``, the model sees the VP-scaled input).
-    """
+    """``D = x - sigma eps(c_in x, sigma)`` with ``c_in = 1`` (``input_scaling="none"``) or
+    ``1 / sqrt(1 + sigma^2)`` (``"vp"``)."""
 
     def __init__(self, model: Callable, input_scaling: str = "none", **kw):
         super().__init__(model, **kw)
@@ -215,26 +163,23 @@ class EpsDenoiser(KDiffusionDenoiser):
         self.input_scaling = input_scaling
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        s = _sigma_vec(sigma, x)
-        sv = _bview(s, x)
+        s = sigma_rows(sigma, x)
+        sv = per_sample(s, x)
         xin = x / torch.sqrt(1 + sv * sv) if self.input_scaling == "vp" else x
         return x - sv * self.inner(xin, s, **cond)
 
 
 class VDenoiser(KDiffusionDenoiser):
-    """Wraps a v-prediction model in sigma space with data std ``sigma_data``:
-
-    ``D = c_skip x + c_out v(c_in x, sigma)``, ``c_skip = sd^2/(sigma^2+sd^2)``,
-    ``c_out = -sigma sd / sqrt(sigma^2+sd^2)``, ``c_in = 1/sqrt(sigma^2+sd^2)``.
-    """
+    """A v-prediction model in sigma space: ``D = c_skip x + c_out v(c_in x, sigma)`` with
+    EDM's coefficients for ``sigma_data`` (c_out negated for v)."""
 
     def __init__(self, model: Callable, sigma_data: float = 1.0, **kw):
         super().__init__(model, **kw)
         self.sigma_data = float(sigma_data)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        s = _sigma_vec(sigma, x)
-        sv = _bview(s, x)
+        s = sigma_rows(sigma, x)
+        sv = per_sample(s, x)
         sd2 = self.sigma_data ** 2
         r = torch.sqrt(sv * sv + sd2)
         v = self.inner(x / r, s, **cond)

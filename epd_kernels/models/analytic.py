@@ -1,33 +1,10 @@
-"""Analytic denoisers: exact D(x, sigma) for Gaussian and Gaussian-mixture data.
+"""Analytic denoisers: the exact D(x, sigma) of Gaussian and Gaussian-mixture data.
 
-They need no download or training and give exact oracles for the solvers:
-
-- `GaussianModel`: data ``x0 ~ N(mu, diag(s^2))``. With ``x = x0 + sigma * n``,
-
-      D(x, sigma) = E[x0 | x] = mu + s^2 / (s^2 + sigma^2) * (x - mu)
-
-  and the probability-flow ODE ``dx/dsigma = (x - D) / sigma = sigma (x - mu) / (s^2 + sigma^2)``
-  has the closed-form solution
-
-      x(sigma) - mu = (x_T - mu) * sqrt((s^2 + sigma^2) / (s^2 + sigma_T^2)).
-
-- `GaussianMixtureModel`: ``x0 ~ sum_k w_k N(mu_k, diag(s_k^2))``. Then
-  ``p(x | k; sigma) = N(mu_k, diag(s_k^2 + sigma^2))`` and
-
-      D(x, sigma) = sum_k gamma_k(x, sigma) * (mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k)),
-      gamma_k = softmax_k(log w_k + log N(x; mu_k, s_k^2 + sigma^2))      (log-sum-exp)
-
-  With ``class_labels`` the model is conditioned on a component: integer labels ``[B]``
-  select component ``k`` (``D = D_k``); float labels ``[B, K]`` (e.g. one-hot) replace the
-  prior weights by ``w_k * labels_k`` (zeros exclude a component). No closed-form ODE
-  solution exists; `reference_solution` integrates the ODE to high accuracy.
-
-Both are ``torch.nn.Module`` s called as ``D(x, sigma, **cond)`` with ``x [B, *shape]`` and
-``sigma [B]`` (a float or 0-d tensor is broadcast); they compute in x's dtype and move with
-``.to(device, dtype)``. `reference_solution` (on both) solves the ODE in float64 with
-scipy's DOP853 in the variable ``u = log sigma`` (``dx/du = x - D``), which is smooth and
-non-stiff over the whole range ``[sigma_min, sigma_max]``.
-"""
+`GaussianModel` (``N(mu, diag(s^2))``: ``D = mu + s^2 / (s^2 + sigma^2) (x - mu)``, and its
+ODE has a closed-form solution, `exact_solution`) and `GaussianMixtureModel` (posterior-
+weighted component denoisers; ``class_labels`` select or reweight components). Both
+compute in x's dtype; `reference_solution` solves the ODE in float64 with scipy's DOP853 in
+``u = log sigma`` (``dx/du = x - D``)."""
 from __future__ import annotations
 
 import math
@@ -36,20 +13,15 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .conditioning import check_shape, int_labels, per_sample, sigma_rows
+
 __all__ = ["AnalyticDenoiser", "GaussianModel", "GaussianMixtureModel"]
 
 Tensorish = Union[torch.Tensor, float, Sequence[float]]
 
 
 def _sigma_view(sigma, x: torch.Tensor) -> torch.Tensor:
-    """sigma as a [B, 1, ..., 1] tensor in x's dtype/device (accepts float, 0-d or [B])."""
-    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-    if s.dim() == 0:
-        s = s.expand(x.shape[0])
-    if s.dim() != 1 or s.shape[0] != x.shape[0]:
-        raise ValueError(f"sigma must be a float, a 0-d tensor or a [B]={x.shape[0]} tensor, got "
-                         f"shape {list(s.shape)}")
-    return s.reshape((-1,) + (1,) * (x.dim() - 1))
+    return per_sample(sigma_rows(sigma, x), x)
 
 
 class AnalyticDenoiser(nn.Module):
@@ -63,20 +35,14 @@ class AnalyticDenoiser(nn.Module):
         return math.prod(self.shape)
 
     def _check_x(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[1:]) != tuple(self.shape):
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.shape))}], got "
-                             f"{list(x.shape)}")
+        check_shape(x, self.shape)
 
     @torch.no_grad()
     def reference_solution(self, x_T: torch.Tensor, sigma_T: float, sigma_end: float,
                            rtol: float = 1e-12, atol: float = 1e-12, method: str = "DOP853",
                            **cond) -> torch.Tensor:
-        """x(sigma_end) from x(sigma_T) = x_T, by scipy ``solve_ivp`` in float64.
-
-        The ODE is written in ``u = log sigma``: ``dx/du = x - D(x, e^u)``. All samples are
-        integrated jointly (one adaptive step size for the batch, which only makes the
-        error control stricter). Returns a tensor shaped, typed and placed like x_T.
-        """
+        """x(sigma_end) from x(sigma_T) = x_T, by scipy ``solve_ivp`` in float64 in
+        ``u = log sigma``, the whole batch at once (one step size: stricter error control)."""
         from scipy.integrate import solve_ivp
 
         self._check_x(x_T)
@@ -105,12 +71,8 @@ class AnalyticDenoiser(nn.Module):
 
 
 class GaussianModel(AnalyticDenoiser):
-    """Per-dimension Gaussian data ``N(mean, std^2)``; exact denoiser and exact ODE solution.
-
-    Args:
-        mean, std: tensors (or numbers) broadcastable to `shape`; ``std > 0``.
-        shape: per-sample shape; default: the broadcast shape of mean and std.
-    """
+    """Per-dimension Gaussian data ``N(mean, std^2)`` (``shape`` default: mean's and std's
+    broadcast shape); exact denoiser and exact ODE solution."""
 
     def __init__(self, mean: Tensorish, std: Tensorish, shape: Optional[Sequence[int]] = None):
         super().__init__()
@@ -150,16 +112,9 @@ class GaussianModel(AnalyticDenoiser):
 
 
 class GaussianMixtureModel(AnalyticDenoiser):
-    """Mixture ``sum_k w_k N(means_k, diag(stds_k^2))`` with an exact denoiser.
-
-    Args:
-        means: ``[K, *shape]``.
-        stds: a number (shared), ``[K]`` (one isotropic std per component) or ``[K, *shape]``.
-        weights: ``[K]`` non-negative, normalised here; default uniform.
-
-    Conditioning: ``class_labels`` as int64 ``[B]`` (component index) or float ``[B, K]``
-    (multiplies the prior weights; one-hot selects a component).
-    """
+    """Mixture ``sum_k w_k N(means_k [K, *shape], diag(stds_k^2))`` with an exact denoiser;
+    ``stds`` a number, ``[K]`` or ``[K, *shape]``; ``weights`` default uniform. Integer
+    ``class_labels [B]`` select a component; float ``[B, K]`` reweight the prior."""
 
     def __init__(self, means: Tensorish, stds: Tensorish = 1.0,
                  weights: Optional[Tensorish] = None):
@@ -171,14 +126,9 @@ class GaussianMixtureModel(AnalyticDenoiser):
         K = means.shape[0]
         self.shape = tuple(means.shape[1:])
         stds = torch.as_tensor(stds, dtype=torch.float64)
-        if stds.dim() == 0:
-            stds = stds.expand(K)
-        iso = stds.clone() if stds.dim() == 1 and stds.shape[0] == K else None
-        if stds.dim() == 1:
-            if stds.shape[0] != K:
-                raise ValueError(f"stds must be a number, [K]={K} or [K, *shape], got "
-                                 f"{list(stds.shape)}")
-            stds = stds.reshape((K,) + (1,) * len(self.shape)).expand(means.shape)
+        iso = stds.expand(K).clone() if stds.dim() == 0 or stds.shape == (K,) else None
+        if iso is not None:
+            stds = iso.reshape((K,) + (1,) * len(self.shape)).expand(means.shape)
         if tuple(stds.shape) != tuple(means.shape):
             raise ValueError(f"stds must be a number, [K]={K} or [K, *shape]={list(means.shape)}, "
                              f"got {list(stds.shape)}")
@@ -209,13 +159,9 @@ class GaussianMixtureModel(AnalyticDenoiser):
         if class_labels is None:
             return logw
         lab = torch.as_tensor(class_labels, device=x.device)
-        if lab.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
-            if lab.shape != (B,):
-                raise ValueError(f"integer class_labels must be [B]={B}, got {list(lab.shape)}")
-            if (lab < 0).any() or (lab >= K).any():
-                raise ValueError(f"class_labels must be in 0..{K - 1}")
+        if not lab.is_floating_point():
             mask = torch.full((B, K), -math.inf, dtype=x.dtype, device=x.device)
-            mask.scatter_(1, lab.long()[:, None], 0.0)
+            mask.scatter_(1, int_labels(lab, B, K)[:, None], 0.0)
             return mask  # only the selected component; its weight cancels in the softmax
         if lab.shape != (B, K):
             raise ValueError(f"float class_labels must be [B, K]=[{B}, {K}], got {list(lab.shape)}")

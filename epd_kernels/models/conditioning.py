@@ -1,23 +1,9 @@
 """Conditioning helpers shared by the model wrappers: row matching and a missing-label check.
 
-`match_rows(value, rows)` gives a conditioning tensor the batch of a denoiser call. The
-solvers call the denoiser on ``B`` rows (one per sample), and EPD's branch call on ``K*B``
-rows, branch-major: rows ``k*B .. k*B+B-1`` are branch k, and every per-sample tensor is
-tiled K times in that order (`epd_kernels.branches.repeat_cond`). A wrapper that holds its
-own conditioning (`CFGDenoiser`'s ``uncond``) must tile it the same way, so:
-
-* a tensor of leading dimension ``rows`` is used as it is;
-* a tensor of leading dimension 1 is broadcast to every row (one empty prompt, one null
-  class for the whole batch);
-* a tensor of leading dimension ``b`` with ``rows = m * b`` is tiled m times, block after
-  block (``cat([v] * m)``), exactly as `repeat_cond` tiles the per-sample tensors.
-
-`warn_missing_labels(denoiser, cond, where)` warns once when a class-conditional model (one
-with a ``num_classes`` attribute) is called without its labels: such a model then runs on
-whatever its default is (often an unconditional or a "class 0" embedding), which gives
-plausible-looking but wrong samples and, in distillation, parameters fitted to the wrong
-trajectories.
-"""
+A denoiser call has B rows, or K*B in EPD's branch call, where per-sample tensors are tiled
+K times branch after branch (`epd_kernels.branches.repeat_cond`); `match_rows` gives a
+wrapper's own conditioning the same rows. `warn_missing_labels` warns once when a
+class-conditional model is called without its labels (it would sample from its default)."""
 from __future__ import annotations
 
 import warnings
@@ -26,17 +12,68 @@ from typing import Callable
 
 import torch
 
-__all__ = ["match_rows", "warn_missing_labels", "MissingLabelsWarning", "LABEL_KEYWORD"]
+__all__ = ["match_rows", "warn_missing_labels", "MissingLabelsWarning"]
 
 #: The keyword under which class-conditional denoisers take their labels (diffusers'
 #: ``UNet2DModel``, the package's own models).
 LABEL_KEYWORD = "class_labels"
 
 
+def sigma_rows(sigma, x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """sigma (a float, 0-d or [B] tensor) as a [B] tensor in x's device and ``dtype``."""
+    s = torch.as_tensor(sigma, dtype=dtype or x.dtype, device=x.device)
+    if s.dim() == 0:
+        s = s.expand(x.shape[0])
+    if s.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a float, 0-d or [B]={x.shape[0]} tensor, got "
+                         f"{list(s.shape)}")
+    return s
+
+
+def per_sample(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A [B] tensor viewed as [B, 1, ..., 1] to broadcast against x."""
+    return s.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def check_shape(x: torch.Tensor, shape, name: str = "x") -> None:
+    """ValueError unless x is [B, *shape]."""
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(f"{name} must have shape [B, {', '.join(map(str, shape))}], got "
+                         f"{list(x.shape)}")
+
+
+def int_labels(labels: torch.Tensor, B: int, num_classes: int) -> torch.Tensor:
+    """Integer class labels (0-d broadcast) as a checked int64 [B] tensor."""
+    if labels.dim() == 0:
+        labels = labels.expand(B)
+    if labels.shape != (B,):
+        raise ValueError(f"integer class_labels must be [B]={B}, got {list(labels.shape)}")
+    if (labels < 0).any() or (labels >= num_classes).any():
+        raise ValueError(f"class_labels must be in 0..{num_classes - 1}")
+    return labels.long()
+
+
+def copy_model_attrs(wrapper, model, names=("shape", "sigma_min", "sigma_max", "num_classes"),
+                     **given) -> None:
+    """Sets on `wrapper` the model attributes that samplers and the CLI read: the ones
+    `given`, else `model`'s."""
+    for name in names:
+        value = given.get(name)
+        value = getattr(model, name, None) if value is None else value
+        if value is not None:
+            setattr(wrapper, name, value)
+
+
+def first_output(out) -> torch.Tensor:
+    """The tensor of a network's output: itself, its ``.sample``, or its first item."""
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def match_rows(value: torch.Tensor, rows: int, name: str = "conditioning") -> torch.Tensor:
-    """``value`` with ``rows`` rows: as is, broadcast from one row, or tiled block-wise
-    (see the module docstring). ValueError naming ``name`` when ``rows`` is not a multiple
-    of its leading dimension."""
+    """``value`` with ``rows`` rows: as is, broadcast from one row, or tiled block-wise as
+    `repeat_cond` tiles per-sample tensors."""
     if not isinstance(value, torch.Tensor) or value.dim() < 1:
         got = "a 0-d tensor" if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"{name} must be a tensor with a leading batch dimension, got {got}")
@@ -58,18 +95,14 @@ class MissingLabelsWarning(UserWarning):
 # denoiser -> the `where`s already warned about (weak keys: a denoiser that goes away takes
 # its entry with it); objects that cannot be weakly referenced are remembered by id.
 _WARNED = weakref.WeakKeyDictionary()
-_WARNED_BY_ID: set = set()
+_WARNED_BY_ID: dict = {}
 
 
 def _already_warned(denoiser, where: str) -> bool:
     try:
         seen = _WARNED.setdefault(denoiser, set())
     except TypeError:
-        key = (id(denoiser), where)
-        if key in _WARNED_BY_ID:
-            return True
-        _WARNED_BY_ID.add(key)
-        return False
+        seen = _WARNED_BY_ID.setdefault(id(denoiser), set())
     if where in seen:
         return True
     seen.add(where)
@@ -78,9 +111,8 @@ def _already_warned(denoiser, where: str) -> bool:
 
 def warn_missing_labels(denoiser: Callable, cond: dict, where: str,
                         keyword: str = LABEL_KEYWORD) -> bool:
-    """Warns (`MissingLabelsWarning`, once per denoiser and ``where``) when ``denoiser``
-    declares ``num_classes`` (an integer > 0) but ``cond`` has no ``keyword`` (or has it as
-    None). Returns True when the labels are missing, warned now or before."""
+    """Warns once per denoiser and ``where`` when a model with ``num_classes`` gets no
+    ``keyword``; True when the labels are missing."""
     num_classes = getattr(denoiser, "num_classes", None)
     if not num_classes or isinstance(num_classes, bool):
         return False

@@ -1,22 +1,10 @@
 """The 8x8 handwritten digits and their exact (optimal) denoiser.
 
-Data: the 1797 8x8 digits that scikit-learn ships (UCI Optical Recognition of Handwritten
-Digits, CC BY 4.0; see ``models/data/README.md``), stored in ``models/data/digits.npz`` so
-no scikit-learn is needed at run time. Pixels 0..16 are scaled to ``[-1, 1]`` as
-``x / 8 - 1``.
-
-`DigitsExactDenoiser` (``load_model("digits-exact")``) is the exact denoiser of the
-*empirical* distribution ``p = (1/N) sum_i delta(y_i)``: with ``x = y + sigma n``,
-
-    D(x, sigma) = E[y | x] = sum_i w_i y_i,   w = softmax_i(-|x - y_i|^2 / (2 sigma^2))
-
-evaluated with the log-sum-exp shift (stable for any sigma) in batches. Its probability-
-flow ODE has no closed form but is smooth and can be solved to high accuracy;
-`DigitsExactDenoiser.reference_solution` does so in float64 and is what "error to the
-reference" means in the demos. Being exact for the *training set*, its ODE memorises: every
-trajectory ends on (within sigma_min of) one of the 1797 images. That is expected; the
-trained U-Net (``"digits-unet"``) is the model that generalises.
-"""
+The 1797 digits scikit-learn ships (CC BY 4.0, see ``models/data/README.md``), stored in
+``models/data/digits.npz`` and scaled to ``[-1, 1]`` as ``x / 8 - 1``. `DigitsExactDenoiser`
+(``load_model("digits-exact")``) is the exact denoiser of the empirical distribution,
+``D = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``; its ODE memorises (every trajectory
+ends on a training image), and `reference_solution` solves it in float64."""
 from __future__ import annotations
 
 import math
@@ -28,7 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["DATA_FILE", "load_digits_data", "DigitsExactDenoiser"]
+from .conditioning import check_shape, int_labels, sigma_rows
+
+__all__ = ["load_digits_data", "DigitsExactDenoiser"]
 
 DATA_FILE = Path(__file__).parent / "data" / "digits.npz"
 NUM_CLASSES = 10
@@ -36,10 +26,7 @@ NUM_CLASSES = 10
 
 def load_digits_data(device=None, dtype: torch.dtype = torch.float32
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(images [1797, 1, 8, 8] in [-1, 1], labels [1797] int64 in 0..9)``.
-
-    Images are the stored 0..16 values mapped by ``x / 8 - 1`` (so 0 -> -1, 16 -> 1).
-    """
+    """``(images [1797, 1, 8, 8] in [-1, 1], labels [1797] int64 in 0..9)``."""
     with np.load(DATA_FILE) as f:
         imgs = f["images"]
         labels = f["labels"]
@@ -49,19 +36,12 @@ def load_digits_data(device=None, dtype: torch.dtype = torch.float32
 
 
 class DigitsExactDenoiser(nn.Module):
-    """Exact denoiser of the empirical digits distribution (optionally class-conditional).
+    """Exact denoiser of ``images`` (default: the digits), in x's dtype.
 
-    Args:
-        images: ``[N, 1, 8, 8]`` data (default: all 1797 digits from `load_digits_data`).
-        labels: ``[N]`` int labels (default: the digits' labels; needed for conditioning).
-        batch_size: samples per chunk of the ``[chunk, N]`` distance matrix (memory bound).
-
-    Call: ``D(x [B, 1, 8, 8], sigma [B] | float, class_labels=None)``. ``class_labels``:
-    int ``[B]`` restricts sample b to the images of class ``class_labels[b]``; float
-    ``[B, 10]`` (e.g. one-hot) multiplies the prior weight of each image by the entry of
-    its class (zeros exclude a class). Computes in x's dtype (use float64 for reference
-    work); the data is centred first, which keeps the ``|x|^2 - 2 x.y + |y|^2`` expansion
-    accurate in float32 down to sigma_min.
+    Integer ``class_labels [B]`` restrict each sample to its class's images; float ``[B, 10]``
+    multiply each image's prior weight by its class's entry. ``batch_size`` rows at a time
+    bound the ``[chunk, N]`` distance matrix. The data is centred, which keeps the
+    ``|x|^2 - 2 x.y + |y|^2`` expansion accurate in float32 down to sigma_min.
     """
 
     sigma_min = 0.002
@@ -103,8 +83,7 @@ class DigitsExactDenoiser(nn.Module):
         return (self.data + self.mean).reshape((-1,) + self.shape)
 
     def _int_labels(self, class_labels, B: int, device) -> Optional[torch.Tensor]:
-        """Integer ``class_labels`` checked and expanded to ``[B]``; None for no labels or
-        float (weighted) labels."""
+        """Integer ``class_labels`` as a checked ``[B]``; None for none or float labels."""
         if class_labels is None:
             return None
         if self.labels is None:
@@ -112,26 +91,21 @@ class DigitsExactDenoiser(nn.Module):
         lab = torch.as_tensor(class_labels, device=device)
         if lab.is_floating_point():
             return None
-        if lab.dim() == 0:
-            lab = lab.expand(B)
-        if lab.shape != (B,):
-            raise ValueError(f"integer class_labels must be [B]={B}, got {list(lab.shape)}")
-        if (lab < 0).any() or (lab >= NUM_CLASSES).any():
-            raise ValueError(f"class_labels must be in 0..{NUM_CLASSES - 1}")
+        lab = int_labels(lab, B, NUM_CLASSES)
         if any(len(self._class_images[c]) == 0 for c in torch.unique(lab).tolist()):
             raise ValueError("a requested class has no image in this data set")
-        return lab.long()
+        return lab
 
     def _log_weights(self, class_labels, B: int, device, dtype) -> torch.Tensor:
         """``[B, N]`` log prior weight of every image for float class weights ``[B, 10]``."""
         lab = torch.as_tensor(class_labels, device=device)
         if lab.dim() != 2 or lab.shape[0] != B:
-            raise ValueError(f"float class_labels must be [B, {NUM_CLASSES}], got {list(lab.shape)}")
+            raise ValueError(f"float class_labels must be [B, {NUM_CLASSES}], got "
+                             f"{list(lab.shape)}")
         return torch.log(lab.to(dtype)[:, self.labels.to(device)])
 
     def _posterior_mean(self, xf, s, Y, y2, logp=None) -> torch.Tensor:
-        """``sum_i w_i Y_i`` for centred rows ``xf [B, F]`` against centred images ``Y``, in
-        chunks of ``batch_size`` rows (the ``[chunk, N]`` matrix bounds the memory)."""
+        """``sum_i w_i Y_i`` for centred rows ``xf`` against centred images ``Y``, by chunks."""
         out = []
         for a in range(0, xf.shape[0], self.batch_size):
             b = min(xf.shape[0], a + self.batch_size)
@@ -145,16 +119,10 @@ class DigitsExactDenoiser(nn.Module):
         return torch.cat(out)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **unused) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.shape))}], got "
-                             f"{list(x.shape)}")
+        check_shape(x, self.shape)
         B = x.shape[0]
         dt, dev = x.dtype, x.device
-        s = torch.as_tensor(sigma, dtype=dt, device=dev)
-        if s.dim() == 0:
-            s = s.expand(B)
-        if s.shape != (B,):
-            raise ValueError(f"sigma must be a float, 0-d or [B]={B} tensor, got {list(s.shape)}")
+        s = sigma_rows(sigma, x)
         Y = self.data.to(device=dev, dtype=dt)
         y2 = self.sqnorm.to(device=dev, dtype=dt)
         mu = self.mean.to(device=dev, dtype=dt)
@@ -177,27 +145,20 @@ class DigitsExactDenoiser(nn.Module):
                 out = out.index_copy(0, r, self._posterior_mean(xf[r], s[r], Y[keep], y2[keep]))
         return (out + mu).reshape(x.shape)
 
-    # ----------------------------------------------------------------------------------
     @torch.no_grad()
     def reference_solution(self, noise: torch.Tensor, sigma_max: float = 80.0,
                            sigma_min: float = 0.002, tol: float = 1e-6,
                            min_steps: int = 64, max_steps: int = 8192,
                            return_info: bool = False, class_labels=None):
-        """High-accuracy solution of the probability-flow ODE from ``noise * sigma_max``.
+        """x at ``sigma_min`` of the ODE from ``noise * sigma_max``, to ``tol`` (max-abs).
 
-        Float64, classical RK4 on the equivalent ODE ``dz/dw = D(z / w, 1 / w)`` for
-        ``z = x / sigma``, ``w = 1 / sigma`` (exact rewrite of ``dx/dsigma = (x - D)/sigma``;
-        it is linear-free and non-stiff: D is nearly constant both at large sigma, where it
-        is about the data mean, and at small sigma, where the posterior has collapsed onto
-        one image), on a grid uniform in log sigma. The number of steps starts at
-        ``min_steps`` and doubles until two successive solutions agree to ``tol``
-        (max-abs over all pixels of all samples); a warning is raised if ``max_steps`` is
-        reached first. Returns x at ``sigma_min`` (like noise: same dtype/device), and with
-        ``return_info`` also ``{"steps", "evals", "error_estimate"}`` (the last difference,
-        divided by 15: the Richardson estimate for a 4th-order method).
+        Float64 RK4 on ``dz/dw = D(z / w, 1 / w)`` (``z = x / sigma``, ``w = 1 / sigma``: an
+        exact, non-stiff rewrite, since D is nearly constant at both ends), on a grid uniform
+        in log sigma whose steps double from ``min_steps`` until two solutions agree
+        (a warning at ``max_steps``). ``return_info`` adds ``{"steps", "evals",
+        "error_estimate"}`` (the last difference / 15, Richardson for 4th order).
         """
-        if tuple(noise.shape[1:]) != self.shape:
-            raise ValueError(f"noise must have shape [B, {', '.join(map(str, self.shape))}]")
+        check_shape(noise, self.shape, "noise")
         model = self
         if self.data.dtype != torch.float64 or self.data.device.type != "cpu":
             import copy

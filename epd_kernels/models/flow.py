@@ -1,41 +1,11 @@
 r"""Flow-matching (rectified-flow) models as EDM denoisers: `FlowMatchDenoiser(model)`.
 
-Convention (Stable Diffusion 3, Flux): data ``x0``, noise ``n ~ N(0, I)``, time ``t`` in
-[0, 1] with ``t = 0`` the data and ``t = 1`` pure noise,
-
-    x_t = (1 - t) x0 + t n,
-
-and a velocity model ``v(x_t, t) = model(x_t, t [B], **cond)`` trained to predict
-``dx_t / dt = n - x0``. Sampling integrates ``dx_t/dt = v`` from t = 1 to t = 0.
-
-Conversion to EDM's ``x = x0 + sigma n`` (every solver here works in that form). Divide
-``x_t`` by ``1 - t``:
-
-    x_t / (1 - t) = x0 + (t / (1 - t)) n,
-
-which is EDM's state with
-
-    sigma = t / (1 - t),        x = x_t / (1 - t).
-
-Inverting, ``t = sigma / (1 + sigma)``, ``1 - t = 1 / (1 + sigma)``, so the model's input is
-``x_t = x / (1 + sigma)``. The denoised estimate follows from the velocity: with
-``v = n - x0``, ``x_t = (1 - t) x0 + t (v + x0) = x0 + t v``, hence
-
-    D(x, sigma) = x0_hat = x_t - t v(x_t, t),     t = sigma / (1 + sigma).
-
-This is exact, not an approximation: the two ODEs are the same curve. Along a solution,
-``x = x_t / (1 - t)`` and ``dsigma/dt = 1 / (1 - t)^2``, so ``dx/dsigma = (1 - t) dx_t/dt +
-x_t``, while EDM's right side is ``(x - D) / sigma = (x_t - (1 - t) x0_hat) / t``. Equating
-the two gives ``dx_t/dt = (x_t - x0_hat) / t = v``: the flow ODE. So a solver on the sigma
-grid integrates the flow, and the flow's sample at t = 0 is EDM's at sigma = 0.
-
-Range: ``sigma_max = 80`` is ``t = 80/81 ~ 0.988`` and ``sigma_min = 0.002`` is
-``t ~ 0.002``; t = 1 (sigma = inf) itself is never evaluated. EDM's start ``x = 80 n`` is
-``x_t = (80/81) n``, the noise end of the flow up to the data's share ``(1/81) x0``.
-
-``t_scale`` multiplies the time handed to the model, for models that take it in another
-unit (diffusers' SD3 / Flux transformers take ``1000 t`` as ``timestep``).
-"""
+Convention (SD3, Flux): ``x_t = (1 - t) x0 + t n`` with t in [0, 1] and a velocity model
+``v(x_t, t) = model(x_t, t [B], **cond)`` predicting ``n - x0``. Dividing by ``1 - t`` gives
+EDM's state: ``sigma = t / (1 - t)``, ``x = x_t / (1 - t)``, and ``D(x, sigma) = x_t - t v``.
+The two ODEs are the same curve, so a solver on the sigma grid integrates the flow exactly
+(docs/design.md, "EDM convention"). ``t_scale`` multiplies the time handed to the model
+(diffusers' SD3 / Flux transformers take ``1000 t``)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -43,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .adapters import _bview, _sigma_vec
+from .conditioning import copy_model_attrs, first_output, per_sample, sigma_rows
 
 __all__ = ["FlowMatchDenoiser", "sigma_to_flow_t", "flow_t_to_sigma"]
 
@@ -59,17 +29,8 @@ def flow_t_to_sigma(t):
 
 
 class FlowMatchDenoiser(nn.Module):
-    """EDM denoiser ``D(x, sigma [B], **cond)`` of a rectified-flow velocity model.
-
-    Args:
-        model: ``model(x_t [B, ...], t [B], **cond) -> v`` predicting ``n - x0`` (see the
-            module docstring for the conversion). An ``nn.Module`` is registered as a
-            submodule. The output may also be a tuple (first item) or carry ``.sample``.
-        t_scale: the model receives ``t * t_scale`` (1000 for diffusers' SD3 / Flux).
-        shape: per-sample shape (default: ``model.shape`` if present).
-
-    The time tensor is in x's dtype (float32 for half-precision x).
-    """
+    """EDM denoiser of a velocity model ``model(x_t, t [B], **cond) -> v``; the model gets
+    ``t * t_scale`` in float32 (float64 for float64 x)."""
 
     def __init__(self, model: Callable, t_scale: float = 1.0, shape=None):
         super().__init__()
@@ -80,18 +41,14 @@ class FlowMatchDenoiser(nn.Module):
             raise ValueError(f"t_scale must be > 0, got {t_scale!r}")
         self.model = model
         self.t_scale = t_scale
-        self.shape: Optional[tuple] = shape if shape is not None else getattr(model, "shape", None)
-        if getattr(model, "num_classes", None) is not None:
-            self.num_classes = model.num_classes
+        self.shape: Optional[tuple] = None
+        # the model's own sigma range, if any, is in t, not sigma: not copied
+        copy_model_attrs(self, model, ("shape", "num_classes"), shape=shape)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        s = _sigma_vec(sigma, x, dtype)
+        s = sigma_rows(sigma, x, dtype)
         t = s / (1 + s)
-        x_t = x / _bview(1 + s, x).to(x.dtype)
-        v = self.model(x_t, t * self.t_scale if self.t_scale != 1.0 else t, **cond)
-        if hasattr(v, "sample"):
-            v = v.sample
-        elif isinstance(v, (tuple, list)):
-            v = v[0]
-        return x_t - _bview(t, x).to(x.dtype) * v.to(x.dtype)
+        x_t = x / per_sample(1 + s, x).to(x.dtype)
+        v = first_output(self.model(x_t, t * self.t_scale if self.t_scale != 1.0 else t, **cond))
+        return x_t - per_sample(t, x).to(x.dtype) * v.to(x.dtype)

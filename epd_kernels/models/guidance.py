@@ -1,36 +1,10 @@
 """Classifier-free guidance as a denoiser: `CFGDenoiser(denoiser, guidance_scale, uncond)`.
 
-Guidance (Ho & Salimans 2022) mixes a conditional and an unconditional prediction of the
-same network. In the denoiser (x0) form used by every solver here:
-
-    D_cfg(x, sigma) = D_u + s (D_c - D_u),   D_c = D(x, sigma, **cond),  D_u = D(x, sigma, **uncond)
-
-(for ``D = x - sigma eps`` this is the usual ``eps_u + s (eps_c - eps_u)``, since the
-``x`` terms cancel). ``s = 1`` is the conditional model, ``s = 0`` the unconditional one.
-
-One call per evaluation: the conditional and unconditional rows are stacked into one batch
-of ``2N`` rows (``x`` and ``sigma`` twice, the conditioning of ``uncond``'s keywords as
-``[cond; uncond]``, any other per-row conditioning twice), so a solver's latency NFE is
-unchanged and EPD's branch call of ``K*B`` rows becomes one call of ``2*K*B`` rows.
-
-Rows. The solvers call the wrapper with ``N = B`` rows (one per sample) and EPD's branch
-call with ``N = K*B`` rows, in which every per-sample conditioning tensor is tiled K times,
-branch after branch (`epd_kernels.branches.repeat_cond`). ``uncond`` tensors and a
-per-sample scale are given the call's rows by `conditioning.match_rows`: one row is
-broadcast to all (the empty prompt, the null class), ``B`` rows are used as they are in a
-``B``-row call and tiled K times in the ``K*B`` call, like the conditioning.
-
-Per-row values that must follow a distillation's noise pool (or any batch other than the
-one the wrapper was built for) can instead travel with the conditioning: a keyword
-``uncond_<name>=`` given at call time (to `sample`, `distill`, a solver) is the
-unconditional value of ``<name>`` and wins over ``uncond[name]``; ``guidance_scale=`` at
-call time (a float or a per-row ``[B]`` tensor) wins over the wrapper's scale. Both are
-repeated for EPD's branches like any conditioning, since they are ordinary keywords there.
-
-Distillation works through the wrapper unchanged: the teacher and the student both call
-it, so the teacher uses the same guidance as the student, and gradients flow through the
-stacked call.
-"""
+``D_cfg = D_u + s (D_c - D_u)`` with the conditional and unconditional rows stacked into one
+call of 2N rows, so the latency NFE is unchanged (EPD's K*B-row branch call becomes 2*K*B).
+``uncond`` tensors and a per-row scale get the call's rows by `conditioning.match_rows`.
+Values that must follow a distillation's pool travel as call-time keywords: ``uncond_<name>=``
+overrides ``uncond[name]`` and ``guidance_scale=`` overrides the wrapper's scale."""
 from __future__ import annotations
 
 import math
@@ -40,7 +14,7 @@ from typing import Callable, Dict, Union
 import torch
 from torch import nn
 
-from .conditioning import match_rows
+from .conditioning import copy_model_attrs, match_rows
 
 __all__ = ["CFGDenoiser", "UNCOND_PREFIX", "SCALE_KEYWORD"]
 
@@ -69,19 +43,9 @@ def _check_scale(scale, name: str = "guidance_scale") -> Scale:
 class CFGDenoiser(nn.Module):
     """``D_u + s (D_c - D_u)`` of ``denoiser`` with one stacked call per evaluation.
 
-    Args:
-        denoiser: ``D(x [N, ...], sigma [N], **cond) -> x0_hat`` (an ``nn.Module`` is
-            registered as a submodule, so ``.to()`` and freezing reach it).
-        guidance_scale: ``s``, a float or a per-sample ``[B]`` tensor (see the module
-            docstring for rows).
-        uncond: the conditioning of the unconditional branch, a dict of tensors whose keys
-            are conditioning keywords of the denoiser (``{"encoder_hidden_states":
-            empty_prompt_embeddings}``, ``{"class_labels": null_class}``), each with 1 row
-            or one per sample. Every key must also be given at call time (the conditional
-            value); keywords not in ``uncond`` are shared by both branches.
-
-    ``shape``, ``sigma_min``, ``sigma_max`` and ``num_classes`` are copied from the denoiser
-    when it has them.
+    ``uncond`` maps conditioning keywords to their unconditional tensors (1 row or one per
+    sample), e.g. ``{"class_labels": null_class}``; each must also be given at call time,
+    and keywords not in it are shared by both halves. ``guidance_scale``: a float or [B].
     """
 
     def __init__(self, denoiser: Callable, guidance_scale: Scale,
@@ -101,10 +65,7 @@ class CFGDenoiser(nn.Module):
         self.denoiser = denoiser
         self.guidance_scale = _check_scale(guidance_scale)
         self.uncond = dict(uncond)
-        for name in ("shape", "sigma_min", "sigma_max", "num_classes"):
-            value = getattr(denoiser, name, None)
-            if value is not None:
-                setattr(self, name, value)
+        copy_model_attrs(self, denoiser)
 
     def extra_repr(self) -> str:
         s = self.guidance_scale

@@ -1,19 +1,9 @@
 """`load_model(spec)`: an embedded denoiser by name, or any model from ``"module:factory"``.
 
-    load_model("digits-unet")       # the default: trained class-conditional U-Net, [1, 8, 8]
-    load_model("digits-exact")      # exact denoiser of the 1797 digits (memorising), [1, 8, 8]
-    load_model("gaussian")          # GaussianModel in 64 dims (closed-form ODE solution)
-    load_model("gmm")               # 8-component GaussianMixtureModel in 64 dims
-    load_model("my_pkg.models:build_denoiser")   # calls build_denoiser(**kwargs)
-
-Every model is a callable ``D(x [B, *shape], sigma [B], **cond) -> x0_hat`` with a
-``.shape`` attribute (per-sample shape), ``.sigma_min`` / ``.sigma_max`` (the sampling
-range it is meant for; 0.002 and 80 here) and, for conditional models, ``.num_classes``.
-Embedded models are ``nn.Module`` s in eval mode; ``device`` moves them. For
-``"module:factory"`` the factory is called with ``**kwargs`` and its result returned
-(moved to ``device`` if it is an ``nn.Module``); the attribute path after ":" may be
-dotted (``"pkg.mod:Class.create"``).
-"""
+Names: "digits-unet" (the default), "digits-exact", "gaussian", "gmm" (64 dims). Every model
+has ``.shape``, ``.sigma_min`` / ``.sigma_max`` and, if conditional, ``.num_classes``. For
+``"pkg.mod:factory"`` (the path after ":" may be dotted) the factory is called with
+``**kwargs``; an ``nn.Module`` is put in eval mode and moved to ``device``."""
 from __future__ import annotations
 
 import importlib
@@ -22,7 +12,7 @@ from typing import Callable, Dict
 
 import torch
 
-__all__ = ["load_model", "model_names", "DEFAULT_MODEL", "gaussian_default", "gmm_default"]
+__all__ = ["load_model", "model_names", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "digits-unet"
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -35,8 +25,7 @@ def _tag(model, **attrs):
 
 
 def gaussian_default():
-    """``N(mean, diag(std^2))`` in 64 dims: ``mean_i = 0.5 cos(0.3 i)``, std geometric from
-    0.05 to 1 (a 20x spread of scales, so the ODE has both fast and slow directions)."""
+    """64 dims with stds from 0.05 to 1, so the ODE has fast and slow directions."""
     from .analytic import GaussianModel
 
     i = torch.arange(64, dtype=torch.float64)
@@ -46,9 +35,7 @@ def gaussian_default():
 
 
 def gmm_default():
-    """8 isotropic components in 64 dims: means ``N(0, I)`` drawn with seed 0, stds 0.1..0.4,
-    uniform weights. ``class_labels`` (int ``[B]`` in 0..7 or ``[B, 8]`` weights) select
-    components."""
+    """8 isotropic components in 64 dims (``class_labels`` select them)."""
     from .analytic import GaussianMixtureModel
 
     g = torch.Generator().manual_seed(0)
@@ -58,21 +45,14 @@ def gmm_default():
                 num_classes=8)
 
 
-def _digits_exact():
-    from .digits import DigitsExactDenoiser
-
-    return DigitsExactDenoiser()
-
-
-def _digits_unet():
-    from .unet import load_digits_unet
-
-    return load_digits_unet()
+def _lazy(module: str, attr: str) -> Callable:
+    """A factory calling ``module.attr()``, imported on first use."""
+    return lambda: getattr(importlib.import_module(module, __package__), attr)()
 
 
 _MODELS: Dict[str, Callable] = {
-    "digits-unet": _digits_unet,
-    "digits-exact": _digits_exact,
+    "digits-unet": _lazy(".unet", "load_digits_unet"),
+    "digits-exact": _lazy(".digits", "DigitsExactDenoiser"),
     "gaussian": gaussian_default,
     "gmm": gmm_default,
 }
@@ -94,8 +74,8 @@ def _from_factory(spec: str, kwargs: dict):
                          f"({type(e).__name__}: {e})") from e
     for part in attr_path.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"model spec {spec!r}: {obj.__name__ if hasattr(obj, '__name__') else obj!r} "
-                             f"has no attribute {part!r}")
+            owner = getattr(obj, "__name__", repr(obj))
+            raise ValueError(f"model spec {spec!r}: {owner} has no attribute {part!r}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise ValueError(f"model spec {spec!r}: {attr_path!r} is not callable "
@@ -108,11 +88,7 @@ def _from_factory(spec: str, kwargs: dict):
 
 
 def load_model(spec: str = DEFAULT_MODEL, device=None, **kwargs):
-    """A denoiser by name (`model_names()`) or by ``"package.module:factory"``.
-
-    Raises ValueError for an unknown name or a spec whose module cannot be imported, whose
-    attribute is missing, or whose target is not callable.
-    """
+    """A denoiser by name (`model_names()`) or by ``"package.module:factory"``."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()

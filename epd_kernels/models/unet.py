@@ -1,48 +1,14 @@
-"""A small class-conditional U-Net denoiser for the 8x8 digits, with EDM preconditioning.
+"""The embedded default model ``"digits-unet"``: a small trained class-conditional U-Net for
+the 8x8 digits with EDM preconditioning (Karras et al. 2022, Table 1; sigma_data = 0.5).
 
-This is the embedded default model ``"digits-unet"``: a real (trained) network, so solvers
-are compared on the kind of denoiser they will meet in practice, but small enough to ship
-in the wheel and to run on a CPU.
-
-    from epd_kernels.models import load_model
     D = load_model("digits-unet")                  # eval mode, float32, CPU
-    x0 = D(x, sigma)                               # x [B, 1, 8, 8], sigma [B]
-    x0 = D(x, sigma, class_labels=labels)          # labels int [B] in 0..9 or one-hot [B, 10]
+    x0 = D(x, sigma, class_labels=labels)          # x [B, 1, 8, 8]; labels int [B] or [B, 10]
 
-Preconditioning (Karras et al. 2022, EDM, Table 1), ``sigma_data = 0.5``::
-
-    D(x, sigma) = c_skip x + c_out F(c_in x, c_noise, labels)
-    c_skip = sd^2 / (sigma^2 + sd^2),   c_out = sigma sd / sqrt(sigma^2 + sd^2),
-    c_in   = 1 / sqrt(sigma^2 + sd^2),  c_noise = log(sigma) / 4
-
-Network F (660,849 parameters): sinusoidal embedding of ``c_noise`` (16 geometric
-frequencies from 1/4 to 32, cos and sin) -> 2-layer MLP, plus a linear embedding of the
-one-hot class label (all-zero for "no label", which the model was trained on with
-probability 0.1, so it is also an unconditional model); an encoder-decoder over the
-resolutions 8x8 -> 4x4 -> 2x2 (16, 32, 64 channels) of GroupNorm + SiLU residual blocks
-(the embedding enters each block as a per-channel scale and shift), single-head
-self-attention at 2x2, average-pool down, nearest up, skip connections by concatenation.
-Hyperparameters are in `UNetConfig`.
-
-The shipped weights (``models/weights/digits_unet.safetensors``, the EMA weights) carry
-their config, training command, iteration count, wall time and final loss in the
-safetensors metadata (`weights_metadata()`); ``python/train_digits_unet.py`` reproduces
-them. The shipped file was trained on 2 CPU cores shared with other jobs, one thread:
-
-    python python/train_digits_unet.py --iters 4000 --minutes 10 --threads 1 \\
-        --out epd_kernels/models/weights/digits_unet.safetensors
-
-It stopped at the 10-minute budget after 2128 iterations of batch 128 (600 s; the
-learning-rate schedule follows the time fraction, so it completed its cosine decay),
-final EDM training loss 0.392 (mean of the last 10% of iterations), EMA weights' loss on
-all digits 0.391; stored in float16 (1.3 MB). Quality, from 1000 Heun samples (NFE 39,
-20 steps, same noise), pixel-space Frechet distance to the 1797 digits: class-conditional
-0.158, unconditional 0.353; the exact (memorising) denoiser 0.110; a random 1000-image
-subset of the data itself 0.052 (the finite-sample floor). Median distance of a U-Net
-sample to its nearest training image 2.64 (between training images: 2.02; exact-denoiser
-samples: 0.016), so the network does not just copy the training set. At sigma = 0.5 its
-denoising MSE is far below the trivial estimators' (tests/test_models.py).
-"""
+An all-zero label means "no label" (trained with probability 0.1), so the same network is
+also unconditional. Architecture: `UNetConfig`. The shipped EMA weights
+(``models/weights/digits_unet.safetensors``) carry their config and training record
+(`weights_metadata()`); ``python/train_digits_unet.py`` reproduces them and reports their
+quality (Frechet distances in its docstring)."""
 from __future__ import annotations
 
 import dataclasses
@@ -55,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNetConfig", "DigitsUNet", "EDMPrecond", "load_digits_unet", "weights_path",
-           "weights_metadata", "save_weights"]
+from .conditioning import check_shape, int_labels, per_sample, sigma_rows
+
+__all__ = ["UNetConfig", "EDMPrecond", "load_digits_unet", "weights_metadata"]
 
 WEIGHTS_FILE = Path(__file__).parent / "weights" / "digits_unet.safetensors"
 
@@ -88,16 +55,12 @@ class UNetConfig:
         return dataclasses.asdict(self)
 
 
-# --------------------------------------------------------------------------------------
-# blocks
-
-
 def _norm(c: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(groups, c), c, eps=1e-5)
 
 
 class ResBlock(nn.Module):
-    """GN -> SiLU -> conv3x3 -> (scale, shift from emb) -> GN -> SiLU -> dropout -> conv3x3, + skip."""
+    """GN, SiLU, conv3x3, (scale, shift) from emb, GN, SiLU, dropout, conv3x3; + skip."""
 
     def __init__(self, cin: int, cout: int, emb: int, groups: int, dropout: float):
         super().__init__()
@@ -224,12 +187,9 @@ class DigitsUNet(nn.Module):
 
 
 class EDMPrecond(nn.Module):
-    """``D(x, sigma, class_labels=None) = c_skip x + c_out F(c_in x, log(sigma)/4, onehot)``.
-
-    ``x [B, 1, 8, 8]``; ``sigma`` a float, 0-d or ``[B]`` tensor; ``class_labels`` None
-    (unconditional), int ``[B]`` in ``0..num_classes-1``, or float ``[B, num_classes]``
-    (one-hot, or any mixture). Computes in float32 (or the module's dtype) and returns x's dtype.
-    """
+    """``D(x, sigma, class_labels=None) = c_skip x + c_out F(c_in x, log(sigma)/4, onehot)``
+    (EDM, Table 1); labels int ``[B]`` or float ``[B, num_classes]``. Computes in the
+    module's dtype and returns x's."""
 
     sigma_min = 0.002
     sigma_max = 80.0
@@ -248,30 +208,20 @@ class EDMPrecond(nn.Module):
         lab = torch.as_tensor(class_labels, device=device)
         K = self.num_classes
         if not lab.is_floating_point():
-            if lab.dim() == 0:
-                lab = lab.expand(B)
-            if lab.shape != (B,):
-                raise ValueError(f"integer class_labels must be [B]={B}, got {list(lab.shape)}")
-            if (lab < 0).any() or (lab >= K).any():
-                raise ValueError(f"class_labels must be in 0..{K - 1}")
-            return F.one_hot(lab.long(), K).to(dtype)
+            return F.one_hot(int_labels(lab, B, K), K).to(dtype)
         if lab.shape != (B, K):
-            raise ValueError(f"float class_labels must be [B, {K}] (one-hot), got {list(lab.shape)}")
+            raise ValueError(f"float class_labels must be [B, {K}] (one-hot), got "
+                             f"{list(lab.shape)}")
         return lab.to(dtype)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **unused) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, self.shape))}], got "
-                             f"{list(x.shape)}")
+        check_shape(x, self.shape)
         dtype = self.net.conv_in.weight.dtype
         B = x.shape[0]
-        s = torch.as_tensor(sigma, device=x.device, dtype=dtype)
-        if s.dim() == 0:
-            s = s.expand(B)
-        s = s.reshape(B)
+        s = sigma_rows(sigma, x, dtype)
         xs = x.to(dtype)
         sd = self.sigma_data
-        sv = s.reshape(B, 1, 1, 1)
+        sv = per_sample(s, x)
         c_skip = sd ** 2 / (sv ** 2 + sd ** 2)
         c_out = sv * sd / (sv ** 2 + sd ** 2).sqrt()
         c_in = 1.0 / (sv ** 2 + sd ** 2).sqrt()
@@ -280,17 +230,8 @@ class EDMPrecond(nn.Module):
         return (c_skip * xs + c_out * Fx).to(x.dtype)
 
 
-# --------------------------------------------------------------------------------------
-# weights
-
-
-def weights_path() -> Path:
-    """Path of the shipped weights file."""
-    return WEIGHTS_FILE
-
-
 def weights_metadata(path=None) -> dict:
-    """The metadata stored with the weights: {"config": {...}, "training": {...}}."""
+    """The weights file's metadata: {"config": {...}, "training": {...}}."""
     from safetensors import safe_open
 
     with safe_open(str(path or WEIGHTS_FILE), framework="pt") as f:
@@ -320,6 +261,5 @@ def load_digits_unet(path=None, device=None, dtype: torch.dtype = torch.float32)
     model = EDMPrecond(UNetConfig.from_dict(meta.get("config", {})))
     state = load_file(str(path))
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    model.training_info = meta.get("training", {})
     model.requires_grad_(False)
     return model.to(device=device, dtype=dtype).eval()

@@ -1,30 +1,8 @@
-"""AMED-Solver / AMED-Plugin parameters (arXiv 2312.00094), in one of two forms.
-
-Both forms give, at step n (from ``t = t_n`` to ``t' = t_{n+1}``), the values the sampler
-(`epd_kernels.solvers.amed`) needs, in the parametrisation EPD uses:
-
-    r      in [0, 1]   intermediate time  t_mid = t'^r t^(1 - r)
-    delta  > -1        the intermediate evaluation is at sigma (1 + delta) t_mid
-                       (the paper's scale_time = 1 + delta)
-    o      > -1        the update is scaled by 1 + o (the paper's scale_dir = 1 + o)
-
-* TABLE form: ``r, delta, o [S]``, one value per step for every sample ("EPD with K = 1").
-* PREDICTOR form (the paper's): an `AMEDPredictor` network maps per-sample features read
-  at the main point (``features``: "denoised", "module:<name>" or a callable; see
-  `epd_kernels.params.amed_predictor`) and the two sigmas to ``[B]`` values of r, delta, o.
-
-`AMEDParams.init` gives the neutral start of either form, r = 1/2, delta = o = 0: AMED-Solver
-is then DPM-Solver-2 and AMED-Plugin is iPNDM on the grid refined by the geometric
-midpoints. The other fields are those of every params family (`epd_kernels.params.base`),
-with latency NFE ``2 S - afs`` (also the total number of evaluations), and ``plugin``
-(AMED-Plugin on iPNDM, whose order is ``max_order``).
-
-File (`save` / `load`, format in `epd_kernels.params.file`): the tensors ``sigmas`` and
-either ``r``, ``delta``, ``o`` (table) or the predictor's state dict under
-``predictor.<name>``; besides the common metadata ``kind`` ("amed"), ``form``, ``plugin``,
-``features`` (the feature source, None for a table) and ``predictor`` (the network's
-config, None for a table).
-"""
+"""AMED-Solver / AMED-Plugin parameters (docs/design.md, "AMED"), in one of two forms:
+a TABLE ``r, delta, o [S]`` (one value per step), or the paper's PREDICTOR, an
+`AMEDPredictor` mapping per-sample features and the step's sigmas to ``[B]`` values.
+`AMEDParams.init` gives the neutral start r = 1/2, delta = o = 0 (DPM-Solver-2, or iPNDM on
+the grid refined by geometric midpoints)."""
 from __future__ import annotations
 
 import copy
@@ -48,11 +26,7 @@ _CONFIG_KEYS = ("feature_dim", "hidden", "bottleneck", "time_channels", "delta_m
 
 @dataclass
 class AMEDParams(ParamsBase):
-    """AMED parameters on one time grid, table or predictor form (module docstring).
-
-    Build with `AMEDParams.init(sigmas, form=...)`, by ``distill(..., method="amed")``, or
-    with `AMEDParams.load(path)`. Give either ``r, delta, o`` or ``predictor``.
-    """
+    """AMED parameters on one grid: either ``r, delta, o`` or ``predictor``."""
 
     sigmas: torch.Tensor
     r: Optional[torch.Tensor] = None
@@ -87,15 +61,8 @@ class AMEDParams(ParamsBase):
              bottleneck: int = 4, time_channels: int = 8,
              delta_max: float = AMED_DELTA_MAX, o_max: float = AMED_O_MAX, seed: int = 0,
              dtype: torch.dtype = torch.float64, device=None) -> "AMEDParams":
-        """The neutral start (r = 1/2, delta = o = 0) on ``sigmas`` ([S+1], decreasing).
-
-        ``form="table"``: r, delta, o of shape [S] (``dtype``, ``device``).
-        ``form="predictor"``: an `AMEDPredictor` whose heads are zero (so it outputs the
-        neutral values for any input) reading ``features``; its input size is
-        ``feature_dim``, or for ``features="denoised"`` the pooled size of a sample of
-        per-sample ``shape``. ``hidden``, ``bottleneck``, ``time_channels``,
-        ``delta_max``, ``o_max`` and ``seed`` (initial encoder weights) configure it.
-        """
+        """The neutral start (r = 1/2, delta = o = 0) as a table or an `AMEDPredictor` reading
+        ``features`` (input size ``feature_dim``, or from ``shape`` for "denoised")."""
         if form not in AMED_FORMS:
             raise ValueError(f"form must be one of {AMED_FORMS}, got {form!r}")
         sig = cls._grid(sigmas)
@@ -129,8 +96,7 @@ class AMEDParams(ParamsBase):
 
     def step_values(self, n: int, features: Optional[torch.Tensor] = None, t=None,
                     t_next=None):
-        """``(r, delta, o)`` of step n: 0-d tensors (table) or ``[B]`` tensors (predictor,
-        from ``features [B, F]`` and the sigmas t, t', default ``sigmas[n], sigmas[n+1]``)."""
+        """``(r, delta, o)`` of step n: 0-d (table) or ``[B]`` from ``features [B, F]``."""
         if not 0 <= int(n) < self.num_steps:
             raise ValueError(f"step n = {n} is outside 0..{self.num_steps - 1}")
         if self.predictor is None:
@@ -141,11 +107,8 @@ class AMEDParams(ParamsBase):
         t_next = float(self.sigmas[n + 1]) if t_next is None else t_next
         return self.predictor(features, t, t_next)
 
-    # ---------------------------------------------------------------- copies
-
     def with_features(self, features) -> "AMEDParams":
-        """A copy (sharing the predictor) that reads ``features`` (e.g. the callable a
-        file could only name)."""
+        """A copy (sharing the predictor) that reads ``features`` (e.g. a named callable)."""
         if self.predictor is None:
             raise ValueError("table-form AMED params read no features")
         return self.replace(features=check_feature_spec(features))
@@ -164,10 +127,8 @@ class AMEDParams(ParamsBase):
                             predictor=copy.deepcopy(self.predictor).to(device=device,
                                                                         dtype=dtype))
 
-    # ---------------------------------------------------------------- checks
-
     def _shapes(self, S):
-        """The table's tensors; none for the predictor form (whose own checks are here)."""
+        """The table's tensors; none for the predictor form (checked here)."""
         given = [n for n in self._VALUES if getattr(self, n) is not None]
         if self.predictor is not None:
             if given:
@@ -187,16 +148,13 @@ class AMEDParams(ParamsBase):
         return {n: ("[S]", (S,)) for n in self._VALUES}
 
     def _check_values(self, values):
-        """Table: r in [0, 1], delta > -1, o > -1. Predictor: finite weights (its outputs
-        are bounded by construction)."""
+        """Table: EPD's ranges. Predictor: finite weights (its outputs are bounded)."""
         if self.predictor is None:
             return self._check_step_values(values)
         for name, p in self.predictor.state_dict().items():
             if not torch.isfinite(p).all():
                 raise ValueError(f"AMEDParams.predictor weight {name!r} has non-finite values "
                                  f"(nan or inf)")
-
-    # ---------------------------------------------------------------- files
 
     def _tensors_for_file(self):
         out = super()._tensors_for_file()
@@ -206,8 +164,7 @@ class AMEDParams(ParamsBase):
         return out
 
     def save(self, path, feature_name: Optional[str] = None, *, overwrite: bool = False) -> None:
-        """`ParamsBase.save`. A predictor reading a callable needs ``feature_name`` (stored
-        as ``"callable:<name>"``; pass the callable again to `load`)."""
+        """`ParamsBase.save`; a predictor reading a callable needs ``feature_name``."""
         net = self.predictor
         self._save(path, overwrite, {
             "form": self.form, "plugin": self.plugin,
@@ -216,8 +173,7 @@ class AMEDParams(ParamsBase):
 
     @classmethod
     def load(cls, path, device=None, features: Optional[Callable] = None) -> "AMEDParams":
-        """`ParamsBase.load`; ``features``: the callable for a file saved with a named
-        callable feature source."""
+        """`ParamsBase.load`; ``features`` is the callable a file saved by name."""
         return cls._load(path, device, features=features)
 
     @classmethod

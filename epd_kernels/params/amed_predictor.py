@@ -1,42 +1,14 @@
-r"""The AMED predictor network and the features it reads (Zhou et al. 2024, arXiv 2312.00094).
+r"""The AMED predictor network and the features it reads (arXiv 2312.00094).
 
-At every step the AMED sampler asks a small network, per sample, where to put the
-intermediate time and how to scale the step:
+``AMEDPredictor(features [B, F], t, t') -> (r, delta, o)``: a sinusoidal embedding of
+``log sigma`` for t and t', a two-layer feature encoder, and three heads bounded by
+sigmoids (``|delta| < delta_max``, ``|o| < o_max``; the paper's 0.2 and 0.01). The heads
+start at zero, so an untrained predictor gives r = 1/2, delta = o = 0.
 
-    (r, delta, o) = AMEDPredictor(features [B, F], t, t')
-
-    time:      e(s)  = SiLU(Linear(sinusoid(log s)))   (``time_channels`` = 8, shared by t, t')
-    features:  f     = Linear(hidden, bottleneck)(SiLU(Linear(F, hidden)(features)))
-                                                        (hidden 128, bottleneck 4)
-    heads on   z     = [f, e(t), e(t')]:
-               r     = sigmoid(w_r . z)                               in (0, 1)
-               delta = delta_max (2 sigmoid(w_d . z) - 1)             |delta| < delta_max
-               o     = o_max (2 sigmoid(w_o . z) - 1)                 |o| < o_max
-
-With the paper's bounds ``delta_max = 0.2``, ``o_max = 0.01`` these are exactly the authors'
-``scale_time = 1 + delta = 0.8 + sigmoid/2.5`` and ``scale_dir = 1 + o = 0.99 + sigmoid/50``.
-The three heads start at zero, so an untrained predictor gives r = 1/2, delta = o = 0
-(DPM-Solver-2, or iPNDM on the refined grid for the plugin). We embed ``log sigma``
-rather than the authors' raw sigma: one step of the grid is the same distance in log
-sigma at every noise level, and the embedding only has to tell the steps apart.
-
-Features (what ``features=`` selects; always detached: no gradient into the denoiser):
-
-* ``"denoised"`` (default, any denoiser): the main-point x0 estimate ``D(x_n, t_n)``.
-* ``"module:<dotted.name>"``: the output of that submodule of an ``nn.Module`` denoiser,
-  taken by a forward hook during the main-point call; the paper reads the U-Net
-  bottleneck. In the package's digits U-Net (`epd_kernels.models.unet`, the
-  `EDMPrecond` returned by ``load_digits_unet``) the bottleneck is ``"module:net.mid2"``:
-  the residual block after the middle attention level, 64 channels at 2x2 (4 pooled
-  values); ``"module:net.enc.1.0"`` is the 4x4 encoder level (16 values).
-* a callable ``(x, sigma, denoised) -> [B, F]`` (sigma a float); not saveable unless a
-  name is given (`AMEDParams.save(..., feature_name=...)`).
-
-Tensors are pooled to at most 64 values per sample (`pool_features`): a 4-d ``[B, C, H, W]``
-map is averaged over the channels and adaptive-average-pooled to at most 8x8 (the
-paper's 64 values for an 8x8 bottleneck); anything else is flattened and pooled to at
-most 64 values. On the AFS step no evaluation happens and the features are zeros.
-"""
+Features (``features=``, always detached): ``"denoised"`` (the main-point x0 estimate),
+``"module:<dotted.name>"`` (a forward hook on that submodule; the digits U-Net's bottleneck
+is ``"module:net.mid2"``), or a callable ``(x, sigma, denoised) -> [B, F]``. Tensors are
+pooled to at most 64 values per sample (`pool_features`); the AFS step reads zeros."""
 from __future__ import annotations
 
 import math
@@ -54,12 +26,9 @@ _MAX_SIDE, _MAX_FLAT = 8, 64
 FeatureSpec = Union[str, Callable]
 
 
-# --------------------------------------------------------------------------------------
-# features
-
-
 def pool_features(t: torch.Tensor) -> torch.Tensor:
-    """``[B, ...] -> [B, F]`` with F <= 64 (see the module docstring)."""
+    """``[B, ...] -> [B, F]``, F <= 64: a 4-d map is averaged over channels and pooled to at
+    most 8x8; anything else is flattened and pooled to at most 64 values."""
     if t.dim() == 4:
         m = t.mean(dim=1)
         side = (min(m.shape[1], _MAX_SIDE), min(m.shape[2], _MAX_SIDE))
@@ -81,15 +50,13 @@ def pooled_dim(shape) -> int:
 
 
 def check_feature_spec(spec) -> FeatureSpec:
-    """``"denoised"``, ``"module:<name>"`` or a callable; ValueError otherwise."""
-    if callable(spec) and not isinstance(spec, str):
+    """``"denoised"``, ``"module:<name>"``, a callable, or ``"callable:<name>"`` (a named
+    callable from a file, supplied at load time); ValueError otherwise."""
+    if callable(spec) and not isinstance(spec, str) or spec == "denoised":
         return spec
-    if spec == "denoised":
+    if isinstance(spec, str) and spec.partition(":")[0] in ("module", "callable") \
+            and spec.partition(":")[2]:
         return spec
-    if isinstance(spec, str) and spec.startswith("module:") and len(spec) > len("module:"):
-        return spec
-    if isinstance(spec, str) and spec.startswith("callable:") and len(spec) > len("callable:"):
-        return spec  # a named callable from a file, to be supplied at load time
     raise ValueError(f"features must be 'denoised', 'module:<dotted.submodule.name>' or a "
                      f"callable (x, sigma, denoised) -> [B, F], got {spec!r}")
 
@@ -117,13 +84,10 @@ def _unwrap_module(denoiser) -> nn.Module:
 
 
 class FeatureExtractor:
-    """Reads the predictor's features at the main point of each step.
-
-    ``with FeatureExtractor(spec, denoiser, F) as fx:`` (registers a forward hook for a
-    ``module:`` spec, removed on exit); per step: ``fx.arm()`` right before the main-point
-    call, ``fx.collect(x, sigma, denoised) -> [B, F]`` right after it (detached), or
-    ``fx.zeros(x)`` on the AFS step.
-    """
+    """Reads the predictor's features at each step's main point: ``with FeatureExtractor(
+    spec, denoiser, F) as fx`` (a forward hook for "module:"), then per step ``fx.arm()``
+    before the main-point call and ``fx.collect(x, sigma, denoised)`` after it, or
+    ``fx.zeros(x)`` on the AFS step."""
 
     def __init__(self, spec: FeatureSpec, denoiser, feature_dim: Optional[int], dtype=None):
         self.spec = check_feature_spec(spec)
@@ -207,9 +171,7 @@ class FeatureExtractor:
 @torch.no_grad()
 def probe_feature_dim(spec: FeatureSpec, denoiser, x: torch.Tensor, sigma: float,
                       cond: Optional[dict] = None) -> int:
-    """F for a feature source, for states shaped like ``x``: from the shape for
-    "denoised"; by calling the callable on zeros; by one denoiser call (no grad) with the
-    hook for "module:" (``cond`` must fit x's batch)."""
+    """F of a feature source for states like ``x`` (one no-grad denoiser call for "module:")."""
     spec = check_feature_spec(spec)
     if spec == "denoised":
         return pooled_dim(x.shape[1:])
@@ -226,22 +188,9 @@ def _callable_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
-# --------------------------------------------------------------------------------------
-# the network
-
-
 class AMEDPredictor(nn.Module):
-    """``(features [B, F], t, t') -> (r, delta, o)``, each ``[B]`` (module docstring).
-
-    Args:
-        feature_dim: F, values per sample after pooling.
-        hidden, bottleneck: sizes of the feature encoder (paper: 128, 4).
-        time_channels: sinusoidal channels per sigma (paper: 8).
-        delta_max, o_max: bounds of |delta| and |o| (paper: 0.2, 0.01).
-        seed: the encoder's initial weights are drawn from ``torch.Generator`` seeded
-            with it (every process of a multi-process run starts alike).
-        dtype, device: of the weights (float64 by default: the net is tiny).
-    """
+    """``(features [B, F], t, t') -> (r, delta, o)``, each ``[B]``. The encoder's initial
+    weights come from a generator seeded with ``seed``, so every process starts alike."""
 
     def __init__(self, feature_dim: int, hidden: int = 128, bottleneck: int = 4,
                  time_channels: int = 8, delta_max: float = 0.2, o_max: float = 0.01,

@@ -1,21 +1,8 @@
-"""What the three params families (EPD, AMED, D-ODE) share, written once.
-
-Each family is a dataclass deriving from `ParamsBase`, with its own tensors (named in
-``_VALUES``) and the fields every family has:
-
-    sigmas     [S+1] float64   the time grid, strictly decreasing, all > 0
-    nfe        latency NFE (sequential denoiser calls): evals_per_step * S - afs
-    afs        analytic first step
-    max_order  iPNDM order cap (the iPNDM-based variants)
-    schedule   the name or description of the grid
-    meta       free-form, JSON-serialisable (teacher, training settings, ...)
-
-Here: conversion of the fields, the structural and value checks common to all, the
-compatibility check against a requested solver / NFE / grid, copies, and `save` / `load`
-in the params file format (`file.py`). A family supplies the shapes of its tensors
-(``_shapes``), its own value checks (``_check_values``), its file fields
-(``_file_fields``) and how it reads them back (``_from_file``).
-"""
+"""What the three params families (EPD, AMED, D-ODE) share, written once: the common fields
+(``sigmas`` [S+1] float64, ``nfe``, ``afs``, ``max_order``, ``schedule``, ``meta``), their
+conversion and checks, the compatibility check against a requested solver / NFE / grid,
+copies, and `save` / `load` in the params file format (`file.py`). A family declares its
+tensors (``_VALUES``, ``_shapes``), its value checks, file fields and how it reads them back."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +23,6 @@ _COMMON_KEYS = ("format_version", "solver", "S", "nfe", "afs", "max_order", "sch
 
 
 class ParamsBase:
-    """Fields, checks, copies and files common to the params families (module docstring)."""
-
     #: Version of the file layout `save` writes. Readers refuse newer versions.
     FORMAT_VERSION: ClassVar[int] = 1
     _WHAT: ClassVar[str]                   # the family in messages: "EPD params"
@@ -47,8 +32,6 @@ class ParamsBase:
     _VALUES: ClassVar[Tuple[str, ...]]     # the family's tensors besides sigmas
     _SOLVERS: ClassVar[Tuple[str, ...]] = ()  # (plain, plugin) when there is a `plugin` field
     _FILE_KEYS: ClassVar[Tuple[str, ...]] = ()  # metadata keys beyond the common ones
-
-    # ---------------------------------------------------------------- construction
 
     def __post_init__(self):
         name = type(self).__name__
@@ -92,8 +75,6 @@ class ParamsBase:
     def _default_afs(self) -> bool:
         return True
 
-    # ---------------------------------------------------------------- properties
-
     @property
     def num_steps(self) -> int:
         """S, the number of solver steps."""
@@ -117,8 +98,6 @@ class ParamsBase:
     def _latency_nfe(self, num_steps: int) -> int:
         return self.evals_per_step * int(num_steps) - int(self.afs)
 
-    # ---------------------------------------------------------------- checks
-
     @classmethod
     def _check_grid_shape(cls, sigmas: torch.Tensor) -> None:
         if sigmas.dim() != 1 or sigmas.numel() < 2:
@@ -126,13 +105,11 @@ class ParamsBase:
                              f"got shape {list(sigmas.shape)}")
 
     def _shapes(self, S: int) -> Dict[str, Tuple[str, tuple]]:
-        """field -> (its shape in symbols, e.g. "[S, K]", and in numbers) for every tensor of
-        the family that `check_structure` and `validate` check."""
+        """field -> (shape in symbols, e.g. "[S, K]", and in numbers) of the family's tensors."""
         raise NotImplementedError
 
     def check_structure(self) -> None:
-        """Shapes, dtypes, devices and field types; the NFE rule (no value checks, no device
-        sync). Raises ValueError naming the field."""
+        """Shapes, dtypes, devices, field types and the NFE rule (no device sync)."""
         name = type(self).__name__
         self._check_grid_shape(self.sigmas)
         S = self.num_steps
@@ -170,19 +147,17 @@ class ParamsBase:
                              f"no denoiser call (nfe = {expected}); use more steps")
 
     def validate(self):
-        """Full check: `check_structure`, finite values, the family's value ranges and a
-        finite, positive, strictly decreasing grid. Returns self; raises ValueError."""
+        """`check_structure`, finite values, the family's ranges and a positive, strictly
+        decreasing grid. Returns self; raises ValueError naming the field."""
         name = type(self).__name__
         self.check_structure()
         values = {n: getattr(self, n).detach().to("cpu", torch.float64)
-                  for n in self._shapes(self.num_steps)}
+                  for n in (*self._shapes(self.num_steps), "sigmas")}
         for n, v in values.items():
             if not torch.isfinite(v).all():
                 raise ValueError(f"{name}.{n} has non-finite values (nan or inf)")
+        s = values.pop("sigmas")
         self._check_values(values)
-        s = self.sigmas.detach().to("cpu", torch.float64)
-        if not torch.isfinite(s).all():
-            raise ValueError(f"{name}.sigmas has non-finite values (nan or inf)")
         if (s <= 0).any():
             raise ValueError(f"{name}.sigmas must be > 0 (the last is sigma_min), min is "
                              f"{s.min().item():.6g}")
@@ -194,8 +169,7 @@ class ParamsBase:
         """The family's value ranges; `values` holds its tensors as float64 on the CPU."""
 
     def _check_step_values(self, values: Dict[str, torch.Tensor]) -> None:
-        """The ranges of the EPD parametrisation (also AMED's): r in [0, 1], delta > -1 and
-        o > -1 (a positive sigma and a forward step)."""
+        """r in [0, 1], delta > -1, o > -1 (EPD's and AMED's ranges)."""
         name = type(self).__name__
         r = values["r"]
         if (r < 0).any() or (r > 1).any():
@@ -213,8 +187,8 @@ class ParamsBase:
                          solver: Optional[str] = None, plugin: Optional[bool] = None,
                          afs: Optional[bool] = None, rtol: float = 1e-5,
                          atol: float = 1e-8) -> None:
-        """Raises ValueError unless these params fit the requested solver (or ``plugin``:
-        the iPNDM variant or not), latency NFE, afs and time grid (within rtol / atol)."""
+        """ValueError unless these params fit the requested solver (or ``plugin``), latency
+        NFE, afs and time grid (within rtol / atol)."""
         what, made = self._WHAT, self._MADE
         if plugin is not None:
             if not self._SOLVERS:
@@ -243,11 +217,8 @@ class ParamsBase:
                              f"{mine[i].item():.8g} in the params but {given[i].item():.8g} in "
                              f"the grid given (schedule {self.schedule!r})")
 
-    # ---------------------------------------------------------------- copies
-
     def replace(self, **changes):
-        """A shallow copy with some fields changed (``meta`` copied; ``nfe`` recomputed
-        unless given)."""
+        """A shallow copy with some fields changed (``nfe`` recomputed unless given)."""
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         kw.update(meta=dict(self.meta), nfe=None)
         kw.update(changes)
@@ -257,8 +228,7 @@ class ParamsBase:
         return {n: getattr(self, n) for n in self._VALUES if getattr(self, n) is not None}
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None):
-        """A copy on `device`; `dtype` converts the family's tensors (the grid stays
-        float64)."""
+        """A copy on `device`; `dtype` converts the family's tensors, not the grid."""
         return self.replace(sigmas=self.sigmas.to(device=device),
                             **{n: t.to(device=device, dtype=dtype)
                                for n, t in self._tensors().items()})
@@ -267,8 +237,6 @@ class ParamsBase:
         """A copy whose tensors are detached from any autograd graph (and cloned)."""
         return self.replace(sigmas=self.sigmas.detach().clone(),
                             **{n: t.detach().clone() for n, t in self._tensors().items()})
-
-    # ---------------------------------------------------------------- files
 
     def _tensors_for_file(self) -> Dict[str, torch.Tensor]:
         out = {"sigmas": self.sigmas, **self._tensors()}
@@ -279,9 +247,8 @@ class ParamsBase:
         return {}
 
     def save(self, path: Union[str, os.PathLike], *, overwrite: bool = False) -> None:
-        """Validates, then writes the params file atomically (a temporary file in the same
-        folder, then a rename): an invalid or unserialisable object leaves an existing file
-        untouched. An existing `path` is a FileExistsError unless ``overwrite=True``."""
+        """Validates, then writes the params file atomically; an existing `path` is a
+        FileExistsError unless ``overwrite=True``."""
         self._save(path, overwrite, self._file_fields())
 
     def _save(self, path, overwrite: bool, own_fields: dict) -> None:
@@ -297,13 +264,8 @@ class ParamsBase:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device=None):
-        """Reads and fully validates a file written by `save` (moved to `device` if given).
-
-        FileNotFoundError for a missing file, IsADirectoryError for a folder; a one-line
-        ValueError naming the file and the problem for a truncated or corrupted file, a
-        file of another family, a newer format_version, missing keys, wrong shapes, an nfe
-        that does not match the grid, or out-of-range values.
-        """
+        """Reads and fully validates a file written by `save` (moved to `device` if given);
+        errors as in `file.py`'s docstring."""
         return cls._load(path, device)
 
     @classmethod
@@ -320,6 +282,5 @@ class ParamsBase:
 
     @classmethod
     def _from_file(cls, pf: ParamsFile, **options) -> dict:
-        """The constructor arguments of the family's own fields (sigmas included), read
-        from `pf` after checking its family metadata and its tensors' names and shapes."""
+        """The constructor arguments of the family's own fields (sigmas included), checked."""
         raise NotImplementedError

@@ -1,19 +1,6 @@
-"""D-ODE solver parameters: one scalar lambda per step on one time grid.
-
-A D-ODE solver (Kim, Tang, Yu, CVPR 2024; `epd_kernels.solvers.dode`) replaces its base
-solver's gradient estimate ``v_n`` by ``O_n = v_n + lambda_n (v_n - v_{n-1})``. For ``S``
-steps:
-
-    lambdas [S]    float64   lambda_n; lambdas[0] = 0 (step 0 has no previous estimate)
-
-plus ``base`` ("euler", "heun" or "ipndm"; the solver name is ``"d-" + base``) and the
-fields every params family has (`epd_kernels.params.base`), with the base solver's latency
-NFE (``S - afs`` for euler / ipndm, ``2 S - afs`` for heun) and ``afs`` defaulting to the
-base solver's default in `sample` (on for heun). ``max_order`` is used by d-ipndm only.
-
-File (`save` / `load`, format in `epd_kernels.params.file`): the float64 tensors
-``lambdas`` and ``sigmas``; besides the common metadata ``kind`` ("d-ode") and ``base``.
-"""
+"""D-ODE parameters (docs/design.md, "D-ODE"): one extrapolation weight ``lambdas[n]`` per
+step (``lambdas[0] = 0``) for the base solver ``base`` ("euler", "heun", "ipndm"; the
+solver is ``"d-" + base``), whose latency NFE and default ``afs`` they take."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,20 +32,14 @@ def normalize_dode_base(name) -> str:
 
 
 def dode_latency_nfe(num_steps: int, base: str, afs: bool) -> int:
-    """Sequential denoiser calls of a D-ODE solver: the same as its base solver,
-    ``S - afs`` (euler, ipndm) or ``2 S - afs`` (heun)."""
+    """Sequential denoiser calls of a D-ODE solver: those of its base solver."""
     return DODE_BASES[normalize_dode_base(base)] * int(num_steps) - int(bool(afs))
 
 
 @dataclass
 class DODEParams(ParamsBase):
-    """Per-step lambdas of a D-ODE solver on one time grid (see module docstring).
-
-    Build one with `fit_dode` (closed-form least squares against a teacher), with
-    `DODEParams.zeros(sigmas, base)` (lambda = 0: exactly the base solver), or with
-    `DODEParams.load(path)`. ``lambdas`` and ``sigmas`` are kept as float64 CPU tensors
-    (the solver reads the lambdas as Python floats).
-    """
+    """Per-step lambdas of a D-ODE solver on one grid, float64 on the CPU (the solver reads
+    them as floats): `fit_dode`, `DODEParams.zeros` or `load` make them."""
 
     lambdas: torch.Tensor
     sigmas: torch.Tensor

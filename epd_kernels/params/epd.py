@@ -1,24 +1,7 @@
-"""EPD-Solver parameters: the per-step branch points, weights and perturbations.
-
-`EPDParams` holds the NATURAL (constrained) values the sampler uses, so that exact
-settings such as ``r = 0`` (a branch at the start point) or a one-hot weight vector are
-representable. For ``S`` steps and ``K`` parallel branches (docs/design.md, "EPD step"):
-
-    r       [S, K]  in [0, 1]   branch point  tau_k = t'^{r_k} * t^{1 - r_k}
-    weights [S, K]  simplex     lambda_k >= 0, sum_k lambda_k = 1
-    delta   [S, K]  > -1        the branch is evaluated at sigma (1 + delta_k) * tau_k
-    o       [S]     > -1        the update is scaled by (1 + o_n)
-
-plus the fields every params family has (`epd_kernels.params.base`), with latency NFE
-``2 S - afs``, and ``plugin`` (EPD-Plugin on iPNDM, whose order is ``max_order``).
-
-The tensors may require grad (distillation optimises unconstrained latents and maps them
-here); `validate` and `save` always look at detached values.
-
-File (`save` / `load`, format in `epd_kernels.params.file`): the tensors ``r``,
-``weights``, ``delta``, ``o``, ``sigmas``; besides the common metadata ``K`` and
-``plugin``, and no ``kind`` (the first layout had none).
-"""
+"""EPD-Solver / EPD-Plugin parameters (docs/design.md, "EPD step"), in natural values so that
+exact settings such as ``r = 0`` or one-hot weights are representable: ``r``, ``weights``,
+``delta`` [S, K] and ``o`` [S], plus the common fields and ``plugin``. The tensors may require
+grad (distillation maps its latents here); `validate` and `save` look at detached values."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,11 +29,7 @@ def epd_total_evaluations(num_steps: int, num_points: int, afs: bool) -> int:
 
 @dataclass
 class EPDParams(ParamsBase):
-    """Natural-valued EPD / EPD-Plugin parameters for one time grid (see module docstring).
-
-    Build one with `EPDParams.init(sigmas, num_points)` (a sensible untrained start), from
-    a distillation, or with `EPDParams.load(path)`.
-    """
+    """EPD / EPD-Plugin parameters on one grid: `init`, `distill` or `load` make them."""
 
     r: torch.Tensor
     weights: torch.Tensor
@@ -76,23 +55,13 @@ class EPDParams(ParamsBase):
              r_init: str = "gauss", dtype: torch.dtype = torch.float64,
              device: Union[str, torch.device, None] = None,
              meta: Optional[dict] = None) -> "EPDParams":
-        """A starting point on `sigmas` ([S+1], decreasing) with `num_points` branches.
+        """An untrained start on `sigmas` with `num_points` branches, ``delta = o = 0``.
 
-        ``delta = o = 0``. The branch times and weights (``r_init``):
-
-        * ``"gauss"`` (default): Gauss-Legendre quadrature in sigma. The EPD update
-          ``x' = x + h sum_k w_k g(tau_k)`` is a quadrature of ``int g dsigma`` over the
-          step, so the start puts ``tau_k = t + c_k (t' - t)`` at the Gauss-Legendre nodes
-          ``c_k`` of [0, 1] with their weights (K = 2: c = 0.211, 0.789, w = 1/2, 1/2), and
-          ``r_k = log(tau_k / t) / log(t' / t)`` per step. Measured (`distill` with
-          schedule="auto" on the benchmark's Gaussian, mixture and exact-digits models at
-          NFE 3-9): against the log-sigma start below, test RMSE lower in 11 of 12 cases
-          (the twelfth equal within seed noise), by up to 3x on the exact digits, where a
-          branch placed at ``t'^0.79 t^0.21`` in the last step (``t' = sigma_min``) lands
-          where the denoiser has already collapsed onto one image.
-        * ``"gauss-log"``: the same nodes as ``r`` directly (nodes in log sigma, equal
-          weights 1/K; K = 1 is the log-midpoint, the geometric mean of t and t').
-        * ``"linspace"``: ``r = (k + 1) / (K + 1)``, equal weights.
+        ``r_init``: ``"gauss"`` (default) puts the branches at the Gauss-Legendre nodes of
+        each step in sigma with their weights (the EPD update is a quadrature of the
+        gradient over the step; against "gauss-log" it distilled to a lower test RMSE in 11
+        of 12 benchmark cases); ``"gauss-log"`` the same nodes as ``r`` (in log sigma) with
+        equal weights; ``"linspace"`` ``r = (k + 1) / (K + 1)`` with equal weights.
         """
         if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
             raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}")
@@ -144,8 +113,7 @@ class EPDParams(ParamsBase):
                 "delta": ("[S, K]", (S, K)), "o": ("[S]", (S,))}
 
     def _check_values(self, values):
-        """r in [0, 1]; weights >= 0 summing to 1 per step (tolerance 1e-5, 1e-2 for half
-        dtypes); delta > -1 and o > -1."""
+        """EPD's ranges, and weights on the simplex (tolerance 1e-5, 1e-2 for half dtypes)."""
         self._check_step_values(values)
         w = values["weights"]
         tol = 1e-2 if self.weights.dtype in (torch.float16, torch.bfloat16) else 1e-5
@@ -161,8 +129,7 @@ class EPDParams(ParamsBase):
 
     def check_compatible(self, nfe: Optional[int] = None, num_points: Optional[int] = None,
                          sigmas=None, **kw) -> None:
-        """Raises ValueError unless these params fit the requested K (``num_points``) and
-        what `ParamsBase.check_compatible` checks."""
+        """`ParamsBase.check_compatible`, and K (``num_points``)."""
         if num_points is not None and int(num_points) != self.num_points:
             raise ValueError(f"EPD params have K = {self.num_points} parallel points but "
                              f"K = {num_points} was asked")

@@ -1,17 +1,10 @@
 """The params file format, shared by EPD, AMED and D-ODE params.
 
-A params file is one safetensors file: the tensors, plus in the header's string-to-string
-metadata one JSON-encoded value per field. Every family writes ``format_version`` (readers
-refuse newer layouts), ``solver``, ``S``, ``nfe``, ``afs``, ``max_order``, ``schedule``,
-``meta``, ``package_version`` and ``checksum`` (sha256 over the tensors' names, dtypes,
-shapes and bytes, so that a corrupted data section is detected); ``kind`` names the
-family ("amed", "d-ode"; absent in EPD files, the first layout). Files are written
-atomically (`epd_kernels.fileio.write_atomic`).
-
-Every load error is a one-line ValueError that starts with the file's path
-(`ParamsFile.fail`), except a missing file (FileNotFoundError) and a folder
-(IsADirectoryError).
-"""
+One safetensors file: the tensors, plus one JSON-encoded header value per field
+(``format_version``, ``solver``, ``S``, ``nfe``, ``afs``, ``max_order``, ``schedule``,
+``meta``, ``package_version``, ``checksum`` and the family's own; ``kind`` names the family,
+absent in EPD files, the first layout), written atomically. Every load error is a one-line
+ValueError starting with the file's path, except FileNotFoundError and IsADirectoryError."""
 from __future__ import annotations
 
 import contextlib
@@ -33,11 +26,8 @@ _KINDS = {"d-ode": ("D-ODE", "DODEParams"), "amed": ("AMED", "AMEDParams")}
 
 
 def checksum(tensors: Dict[str, torch.Tensor]) -> str:
-    """sha256 over the tensors' names (sorted), dtypes, shapes and raw bytes.
-
-    Every params file written since the first layout carries this digest: changing it
-    makes every existing file unreadable.
-    """
+    """sha256 over the tensors' names (sorted), dtypes, shapes and raw bytes (changing it
+    makes every existing file unreadable)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
@@ -47,8 +37,7 @@ def checksum(tensors: Dict[str, torch.Tensor]) -> str:
 
 
 def _encode(fields: dict, owner: str) -> Dict[str, str]:
-    """Each field JSON-encoded (sorted keys, finite numbers only: NaN is not JSON, and no
-    deeper than the readers accept); ValueError naming `owner` otherwise."""
+    """Each field as JSON (finite numbers, no deeper than readers accept) or ValueError."""
     out = {}
     for k, v in fields.items():
         try:
@@ -64,9 +53,7 @@ def _encode(fields: dict, owner: str) -> Dict[str, str]:
 
 def write_params_file(path, tensors: Dict[str, torch.Tensor], fields: dict, owner: str, *,
                       overwrite: bool) -> None:
-    """Writes `tensors` with `fields` plus ``package_version`` and ``checksum``, atomically:
-    an unserialisable field raises before anything is written; an existing file is a
-    FileExistsError unless `overwrite`."""
+    """Writes `tensors` and `fields` (with ``package_version`` and ``checksum``) atomically."""
     from safetensors.torch import save as st_save
 
     from .. import __version__
@@ -77,8 +64,7 @@ def write_params_file(path, tensors: Dict[str, torch.Tensor], fields: dict, owne
 
 @dataclasses.dataclass
 class ParamsFile:
-    """A read params file: its path, tensors and decoded metadata, and the checks its
-    reader applies (each failure a ValueError naming the file)."""
+    """A read params file and the checks its reader applies (ValueErrors naming the file)."""
 
     path: str
     tensors: Dict[str, torch.Tensor]
@@ -89,8 +75,7 @@ class ParamsFile:
 
     @contextlib.contextmanager
     def naming_errors(self):
-        """Prefixes the file's path to a ValueError raised inside (building and validating
-        the params object from the file), unless it already names the file."""
+        """Prefixes the file's path to a ValueError raised inside, unless it names it."""
         try:
             yield
         except ValueError as e:
@@ -115,8 +100,7 @@ class ParamsFile:
                 self.fail(f"metadata {k!r} must be true/false, got {self.meta[k]!r}")
 
     def require_kind(self, kind: Optional[str], what: str) -> None:
-        """The metadata ``kind`` is `kind` (None: absent, as in EPD files); else an error
-        that says which class reads the file. `what` is e.g. "a D-ODE params file"."""
+        """The metadata ``kind`` is `kind` (None: absent); else say which class reads it."""
         found = self.meta.get("kind")
         if found == kind:
             return
@@ -129,8 +113,7 @@ class ParamsFile:
         self.fail(f"not {what}: metadata kind is {found!r}, expected {expected}{hint}")
 
     def require_solver(self, names: Sequence[str]) -> None:
-        """``solver`` is one of `names` (the plain solver, then its plugin on iPNDM) and
-        agrees with ``plugin``."""
+        """``solver`` is one of `names` (plain, plugin) and agrees with ``plugin``."""
         solver = self.meta["solver"]
         if solver not in names:
             self.fail(f"solver must be {' or '.join(map(repr, names))}, got {solver!r}")
@@ -139,8 +122,8 @@ class ParamsFile:
             self.fail(f"solver {solver!r} contradicts plugin={self.meta['plugin']}")
 
     def require_tensors(self, shapes: Mapping[str, Sequence[int]], context: str) -> None:
-        """Exactly the tensors `shapes` names (missing ones listed in its order), each of its
-        shape; `context` ("K=2, S=3") explains the expected shapes."""
+        """Exactly the tensors of `shapes`, each of its shape; `context` ("K=2, S=3")
+        explains them."""
         missing = [k for k in shapes if k not in self.tensors]
         if missing:
             self.fail(f"missing tensors {missing} (has {sorted(self.tensors)})")
@@ -185,10 +168,8 @@ def _read(path, what: str) -> ParamsFile:
 
 def open_params_file(path, what: str, *, kind: Optional[str], supported: int,
                      keys: Iterable[str]) -> ParamsFile:
-    """Reads a params file and checks what every params header must satisfy, in this order
-    (the first problem found is the one reported): the `kind`, a format_version <=
-    `supported`, all of `keys`, the checksum, ``meta`` an object, and the types of the
-    fields every family has. `what` ("an AMED params file") words the errors."""
+    """Reads a params file and checks, first problem first: the `kind`, a format_version <=
+    `supported`, all of `keys`, the checksum, and the common fields' types."""
     pf = _read(path, what)
     pf.require_kind(kind, what)
     version = pf.meta["format_version"]

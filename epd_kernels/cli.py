@@ -18,6 +18,7 @@ arguments and dispatches.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import List, Optional
 
@@ -34,23 +35,29 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
-def _int_at_least(minimum: int):
-    """argparse type: an integer >= minimum, with a one-line error naming the bound."""
-    def parse(text: str) -> int:
+def _int_at_least(minimum: int, word: Optional[str] = None):
+    """argparse type: an integer >= minimum (or ``word``, kept as is), with a one-line error
+    naming the bound."""
+    expected = f"an integer >= {minimum}" + (f" or '{word}'" if word else "")
+
+    def parse(text: str):
+        if word is not None and text.strip().lower() == word:
+            return word
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            v = minimum - 1
         if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return v
 
-    parse.__name__ = f"integer >= {minimum}"   # argparse names the type in some messages
+    parse.__name__ = expected   # argparse names the type in some messages
     return parse
 
 
 _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
+_threads = _int_at_least(1, "auto")
 
 
 def _time_budget(text: str):
@@ -75,17 +82,6 @@ def _int_list(text: str) -> List[int]:
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"expected budgets >= 1, got {text!r}")
     return vals
-
-
-def _threads(text: str):
-    from .workflow.errors import UserError
-    from .workflow.threads import parse_threads
-
-    try:
-        return parse_threads(text)
-    except UserError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got "
-                                         f"{text!r}") from None
 
 
 _THREADS_HELP = ("torch CPU threads, or 'auto' (default): time the model with 1 thread and "
@@ -119,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(sub, default_model: str) -> None:
-    """``epd demo``: distil and compare every solver, write figures."""
     p = sub.add_parser("demo", help="distill and compare every solver on the default model",
                        description="Distills EPD and AMED (and their plugins on iPNDM when "
                        "time allows) and D-ODE, "
@@ -143,7 +138,6 @@ def _add_demo(sub, default_model: str) -> None:
 
 
 def _add_distill(sub, default_model: str) -> None:
-    """``epd distill``: EPD / AMED distillation or a D-ODE fit to a params file."""
     p = sub.add_parser("distill", help="distill EPD / AMED params or fit D-ODE params",
                        description="Writes a params file (atomically). EPD and AMED runs "
                        "resume from --checkpoint and run unchanged under torchrun "
@@ -152,7 +146,7 @@ def _add_distill(sub, default_model: str) -> None:
     p.add_argument("--solver", required=True,
                    help="epd, epd-ipndm, amed, amed-ipndm, d-euler, d-heun or d-ipndm")
     p.add_argument("--nfe", type=_positive_int, required=True, help="latency budget")
-    p.add_argument("--num-points", type=int, default=None,
+    p.add_argument("--num-points", type=_positive_int, default=None,
                    help="EPD only: parallel points K (default 2)")
     p.add_argument("--amed-form", choices=["predictor", "table"], default=None,
                    help="AMED only: 'predictor' (default; the paper's small network, per "
@@ -162,12 +156,12 @@ def _add_distill(sub, default_model: str) -> None:
                         "(default, the x0 estimate) or 'module:<dotted.name>', the output of "
                         "that submodule of the model (the embedded digits U-Net's bottleneck "
                         "is 'module:net.mid2'); 'epd sample' needs the same model")
-    p.add_argument("--iterations", type=int, default=None,
+    p.add_argument("--iterations", type=_positive_int, default=None,
                    help="EPD / AMED iterations (default: sized to --time-budget)")
     p.add_argument("--time-budget", type=_time_budget, default=60.0,
                    help="seconds the distillation may take; iterations, teacher points and "
                         "batch not given are sized to it (default 60; 'none': fixed defaults)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="batch per process (EPD / AMED, default 64) or fitting batch (D-ODE, "
                         "default 512)")
     p.add_argument("--lr", type=float, default=None,
@@ -176,7 +170,7 @@ def _add_distill(sub, default_model: str) -> None:
     p.add_argument("--teacher-points", type=_nonneg_int, default=None,
                    help="EPD / AMED teacher: extra points M per student interval (library "
                         "default)")
-    p.add_argument("--pool", default=None,
+    p.add_argument("--pool", type=_int_at_least(1, "none"), default=None,
                    help="EPD / AMED: fixed pool of N training noises with cached teacher "
                         "targets, or 'none' for fresh noise (default: the library's, or "
                         "--fast's); class labels: one per pool entry (per batch row with "
@@ -204,7 +198,6 @@ def _add_distill(sub, default_model: str) -> None:
 
 
 def _add_sample(sub, default_model: str) -> None:
-    """``epd sample``: per-seed samples to a folder or an .npz (resumable)."""
     p = sub.add_parser("sample", help="sample seeds to PNG/.npy files or an .npz",
                        description="One generator per seed: the output does not depend on "
                        "the batch size or the number of processes. Finished seeds are "
@@ -224,7 +217,8 @@ def _add_sample(sub, default_model: str) -> None:
                    help="params file for epd / epd-ipndm / amed / amed-ipndm / d-* (from "
                         "'epd distill')")
     p.add_argument("--seeds", required=True, help="seeds, e.g. '0-99' or '0-9,100'")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="samples per batch (default 64)")
     grp = p.add_mutually_exclusive_group()
     grp.add_argument("--class-label", default=None,
                      help="conditional models: one label for all samples, or 'none'")
@@ -237,7 +231,6 @@ def _add_sample(sub, default_model: str) -> None:
 
 
 def _add_eval(sub) -> None:
-    """``epd eval``: RMSE to a reference and Frechet distance of samples."""
     p = sub.add_parser("eval", help="metrics of samples: RMSE to a reference, Frechet distance",
                        description="RMSE to --reference (matched by seed) and Frechet distance "
                        "in pixel space to the model's data (--model) or to --data.")
@@ -251,28 +244,15 @@ def _add_eval(sub) -> None:
                    help="torch CPU threads (default 'auto': torch's, nothing to time here)")
 
 
+#: command: (module of epd_kernels.workflow, its function), imported when run
+_COMMANDS = {"list": ("listing", "run_list"), "demo": ("demo", "run_demo"),
+             "distill": ("distill_job", "run_distill"), "sample": ("sample_job", "run_sample"),
+             "eval": ("eval_job", "run_eval")}
+
+
 def _dispatch(args) -> int:
-    if args.command == "list":
-        from .workflow.listing import run_list
-
-        return run_list(args)
-    if args.command == "demo":
-        from .workflow.demo import run_demo
-
-        return run_demo(args)
-    if args.command == "distill":
-        from .workflow.distill_job import run_distill
-
-        return run_distill(args)
-    if args.command == "sample":
-        from .workflow.sample_job import run_sample
-
-        return run_sample(args)
-    if args.command == "eval":
-        from .workflow.eval_job import run_eval
-
-        return run_eval(args)
-    raise AssertionError(args.command)
+    module, function = _COMMANDS[args.command]
+    return getattr(importlib.import_module(f".workflow.{module}", __package__), function)(args)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -125,6 +125,12 @@ def class_labels_for(model, keys: Sequence[int], mode) -> Optional[torch.Tensor]
     return torch.full((len(keys),), int(mode), dtype=torch.int64)
 
 
+def label_cond(model, keys: Sequence[int], mode, device) -> dict:
+    """The model's keywords for ``keys``: ``{"class_labels": labels}``, or {} without."""
+    labels = class_labels_for(model, keys, mode)
+    return {} if labels is None else {"class_labels": labels.to(device)}
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

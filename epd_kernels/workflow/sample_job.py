@@ -158,8 +158,6 @@ def _resolve(args):
     solver = check_solver(args.solver)
     seeds = parse_seeds(args.seeds)
     label_mode = parse_class_label(args.class_label)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if needs_params(solver) and not args.params:
         raise UserError(f"solver {solver!r} needs --params FILE (make one with "
                         f"'epd distill --solver {solver} ...')")

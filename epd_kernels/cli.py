@@ -6,14 +6,9 @@
     epd eval --samples DIR|X.npz [--model M | --data F] [--reference DIR|X.npz] [--json F]
     epd list                                             solvers, NFE rules, models
 
-Errors the user can fix (bad model spec, unknown solver, unmet budget, params that do not
-fit, bad seeds, unwritable output, results that would be replaced without ``--force``)
-print one line ``epd: error: ...`` and exit with code 2; a failed command removes the
-output folders it created and left empty. ``distill`` and ``sample`` run unchanged under
-``torchrun --nproc_per_node=N``. ``--threads auto`` (the default) times the model with 1
-thread and with all cores and keeps the faster (`epd_kernels.workflow.threads`).
-Each command lives in `epd_kernels.workflow` (one module per job); this file only parses
-arguments and dispatches.
+Errors the user can fix print one line ``epd: error: ...`` and exit with code 2; a failed
+command removes the output folders it created and left empty. This file only parses
+arguments and dispatches to `epd_kernels.workflow` (one module per command).
 """
 from __future__ import annotations
 
@@ -30,7 +25,7 @@ EXIT_USER_ERROR = 2
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``epd: error: ...``, exit code 2)."""
 
-    def error(self, message):  # noqa: D401 - argparse API
+    def error(self, message):  # argparse API
         sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
         sys.exit(EXIT_USER_ERROR)
 
@@ -264,7 +259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .workflow.errors import UserError, one_line
     from .workflow.outputs import new_folders
 
-    with new_folders() as made:   # folders a failed command created and left empty go
+    with new_folders() as remove_empty:   # folders a failed command made and left empty go
         try:
             code = int(_dispatch(args) or 0)
         except UserError as e:
@@ -276,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except BrokenPipeError:  # e.g. 'epd list | head'
             return 0
         if code != 0:
-            made.remove_empty()
+            remove_empty()
         return code
 
 

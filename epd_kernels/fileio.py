@@ -50,12 +50,9 @@ def _exists_error(path: str) -> FileExistsError:
 def write_atomic(path, data: bytes, *, overwrite: bool = True) -> None:
     """Writes ``data`` to ``path`` atomically: a temporary file in the same folder, flushed
     and fsync'ed, then moved onto ``path`` and the folder fsync'ed (a process killed at any
-    moment leaves the old file or the new one, never a torn one).
-
-    With ``overwrite=False`` an existing ``path`` is a FileExistsError, checked before
-    anything is written and again at the move (a hard link, which fails if the name
-    exists), so that two writers cannot both succeed.
-    """
+    moment leaves the old file or the new one, never a torn one). With ``overwrite=False``
+    an existing ``path`` is a FileExistsError, checked before writing and at the move (a
+    hard link, which fails if the name exists), so that two writers cannot both succeed."""
     path = os.fspath(path)
     if not overwrite and os.path.lexists(path):
         raise _exists_error(path)
@@ -111,11 +108,8 @@ def loads_bounded(text: str, where: str):
 
 
 def read_safetensors_metadata(data: bytes, path: str, kind: str) -> dict:
-    """The string metadata of a safetensors file, with clear errors for damaged headers.
-
-    ``kind`` names the expected file ("an EPD params file") in the error for a file that
-    carries no metadata.
-    """
+    """The string metadata of a safetensors file, with clear errors for damaged headers
+    (``kind`` names the expected file, "an EPD params file", where there is none)."""
     if len(data) < 8:
         raise ValueError(f"{path}: truncated or not a safetensors file ({len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])

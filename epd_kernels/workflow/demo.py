@@ -427,7 +427,7 @@ class _Demo:
         self.files.update(self.write_figures())
         self.table = _table(self.rows, self.ref_info)
         table_path = os.path.join(self.out, "table.md")
-        outputs.atomic_write_bytes(table_path, (self.table + "\n").encode())
+        outputs.write_atomic(table_path, (self.table + "\n").encode())
         self.files["table"] = table_path
 
     def report(self) -> None:

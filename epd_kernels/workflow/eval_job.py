@@ -1,19 +1,8 @@
-"""`epd eval`: metrics of a set of samples.
-
-* samples: a folder of per-seed ``seed-NNNNNN.npy`` files or an ``.npz`` with
-  ``samples`` (and ``seeds``), as `epd sample` writes them;
-* ``--reference DIR|FILE.npz``: RMSE to it (`metrics.global_rmse`: the root of the mean
-  squared difference over all samples and dimensions), matched by seed;
-* ``--model NAME`` or ``--data FILE``: Frechet distance in pixel space
-  (`metrics.frechet_distance`) to the model's data: the 1797 digits
-  (`load_digits_data`) for the digits models, ``model.sample_data(10000, generator
-  seeded 0)`` for models that have it (gaussian, gmm); ``--data`` takes an .npy array or
-  an .npz with ``samples``, ``images`` or ``data``. With ``--model`` the samples must
-  have the model's shape.
-
-Prints the metrics; ``--json PATH`` also writes them. The Frechet distance depends on the
-number of samples (biased upwards for few), so it is printed as "FD (n=N)". Samples with
-NaN or inf values are refused with their count; damaged files with their name.
+"""`epd eval`: global RMSE of samples to a reference (matched by seed) and their Frechet
+distance in pixel space to the data of ``--model`` (the 1797 digits for the digits models,
+``model.sample_data(10000)`` seeded 0 for models that have it) or of ``--data`` (.npy, or
+.npz with ``samples``, ``images`` or ``data``). The FD is printed with its sample count
+("FD (n=N)"): it is biased upwards for few samples. Non-finite samples are refused.
 """
 from __future__ import annotations
 

@@ -1,15 +1,9 @@
-"""Figures of a solver comparison: a sample grid and an error-vs-NFE plot (PNG files).
+"""Figures of a solver comparison (PNG files): `sample_grid_png`, rows = solvers, columns
+= NFE, each cell the same few seeds upscaled by pixel repetition ("n/a" where a solver has
+none); `error_plot_png`, RMSE to the reference against latency NFE (distilled dashed).
 
-`sample_grid_png`: rows = solvers (the reference first), columns = NFE budgets; each cell
-shows the same few samples (same seeds) side by side, upscaled by pixel repetition
-(nearest), so the digits stay sharp. Cells a solver cannot produce read "n/a".
-`error_plot_png`: RMSE to the reference against latency NFE, log y axis, one line per
-solver (distilled solvers dashed).
-
-matplotlib (a dependency of the package; Agg backend) is imported lazily. In an
-environment where it is missing all the same, the grid is still written, as a plain
-image without labels (rows and columns in the order given), and the plot is skipped:
-both functions return False in that case.
+matplotlib (a dependency; Agg backend) is imported lazily. Where it is missing all the
+same, the grid is written without labels and the plot is skipped: both return False.
 """
 from __future__ import annotations
 
@@ -18,7 +12,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .outputs import atomic_write_bytes, image_layout, png_bytes, to_uint8_image
+from ..fileio import write_atomic
+from .outputs import image_layout, png_bytes, to_uint8_image
 
 __all__ = ["sample_grid_png", "error_plot_png"]
 
@@ -45,11 +40,9 @@ def cell_image(samples: np.ndarray, shape: Sequence[int], scale: int, gap: int =
     tiles = [to_uint8_image(s, shape, scale) for s in samples]
     h = tiles[0].shape[0]
     sep = np.full((h, gap) + tiles[0].shape[2:], 150, np.uint8)
-    parts = []
-    for i, t in enumerate(tiles):
-        if i:
-            parts.append(sep)
-        parts.append(t)
+    parts = [tiles[0]]
+    for t in tiles[1:]:
+        parts += [sep, t]
     return np.concatenate(parts, axis=1)
 
 
@@ -99,7 +92,7 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
                 canvas[y:y + ch, x:x + cw] = img
 
     if not have_matplotlib():
-        atomic_write_bytes(path, png_bytes(canvas))
+        write_atomic(path, png_bytes(canvas))
         return False
 
     plt = _pyplot()
@@ -126,7 +119,7 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
     return True
 
 
@@ -170,5 +163,5 @@ def error_plot_png(path, series: Mapping[str, Sequence[Tuple[int, float]]],
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
     return True

@@ -76,9 +76,8 @@ def needs_params(name: str) -> bool:
 def budget_rule(name: str) -> str:
     """Human-readable NFE rule of a solver (its default afs)."""
     spec = _spec(name)
-    if spec.evals_per_step == 1:
-        return "NFE = steps" + (" - 1 (analytic first step)" if spec.default_afs else "")
-    return "NFE = 2*steps" + (" - 1 (analytic first step)" if spec.default_afs else "")
+    rule = "NFE = steps" if spec.evals_per_step == 1 else "NFE = 2*steps"
+    return rule + (" - 1 (analytic first step)" if spec.default_afs else "")
 
 
 def check_budget(name: str, nfe: int) -> int:
@@ -163,22 +162,13 @@ def _file_solver(path: str) -> Optional[str]:
     return solver if solver in solver_names() else None
 
 
-def _load_by_family(family: str, path: str):
-    from ..params import AMEDParams, DODEParams, EPDParams
-
-    loader = {"EPD": EPDParams, "AMED": AMEDParams, "D-ODE": DODEParams}[family]
-    return loader.load(path)
-
-
 def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
                 nfe: Optional[int] = None):
-    """Loads the params file of ``solver`` and checks it fits the solver, nfe and model.
+    """Loads the params file of ``solver`` and checks it fits the solver, nfe and model
+    (a file of another kind is refused, by its own "solver" metadata, before loading; an
+    AMED predictor's feature submodule is looked up in the model before sampling)."""
+    from ..params import AMEDParams, DODEParams, EPDParams
 
-    The file's own "solver" metadata picks the loader, so a file of another kind (EPD
-    params given to an AMED solver, ...) is refused with both names, before any loading.
-    AMED params whose predictor reads a submodule (``module:<name>``) are checked against
-    the model here, so that a model without that submodule fails before sampling.
-    """
     path = os.fspath(path)
     if os.path.isdir(path):
         inside = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
@@ -195,7 +185,7 @@ def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
         raise UserError(f"{path} holds {params_family(made_for)} params (for solver "
                         f"{made_for!r}), not {want} params for {solver!r}")
     try:
-        params = _load_by_family(want, path)
+        params = {"EPD": EPDParams, "AMED": AMEDParams, "D-ODE": DODEParams}[want].load(path)
     except ValueError as e:
         raise UserError(one_line(e)) from None
     made_for = params.solver

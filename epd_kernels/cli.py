@@ -69,13 +69,9 @@ def _time_budget(text: str):
 
 
 def _int_list(text: str) -> List[int]:
-    try:
-        vals = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected budgets >= 1, got {text!r}")
+    vals = [_positive_int(t) for t in text.split(",") if t.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected comma-separated budgets >= 1, got {text!r}")
     return vals
 
 
@@ -83,7 +79,9 @@ _THREADS_HELP = ("torch CPU threads, or 'auto' (default): time the model with 1 
                  "with all cores and keep the faster (a busy machine often runs faster with 1)")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, default_model: str) -> None:
+    p.add_argument("--model", default=default_model,
+                   help=f"model name or 'package.module:factory' (default {default_model})")
     p.add_argument("--threads", type=_threads, default="auto", help=_THREADS_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
@@ -119,8 +117,6 @@ def _add_demo(sub, default_model: str) -> None:
     p.add_argument("--out", default="epd_demo", help="output folder (default ./epd_demo)")
     p.add_argument("--force", action="store_true",
                    help="replace the results of an earlier demo in --out")
-    p.add_argument("--model", default=default_model,
-                   help=f"model name or 'package.module:factory' (default {default_model})")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     p.add_argument("--nfes", type=_int_list, default=None,
                    help="budgets for the baseline solvers (default 3,5,7,9)")
@@ -129,7 +125,7 @@ def _add_demo(sub, default_model: str) -> None:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds the demo aims to stay within; EPD-Plugin and AMED-Plugin "
                         "are distilled only if they fit (default 200)")
-    _common(p)
+    _common(p, default_model)
 
 
 def _add_distill(sub, default_model: str) -> None:
@@ -137,7 +133,6 @@ def _add_distill(sub, default_model: str) -> None:
                        description="Writes a params file (atomically). EPD and AMED runs "
                        "resume from --checkpoint and run unchanged under torchrun "
                        "(--batch-size per process; only rank 0 writes).")
-    p.add_argument("--model", default=default_model, help="model name or 'package.module:factory'")
     p.add_argument("--solver", required=True,
                    help="epd, epd-ipndm, amed, amed-ipndm, d-euler, d-heun or d-ipndm")
     p.add_argument("--nfe", type=_positive_int, required=True, help="latency budget")
@@ -189,7 +184,7 @@ def _add_distill(sub, default_model: str) -> None:
                    help="conditional models: 'seed' (row %% classes, default), an int, or 'none'")
     p.add_argument("--out", required=True, help="params file (.safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
-    _common(p)
+    _common(p, default_model)
 
 
 def _add_sample(sub, default_model: str) -> None:
@@ -204,7 +199,6 @@ def _add_sample(sub, default_model: str) -> None:
                        "class_labels, run) at the end; rerunning reuses the seeds an "
                        "existing X.npz holds. All files are written atomically. Under "
                        "torchrun each process takes every W-th unfinished seed.")
-    p.add_argument("--model", default=default_model, help="model name or 'package.module:factory'")
     p.add_argument("--solver", required=True, help="solver name (see 'epd list')")
     p.add_argument("--nfe", type=_positive_int, default=None,
                    help="latency budget (taken from --params when given)")
@@ -222,7 +216,7 @@ def _add_sample(sub, default_model: str) -> None:
     p.add_argument("--png-scale", type=_nonneg_int, default=0,
                    help="upscale factor of the per-seed PNGs (0: auto, to >= 64 px)")
     p.add_argument("--out", required=True, help="output folder, or a file ending in .npz")
-    _common(p)
+    _common(p, default_model)
 
 
 def _add_eval(sub) -> None:

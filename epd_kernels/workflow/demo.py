@@ -1,24 +1,15 @@
 """`epd demo`: distil EPD, AMED and D-ODE, compare every solver at equal latency, draw it.
 
-On one model (default the embedded digits U-Net, labels = seed % 10), every solver samples
-the same noise; the stages (each timed in ``results.json`` "timings"):
-
-1. reference: UniPC with 60 steps; its error is estimated against half the steps;
-2. baselines: every solver that needs no params (aliases skipped) at NFE 3, 5, 7, 9
-   (budgets a solver cannot meet are listed as skipped);
-3. D-ODE (d-euler, d-ipndm; closed-form fit) at NFE 3 and 5;
-4. EPD (K = 2) at NFE 3 and 5: 150 iterations of batch 16 from a pool of 256 draws (the
-   DPM-Solver-2 teacher with M = 3 runs once over the pool);
-5. AMED-Solver (the predictor, reading the denoised estimate) at NFE 3 and 5: 40
-   iterations of batch 16 on fresh noise, the same teacher;
-6. optional runs, each only if its estimated time fits ``--budget`` (200 s): parallel
-   solvers above NFE 5 (ParaDiGMS spends ~NFE^2 evaluations), then EPD-Plugin and
-   AMED-Plugin at NFE 5 and then 3;
-7. ``table.md`` (global RMSE to the reference, Frechet distance in pixels to the data, NFE,
-   evaluations, wall time), ``samples_grid.png``, ``rmse_vs_nfe.png``, ``params/``.
-
-``--quick`` uses tiny settings (seconds) for tests and runs everything. The defaults
-finish in about 2-3 minutes on 2 CPU cores.
+On one model (default the embedded digits U-Net, labels = seed % 10) every solver samples
+the same noise, in stages (sizes in `DemoConfig`; each stage timed in ``results.json``):
+1. reference: a many-step UniPC run, its error estimated against half the steps;
+2. baselines: every solver that needs no params (aliases skipped) at each of ``nfes``;
+3.-5. D-ODE (closed-form fit), EPD (on a pool of draws), AMED-Solver (the predictor, on
+   fresh noise), each at each of ``distill_nfes``;
+6. optional runs, each only if its estimated time fits ``--budget``: parallel solvers
+   above NFE 5 (ParaDiGMS spends ~NFE^2 evaluations), then EPD-Plugin and AMED-Plugin;
+7. ``table.md``, ``samples_grid.png``, ``rmse_vs_nfe.png``, ``params/``, ``results.json``.
+``--quick`` uses tiny settings (seconds) for tests; the defaults take 2-3 minutes on 2 cores.
 
 Why these settings (digits-unet; RMSE to the reference on the demo's 256 samples, as a mean
 of per-sample RMS values, which ranks the solvers as the table's global RMSE does):
@@ -52,8 +43,9 @@ from ..sampling import sample
 from ..solvers.registry import solver_names, valid_budgets
 from . import outputs, plots
 from .errors import UserError, one_line
-from .resolve import (check_budget, class_labels_for, is_alias, load_model_or_fail,
-                      model_shape, needs_params)
+from .eval_job import model_data
+from .resolve import (ALIASES, check_budget, label_cond, load_model_or_fail, model_shape,
+                      needs_params)
 from .threads import model_batch_runner, pick_threads
 
 __all__ = ["run_demo", "DemoConfig", "DEFAULT", "QUICK"]
@@ -186,8 +178,10 @@ class _Demo:
                 self.device)
         self.noise = make_noise(range(N), self.shape, device=self.device)
         self.cond = self.cond_for(range(N))
-        data = _data_for(args.model, self.model)
-        self.data_stats = feature_stats(data) if data is not None else None
+        try:
+            self.data_stats = feature_stats(model_data(args.model, self.model))
+        except UserError:   # a model without data: no Frechet distance
+            self.data_stats = None
         self.rows: List[dict] = []
         self.skipped: List[dict] = []
         self.cells: Dict[Tuple[str, int], np.ndarray] = {}
@@ -196,7 +190,7 @@ class _Demo:
         self.params_files: List[dict] = []
         self.distilled: List[str] = []
         self.baseline_names = [s for s in solver_names()
-                               if not needs_params(s) and not is_alias(s)]
+                               if not needs_params(s) and s not in ALIASES]
         self.amed_features = _amed_features(cfg.amed_features, self.model)
         _log(f"epd demo: model {args.model} (shape {list(self.shape)}"
              + (f", labels = seed % {self.model.num_classes}" if self.cond else "")
@@ -204,8 +198,7 @@ class _Demo:
              + (" [quick]" if args.quick else ""))
 
     def cond_for(self, keys) -> dict:
-        lab = class_labels_for(self.model, keys, "seed")
-        return {} if lab is None else {"class_labels": lab.to(self.device)}
+        return label_cond(self.model, keys, "seed", self.device)
 
     def fd_of(self, x) -> Optional[float]:
         if self.data_stats is None:
@@ -453,15 +446,6 @@ class _Demo:
         _log("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items()))
         _log("files: " + ", ".join([json_path] + [v for v in self.files.values()
                                                     if isinstance(v, str) and v != json_path]))
-
-
-def _data_for(spec: str, model) -> Optional[np.ndarray]:
-    from .eval_job import model_data
-
-    try:
-        return model_data(spec, model)
-    except UserError:
-        return None
 
 
 def _refuse_earlier_results(out, force: bool) -> None:

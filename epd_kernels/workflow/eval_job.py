@@ -15,6 +15,7 @@ import torch
 from ..metrics import frechet_distance, global_rmse
 from . import outputs
 from .errors import UserError
+from .resolve import load_model_or_fail, model_shape
 from .threads import pick_threads
 
 __all__ = ["run_eval", "load_samples", "model_data"]
@@ -51,17 +52,12 @@ def _check_finite(samples: np.ndarray, path) -> None:
                         f"(NaN or inf); the metrics need finite samples (a diverged solver?)")
 
 
-def model_data(spec: str, model=None) -> np.ndarray:
-    """The data a model's samples are compared with (see the module docstring);
-    ``model``: the loaded ``spec``, if at hand."""
-    from .resolve import load_model_or_fail
-
-    key = spec.strip().lower()
-    if key in ("digits-unet", "digits-exact"):
+def model_data(spec: str, model) -> np.ndarray:
+    """The data the samples of ``model`` (loaded from ``spec``) are compared with."""
+    if spec.strip().lower() in ("digits-unet", "digits-exact"):
         from ..models.digits import load_digits_data
 
         return load_digits_data()[0].numpy()
-    model = model if model is not None else load_model_or_fail(spec)
     if hasattr(model, "sample_data"):
         g = torch.Generator().manual_seed(DATA_SEED)
         data = model.sample_data(DATA_SAMPLES, generator=g)
@@ -148,8 +144,6 @@ def _frechet(samples, args) -> dict:
         data = _load_data_file(args.data)
         what = os.fspath(args.data)
     else:
-        from .resolve import load_model_or_fail, model_shape
-
         model = load_model_or_fail(args.model)
         want = model_shape(model)
         if tuple(samples.shape[1:]) != want:

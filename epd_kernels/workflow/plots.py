@@ -18,21 +18,24 @@ from .outputs import image_layout, png_bytes, to_uint8_image
 __all__ = ["sample_grid_png", "error_plot_png"]
 
 
-def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _pyplot():
-    import matplotlib
-
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path, dpi: int) -> bool:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return True
 
 
 def cell_image(samples: np.ndarray, shape: Sequence[int], scale: int, gap: int = 2) -> np.ndarray:
@@ -91,11 +94,10 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
             else:
                 canvas[y:y + ch, x:x + cw] = img
 
-    if not have_matplotlib():
+    plt = _pyplot()
+    if plt is None:
         write_atomic(path, png_bytes(canvas))
         return False
-
-    plt = _pyplot()
     dpi = 100
     left, top, right, bottom = 100, 48 if title else 28, 8, 8
     fw, fh = left + W + right, top + H + bottom
@@ -116,11 +118,7 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
                  color="0.45")
     if title:
         fig.text(0.5, 1.0 - 6 / fh, title, ha="center", va="top", fontsize=10)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
-    return True
+    return _save(plt, fig, path, dpi)
 
 
 def error_plot_png(path, series: Mapping[str, Sequence[Tuple[int, float]]],
@@ -128,9 +126,9 @@ def error_plot_png(path, series: Mapping[str, Sequence[Tuple[int, float]]],
                    ylabel: str = "global RMSE to reference") -> bool:
     """Writes the RMSE-vs-NFE plot; ``series[solver] = [(nfe, rmse), ...]``.
     Returns False (and writes nothing) without matplotlib."""
-    if not have_matplotlib():
-        return False
     plt = _pyplot()
+    if plt is None:
+        return False
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = "osD^v<>pPhX*"
     base_colors = plt.get_cmap("tab10").colors
@@ -160,8 +158,4 @@ def error_plot_png(path, series: Mapping[str, Sequence[Tuple[int, float]]],
         ax.set_title(title, fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
-    return True
+    return _save(plt, fig, path, 100)

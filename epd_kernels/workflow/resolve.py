@@ -22,7 +22,7 @@ DISTILLABLE = ("epd", "epd-ipndm", "amed", "amed-ipndm", "d-euler", "d-heun", "d
 EPD_SOLVERS = ("epd", "epd-ipndm")
 AMED_SOLVERS = ("amed", "amed-ipndm")
 #: Names that are aliases of another solver (same function, same settings).
-_ALIASES = {"ddim": "euler", "d-ddim": "d-euler"}
+ALIASES = {"ddim": "euler", "d-ddim": "d-euler"}
 
 
 def load_model_or_fail(spec: str, device: str = "cpu"):
@@ -56,10 +56,6 @@ def num_classes(model) -> int:
         return int(n)
     except (TypeError, ValueError):
         return 0
-
-
-def is_alias(name: str) -> bool:
-    return name in _ALIASES
 
 
 def check_solver(name: str) -> str:
@@ -146,8 +142,9 @@ def params_family(solver: str) -> str:
 
 
 def _file_solver(path: str) -> Optional[str]:
-    """The "solver" recorded in a params file's metadata, or None when the header cannot
-    be read (then the loader of the requested kind reports the damage)."""
+    """The solver a params file's metadata names ("d-ode" for a D-ODE file that names no
+    solver), or None when it cannot tell: then the loader of the requested kind reports
+    the damage."""
     import json
 
     from ..fileio import read_safetensors_metadata
@@ -155,15 +152,18 @@ def _file_solver(path: str) -> Optional[str]:
     try:
         with open(path, "rb") as f:
             data = f.read()
-        solver = json.loads(read_safetensors_metadata(data, path, "a params file")["solver"])
-    except (OSError, ValueError, KeyError):
+    except OSError:
         return None
-    # an unknown name (a damaged file): the loader of the requested kind reports it
-    return solver if solver in solver_names() else None
+    try:
+        solver = json.loads(read_safetensors_metadata(data, path, "a params file")["solver"])
+    except (ValueError, KeyError):
+        solver = None
+    if solver in solver_names():
+        return solver
+    return "d-ode" if b"d-ode" in data[:4096] else None
 
 
-def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
-                nfe: Optional[int] = None):
+def load_params(solver: str, path, model, model_spec: str, nfe: Optional[int] = None):
     """Loads the params file of ``solver`` and checks it fits the solver, nfe and model
     (a file of another kind is refused, by its own "solver" metadata, before loading; an
     AMED predictor's feature submodule is looked up in the model before sampling)."""
@@ -179,8 +179,6 @@ def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
         raise UserError(f"params file not found: {path}")
     want = params_family(solver)
     made_for = _file_solver(path)
-    if made_for is None and _looks_like_dode(path):
-        made_for = "d-ode"
     if made_for is not None and params_family(made_for) != want:
         raise UserError(f"{path} holds {params_family(made_for)} params (for solver "
                         f"{made_for!r}), not {want} params for {solver!r}")
@@ -199,22 +197,18 @@ def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
     if nfe is not None and int(nfe) != int(params.nfe):
         raise UserError(f"{path} was made for nfe={params.nfe}, but --nfe {nfe} was asked "
                         f"(omit --nfe or distill params for nfe={nfe})")
-    meta = params.meta or {}
-    if model is not None:
-        shape = model_shape(model)
-        p_shape = meta.get("shape")
-        if p_shape is not None and shape is not None and tuple(p_shape) != tuple(shape):
-            raise UserError(f"{path} was distilled for samples of shape {list(p_shape)} "
-                            f"(model {meta.get('model', '?')!r}) but model "
-                            f"{model_spec!r} makes shape {list(shape)}")
-        if want == "AMED":
-            _check_feature_source(params, model, model_spec, path)
-        p_model = meta.get("model")
-        if p_model is not None and model_spec is not None and p_model != model_spec:
-            import warnings
+    meta, shape = params.meta or {}, model_shape(model)
+    if meta.get("shape") is not None and tuple(meta["shape"]) != shape:
+        raise UserError(f"{path} was distilled for samples of shape {list(meta['shape'])} "
+                        f"(model {meta.get('model', '?')!r}) but model "
+                        f"{model_spec!r} makes shape {list(shape)}")
+    if want == "AMED":
+        _check_feature_source(params, model, model_spec, path)
+    if meta.get("model") not in (None, model_spec):
+        import warnings
 
-            warnings.warn(f"{path} was distilled on model {p_model!r}, not {model_spec!r}; "
-                          f"the params will work but may be far from optimal", stacklevel=2)
+        warnings.warn(f"{path} was distilled on model {meta['model']!r}, not {model_spec!r}; "
+                      f"the params will work but may be far from optimal", stacklevel=2)
     return params
 
 
@@ -231,11 +225,3 @@ def _check_feature_source(params, model, model_spec, path) -> None:
         raise UserError(f"{path}: its AMED predictor reads features {params.features!r}, "
                         f"which model {model_spec!r} cannot give: {one_line(e)}") from None
 
-
-def _looks_like_dode(path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    return b"d-ode" in head

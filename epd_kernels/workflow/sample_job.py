@@ -45,20 +45,17 @@ _OWN_FILES = outputs.SAMPLE_FILES
 class _StepProgress:
     """A bar over the denoiser steps of every batch, driven by the solvers' per-step
     callback, so that one long batch (a large NFE) shows progress too. Shown only once a
-    run has lasted `DELAY_S`."""
-
-    DELAY_S = 2.0
+    run has lasted 2 s."""
 
     def __init__(self, batches: int, steps: int, desc: str, enabled: bool):
-        self.steps, self.done_batches, self.bar = max(int(steps), 1), 0, None
-        if enabled and batches > 0:
-            from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=batches * self.steps, desc=desc, unit="step",
-                            delay=self.DELAY_S, dynamic_ncols=True)
+        self.steps, self.done_batches = max(int(steps), 1), 0
+        self.bar = tqdm(total=batches * self.steps, desc=desc, unit="step", delay=2.0,
+                        dynamic_ncols=True, disable=not enabled or batches == 0)
 
     def _advance_to(self, n: int) -> None:
-        if self.bar is not None and n > self.bar.n:
+        if n > self.bar.n:
             self.bar.update(n - self.bar.n)   # update() honours the 2 s delay
 
     def callback(self, info) -> None:
@@ -66,13 +63,8 @@ class _StepProgress:
 
     def batch_done(self, seeds_done: int) -> None:
         self.done_batches += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{seeds_done} seeds", refresh=False)
+        self.bar.set_postfix_str(f"{seeds_done} seeds", refresh=False)
         self._advance_to(self.done_batches * self.steps)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _manifest(args, solver, nfe, shape, label_mode) -> dict:
@@ -149,8 +141,7 @@ def _resolve(args):
     shape = model_shape(model)
     params = None
     if args.params:
-        params = load_params(solver, args.params, model=model, model_spec=args.model,
-                             nfe=args.nfe)
+        params = load_params(solver, args.params, model, args.model, nfe=args.nfe)
         nfe = int(params.nfe)
     else:
         if args.nfe is None:
@@ -239,7 +230,7 @@ def _sample_seeds(args, mine, solver, nfe, params, model, shape, label_mode, fol
                 outputs.write_npy(outputs.seed_path(folder, s), xs)
             bar.batch_done(a + len(chunk))
     finally:
-        bar.close()
+        bar.bar.close()
     return stats_list
 
 

@@ -29,8 +29,6 @@ def load_samples(path) -> Tuple[np.ndarray, np.ndarray]:
     path = os.fspath(path)
     if os.path.isdir(path):
         return outputs.load_seed_files(path)
-    if not os.path.exists(path):
-        raise UserError(f"samples not found: {path}")
     f = outputs.load_array_file(path, ("samples", "seeds"))
     if not isinstance(f, dict):
         return None, f
@@ -71,15 +69,10 @@ def model_data(spec: str, model) -> np.ndarray:
 
 
 def _load_data_file(path) -> np.ndarray:
-    if not os.path.exists(path):
-        raise UserError(f"data file not found: {path}")
     f = outputs.load_array_file(path, ("samples", "images", "data"))
-    if not isinstance(f, dict):
-        return f
-    for k in ("samples", "images", "data"):
-        if k in f:
-            return f[k]
-    raise UserError(f"{path} has none of the arrays 'samples', 'images', 'data'")
+    if isinstance(f, dict) and not f:
+        raise UserError(f"{path} has none of the arrays 'samples', 'images', 'data'")
+    return next(iter(f.values())) if isinstance(f, dict) else f
 
 
 def run_eval(args) -> int:

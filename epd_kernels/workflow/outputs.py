@@ -142,10 +142,7 @@ def ensure_writable_file(path, force: Optional[bool] = None) -> str:
     return path
 
 
-# --------------------------------------------------------------------------------------
-# PNG (a small encoder: 8-bit grayscale or RGB, no dependency)
-
-
+# PNG: a small encoder (8-bit gray or RGB, no dependency)
 def _chunk(tag: bytes, data: bytes) -> bytes:
     return (struct.pack(">I", len(data)) + tag + data
             + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
@@ -197,18 +194,12 @@ def to_uint8_image(x, shape: Sequence[int], scale: int = 1, lo: float = -1.0,
         raise ValueError(f"samples of shape {list(shape)} are not images")
     h, w, c = layout
     a = np.asarray(x, dtype=np.float64).reshape((c, h, w) if len(shape) == 3 else (h, w))
-    if len(shape) == 3:
-        a = a.transpose(1, 2, 0)
-        if c == 1:
-            a = a[:, :, 0]
+    if len(shape) == 3:   # [C, H, W] -> [H, W] (gray) or [H, W, 3]
+        a = a[0] if c == 1 else a.transpose(1, 2, 0)
     a = np.clip(np.round((a - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
     if scale > 1:
         a = a.repeat(scale, axis=0).repeat(scale, axis=1)
     return a
-
-
-# --------------------------------------------------------------------------------------
-# per-seed files
 
 
 def seed_path(folder, seed: int, ext: str = ".npy") -> str:
@@ -217,15 +208,10 @@ def seed_path(folder, seed: int, ext: str = ".npy") -> str:
 
 def finished_seeds(folder) -> Dict[int, str]:
     """``{seed: path of its .npy}`` for the seeds whose sample is complete in ``folder``."""
-    out = {}
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        return out
-    for name in os.listdir(folder):
-        m = _SEED_RE.match(name)
-        if m:
-            out[int(m.group(1))] = os.path.join(folder, name)
-    return out
+    names = os.listdir(folder) if os.path.isdir(folder) else ()
+    return {int(m.group(1)): os.path.join(folder, m.group(0))
+            for m in map(_SEED_RE.match, names) if m}
 
 
 def load_seed_files(folder, seeds: Optional[Iterable[int]] = None):

@@ -235,14 +235,11 @@ def _sample_seeds(args, mine, solver, nfe, params, model, shape, label_mode, fol
 
 
 def _summarise(stats_list, n, wall) -> dict:
-    if not stats_list:
-        return {"computed": 0, "latency_nfe": None, "total_evals": None, "steps": None,
-                "sampling_s": 0.0, "wall_s": wall}
-    # latency NFE and total evaluations per sample are the same for every batch
-    st = stats_list[0][1]
-    return {"computed": n, "latency_nfe": st.latency_nfe, "total_evals": st.total_evals,
-            "steps": st.steps, "sampling_s": sum(s.wall_time_s for _, s in stats_list),
-            "wall_s": wall}
+    # latency NFE, total evaluations and steps per sample are the same for every batch
+    per_sample = {k: getattr(stats_list[0][1], k) for k in ("latency_nfe", "total_evals",
+                                                             "steps")} if stats_list else {}
+    return {"computed": n, **per_sample, "wall_s": wall,
+            "sampling_s": sum(s.wall_time_s for _, s in stats_list)}
 
 
 def _report(solver, nfe, summaries: List[dict], out: str) -> None:
@@ -267,8 +264,8 @@ def _report(solver, nfe, summaries: List[dict], out: str) -> None:
 def _assemble(out: str, folder: str, seeds: List[int], model, label_mode, manifest) -> None:
     chosen, samples = outputs.load_seed_files(folder, seeds)
     labels = class_labels_for(model, seeds, label_mode)
-    lab = (labels.numpy() if labels is not None else np.full(len(seeds), -1, np.int64))
+    labels = labels.numpy() if labels is not None else np.full(len(seeds), -1, np.int64)
     outputs.write_npz(out, samples=samples.astype(np.float32), seeds=chosen,
-                      class_labels=lab.astype(np.int64), run=np.asarray(json.dumps(manifest)))
+                      class_labels=labels.astype(np.int64), run=np.asarray(json.dumps(manifest)))
     shutil.rmtree(folder, ignore_errors=True)
     print(f"epd sample: wrote {out} ({len(seeds)} samples, seeds {format_seeds(seeds)})")

@@ -2,6 +2,7 @@
 package writes (params, checkpoints, samples, plots)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,16 +32,14 @@ def _umask() -> int:
 def _fsync_folder(folder: str) -> None:
     # The rename lives in the folder's entries: without this a power loss can bring back
     # the old name (or none) although the file's bytes are on disk.
-    try:
+    # OSError: a platform without directory handles (Windows), or a file system that
+    # cannot sync directories
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a platform without directory handles (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # a file system that cannot sync directories
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _exists_error(path: str) -> FileExistsError:

@@ -90,8 +90,7 @@ _RESULTS = ("table.md", "results.json", "samples_grid.png", "rmse_vs_nfe.png")
 _OWN_FILES = "|".join(name.replace(".", r"\.") for name in _RESULTS)
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
+_log = partial(print, flush=True)
 
 
 def _fmt(v, digits=4):

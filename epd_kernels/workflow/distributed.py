@@ -18,13 +18,10 @@ __all__ = ["distributed_context", "local_device"]
 def env_world() -> tuple:
     """``(rank, world_size)`` from the torchrun environment variables ((0, 1) if absent)."""
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         return 0, 1
-    if world < 1 or not 0 <= rank < world:
-        return 0, 1
-    return rank, world
+    return (rank, world) if 0 <= rank < world else (0, 1)
 
 
 def local_device(device: str) -> str:

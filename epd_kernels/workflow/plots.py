@@ -41,17 +41,8 @@ def _save(plt, fig, path, dpi: int) -> bool:
 def cell_image(samples: np.ndarray, shape: Sequence[int], scale: int, gap: int = 2) -> np.ndarray:
     """Samples ``[n, *shape]`` side by side as one uint8 image (grey gaps between)."""
     tiles = [to_uint8_image(s, shape, scale) for s in samples]
-    h = tiles[0].shape[0]
-    sep = np.full((h, gap) + tiles[0].shape[2:], 150, np.uint8)
-    parts = [tiles[0]]
-    for t in tiles[1:]:
-        parts += [sep, t]
-    return np.concatenate(parts, axis=1)
-
-
-def _auto_scale(shape) -> int:
-    h, w, _ = image_layout(shape)
-    return max(1, 48 // max(h, w))
+    sep = np.full((tiles[0].shape[0], gap) + tiles[0].shape[2:], 150, np.uint8)
+    return np.concatenate([part for t in tiles for part in (sep, t)][1:], axis=1)
 
 
 def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Sequence[str],
@@ -63,9 +54,10 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
     Returns True if drawn with matplotlib (labelled), False for the plain fallback. Raises
     ValueError when the samples are not image-shaped (see `outputs.image_layout`).
     """
-    if image_layout(shape) is None:
+    layout = image_layout(shape)
+    if layout is None:
         raise ValueError(f"samples of shape {list(shape)} cannot be drawn as images")
-    scale = _auto_scale(shape) if scale is None else int(scale)
+    scale = max(1, 48 // max(layout[:2])) if scale is None else int(scale)
     names = (["reference"] if reference is not None else []) + list(rows)
     imgs: Dict[Tuple[str, int], np.ndarray] = {}
     for r in names:

@@ -41,19 +41,15 @@ def load_model_or_fail(spec: str, device: str = "cpu"):
 
 
 def model_shape(model) -> Optional[tuple]:
-    shape = getattr(model, "shape", None)
-    if shape is None:
-        return None
     try:
-        return tuple(int(n) for n in shape)
-    except TypeError:
+        return tuple(int(n) for n in model.shape)
+    except (AttributeError, TypeError):   # no shape, or None
         return None
 
 
 def num_classes(model) -> int:
-    n = getattr(model, "num_classes", 0) or 0
     try:
-        return int(n)
+        return int(getattr(model, "num_classes", 0) or 0)
     except (TypeError, ValueError):
         return 0
 

@@ -45,13 +45,15 @@ _OWN_FILES = outputs.SAMPLE_FILES
 class _StepProgress:
     """A bar over the denoiser steps of every batch, driven by the solvers' per-step
     callback, so that one long batch (a large NFE) shows progress too. Shown only once a
-    run has lasted 2 s."""
+    run has lasted `DELAY_S`."""
+
+    DELAY_S = 2.0
 
     def __init__(self, batches: int, steps: int, desc: str, enabled: bool):
         from tqdm.auto import tqdm
 
         self.steps, self.done_batches = max(int(steps), 1), 0
-        self.bar = tqdm(total=batches * self.steps, desc=desc, unit="step", delay=2.0,
+        self.bar = tqdm(total=batches * self.steps, desc=desc, unit="step", delay=self.DELAY_S,
                         dynamic_ncols=True, disable=not enabled or batches == 0)
 
     def _advance_to(self, n: int) -> None:

@@ -62,8 +62,8 @@ def _time_budget(text: str):
     try:
         v = float(text)
     except ValueError:
-        v = float("nan")
-    if not v > 0:
+        v = 0.0
+    if not v > 0:   # also NaN
         raise argparse.ArgumentTypeError(f"must be seconds > 0 or 'none', got {text!r}")
     return v
 
@@ -75,27 +75,25 @@ def _int_list(text: str) -> List[int]:
     return vals
 
 
-_THREADS_HELP = ("torch CPU threads, or 'auto' (default): time the model with 1 thread and "
-                 "with all cores and keep the faster (a busy machine often runs faster with 1)")
-
-
 def _common(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--model", default=default_model,
                    help=f"model name or 'package.module:factory' (default {default_model})")
-    p.add_argument("--threads", type=_threads, default="auto", help=_THREADS_HELP)
+    p.add_argument("--threads", type=_threads, default="auto",
+                   help="torch CPU threads, or 'auto' (default): time the model with 1 thread "
+                        "and with all cores and keep the faster (a busy machine often runs "
+                        "faster with 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .models.registry import DEFAULT_MODEL
 
     ap = _Parser(prog="epd", description="Few-step diffusion sampling: EPD-Solver, EPD-Plugin, "
                  "AMED-Solver, AMED-Plugin, D-ODE and baseline solvers. 'epd COMMAND --help' "
                  "for details.")
-    from . import __version__
-
     ap.add_argument("--version", action="version", version=f"epd_kernels {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 

@@ -74,9 +74,8 @@ def _sqrt_psd(c: np.ndarray) -> np.ndarray:
 
 def frechet_distance_from_stats(mu1, cov1, mu2, cov2) -> float:
     """Frechet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)`` (see module doc)."""
-    mu1, mu2 = np.asarray(mu1, np.float64).reshape(-1), np.asarray(mu2, np.float64).reshape(-1)
-    cov1 = np.atleast_2d(np.asarray(cov1, np.float64))
-    cov2 = np.atleast_2d(np.asarray(cov2, np.float64))
+    mu1, mu2 = (np.asarray(mu, np.float64).reshape(-1) for mu in (mu1, mu2))
+    cov1, cov2 = (np.atleast_2d(np.asarray(cov, np.float64)) for cov in (cov1, cov2))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != mu1.shape * 2:
         raise ValueError(f"inconsistent shapes: mu {mu1.shape}, {mu2.shape}; cov {cov1.shape}, "
                          f"{cov2.shape}")
@@ -92,14 +91,15 @@ def frechet_distance_from_stats(mu1, cov1, mu2, cov2) -> float:
 
 
 def _as_stats(obj, features, batch_size):
+    """``(mu, cov)`` of a stats dict or pair (converted by `frechet_distance_from_stats`),
+    or of the features of samples."""
     if isinstance(obj, dict):
-        mu = obj.get("mu", obj.get("mean"))
-        cov = obj.get("sigma", obj.get("cov"))
+        mu, cov = obj.get("mu", obj.get("mean")), obj.get("sigma", obj.get("cov"))
         if mu is None or cov is None:
             raise ValueError("stats dict must have 'mu' (or 'mean') and 'sigma' (or 'cov')")
-        return np.asarray(mu, np.float64), np.asarray(cov, np.float64)
+        return mu, cov
     if isinstance(obj, tuple) and len(obj) == 2:
-        return np.asarray(obj[0], np.float64), np.asarray(obj[1], np.float64)
+        return obj
     return feature_stats(obj, features, batch_size)
 
 

@@ -217,11 +217,13 @@ class _Demo:
             st0 = st0 or st
         return torch.cat(outs), st0, wall
 
-    def record(self, name, nfe, x, st, wall, distilled) -> dict:
+    def record(self, name, nfe, params=None) -> dict:
+        """Samples with one solver (distilled if it has ``params``) and adds its row."""
+        x, st, wall = self.run(name, nfe, params=params)
         r = {"solver": name, "nfe": int(nfe), "latency_nfe": st.latency_nfe,
              "total_evals": st.total_evals, "steps": st.steps,
              "rmse": global_rmse(x, self.ref), "fd": self.fd_of(x), "wall_time_s": wall,
-             "num_samples": self.N, "distilled": distilled}
+             "num_samples": self.N, "distilled": params is not None}
         self.rows.append(r)
         self.cells[(name, int(nfe))] = x[:self.cfg.show].numpy()
         return r
@@ -276,13 +278,12 @@ class _Demo:
 
     def run_baseline(self, s, n) -> None:
         try:
-            x, st, wall = self.run(s, n)
+            r = self.record(s, n)
         except (ValueError, RuntimeError) as e:
             self.skip(s, n, one_line(e))
             return
-        self.record(s, n, x, st, wall, False)
-        evals = float(st.total_evals)
-        self.cost[s] = (n, evals, wall / max(evals * self.N, 1e-9))
+        evals = float(r["total_evals"])
+        self.cost[s] = (n, evals, r["wall_time_s"] / max(evals * self.N, 1e-9))
 
     # ---- 3-5. distilled solvers
 
@@ -294,8 +295,7 @@ class _Demo:
         self.params_files.append({"solver": name, "nfe": int(nfe), "path": path,
                                   "seconds": seconds,
                                   "final_loss": params.meta.get("final_loss")})
-        x, st, wall = self.run(name, nfe, params=params)
-        r = self.record(name, nfe, x, st, wall, True)
+        r = self.record(name, nfe, params)
         if name not in self.distilled:
             self.distilled.append(name)
         _log(f"  {name} nfe={nfe}: RMSE {r['rmse']:.4g}, FD {_fmt(r['fd'])}")

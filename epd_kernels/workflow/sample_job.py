@@ -38,9 +38,6 @@ from .threads import model_batch_runner, pick_threads
 
 __all__ = ["run_sample"]
 
-MANIFEST = outputs.MANIFEST
-_OWN_FILES = outputs.SAMPLE_FILES
-
 
 class _StepProgress:
     """A bar over the denoiser steps of every batch, driven by the solvers' per-step
@@ -92,7 +89,7 @@ def _check_same_settings(where: str, saved: dict, current: dict) -> None:
 
 
 def _check_manifest(folder: str, current: dict) -> None:
-    path = os.path.join(folder, MANIFEST)
+    path = os.path.join(folder, outputs.MANIFEST)
     if not os.path.exists(path):
         return
     try:
@@ -110,7 +107,7 @@ def _absorb_existing_npz(npz_path: str, parts: str, manifest: dict, wanted: set)
     if not os.path.exists(npz_path):
         return
     f = outputs.load_array_file(npz_path, ("run", "seeds", "samples"))
-    if not isinstance(f, dict) or "run" not in f or "seeds" not in f or "samples" not in f:
+    if not isinstance(f, dict) or len(f) < 3:   # not all of run, seeds, samples
         raise UserError(f"cannot resume from {npz_path}: it has no run settings ('run', "
                         f"'seeds', 'samples' as 'epd sample' writes them); use another --out "
                         f"or delete it")
@@ -172,11 +169,11 @@ def run_sample(args) -> int:
 
     with distributed_context(args.device) as dist:
         if dist.is_main:
-            outputs.remove_stale_temporaries(folder, _OWN_FILES)
+            outputs.remove_stale_temporaries(folder, outputs.SAMPLE_FILES)
             _check_manifest(folder, manifest)
             if to_npz:
                 _absorb_existing_npz(out, folder, manifest, set(seeds))
-            outputs.write_json(os.path.join(folder, MANIFEST), manifest)
+            outputs.write_json(os.path.join(folder, outputs.MANIFEST), manifest)
         dist.barrier()
         done = outputs.finished_seeds(folder)
         pending = [s for s in seeds if s not in done]

@@ -6,18 +6,14 @@
     epd eval --samples DIR|X.npz [--model M | --data F] [--reference DIR|X.npz] [--json F]
     epd list                                             solvers, NFE rules, models
 
-Errors the user can fix (bad model spec, unknown solver, unmet budget, params that do not
-fit, bad seeds, unwritable output, results that would be replaced without ``--force``)
-print one line ``epd: error: ...`` and exit with code 2; a failed command removes the
-output folders it created and left empty. ``distill`` and ``sample`` run unchanged under
-``torchrun --nproc_per_node=N``. ``--threads auto`` (the default) times the model with 1
-thread and with all cores and keeps the faster (`epd_kernels.workflow.threads`).
-Each command lives in `epd_kernels.workflow` (one module per job); this file only parses
-arguments and dispatches.
+Errors the user can fix print one line ``epd: error: ...`` and exit with code 2; a failed
+command removes the output folders it created and left empty. This file only parses
+arguments and dispatches to `epd_kernels.workflow` (one module per command).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import List, Optional
 
@@ -29,28 +25,34 @@ EXIT_USER_ERROR = 2
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``epd: error: ...``, exit code 2)."""
 
-    def error(self, message):  # noqa: D401 - argparse API
+    def error(self, message):  # argparse API
         sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
         sys.exit(EXIT_USER_ERROR)
 
 
-def _int_at_least(minimum: int):
-    """argparse type: an integer >= minimum, with a one-line error naming the bound."""
-    def parse(text: str) -> int:
+def _int_at_least(minimum: int, word: Optional[str] = None):
+    """argparse type: an integer >= minimum (or ``word``, kept as is), with a one-line error
+    naming the bound."""
+    expected = f"an integer >= {minimum}" + (f" or '{word}'" if word else "")
+
+    def parse(text: str):
+        if word is not None and text.strip().lower() == word:
+            return word
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            v = minimum - 1
         if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {v}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return v
 
-    parse.__name__ = f"integer >= {minimum}"   # argparse names the type in some messages
+    parse.__name__ = expected   # argparse names the type in some messages
     return parse
 
 
 _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
+_threads = _int_at_least(1, "auto")
 
 
 def _time_budget(text: str):
@@ -60,53 +62,38 @@ def _time_budget(text: str):
     try:
         v = float(text)
     except ValueError:
-        v = float("nan")
-    if not v > 0:
+        v = 0.0
+    if not v > 0:   # also NaN
         raise argparse.ArgumentTypeError(f"must be seconds > 0 or 'none', got {text!r}")
     return v
 
 
 def _int_list(text: str) -> List[int]:
-    try:
-        vals = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected budgets >= 1, got {text!r}")
+    vals = [_positive_int(t) for t in text.split(",") if t.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected comma-separated budgets >= 1, got {text!r}")
     return vals
 
 
-def _threads(text: str):
-    from .workflow.errors import UserError
-    from .workflow.threads import parse_threads
-
-    try:
-        return parse_threads(text)
-    except UserError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got "
-                                         f"{text!r}") from None
-
-
-_THREADS_HELP = ("torch CPU threads, or 'auto' (default): time the model with 1 thread and "
-                 "with all cores and keep the faster (a busy machine often runs faster with 1)")
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_threads, default="auto", help=_THREADS_HELP)
+def _common(p: argparse.ArgumentParser, default_model: str) -> None:
+    p.add_argument("--model", default=default_model,
+                   help=f"model name or 'package.module:factory' (default {default_model})")
+    p.add_argument("--threads", type=_threads, default="auto",
+                   help="torch CPU threads, or 'auto' (default): time the model with 1 thread "
+                        "and with all cores and keep the faster (a busy machine often runs "
+                        "faster with 1)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .models.registry import DEFAULT_MODEL
 
     ap = _Parser(prog="epd", description="Few-step diffusion sampling: EPD-Solver, EPD-Plugin, "
                  "AMED-Solver, AMED-Plugin, D-ODE and baseline solvers. 'epd COMMAND --help' "
                  "for details.")
-    from . import __version__
-
     ap.add_argument("--version", action="version", version=f"epd_kernels {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -119,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(sub, default_model: str) -> None:
-    """``epd demo``: distil and compare every solver, write figures."""
     p = sub.add_parser("demo", help="distill and compare every solver on the default model",
                        description="Distills EPD and AMED (and their plugins on iPNDM when "
                        "time allows) and D-ODE, "
@@ -129,8 +115,6 @@ def _add_demo(sub, default_model: str) -> None:
     p.add_argument("--out", default="epd_demo", help="output folder (default ./epd_demo)")
     p.add_argument("--force", action="store_true",
                    help="replace the results of an earlier demo in --out")
-    p.add_argument("--model", default=default_model,
-                   help=f"model name or 'package.module:factory' (default {default_model})")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds), for tests")
     p.add_argument("--nfes", type=_int_list, default=None,
                    help="budgets for the baseline solvers (default 3,5,7,9)")
@@ -139,20 +123,18 @@ def _add_demo(sub, default_model: str) -> None:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds the demo aims to stay within; EPD-Plugin and AMED-Plugin "
                         "are distilled only if they fit (default 200)")
-    _common(p)
+    _common(p, default_model)
 
 
 def _add_distill(sub, default_model: str) -> None:
-    """``epd distill``: EPD / AMED distillation or a D-ODE fit to a params file."""
     p = sub.add_parser("distill", help="distill EPD / AMED params or fit D-ODE params",
                        description="Writes a params file (atomically). EPD and AMED runs "
                        "resume from --checkpoint and run unchanged under torchrun "
                        "(--batch-size per process; only rank 0 writes).")
-    p.add_argument("--model", default=default_model, help="model name or 'package.module:factory'")
     p.add_argument("--solver", required=True,
                    help="epd, epd-ipndm, amed, amed-ipndm, d-euler, d-heun or d-ipndm")
     p.add_argument("--nfe", type=_positive_int, required=True, help="latency budget")
-    p.add_argument("--num-points", type=int, default=None,
+    p.add_argument("--num-points", type=_positive_int, default=None,
                    help="EPD only: parallel points K (default 2)")
     p.add_argument("--amed-form", choices=["predictor", "table"], default=None,
                    help="AMED only: 'predictor' (default; the paper's small network, per "
@@ -162,12 +144,12 @@ def _add_distill(sub, default_model: str) -> None:
                         "(default, the x0 estimate) or 'module:<dotted.name>', the output of "
                         "that submodule of the model (the embedded digits U-Net's bottleneck "
                         "is 'module:net.mid2'); 'epd sample' needs the same model")
-    p.add_argument("--iterations", type=int, default=None,
+    p.add_argument("--iterations", type=_positive_int, default=None,
                    help="EPD / AMED iterations (default: sized to --time-budget)")
     p.add_argument("--time-budget", type=_time_budget, default=60.0,
                    help="seconds the distillation may take; iterations, teacher points and "
                         "batch not given are sized to it (default 60; 'none': fixed defaults)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="batch per process (EPD / AMED, default 64) or fitting batch (D-ODE, "
                         "default 512)")
     p.add_argument("--lr", type=float, default=None,
@@ -176,7 +158,7 @@ def _add_distill(sub, default_model: str) -> None:
     p.add_argument("--teacher-points", type=_nonneg_int, default=None,
                    help="EPD / AMED teacher: extra points M per student interval (library "
                         "default)")
-    p.add_argument("--pool", default=None,
+    p.add_argument("--pool", type=_int_at_least(1, "none"), default=None,
                    help="EPD / AMED: fixed pool of N training noises with cached teacher "
                         "targets, or 'none' for fresh noise (default: the library's, or "
                         "--fast's); class labels: one per pool entry (per batch row with "
@@ -200,11 +182,10 @@ def _add_distill(sub, default_model: str) -> None:
                    help="conditional models: 'seed' (row %% classes, default), an int, or 'none'")
     p.add_argument("--out", required=True, help="params file (.safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
-    _common(p)
+    _common(p, default_model)
 
 
 def _add_sample(sub, default_model: str) -> None:
-    """``epd sample``: per-seed samples to a folder or an .npz (resumable)."""
     p = sub.add_parser("sample", help="sample seeds to PNG/.npy files or an .npz",
                        description="One generator per seed: the output does not depend on "
                        "the batch size or the number of processes. Finished seeds are "
@@ -216,7 +197,6 @@ def _add_sample(sub, default_model: str) -> None:
                        "class_labels, run) at the end; rerunning reuses the seeds an "
                        "existing X.npz holds. All files are written atomically. Under "
                        "torchrun each process takes every W-th unfinished seed.")
-    p.add_argument("--model", default=default_model, help="model name or 'package.module:factory'")
     p.add_argument("--solver", required=True, help="solver name (see 'epd list')")
     p.add_argument("--nfe", type=_positive_int, default=None,
                    help="latency budget (taken from --params when given)")
@@ -224,7 +204,8 @@ def _add_sample(sub, default_model: str) -> None:
                    help="params file for epd / epd-ipndm / amed / amed-ipndm / d-* (from "
                         "'epd distill')")
     p.add_argument("--seeds", required=True, help="seeds, e.g. '0-99' or '0-9,100'")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
+    p.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="samples per batch (default 64)")
     grp = p.add_mutually_exclusive_group()
     grp.add_argument("--class-label", default=None,
                      help="conditional models: one label for all samples, or 'none'")
@@ -233,11 +214,10 @@ def _add_sample(sub, default_model: str) -> None:
     p.add_argument("--png-scale", type=_nonneg_int, default=0,
                    help="upscale factor of the per-seed PNGs (0: auto, to >= 64 px)")
     p.add_argument("--out", required=True, help="output folder, or a file ending in .npz")
-    _common(p)
+    _common(p, default_model)
 
 
 def _add_eval(sub) -> None:
-    """``epd eval``: RMSE to a reference and Frechet distance of samples."""
     p = sub.add_parser("eval", help="metrics of samples: RMSE to a reference, Frechet distance",
                        description="RMSE to --reference (matched by seed) and Frechet distance "
                        "in pixel space to the model's data (--model) or to --data.")
@@ -251,28 +231,15 @@ def _add_eval(sub) -> None:
                    help="torch CPU threads (default 'auto': torch's, nothing to time here)")
 
 
+#: command: (module of epd_kernels.workflow, its function), imported when run
+_COMMANDS = {"list": ("listing", "run_list"), "demo": ("demo", "run_demo"),
+             "distill": ("distill_job", "run_distill"), "sample": ("sample_job", "run_sample"),
+             "eval": ("eval_job", "run_eval")}
+
+
 def _dispatch(args) -> int:
-    if args.command == "list":
-        from .workflow.listing import run_list
-
-        return run_list(args)
-    if args.command == "demo":
-        from .workflow.demo import run_demo
-
-        return run_demo(args)
-    if args.command == "distill":
-        from .workflow.distill_job import run_distill
-
-        return run_distill(args)
-    if args.command == "sample":
-        from .workflow.sample_job import run_sample
-
-        return run_sample(args)
-    if args.command == "eval":
-        from .workflow.eval_job import run_eval
-
-        return run_eval(args)
-    raise AssertionError(args.command)
+    module, function = _COMMANDS[args.command]
+    return getattr(importlib.import_module(f".workflow.{module}", __package__), function)(args)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -284,7 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .workflow.errors import UserError, one_line
     from .workflow.outputs import new_folders
 
-    with new_folders() as made:   # folders a failed command created and left empty go
+    with new_folders() as remove_empty:   # folders a failed command made and left empty go
         try:
             code = int(_dispatch(args) or 0)
         except UserError as e:
@@ -296,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except BrokenPipeError:  # e.g. 'epd list | head'
             return 0
         if code != 0:
-            made.remove_empty()
+            remove_empty()
         return code
 
 

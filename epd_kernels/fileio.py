@@ -2,6 +2,7 @@
 package writes (params, checkpoints, samples, plots)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,16 +32,14 @@ def _umask() -> int:
 def _fsync_folder(folder: str) -> None:
     # The rename lives in the folder's entries: without this a power loss can bring back
     # the old name (or none) although the file's bytes are on disk.
-    try:
+    # OSError: a platform without directory handles (Windows), or a file system that
+    # cannot sync directories
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a platform without directory handles (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # a file system that cannot sync directories
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _exists_error(path: str) -> FileExistsError:
@@ -50,12 +49,9 @@ def _exists_error(path: str) -> FileExistsError:
 def write_atomic(path, data: bytes, *, overwrite: bool = True) -> None:
     """Writes ``data`` to ``path`` atomically: a temporary file in the same folder, flushed
     and fsync'ed, then moved onto ``path`` and the folder fsync'ed (a process killed at any
-    moment leaves the old file or the new one, never a torn one).
-
-    With ``overwrite=False`` an existing ``path`` is a FileExistsError, checked before
-    anything is written and again at the move (a hard link, which fails if the name
-    exists), so that two writers cannot both succeed.
-    """
+    moment leaves the old file or the new one, never a torn one). With ``overwrite=False``
+    an existing ``path`` is a FileExistsError, checked before writing and at the move (a
+    hard link, which fails if the name exists), so that two writers cannot both succeed."""
     path = os.fspath(path)
     if not overwrite and os.path.lexists(path):
         raise _exists_error(path)
@@ -111,11 +107,8 @@ def loads_bounded(text: str, where: str):
 
 
 def read_safetensors_metadata(data: bytes, path: str, kind: str) -> dict:
-    """The string metadata of a safetensors file, with clear errors for damaged headers.
-
-    ``kind`` names the expected file ("an EPD params file") in the error for a file that
-    carries no metadata.
-    """
+    """The string metadata of a safetensors file, with clear errors for damaged headers
+    (``kind`` names the expected file, "an EPD params file", where there is none)."""
     if len(data) < 8:
         raise ValueError(f"{path}: truncated or not a safetensors file ({len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])

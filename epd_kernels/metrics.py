@@ -1,26 +1,14 @@
 """Sample-quality metrics: RMSE to a reference, Frechet distance, and an NFE/cost table.
 
-- `global_rmse(a, b)`: ``sqrt(mean((a - b)^2))`` over every element of the batch (one
-  root of the mean over all samples and dimensions, not a mean of per-sample roots). This
-  is the "error to the reference" of every solver comparison in the package (the demo,
-  `epd eval`, the benchmarks, the grid search): ``b`` is a high-accuracy solution of the
-  same ODE from the same noise.
-- `frechet_distance(samples, data_or_stats, features=None)`: the Frechet (2-Wasserstein)
-  distance between Gaussians fitted to features of the two sets,
-
-      FD = |mu_1 - mu_2|^2 + tr(C_1 + C_2 - 2 (C_1^{1/2} C_2 C_1^{1/2})^{1/2}),
-
-  in pixel space by default (``features=None`` flattens each sample); ``features`` may be
-  any callable mapping a batch ``[n, ...]`` to ``[n, F]`` (e.g. an Inception network, which
-  makes this FID). The matrix square root term is computed from the eigenvalues of the
-  symmetric PSD matrix ``C_1^{1/2} C_2 C_1^{1/2}`` (``tr sqrt(C_1 C_2)`` equals the sum of
-  their square roots), in float64, with tiny negative eigenvalues from round-off clipped
-  to zero: stable even for singular covariances, no complex parts. Non-finite samples
-  are refused with their count (a covariance of NaNs has no eigenvalues). The estimate
-  depends on the number of samples (it is biased upwards for few samples): report it
-  with the count, "FD (n=256)".
-- `nfe_table(rows)`: a Markdown table of `SampleStats` (latency NFE, total evaluations,
-  steps, time) plus any metric columns.
+`global_rmse` is the "error to the reference" of every solver comparison in the package
+(the demo, `epd eval`, the benchmarks, the grid search): one root of the mean over all
+samples and dimensions, to a high-accuracy solution of the same ODE from the same noise.
+`frechet_distance` fits Gaussians to features of two sets (pixel space by default; an
+Inception network as ``features`` makes it FID):
+FD = |mu_1 - mu_2|^2 + tr(C_1 + C_2 - 2 (C_1^{1/2} C_2 C_1^{1/2})^{1/2}). The trace term
+comes from the eigenvalues of the symmetric PSD matrix in float64, round-off negatives
+clipped: stable for singular covariances, no complex parts. FD is biased upwards for few
+samples: report it with the count, "FD (n=256)".
 """
 from __future__ import annotations
 
@@ -36,12 +24,9 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
 def global_rmse(a: ArrayLike, b: ArrayLike) -> float:
-    """``sqrt(mean((a - b)^2))`` over all elements (float64), as a float.
-
-    ``a``, ``b``: tensors / arrays of the same shape with at least one element. Each
-    element counts once, so a sample with a large error weighs as its squared error says
-    (a mean of per-sample RMS values would shrink it).
-    """
+    """``sqrt(mean((a - b)^2))`` over all elements (float64): each element counts once, so
+    a sample with a large error weighs as its squared error says (a mean of per-sample RMS
+    values would shrink it)."""
     a = torch.as_tensor(a).detach().to("cpu", torch.float64)
     b = torch.as_tensor(b).detach().to("cpu", torch.float64)
     if a.shape != b.shape:
@@ -55,17 +40,18 @@ def global_rmse(a: ArrayLike, b: ArrayLike) -> float:
 rmse = global_rmse
 
 
+def _as_rows(a) -> np.ndarray:
+    """A ``[n, ...]`` tensor or array as float64 ``[n, F]``."""
+    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    return a.reshape(a.shape[0], -1).astype(np.float64)
+
+
 def _features(x: ArrayLike, features: Optional[Callable], batch_size: int) -> np.ndarray:
     if features is None:
-        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        return arr.reshape(arr.shape[0], -1).astype(np.float64)
-    outs = []
+        return _as_rows(x)
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            f = features(x[i:i + batch_size])
-            f = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
-            outs.append(f.reshape(f.shape[0], -1).astype(np.float64))
-    return np.concatenate(outs, axis=0)
+        return np.concatenate([_as_rows(features(x[i:i + batch_size]))
+                               for i in range(0, len(x), batch_size)], axis=0)
 
 
 def feature_stats(x: ArrayLike, features: Optional[Callable] = None,
@@ -88,9 +74,8 @@ def _sqrt_psd(c: np.ndarray) -> np.ndarray:
 
 def frechet_distance_from_stats(mu1, cov1, mu2, cov2) -> float:
     """Frechet distance between ``N(mu1, cov1)`` and ``N(mu2, cov2)`` (see module doc)."""
-    mu1, mu2 = np.asarray(mu1, np.float64).reshape(-1), np.asarray(mu2, np.float64).reshape(-1)
-    cov1 = np.atleast_2d(np.asarray(cov1, np.float64))
-    cov2 = np.atleast_2d(np.asarray(cov2, np.float64))
+    mu1, mu2 = (np.asarray(mu, np.float64).reshape(-1) for mu in (mu1, mu2))
+    cov1, cov2 = (np.atleast_2d(np.asarray(cov, np.float64)) for cov in (cov1, cov2))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != mu1.shape * 2:
         raise ValueError(f"inconsistent shapes: mu {mu1.shape}, {mu2.shape}; cov {cov1.shape}, "
                          f"{cov2.shape}")
@@ -106,52 +91,41 @@ def frechet_distance_from_stats(mu1, cov1, mu2, cov2) -> float:
 
 
 def _as_stats(obj, features, batch_size):
+    """``(mu, cov)`` of a stats dict or pair (converted by `frechet_distance_from_stats`),
+    or of the features of samples."""
     if isinstance(obj, dict):
-        mu = obj.get("mu", obj.get("mean"))
-        cov = obj.get("sigma", obj.get("cov"))
+        mu, cov = obj.get("mu", obj.get("mean")), obj.get("sigma", obj.get("cov"))
         if mu is None or cov is None:
             raise ValueError("stats dict must have 'mu' (or 'mean') and 'sigma' (or 'cov')")
-        return np.asarray(mu, np.float64), np.asarray(cov, np.float64)
+        return mu, cov
     if isinstance(obj, tuple) and len(obj) == 2:
-        return np.asarray(obj[0], np.float64), np.asarray(obj[1], np.float64)
+        return obj
     return feature_stats(obj, features, batch_size)
 
 
 def frechet_distance(samples: ArrayLike, data_or_stats, features: Optional[Callable] = None,
                      batch_size: int = 256) -> float:
-    """Frechet distance between the feature Gaussians of ``samples`` and of the reference.
-
-    Args:
-        samples: ``[N, ...]`` tensor or array.
-        data_or_stats: reference samples ``[M, ...]``, or precomputed statistics as a
-            ``(mu, cov)`` pair or a dict ``{"mu", "sigma"}`` (e.g. from `feature_stats`).
-        features: None (pixel space: flatten) or a callable ``batch -> [n, F]``, applied to
-            both sets in batches of ``batch_size`` under ``torch.no_grad``.
-    """
+    """Frechet distance between the feature Gaussians of ``samples`` and of the reference
+    ``data_or_stats``: samples, or statistics as ``(mu, cov)`` or ``{"mu", "sigma"}``.
+    ``features``: None (pixel space) or a callable ``batch -> [n, F]``, run in batches."""
     mu1, c1 = feature_stats(samples, features, batch_size)
     mu2, c2 = _as_stats(data_or_stats, features, batch_size)
     return frechet_distance_from_stats(mu1, c1, mu2, c2)
 
 
 def nfe_table(rows: Iterable, metrics: Optional[Iterable[str]] = None) -> str:
-    """A Markdown table of sampling costs (and metrics).
-
-    ``rows``: `SampleStats` objects, dicts, or ``(stats, {metric: value})`` pairs. Columns:
-    solver, nfe, latency NFE, total evaluations, steps, time (ms), then the metric names
-    (all seen, in first-seen order, unless ``metrics`` is given).
-    """
+    """A Markdown table of sampling costs: ``rows`` are `SampleStats`, dicts, or
+    ``(stats, {metric: value})`` pairs; the metric columns follow (all seen, in order,
+    unless ``metrics`` names them)."""
     base = ["solver", "nfe", "latency_nfe", "total_evals", "steps", "wall_time_s"]
-    recs = []
-    seen = []
+    recs, seen = [], []
     for r in rows:
         extra = {}
         if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], dict):
             r, extra = r
         d = dict(r) if isinstance(r, dict) else {k: getattr(r, k) for k in base if hasattr(r, k)}
         d.update(extra)
-        for k in d:
-            if k not in base and k not in seen:
-                seen.append(k)
+        seen += [k for k in d if k not in base and k not in seen]
         recs.append(d)
     cols = base + (list(metrics) if metrics is not None else seen)
 

@@ -1,68 +1,37 @@
 """`epd demo`: distil EPD, AMED and D-ODE, compare every solver at equal latency, draw it.
 
-On one model (default the embedded digits U-Net, class-conditional, labels = seed % 10):
+On one model (default the embedded digits U-Net, labels = seed % 10) every solver samples
+the same noise, in stages (sizes in `DemoConfig`; each stage timed in ``results.json``):
+1. reference: a many-step UniPC run, its error estimated against half the steps;
+2. baselines: every solver that needs no params (aliases skipped) at each of ``nfes``;
+3.-5. D-ODE (closed-form fit), EPD (on a pool of draws), AMED-Solver (the predictor, on
+   fresh noise), each at each of ``distill_nfes``;
+6. optional runs, each only if its estimated time fits ``--budget``: parallel solvers
+   above NFE 5 (ParaDiGMS spends ~NFE^2 evaluations), then EPD-Plugin and AMED-Plugin;
+7. ``table.md``, ``samples_grid.png``, ``rmse_vs_nfe.png``, ``params/``, ``results.json``.
+``--quick`` uses tiny settings (seconds) for tests; the defaults take 2-3 minutes on 2 cores.
 
-1. a reference: a high-order solver with many steps (UniPC, 60 steps) from the same
-   noise as every solver, computed once; its own error is estimated against half the
-   steps on a subset and reported (about 1e-4, 200x below the best 9-NFE solver);
-2. every solver of `solver_names()` that needs no params (aliases skipped) at NFE
-   3, 5, 7, 9 (a budget a solver cannot meet is skipped and listed);
-3. D-ODE (d-euler, d-ipndm; closed-form fit) at NFE 3 and 5;
-4. EPD (distilled, K = 2) at NFE 3 and 5: 150 iterations of batch 16 drawn from a pool
-   of 256 noises (labels seed % 10, one per pool entry; the DPM-Solver-2 teacher with
-   M = 3 runs once over the pool), lr 0.1 (EPD-Plugin: 0.05);
-5. AMED-Solver (distilled, predictor form reading the denoised main-point estimate) at
-   NFE 3 and 5: 40 iterations of batch 16 on fresh noise, the same teacher; all
-   distilled solvers are sampled from the same noise;
-6. optional runs, each only if its estimated time still fits ``--budget`` (default
-   200 s): parallel solvers above NFE 5 (ParaDiGMS spends ~NFE^2 evaluations, ~180 per
-   sample at NFE 9), then the plugins on iPNDM, EPD-Plugin (epd-ipndm) and AMED-Plugin
-   (amed-ipndm), at NFE 5 and then 3; skipped runs are listed with the reason;
-7. a table (global RMSE to the reference, Frechet distance in pixel space to the data, latency
-   NFE, total evaluations, wall time) printed and saved, ``samples_grid.png`` (rows =
-   solvers, columns = NFE), ``rmse_vs_nfe.png``, the params under ``params/`` and
-   ``results.json`` with every figure and the time of each stage (``timings``: reference,
-   baselines, d-ode, epd, amed, optional, outputs, total).
-
-``--quick`` uses tiny settings (seconds) for tests and runs everything. The default
-settings were chosen to finish in about 2-3 minutes on 2 CPU cores; the threads are
-picked by timing one batch with 1 and with all cores (a busy machine is often much faster
-with one).
-
-EPD's settings: one experiment on digits-unet (RMSE to the 60-step reference on the
-demo's 256 samples, default grid). The RMSE figures of this paragraph and the next are
-means of per-sample RMS values, which by Jensen's inequality lie at or below the global
-RMSE the table reports (digits-unet, Euler NFE 3: 0.1891 against 0.2027); their ranking
-is what the settings rest on. The earlier 40 iterations on fresh noise left
-EPD-Plugin behind iPNDM (NFE 5: 0.148 against 0.098); with a pool an iteration no longer
-runs the teacher, so 150 iterations cost about what 40 did (NFE 5: 22-26 s on one thread):
-EPD NFE 5 / 3: 0.049 / 0.094 (lr 0.1); EPD-Plugin NFE 5: 0.096 / 0.112 / 0.151 at
-lr 0.05 / 0.1 / 0.2 (150 / 150 / 100 iterations), NFE 3: 0.131 / 0.144 / 0.162 at lr 0.05 /
-0.075 / 0.1, against iPNDM's 0.107 / 0.212 on the same samples.
-
-AMED's settings (`AMED_FEATURES`, `AMED_LR`, `AMED_PLUGIN_LR`) come from one experiment on
-digits-unet (40 iterations of batch 16, M = 3, training seeds 0 and 1, RMSE to the
-60-step reference on the demo's 256 samples). The predictor's input: the denoised
-estimate ("denoised", 64 values) beat the U-Net bottleneck ("module:net.mid2", 4 values)
-in all 7 matched runs: NFE 5, lr 0.05 / 0.1 / 0.2 / 0.4: 0.146 / 0.136-0.138 /
-0.127-0.137 / 0.128 against 0.171 / 0.145-0.151 / 0.143-0.150 / 0.130; NFE 3, lr 0.2:
-0.211 against 0.223. So the demo reads "denoised" (and would fall back to it anyway for a
-model without ``net.mid2``). The learning rate: 0.2 for AMED-Solver (0.4 gave the same),
-0.05 for AMED-Plugin (NFE 5: 0.140-0.151 at 0.05, 0.149-0.157 at 0.1, 0.159 at 0.2;
-NFE 3: 0.165-0.166 at all three), which starts from iPNDM on the refined grid, much
-closer to the teacher than AMED-Solver's DPM-Solver-2 start (neutral RMSE at NFE 5:
-0.33 and 0.45; at NFE 3: 0.19 and 3.7). With these short runs the table form was
-better than the predictor at NFE 5 (0.088 at lr 0.2): its per-step values learn at the
-full rate, while the predictor tells the steps apart through weights that learn at a
-tenth of it; the demo shows the paper's predictor.
+Why these settings (digits-unet; RMSE to the reference on the demo's 256 samples, as a mean
+of per-sample RMS values, which ranks the solvers as the table's global RMSE does):
+- EPD on a pool: an iteration no longer runs the teacher, so 150 iterations cost what 40
+  on fresh noise did (which left EPD-Plugin behind iPNDM, NFE 5: 0.148 against 0.098).
+  EPD, lr 0.1: NFE 5 / 3: 0.049 / 0.094; EPD-Plugin, NFE 5: 0.096 / 0.112 / 0.151 at
+  lr 0.05 / 0.1 / 0.2, NFE 3: 0.131 / 0.144 / 0.162 at lr 0.05 / 0.075 / 0.1, against
+  iPNDM's 0.107 / 0.212 on the same samples.
+- AMED (40 iterations, M = 3, seeds 0 and 1): the denoised estimate (64 values) beat the
+  U-Net bottleneck ("module:net.mid2", 4 values) as the predictor's input in all 7 matched
+  runs (NFE 5, lr 0.1: 0.136-0.138 against 0.145-0.151). lr 0.2 for AMED-Solver (0.4 gave
+  the same); 0.05 for AMED-Plugin (NFE 5: 0.140-0.151, against 0.149-0.157 at 0.1), which
+  starts from iPNDM, much closer to the teacher than AMED-Solver's DPM-Solver-2 start. The
+  table form beat the predictor at NFE 5 (0.088); the demo shows the paper's predictor.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
+from functools import partial
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -74,18 +43,12 @@ from ..sampling import sample
 from ..solvers.registry import solver_names, valid_budgets
 from . import outputs, plots
 from .errors import UserError, one_line
-from .resolve import (check_budget, class_labels_for, is_alias, load_model_or_fail,
-                      model_shape, needs_params)
+from .eval_job import model_data
+from .resolve import (ALIASES, check_budget, label_cond, load_model_or_fail, model_shape,
+                      needs_params)
 from .threads import model_batch_runner, pick_threads
 
 __all__ = ["run_demo", "DemoConfig", "DEFAULT", "QUICK"]
-
-# AMED settings, from the experiment in the module docstring (digits-unet, 40 iterations of
-# batch 16, M = 3, RMSE to the reference on the demo's 256 samples): the main-point x0
-# estimate beat the U-Net bottleneck as the predictor's input in every matched run.
-AMED_FEATURES = "denoised"
-AMED_LR = 0.2
-AMED_PLUGIN_LR = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +67,9 @@ class DemoConfig:
     epd_teacher_points: int = 3       # M: DPM-Solver-2 teacher with 4 sub-steps per step
     amed_iterations: int = 40         # AMED: fresh noise every iteration (module docstring)
     num_points: int = 2
-    amed_features: str = AMED_FEATURES  # falls back to "denoised" without that submodule
-    amed_lr: float = AMED_LR
-    amed_plugin_lr: float = AMED_PLUGIN_LR
+    amed_features: str = "denoised"   # a "module:" spec falls back to it without that module
+    amed_lr: float = 0.2
+    amed_plugin_lr: float = 0.05
     dode_solvers: Tuple[str, ...] = ("d-euler", "d-ipndm")
     dode_batch: int = 64
     dode_teacher_factor: int = 10     # teacher sub-steps per student step
@@ -119,42 +82,15 @@ class DemoConfig:
 DEFAULT = DemoConfig()
 QUICK = DemoConfig(num_samples=12, nfes=(3, 5), distill_nfes=(3, 5), ref_nfe=20,
                    ref_check_samples=4, epd_iterations=2, epd_pool=8, epd_batch=4,
-                   amed_iterations=2, dode_batch=8,
-                   dode_teacher_factor=2, show=4,
+                   amed_iterations=2, dode_batch=8, dode_teacher_factor=2, show=4,
                    budget_s=1e9)
 
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-class _Runner:
-    """Samples the demo's fixed noise with one solver, in chunks; collects stats."""
-
-    def __init__(self, model, noise, cond, chunk):
-        self.model, self.noise, self.cond, self.chunk = model, noise, cond, chunk
-
-    def __call__(self, solver, nfe, params=None, progress=False):
-        outs, wall, st0 = [], 0.0, None
-        N = self.noise.shape[0]
-        for a in range(0, N, self.chunk):
-            b = min(N, a + self.chunk)
-            cond = {k: v[a:b] for k, v in self.cond.items()}
-            x, st = sample(self.model, self.noise[a:b], solver=solver, nfe=nfe, params=params,
-                           return_stats=True, progress=progress, **cond)
-            outs.append(x.detach().cpu())
-            wall += st.wall_time_s
-            st0 = st0 or st
-        return torch.cat(outs), st0, wall
+#: The files a demo writes in its folder (params go to params/).
+_RESULTS = ("table.md", "results.json", "samples_grid.png", "rmse_vs_nfe.png")
+_OWN_FILES = "|".join(name.replace(".", r"\.") for name in _RESULTS)
 
 
-def _data_for(spec: str, model) -> Optional[np.ndarray]:
-    from .eval_job import model_data
-
-    try:
-        return model_data(spec, model)
-    except UserError:
-        return None
+_log = partial(print, flush=True)
 
 
 def _fmt(v, digits=4):
@@ -167,43 +103,37 @@ def _fmt(v, digits=4):
     return str(v)
 
 
+def _table_cells(r: dict, name: str, rmse: str) -> List[str]:
+    return [name, str(r["nfe"]), str(r["latency_nfe"]), _fmt(r["total_evals"]), rmse,
+            _fmt(r["fd"]), f"{r['wall_time_s']:.2f}",
+            f"{1000 * r['wall_time_s'] / r['num_samples']:.2f}"]
+
+
 def _table(rows: List[dict], ref: dict) -> str:
-    n = ref["num_samples"]
+    """The Markdown table: the reference, then the solvers by NFE (* = lowest RMSE)."""
     head = ["solver", "NFE", "latency NFE", "total evals", "global RMSE to ref",
-            f"FD (pixels, n={n})", "wall (s)", "ms/sample"]
-    lines = []
-    r0 = ref
-    lines.append([f"reference: {r0['solver']}", str(r0["nfe"]), str(r0["latency_nfe"]),
-                  _fmt(r0["total_evals"]), _fmt(r0.get("error_estimate")) + " (est.)",
-                  _fmt(r0.get("fd")), f"{r0['wall_time_s']:.2f}",
-                  f"{1000 * r0['wall_time_s'] / r0['num_samples']:.2f}"])
-    best = {}
+            f"FD (pixels, n={ref['num_samples']})", "wall (s)", "ms/sample"]
+    lines = [_table_cells(ref, f"reference: {ref['solver']}",
+                          _fmt(ref["error_estimate"]) + " (est.)")]
+    best = {n: min(r["rmse"] for r in rows if r["nfe"] == n) for n in {r["nfe"] for r in rows}}
+    first: Dict[str, int] = {}   # solvers of equal NFE and kind in the order they ran
     for r in rows:
-        if r["rmse"] is not None:
-            best[r["nfe"]] = min(best.get(r["nfe"], math.inf), r["rmse"])
-    for r in sorted(rows, key=lambda r: (r["nfe"], r["distilled"], r["order"])):
-        star = " *" if r["rmse"] is not None and r["rmse"] == best.get(r["nfe"]) else ""
-        lines.append([r["solver"], str(r["nfe"]), str(r["latency_nfe"]), _fmt(r["total_evals"]),
-                      _fmt(r["rmse"]) + star, _fmt(r["fd"]), f"{r['wall_time_s']:.2f}",
-                      f"{1000 * r['wall_time_s'] / r['num_samples']:.2f}"])
-    w = [max(len(head[i]), *(len(l[i]) for l in lines)) for i in range(len(head))]
-    out = ["| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(head)) + " |",
-           "|" + "|".join("-" * (w[i] + 2) for i in range(len(head))) + "|"]
-    for l in lines:
-        out.append("| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(l)) + " |")
+        first.setdefault(r["solver"], len(first))
+    for r in sorted(rows, key=lambda r: (r["nfe"], r["distilled"], first[r["solver"]])):
+        star = " *" if r["rmse"] == best[r["nfe"]] else ""
+        lines.append(_table_cells(r, r["solver"], _fmt(r["rmse"]) + star))
+    w = [max(len(head[i]), *(len(cells[i]) for cells in lines)) for i in range(len(head))]
+    out = ["| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(cells)) + " |"
+           for cells in [head] + lines]
+    out.insert(1, "|" + "|".join("-" * (wi + 2) for wi in w) + "|")
     return "\n".join(out)
 
 
 def _config(args) -> DemoConfig:
-    cfg = QUICK if args.quick else DEFAULT
-    over = {}
-    if args.nfes:
-        over["nfes"] = tuple(args.nfes)
-    if args.num_samples:
-        over["num_samples"] = int(args.num_samples)
-    if args.budget is not None:
-        over["budget_s"] = float(args.budget)
-    cfg = dataclasses.replace(cfg, **over)
+    over = {"nfes": tuple(args.nfes) if args.nfes else None,
+            "num_samples": args.num_samples, "budget_s": args.budget}
+    cfg = dataclasses.replace(QUICK if args.quick else DEFAULT,
+                              **{k: v for k, v in over.items() if v is not None})
     if cfg.num_samples < 2:
         raise UserError("--num-samples must be >= 2 (the Frechet distance needs 2)")
     return cfg
@@ -213,13 +143,13 @@ def run_demo(args) -> int:
     cfg = _config(args)
     _refuse_earlier_results(args.out, args.force)
     demo = _Demo(args, cfg)
-    demo.stage("reference", demo.reference)
-    demo.stage("baselines", demo.baselines)
-    demo.stage("d-ode", demo.dode)
-    demo.stage("epd", demo.epd)
-    demo.stage("amed", demo.amed)
-    demo.stage("optional", demo.optional)
-    demo.stage("outputs", demo.write_outputs)
+    for name, stage in (("reference", demo.reference), ("baselines", demo.baselines),
+                        ("d-ode", demo.dode), ("epd", partial(demo.distill_stage, "epd")),
+                        ("amed", partial(demo.distill_stage, "amed")),
+                        ("optional", demo.optional), ("outputs", demo.write_outputs)):
+        t0 = time.perf_counter()
+        stage()
+        demo.timings[name] = time.perf_counter() - t0
     demo.report()
     return 0
 
@@ -247,50 +177,60 @@ class _Demo:
                 self.device)
         self.noise = make_noise(range(N), self.shape, device=self.device)
         self.cond = self.cond_for(range(N))
-        data = _data_for(args.model, self.model)
-        self.data_stats = feature_stats(data) if data is not None else None
-        self.run = _Runner(self.model, self.noise, self.cond, cfg.chunk)
+        try:
+            self.data_stats = feature_stats(model_data(args.model, self.model))
+        except UserError:   # a model without data: no Frechet distance
+            self.data_stats = None
         self.rows: List[dict] = []
         self.skipped: List[dict] = []
         self.cells: Dict[Tuple[str, int], np.ndarray] = {}
-        self.order: Dict[str, int] = {}
         self.cost: Dict[str, Tuple[int, float, float]] = {}  # solver: nfe, evals, s/eval
         self.deferred: List[Tuple[str, int]] = []
         self.params_files: List[dict] = []
         self.distilled: List[str] = []
-        self.seconds: Dict[Tuple[str, int], float] = {}  # (solver, nfe): distill time
         self.baseline_names = [s for s in solver_names()
-                               if not needs_params(s) and not is_alias(s)]
+                               if not needs_params(s) and s not in ALIASES]
         self.amed_features = _amed_features(cfg.amed_features, self.model)
         _log(f"epd demo: model {args.model} (shape {list(self.shape)}"
              + (f", labels = seed % {self.model.num_classes}" if self.cond else "")
              + f"), {N} samples, {self.threads} thread(s), output {self.out}"
              + (" [quick]" if args.quick else ""))
 
-    def stage(self, name: str, fn) -> None:
-        t0 = time.perf_counter()
-        fn()
-        self.timings[name] = time.perf_counter() - t0
-
     def cond_for(self, keys) -> dict:
-        lab = class_labels_for(self.model, keys, "seed")
-        return {} if lab is None else {"class_labels": lab.to(self.device)}
+        return label_cond(self.model, keys, "seed", self.device)
 
     def fd_of(self, x) -> Optional[float]:
         if self.data_stats is None:
             return None
-        mu, cov = feature_stats(x.numpy())
-        return frechet_distance_from_stats(mu, cov, *self.data_stats)
+        return frechet_distance_from_stats(*feature_stats(x.numpy()), *self.data_stats)
 
-    def record(self, name, nfe, x, st, wall, distilled) -> dict:
-        self.order.setdefault(name, len(self.order))
+    def run(self, solver, nfe, params=None, progress=False):
+        """``(samples, stats, wall time)`` of one solver on the demo's noise, in chunks."""
+        outs, wall, st0 = [], 0.0, None
+        for a in range(0, self.N, self.cfg.chunk):
+            part = slice(a, min(self.N, a + self.cfg.chunk))
+            x, st = sample(self.model, self.noise[part], solver=solver, nfe=nfe, params=params,
+                           return_stats=True, progress=progress,
+                           **{k: v[part] for k, v in self.cond.items()})
+            outs.append(x.detach().cpu())
+            wall += st.wall_time_s
+            st0 = st0 or st
+        return torch.cat(outs), st0, wall
+
+    def record(self, name, nfe, params=None) -> dict:
+        """Samples with one solver (distilled if it has ``params``) and adds its row."""
+        x, st, wall = self.run(name, nfe, params=params)
         r = {"solver": name, "nfe": int(nfe), "latency_nfe": st.latency_nfe,
              "total_evals": st.total_evals, "steps": st.steps,
              "rmse": global_rmse(x, self.ref), "fd": self.fd_of(x), "wall_time_s": wall,
-             "num_samples": self.N, "distilled": distilled, "order": self.order[name]}
+             "num_samples": self.N, "distilled": params is not None}
         self.rows.append(r)
         self.cells[(name, int(nfe))] = x[:self.cfg.show].numpy()
         return r
+
+    def skip(self, solver, nfe, reason) -> None:
+        self.skipped.append({"solver": solver, "nfe": nfe, "reason": reason})
+        _log(f"  skipped {solver} at NFE {nfe}: {reason}")
 
     # ---- 1. reference
 
@@ -311,48 +251,43 @@ class _Demo:
     # evaluations than their latency NFE and run at the end if the time budget allows)
 
     def baselines(self) -> None:
+        from tqdm.auto import tqdm
+
         cfg, names = self.cfg, self.baseline_names
         jobs = []
         for s in names:
             ok = set(valid_budgets(s, up_to=max(cfg.nfes)))
-            for n in cfg.nfes:
-                if n in ok:
-                    jobs.append((s, n))
-                else:
-                    self.skipped.append({"solver": s, "nfe": n, "reason": f"budget not "
-                                         f"reachable (valid: {', '.join(map(str, sorted(ok)))})"})
+            jobs += [(s, n) for n in cfg.nfes if n in ok]
+            self.skipped += [{"solver": s, "nfe": n, "reason": "budget not reachable (valid: "
+                              + ", ".join(map(str, sorted(ok))) + ")"}
+                             for n in cfg.nfes if n not in ok]
         jobs.sort(key=lambda j: (j[1], names.index(j[0])))
         _log(f"[2/7] baselines: {len(names)} solvers x NFE {list(cfg.nfes)}")
-        bar = _bar(len(jobs), "baselines", self.args.progress)
-        for s, n in jobs:
+        bar = tqdm(jobs, desc="baselines", dynamic_ncols=True, disable=not self.args.progress)
+        for s, n in bar:
             c = self.cost.get(s)
             if n > cfg.defer_above and c is not None and c[1] > 2 * c[0]:  # expensive
                 self.deferred.append((s, n))
             else:
                 self.run_baseline(s, n)
-            if bar:
-                bar.update(1)
-                bar.set_postfix_str(f"{s} nfe={n}")
-        if bar:
-            bar.close()
+            bar.set_postfix_str(f"{s} nfe={n}")
+        bar.close()
         if self.deferred:
             _log("  deferred (many evaluations per latency NFE; run at the end if time "
                  "allows): " + ", ".join(f"{s} NFE {n}" for s, n in self.deferred))
 
     def run_baseline(self, s, n) -> None:
         try:
-            x, st, wall = self.run(s, n)
+            r = self.record(s, n)
         except (ValueError, RuntimeError) as e:
-            self.skipped.append({"solver": s, "nfe": n, "reason": one_line(e)})
-            _log(f"  skipped {s} at NFE {n}: {one_line(e)}")
+            self.skip(s, n, one_line(e))
             return
-        self.record(s, n, x, st, wall, False)
-        evals = float(st.total_evals)
-        self.cost[s] = (n, evals, wall / max(evals * self.N, 1e-9))
+        evals = float(r["total_evals"])
+        self.cost[s] = (n, evals, r["wall_time_s"] / max(evals * self.N, 1e-9))
 
     # ---- 3-5. distilled solvers
 
-    def save(self, params, name, nfe, seconds) -> None:
+    def save_and_sample(self, params, name, nfe, seconds) -> None:
         params.meta.update({"model": self.args.model, "shape": list(self.shape),
                             "class_labels": "seed", "command": "epd demo"})
         path = os.path.join(self.pdir, f"{name}-nfe{nfe}.safetensors")
@@ -360,10 +295,7 @@ class _Demo:
         self.params_files.append({"solver": name, "nfe": int(nfe), "path": path,
                                   "seconds": seconds,
                                   "final_loss": params.meta.get("final_loss")})
-
-    def sample_distilled(self, name, nfe, params) -> None:
-        x, st, wall = self.run(name, nfe, params=params)
-        r = self.record(name, nfe, x, st, wall, True)
+        r = self.record(name, nfe, params)
         if name not in self.distilled:
             self.distilled.append(name)
         _log(f"  {name} nfe={nfe}: RMSE {r['rmse']:.4g}, FD {_fmt(r['fd'])}")
@@ -381,54 +313,48 @@ class _Demo:
                 p = fit_dode(self.model, solver=name, nfe=nfe, shape=self.shape,
                              batch_size=cfg.dode_batch, teacher_factor=cfg.dode_teacher_factor,
                              device=self.device, **self.cond_for(range(cfg.dode_batch)))
-                self.save(p, name, nfe, time.perf_counter() - t1)
-                self.sample_distilled(name, nfe, p)
+                self.save_and_sample(p, name, nfe, time.perf_counter() - t1)
 
     def distill_one(self, name, nfe) -> None:
         """EPD, AMED or a plugin of either, with the demo's training settings."""
         from ..distill import distill
 
-        cfg, t1 = self.cfg, time.perf_counter()
+        cfg, t1, plugin = self.cfg, time.perf_counter(), name.endswith("-ipndm")
         if name.startswith("amed"):   # fresh noise, labels per batch row
             settings = dict(method="amed", amed_form="predictor", features=self.amed_features,
-                            lr=cfg.amed_plugin_lr if name == "amed-ipndm" else cfg.amed_lr,
+                            lr=cfg.amed_plugin_lr if plugin else cfg.amed_lr,
                             iterations=cfg.amed_iterations, pool=None,
                             **self.cond_for(range(cfg.epd_batch)))
         else:                          # a pool of draws, one label per pool entry
             settings = dict(num_points=cfg.num_points,
-                            lr=cfg.plugin_lr if name == "epd-ipndm" else cfg.epd_lr,
+                            lr=cfg.plugin_lr if plugin else cfg.epd_lr,
                             iterations=cfg.epd_iterations, pool=cfg.epd_pool,
                             **self.cond_for(range(cfg.epd_pool)))
-        p = distill(self.model, nfe=nfe, shape=self.shape, plugin=name.endswith("-ipndm"),
+        p = distill(self.model, nfe=nfe, shape=self.shape, plugin=plugin,
                     batch_size=cfg.epd_batch, M=cfg.epd_teacher_points, device=self.device,
                     progress=self.args.progress, time_budget_s=None, compare=False,
                     **settings)   # the demo sets every size itself and compares every solver
-        sec = time.perf_counter() - t1
-        self.seconds[(name, nfe)] = sec
-        self.save(p, name, nfe, sec)
-        self.sample_distilled(name, nfe, p)
+        self.save_and_sample(p, name, nfe, time.perf_counter() - t1)
 
-    def epd(self) -> None:
-        cfg = self.cfg
-        _log(f"[4/7] EPD: distilling at NFE {list(cfg.distill_nfes)} (K={cfg.num_points}, "
-             f"{cfg.epd_iterations} iterations of batch {cfg.epd_batch} from a pool of "
-             f"{cfg.epd_pool} draws)")
-        for nfe in cfg.distill_nfes:
-            self.distill_one("epd", nfe)
-
-    def amed(self) -> None:
-        cfg = self.cfg
-        _log(f"[5/7] AMED: distilling the predictor (features {self.amed_features!r}) at NFE "
-             f"{list(cfg.distill_nfes)} ({cfg.amed_iterations} iterations of batch "
-             f"{cfg.epd_batch})")
-        for nfe in cfg.distill_nfes:
-            self.distill_one("amed", nfe)
+    def distill_stage(self, name: str) -> None:
+        """Stage 4 ("epd") or 5 ("amed"): that solver distilled at every distill NFE."""
+        cfg, nfes = self.cfg, list(self.cfg.distill_nfes)
+        if name == "epd":
+            _log(f"[4/7] EPD: distilling at NFE {nfes} (K={cfg.num_points}, "
+                 f"{cfg.epd_iterations} iterations of batch {cfg.epd_batch} from a pool of "
+                 f"{cfg.epd_pool} draws)")
+        else:
+            _log(f"[5/7] AMED: distilling the predictor (features {self.amed_features!r}) at "
+                 f"NFE {nfes} ({cfg.amed_iterations} iterations of batch {cfg.epd_batch})")
+        for nfe in nfes:
+            self.distill_one(name, nfe)
 
     # ---- 6. optional work, in order, each only if its estimated time fits the budget
 
     def estimate(self, kind, s, n) -> float:
         if kind == "plugin":  # a plugin costs what its solver cost at the same NFE
-            return 1.15 * self.seconds[(s[:-len("-ipndm")], n)]
+            return 1.15 * next(p["seconds"] for p in self.params_files
+                               if (p["solver"], p["nfe"]) == (s[:-len("-ipndm")], n))
         n0, evals0, spe = self.cost[s]
         return evals0 * (n / n0) ** 2 * self.N * spe  # parallel solvers: evals ~ NFE^2
 
@@ -444,10 +370,8 @@ class _Demo:
             elapsed = time.perf_counter() - self.t_start
             need = self.estimate(kind, s, n)
             if elapsed + need + reserve > cfg.budget_s:
-                reason = (f"time budget: {elapsed:.0f} s used, about {need:.0f} s more "
+                self.skip(s, n, f"time budget: {elapsed:.0f} s used, about {need:.0f} s more "
                           f"needed, budget {cfg.budget_s:.0f} s (raise --budget to include it)")
-                self.skipped.append({"solver": s, "nfe": n, "reason": reason})
-                _log(f"  skipped {s} at NFE {n}: {reason}")
             elif kind == "plugin":
                 what = "EPD-Plugin" if s == "epd-ipndm" else "AMED-Plugin"
                 _log(f"  {what} ({s}) at NFE {n}, about {need:.0f} s")
@@ -495,26 +419,24 @@ class _Demo:
         self.files.update(self.write_figures())
         self.table = _table(self.rows, self.ref_info)
         table_path = os.path.join(self.out, "table.md")
-        outputs.atomic_write_bytes(table_path, (self.table + "\n").encode())
+        outputs.write_atomic(table_path, (self.table + "\n").encode())
         self.files["table"] = table_path
 
     def report(self) -> None:
         """Writes results.json (with every stage's time) and prints the table."""
         self.timings["total"] = time.perf_counter() - self.t_start
-        N, cfg = self.N, self.cfg
-        json_path = os.path.join(self.out, "results.json")
-        self.files["results"] = json_path
+        N = self.N
+        json_path = self.files["results"] = os.path.join(self.out, "results.json")
         outputs.write_json(json_path, {
             "model": self.args.model, "shape": list(self.shape), "num_samples": N,
             "seeds": f"0-{N - 1}",
             "class_labels": "seed % num_classes" if self.cond else None,
             "threads": self.threads, "rmse_kind": "global", "quick": bool(self.args.quick),
-            "config": dataclasses.asdict(cfg), "reference": self.ref_info,
-            "results": [{k: v for k, v in r.items() if k != "order"} for r in self.rows],
+            "config": dataclasses.asdict(self.cfg), "reference": self.ref_info,
+            "results": self.rows,
             "skipped": self.skipped, "params": self.params_files, "files": self.files,
             "timings": self.timings, "command": "epd " + " ".join(sys.argv[1:])})
-        _log("")
-        _log(self.table)
+        _log("\n" + self.table)
         _log(f"\n* = lowest RMSE at that NFE. Global RMSE: the root of the mean squared "
              f"difference, over all {N} samples and their dimensions, to the reference "
              f"solution of the same ODE from the same noise; FD: Frechet distance in pixel "
@@ -523,11 +445,6 @@ class _Demo:
         _log("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items()))
         _log("files: " + ", ".join([json_path] + [v for v in self.files.values()
                                                     if isinstance(v, str) and v != json_path]))
-
-
-#: The files a demo writes in its folder (regex of names; params go to params/).
-_OWN_FILES = r"table\.md|results\.json|samples_grid\.png|rmse_vs_nfe\.png"
-_RESULTS = ("table.md", "results.json", "samples_grid.png", "rmse_vs_nfe.png")
 
 
 def _refuse_earlier_results(out, force: bool) -> None:
@@ -546,17 +463,8 @@ def _amed_features(spec: str, model) -> str:
     else "denoised", which every denoiser gives."""
     if spec == "denoised":
         return spec
-    name = spec[len("module:"):]
     try:
-        model.get_submodule(name)
+        model.get_submodule(spec[len("module:"):])
     except AttributeError:  # no such submodule, or not an nn.Module at all
         return "denoised"
     return spec
-
-
-def _bar(total, desc, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, dynamic_ncols=True)

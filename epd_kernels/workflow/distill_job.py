@@ -1,33 +1,16 @@
-"""`epd distill`: EPD / AMED distillation or D-ODE fitting, to a params file.
+"""`epd distill`: EPD / AMED distillation or a D-ODE fit, to a params file.
 
-* ``epd``, ``epd-ipndm`` (EPD-Solver / EPD-Plugin, ``--num-points`` K branches) and
-  ``amed``, ``amed-ipndm`` (AMED-Solver / AMED-Plugin, ``--amed-form predictor|table``,
-  the predictor reading ``--features denoised|module:<name>``): `epd_kernels.distill`
-  (Adam against a DPM-Solver-2 teacher with ``--teacher-points`` M extra points per
-  interval; training noise drawn from a fixed ``--pool`` of draws, whose teacher targets
-  are cached (default: `distill`'s, or `FAST_SETTINGS`' with ``--fast``), or fresh every
-  iteration with ``--pool none``; class labels follow the draws: one per pool entry, or
-  one per batch row with fresh noise); resumable with ``--checkpoint``;
-  under torchrun every process takes ``--batch-size`` rows of the global batch and
-  gradients are averaged, so W processes with batch b train exactly like one with batch
-  W b; only rank 0 writes.
-* ``d-euler``, ``d-heun``, ``d-ipndm``: `fit_dode` (closed-form least squares against a
-  10x-step Heun teacher on ``--batch-size`` samples, default 512, then the joint
-  refinement on the final state); computed by rank 0.
+* ``epd``, ``epd-ipndm``, ``amed``, ``amed-ipndm``: `epd_kernels.distill` (its options map
+  one to one; ``--fast`` applies `FAST_SETTINGS` beneath the options given explicitly);
+  resumable with ``--checkpoint``; under torchrun every process takes ``--batch-size`` rows
+  of the global batch and gradients are averaged (W processes with batch b train like one
+  with batch W b); only rank 0 writes.
+* ``d-euler``, ``d-heun``, ``d-ipndm``: `fit_dode` (closed form), computed by rank 0.
 
-``--schedule`` picks the grid (a kind, or ``auto`` for the EPD / AMED grid search of
-`distill_auto`; with per-row labels its validation draws get labels ``row % classes``
-too); ``--learn-grid on|off`` (EPD) learns its interior sigmas too (default: on with
-``auto``, off otherwise); ``--fast`` applies `FAST_SETTINGS` beneath the options given
-explicitly.
-
-An option of one family given to another (``--num-points`` for AMED, ``--amed-form`` or
-``--features`` for EPD or D-ODE, the training options for D-ODE) is a `UserError`.
-Conditional models are distilled with labels ``row % num_classes`` (rows: pool entries,
-or batch rows with ``--pool none``; ``--class-label L`` for one class, ``none`` for
-unconditional). The params record the model spec and the
-sample shape in their ``meta``, which `epd sample` checks. An existing ``--out`` file is
-replaced only with ``--force``.
+An option of one family given to another is a `UserError`. Conditional models get labels
+``row % num_classes`` (rows: pool entries, or batch rows with ``--pool none``;
+``--class-label`` for one class or ``none``). The params record the model spec and sample
+shape in their ``meta``, which `epd sample` checks.
 """
 from __future__ import annotations
 
@@ -36,43 +19,25 @@ import sys
 import time
 
 from ..params.amed import AMED_FORMS
+from . import outputs
 from .distributed import distributed_context, local_device
 from .errors import UserError, one_line
-from .resolve import (AMED_SOLVERS, DISTILLABLE, EPD_SOLVERS, check_budget, class_labels_for,
+from .resolve import (AMED_SOLVERS, DISTILLABLE, EPD_SOLVERS, check_budget, label_cond,
                       load_model_or_fail, model_shape, parse_class_label)
-from . import outputs
 from .threads import model_batch_runner, pick_threads
 
 __all__ = ["run_distill"]
 
+#: Grid kinds `--schedule` takes besides "auto" (see `epd_kernels.get_sigmas`).
+SCHEDULE_KINDS = ("polynomial", "logsnr", "time-uniform")
+#: Options only the trained (EPD, AMED) solvers read.
+_TRAINING_OPTIONS = ("num_points", "iterations", "lr", "checkpoint", "pool", "teacher_points",
+                     "fast", "learn_grid")
+
 
 def run_distill(args) -> int:
-    solver = (args.solver or "").strip().lower()
-    if solver not in DISTILLABLE:
-        raise UserError(f"cannot distill solver {args.solver!r}; distillable solvers: "
-                        f"{', '.join(DISTILLABLE)}")
-    trained = solver in EPD_SOLVERS + AMED_SOLVERS
-    _check_option_family(args, solver)
-    if not trained:
-        given = _given(args, ("num_points", "iterations", "lr", "checkpoint", "pool",
-                              "teacher_points", "fast", "learn_grid"))
-        if given:
-            raise UserError(f"{', '.join(given)} only apply to the EPD and AMED solvers; "
-                            f"D-ODE ({solver}) is fitted in closed form")
-    if solver in AMED_SOLVERS:
-        _features(args)  # option errors before the model is loaded
-        if getattr(args, "learn_grid", None) is not None:
-            raise UserError("--learn-grid applies to the EPD solvers only (epd, epd-ipndm)")
-    _check_schedule(args, trained)
+    solver = _check_options(args)
     check_budget(solver, args.nfe)
-    for name in ("num_points", "iterations", "batch_size"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    if args.lr is not None and not args.lr > 0:
-        raise UserError(f"--lr must be > 0, got {args.lr}")
-    if not os.fspath(args.out).endswith(".safetensors"):
-        raise UserError(f"--out must be a .safetensors file, got {args.out!r}")
     outputs.ensure_writable_file(args.out, force=bool(args.force))
     if args.checkpoint:
         outputs.ensure_writable_file(args.checkpoint)
@@ -81,9 +46,8 @@ def run_distill(args) -> int:
     model = load_model_or_fail(args.model, device=args.device)
     shape = model_shape(model)
     probe = args.batch_size or 64
-    labels = class_labels_for(model, range(probe), label_mode)
     threads = pick_threads(args.threads, model_batch_runner(
-        model, shape, probe, {} if labels is None else {"class_labels": labels.to(args.device)},
+        model, shape, probe, label_cond(model, range(probe), label_mode, args.device),
         args.device), args.device)
 
     with distributed_context(args.device) as dist:
@@ -92,12 +56,11 @@ def run_distill(args) -> int:
             print(f"epd distill: {solver} nfe={args.nfe} on {args.model} (shape {list(shape)})"
                   f", {threads} thread(s)" + (f" x {dist.world} processes" if dist.active
                                                else "") + f" -> {args.out}", flush=True)
-        if trained:
+        params = None
+        if solver in EPD_SOLVERS + AMED_SOLVERS:
             params = _distill(args, solver, model, shape, label_mode, dist)
-        else:
-            params = None
-            if dist.is_main:
-                params = _fit_dode(args, solver, model, shape, label_mode)
+        elif dist.is_main:
+            params = _fit_dode(args, solver, model, shape, label_mode)
         if dist.is_main:
             params.meta.update({"model": args.model, "shape": list(shape),
                                 "class_labels": label_mode if isinstance(label_mode, str)
@@ -114,43 +77,51 @@ def run_distill(args) -> int:
     return 0
 
 
-#: Grid kinds `--schedule` takes besides "auto" (see `epd_kernels.get_sigmas`).
-SCHEDULE_KINDS = ("polynomial", "logsnr", "time-uniform")
-
-
-def _check_schedule(args, trained: bool) -> None:
-    s = args.schedule
-    if s is None:
-        return
-    s = args.schedule = str(s).strip().lower()
-    if s == "auto" and not trained:
-        raise UserError("--schedule auto (the grid search) applies to the EPD and AMED "
-                        "solvers; give D-ODE a grid kind: " + ", ".join(SCHEDULE_KINDS))
-    if s != "auto" and s not in SCHEDULE_KINDS:
-        raise UserError(f"--schedule must be 'auto' or one of {', '.join(SCHEDULE_KINDS)}, "
-                        f"got {args.schedule!r}")
-
-
 def _given(args, names):
     return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
 
 
-def _check_option_family(args, solver) -> None:
-    """Options that only one family of solvers reads are refused for the others."""
+def _check_options(args) -> str:
+    """The solver's name; `UserError` for an option its family does not read, or a bad
+    value, before the model is loaded."""
+    solver = (args.solver or "").strip().lower()
+    if solver not in DISTILLABLE:
+        raise UserError(f"cannot distill solver {args.solver!r}; distillable solvers: "
+                        f"{', '.join(DISTILLABLE)}")
+    trained = solver in EPD_SOLVERS + AMED_SOLVERS
+    if solver in AMED_SOLVERS and _given(args, ("num_points",)):
+        raise UserError(f"--num-points only applies to the EPD solvers (epd, epd-ipndm); "
+                        f"AMED ({solver}) has one intermediate point per step")
+    given = _given(args, ("amed_form", "features"))
+    if solver not in AMED_SOLVERS and given:
+        raise UserError(f"{', '.join(given)} only apply to the AMED solvers (amed, "
+                        f"amed-ipndm), not to {solver}")
+    given = _given(args, _TRAINING_OPTIONS)
+    if not trained and given:
+        raise UserError(f"{', '.join(given)} only apply to the EPD and AMED solvers; "
+                        f"D-ODE ({solver}) is fitted in closed form")
     if solver in AMED_SOLVERS:
-        given = _given(args, ("num_points",))
-        if given:
-            raise UserError(f"{', '.join(given)} only applies to the EPD solvers (epd, "
-                            f"epd-ipndm); AMED ({solver}) has one intermediate point per step")
-    else:
-        given = _given(args, ("amed_form", "features"))
-        if given:
-            raise UserError(f"{', '.join(given)} only apply to the AMED solvers (amed, "
-                            f"amed-ipndm), not to {solver}")
+        _features(args)
+        if getattr(args, "learn_grid", None) is not None:
+            raise UserError("--learn-grid applies to the EPD solvers only (epd, epd-ipndm)")
+    if args.schedule is not None:
+        s = args.schedule = str(args.schedule).strip().lower()
+        if s == "auto" and not trained:
+            raise UserError("--schedule auto (the grid search) applies to the EPD and AMED "
+                            "solvers; give D-ODE a grid kind: " + ", ".join(SCHEDULE_KINDS))
+        if s != "auto" and s not in SCHEDULE_KINDS:
+            raise UserError(f"--schedule must be 'auto' or one of "
+                            f"{', '.join(SCHEDULE_KINDS)}, got {s!r}")
+    if args.lr is not None and not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if not os.fspath(args.out).endswith(".safetensors"):
+        raise UserError(f"--out must be a .safetensors file, got {args.out!r}")
+    return solver
 
 
 def _features(args):
-    """``--features`` as the library's feature spec (None for the table form)."""
+    """``(--amed-form, --features)`` as the library takes them (features None for the
+    table form)."""
     form = args.amed_form or "predictor"
     if form not in AMED_FORMS:
         raise UserError(f"--amed-form must be one of {', '.join(AMED_FORMS)}, got "
@@ -178,7 +149,6 @@ def _distill(args, solver, model, shape, label_mode, dist):
         method = dict(method="amed", amed_form=form, features=features)
     else:
         method = dict(num_points=args.num_points or 2)
-    auto = args.schedule == "auto"
     # --fast: FAST_SETTINGS under the options given explicitly; its grid-search options
     # only with --schedule auto.
     fast = dict(FAST_SETTINGS) if args.fast else {}
@@ -186,8 +156,8 @@ def _distill(args, solver, model, shape, label_mode, dist):
     if args.iterations is not None:   # an explicit length is also the final runs' length
         for k in ("final_iterations", "grid_iterations"):
             search.pop(k, None)
-    pool = (_parse_pool(args.pool) if args.pool is not None
-            else fast.get("pool", DEFAULT_POOL))
+    pool = fast.get("pool", DEFAULT_POOL) if args.pool is None else args.pool
+    pool = None if pool == "none" else pool
     # What is not given is left to distill's time budget (`--time-budget`), except the
     # pool, which the labels must know, and the batch where the labels follow it.
     bs = args.batch_size or fast.get("batch_size")
@@ -195,28 +165,19 @@ def _distill(args, solver, model, shape, label_mode, dist):
         bs = DEFAULT_BATCH_SIZE
     # Labels follow the training draws: one per pool entry (the draw keeps its label in
     # every batch), or one per row of the global batch with fresh noise (--pool none).
-    labels = class_labels_for(model, range(conditioning_rows(pool, (bs or 1) * dist.world)),
-                              label_mode)
-    cond = {} if labels is None else {"class_labels": labels.to(args.device)}
-    extra = {"pool": pool}
-    if args.teacher_points is not None:
-        extra["M"] = args.teacher_points
-    elif "M" in fast:
-        extra["M"] = fast["M"]
-    if auto:
+    cond = label_cond(model, range(conditioning_rows(pool, (bs or 1) * dist.world)),
+                      label_mode, args.device)
+    extra = {"pool": pool, "M": args.teacher_points if args.teacher_points is not None
+             else fast.get("M"), "iterations": args.iterations or fast.get("iterations"),
+             "batch_size": bs, "schedule": args.schedule}
+    if args.schedule == "auto":
         extra.update(search)
-        if labels is not None and label_mode == "seed":   # labels of the validation draws
+        if cond and label_mode == "seed":   # labels of the validation draws
             val_rows = range(search.get("val_size", DEFAULT_VAL_SIZE))
-            extra["val_cond"] = {"class_labels": class_labels_for(
-                model, val_rows, label_mode).to(args.device)}
-    if args.schedule is not None:
-        extra["schedule"] = args.schedule
+            extra["val_cond"] = label_cond(model, val_rows, label_mode, args.device)
     if getattr(args, "learn_grid", None) is not None:
         extra["learn_grid"] = args.learn_grid == "on"
-    for name, value in (("iterations", args.iterations or fast.get("iterations")),
-                        ("batch_size", bs)):
-        if value is not None:
-            extra[name] = value
+    extra = {k: v for k, v in extra.items() if v is not None or k == "pool"}
     try:
         return distill(model, nfe=args.nfe, shape=shape, plugin=solver.endswith("-ipndm"),
                        time_budget_s=args.time_budget, lr=args.lr, seed=args.seed,
@@ -226,28 +187,13 @@ def _distill(args, solver, model, shape, label_mode, dist):
         raise UserError(one_line(e)) from None
 
 
-def _parse_pool(text):
-    if str(text).lower() == "none":
-        return None
-    try:
-        v = int(text)
-    except ValueError:
-        raise UserError(f"--pool must be an integer >= 1 or 'none', got {text!r}") from None
-    if v < 1:
-        raise UserError(f"--pool must be an integer >= 1 or 'none', got {v}")
-    return v
-
-
 def _fit_dode(args, solver, model, shape, label_mode):
     from ..distill.dode_fit import DEFAULT_FIT_BATCH, fit_dode
 
     bs = args.batch_size or DEFAULT_FIT_BATCH
-    cond = {}
-    labels = class_labels_for(model, range(bs), label_mode)
-    if labels is not None:
-        cond["class_labels"] = labels.to(args.device)
     try:
         return fit_dode(model, solver=solver, nfe=args.nfe, shape=shape, batch_size=bs,
-                        seed=args.seed, device=args.device, schedule=args.schedule, **cond)
+                        seed=args.seed, device=args.device, schedule=args.schedule,
+                        **label_cond(model, range(bs), label_mode, args.device))
     except ValueError as e:
         raise UserError(one_line(e)) from None

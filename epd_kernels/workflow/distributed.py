@@ -1,14 +1,8 @@
 """Rank and world size from the torchrun environment; process-group set-up and tear-down.
 
-    with distributed_context() as dist:      # a no-op in a plain process
-        mine = seeds[dist.rank::dist.world]
-        ...
-        dist.barrier()
-
-Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the default process group is
-initialised from the environment (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``,
-``WORLD_SIZE``) with gloo on CPU, or nccl when CUDA is present and ``device`` is cuda,
-and destroyed on exit. A group initialised by the caller is used as is and left alone.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) `distributed_context` initialises the default
+group from the environment (gloo on CPU, nccl on CUDA) and destroys it on exit; a group
+the caller initialised is used as is. In a plain process it is a no-op.
 """
 from __future__ import annotations
 
@@ -24,13 +18,10 @@ __all__ = ["distributed_context", "local_device"]
 def env_world() -> tuple:
     """``(rank, world_size)`` from the torchrun environment variables ((0, 1) if absent)."""
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         return 0, 1
-    if world < 1 or not 0 <= rank < world:
-        return 0, 1
-    return rank, world
+    return (rank, world) if 0 <= rank < world else (0, 1)
 
 
 def local_device(device: str) -> str:

@@ -1,19 +1,8 @@
-"""`epd eval`: metrics of a set of samples.
-
-* samples: a folder of per-seed ``seed-NNNNNN.npy`` files or an ``.npz`` with
-  ``samples`` (and ``seeds``), as `epd sample` writes them;
-* ``--reference DIR|FILE.npz``: RMSE to it (`metrics.global_rmse`: the root of the mean
-  squared difference over all samples and dimensions), matched by seed;
-* ``--model NAME`` or ``--data FILE``: Frechet distance in pixel space
-  (`metrics.frechet_distance`) to the model's data: the 1797 digits
-  (`load_digits_data`) for the digits models, ``model.sample_data(10000, generator
-  seeded 0)`` for models that have it (gaussian, gmm); ``--data`` takes an .npy array or
-  an .npz with ``samples``, ``images`` or ``data``. With ``--model`` the samples must
-  have the model's shape.
-
-Prints the metrics; ``--json PATH`` also writes them. The Frechet distance depends on the
-number of samples (biased upwards for few), so it is printed as "FD (n=N)". Samples with
-NaN or inf values are refused with their count; damaged files with their name.
+"""`epd eval`: global RMSE of samples to a reference (matched by seed) and their Frechet
+distance in pixel space to the data of ``--model`` (the 1797 digits for the digits models,
+``model.sample_data(10000)`` seeded 0 for models that have it) or of ``--data`` (.npy, or
+.npz with ``samples``, ``images`` or ``data``). The FD is printed with its sample count
+("FD (n=N)"): it is biased upwards for few samples. Non-finite samples are refused.
 """
 from __future__ import annotations
 
@@ -26,6 +15,7 @@ import torch
 from ..metrics import frechet_distance, global_rmse
 from . import outputs
 from .errors import UserError
+from .resolve import load_model_or_fail, model_shape
 from .threads import pick_threads
 
 __all__ = ["run_eval", "load_samples", "model_data"]
@@ -39,8 +29,6 @@ def load_samples(path) -> Tuple[np.ndarray, np.ndarray]:
     path = os.fspath(path)
     if os.path.isdir(path):
         return outputs.load_seed_files(path)
-    if not os.path.exists(path):
-        raise UserError(f"samples not found: {path}")
     f = outputs.load_array_file(path, ("samples", "seeds"))
     if not isinstance(f, dict):
         return None, f
@@ -62,17 +50,12 @@ def _check_finite(samples: np.ndarray, path) -> None:
                         f"(NaN or inf); the metrics need finite samples (a diverged solver?)")
 
 
-def model_data(spec: str, model=None) -> np.ndarray:
-    """The data a model's samples are compared with (see the module docstring);
-    ``model``: the loaded ``spec``, if at hand."""
-    from .resolve import load_model_or_fail
-
-    key = spec.strip().lower()
-    if key in ("digits-unet", "digits-exact"):
+def model_data(spec: str, model) -> np.ndarray:
+    """The data the samples of ``model`` (loaded from ``spec``) are compared with."""
+    if spec.strip().lower() in ("digits-unet", "digits-exact"):
         from ..models.digits import load_digits_data
 
         return load_digits_data()[0].numpy()
-    model = model if model is not None else load_model_or_fail(spec)
     if hasattr(model, "sample_data"):
         g = torch.Generator().manual_seed(DATA_SEED)
         data = model.sample_data(DATA_SAMPLES, generator=g)
@@ -86,15 +69,10 @@ def model_data(spec: str, model=None) -> np.ndarray:
 
 
 def _load_data_file(path) -> np.ndarray:
-    if not os.path.exists(path):
-        raise UserError(f"data file not found: {path}")
     f = outputs.load_array_file(path, ("samples", "images", "data"))
-    if not isinstance(f, dict):
-        return f
-    for k in ("samples", "images", "data"):
-        if k in f:
-            return f[k]
-    raise UserError(f"{path} has none of the arrays 'samples', 'images', 'data'")
+    if isinstance(f, dict) and not f:
+        raise UserError(f"{path} has none of the arrays 'samples', 'images', 'data'")
+    return next(iter(f.values())) if isinstance(f, dict) else f
 
 
 def run_eval(args) -> int:
@@ -159,8 +137,6 @@ def _frechet(samples, args) -> dict:
         data = _load_data_file(args.data)
         what = os.fspath(args.data)
     else:
-        from .resolve import load_model_or_fail, model_shape
-
         model = load_model_or_fail(args.model)
         want = model_shape(model)
         if tuple(samples.shape[1:]) != want:

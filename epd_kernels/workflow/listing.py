@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..solvers.registry import solver_names, valid_budgets
-from .resolve import _ALIASES, budget_rule, model_shape, needs_params, num_classes
+from .resolve import ALIASES, budget_rule, model_shape, needs_params, num_classes
 
 __all__ = ["run_list"]
 
@@ -15,8 +15,8 @@ def run_list(args) -> int:
         notes = []
         if needs_params(name):
             notes.append("needs --params (epd distill)")
-        if name in _ALIASES:
-            notes.append(f"alias of {_ALIASES[name]}")
+        if name in ALIASES:
+            notes.append(f"alias of {ALIASES[name]}")
         rows.append((name, budget_rule(name), budgets, "; ".join(notes)))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     print(f"  {'name':<{w[0]}}  {'rule':<{w[1]}}  {'budgets<=9':<{w[2]}}  notes")

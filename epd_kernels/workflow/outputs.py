@@ -1,22 +1,17 @@
 """Atomic output files (PNG, .npy, .npz, JSON) and the per-seed layout of `epd sample`.
 
-Every file is written to a temporary file in the destination folder, flushed, fsync'ed
-and moved over the destination with `os.replace`, so a process killed at any moment
-leaves either no file or a complete one, never a torn one. Temporaries are named
-``.tmp-<name>.<random>``; `remove_stale_temporaries` removes those of the names a command
-writes (other programs' files in the same folder are left alone).
+Every file is written by `fileio.write_atomic` (a killed process leaves no file or a
+complete one); `remove_stale_temporaries` removes the ``.tmp-<name>.<random>`` files a
+killed writer left for the names a command writes. `new_folders` removes the folders
+`ensure_writable_dir` created when the command fails before writing into them.
 
-Folders: `ensure_writable_dir` records the folders it creates, and `new_folders` removes
-them again when the command fails before writing anything into them (a folder holding
-only its settings file ``run.json`` counts as empty).
-
-Per-seed layout (a folder): ``seed-<seed:06d>.npy`` (the exact float32 sample) and, for
-image-shaped samples, ``seed-<seed:06d>.png``. The PNG is written first and the .npy
-last, so a seed counts as finished exactly when its .npy exists (`finished_seeds`).
+Per-seed layout: ``seed-<seed:06d>.npy`` (the float32 sample) and, for images,
+``seed-<seed:06d>.png``, written first, so a seed is finished when its .npy exists.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -45,56 +40,38 @@ SAMPLE_FILES = r"seed-\d+\.(?:npy|png)|run\.json"
 MANIFEST = "run.json"
 
 
-# --------------------------------------------------------------------------------------
-# atomic writes
-
-
-atomic_write_bytes = write_atomic  # one implementation for every file we write
-
-
-def remove_stale_temporaries(folder, names: str) -> int:
+def remove_stale_temporaries(folder, names: str) -> None:
     """Deletes the temporaries a killed writer left in ``folder`` for files whose names
-    match the regex ``names`` (and the write probe of `ensure_writable_dir`); returns how
-    many. Other ``.tmp-*`` files are not the package's and stay."""
+    match the regex ``names`` (and the write probe of `ensure_writable_dir`). Other
+    ``.tmp-*`` files are not the package's and stay."""
     # the random tail is tempfile.mkstemp's: 8 characters of [a-z0-9_]
     own = re.compile(r"^" + re.escape(_TMP_PREFIX) + r"(?:" + names + r"|probe)\.[a-z0-9_]{8}$")
-    n = 0
     folder = os.fspath(folder)
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
         if own.match(name):
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, name))
-                n += 1
-            except OSError:
-                pass
-    return n
 
 
 def write_npy(path, array) -> None:
     buf = io.BytesIO()
     np.save(buf, np.asarray(array), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def write_npz(path, **arrays) -> None:
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    atomic_write_bytes(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def write_json(path, obj) -> None:
     text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
-    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+    write_atomic(path, (text + "\n").encode("utf-8"))
 
 
 def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "tolist"):
+    if hasattr(o, "tolist"):   # numpy scalars and arrays, tensors
         return o.tolist()
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
@@ -123,60 +100,49 @@ def ensure_writable_dir(path) -> str:
     return path
 
 
-class _NewFolders:
-    def __init__(self, start: int):
-        self.start = start
-
-    def remove_empty(self) -> None:
-        """Removes the folders created since `new_folders` began that hold nothing but a
-        settings file or temporaries, deepest first."""
-        for folder in sorted(_created[self.start:], key=len, reverse=True):
-            try:
-                names = os.listdir(folder)
-            except OSError:
-                continue
-            if all(n == MANIFEST or n.startswith(_TMP_PREFIX) for n in names):
-                with contextlib.suppress(OSError):
-                    for n in names:
-                        os.unlink(os.path.join(folder, n))
-                    os.rmdir(folder)
+def _remove_empty(start: int) -> None:
+    """Removes the folders created since ``_created[start]`` that hold nothing but a
+    settings file or temporaries, deepest first."""
+    for folder in sorted(_created[start:], key=len, reverse=True):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        if all(n == MANIFEST or n.startswith(_TMP_PREFIX) for n in names):
+            with contextlib.suppress(OSError):
+                for n in names:
+                    os.unlink(os.path.join(folder, n))
+                os.rmdir(folder)
 
 
 @contextlib.contextmanager
 def new_folders():
-    """``with new_folders() as made: ...``: ``made.remove_empty()`` removes the folders
+    """``with new_folders() as remove_empty: ...``: ``remove_empty()`` removes the folders
     the block created that got no results; it is called by itself when the block raises
     (including Ctrl-C: finished results stay, empty folders go)."""
-    made = _NewFolders(len(_created))
+    start = len(_created)
     try:
-        yield made
+        yield functools.partial(_remove_empty, start)
     except BaseException:
-        made.remove_empty()
+        _remove_empty(start)
         raise
     finally:
-        del _created[made.start:]
+        del _created[start:]
 
 
-def ensure_writable_file(path, force: Optional[bool] = None, option: str = "--out") -> str:
-    """Checks that a file can be created at ``path`` (its folder is created if needed).
-
-    ``force``: None allows replacing an existing file; False refuses it with a `UserError`
-    naming ``option`` and ``--force``.
-    """
+def ensure_writable_file(path, force: Optional[bool] = None) -> str:
+    """Checks that a file can be created at ``path`` (its folder is created if needed);
+    with ``force=False`` an existing file is a `UserError` (None allows replacing it)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise UserError(f"output {path!r} is a folder, expected a file name")
     if force is False and os.path.exists(path):
-        raise UserError(f"{option} {path} exists; give --force to replace it, or another "
-                        f"{option}")
+        raise UserError(f"--out {path} exists; give --force to replace it, or another --out")
     ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
     return path
 
 
-# --------------------------------------------------------------------------------------
-# PNG (a small encoder: 8-bit grayscale or RGB, no dependency)
-
-
+# PNG: a small encoder (8-bit gray or RGB, no dependency)
 def _chunk(tag: bytes, data: bytes) -> bytes:
     return (struct.pack(">I", len(data)) + tag + data
             + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
@@ -187,12 +153,9 @@ def png_bytes(img: np.ndarray) -> bytes:
     img = np.ascontiguousarray(img)
     if img.dtype != np.uint8:
         raise ValueError("png_bytes expects a uint8 image")
-    if img.ndim == 2:
-        color, h, w = 0, img.shape[0], img.shape[1]
-    elif img.ndim == 3 and img.shape[2] == 3:
-        color, h, w = 2, img.shape[0], img.shape[1]
-    else:
+    if img.ndim not in (2, 3) or img.shape[2:] not in ((), (3,)):
         raise ValueError(f"png_bytes expects [H, W] or [H, W, 3], got {list(img.shape)}")
+    color, (h, w) = (0 if img.ndim == 2 else 2), img.shape[:2]   # gray or RGB
     rows = img.reshape(h, -1)
     raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter 0
     ihdr = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
@@ -201,18 +164,7 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 
 def write_png(path, img: np.ndarray) -> None:
-    atomic_write_bytes(path, png_bytes(img))
-
-
-def is_png(path) -> bool:
-    """True if ``path`` starts with the PNG signature and has an IHDR and an IEND chunk."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return (data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
-            and data[-8:-4] == b"IEND")
+    write_atomic(path, png_bytes(img))
 
 
 def image_layout(shape: Sequence[int]) -> Optional[tuple]:
@@ -242,43 +194,24 @@ def to_uint8_image(x, shape: Sequence[int], scale: int = 1, lo: float = -1.0,
         raise ValueError(f"samples of shape {list(shape)} are not images")
     h, w, c = layout
     a = np.asarray(x, dtype=np.float64).reshape((c, h, w) if len(shape) == 3 else (h, w))
-    if len(shape) == 3:
-        a = a.transpose(1, 2, 0)
-        if c == 1:
-            a = a[:, :, 0]
+    if len(shape) == 3:   # [C, H, W] -> [H, W] (gray) or [H, W, 3]
+        a = a[0] if c == 1 else a.transpose(1, 2, 0)
     a = np.clip(np.round((a - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
     if scale > 1:
         a = a.repeat(scale, axis=0).repeat(scale, axis=1)
     return a
 
 
-# --------------------------------------------------------------------------------------
-# per-seed files
-
-
-def seed_stem(seed: int) -> str:
-    return f"seed-{int(seed):06d}"
-
-
-def seed_npy_path(folder, seed: int) -> str:
-    return os.path.join(os.fspath(folder), seed_stem(seed) + ".npy")
-
-
-def seed_png_path(folder, seed: int) -> str:
-    return os.path.join(os.fspath(folder), seed_stem(seed) + ".png")
+def seed_path(folder, seed: int, ext: str = ".npy") -> str:
+    return os.path.join(os.fspath(folder), f"seed-{int(seed):06d}{ext}")
 
 
 def finished_seeds(folder) -> Dict[int, str]:
     """``{seed: path of its .npy}`` for the seeds whose sample is complete in ``folder``."""
-    out = {}
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        return out
-    for name in os.listdir(folder):
-        m = _SEED_RE.match(name)
-        if m:
-            out[int(m.group(1))] = os.path.join(folder, name)
-    return out
+    names = os.listdir(folder) if os.path.isdir(folder) else ()
+    return {int(m.group(1)): os.path.join(folder, m.group(0))
+            for m in map(_SEED_RE.match, names) if m}
 
 
 def load_seed_files(folder, seeds: Optional[Iterable[int]] = None):

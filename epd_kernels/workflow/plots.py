@@ -1,15 +1,9 @@
-"""Figures of a solver comparison: a sample grid and an error-vs-NFE plot (PNG files).
+"""Figures of a solver comparison (PNG files): `sample_grid_png`, rows = solvers, columns
+= NFE, each cell the same few seeds upscaled by pixel repetition ("n/a" where a solver has
+none); `error_plot_png`, RMSE to the reference against latency NFE (distilled dashed).
 
-`sample_grid_png`: rows = solvers (the reference first), columns = NFE budgets; each cell
-shows the same few samples (same seeds) side by side, upscaled by pixel repetition
-(nearest), so the digits stay sharp. Cells a solver cannot produce read "n/a".
-`error_plot_png`: RMSE to the reference against latency NFE, log y axis, one line per
-solver (distilled solvers dashed).
-
-matplotlib (a dependency of the package; Agg backend) is imported lazily. In an
-environment where it is missing all the same, the grid is still written, as a plain
-image without labels (rows and columns in the order given), and the plot is skipped:
-both functions return False in that case.
+matplotlib (a dependency; Agg backend) is imported lazily. Where it is missing all the
+same, the grid is written without labels and the plot is skipped: both return False.
 """
 from __future__ import annotations
 
@@ -18,44 +12,37 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .outputs import atomic_write_bytes, image_layout, png_bytes, to_uint8_image
+from ..fileio import write_atomic
+from .outputs import image_layout, png_bytes, to_uint8_image
 
 __all__ = ["sample_grid_png", "error_plot_png"]
 
 
-def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _pyplot():
-    import matplotlib
-
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     return plt
 
 
+def _save(plt, fig, path, dpi: int) -> bool:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return True
+
+
 def cell_image(samples: np.ndarray, shape: Sequence[int], scale: int, gap: int = 2) -> np.ndarray:
     """Samples ``[n, *shape]`` side by side as one uint8 image (grey gaps between)."""
     tiles = [to_uint8_image(s, shape, scale) for s in samples]
-    h = tiles[0].shape[0]
-    sep = np.full((h, gap) + tiles[0].shape[2:], 150, np.uint8)
-    parts = []
-    for i, t in enumerate(tiles):
-        if i:
-            parts.append(sep)
-        parts.append(t)
-    return np.concatenate(parts, axis=1)
-
-
-def _auto_scale(shape) -> int:
-    h, w, _ = image_layout(shape)
-    return max(1, 48 // max(h, w))
+    sep = np.full((tiles[0].shape[0], gap) + tiles[0].shape[2:], 150, np.uint8)
+    return np.concatenate([part for t in tiles for part in (sep, t)][1:], axis=1)
 
 
 def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Sequence[str],
@@ -67,9 +54,10 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
     Returns True if drawn with matplotlib (labelled), False for the plain fallback. Raises
     ValueError when the samples are not image-shaped (see `outputs.image_layout`).
     """
-    if image_layout(shape) is None:
+    layout = image_layout(shape)
+    if layout is None:
         raise ValueError(f"samples of shape {list(shape)} cannot be drawn as images")
-    scale = _auto_scale(shape) if scale is None else int(scale)
+    scale = max(1, 48 // max(layout[:2])) if scale is None else int(scale)
     names = (["reference"] if reference is not None else []) + list(rows)
     imgs: Dict[Tuple[str, int], np.ndarray] = {}
     for r in names:
@@ -98,11 +86,10 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
             else:
                 canvas[y:y + ch, x:x + cw] = img
 
-    if not have_matplotlib():
-        atomic_write_bytes(path, png_bytes(canvas))
-        return False
-
     plt = _pyplot()
+    if plt is None:
+        write_atomic(path, png_bytes(canvas))
+        return False
     dpi = 100
     left, top, right, bottom = 100, 48 if title else 28, 8, 8
     fw, fh = left + W + right, top + H + bottom
@@ -123,11 +110,7 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
                  color="0.45")
     if title:
         fig.text(0.5, 1.0 - 6 / fh, title, ha="center", va="top", fontsize=10)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return True
+    return _save(plt, fig, path, dpi)
 
 
 def error_plot_png(path, series: Mapping[str, Sequence[Tuple[int, float]]],
@@ -135,9 +118,9 @@ def error_plot_png(path, series: Mapping[str, Sequence[Tuple[int, float]]],
                    ylabel: str = "global RMSE to reference") -> bool:
     """Writes the RMSE-vs-NFE plot; ``series[solver] = [(nfe, rmse), ...]``.
     Returns False (and writes nothing) without matplotlib."""
-    if not have_matplotlib():
-        return False
     plt = _pyplot()
+    if plt is None:
+        return False
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = "osD^v<>pPhX*"
     base_colors = plt.get_cmap("tab10").colors
@@ -167,8 +150,4 @@ def error_plot_png(path, series: Mapping[str, Sequence[Tuple[int, float]]],
         ax.set_title(title, fontsize=10)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return True
+    return _save(plt, fig, path, 100)

@@ -22,7 +22,7 @@ DISTILLABLE = ("epd", "epd-ipndm", "amed", "amed-ipndm", "d-euler", "d-heun", "d
 EPD_SOLVERS = ("epd", "epd-ipndm")
 AMED_SOLVERS = ("amed", "amed-ipndm")
 #: Names that are aliases of another solver (same function, same settings).
-_ALIASES = {"ddim": "euler", "d-ddim": "d-euler"}
+ALIASES = {"ddim": "euler", "d-ddim": "d-euler"}
 
 
 def load_model_or_fail(spec: str, device: str = "cpu"):
@@ -41,25 +41,17 @@ def load_model_or_fail(spec: str, device: str = "cpu"):
 
 
 def model_shape(model) -> Optional[tuple]:
-    shape = getattr(model, "shape", None)
-    if shape is None:
-        return None
     try:
-        return tuple(int(n) for n in shape)
-    except TypeError:
+        return tuple(int(n) for n in model.shape)
+    except (AttributeError, TypeError):   # no shape, or None
         return None
 
 
 def num_classes(model) -> int:
-    n = getattr(model, "num_classes", 0) or 0
     try:
-        return int(n)
+        return int(getattr(model, "num_classes", 0) or 0)
     except (TypeError, ValueError):
         return 0
-
-
-def is_alias(name: str) -> bool:
-    return name in _ALIASES
 
 
 def check_solver(name: str) -> str:
@@ -76,9 +68,8 @@ def needs_params(name: str) -> bool:
 def budget_rule(name: str) -> str:
     """Human-readable NFE rule of a solver (its default afs)."""
     spec = _spec(name)
-    if spec.evals_per_step == 1:
-        return "NFE = steps" + (" - 1 (analytic first step)" if spec.default_afs else "")
-    return "NFE = 2*steps" + (" - 1 (analytic first step)" if spec.default_afs else "")
+    rule = "NFE = steps" if spec.evals_per_step == 1 else "NFE = 2*steps"
+    return rule + (" - 1 (analytic first step)" if spec.default_afs else "")
 
 
 def check_budget(name: str, nfe: int) -> int:
@@ -125,6 +116,12 @@ def class_labels_for(model, keys: Sequence[int], mode) -> Optional[torch.Tensor]
     return torch.full((len(keys),), int(mode), dtype=torch.int64)
 
 
+def label_cond(model, keys: Sequence[int], mode, device) -> dict:
+    """The model's keywords for ``keys``: ``{"class_labels": labels}``, or {} without."""
+    labels = class_labels_for(model, keys, mode)
+    return {} if labels is None else {"class_labels": labels.to(device)}
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -141,8 +138,9 @@ def params_family(solver: str) -> str:
 
 
 def _file_solver(path: str) -> Optional[str]:
-    """The "solver" recorded in a params file's metadata, or None when the header cannot
-    be read (then the loader of the requested kind reports the damage)."""
+    """The solver a params file's metadata names ("d-ode" for a D-ODE file that names no
+    solver), or None when it cannot tell: then the loader of the requested kind reports
+    the damage."""
     import json
 
     from ..fileio import read_safetensors_metadata
@@ -150,29 +148,23 @@ def _file_solver(path: str) -> Optional[str]:
     try:
         with open(path, "rb") as f:
             data = f.read()
-        solver = json.loads(read_safetensors_metadata(data, path, "a params file")["solver"])
-    except (OSError, ValueError, KeyError):
+    except OSError:
         return None
-    # an unknown name (a damaged file): the loader of the requested kind reports it
-    return solver if solver in solver_names() else None
+    try:
+        solver = json.loads(read_safetensors_metadata(data, path, "a params file")["solver"])
+    except (ValueError, KeyError):
+        solver = None
+    if solver in solver_names():
+        return solver
+    return "d-ode" if b"d-ode" in data[:4096] else None
 
 
-def _load_by_family(family: str, path: str):
+def load_params(solver: str, path, model, model_spec: str, nfe: Optional[int] = None):
+    """Loads the params file of ``solver`` and checks it fits the solver, nfe and model
+    (a file of another kind is refused, by its own "solver" metadata, before loading; an
+    AMED predictor's feature submodule is looked up in the model before sampling)."""
     from ..params import AMEDParams, DODEParams, EPDParams
 
-    loader = {"EPD": EPDParams, "AMED": AMEDParams, "D-ODE": DODEParams}[family]
-    return loader.load(path)
-
-
-def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
-                nfe: Optional[int] = None):
-    """Loads the params file of ``solver`` and checks it fits the solver, nfe and model.
-
-    The file's own "solver" metadata picks the loader, so a file of another kind (EPD
-    params given to an AMED solver, ...) is refused with both names, before any loading.
-    AMED params whose predictor reads a submodule (``module:<name>``) are checked against
-    the model here, so that a model without that submodule fails before sampling.
-    """
     path = os.fspath(path)
     if os.path.isdir(path):
         inside = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
@@ -183,13 +175,11 @@ def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
         raise UserError(f"params file not found: {path}")
     want = params_family(solver)
     made_for = _file_solver(path)
-    if made_for is None and _looks_like_dode(path):
-        made_for = "d-ode"
     if made_for is not None and params_family(made_for) != want:
         raise UserError(f"{path} holds {params_family(made_for)} params (for solver "
                         f"{made_for!r}), not {want} params for {solver!r}")
     try:
-        params = _load_by_family(want, path)
+        params = {"EPD": EPDParams, "AMED": AMEDParams, "D-ODE": DODEParams}[want].load(path)
     except ValueError as e:
         raise UserError(one_line(e)) from None
     made_for = params.solver
@@ -203,22 +193,18 @@ def load_params(solver: str, path, model=None, model_spec: Optional[str] = None,
     if nfe is not None and int(nfe) != int(params.nfe):
         raise UserError(f"{path} was made for nfe={params.nfe}, but --nfe {nfe} was asked "
                         f"(omit --nfe or distill params for nfe={nfe})")
-    meta = params.meta or {}
-    if model is not None:
-        shape = model_shape(model)
-        p_shape = meta.get("shape")
-        if p_shape is not None and shape is not None and tuple(p_shape) != tuple(shape):
-            raise UserError(f"{path} was distilled for samples of shape {list(p_shape)} "
-                            f"(model {meta.get('model', '?')!r}) but model "
-                            f"{model_spec!r} makes shape {list(shape)}")
-        if want == "AMED":
-            _check_feature_source(params, model, model_spec, path)
-        p_model = meta.get("model")
-        if p_model is not None and model_spec is not None and p_model != model_spec:
-            import warnings
+    meta, shape = params.meta or {}, model_shape(model)
+    if meta.get("shape") is not None and tuple(meta["shape"]) != shape:
+        raise UserError(f"{path} was distilled for samples of shape {list(meta['shape'])} "
+                        f"(model {meta.get('model', '?')!r}) but model "
+                        f"{model_spec!r} makes shape {list(shape)}")
+    if want == "AMED":
+        _check_feature_source(params, model, model_spec, path)
+    if meta.get("model") not in (None, model_spec):
+        import warnings
 
-            warnings.warn(f"{path} was distilled on model {p_model!r}, not {model_spec!r}; "
-                          f"the params will work but may be far from optimal", stacklevel=2)
+        warnings.warn(f"{path} was distilled on model {meta['model']!r}, not {model_spec!r}; "
+                      f"the params will work but may be far from optimal", stacklevel=2)
     return params
 
 
@@ -235,11 +221,3 @@ def _check_feature_source(params, model, model_spec, path) -> None:
         raise UserError(f"{path}: its AMED predictor reads features {params.features!r}, "
                         f"which model {model_spec!r} cannot give: {one_line(e)}") from None
 
-
-def _looks_like_dode(path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    return b"d-ode" in head

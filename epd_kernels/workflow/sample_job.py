@@ -1,31 +1,17 @@
 """`epd sample`: per-seed sampling with resume, atomic files and multi-process sharing.
 
-Output (``--out``):
+Output (``--out``): a folder of ``seed-NNNNNN.npy`` (float32) and, for images,
+``seed-NNNNNN.png`` per seed, plus ``run.json`` (the settings); or ``X.npz``, assembled at
+the end from per-seed shards in ``X.npz.parts/`` (``samples``, ``seeds``, ``class_labels``
+(-1: unconditional) and ``run``, the settings as JSON, in the order of ``--seeds``).
 
-* a folder: ``seed-NNNNNN.npy`` (the float32 sample) and, for image-shaped samples,
-  ``seed-NNNNNN.png`` per seed, plus ``run.json`` (the settings that made them);
-* a file ``X.npz``: per-seed shards are written to the sidecar folder ``X.npz.parts/``
-  (the same layout as above, without PNGs), then assembled into ``X.npz`` with
-  ``samples [N, ...]``, ``seeds [N]``, ``class_labels [N]`` (-1: unconditional) and
-  ``run`` (the settings as JSON), in the order of ``--seeds``; the sidecar is removed
-  after a successful assembly.
+Resume: a seed whose .npy exists is finished (its PNG is written first); rerunning with an
+existing .npz takes the seeds it holds. Resuming with other settings (model, solver, NFE,
+params file, labels), or unknown ones, is refused.
 
-Resume: a seed whose .npy exists is finished and skipped (its PNG is written before its
-.npy, so both are complete). For .npz output, the shards are the resume state; rerunning
-with an existing .npz takes the seeds it already holds from it. ``run.json`` (and the
-``run`` array of an .npz) guards against mixing: resuming into a folder made with another
-model, solver, NFE, params file or labelling is refused, and so is resuming from a
-``run.json`` that cannot be read or an .npz without ``run`` (its settings are unknown).
-
-Progress: a bar over the denoiser steps of all batches (it appears after 2 s, so short
-runs print nothing but their summary); the line before it says what is computed.
-
-Every sample is drawn from its own generator (`make_noise`), so a seed gives the same
-sample whatever the batch size or the number of processes (bit for bit when the model's
-kernels do not depend on the batch size, as for the analytic models; convolutional
-networks may differ in the last float32 bits, about 1e-5 for the digits U-Net). Under
-torchrun rank r takes ``pending[r::world]`` of the unfinished seeds and writes its own
-files; for .npz output, rank 0 assembles after a barrier.
+Every sample has its own generator (`make_noise`), so a seed gives the same sample whatever
+the batch size or the number of processes. Under torchrun rank r takes
+``pending[r::world]`` of the unfinished seeds; for .npz output rank 0 assembles.
 """
 from __future__ import annotations
 
@@ -45,15 +31,12 @@ from . import outputs
 from .distributed import distributed_context, local_device
 from .errors import UserError, one_line
 from .resolve import (AMED_SOLVERS, EPD_SOLVERS, check_budget, check_solver,
-                      class_labels_for, file_sha256, load_model_or_fail, load_params,
-                      model_shape, needs_params, parse_class_label)
+                      class_labels_for, file_sha256, label_cond, load_model_or_fail,
+                      load_params, model_shape, needs_params, parse_class_label)
 from .seeds import format_seeds, parse_seeds
 from .threads import model_batch_runner, pick_threads
 
 __all__ = ["run_sample"]
-
-MANIFEST = outputs.MANIFEST
-_OWN_FILES = outputs.SAMPLE_FILES
 
 
 class _StepProgress:
@@ -64,15 +47,14 @@ class _StepProgress:
     DELAY_S = 2.0
 
     def __init__(self, batches: int, steps: int, desc: str, enabled: bool):
-        self.steps, self.done_batches, self.bar = max(int(steps), 1), 0, None
-        if enabled and batches > 0:
-            from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=batches * self.steps, desc=desc, unit="step",
-                            delay=self.DELAY_S, dynamic_ncols=True)
+        self.steps, self.done_batches = max(int(steps), 1), 0
+        self.bar = tqdm(total=batches * self.steps, desc=desc, unit="step", delay=self.DELAY_S,
+                        dynamic_ncols=True, disable=not enabled or batches == 0)
 
     def _advance_to(self, n: int) -> None:
-        if self.bar is not None and n > self.bar.n:
+        if n > self.bar.n:
             self.bar.update(n - self.bar.n)   # update() honours the 2 s delay
 
     def callback(self, info) -> None:
@@ -80,76 +62,65 @@ class _StepProgress:
 
     def batch_done(self, seeds_done: int) -> None:
         self.done_batches += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{seeds_done} seeds", refresh=False)
+        self.bar.set_postfix_str(f"{seeds_done} seeds", refresh=False)
         self._advance_to(self.done_batches * self.steps)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _manifest(args, solver, nfe, shape, label_mode) -> dict:
-    return {
-        "model": args.model,
-        "solver": solver,
-        "nfe": int(nfe),
-        "params_sha256": file_sha256(args.params) if args.params else None,
-        "class_labels": label_mode if isinstance(label_mode, str) else int(label_mode),
-        "shape": list(shape),
-        "dtype": "float32",
-    }
+    return {"model": args.model, "solver": solver, "nfe": int(nfe),
+            "params_sha256": file_sha256(args.params) if args.params else None,
+            "class_labels": label_mode if isinstance(label_mode, str) else int(label_mode),
+            "shape": list(shape), "dtype": "float32"}
+
+
+def _json_object(text: str) -> dict:
+    saved = json.loads(text)
+    if not isinstance(saved, dict):
+        raise ValueError("not a JSON object")
+    return saved
+
+
+def _check_same_settings(where: str, saved: dict, current: dict) -> None:
+    diff = [k for k in current if saved.get(k) != current[k]]
+    if diff:
+        what = ", ".join(f"{k}: {saved.get(k)!r} there vs {current[k]!r} now" for k in diff)
+        raise UserError(f"{where} holds samples made with other settings ({what}); use "
+                        f"another --out or delete it")
 
 
 def _check_manifest(folder: str, current: dict) -> None:
-    path = os.path.join(folder, MANIFEST)
+    path = os.path.join(folder, outputs.MANIFEST)
     if not os.path.exists(path):
         return
     try:
         with open(path) as f:
-            saved = json.load(f)
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
+            saved = _json_object(f.read())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot resume: {path} cannot be read ({one_line(e)}), so the "
                         f"settings of the samples in {folder} are unknown; use another --out "
                         f"or delete the folder") from None
-    diff = [k for k in current if saved.get(k) != current[k]]
-    if diff:
-        what = ", ".join(f"{k}: {saved.get(k)!r} there vs {current[k]!r} now" for k in diff)
-        raise UserError(f"{folder} holds samples made with other settings ({what}); use "
-                        f"another --out or delete it")
+    _check_same_settings(folder, saved, current)
 
 
-def _absorb_existing_npz(npz_path: str, parts: str, manifest: dict, wanted: set) -> int:
+def _absorb_existing_npz(npz_path: str, parts: str, manifest: dict, wanted: set) -> None:
     """Moves the wanted seeds of an existing final .npz into shards (rank 0, before work)."""
     if not os.path.exists(npz_path):
-        return 0
+        return
     f = outputs.load_array_file(npz_path, ("run", "seeds", "samples"))
-    if not isinstance(f, dict) or "run" not in f or "seeds" not in f or "samples" not in f:
+    if not isinstance(f, dict) or len(f) < 3:   # not all of run, seeds, samples
         raise UserError(f"cannot resume from {npz_path}: it has no run settings ('run', "
                         f"'seeds', 'samples' as 'epd sample' writes them); use another --out "
                         f"or delete it")
     try:
-        run = json.loads(str(f["run"]))
-        if not isinstance(run, dict):
-            raise ValueError("not a JSON object")
+        run = _json_object(str(f["run"]))
     except ValueError as e:
         raise UserError(f"cannot resume from {npz_path}: its run settings cannot be read "
                         f"({one_line(e)}); use another --out or delete it") from None
-    seeds, samples = f["seeds"], f["samples"]
-    diff = [k for k in manifest if run.get(k) != manifest[k]]
-    if diff:
-        what = ", ".join(f"{k}: {run.get(k)!r} there vs {manifest[k]!r} now" for k in diff)
-        raise UserError(f"{npz_path} holds samples made with other settings ({what}); use "
-                        f"another --out or delete it")
-    n = 0
+    _check_same_settings(npz_path, run, manifest)
     done = outputs.finished_seeds(parts)
-    for s, x in zip(seeds.tolist(), samples):
+    for s, x in zip(f["seeds"].tolist(), f["samples"]):
         if s in wanted and s not in done:
-            outputs.write_npy(outputs.seed_npy_path(parts, s), x.astype(np.float32))
-            n += 1
-    return n
+            outputs.write_npy(outputs.seed_path(parts, s), x.astype(np.float32))
 
 
 def _resolve(args):
@@ -158,8 +129,6 @@ def _resolve(args):
     solver = check_solver(args.solver)
     seeds = parse_seeds(args.seeds)
     label_mode = parse_class_label(args.class_label)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if needs_params(solver) and not args.params:
         raise UserError(f"solver {solver!r} needs --params FILE (make one with "
                         f"'epd distill --solver {solver} ...')")
@@ -171,8 +140,7 @@ def _resolve(args):
     shape = model_shape(model)
     params = None
     if args.params:
-        params = load_params(solver, args.params, model=model, model_spec=args.model,
-                             nfe=args.nfe)
+        params = load_params(solver, args.params, model, args.model, nfe=args.nfe)
         nfe = int(params.nfe)
     else:
         if args.nfe is None:
@@ -183,11 +151,6 @@ def _resolve(args):
         params = params.to(args.device)  # once, not on every batch
     class_labels_for(model, seeds[:1], label_mode)  # validates the label early
     return solver, seeds, label_mode, model, shape, params, nfe
-
-
-def _cond(model, seeds, label_mode, device) -> dict:
-    labels = class_labels_for(model, seeds, label_mode)
-    return {} if labels is None else {"class_labels": labels.to(device)}
 
 
 def run_sample(args) -> int:
@@ -201,16 +164,16 @@ def run_sample(args) -> int:
     manifest = _manifest(args, solver, nfe, shape, label_mode)
     batch = min(args.batch_size, len(seeds))
     threads = pick_threads(args.threads, model_batch_runner(
-        model, shape, batch, _cond(model, seeds[:batch], label_mode, args.device),
+        model, shape, batch, label_cond(model, seeds[:batch], label_mode, args.device),
         args.device), args.device)
 
     with distributed_context(args.device) as dist:
         if dist.is_main:
-            outputs.remove_stale_temporaries(folder, _OWN_FILES)
+            outputs.remove_stale_temporaries(folder, outputs.SAMPLE_FILES)
             _check_manifest(folder, manifest)
             if to_npz:
                 _absorb_existing_npz(out, folder, manifest, set(seeds))
-            outputs.write_json(os.path.join(folder, MANIFEST), manifest)
+            outputs.write_json(os.path.join(folder, outputs.MANIFEST), manifest)
         dist.barrier()
         done = outputs.finished_seeds(folder)
         pending = [s for s in seeds if s not in done]
@@ -254,31 +217,28 @@ def _sample_seeds(args, mine, solver, nfe, params, model, shape, label_mode, fol
             try:
                 x, st = sample(model, noise, solver=solver, nfe=nfe, params=params,
                                return_stats=True, callback=bar.callback,
-                               **_cond(model, chunk, label_mode, args.device))
+                               **label_cond(model, chunk, label_mode, args.device))
             except ValueError as e:
                 raise UserError(one_line(e)) from None
             stats_list.append((len(chunk), st))
             arr = x.detach().to("cpu", torch.float32).numpy()
             for s, xs in zip(chunk, arr):
                 if png:
-                    outputs.write_png(outputs.seed_png_path(folder, s),
+                    outputs.write_png(outputs.seed_path(folder, s, ".png"),
                                       outputs.to_uint8_image(xs, shape, scale))
-                outputs.write_npy(outputs.seed_npy_path(folder, s), xs)
+                outputs.write_npy(outputs.seed_path(folder, s), xs)
             bar.batch_done(a + len(chunk))
     finally:
-        bar.close()
+        bar.bar.close()
     return stats_list
 
 
 def _summarise(stats_list, n, wall) -> dict:
-    if not stats_list:
-        return {"computed": 0, "latency_nfe": None, "total_evals": None, "steps": None,
-                "sampling_s": 0.0, "wall_s": wall}
-    # latency NFE and total evaluations per sample are the same for every batch
-    st = stats_list[0][1]
-    return {"computed": n, "latency_nfe": st.latency_nfe, "total_evals": st.total_evals,
-            "steps": st.steps, "sampling_s": sum(s.wall_time_s for _, s in stats_list),
-            "wall_s": wall}
+    # latency NFE, total evaluations and steps per sample are the same for every batch
+    per_sample = {k: getattr(stats_list[0][1], k) for k in ("latency_nfe", "total_evals",
+                                                             "steps")} if stats_list else {}
+    return {"computed": n, **per_sample, "wall_s": wall,
+            "sampling_s": sum(s.wall_time_s for _, s in stats_list)}
 
 
 def _report(solver, nfe, summaries: List[dict], out: str) -> None:
@@ -303,8 +263,8 @@ def _report(solver, nfe, summaries: List[dict], out: str) -> None:
 def _assemble(out: str, folder: str, seeds: List[int], model, label_mode, manifest) -> None:
     chosen, samples = outputs.load_seed_files(folder, seeds)
     labels = class_labels_for(model, seeds, label_mode)
-    lab = (labels.numpy() if labels is not None else np.full(len(seeds), -1, np.int64))
+    labels = labels.numpy() if labels is not None else np.full(len(seeds), -1, np.int64)
     outputs.write_npz(out, samples=samples.astype(np.float32), seeds=chosen,
-                      class_labels=lab.astype(np.int64), run=np.asarray(json.dumps(manifest)))
+                      class_labels=labels.astype(np.int64), run=np.asarray(json.dumps(manifest)))
     shutil.rmtree(folder, ignore_errors=True)
     print(f"epd sample: wrote {out} ({len(seeds)} samples, seeds {format_seeds(seeds)})")

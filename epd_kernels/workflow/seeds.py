@@ -7,6 +7,7 @@ repeated seeds are an error (each seed names one output file).
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import List, Sequence
 
 from .errors import UserError
@@ -39,12 +40,7 @@ def parse_seeds(text: str) -> List[int]:
             raise UserError(f"{text!r} names more than {MAX_SEEDS} seeds")
         out.extend(range(a, b + 1))
     if len(set(out)) != len(out):
-        seen, dup = set(), None
-        for s in out:
-            if s in seen:
-                dup = s
-                break
-            seen.add(s)
+        dup = next(s for s, count in Counter(out).items() if count > 1)
         raise UserError(f"seed {dup} appears more than once in {text!r}")
     return out
 

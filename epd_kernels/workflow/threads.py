@@ -1,23 +1,13 @@
-"""CPU threads for the commands: how many, and how idle OpenMP threads wait.
+"""CPU threads that fit a shared machine: how many, and how idle OpenMP threads wait.
 
-Two problems of a CPU shared with other work (another program, other users):
-
-* torch runs its CPU kernels on an OpenMP team of ``torch.get_num_threads()`` threads
-  (all cores by default). When another process keeps a core busy, every parallel region
-  waits for the team member that is not scheduled, and a busy 2-core machine can run a
-  model several times slower with 2 threads than with 1. `pick_threads` times a small
-  batch of the model with 1 thread and with all of them, interleaved, and keeps the
-  faster (the default of every ``epd`` command: ``--threads auto``).
-* GNU OpenMP's idle threads spin (busy-wait) for a while before sleeping, taking the CPU
-  from the thread the team waits for. ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep at
-  once. The runtime reads the variable when it is loaded, that is when torch is first
-  imported, so `prefer_passive_wait` must run before ``import torch``: the package calls
-  it first thing in ``epd_kernels/__init__.py`` (the ``epd`` command imports the package
-  before anything else). A value the user set is kept; after torch is loaded it changes
-  nothing and says so.
-
-This module imports torch only inside `pick_threads`, so that importing it does not load
-the OpenMP runtime.
+* When another process keeps a core busy, every parallel region of torch's OpenMP team
+  waits for the member that is not scheduled: a busy 2-core machine can run a model
+  several times slower with 2 threads than with 1. `pick_threads` (``--threads auto``)
+  times a small batch with 1 thread and with all, interleaved, and keeps the faster.
+* GNU OpenMP's idle threads spin before sleeping, taking the CPU from the thread the team
+  waits for; ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep at once. The runtime reads it
+  when torch is first imported, so `prefer_passive_wait` runs first thing in
+  ``epd_kernels/__init__.py``, and this module imports torch only inside its functions.
 """
 from __future__ import annotations
 
@@ -27,20 +17,14 @@ import sys
 import time
 from typing import Callable, Optional, Union
 
-from .errors import UserError
-
 __all__ = ["prefer_passive_wait", "pick_threads", "model_batch_runner"]
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
 
 
 def prefer_passive_wait(environ=None) -> bool:
-    """Sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is set or torch is already imported.
-
-    Returns True if the policy in force for torch's OpenMP runtime is passive (set here
-    or by the user), False otherwise (the user chose another policy, or torch was
-    imported first, when the runtime had already read its environment).
-    """
+    """Sets ``OMP_WAIT_POLICY=PASSIVE`` unless it is set or torch is already imported;
+    True if the policy in force for torch's OpenMP runtime is passive."""
     environ = os.environ if environ is None else environ
     if WAIT_POLICY in environ:
         return environ[WAIT_POLICY].strip().upper() == "PASSIVE"
@@ -50,29 +34,12 @@ def prefer_passive_wait(environ=None) -> bool:
     return True
 
 
-def parse_threads(text: Union[str, int, None]) -> Union[str, int]:
-    """``--threads``: "auto" (also None) or an integer >= 1; `UserError` otherwise."""
-    if text is None or str(text).strip().lower() == "auto":
-        return "auto"
-    try:
-        n = int(text)
-    except ValueError:
-        raise UserError(f"--threads must be an integer >= 1 or 'auto', got {text!r}") from None
-    if n < 1:
-        raise UserError(f"--threads must be an integer >= 1 or 'auto', got {n}")
-    return n
-
-
 def pick_threads(requested: Union[str, int, None], run_batch: Optional[Callable[[], object]],
                  device: str = "cpu", repeats: int = 2) -> int:
-    """Sets torch's CPU threads and returns their number.
-
-    ``requested``: an integer (used as is) or "auto": 1 or all cores, whichever runs
-    ``run_batch()`` (one representative call, e.g. the model on a batch) faster. Both
-    counts are timed ``repeats`` times, interleaved so that a change of load affects both,
-    and the best time of each is compared; each count runs the batch once untimed first
-    (allocations, the team's start). Off the CPU, or on one core, nothing is timed.
-    """
+    """Sets torch's CPU threads and returns their number: ``requested`` (an integer), or
+    for "auto" 1 or all cores, whichever runs ``run_batch()`` faster (best of ``repeats``,
+    interleaved so that a change of load affects both, after one untimed warm-up call each).
+    Off the CPU, on one core, or without ``run_batch``, nothing is timed."""
     import torch
 
     if requested != "auto":

@@ -42,13 +42,12 @@ evaluations than EPD.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 import time
 import warnings
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -57,6 +56,7 @@ if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
 from benchmarks import bench_distill as bd  # noqa: E402
+from benchmarks.run import reporter, section_main, str_list, torch_threads  # noqa: E402
 from epd_kernels.distill.latent import DELTA_MAX, O_MAX  # noqa: E402
 from epd_kernels.distill.loop import cosine_lr, frozen  # noqa: E402
 from epd_kernels.distill.students import EPDStudent  # noqa: E402
@@ -129,6 +129,66 @@ def oracle_fit(problem, data, start: EPDParams, *, bound_scale: float, iteration
     return params, time.perf_counter() - t0
 
 
+def _measure_model(mname: str, cfg: dict, quick: bool, baselines, say) -> dict:
+    """The best baselines, the distilled EPD and every oracle fit of one model."""
+    problem = bd.MODELS[mname]()
+    data = bd._Data(problem, cfg["test"] if quick else bd.FULL_TEST.get(mname, cfg["test"]))
+    n_train = cfg["train"] if quick else FULL_TRAIN.get(mname, cfg["train"])
+    train = bd._Data(problem, n_train, first_seed=TRAIN_SEED)
+    rec = bd.baseline_results(data, NFE, baselines)
+    start, info = bd._fit_auto(problem, NFE, None, plugin=False)
+    ev = data.evaluate("epd", params=start)
+    rec["distilled"] = dict(grid=info["grid"], wall_s=info["wall_s"], **ev)
+    rec["best_baseline_low_evals"] = min(
+        (v for v in bd.valid_baselines(rec) if v["total_evals"] <= ev["total_evals"]),
+        key=lambda v: v["rmse"], default=None)
+    b = rec["best_baseline"]
+    say(f"{mname}: best baseline {b['solver']}/{b['grid']} {b['rmse']:.4g}; "
+        f"distilled EPD (held-out) {ev['rmse']:.4g}")
+    fit = dict(FIT_FAST if problem.fast else FIT)
+    if quick:
+        fit["iterations"] = cfg["iterations"]
+    rec["oracle"] = {}
+    for name, (K, scale, in_sample) in VARIANTS.items():
+        p, secs = oracle_fit(problem, data if in_sample else train, widen(start, K),
+                             bound_scale=scale, **fit)
+        o = data.evaluate("epd", params=p)
+        rec["oracle"][name] = dict(o, wall_s=secs, sigmas=p.sigmas.tolist(), num_points=K,
+                                   bound_scale=scale, in_sample=in_sample, **fit)
+        say(f"{mname}: oracle {name}: test {o['rmse']:.4g} ({secs:.0f} s)")
+    rec["starts"] = {}
+    for grid in cfg.get("starts", STARTS):
+        begin, _ = bd._fit_auto(problem, NFE, grid, plugin=False)
+        p, secs = oracle_fit(problem, train, begin, bound_scale=1.0, **fit)
+        o = data.evaluate("epd", params=p)
+        rec["starts"][grid] = dict(o, wall_s=secs, sigmas=p.sigmas.tolist(),
+                                   start_rmse=data.evaluate("epd", params=begin)["rmse"])
+        say(f"{mname}: oracle K=2 from plain {grid}: test {o['rmse']:.4g} ({secs:.0f} s)")
+    return rec
+
+
+def _row(mname: str, rec: dict) -> dict:
+    """The table row of one model; '0.6x reached' judges the best fit not trained on the
+    test draws."""
+    best, low = rec["best_baseline"], rec.get("best_baseline_low_evals")
+    fair = [o for o in rec["oracle"].values() if not o["in_sample"]] + list(rec["starts"].values())
+    oracle = min(fair, key=lambda o: o["rmse"])
+    row = {"model": mname, "NFE": NFE,
+           "best baseline": f"{best['solver']}/{best['grid']} {best['rmse']:.4g}",
+           "0.6x bar": f"{RATIO_BAR * best['rmse']:.4g}",
+           "distilled EPD (held-out)": f"{rec['distilled']['rmse']:.4g}"}
+    row.update({name: f"{o['rmse']:.4g}" for name, o in rec["oracle"].items()})
+    if rec["starts"]:
+        g, o = min(rec["starts"].items(), key=lambda kv: kv[1]["rmse"])
+        row[f"K=2 other starts (best of {len(rec['starts'])})"] = f"{o['rmse']:.4g} ({g})"
+    row["best ref-trained / best baseline"] = f"{oracle['rmse'] / best['rmse']:.3f}"
+    row["0.6x reached"] = "yes" if oracle["rmse"] <= RATIO_BAR * best["rmse"] else "no"
+    if low is not None:
+        row["... / best with <= EPD's evals"] = (
+            f"{oracle['rmse'] / low['rmse']:.3f} ({low['solver']}/{low['grid']})")
+    return row
+
+
 def run(quick: bool, out_dir: pathlib.Path, *, models: Optional[Sequence[str]] = None,
         verbose: bool = True) -> dict:
     t_start = time.perf_counter()
@@ -138,111 +198,32 @@ def run(quick: bool, out_dir: pathlib.Path, *, models: Optional[Sequence[str]] =
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; known: {list(bd.MODELS)}")
         cfg["models"] = tuple(models)
-    say = (lambda *a: print("[capacity]", *a, flush=True)) if verbose else (lambda *a: None)
+    say = reporter("capacity", verbose)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as the distill section (small problems, shared cores)
-    baselines = bd.baseline_solvers()
-    results: Dict[str, dict] = {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            for mname in cfg["models"]:
-                problem = bd.MODELS[mname]()
-                n_test = cfg["test"] if quick else bd.FULL_TEST.get(mname, cfg["test"])
-                data = bd._Data(problem, n_test)
-                n_train = cfg["train"] if quick else FULL_TRAIN.get(mname, cfg["train"])
-                train = bd._Data(problem, n_train, first_seed=TRAIN_SEED)
-                rec = bd.baseline_results(data, NFE, baselines)
-                start, info = bd._fit_auto(problem, NFE, None, plugin=False)
-                ev = data.evaluate("epd", params=start)
-                rec["distilled"] = dict(grid=info["grid"], wall_s=info["wall_s"], **ev)
-                rec["best_baseline_low_evals"] = min(
-                    (v for v in bd.valid_baselines(rec) if v["total_evals"] <= ev["total_evals"]),
-                    key=lambda v: v["rmse"], default=None)
-                b = rec["best_baseline"]
-                say(f"{mname}: best baseline {b['solver']}/{b['grid']} {b['rmse']:.4g}; "
-                    f"distilled EPD (held-out) {ev['rmse']:.4g}")
-                fit = dict(FIT_FAST if problem.fast else FIT)
-                if quick:
-                    fit["iterations"] = cfg["iterations"]
-                rec["oracle"] = {}
-                for name, (K, scale, in_sample) in VARIANTS.items():
-                    p, secs = oracle_fit(problem, data if in_sample else train,
-                                         widen(start, K), bound_scale=scale, **fit)
-                    o = data.evaluate("epd", params=p)
-                    rec["oracle"][name] = dict(o, wall_s=secs, sigmas=p.sigmas.tolist(),
-                                               num_points=K, bound_scale=scale,
-                                               in_sample=in_sample, **fit)
-                    say(f"{mname}: oracle {name}: test {o['rmse']:.4g} ({secs:.0f} s)")
-                rec["starts"] = {}
-                for grid in cfg.get("starts", STARTS):
-                    begin, _ = bd._fit_auto(problem, NFE, grid, plugin=False)
-                    p, secs = oracle_fit(problem, train, begin, bound_scale=1.0, **fit)
-                    o = data.evaluate("epd", params=p)
-                    before = data.evaluate("epd", params=begin)["rmse"]
-                    rec["starts"][grid] = dict(o, wall_s=secs, sigmas=p.sigmas.tolist(),
-                                               start_rmse=before)
-                    say(f"{mname}: oracle K=2 from plain {grid}: test {o['rmse']:.4g} "
-                        f"({secs:.0f} s)")
-                results[mname] = rec
-    finally:
-        torch.set_num_threads(threads)
-
-    rows = []
-    for mname, rec in results.items():
-        best, low = rec["best_baseline"], rec.get("best_baseline_low_evals")
-        fair = [o for o in rec["oracle"].values() if not o["in_sample"]]
-        fair += list(rec["starts"].values())
-        oracle = min(fair, key=lambda o: o["rmse"])
-        row = {"model": mname, "NFE": NFE,
-               "best baseline": f"{best['solver']}/{best['grid']} {best['rmse']:.4g}",
-               "0.6x bar": f"{RATIO_BAR * best['rmse']:.4g}",
-               "distilled EPD (held-out)": f"{rec['distilled']['rmse']:.4g}"}
-        for name, o in rec["oracle"].items():
-            row[name] = f"{o['rmse']:.4g}"
-        if rec["starts"]:
-            g, o = min(rec["starts"].items(), key=lambda kv: kv[1]["rmse"])
-            row[f"K=2 other starts (best of {len(rec['starts'])})"] = f"{o['rmse']:.4g} ({g})"
-        row["best ref-trained / best baseline"] = f"{oracle['rmse'] / best['rmse']:.3f}"
-        row["0.6x reached"] = "yes" if oracle["rmse"] <= RATIO_BAR * best["rmse"] else "no"
-        if low is not None:
-            row["... / best with <= EPD's evals"] = (
-                f"{oracle['rmse'] / low['rmse']:.3f} ({low['solver']}/{low['grid']})")
-        rows.append(row)
+    # one thread, as the distill section (small problems, shared cores)
+    with torch_threads(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        baselines = bd.baseline_solvers()
+        results = {m: _measure_model(m, cfg, quick, baselines, say) for m in cfg["models"]}
     notes = [f"Oracle fits: {FIT} ({FIT_FAST} on the U-Net), grid learned, from the "
              "distilled parameters; RMSE on the test draws (ref-trained: fitted on "
-             f"separate draws against their reference; in-sample: fitted on the test draws). "
+             "separate draws against their reference; in-sample: fitted on the test draws). "
              "'K=2 other starts': the K=2 ref-trained fit from a plain distillation on each "
              "grid, the best by test RMSE (the grid in brackets is where it started). "
              "'0.6x reached' judges the best ref-trained fit."]
-    out = {"section": "capacity", "config": {k: (list(v) if isinstance(v, tuple) else v)
-                                             for k, v in cfg.items()},
+    out = {"section": "capacity",
+           "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
            "variants": {k: list(v) for k, v in VARIANTS.items()}, "fit": FIT,
-           "starts": list(cfg.get("starts", STARTS)),
-           "fit_fast": FIT_FAST, "results": results,
+           "starts": list(cfg.get("starts", STARTS)), "fit_fast": FIT_FAST, "results": results,
            "tables": [{"title": f"EPD at NFE {NFE}: distilled vs oracle fits (test RMSE) vs "
-                                "the 0.6x bar", "rows": rows}],
+                                "the 0.6x bar",
+                       "rows": [_row(m, rec) for m, rec in results.items()]}],
            "notes": notes, "elapsed_s": time.perf_counter() - t_start}
     (out_dir / "capacity.json").write_text(json.dumps(out, indent=2, default=str))
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--models", default=None, help="comma list of models")
-    a = ap.parse_args(argv)
-    res = run(a.quick, pathlib.Path(a.out),
-              models=a.models.split(",") if a.models else None)
-    for t in res["tables"]:
-        print(t["title"])
-        for r in t["rows"]:
-            print(r)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(section_main("capacity", run, [
+        ("--models", dict(type=str_list, help="comma list of models"))]))

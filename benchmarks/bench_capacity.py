@@ -1,44 +1,38 @@
 #!/usr/bin/env python
 """Capacity benchmark: could better distillation meet the bars that distilled EPD misses?
 
-The distill section judges distilled EPD on held-out noise against a teacher-trained
-student. This section removes the distillation's handicaps one by one. An *oracle* fit
-trains the EPD parameters and the interior sigmas of the grid on exactly what the
-benchmark scores: the final error against the reference solution, ``mean ||x_S -
-x_ref||^2``, with long runs, starting from the distilled parameters (the `distill_auto`
-result with the distill section's settings). It is unrolled by `epd_sampler`, the
-package's own differentiable sampler.
+The distill section judges distilled EPD on held-out noise. Here *oracle* fits remove the
+distillation's handicaps: starting from the distilled parameters (`distill_auto` with the
+distill section's settings), long runs train the EPD parameters and the interior sigmas on
+exactly what the benchmark scores, the final error ``mean ||x_S - x_ref||^2``, unrolled by
+the package's differentiable `epd_sampler`.
 
-* ``ref-trained`` fits are trained on separate draws (seeds 2 * 10^6 + i) with their
-  reference as the target and scored on the held-out test draws: the best a distillation
-  with a perfect teacher could generalise to.
-* ``in-sample`` fits are trained on the test draws themselves: a bound for the form, not a
-  solver (on the models whose error is dominated by a few draws that switch mode, it can
-  fit those draws, so it undershoots what any solver would reach on fresh noise).
+* ``ref-trained`` fits train on separate draws (seeds 2 * 10^6 + i) against their
+  reference and are scored on the held-out test draws: the best a distillation with a
+  perfect teacher could generalise to.
+* ``in-sample`` fits train on the test draws themselves: a bound for the form, not a
+  solver (where a few draws that switch mode dominate the error, it can fit those draws).
 
 Each fit is a local optimum of a non-convex problem, so "no" below means none was found
 near the distilled parameters, not a proof. Forms:
 
 * ``K=2``: the distilled solver's (delta, o within the package bounds `DELTA_MAX`, `O_MAX`).
-* ``K=4 wide``: twice the parallel points (each distilled point split in two, r moved
-  apart) and 3x wider bounds on delta and o: more capacity at the same latency (the K
-  points are one batched call).
-* ``K=2 other starts``: the fit is non-convex (on the exact digits, the last step alone,
-  fitted from the exact state at sigma 1.1 on the reference, ended between 0.090 and 1.57
-  test RMSE depending only on its seven starting branch-time pairs), so the
-  K=2 ref-trained fit is repeated from a plain `distill` on every grid of the distill
-  section (`STARTS`), each with its own learned grid. The table shows the best of these
-  by test RMSE, a selection on the test draws that favours the form.
+* ``K=4 wide``: each distilled point split in two, r moved apart, 3x wider bounds on delta
+  and o: more capacity at the same latency (the K points are one batched call).
+* ``K=2 other starts``: the K=2 ref-trained fit repeated from a plain `distill` on every
+  grid of the distill section (`STARTS`), each with its own learned grid; the table shows
+  the best by test RMSE, a selection on the test draws that favours the form. (On the
+  exact digits, the last step alone, fitted from the exact state at sigma 1.1, ended
+  between 0.090 and 1.57 test RMSE depending only on its seven starting branch-time pairs.)
 
-Models and NFE: those of the distill section where its 0.6x bar is judged (NFE 5); the
-best baseline is recomputed here on the same draws (every baseline on every grid, the
-lowest test RMSE), once over all baselines and once over those spending no more total
-evaluations than EPD.
+Models and NFE: those where the distill section judges its 0.6x bar (NFE 5); the best
+baseline is recomputed on the same draws (every baseline on every grid), over all
+baselines and over those spending no more total evaluations than EPD.
 
     python benchmarks/bench_capacity.py [--quick] [--out benchmarks/results]
                                         [--models mixture64,digits-exact,digits-unet]
 
-`run(quick, out_dir)` writes out_dir/capacity.json and returns {"tables", "notes", ...}.
+Writes out_dir/capacity.json.
 """
 from __future__ import annotations
 

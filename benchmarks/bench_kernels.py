@@ -187,73 +187,73 @@ def _bandwidth(timer, src: torch.Tensor, dst: torch.Tensor, p: dict) -> dict:
 # one configuration
 
 
+def _time_ops(timer, inputs, fwd_ops: Dict[str, Callable], bwd_ops: Dict[str, Callable],
+              p: dict, copy: Optional[Callable] = None) -> dict:
+    """Forward (inference) and backward (on a graph built once) of every op, each direction
+    one comparison (with copy_ when given), every result first checked against float32
+    eager maths: {"fwd": stats, "bwd": stats, "check": {"fwd_NAME": rel err, ...}}."""
+    B, x, g, w, h, o, gy = inputs
+    extra = {"copy": copy} if copy else {}
+    out = {"check": {}}
+    with torch.no_grad():
+        fns = {n: (lambda op=op: op(x, g, w, h, o)) for n, op in fwd_ops.items()}
+        ref = eager_bcast(*_upcast((x, g, w, h, o)))
+        out["check"].update({f"fwd_{n}": _rel_err(fn(), ref) for n, fn in fns.items()})
+        del ref
+        out["fwd"] = _bench(timer, {**fns, **extra}, p)
+    leaves = [t.requires_grad_(True) for t in (x, g, w, h, o)]
+    fns = _grad_fns({n: op(*leaves) for n, op in bwd_ops.items()}, leaves, gy)
+    ref_leaves = [t.detach().requires_grad_(True) for t in _upcast(leaves)]
+    ref = torch.autograd.grad(eager_bcast(*ref_leaves), ref_leaves, gy.float())
+    for n, fn in fns.items():
+        out["check"][f"bwd_{n}"] = max(_rel_err(a, b) for a, b in zip(fn(), ref))
+    del ref, ref_leaves
+    out["bwd"] = _bench(timer, {**fns, **extra}, p)
+    return out
+
+
 def _select_eager_forms(timer, device, dtype, K, N, p, forms: Sequence[str]) -> dict:
     """Times the candidate eager forms (fwd and bwd) and returns the fastest of each."""
-    B, x, g, w, h, o, gy = _inputs(dtype, K, N, device)
-    with torch.no_grad():
-        ref = EAGER_FORMS["bcast"](x, g, w, h, o)
-        for f in forms:
-            err = _rel_err(EAGER_FORMS[f](x, g, w, h, o), ref)
-            if err > _tol(dtype):
-                raise AssertionError(f"eager form {f} disagrees with bcast: rel err {err:.2e}")
-        fwd = _bench(timer, {f: (lambda fn=EAGER_FORMS[f]: fn(x, g, w, h, o)) for f in forms}, p)
-    leaves = [t.requires_grad_(True) for t in (x, g, w, h, o)]
-    graphs = {f: EAGER_FORMS[f](*leaves) for f in forms}
-    bwd = _bench(timer, _grad_fns(graphs, leaves, gy), p)
-    return dict(at=dict(K=K, N=N),
-                fwd=min(forms, key=lambda f: fwd[f]["median_s"]),
-                bwd=min(forms, key=lambda f: bwd[f]["median_s"]),
-                fwd_median_s={f: fwd[f]["median_s"] for f in forms},
-                bwd_median_s={f: bwd[f]["median_s"] for f in forms})
+    ops = {f: EAGER_FORMS[f] for f in forms}
+    res = _time_ops(timer, _inputs(dtype, K, N, device), ops, ops, p)
+    for f in forms:
+        if res["check"][f"fwd_{f}"] > _tol(dtype):
+            raise AssertionError(f"eager form {f} disagrees with float32 maths: rel err "
+                                 f"{res['check'][f'fwd_{f}']:.2e}")
+    medians = {d: {f: res[d][f]["median_s"] for f in forms} for d in ("fwd", "bwd")}
+    return dict(at=dict(K=K, N=N), fwd=min(forms, key=medians["fwd"].get),
+                bwd=min(forms, key=medians["bwd"].get), fwd_median_s=medians["fwd"],
+                bwd_median_s=medians["bwd"])
 
 
 def _bench_config(timer, device, dtype_name, K, N, impls, eager_forms, p, copy) -> dict:
-    """One row: per direction, every implementation and copy_ in one comparison, each
-    result first checked against float32 eager maths."""
-    dtype = DTYPES[dtype_name]
-    B, x, g, w, h, o, gy = _inputs(dtype, K, N, device)
+    """One row: every implementation and copy_ per direction (`_time_ops`); torch.compile
+    compiles (timed apart) before."""
+    B, x, g, w, h, o, gy = inputs = _inputs(DTYPES[dtype_name], K, N, device)
     floor = floor_bytes(K, N, x.element_size())
     row = dict(dtype=dtype_name, K=K, N=N, B=B, itemsize=x.element_size(),
                fwd_floor_bytes=floor["fwd"], bwd_floor_bytes=floor["bwd"],
                loadavg_start=loadavg(), eager_fwd_form=eager_forms["fwd"],
-               eager_bwd_form=eager_forms["bwd"], compile_s={}, check={})
+               eager_bwd_form=eager_forms["bwd"], compile_s={})
     ops = {d: {"fused": epd_step, "eager": EAGER_FORMS[eager_forms[d]]} for d in ("fwd", "bwd")}
-    compiled = None
+    ops = {d: {n: op for n, op in by_name.items() if n in impls} for d, by_name in ops.items()}
     if "compile" in impls:
         torch._dynamo.reset()
         compiled = torch.compile(EAGER_FORMS[COMPILE_FORM], dynamic=False)
-
-    with torch.no_grad():  # forward, inference
-        fns = {n: (lambda op=op: op(x, g, w, h, o)) for n, op in ops["fwd"].items() if n in impls}
-        if compiled is not None:
-            t0 = time.perf_counter()
-            compiled(x, g, w, h, o)
-            timer.sync()
-            row["compile_s"]["fwd"] = time.perf_counter() - t0
-            fns["compile"] = lambda: compiled(x, g, w, h, o)
-        ref = eager_bcast(*_upcast((x, g, w, h, o)))
-        row["check"].update({f"fwd_{n}": _rel_err(fn(), ref) for n, fn in fns.items()})
-        del ref
-        row["fwd"] = _bench(timer, dict(fns, copy=copy), p)
-
-    leaves = [t.requires_grad_(True) for t in (x, g, w, h, o)]  # backward, forward excluded
-    graphs = {n: op(*leaves) for n, op in ops["bwd"].items() if n in impls}
-    if compiled is not None:
         t0 = time.perf_counter()
-        graphs["compile"] = compiled(*leaves)
-        torch.autograd.grad(graphs["compile"], leaves, gy, retain_graph=True)
+        with torch.no_grad():
+            compiled(x, g, w, h, o)
+        timer.sync()
+        row["compile_s"]["fwd"] = time.perf_counter() - t0
+        t0 = time.perf_counter()  # the autograd graph: forward and backward compiled
+        leaves = [t.detach().requires_grad_(True) for t in (x, g, w, h, o)]
+        torch.autograd.grad(compiled(*leaves), leaves, gy, retain_graph=True)
         timer.sync()
         row["compile_s"]["fwd_bwd"] = time.perf_counter() - t0
-    ref_leaves = [t.detach().requires_grad_(True) for t in _upcast(leaves)]
-    ref = torch.autograd.grad(eager_bcast(*ref_leaves), ref_leaves, gy.float())
-    fns = _grad_fns(graphs, leaves, gy)
-    for n, fn in fns.items():
-        row["check"][f"bwd_{n}"] = max(_rel_err(a, b) for a, b in zip(fn(), ref))
-    del ref, ref_leaves
-    row["bwd"] = _bench(timer, dict(fns, copy=copy), p)
+        ops["fwd"]["compile"] = ops["bwd"]["compile"] = compiled
+    row.update(_time_ops(timer, inputs, ops["fwd"], ops["bwd"], p, copy))
     row["loadavg_end"] = loadavg()
-    del graphs, leaves, fns
-    if compiled is not None:
+    if "compile" in impls:
         torch._dynamo.reset()
     return row
 
@@ -600,6 +600,12 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
         backends.set_backend(backend)
     try:
         with contextlib.ExitStack() as stack:
+            if "compile" in impls:
+                # The backward is timed with retain_graph=True, which a backward compiled
+                # with donated buffers refuses (it did for bfloat16).
+                import torch._functorch.config as functorch_config
+
+                stack.enter_context(functorch_config.patch(donated_buffer=False))
             if "compile" in impls and dev.type == "cpu":
                 # One compile worker: on a small machine the worker pool's start-up dominates
                 # the compile time. Only compile time changes, not the generated code.

@@ -1,37 +1,29 @@
 #!/usr/bin/env python
 """Branch benchmark: the K branch evaluations of one EPD step, batched vs sequential.
 
-An EPD step with K branches makes one main-point call ``d_n = (x - D(x, t)) / t`` (batch
-B) and then needs the K branch gradients ``g_k = (x_k - D(x_k, tau_k)) / tau_k``. They can
-come from ONE call on a ``[K*B, ...]`` batch (`BranchRunner.run`, what the sampler does:
-branch states written into a static buffer, labels repeated, one forward) or from K
-sequential calls of batch B. Timed per batch size B and K = 1..4, on the model of
-``epd demo`` (the trained class-conditional digits U-Net, `registry.DEFAULT_MODEL`,
-labels ``row % 10``):
+An EPD step makes one main-point call ``d_n = (x - D(x, t)) / t`` (batch B), then needs
+the K branch gradients ``g_k = (x_k - D(x_k, tau_k)) / tau_k``: from ONE call on a
+``[K*B, ...]`` batch (`BranchRunner.run`, what the sampler does) or from K sequential calls
+of batch B. Timed per batch size B and K = 1..4 on the `epd demo` model (the trained
+class-conditional digits U-Net, labels ``row % 10``):
 
     main        one forward of batch B (the main-point call)
     batched     branch states + one forward of batch K*B + gradients (BranchRunner.run)
     sequential  K x (branch state + one forward of batch B + gradient)
 
-and the ratios ``batched / main`` (the latency price of K parallel branches: 1 would mean
+with the ratios ``batched / main`` (the latency price of K parallel branches: 1 would mean
 free), ``sequential / main`` and ``sequential / batched`` (what batching saves). For each
-B, every variant of every K is one comparison of `benchmarks.timing.bench_interleaved`
-(one call of each per round, the order rotating from round to round, so a load burst on a
-shared machine hits all alike); medians over the rounds, minima and quartiles in the
-JSON. Batched and sequential gradients are checked to agree before timing. On a CPU the
-run uses one thread unless `threads` (run.py ``--threads``) says otherwise. On a GPU the
-batched call is also timed with CUDA-graph replay; without a GPU those columns are empty
-and a note says so.
+B, all variants of every K are one interleaved comparison (benchmarks/timing.py), after a
+check that batched and sequential gradients agree. On a GPU the batched call is also timed
+with CUDA-graph replay; without one those columns stay empty and a note says so.
 
     python benchmarks/bench_branches.py [--quick] [--out benchmarks/results] [--device cpu]
                                         [--ks 1,2,3,4] [--batches 8,64] [--repeats N]
 
-`run(quick, out_dir)` returns {"tables", "notes", "records", ...}, writes
-out_dir/branches.json and out_dir/branches.png.
+Writes out_dir/branches.json and out_dir/branches.png.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -45,6 +37,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
+from benchmarks.plot import line_panels  # noqa: E402
+from benchmarks.run import int_list, reporter, section_main, torch_threads  # noqa: E402
 from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels.branches import BranchRunner  # noqa: E402
 from epd_kernels.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
@@ -97,13 +91,9 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
     89 ms in another; with one thread, two runs under load agreed within 10%)."""
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads must be >= 1, got {threads!r}")
-    saved = torch.get_num_threads()
-    if threads is not None or torch.device(device).type == "cpu":
-        torch.set_num_threads(int(threads or 1))
-    try:
+    cpu = torch.device(device).type == "cpu"
+    with torch_threads(threads or (1 if cpu else None)):
         return _run(quick, out_dir, device, ks, repeats, batches, model, verbose)
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
@@ -124,29 +114,27 @@ def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
         raise ValueError(f"ks must be branch counts >= 1, got {list(ks)}")
     if any(b < 1 for b in batches):
         raise ValueError(f"batches must be batch sizes >= 1, got {list(batches)}")
-    say = (lambda *a: print("[branches]", *a, flush=True)) if verbose else (lambda *a: None)
+    say = reporter("branches", verbose)
     timer = Timer(dev)
 
     net = load_model(model, device=dev)
     shape = tuple(int(n) for n in net.shape)
     classes = int(getattr(net, "num_classes", 0) or 0)
-    rows, records, notes = [], [], []
+    records = []
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)   # reference-backend notice
         for B in batches:
             for rec in _time_batch(net, B, ks, dev, timer, p, shape, classes):
                 records.append(rec)
-                rows.append(_row(rec))
                 say(f"B={B} K={rec['K']}: main {rec['main_ms']:.2f} ms, batched "
                     f"{rec['batched_ms']:.2f} ms, sequential {rec['sequential_ms']:.2f} ms")
-
-    notes += _notes(records, p, dev, model, shape, classes, ks)
     columns = ["B", "K", "main ms", "batched ms", "sequential ms", "batched/main",
                "sequential/main", "sequential/batched", "graph ms", "graph/eager"]
     table = {"title": f"{model} (the epd demo model): K branch evaluations in one K*B call "
                       f"vs K sequential B calls vs the main-point call",
-             "columns": columns, "rows": rows}
-    result = {"tables": [table], "notes": notes, "records": records,
+             "columns": columns, "rows": [_row(rec) for rec in records]}
+    result = {"tables": [table], "notes": _notes(records, p, dev, model, shape, classes, ks),
+              "records": records,
               "config": {**p, "ks": list(ks), "batches": list(batches), "model": model,
                          "shape": list(shape), "device": dev.type,
                          "threads": torch.get_num_threads(), "quick": bool(quick)},
@@ -196,11 +184,9 @@ def _time_batch(net, B, ks, dev, timer, p, shape, classes) -> list:
 
 
 def _row(rec: dict) -> list:
-    return [rec["B"], rec["K"], f"{rec['main_ms']:.2f}", f"{rec['batched_ms']:.2f}",
-            f"{rec['sequential_ms']:.2f}", f"{rec['batched_over_main']:.2f}",
-            f"{rec['sequential_over_main']:.2f}", f"{rec['sequential_over_batched']:.2f}",
-            "-" if rec["graph_ms"] is None else f"{rec['graph_ms']:.2f}",
-            "-" if rec["graph_over_eager"] is None else f"{rec['graph_over_eager']:.2f}"]
+    keys = ("main_ms", "batched_ms", "sequential_ms", "batched_over_main",
+            "sequential_over_main", "sequential_over_batched", "graph_ms", "graph_over_eager")
+    return [rec["B"], rec["K"]] + ["-" if rec[k] is None else f"{rec[k]:.2f}" for k in keys]
 
 
 def _notes(records, p, dev, model, shape, classes, ks):
@@ -211,9 +197,8 @@ def _notes(records, p, dev, model, shape, classes, ks):
     notes.append(f"Model {model}, input [B, {', '.join(map(str, shape))}]"
                  + (f", class labels row % {classes} (repeated per branch)" if classes else "")
                  + f"; medians over {p['repeats']} rounds after {p['warmup']} warm-up runs, "
-                 f"all variants of one B timed interleaved in rotating order (benchmarks/"
-                 f"timing.py); device {dev.type}, "
-                 f"{torch.get_num_threads()} CPU thread(s).")
+                 "all variants of one B timed interleaved in rotating order (benchmarks/"
+                 f"timing.py); device {dev.type}, {torch.get_num_threads()} CPU thread(s).")
     kmax = max(ks)
     if kmax > 1:
         parts = []
@@ -232,8 +217,6 @@ def _notes(records, p, dev, model, shape, classes, ks):
 
 
 def _plot(records, batches, model, path: pathlib.Path):
-    from benchmarks.plot import line_panels
-
     panels = []
     for B in batches:
         mine = sorted((r for r in records if r["B"] == B), key=lambda r: r["K"])
@@ -252,41 +235,9 @@ def _plot(records, batches, model, path: pathlib.Path):
     return path.name if written else None
 
 
-def _print_table(result: dict) -> None:
-    for tab in result["tables"]:
-        cols = tab["columns"]
-        cells = [[str(c) for c in row] for row in tab["rows"]]
-        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
-        print(tab["title"])
-        print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-        for r in cells:
-            print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    for n in result.get("notes", []):
-        print("-", n)
-
-
-def _ints(s: Optional[str]):
-    return [int(v) for v in s.split(",")] if s else None
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--ks", default=None, help="comma-separated K values, e.g. 1,2,3,4")
-    ap.add_argument("--batches", default=None, help="comma-separated batch sizes, e.g. 8,64")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
-    args = ap.parse_args(argv)
-    result = run(args.quick, pathlib.Path(args.out), device=args.device, ks=_ints(args.ks),
-                 batches=_ints(args.batches), repeats=args.repeats, model=args.model,
-                 threads=args.threads)
-    _print_table(result)
-    print(f"wrote {pathlib.Path(args.out) / 'branches.json'} in {result['elapsed_s']:.1f} s")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(section_main("branches", run, [
+        ("--device", dict(default="cpu")), ("--ks", dict(type=int_list)),
+        ("--batches", dict(type=int_list)), ("--repeats", dict(type=int)),
+        ("--model", dict(default=DEFAULT_MODEL)),
+        ("--threads", dict(type=int, help="torch CPU threads (default 1)"))]))

@@ -2,40 +2,27 @@
 
     y = x + (1 + o) * h * sum_k w_k * g_k          x [B, N/B], g [K, B, N/B], w [K], h, o [B]
 
-Three implementations of the same maths are timed side by side, interleaved, in one run:
+Three implementations of the same maths, timed in one interleaved comparison per
+configuration and direction (benchmarks/timing.py):
 
-- fused:   `epd_kernels.epd_step` through the public API (argument checks included), on
-           whichever backend `epd_kernels.backends.for_device` picks (C++ on CPU, Triton on
-           CUDA, or the plain-PyTorch reference when the extension is not built);
-- eager:   the fastest of several reasonable eager PyTorch forms (broadcast-sum, einsum,
-           matmul/gemv, addcmul chain), chosen by timing them in this same run, separately
-           for forward and backward and per dtype, at the target size;
-- compile: `torch.compile` (default inductor, dynamic=False) of the broadcast-sum form,
-           compiled once per shape; compile time is reported but excluded from timings.
+- fused:   `epd_kernels.epd_step` through the public API (argument checks included), on the
+           backend `epd_kernels.backends.for_device` picks (C++ on CPU, Triton on CUDA, or
+           the plain-PyTorch reference when the extension is not built);
+- eager:   the fastest of the eager forms `EAGER_FORMS`, raced in this same run per dtype
+           and direction at the target size;
+- compile: `torch.compile` (inductor, dynamic=False) of the broadcast-sum form, compiled
+           once per shape; compile time is reported, not timed.
 
-Forward is timed in inference (inputs do not require grad), as used by samplers. Backward
-is timed as `torch.autograd.grad(y, (x, g, w, h, o), gy, retain_graph=True)` on a graph
-built once: this excludes the forward exactly, and the fresh gradient tensors are what a
-real backward allocates (no accumulation into `.grad`).
+Forward runs in inference (inputs without grad), as samplers use it. Backward is
+`torch.autograd.grad(y, (x, g, w, h, o), gy, retain_graph=True)` on a graph built once: the
+forward is excluded exactly, and the fresh gradients are what a real backward allocates.
 
-Op targets (`op_targets`, when eager and compile are timed): fp32, K = 3, float h and o,
-[K] weights, i.e. the uniform-coefficient fast path. A 1-D x of 16M elements against
-torch.compile (>= 0.8x its speed); [4, 16384] against the eager expression (no slower);
-[8, 2M] with `out=` against copy_ bandwidth ((K + 2) streams, >= 85%) and allocating
-against torch.compile (>= 1.0x). --quick uses 1M and [8, 128K]. Each target is printed
-and stored (kernels.json, "op_targets") as met or missed.
-
-Byte floors: forward (K + 2) * N * itemsize (x and K grads read, y written); backward
-(2K + 1) * N * itemsize (grad_out and K grads read, K grad_grads written). Achieved GB/s =
-floor bytes / median time. The copy bandwidth (`dst.copy_(src)`, 64 MB fp32 on CPU,
-bytes = 2 * numel * itemsize) is measured at the start and, interleaved with the kernels,
-in every row, so that the "% of copy" ratio is always taken under the same machine load.
-
-Timing: every sample times `inner` back-to-back calls (inner chosen so a sample lasts a few
-ms), implementations are interleaved round-robin with a rotating order, and the reported
-number is the median over repeats (min and quartiles are in the JSON). The garbage
-collector is paused while timing. On CUDA, timing uses CUDA events after a warm-up and
-torch.cuda.synchronize().
+Byte floors: forward (K + 2) N itemsize (x and K grads read, y written), backward (2K + 1)
+N itemsize; GB/s = floor / median time. `dst.copy_(src)` (64 MB fp32 on CPU, 2 bytes moved
+per byte copied) is timed at the start, at the end and inside every row's comparison, so
+"% of copy" is taken under the same load. The op's own targets (`OP_TARGETS`, run when
+eager and compile are timed: fp32, K = 3, float h and o, [K] weights) are stored in
+kernels.json ("op_targets") and noted as met or missed.
 """
 from __future__ import annotations
 
@@ -52,15 +39,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks.plot` importable
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.append(str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks import heap_probe  # noqa: E402
 from benchmarks.plot import line_panels, size_label  # noqa: E402
+from benchmarks.run import int_list, loadavg, reporter, section_main, str_list  # noqa: E402
 from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels import epd_step  # noqa: E402
 
-__all__ = ["run", "EAGER_FORMS", "TARGETS"]
+__all__ = ["run"]
 
 KI, MI = 1 << 10, 1 << 20
 IMPLS = ("fused", "eager", "compile")
@@ -90,6 +78,14 @@ TARGET_TEXT = {
     "cpu": ("CPU, fp32, N >= 4M, K = 2..4: forward >= 85% of copy bandwidth and >= 1.3x "
             "faster than torch.compile; backward (floor bytes / time) >= 70% of copy "
             "bandwidth and faster than eager and than torch.compile's autograd"),
+}
+#: Per direction, the checks of `TARGETS`: (metric, key of its target, what it says).
+TARGET_CHECKS = {
+    "fwd": [("fused_frac_copy", "fwd_frac_copy", "of copy bw"),
+            ("speedup_vs_compile", "fwd_speedup_vs_compile", "vs compile")],
+    "bwd": [("fused_frac_copy", "bwd_frac_copy", "of copy bw"),
+            ("speedup_vs_eager", "bwd_speedup_vs_eager", "vs eager"),
+            ("speedup_vs_compile", "bwd_speedup_vs_compile", "vs compile")],
 }
 
 
@@ -121,12 +117,8 @@ def eager_addcmul(x, g, w, h, o):
     return y
 
 
-EAGER_FORMS: Dict[str, Callable] = {
-    "bcast": eager_bcast,      # x + s[:,None] * (w[:,None,None] * g).sum(0)
-    "einsum": eager_einsum,    # x + s[:,None] * einsum('k,kbn->bn', w, g)
-    "matmul": eager_matmul,    # addcmul(x, s[:,None], (w @ g.view(K, -1)).view_as(x))
-    "addcmul": eager_addcmul,  # K chained addcmul_ with per-sample coefficients
-}
+EAGER_FORMS: Dict[str, Callable] = {"bcast": eager_bcast, "einsum": eager_einsum,
+                                    "matmul": eager_matmul, "addcmul": eager_addcmul}
 EAGER_FORM_TEXT = {
     "bcast": "x + s[:,None]*(w[:,None,None]*g).sum(0)",
     "einsum": "x + s[:,None]*einsum('k,kbn->bn', w, g)",
@@ -136,19 +128,8 @@ EAGER_FORM_TEXT = {
 COMPILE_FORM = "bcast"
 
 
-def fused_step(x, g, w, h, o):
-    return epd_step(x, g, w, h, o)
-
-
 # --------------------------------------------------------------------------------------
-# timing
-
-
-# One interleaved timer for every section: benchmarks/timing.py.
-
-
-# --------------------------------------------------------------------------------------
-# inputs, checks
+# inputs, checks, timing
 
 
 def _inputs(dtype, K, N, device, seed=0):
@@ -170,8 +151,7 @@ def _upcast(ts):
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float(), b.detach().float()
-    scale = b.abs().max().item()
-    return (a - b).abs().max().item() / max(scale, 1e-30)
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
 
 
 def _tol(dtype) -> float:
@@ -183,63 +163,9 @@ def _grad_fns(graphs: Dict[str, torch.Tensor], leaves, gy) -> Dict[str, Callable
             for n, y in graphs.items()}
 
 
-class CopyBuffers:
-    """A float32 src/dst pair of `mbytes` MB each (pages touched), for bandwidth probes."""
-
-    def __init__(self, device, mbytes):
-        self.mbytes = mbytes
-        self.src = torch.full((mbytes * MI // 4,), 1.5, device=device)
-        self.dst = torch.empty_like(self.src)
-        self.dst.copy_(self.src)
-        self.copy_bytes = 2 * self.src.numel() * 4  # read + write
-
-    def copy(self):
-        return self.dst.copy_(self.src)
-
-
-def measure_bandwidth(timer, buf: CopyBuffers, repeats, warmup, min_sample_s) -> dict:
-    src = buf.src
-    fns = {"copy": buf.copy, "clone": lambda: src.clone(), "sum": lambda: src.sum()}
-    st = bench_interleaved(timer, fns, repeats=repeats, warmup=warmup, min_sample_s=min_sample_s)
-    nbytes = src.numel() * 4
-    return dict(
-        tensor_mb=buf.mbytes,
-        copy_gbps=buf.copy_bytes / st["copy"]["median_s"] / 1e9,
-        clone_gbps=2 * nbytes / st["clone"]["median_s"] / 1e9,
-        read_gbps=nbytes / st["sum"]["median_s"] / 1e9,
-        stats=st,
-    )
-
-
-# --------------------------------------------------------------------------------------
-# one configuration
-
-
-def _select_eager_forms(timer, device, dtype, K, N, p, forms: Sequence[str]) -> dict:
-    """Times the candidate eager forms (fwd and bwd) and returns the fastest of each."""
-    B, x, g, w, h, o, gy = _inputs(dtype, K, N, device)
-    with torch.no_grad():
-        ref = EAGER_FORMS["bcast"](x, g, w, h, o)
-        fwd_fns = {}
-        for f in forms:
-            err = _rel_err(EAGER_FORMS[f](x, g, w, h, o), ref)
-            if err > _tol(dtype):
-                raise AssertionError(f"eager form {f} disagrees with bcast: rel err {err:.2e}")
-            fwd_fns[f] = (lambda fn=EAGER_FORMS[f]: fn(x, g, w, h, o))
-        fwd = bench_interleaved(timer, fwd_fns, repeats=p["repeats"], warmup=p["warmup"],
-                                min_sample_s=p["min_sample_s"])
-    leaves = [t.requires_grad_(True) for t in (x, g, w, h, o)]
-    graphs = {f: EAGER_FORMS[f](*leaves) for f in forms}
-    bwd = bench_interleaved(timer, _grad_fns(graphs, leaves, gy), repeats=p["repeats"],
-                            warmup=p["warmup"], min_sample_s=p["min_sample_s"])
-    del graphs, leaves
-    return dict(
-        at=dict(K=K, N=N),
-        fwd=min(forms, key=lambda f: fwd[f]["median_s"]),
-        bwd=min(forms, key=lambda f: bwd[f]["median_s"]),
-        fwd_median_s={f: fwd[f]["median_s"] for f in forms},
-        bwd_median_s={f: bwd[f]["median_s"] for f in forms},
-    )
+def _bench(timer, fns: Dict[str, Callable], p: dict) -> Dict[str, dict]:
+    return bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"],
+                             min_sample_s=p["min_sample_s"])
 
 
 def floor_bytes(K: int, N: int, itemsize: int) -> dict:
@@ -247,126 +173,128 @@ def floor_bytes(K: int, N: int, itemsize: int) -> dict:
     return {"fwd": (K + 2) * N * itemsize, "bwd": (2 * K + 1) * N * itemsize}
 
 
+def _bandwidth(timer, src: torch.Tensor, dst: torch.Tensor, p: dict) -> dict:
+    """GB/s of copy_ (read + write), clone (allocate + copy) and a read-only sum of `src`."""
+    st = _bench(timer, {"copy": lambda: dst.copy_(src), "clone": src.clone, "sum": src.sum},
+                dict(p, repeats=max(p["repeats"], 5)))
+    nbytes = src.numel() * 4
+    return dict(tensor_mb=nbytes // MI, copy_gbps=2 * nbytes / st["copy"]["median_s"] / 1e9,
+                clone_gbps=2 * nbytes / st["clone"]["median_s"] / 1e9,
+                read_gbps=nbytes / st["sum"]["median_s"] / 1e9, stats=st)
+
+
+# --------------------------------------------------------------------------------------
+# one configuration
+
+
+def _time_ops(timer, inputs, fwd_ops: Dict[str, Callable], bwd_ops: Dict[str, Callable],
+              p: dict, copy: Optional[Callable] = None) -> dict:
+    """Forward (inference) and backward (on a graph built once) of every op, each direction
+    one comparison (with copy_ when given), every result first checked against float32
+    eager maths: {"fwd": stats, "bwd": stats, "check": {"fwd_NAME": rel err, ...}}."""
+    B, x, g, w, h, o, gy = inputs
+    extra = {"copy": copy} if copy else {}
+    out = {"check": {}}
+    with torch.no_grad():
+        fns = {n: (lambda op=op: op(x, g, w, h, o)) for n, op in fwd_ops.items()}
+        ref = eager_bcast(*_upcast((x, g, w, h, o)))
+        out["check"].update({f"fwd_{n}": _rel_err(fn(), ref) for n, fn in fns.items()})
+        del ref
+        out["fwd"] = _bench(timer, {**fns, **extra}, p)
+    leaves = [t.requires_grad_(True) for t in (x, g, w, h, o)]
+    fns = _grad_fns({n: op(*leaves) for n, op in bwd_ops.items()}, leaves, gy)
+    ref_leaves = [t.detach().requires_grad_(True) for t in _upcast(leaves)]
+    ref = torch.autograd.grad(eager_bcast(*ref_leaves), ref_leaves, gy.float())
+    for n, fn in fns.items():
+        out["check"][f"bwd_{n}"] = max(_rel_err(a, b) for a, b in zip(fn(), ref))
+    del ref, ref_leaves
+    out["bwd"] = _bench(timer, {**fns, **extra}, p)
+    return out
+
+
+def _select_eager_forms(timer, device, dtype, K, N, p, forms: Sequence[str]) -> dict:
+    """Times the candidate eager forms (fwd and bwd) and returns the fastest of each."""
+    ops = {f: EAGER_FORMS[f] for f in forms}
+    res = _time_ops(timer, _inputs(dtype, K, N, device), ops, ops, p)
+    for f in forms:
+        if res["check"][f"fwd_{f}"] > _tol(dtype):
+            raise AssertionError(f"eager form {f} disagrees with float32 maths: rel err "
+                                 f"{res['check'][f'fwd_{f}']:.2e}")
+    medians = {d: {f: res[d][f]["median_s"] for f in forms} for d in ("fwd", "bwd")}
+    return dict(at=dict(K=K, N=N), fwd=min(forms, key=medians["fwd"].get),
+                bwd=min(forms, key=medians["bwd"].get), fwd_median_s=medians["fwd"],
+                bwd_median_s=medians["bwd"])
+
+
 def _bench_config(timer, device, dtype_name, K, N, impls, eager_forms, p, copy) -> dict:
-    dtype = DTYPES[dtype_name]
-    B, x, g, w, h, o, gy = _inputs(dtype, K, N, device)
-    isz = x.element_size()
-    floor = floor_bytes(K, N, isz)
-    row = dict(dtype=dtype_name, K=K, N=N, B=B, itemsize=isz,
+    """One row: every implementation and copy_ per direction (`_time_ops`); torch.compile
+    compiles (timed apart) before."""
+    B, x, g, w, h, o, gy = inputs = _inputs(DTYPES[dtype_name], K, N, device)
+    floor = floor_bytes(K, N, x.element_size())
+    row = dict(dtype=dtype_name, K=K, N=N, B=B, itemsize=x.element_size(),
                fwd_floor_bytes=floor["fwd"], bwd_floor_bytes=floor["bwd"],
-               loadavg_start=_loadavg(), eager_fwd_form=eager_forms["fwd"],
-               eager_bwd_form=eager_forms["bwd"], compile_s={}, check={})
-    ef, eb = EAGER_FORMS[eager_forms["fwd"]], EAGER_FORMS[eager_forms["bwd"]]
-    compiled = None
+               loadavg_start=loadavg(), eager_fwd_form=eager_forms["fwd"],
+               eager_bwd_form=eager_forms["bwd"], compile_s={})
+    ops = {d: {"fused": epd_step, "eager": EAGER_FORMS[eager_forms[d]]} for d in ("fwd", "bwd")}
+    ops = {d: {n: op for n, op in by_name.items() if n in impls} for d, by_name in ops.items()}
     if "compile" in impls:
         torch._dynamo.reset()
         compiled = torch.compile(EAGER_FORMS[COMPILE_FORM], dynamic=False)
-
-    # ---- forward, inference
-    with torch.no_grad():
-        fns = {}
-        if "fused" in impls:
-            fns["fused"] = lambda: fused_step(x, g, w, h, o)
-        if "eager" in impls:
-            fns["eager"] = lambda: ef(x, g, w, h, o)
-        if compiled is not None:
-            t0 = time.perf_counter()
-            compiled(x, g, w, h, o)
-            timer.sync()
-            row["compile_s"]["fwd"] = time.perf_counter() - t0
-            fns["compile"] = lambda: compiled(x, g, w, h, o)
-        ref = eager_bcast(*_upcast((x, g, w, h, o)))  # float32 maths as the reference
-        for n, fn in fns.items():
-            row["check"][f"fwd_{n}"] = _rel_err(fn(), ref)
-        fns["copy"] = copy
-        st = bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"],
-                               min_sample_s=p["min_sample_s"])
-        del ref
-    row["fwd"] = st
-
-    # ---- backward, on a retained graph (forward excluded)
-    leaves = [t.requires_grad_(True) for t in (x, g, w, h, o)]
-    graphs = {}
-    if "fused" in impls:
-        graphs["fused"] = fused_step(*leaves)
-    if "eager" in impls:
-        graphs["eager"] = eb(*leaves)
-    if compiled is not None:
         t0 = time.perf_counter()
-        graphs["compile"] = compiled(*leaves)
-        torch.autograd.grad(graphs["compile"], leaves, gy, retain_graph=True)
+        with torch.no_grad():
+            compiled(x, g, w, h, o)
+        timer.sync()
+        row["compile_s"]["fwd"] = time.perf_counter() - t0
+        t0 = time.perf_counter()  # the autograd graph: forward and backward compiled
+        leaves = [t.detach().requires_grad_(True) for t in (x, g, w, h, o)]
+        torch.autograd.grad(compiled(*leaves), leaves, gy, retain_graph=True)
         timer.sync()
         row["compile_s"]["fwd_bwd"] = time.perf_counter() - t0
-    ref_leaves = [t.detach().requires_grad_(True) for t in _upcast(leaves)]
-    ref = torch.autograd.grad(eager_bcast(*ref_leaves), ref_leaves, gy.float())
-    del ref_leaves
-    for n, y in graphs.items():
-        got = torch.autograd.grad(y, leaves, gy, retain_graph=True)
-        row["check"][f"bwd_{n}"] = max(_rel_err(a, b) for a, b in zip(got, ref))
-        del got
-    del ref
-    fns = _grad_fns(graphs, leaves, gy)
-    fns["copy"] = copy
-    row["bwd"] = bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"],
-                                   min_sample_s=p["min_sample_s"])
-    row["loadavg_end"] = _loadavg()
-    del graphs, leaves, fns
-    if compiled is not None:
+        ops["fwd"]["compile"] = ops["bwd"]["compile"] = compiled
+    row.update(_time_ops(timer, inputs, ops["fwd"], ops["bwd"], p, copy))
+    row["loadavg_end"] = loadavg()
+    if "compile" in impls:
         torch._dynamo.reset()
     return row
 
 
 def _derive(row: dict, copy_bytes: int) -> None:
-    """GB/s, % of copy, speedups, from the medians of one row (same-run ratios only)."""
+    """GB/s, % of copy and speedups from the medians of one row (same-run ratios only)."""
     for d in ("fwd", "bwd"):
         st = row[d]
-        floor = row[f"{d}_floor_bytes"]
         copy_gbps = copy_bytes / st["copy"]["median_s"] / 1e9
-        out = dict(copy_gbps=copy_gbps)
-        for n in IMPLS:
-            if n in st:
-                t = st[n]["median_s"]
-                out[f"{n}_ms"] = t * 1e3
-                out[f"{n}_gbps"] = floor / t / 1e9
-                out[f"{n}_frac_copy"] = out[f"{n}_gbps"] / copy_gbps
-        if "fused" in st:
-            for n in ("eager", "compile"):
-                if n in st:
-                    out[f"speedup_vs_{n}"] = st[n]["median_s"] / st["fused"]["median_s"]
-        row[f"{d}_metrics"] = out
+        m = dict(copy_gbps=copy_gbps)
+        for n in (n for n in IMPLS if n in st):
+            m[f"{n}_ms"] = st[n]["median_s"] * 1e3
+            m[f"{n}_gbps"] = row[f"{d}_floor_bytes"] / st[n]["median_s"] / 1e9
+            m[f"{n}_frac_copy"] = m[f"{n}_gbps"] / copy_gbps
+            if n != "fused" and "fused" in st:
+                m[f"speedup_vs_{n}"] = st[n]["median_s"] / st["fused"]["median_s"]
+        row[f"{d}_metrics"] = m
 
 
 def _verdict(row: dict, device_type: str) -> None:
+    """row["target_fwd"/"target_bwd"]: PASS, MISS (which) or n/a; None outside the scope."""
     tg = TARGETS.get(device_type)
     row["target_fwd"] = row["target_bwd"] = None
     if tg is None or row["N"] < tg["min_n"] or row["dtype"] not in tg["dtypes"]:
         return
-    for d, checks in (
-        ("fwd", [("fused_frac_copy", tg["fwd_frac_copy"], "of copy bw"),
-                 ("speedup_vs_compile", tg["fwd_speedup_vs_compile"], "vs compile")]),
-        ("bwd", [("fused_frac_copy", tg["bwd_frac_copy"], "of copy bw"),
-                 ("speedup_vs_eager", tg["bwd_speedup_vs_eager"], "vs eager"),
-                 ("speedup_vs_compile", tg["bwd_speedup_vs_compile"], "vs compile")]),
-    ):
+    for d, checks in TARGET_CHECKS.items():
         m = row[f"{d}_metrics"]
-        misses, missing = [], []
-        for key, need, what in checks:
-            if key not in m:
-                missing.append(what)
-                continue
-            val = m[key]
-            # "faster than" (need == 1) is strict; ratios with a threshold are inclusive
-            ok = val > need if need == 1.0 and not key.startswith("fused") else val >= need
-            if not ok:
-                if key.startswith("fused"):
+        missing = [what for key, _, what in checks if key not in m]
+        misses = []
+        for key, target, what in (c for c in checks if c[0] in m):
+            val, need = m[key], tg[target]
+            if key == "fused_frac_copy":
+                if val < need:
                     misses.append(f"{val:.0%}<{need:.0%} {what}")
-                else:
-                    misses.append(f"{val:.2f}x{'<=' if need == 1.0 else '<'}{need:g}x {what}")
+            # "faster than" (need == 1) is strict; ratios with a threshold are inclusive
+            elif val < need or (need == 1.0 and val == need):
+                misses.append(f"{val:.2f}x{'<=' if need == 1.0 else '<'}{need:g}x {what}")
         if missing:
-            verdict = "n/a (not run: " + ", ".join(missing) + ")"
+            row[f"target_{d}"] = "n/a (not run: " + ", ".join(missing) + ")"
         else:
-            verdict = "PASS" if not misses else "MISS: " + "; ".join(misses)
-        row[f"target_{d}"] = verdict
+            row[f"target_{d}"] = "MISS: " + "; ".join(misses) if misses else "PASS"
 
 
 # --------------------------------------------------------------------------------------
@@ -377,10 +305,6 @@ def _fmt_ms(v: Optional[float]) -> str:
     if v is None:
         return "-"
     return f"{v:.4g}" if v < 1000 else f"{v:.0f}"
-
-
-def _fmt(v: Optional[float], spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def _fmt_num(v: Optional[float]) -> str:
@@ -395,28 +319,23 @@ def _fmt_num(v: Optional[float]) -> str:
 
 
 def _tables(rows: List[dict], impls: Sequence[str]) -> List[dict]:
+    ratios = [n for n in ("eager", "compile") if n in impls] if "fused" in impls else []
+    cols = (["dtype", "K", "N"] + [f"{n} ms" for n in impls] + [f"{n} GB/s" for n in impls]
+            + ["copy GB/s", "fused %copy"] + [f"x{n}" for n in ratios] + ["target"])
     tables = []
     for d, title in (("fwd", "Forward (inference): y = x + (1+o)*h*sum_k w_k*g_k"),
-                     ("bwd", "Backward: autograd.grad(y, (x, g, w, h, o), gy) on a retained graph")):
-        cols = ["dtype", "K", "N"]
-        cols += [f"{n} ms" for n in impls]
-        cols += [f"{n} GB/s" for n in impls]
-        cols += ["copy GB/s", "fused %copy"]
-        if "fused" in impls:
-            cols += [f"x{n}" for n in ("eager", "compile") if n in impls]
-        cols += ["target"]
+                     ("bwd", "Backward: autograd.grad(y, (x, g, w, h, o), gy) on a retained "
+                             "graph")):
         body = []
         for r in rows:
             m = r[f"{d}_metrics"]
-            line = [SHORT.get(r["dtype"], r["dtype"]), str(r["K"]), size_label(r["N"])]
-            line += [_fmt_ms(m.get(f"{n}_ms")) for n in impls]
-            line += [_fmt_num(m.get(f"{n}_gbps")) for n in impls]
-            line += [_fmt_num(m["copy_gbps"]), _fmt(m.get("fused_frac_copy"), ".0%")]
-            if "fused" in impls:
-                line += [_fmt_num(m.get(f"speedup_vs_{n}")) for n in ("eager", "compile")
-                         if n in impls]
-            line += [r[f"target_{d}"] or "-"]
-            body.append(line)
+            frac = m.get("fused_frac_copy")
+            body.append([SHORT.get(r["dtype"], r["dtype"]), str(r["K"]), size_label(r["N"])]
+                        + [_fmt_ms(m.get(f"{n}_ms")) for n in impls]
+                        + [_fmt_num(m.get(f"{n}_gbps")) for n in impls]
+                        + [_fmt_num(m["copy_gbps"]), "-" if frac is None else f"{frac:.0%}"]
+                        + [_fmt_num(m.get(f"speedup_vs_{n}")) for n in ratios]
+                        + [r[f"target_{d}"] or "-"])
         tables.append(dict(title=title, columns=cols, rows=body))
     return tables
 
@@ -439,17 +358,6 @@ def _plot(rows, impls, copy_gbps, path, title) -> Optional[pathlib.Path]:
                                xlabel="N (elements of x)", ylabel="GB/s", series=series,
                                hlines=[dict(y=copy_gbps, label=f"copy_ {copy_gbps:.1f} GB/s")]))
     return line_panels(path, panels, title=title, ncols=len(dtypes))
-
-
-# --------------------------------------------------------------------------------------
-# entry point
-
-
-def _loadavg() -> Optional[List[float]]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return None
 
 
 # --------------------------------------------------------------------------------------
@@ -481,40 +389,36 @@ def _op_target_case(timer, dev, shape, p, compiled_cache) -> dict:
     g = torch.randn((K,) + tuple(shape), device=dev, generator=gen)
     w = torch.softmax(torch.randn(K, device=dev, generator=gen), 0)
     out, src, dst = torch.empty_like(x), torch.randn_like(x), torch.empty_like(x)
-    compiled = compiled_cache.setdefault(len(shape), torch.compile(_uniform_expression,
-                                                                   dynamic=False))
+    if len(shape) not in compiled_cache:
+        compiled_cache[len(shape)] = torch.compile(_uniform_expression, dynamic=False)
+    compiled = compiled_cache[len(shape)]
     with torch.no_grad():
         want = _uniform_expression(x, g, w, h, o)
         compiled(x, g, w, h, o)  # compile outside the timing
         err = _rel_err(epd_step(x, g, w, h, o), want)
-        fns = {
+        t = {n: v["median_s"] for n, v in _bench(timer, {
             "fused": lambda: epd_step(x, g, w, h, o),
             "fused_out": lambda: epd_step(x, g, w, h, o, out=out),
             "eager": lambda: _uniform_expression(x, g, w, h, o),
             "compile": lambda: compiled(x, g, w, h, o),
             "copy": lambda: dst.copy_(src),
-        }
-        st = bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"],
-                               min_sample_s=p["min_sample_s"])
-    t = {n: v["median_s"] for n, v in st.items()}
-    n = x.numel()
+        }, p).items()}
+    out_gbps = (K + 2) * x.numel() * 4 / t["fused_out"] / 1e9
+    copy_gbps = 2 * x.numel() * 4 / t["copy"] / 1e9
     return dict(shape=list(shape), K=K, rel_err=err, median_ms={k: v * 1e3 for k, v in t.items()},
                 x_eager=t["eager"] / t["fused"], x_compile=t["compile"] / t["fused"],
-                out_gbps=(K + 2) * n * 4 / t["fused_out"] / 1e9,
-                copy_gbps=2 * n * 4 / t["copy"] / 1e9,
-                out_frac_copy=((K + 2) * n * 4 / t["fused_out"]) / (2 * n * 4 / t["copy"]))
+                out_gbps=out_gbps, copy_gbps=copy_gbps, out_frac_copy=out_gbps / copy_gbps)
 
 
 def op_targets(timer, dev, quick, p, say) -> List[dict]:
     """Times the op's target cases and returns one verdict per target (met / missed)."""
     cases, compiled_cache = {}, {}
     for name, shape in OP_TARGET_SHAPES[quick].items():
-        cases[name] = _op_target_case(timer, dev, shape, p, compiled_cache)
-        c = cases[name]
-        say(f"op target case {name} {c['shape']}: fused {c['median_ms']['fused']:.3g} ms, "
-            f"out= {c['median_ms']['fused_out']:.3g}, eager {c['median_ms']['eager']:.3g}, "
-            f"compile {c['median_ms']['compile']:.3g}, copy_ {c['median_ms']['copy']:.3g} "
-            f"(rel err {c['rel_err']:.1e})")
+        c = cases[name] = _op_target_case(timer, dev, shape, p, compiled_cache)
+        ms = c["median_ms"]
+        say(f"op target case {name} {c['shape']}: fused {ms['fused']:.3g} ms, out= "
+            f"{ms['fused_out']:.3g}, eager {ms['eager']:.3g}, compile {ms['compile']:.3g}, "
+            f"copy_ {ms['copy']:.3g} (rel err {c['rel_err']:.1e})")
     verdicts = []
     for case, what, key, need in OP_TARGETS:
         got = cases[case][key]
@@ -526,19 +430,21 @@ def op_targets(timer, dev, quick, p, say) -> List[dict]:
     return verdicts
 
 
+# --------------------------------------------------------------------------------------
+# entry point
+
+
 def _configs(quick, sizes, ks, dtypes):
     if quick and sizes is None and ks is None and dtypes is None:
-        out = [("float32", K, N) for N in QUICK["sizes"] for K in QUICK["ks"]]
-        out += [("bfloat16", K, N) for N in QUICK["bf16_sizes"] for K in QUICK["ks"]]
-        return out
+        return ([("float32", K, N) for N in QUICK["sizes"] for K in QUICK["ks"]]
+                + [("bfloat16", K, N) for N in QUICK["bf16_sizes"] for K in QUICK["ks"]])
     base = QUICK if quick else FULL
-    sizes = list(sizes or base["sizes"])
-    ks = list(ks or base["ks"])
     dtypes = list(dtypes or base["dtypes"])
     for dt in dtypes:
         if dt not in DTYPES:
             raise ValueError(f"unknown dtype {dt!r}; choose from {sorted(DTYPES)}")
-    return [(dt, K, N) for dt in dtypes for N in sizes for K in ks]
+    return [(dt, K, N) for dt in dtypes for N in (sizes or base["sizes"])
+            for K in (ks or base["ks"])]
 
 
 def _json_safe(v):
@@ -549,6 +455,122 @@ def _json_safe(v):
     if isinstance(v, (list, tuple)):
         return [_json_safe(x) for x in v]
     return v
+
+
+def _select_all_eager(timer, dev, configs, p, say, notes) -> dict:
+    """dtype -> the fastest eager forms, raced at the largest K of that dtype and the run
+    size nearest below `select_n`."""
+    run_sizes = sorted({N for _, _, N in configs})
+    if run_sizes[0] <= p["select_n"] <= run_sizes[-1]:
+        n_sel = p["select_n"]
+    else:
+        n_sel = max([N for N in run_sizes if N <= p["select_n"]] or run_sizes[:1])
+    psel = dict(p, repeats=min(p["repeats"], p["select_repeats"]))
+    eager_forms = {}
+    for dt in dict.fromkeys(dt for dt, _, _ in configs):
+        k_sel = max(K for d, K, _ in configs if d == dt)
+        sel = eager_forms[dt] = _select_eager_forms(timer, dev, DTYPES[dt], k_sel, n_sel, psel,
+                                                    list(p["select_forms"]))
+        at = f"K={k_sel}, N={size_label(n_sel)}"
+        medians = {d: ", ".join(f"{f} {t * 1e3:.3g}" for f, t in sel[f"{d}_median_s"].items())
+                   for d in ("fwd", "bwd")}
+        say(f"eager form {SHORT.get(dt, dt)} ({at}): fwd {sel['fwd']}, bwd {sel['bwd']}  "
+            f"medians ms fwd {medians['fwd']} | bwd {medians['bwd']}")
+        notes.append(f"eager {SHORT.get(dt, dt)}: forward = {sel['fwd']} "
+                     f"[{EAGER_FORM_TEXT[sel['fwd']]}], backward = {sel['bwd']} "
+                     f"[{EAGER_FORM_TEXT[sel['bwd']]}] (fastest of "
+                     f"{', '.join(p['select_forms'])} at {at}, timed in this run)")
+    return eager_forms
+
+
+def _measure(timer, dev, quick, configs, impls, p, say) -> dict:
+    """Everything timed in this process: bandwidth at start and end, the eager race, one
+    row per configuration, the op targets; notes on what was timed and any mismatch."""
+    from epd_kernels import backends
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend_name = backends.for_device(dev).name
+    notes = [f"backend timed as 'fused': {backend_name} (device {dev.type}; available: "
+             f"{', '.join(backends.available())})"]
+    if backend_name == "reference":
+        notes.append("the C++/Triton extension is not in use, so 'fused' times the "
+                     "plain-PyTorch reference fallback (einsum), not a fused kernel")
+    notes += [f"warning: {w.message}" for w in caught]
+    say(notes[0])
+    say(f"{len(configs)} configurations, {p['repeats']} repeats, "
+        f"{torch.get_num_threads()} threads, impls: {', '.join(impls)}")
+    copy_mb = 64 if dev.type == "cpu" else 256
+    src = torch.full((copy_mb * MI // 4,), 1.5, device=dev)
+    dst = src.clone()
+    bw_start = _bandwidth(timer, src, dst, p)
+    say(f"copy_ bandwidth {bw_start['copy_gbps']:.2f} GB/s, clone {bw_start['clone_gbps']:.2f},"
+        f" read (sum) {bw_start['read_gbps']:.2f}  ({copy_mb} MB fp32)")
+    eager_forms = _select_all_eager(timer, dev, configs, p, say, notes) if "eager" in impls else {}
+    rows = []
+    for dt, K, N in configs:
+        forms = eager_forms.get(dt, dict(fwd=COMPILE_FORM, bwd=COMPILE_FORM))
+        row = _bench_config(timer, dev, dt, K, N, impls, forms, p, lambda: dst.copy_(src))
+        _derive(row, 2 * src.numel() * 4)
+        _verdict(row, dev.type)
+        rows.append(row)
+        fm, bm = row["fwd_metrics"], row["bwd_metrics"]
+        say(f"{SHORT.get(dt, dt)} K={K} N={size_label(N)}: fwd "
+            + " ".join(f"{n} {fm[n + '_ms']:.3g}ms" for n in impls)
+            + " | bwd " + " ".join(f"{n} {bm[n + '_ms']:.3g}ms" for n in impls)
+            + (f" | compile {sum(row['compile_s'].values()):.1f}s" if row["compile_s"] else ""))
+        notes += [f"MISMATCH {SHORT.get(dt, dt)} K={K} N={size_label(N)} {key}: relative "
+                  f"error {err:.2e} vs float32 eager maths"
+                  for key, err in row["check"].items() if err > _tol(DTYPES[dt])]
+        gc.collect()
+    verdicts = []
+    if "compile" in impls and "eager" in impls:
+        say("op targets (fp32, K = 3, float h and o, [K] weights)")
+        verdicts = op_targets(timer, dev, quick, p, say)
+        notes += [f"op target: {v['target']} at {v['shape']}: {v['measured']:.2f} (need >= "
+                  f"{v['need']}): {'met' if v['met'] else 'missed'}" for v in verdicts]
+    bw_end = _bandwidth(timer, src, dst, p)
+    notes.append(f"copy_ bandwidth ({copy_mb} MB fp32, 2 bytes moved per byte copied): "
+                 f"{bw_start['copy_gbps']:.2f} GB/s at start, {bw_end['copy_gbps']:.2f} at end; "
+                 f"clone (alloc + copy) {bw_start['clone_gbps']:.2f}; read-only sum "
+                 f"{bw_start['read_gbps']:.2f}. '%copy' uses the copy_ timed interleaved in the "
+                 "same row")
+    return dict(backend=backend_name, notes=notes, rows=rows, eager_forms=eager_forms,
+                op_targets=verdicts, bandwidth=dict(start=bw_start, end=bw_end, copy_gbps=max(
+                    bw_start["copy_gbps"], bw_end["copy_gbps"])))
+
+
+def _closing_notes(m: dict, dev, quick: bool, configs, say) -> list:
+    """The allocation probe (full CPU runs), the definitions, the load and target summary."""
+    notes = m["notes"]
+    if dev.type == "cpu" and not quick and max(N for _, _, N in configs) >= HEAP_PROBE_N:
+        say("allocation probe (child processes)")  # two child processes, ~30 s
+        m["allocation_probe"] = heap_probe.probe(HEAP_PROBE_N, (2, 3, 4),
+                                                 threads=torch.get_num_threads(),
+                                                 backend=m["backend"])
+        notes.append(heap_probe.note(m["allocation_probe"], HEAP_PROBE_N))
+        say(notes[-1])
+    notes.append("GB/s = byte floor / median time; floors: forward (K+2)*N*itemsize, "
+                 "backward (2K+1)*N*itemsize; 'x eager' / 'x compile' = their median time / "
+                 "fused median time (> 1: fused is faster)")
+    notes.append("backward is timed with torch.autograd.grad(..., retain_graph=True) on a "
+                 "graph built once, so the forward is excluded exactly; compile = "
+                 f"torch.compile(dynamic=False) of the {COMPILE_FORM} form, its AOTAutograd "
+                 "backward for 'compile' backward; compile time excluded")
+    loads = [r[k][0] for r in m["rows"] for k in ("loadavg_start", "loadavg_end") if r.get(k)]
+    ncpu = os.cpu_count() or 1
+    if loads and max(loads) > 1.5 * ncpu:
+        notes.insert(0, f"WARNING: 1-min load average reached {max(loads):.1f} on {ncpu} CPUs "
+                        "during this run (this benchmark alone accounts for about "
+                        f"{torch.get_num_threads()}): other processes competed for the cores, "
+                        "so absolute times are inflated and noisy; same-row ratios are "
+                        "less affected but still unreliable")
+    if dev.type not in TARGET_TEXT:
+        return notes + [f"no targets defined for device {dev.type}"]
+    verdicts = [r[f"target_{d}"] for r in m["rows"] for d in ("fwd", "bwd") if r[f"target_{d}"]]
+    n_pass = sum(v == "PASS" for v in verdicts)
+    return notes + [f"targets ({TARGET_TEXT[dev.type]}): " + (
+        f"{n_pass}/{len(verdicts)} PASS" if verdicts else "no row of this run is in scope")]
 
 
 def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
@@ -572,165 +594,45 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
     if repeats is not None:
         p["repeats"] = max(1, int(repeats))
     configs = _configs(quick, sizes, ks, dtypes)
-    timer = Timer(dev)
-    def say(*a):
-        if verbose:
-            print(f"[kernels +{time.perf_counter() - t_start:5.1f}s]", *a, flush=True)
-
-
+    say = reporter("kernels", verbose)
     prev_forced = backends.current_forced() if backend else None
-    op_target_verdicts = []
     if backend:
         backends.set_backend(backend)
-    stack = contextlib.ExitStack()
-    if "compile" in impls and dev.type == "cpu":
-        # One compile worker: on a small machine the worker pool's start-up dominates the
-        # compile time. Only compile time changes, not the generated code.
-        import torch._inductor.config as inductor_config
-
-        stack.enter_context(inductor_config.patch(compile_threads=1))
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            backend_name = backends.for_device(dev).name
-        notes = [f"backend timed as 'fused': {backend_name} (device {dev.type}; available: "
-                 f"{', '.join(backends.available())})"]
-        if backend_name == "reference":
-            notes.append("the C++/Triton extension is not in use, so 'fused' times the "
-                         "plain-PyTorch reference fallback (einsum), not a fused kernel")
-        notes += [f"warning: {w.message}" for w in caught]
-        say(notes[0])
-        say(f"{len(configs)} configurations, {p['repeats']} repeats, "
-            f"{torch.get_num_threads()} threads, impls: {', '.join(impls)}")
+        with contextlib.ExitStack() as stack:
+            if "compile" in impls:
+                # The backward is timed with retain_graph=True, which a backward compiled
+                # with donated buffers refuses (it did for bfloat16).
+                import torch._functorch.config as functorch_config
 
-        copy_mb = 64 if dev.type == "cpu" else 256
-        buf = CopyBuffers(dev, copy_mb)
-        copy, copy_bytes = buf.copy, buf.copy_bytes
-        bw_start = measure_bandwidth(timer, buf, max(p["repeats"], 5), p["warmup"],
-                                     p["min_sample_s"])
-        say(f"copy_ bandwidth {bw_start['copy_gbps']:.2f} GB/s, clone {bw_start['clone_gbps']:.2f},"
-            f" read (sum) {bw_start['read_gbps']:.2f}  ({copy_mb} MB fp32)")
+                stack.enter_context(functorch_config.patch(donated_buffer=False))
+            if "compile" in impls and dev.type == "cpu":
+                # One compile worker: on a small machine the worker pool's start-up dominates
+                # the compile time. Only compile time changes, not the generated code.
+                import torch._inductor.config as inductor_config
 
-        # eager form: fastest candidate per dtype and direction, at the target size
-        eager_forms = {}
-        if "eager" in impls:
-            run_sizes = sorted({N for _, _, N in configs})
-            if run_sizes[0] <= p["select_n"] <= run_sizes[-1]:
-                n_sel = p["select_n"]
-            else:
-                n_sel = max([N for N in run_sizes if N <= p["select_n"]] or run_sizes[:1])
-            psel = dict(p, repeats=min(p["repeats"], p["select_repeats"]))
-            for dt in dict.fromkeys(dt for dt, _, _ in configs):
-                k_sel = max(K for d, K, _ in configs if d == dt)
-                sel = _select_eager_forms(timer, dev, DTYPES[dt], k_sel, n_sel, psel,
-                                          list(p["select_forms"]))
-                eager_forms[dt] = sel
-                say(f"eager form {SHORT.get(dt, dt)} (K={k_sel}, N={size_label(n_sel)}): "
-                    f"fwd {sel['fwd']}, bwd {sel['bwd']}  medians ms fwd "
-                    + ", ".join(f"{f} {t * 1e3:.3g}" for f, t in sel["fwd_median_s"].items())
-                    + " | bwd "
-                    + ", ".join(f"{f} {t * 1e3:.3g}" for f, t in sel["bwd_median_s"].items()))
-                notes.append(f"eager {SHORT.get(dt, dt)}: forward = {sel['fwd']} "
-                             f"[{EAGER_FORM_TEXT[sel['fwd']]}], backward = {sel['bwd']} "
-                             f"[{EAGER_FORM_TEXT[sel['bwd']]}] (fastest of "
-                             f"{', '.join(p['select_forms'])} at K={k_sel}, "
-                             f"N={size_label(n_sel)}, timed in this run)")
-
-        rows = []
-        for dt, K, N in configs:
-            forms = eager_forms.get(dt, dict(fwd=COMPILE_FORM, bwd=COMPILE_FORM))
-            row = _bench_config(timer, dev, dt, K, N, impls, forms, p, copy)
-            _derive(row, copy_bytes)
-            _verdict(row, dev.type)
-            rows.append(row)
-            fm, bm = row["fwd_metrics"], row["bwd_metrics"]
-            say(f"{SHORT.get(dt, dt)} K={K} N={size_label(N)}: fwd "
-                + " ".join(f"{n} {fm[n + '_ms']:.3g}ms" for n in impls)
-                + " | bwd " + " ".join(f"{n} {bm[n + '_ms']:.3g}ms" for n in impls)
-                + (f" | compile {sum(row['compile_s'].values()):.1f}s" if row["compile_s"] else ""))
-            for key, err in row["check"].items():
-                if err > _tol(DTYPES[dt]):
-                    notes.append(f"MISMATCH {SHORT.get(dt, dt)} K={K} N={size_label(N)} {key}: "
-                                 f"relative error {err:.2e} vs float32 eager maths")
-            gc.collect()
-
-        if "compile" in impls and "eager" in impls:
-            say("op targets (fp32, K = 3, float h and o, [K] weights)")
-            op_target_verdicts = op_targets(timer, dev, quick, p, say)
-            for v in op_target_verdicts:
-                notes.append(f"op target: {v['target']} at {v['shape']}: {v['measured']:.2f} "
-                             f"(need >= {v['need']}): {'met' if v['met'] else 'missed'}")
-
-        bw_end = measure_bandwidth(timer, buf, max(p["repeats"], 5), p["warmup"],
-                                   p["min_sample_s"])
+                stack.enter_context(inductor_config.patch(compile_threads=1))
+            m = _measure(Timer(dev), dev, quick, configs, impls, p, say)
     finally:
-        stack.close()
         if backend:
             backends.set_backend(prev_forced or "auto")
-
-    copy_ref = max(bw_start["copy_gbps"], bw_end["copy_gbps"])
-    notes.append(f"copy_ bandwidth ({copy_mb} MB fp32, 2 bytes moved per byte copied): "
-                 f"{bw_start['copy_gbps']:.2f} GB/s at start, {bw_end['copy_gbps']:.2f} at end; "
-                 f"clone (alloc + copy) {bw_start['clone_gbps']:.2f}; read-only sum "
-                 f"{bw_start['read_gbps']:.2f}. '%copy' uses the copy_ timed interleaved in the "
-                 "same row")
-    heap = None
-    # Runs that reach the probe's size only (full CPU runs): two child processes, ~30 s.
-    if dev.type == "cpu" and not quick and max(N for _, _, N in configs) >= HEAP_PROBE_N:
-        say("allocation probe (child processes)")
-        heap = heap_probe.probe(HEAP_PROBE_N, (2, 3, 4), threads=torch.get_num_threads(),
-                                backend=backend_name)
-        notes.append(heap_probe.note(heap, HEAP_PROBE_N))
-        say(notes[-1])
-    notes.append("GB/s = byte floor / median time; floors: forward (K+2)*N*itemsize, "
-                 "backward (2K+1)*N*itemsize; 'x eager' / 'x compile' = their median time / "
-                 "fused median time (> 1: fused is faster)")
-    notes.append("backward is timed with torch.autograd.grad(..., retain_graph=True) on a "
-                 "graph built once, so the forward is excluded exactly; compile = "
-                 f"torch.compile(dynamic=False) of the {COMPILE_FORM} form, its AOTAutograd "
-                 "backward for 'compile' backward; compile time excluded")
-    loads = [r[k][0] for r in rows for k in ("loadavg_start", "loadavg_end") if r.get(k)]
-    ncpu = os.cpu_count() or 1
-    if loads and max(loads) > 1.5 * ncpu:
-        notes.insert(0, f"WARNING: 1-min load average reached {max(loads):.1f} on {ncpu} CPUs "
-                        "during this run (this benchmark alone accounts for about "
-                        f"{torch.get_num_threads()}): other processes competed for the cores, "
-                        "so absolute times are inflated and noisy; same-row ratios are "
-                        "less affected but still unreliable")
-    if dev.type in TARGET_TEXT:
-        verdicts = [r[f"target_{d}"] for r in rows for d in ("fwd", "bwd") if r[f"target_{d}"]]
-        n_pass = sum(v == "PASS" for v in verdicts)
-        notes.append(f"targets ({TARGET_TEXT[dev.type]}): " + (
-            f"{n_pass}/{len(verdicts)} PASS" if verdicts else "no row of this run is in scope"))
-    else:
-        notes.append(f"no targets defined for device {dev.type}")
+    notes = _closing_notes(m, dev, quick, configs, say)
 
     result = dict(
-        section="kernels",
-        device=dev.type,
+        section="kernels", device=dev.type,
         device_name=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else None),
-        backend=backend_name,
-        backends_available=backends.available(),
-        quick=quick,
-        threads=torch.get_num_threads(),
-        batch=BATCH,
+        backend=m["backend"], backends_available=backends.available(), quick=quick,
+        threads=torch.get_num_threads(), batch=BATCH,
         params=dict(repeats=p["repeats"], warmup=p["warmup"], min_sample_s=p["min_sample_s"],
                     impls=impls, configs=[list(c) for c in configs]),
-        bandwidth=dict(start=bw_start, end=bw_end, copy_gbps=copy_ref),
-        allocation_probe=heap,
-        eager_forms=eager_forms,
-        eager_form_text=EAGER_FORM_TEXT,
-        compile_form=COMPILE_FORM,
+        bandwidth=m["bandwidth"], allocation_probe=m.get("allocation_probe"),
+        eager_forms=m["eager_forms"], eager_form_text=EAGER_FORM_TEXT, compile_form=COMPILE_FORM,
         targets=dict(scope=TARGETS.get(dev.type), text=TARGET_TEXT.get(dev.type)),
-        op_targets=op_target_verdicts,
-        results=rows,
-        notes=notes,
-        tables=_tables(rows, impls),
-        wall_time_s=None,
-        files=["kernels.json"],
-    )
-    png = _plot(rows, impls, copy_ref, out_dir / "kernels.png",
-                f"epd_step on {dev.type} ({backend_name} backend), {torch.get_num_threads()} threads")
+        op_targets=m["op_targets"], results=m["rows"], notes=notes,
+        tables=_tables(m["rows"], impls), wall_time_s=None, files=["kernels.json"])
+    png = _plot(m["rows"], impls, m["bandwidth"]["copy_gbps"], out_dir / "kernels.png",
+                f"epd_step on {dev.type} ({m['backend']} backend), "
+                f"{torch.get_num_threads()} threads")
     if png is not None:
         result["files"].append("kernels.png")
         result["plot"] = "kernels.png"
@@ -741,5 +643,10 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
     return result
 
 
-if __name__ == "__main__":  # convenience: python benchmarks/bench_kernels.py [--quick]
-    run("--quick" in sys.argv, pathlib.Path("benchmarks/results"))
+if __name__ == "__main__":
+    sys.exit(section_main("kernels", run, [
+        ("--device", dict(default="cpu", choices=["cpu", "cuda"])),
+        ("--sizes", dict(type=int_list)), ("--ks", dict(type=int_list)),
+        ("--dtypes", dict(type=str_list)), ("--repeats", dict(type=int)),
+        ("--impls", dict(type=str_list)),
+        ("--backend", dict(choices=["auto", "cpp", "triton", "reference"]))]))

@@ -1,52 +1,40 @@
 #!/usr/bin/env python
 """Solver benchmark: final-state RMSE against a converged ODE solution, per latency NFE.
 
-For every baseline solver at latency NFE 3, 5, 7, 9 (each solver's default AFS setting:
-on for Heun and DPM-Solver-2, whose budgets are then odd, off for the one-call-per-step
-solvers), on four models, all sampled from the same noise (``make_noise`` seeds 0..n-1):
+Every baseline solver at latency NFE 3, 5, 7, 9 (each solver's default AFS setting: on for
+Heun and DPM-Solver-2, whose budgets are then odd, off for the others), on four models, all
+sampled from the same noise (``make_noise`` seeds 0..n-1):
 
-* ``digits-unet``: the model of ``epd demo`` (`epd_kernels.models.registry.DEFAULT_MODEL`,
-  the trained class-conditional U-Net on 8x8 digits), float32 as the demo runs it, class
-  labels ``seed % 10`` (the demo's `class_labels_for(..., "seed")`). Reference: the
-  demo's reference solver (UniPC) with twice the demo's steps (120); its error is
-  estimated as RMSE(half the steps, reference) / 7 (third order) and reported.
+* ``digits-unet``: the model of ``epd demo`` (`registry.DEFAULT_MODEL`), float32, class
+  labels ``seed % 10`` as the demo gives them. Reference: the demo's reference solver
+  with twice its steps; its error is estimated as RMSE(half the steps, reference) / 7.
 * ``digits-exact``: the exact denoiser of the 1797 digits, float64, same labels.
   Reference: `DigitsExactDenoiser.reference_solution` (RK4 in 1/sigma with step doubling
-  until the max-abs change is <= 1e-6; 1e-5 in quick mode), its Richardson estimate reported.
-* ``gaussian-64``: per-dimension Gaussian data, means ~ N(0, 0.8^2), stds in [0.3, 1.0];
-  the reference is the closed-form ODE solution.
-* ``gmm-64x8``: a mixture of 8 isotropic Gaussians (means ~ N(0, 1), stds in [0.3, 0.6],
-  unequal weights); the reference is scipy's DOP853 at rtol = atol = 1e-12 (1e-10 in quick
-  mode) in log sigma, whose own error is estimated against a looser solve and reported.
+  to a max-abs change <= 1e-6; 1e-5 in quick mode), its Richardson estimate reported.
+* ``gaussian-64``: per-dimension Gaussian data; the reference is the closed form.
+* ``gmm-64x8``: a mixture of 8 isotropic Gaussians; the reference is scipy's DOP853 at
+  rtol = atol = 1e-12 (1e-10 in quick mode), checked against a 100x looser solve.
 
-Row ``dpmpp3m-ref`` is DPM-Solver++(3M) with the DPM-Solver / k-diffusion code's D''
-weight (``variant="reference"``, see `epd_kernels.solvers.dpmpp3m`), for comparison with
-published baselines.
+Row ``dpmpp3m-ref`` is DPM-Solver++(3M) with the k-diffusion code's D'' weight
+(``variant="reference"``), for comparison with published baselines. Reported per model,
+solver and NFE: the RMSE at sigma_min as one global RMS over all samples and elements, the
+latency NFE and total evaluations measured by `sample(..., return_stats=True)` (a mismatch
+with the budget is listed), and the wall time (one thread; the median of rounds in which
+the solvers of one model and NFE are timed interleaved by benchmarks/timing.py).
 
-Reported per model, solver and NFE: the RMSE of the state at sigma_min = 0.002 as one
-global RMS over all samples and elements, ``sqrt(mean((x - ref)^2))``, the latency NFE
-and total evaluations measured by `sample(..., return_stats=True)` (not assumed; a
-mismatch with the budget is listed), and the wall time of that call (one thread; the
-median of repeated runs in which the solvers of one model and NFE are timed interleaved
-by `benchmarks.timing`, whose docstring says why the median). Tables: one RMSE table per model (the
-``epd demo`` model first: it is the README headline), then for the two digits models one
-row per solver and NFE with all four figures.
+Distilled solvers (`DISTILLED`) get rows when their parameters are supplied (``params=
+{(model, solver, nfe): params or path}`` or ``--params-dir`` with files
+``<model>-<solver>-nfe<N>.safetensors``), or with ``distill=True`` (fitted per model and
+NFE with the library defaults and saved under ``out_dir/distilled_params``).
 
-Distilled solvers (`DISTILLED`: EPD, EPD-Plugin, AMED, AMED-Plugin, D-ODE) get rows when their parameters
-are supplied (``params={(model, solver, nfe): params or path}`` or ``--params-dir`` with
-files ``<model>-<solver>-nfe<N>.safetensors``) or with ``distill=True`` (fits them per
-model and NFE with the library's default settings, slow on the U-Net; saved under
-``out_dir/distilled_params`` for ``--params-dir``); otherwise a note says how to get them.
-
-Writes ``out_dir/solvers.json`` and ``out_dir/solvers.png`` (log-y error vs NFE, one line
-per solver, one panel per model).
+Writes ``out_dir/solvers.json`` and ``out_dir/solvers.png`` (log-y error vs NFE, one panel
+per model).
 
     python benchmarks/bench_solvers.py [--quick] [--out benchmarks/results]
                                        [--params-dir DIR] [--distill] [--models a,b]
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -63,18 +51,21 @@ HERE = pathlib.Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
+from benchmarks.plot import error_panels  # noqa: E402
+from benchmarks.run import int_list, section_main, str_list, torch_threads  # noqa: E402
 from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels.distill.dode_fit import DEFAULT_FIT_BATCH as DODE_BATCH  # noqa: E402
 from epd_kernels.models import GaussianMixtureModel, GaussianModel  # noqa: E402
 from epd_kernels.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
 from epd_kernels.noise import make_noise  # noqa: E402
+from epd_kernels.params import AMEDParams, DODEParams, EPDParams  # noqa: E402
 from epd_kernels.sampling import sample  # noqa: E402
 from epd_kernels.workflow.demo import DEFAULT as DEMO  # noqa: E402
 from epd_kernels.workflow.resolve import class_labels_for  # noqa: E402
 
 SOLVERS = ["euler", "heun", "dpm2", "dpmpp3m", "unipc", "ipndm", "deis"]
-# Extra rows run outside sample(): name -> (solver function, keyword arguments).
-VARIANTS = {"dpmpp3m-ref": ("dpmpp3m", dict(variant="reference"))}
+# Extra rows: name -> (solver, its `options` for sample()).
+VARIANTS = {"dpmpp3m-ref": ("dpmpp3m", {"variant": "reference"})}
 NFES = [3, 5, 7, 9]
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
 # The whole quick section runs in about 15-30 s on 2 shared cores, so it keeps all four
@@ -101,11 +92,14 @@ class BenchModel:
 
     name: str
     denoiser: Callable
-    shape: tuple
     dtype: torch.dtype
-    reference: Callable  # (noise, cond, cfg) -> (x at sigma_min, info dict)
+    reference: Callable  # (model, noise, cond, cfg) -> (x at sigma_min, info dict)
     role: str = ""
     cost_table: bool = False  # add the per-solver-and-NFE table (latency, evals, wall)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.denoiser.shape)
 
     def cond(self, seeds) -> dict:
         """The `epd demo` conditioning: labels = seed % num_classes for conditional models."""
@@ -124,17 +118,19 @@ def build_models(dim: int = 64, components: int = 8, seed: int = 0) -> Dict[str,
     return {f"gaussian-{dim}": gauss, f"gmm-{dim}x{components}": gmm}
 
 
-def reference(name: str, model, x_T: torch.Tensor, rtol: float, check_ode: bool = True):
-    """(x at sigma_min, info) for an analytic model: exact for the Gaussian, DOP853 for the
-    mixture.
+def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
 
-    With `check_ode`, the ODE solver used for the mixture is also run on the Gaussian and
-    its error against the closed form is reported."""
+
+def analytic_reference(model, noise, cond, cfg):
+    """Exact for the Gaussian (where, in full runs, the mixture's ODE solver is also checked
+    against the closed form), DOP853 for the mixture."""
+    x_T, rtol = noise * SIGMA_MAX, cfg["rtol"]
     t0 = time.perf_counter()
     if isinstance(model, GaussianModel):
         ref = model.exact_solution(x_T, SIGMA_MAX, SIGMA_MIN)
         info = dict(method="closed form", seconds=time.perf_counter() - t0, error_estimate=0.0)
-        if check_ode:
+        if not cfg["quick"]:
             ode = model.reference_solution(x_T, SIGMA_MAX, SIGMA_MIN, rtol=rtol, atol=rtol)
             info["ode_solver_max_abs_error"] = float((ode - ref).abs().max())
         return ref, info
@@ -146,19 +142,15 @@ def reference(name: str, model, x_T: torch.Tensor, rtol: float, check_ode: bool 
                      max_abs_change_vs_rtol_x100=change, error_estimate=change)
 
 
-def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
-
-
 def unet_reference(model, noise, cond, cfg):
     """The `epd demo` way: a third-order solver with many steps, checked against half."""
     t0 = time.perf_counter()
     ref = sample(model, noise, solver=REF_SOLVER, nfe=REF_NFE, **cond)
     seconds = time.perf_counter() - t0
     half = sample(model, noise, solver=REF_SOLVER, nfe=REF_NFE // 2, **cond)
+    dtype = str(noise.dtype).replace("torch.", "")
     return ref, dict(method=f"{REF_SOLVER} with {REF_NFE} steps (the epd demo's reference "
-                            f"solver, twice its {DEMO.ref_nfe} steps), {noise.dtype}".replace(
-                                "torch.", ""),
+                            f"solver, twice its {DEMO.ref_nfe} steps), {dtype}",
                      seconds=seconds, error_estimate=_rmse(half, ref) / 7.0,
                      error_check=f"RMSE to {REF_NFE // 2} steps / 7 (third order)")
 
@@ -171,25 +163,6 @@ def digits_exact_reference(model, noise, cond, cfg):
                             f"max-abs change <= {cfg['digits_tol']:g})",
                      seconds=time.perf_counter() - t0, error_estimate=info["error_estimate"],
                      error_check="last max-abs change / 15 (Richardson, fourth order)")
-
-
-def _analytic_reference(name):
-    def make(model, noise, cond, cfg):
-        return reference(name, model, noise * SIGMA_MAX, cfg["rtol"],
-                         check_ode=not cfg["quick"])
-    return make
-
-
-def _unet_model() -> BenchModel:
-    m = load_model(DEFAULT_MODEL)
-    return BenchModel(DEFAULT_MODEL, m, tuple(m.shape), torch.float32, unet_reference,
-                      role="the epd demo model", cost_table=True)
-
-
-def _digits_exact_model() -> BenchModel:
-    m = load_model("digits-exact")
-    return BenchModel("digits-exact", m, tuple(m.shape), F64, digits_exact_reference,
-                      role="exact denoiser of the digits", cost_table=True)
 
 
 def model_names() -> list:
@@ -206,12 +179,13 @@ def bench_models(names: Optional[Sequence[str]] = None) -> Dict[str, BenchModel]
     out = {}
     for n in wanted:
         if n == DEFAULT_MODEL:
-            out[n] = _unet_model()
+            out[n] = BenchModel(n, load_model(n), torch.float32, unet_reference,
+                                role="the epd demo model", cost_table=True)
         elif n == "digits-exact":
-            out[n] = _digits_exact_model()
+            out[n] = BenchModel(n, load_model(n), F64, digits_exact_reference,
+                                role="exact denoiser of the digits", cost_table=True)
         else:
-            out[n] = BenchModel(n, analytic[n], tuple(analytic[n].shape), F64,
-                                _analytic_reference(n))
+            out[n] = BenchModel(n, analytic[n], F64, analytic_reference)
     return out
 
 
@@ -221,37 +195,25 @@ def bench_models(names: Optional[Sequence[str]] = None) -> Dict[str, BenchModel]
 
 @dataclasses.dataclass(frozen=True)
 class Distilled:
-    """How the benchmark gets parameters for a distilled solver.
+    """How the benchmark gets parameters for a distilled solver: ``params_class.load(path)``
+    reads a file; ``fit(bench_model, nfe, **overrides)`` makes params with the library's
+    defaults or ``overrides`` of its keyword arguments (only with ``distill=True``)."""
 
-    ``load(path)`` reads a params file; ``fit(bench_model, nfe, **overrides)`` makes params
-    with the library's defaults, or with ``overrides`` of its keyword arguments (called only
-    with ``distill=True``). The expected total evaluations
-    are read from ``params.total_evaluations`` when the params have it, else = latency NFE.
-    """
-
-    load: Callable
+    params_class: type
     fit: Callable
 
 
-def _load_epd(path):
-    from epd_kernels.params import EPDParams
-
-    return EPDParams.load(str(path))
-
-
-def _load_dode(path):
-    from epd_kernels.params import DODEParams
-
-    return DODEParams.load(str(path))
-
-
-def _fit_epd(plugin: bool):
+def _fit_epd(plugin: bool, method: Optional[str] = None):
     def fit(bm: BenchModel, nfe: int, **overrides):
         from epd_kernels.distill import (DEFAULT_BATCH_SIZE, DEFAULT_POOL, conditioning_rows,
                                          distill)
 
+        # AMED distils with the EPD machinery (same teacher, batches, defaults), its
+        # predictor (the paper's form) on the main-point denoised features.
         kw = dict(num_points=2, batch_size=DEFAULT_BATCH_SIZE, pool=DEFAULT_POOL,
                   progress=False, dtype=bm.dtype)
+        if method:
+            kw.update(method=method, num_points=None)
         kw.update(overrides)
         # Labels (conditional models) follow the training draws: one per pool entry, or
         # one per batch row with fresh noise (pool=None).
@@ -260,38 +222,23 @@ def _fit_epd(plugin: bool):
     return fit
 
 
-def _load_amed(path):
-    from epd_kernels.params import AMEDParams
-
-    return AMEDParams.load(str(path))
-
-
-def _fit_amed(plugin: bool):
-    def fit(bm: BenchModel, nfe: int, **overrides):
-        # AMED distils with the EPD machinery: same teacher, batches, defaults; the
-        # predictor form (the paper's) on the main-point denoised features.
-        return _fit_epd(plugin)(bm, nfe, **{"method": "amed", "num_points": None, **overrides})
-    return fit
-
-
 def _fit_dode(solver: str):
     def fit(bm: BenchModel, nfe: int, **overrides):
         from epd_kernels.distill.dode_fit import fit_dode
 
-        kw = dict(batch_size=DODE_BATCH, dtype=bm.dtype)
-        kw.update(overrides)
+        kw = {"batch_size": DODE_BATCH, "dtype": bm.dtype, **overrides}
         return fit_dode(bm.denoiser, solver=solver, nfe=nfe, shape=bm.shape, **kw,
                         **bm.cond(range(kw["batch_size"])))
     return fit
 
 
 DISTILLED: Dict[str, Distilled] = {
-    "epd": Distilled(_load_epd, _fit_epd(plugin=False)),
-    "epd-ipndm": Distilled(_load_epd, _fit_epd(plugin=True)),
-    "amed": Distilled(_load_amed, _fit_amed(plugin=False)),
-    "amed-ipndm": Distilled(_load_amed, _fit_amed(plugin=True)),
-    "d-euler": Distilled(_load_dode, _fit_dode("d-euler")),
-    "d-ipndm": Distilled(_load_dode, _fit_dode("d-ipndm")),
+    "epd": Distilled(EPDParams, _fit_epd(plugin=False)),
+    "epd-ipndm": Distilled(EPDParams, _fit_epd(plugin=True)),
+    "amed": Distilled(AMEDParams, _fit_epd(plugin=False, method="amed")),
+    "amed-ipndm": Distilled(AMEDParams, _fit_epd(plugin=True, method="amed")),
+    "d-euler": Distilled(DODEParams, _fit_dode("d-euler")),
+    "d-ipndm": Distilled(DODEParams, _fit_dode("d-ipndm")),
 }
 
 
@@ -300,52 +247,29 @@ def params_for(bm: BenchModel, solver, nfe, params, params_dir, distill, notes,
     """Params for (model, solver, nfe) from `params`, `params_dir` or a fit (saved to
     `save_dir` as ``<model>-<solver>-nfe<N>.safetensors`` for reuse); None if none."""
     entry = DISTILLED[solver]
-    key = (bm.name, solver, nfe)
+    key, file_name = (bm.name, solver, nfe), f"{bm.name}-{solver}-nfe{nfe}.safetensors"
     if params and key in params:
         p = params[key]
-        return entry.load(p) if isinstance(p, (str, pathlib.Path)) else p
-    if params_dir is not None:
-        f = pathlib.Path(params_dir) / f"{bm.name}-{solver}-nfe{nfe}.safetensors"
-        if f.exists():
-            return entry.load(f)
-    if distill:
-        try:
-            p = entry.fit(bm, nfe, **(overrides or {}))
-        except Exception as e:  # noqa: BLE001 - report and go on with the baselines
-            notes.append(f"fitting {solver} at NFE {nfe} on {bm.name} failed: "
-                         f"{type(e).__name__}: {e}")
-            return None
-        if save_dir is not None:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            p.save(str(save_dir / f"{bm.name}-{solver}-nfe{nfe}.safetensors"), overwrite=True)
-        return p
-    return None
+        return entry.params_class.load(p) if isinstance(p, (str, pathlib.Path)) else p
+    if params_dir is not None and (pathlib.Path(params_dir) / file_name).exists():
+        return entry.params_class.load(pathlib.Path(params_dir) / file_name)
+    if not distill:
+        return None
+    try:
+        p = entry.fit(bm, nfe, **(overrides or {}))
+    except Exception as e:  # noqa: BLE001 - report and go on with the baselines
+        notes.append(f"fitting {solver} at NFE {nfe} on {bm.name} failed: "
+                     f"{type(e).__name__}: {e}")
+        return None
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        p.save(str(save_dir / file_name), overwrite=True)
+    return p
 
 
 def expected_total(params, nfe: int):
-    total = getattr(params, "total_evaluations", None) if params is not None else None
+    total = getattr(params, "total_evaluations", None)
     return nfe if total is None else total
-
-
-# --------------------------------------------------------------------------------------
-# running
-
-
-def _run_variant(model, noise, base, nfe, kw, cond):
-    """A solver variant with extra keywords, counted like sample() counts."""
-    from epd_kernels.solvers.counting import CountingDenoiser, SampleStats
-    from epd_kernels.solvers.registry import nfe_to_steps
-    from epd_kernels.solvers import SOLVERS as FUNCS
-    from epd_kernels.solvers import get_sigmas
-
-    steps = nfe_to_steps(base, nfe)
-    sigmas = get_sigmas("polynomial", steps)
-    counter = CountingDenoiser(model, noise.shape[0])
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        x = FUNCS[base](counter, noise * float(sigmas[0]), sigmas, **kw, **cond)
-    return x, SampleStats(counter.calls, counter.evaluations, steps,
-                          time.perf_counter() - t0, base, nfe)
 
 
 #: Fitting settings of `epd demo` (read from its DemoConfig), used by
@@ -365,6 +289,10 @@ DEMO_FIT = {"epd": dict(_DEMO_EPD, lr=DEMO.epd_lr),
             "d-ipndm": dict(_DEMO_DODE)}
 
 
+# --------------------------------------------------------------------------------------
+# running
+
+
 def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
         params_dir: Optional[str] = None, distill: bool = False, samples: Optional[int] = None,
         nfes=NFES, models: Optional[Sequence[str]] = None,
@@ -372,12 +300,11 @@ def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
         demo_distilled: bool = False) -> dict:
     """Runs the benchmark; writes out_dir/solvers.json and solvers.png; returns the tables.
 
-    `models`: names from `bench_models` (default all, the `epd demo` model first).
-    `distill_settings`: solver -> keyword overrides for its `DISTILLED` fit (e.g.
-    ``{"epd": {"iterations": 50}}``); only with ``distill=True``, recorded in the JSON.
-    `demo_distilled` (what `run.py` asks for): with neither params nor ``distill``, fit
-    every distilled solver on the `epd demo` model only, with the demo's settings
-    (`DEMO_FIT`), so the headline table compares every solver at equal latency."""
+    `models`: names from `bench_models` (default all). `distill_settings`: solver ->
+    keyword overrides of its `DISTILLED` fit (only with ``distill=True``). `demo_distilled`
+    (what run.py asks for): with neither params nor ``distill``, fit every distilled solver
+    on the `epd demo` model only, with the demo's settings (`DEMO_FIT`), so the headline
+    table compares every solver at equal latency."""
     if demo_distilled and not distill and not params and params_dir is None:
         distill = [DEFAULT_MODEL]
         distill_settings = {**DEMO_FIT, **(distill_settings or {})}
@@ -394,29 +321,25 @@ def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
         raise ValueError(f"nfes must be latency budgets >= 1, got {nfes!r}")
     # The analytic models are tiny elementwise computations and the U-Net runs small
     # batches: one thread avoids thread-pool dispatch costs and most of the noise from
-    # other processes (and matches what `epd demo` picks on a busy machine); restored.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # other processes (and matches what `epd demo` picks on a busy machine).
+    with torch_threads(1):
         return _run(pathlib.Path(out_dir), cfg, params, params_dir, distill, nfes, models,
                     dict(distill_settings or {}))
-    finally:
-        torch.set_num_threads(threads)
 
 
-def _record(results, bm, solver, nfe, x, st, ref, scale, expected):
+def _record(results, bm, solver, nfe, x, st, ref, expected):
     rmse = _rmse(x, ref)
     results.append(dict(model=bm.name, solver=solver, nfe=nfe, steps=st.steps,
                         latency_nfe=st.latency_nfe, total_evals=st.total_evals,
-                        expected_total_evals=expected, rmse=rmse, relative_rmse=rmse / scale,
+                        expected_total_evals=expected, rmse=rmse,
+                        relative_rmse=rmse / _rmse(ref, torch.zeros_like(ref)),
                         wall_time_s=None, finite=bool(torch.isfinite(x).all())))
 
 
 def _time_calls(results, mname, calls, nfes, cfg):
     """Wall time per (solver, NFE) of one model: at each NFE, the solvers' calls are one
-    interleaved comparison (`benchmarks.timing`); the median goes to ``wall_time_s``, the
-    spread to ``wall_stats_s``."""
-    timer = Timer(torch.device("cpu"))
+    interleaved comparison; the median goes to ``wall_time_s``, the spread to
+    ``wall_stats_s``."""
     by_key = {(r["solver"], r["nfe"]): r for r in results if r["model"] == mname}
     for nfe in nfes:
         fns = {solver: fn for (solver, n), fn in calls.items() if n == nfe}
@@ -424,70 +347,67 @@ def _time_calls(results, mname, calls, nfes, cfg):
             continue
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # backend notice
-            stats = bench_interleaved(timer, fns, repeats=cfg["time_repeats"], warmup=1)
+            stats = bench_interleaved(Timer(torch.device("cpu")), fns,
+                                      repeats=cfg["time_repeats"], warmup=1)
         for solver, st in stats.items():
             row = by_key[(solver, nfe)]
             row["wall_time_s"] = st["median_s"]
             row["wall_stats_s"] = {k: st[k] for k in ("min_s", "q25_s", "q75_s", "repeats")}
 
 
+def _run_model(bm, cfg, row_names, nfes, get_params, results, skipped) -> dict:
+    """Every row of one model against its reference, then the timing; returns the
+    reference's info."""
+    seeds = range(cfg["samples"])
+    noise = make_noise(seeds, bm.shape, dtype=bm.dtype)
+    cond = bm.cond(seeds)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a non-converged reference must be reported
+        ref, info = bm.reference(bm.denoiser, noise, cond, cfg)
+    info.update(warnings=sorted({str(w.message) for w in caught}), role=bm.role,
+                class_labels="seed % num_classes" if cond else None,
+                dtype=str(bm.dtype).replace("torch.", ""))
+    calls = {}  # (solver, nfe) -> the call whose result was recorded, for timing
+    for solver in row_names:
+        for nfe in nfes:
+            kw = {}
+            try:
+                if solver in DISTILLED:
+                    kw["params"] = get_params(bm, solver, nfe)
+                    if kw["params"] is None:
+                        continue
+                base, options = VARIANTS.get(solver, (solver, None))
+                call = functools.partial(sample, bm.denoiser, noise, solver=base, nfe=nfe,
+                                         options=options, **kw, **cond)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # backend notice
+                    x, st = call(return_stats=True)
+            except ValueError as e:  # a budget the solver cannot meet, mismatched params
+                skipped.append(dict(model=bm.name, solver=solver, nfe=nfe, reason=str(e)))
+                continue
+            _record(results, bm, solver, nfe, x, st, ref, expected_total(kw.get("params"), nfe))
+            calls[(solver, nfe)] = call
+    _time_calls(results, bm.name, calls, nfes, cfg)
+    return info
+
+
 def _run(out_dir, cfg, params, params_dir, distill, nfes, model_names, settings):
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     models = bench_models(model_names)
-    seeds = range(cfg["samples"])
     notes, results, refs, skipped = [], [], {}, []
     want_distilled = bool(params) or params_dir is not None or distill
     row_names = SOLVERS + list(VARIANTS) + (list(DISTILLED) if want_distilled else [])
 
-    for mname, bm in models.items():
-        noise = make_noise(seeds, bm.shape, dtype=bm.dtype)
-        cond = bm.cond(seeds)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")  # a non-converged reference must be reported
-            ref, info = bm.reference(bm.denoiser, noise, cond, cfg)
-        info["warnings"] = sorted({str(w.message) for w in caught})
-        info["role"] = bm.role
-        info["class_labels"] = "seed % num_classes" if cond else None
-        info["dtype"] = str(bm.dtype).replace("torch.", "")
-        refs[mname] = info
-        scale = _rmse(ref, torch.zeros_like(ref))
-        calls = {}  # (solver, nfe) -> the call whose result was recorded, for timing
-        for solver in row_names:
-            for nfe in nfes:
-                kw = {}
-                try:
-                    if solver in VARIANTS:
-                        base, vkw = VARIANTS[solver]
-                        x, st = _run_variant(bm.denoiser, noise, base, nfe, vkw, cond)
-                        _record(results, bm, solver, nfe, x, st, ref, scale, nfe)
-                        calls[(solver, nfe)] = functools.partial(
-                            _run_variant, bm.denoiser, noise, base, nfe, vkw, cond)
-                        continue
-                    if solver in DISTILLED:
-                        fit = distill if isinstance(distill, bool) else mname in distill
-                        p = params_for(bm, solver, nfe, params, params_dir, fit, notes,
-                                       save_dir=out_dir / "distilled_params",
-                                       overrides=settings.get(solver))
-                        if p is None:
-                            continue
-                        kw["params"] = p
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", RuntimeWarning)  # backend notice
-                        x, st = sample(bm.denoiser, noise, solver=solver, nfe=nfe,
-                                       return_stats=True, **kw, **cond)
-                except ValueError as e:  # a budget the solver cannot meet, mismatched params
-                    skipped.append(dict(model=mname, solver=solver, nfe=nfe, reason=str(e)))
-                    continue
-                _record(results, bm, solver, nfe, x, st, ref, scale,
-                        expected_total(kw.get("params"), nfe))
-                calls[(solver, nfe)] = functools.partial(
-                    sample, bm.denoiser, noise, solver=solver, nfe=nfe, **kw, **cond)
-        _time_calls(results, mname, calls, nfes, cfg)
+    def get_params(bm, solver, nfe):
+        fit = distill if isinstance(distill, bool) else bm.name in distill
+        return params_for(bm, solver, nfe, params, params_dir, fit, notes,
+                          save_dir=out_dir / "distilled_params", overrides=settings.get(solver))
 
+    for mname, bm in models.items():
+        refs[mname] = _run_model(bm, cfg, row_names, nfes, get_params, results, skipped)
     _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill,
                want_distilled, settings)
-    tables = _tables(models, results, nfes, row_names, cfg)
     payload = dict(config=dict(cfg, nfes=list(nfes), sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN,
                                schedule="polynomial rho=7", models=list(models),
                                reference_solver=[REF_SOLVER, REF_NFE],
@@ -497,11 +417,38 @@ def _run(out_dir, cfg, params, params_dir, distill, nfes, model_names, settings)
                    reference=refs, results=results, skipped=skipped, notes=notes,
                    seconds=time.perf_counter() - t_start)
     (out_dir / "solvers.json").write_text(json.dumps(payload, indent=2))
-    plot = _plot(results, list(models), nfes, row_names, out_dir / "solvers.png")
-    out = dict(tables=tables, notes=notes, results=results, reference=refs, skipped=skipped)
-    if plot:
-        out["plot"] = plot
+    out = dict(tables=_tables(models, results, nfes, row_names, cfg), notes=notes,
+               results=results, reference=refs, skipped=skipped)
+    if _plot(results, list(models), nfes, row_names, out_dir / "solvers.png"):
+        out["plot"] = "solvers.png"
     return out
+
+
+def _reference_notes(refs, results) -> list:
+    notes = []
+    for mname, info in refs.items():
+        best = min((r["rmse"] for r in results if r["model"] == mname), default=math.inf)
+        head = f"{mname}" + (f" ({info['role']})" if info.get("role") else "")
+        if info["method"] == "closed form":
+            extra = (f" (the ODE solver used for the mixture is off by "
+                     f"{info['ode_solver_max_abs_error']:.1e} here)"
+                     if "ode_solver_max_abs_error" in info else "")
+            notes.append(f"{head}: reference = closed form{extra}")
+            continue
+        if "max_abs_change_vs_rtol_x100" in info:
+            text = (f"it moves by {info['max_abs_change_vs_rtol_x100']:.1e} with a 100x looser "
+                    f"tolerance")
+        else:
+            text = f"estimated error {info['error_estimate']:.1e} ({info['error_check']})"
+        labels = ", class labels = seed % 10" if info.get("class_labels") else ""
+        notes += [f"WARNING: {mname}: reference: {w}" for w in info.get("warnings", [])]
+        notes.append(f"{head}: {info['dtype']}{labels}; reference = {info['method']} "
+                     f"({info['seconds']:.1f} s); {text}")
+        if info["error_estimate"] > REF_TOLERANCE * best:
+            notes.append(f"WARNING: {mname}: the reference error estimate "
+                         f"{info['error_estimate']:.1e} is not far below the smallest RMSE "
+                         f"{best:.1e}; the smallest RMSEs partly measure the reference")
+    return notes
 
 
 def _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill, want,
@@ -527,32 +474,9 @@ def _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill, 
     if not want:
         notes.append(f"Distilled rows ({', '.join(DISTILLED)}) come with --distill, or "
                      "--params-dir with <model>-<solver>-nfe<N>.safetensors files.")
-    for mname, info in refs.items():
-        best = min((r["rmse"] for r in results if r["model"] == mname), default=math.inf)
-        head = f"{mname}" + (f" ({info['role']})" if info.get("role") else "")
-        if info["method"] == "closed form":
-            extra = (f" (the ODE solver used for the mixture is off by "
-                     f"{info['ode_solver_max_abs_error']:.1e} here)"
-                     if "ode_solver_max_abs_error" in info else "")
-            notes.append(f"{head}: reference = closed form{extra}")
-            continue
-        if "max_abs_change_vs_rtol_x100" in info:
-            text = (f"it moves by {info['max_abs_change_vs_rtol_x100']:.1e} with a 100x looser "
-                    f"tolerance")
-        else:
-            text = f"estimated error {info['error_estimate']:.1e} ({info['error_check']})"
-        labels = ", class labels = seed % 10" if info.get("class_labels") else ""
-        for w in info.get("warnings", []):
-            notes.append(f"WARNING: {mname}: reference: {w}")
-        notes.append(f"{head}: {info['dtype']}{labels}; reference = {info['method']} "
-                     f"({info['seconds']:.1f} s); {text}")
-        if info["error_estimate"] > REF_TOLERANCE * best:
-            notes.append(f"WARNING: {mname}: the reference error estimate "
-                         f"{info['error_estimate']:.1e} is not far below the smallest RMSE "
-                         f"{best:.1e}; the smallest RMSEs partly measure the reference")
+    notes += _reference_notes(refs, results)
     bad = [r for r in results if r["latency_nfe"] != r["nfe"]
            or r["total_evals"] != r["expected_total_evals"]]
-    nonfinite = [r for r in results if not r["finite"] or not math.isfinite(r["rmse"])]
     notes.append(f"{cfg['samples']} samples per model, polynomial grid rho=7 from "
                  f"{SIGMA_MAX:g} to {SIGMA_MIN:g}; AFS on for heun/dpm2 (odd budgets), off "
                  f"for the others; latency NFE and total evaluations measured by sample(): "
@@ -561,14 +485,13 @@ def _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill, 
                  + f"; wall time: median of {cfg['time_repeats']} runs of the whole batch, "
                  f"the solvers of one model and NFE timed interleaved in rotating order "
                  f"(benchmarks/timing.py; min and quartiles in the JSON), 1 thread")
-    for r in bad:
-        notes.append(f"MISMATCH: {r['model']} {r['solver']} nfe={r['nfe']}: latency "
-                     f"{r['latency_nfe']}, total {r['total_evals']} (expected "
-                     f"{r['expected_total_evals']})")
-    for r in nonfinite:
-        notes.append(f"NON-FINITE: {r['model']} {r['solver']} nfe={r['nfe']}")
-    for s in skipped:
-        notes.append(f"skipped {s['model']} {s['solver']} nfe={s['nfe']}: {s['reason']}")
+    notes += [f"MISMATCH: {r['model']} {r['solver']} nfe={r['nfe']}: latency "
+              f"{r['latency_nfe']}, total {r['total_evals']} (expected "
+              f"{r['expected_total_evals']})" for r in bad]
+    notes += [f"NON-FINITE: {r['model']} {r['solver']} nfe={r['nfe']}" for r in results
+              if not r["finite"] or not math.isfinite(r["rmse"])]
+    notes += [f"skipped {s['model']} {s['solver']} nfe={s['nfe']}: {s['reason']}"
+              for s in skipped]
 
 
 def _tables(models, results, nfes, row_names, cfg):
@@ -577,12 +500,9 @@ def _tables(models, results, nfes, row_names, cfg):
         rows = []
         for solver in row_names:
             cells = {r["nfe"]: r for r in results if r["model"] == mname and r["solver"] == solver}
-            if not cells:
-                continue
-            row = {"solver": solver}
-            for nfe in nfes:
-                row[f"NFE {nfe}"] = f"{cells[nfe]['rmse']:.3e}" if nfe in cells else None
-            rows.append(row)
+            if cells:
+                rows.append({"solver": solver, **{f"NFE {n}": f"{cells[n]['rmse']:.3e}"
+                                                  if n in cells else None for n in nfes}})
         role = f" ({bm.role})" if bm.role else ""
         rmse_tables.append(dict(title=f"RMSE vs reference at sigma_min, {mname}{role}; "
                                       f"global RMS over all elements",
@@ -602,76 +522,26 @@ def _tables(models, results, nfes, row_names, cfg):
     return rmse_tables + cost_tables
 
 
-def _plot(results, model_names, nfes, row_names, path: pathlib.Path) -> Optional[str]:
-    from benchmarks.plot import have_matplotlib, pyplot
-
-    if not have_matplotlib():
-        return None
-    plt = pyplot()
-    ncols = min(2, len(model_names))
-    nrows = (len(model_names) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
-    for i, mname in enumerate(model_names):
-        ax = axes[i // ncols][i % ncols]
+def _plot(results, model_names, nfes, row_names, path: pathlib.Path):
+    """Log-y RMSE vs NFE, one panel per model, a line per solver (variants dashed)."""
+    panels = []
+    for mname in model_names:
+        series = []
         for solver in row_names:
             pts = sorted((r["nfe"], r["rmse"]) for r in results
                          if r["model"] == mname and r["solver"] == solver)
             if pts:
-                style = "-s" if solver in DISTILLED else "--^" if solver in VARIANTS else "-o"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=solver)
-        ax.set_yscale("log")
-        ax.set_xticks(list(nfes))
-        ax.set_xlabel("latency NFE")
-        ax.set_ylabel("RMSE vs reference")
-        ax.set_title(mname)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best", ncol=2)
-    for j in range(len(model_names), nrows * ncols):
-        axes[j // ncols][j % ncols].axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path.name
-
-
-def _print(result: dict) -> None:
-    for t in result["tables"]:
-        cols = t["columns"]
-        rows = [[str(r.get(c) if r.get(c) is not None else "-") for c in cols]
-                for r in t["rows"]]
-        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
-                  for i, c in enumerate(cols)]
-        print(t["title"])
-        print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-        print("  ".join("-" * w for w in widths))
-        for r in rows:
-            print("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                            for i, (v, w) in enumerate(zip(r, widths))))
-        print()
-    for n in result["notes"]:
-        print(f"  * {n}")
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(HERE / "results"))
-    ap.add_argument("--params-dir", default=None)
-    ap.add_argument("--distill", action="store_true")
-    ap.add_argument("--samples", type=int, default=None)
-    ap.add_argument("--nfes", default=None, help="comma-separated budgets (default 3,5,7,9)")
-    ap.add_argument("--models", default=None,
-                    help=f"comma-separated subset of {','.join(model_names())}")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    result = run(args.quick, pathlib.Path(args.out), params_dir=args.params_dir,
-                 distill=args.distill, samples=args.samples,
-                 nfes=[int(n) for n in args.nfes.split(",")] if args.nfes else NFES,
-                 models=args.models.split(",") if args.models else None)
-    _print(result)
-    print(f"\nwrote {pathlib.Path(args.out) / 'solvers.json'} and solvers.png "
-          f"in {time.perf_counter() - t0:.1f} s")
+                series.append(dict(label=solver, x=[a for a, _ in pts], y=[b for _, b in pts],
+                                   linestyle="--" if solver in VARIANTS else "-"))
+        panels.append(dict(title=mname, xlabel="latency NFE", ylabel="RMSE vs reference",
+                           series=series, xticks=nfes))
+    return error_panels(path, panels, ncols=min(2, len(panels)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(section_main("solvers", run, [
+        ("--params-dir", {}), ("--distill", dict(action="store_true")),
+        ("--samples", dict(type=int)),
+        ("--nfes", dict(type=int_list, help="comma-separated budgets (default 3,5,7,9)")),
+        ("--models", dict(type=str_list,
+                          help=f"comma-separated subset of {','.join(model_names())}"))]))

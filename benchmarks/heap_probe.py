@@ -51,40 +51,36 @@ def measure(n: int, ks: Sequence[int], repeats: int, threads: int) -> dict:
     elements)."""
     import torch
 
-    from benchmarks.bench_kernels import _inputs, floor_bytes, fused_step
+    import epd_kernels
+    from benchmarks.bench_kernels import _inputs, floor_bytes
     from benchmarks.timing import Timer, bench_interleaved
+    from epd_kernels import backends, epd_step
 
     torch.set_num_threads(threads)
-    timer = Timer(torch.device("cpu"))
     src = torch.full((n,), 1.5)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    fns = {"copy": lambda: dst.copy_(src), "clone": lambda: src.clone()}
+    dst = src.clone()
+    fns = {"copy": lambda: dst.copy_(src), "clone": src.clone}
     for K in ks:
         _, x, g, w, h, o, gy = _inputs(torch.float32, K, n, torch.device("cpu"))
-        fns[f"fused K={K}"] = (lambda a=(x, g, w, h, o): fused_step(*a))
+        fns[f"fused K={K}"] = (lambda a=(x, g, w, h, o): epd_step(*a))
         # backward as bench_kernels times it: autograd.grad on a graph built once
         leaves = tuple(t.clone().requires_grad_() for t in (x, g, w, h, o))
-        y = fused_step(*leaves)
+        y = epd_step(*leaves)
         fns[f"backward K={K}"] = (lambda y=y, leaves=leaves, gy=gy:
                                   torch.autograd.grad(y, leaves, gy, retain_graph=True))
-    st = bench_interleaved(timer, fns, repeats=repeats, warmup=2, min_sample_s=0.02)
+    st = bench_interleaved(Timer(torch.device("cpu")), fns, repeats=repeats, warmup=2,
+                           min_sample_s=0.02)
     copy_gbps = 2 * n * 4 / st["copy"]["median_s"] / 1e9
-    import epd_kernels
-    from epd_kernels import backends
-
     out = {"env": {k: os.environ.get(k) for k in HEAP_ENV}, "threads": threads,
            "epd_kernels": str(pathlib.Path(epd_kernels.__file__).resolve()),
            "backend": backends.for_device(torch.device("cpu")).name,
            "copy_gbps": copy_gbps, "clone_gbps": 2 * n * 4 / st["clone"]["median_s"] / 1e9,
            "fused": {}, "backward": {}}
     for K in ks:
-        floor = floor_bytes(K, n, 4)
         for kind, key in (("fused", "fwd"), ("backward", "bwd")):
             med = st[f"{kind} K={K}"]["median_s"]
-            gbps = floor[key] / med / 1e9
-            out[kind][str(K)] = {"median_s": med, "gbps": gbps,
-                                 "pct_copy": 100 * gbps / copy_gbps}
+            gbps = floor_bytes(K, n, 4)[key] / med / 1e9
+            out[kind][str(K)] = {"median_s": med, "gbps": gbps, "pct_copy": 100 * gbps / copy_gbps}
     return out
 
 
@@ -98,12 +94,10 @@ def probe(n: int = 16 * 2 ** 20, ks: Sequence[int] = (2, 3, 4), *, repeats: int 
     import epd_kernels
     import torch
 
-    if threads is None:
-        threads = torch.get_num_threads()
     pkg_root = str(pathlib.Path(epd_kernels.__file__).resolve().parent.parent)
     code = _CHILD.format(pkg_root=pkg_root, root=str(ROOT), n=int(n),
                          ks=tuple(int(k) for k in ks), repeats=int(repeats),
-                         threads=int(threads))
+                         threads=int(threads or torch.get_num_threads()))
     results = {}
     for label, extra in SETTINGS.items():
         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}

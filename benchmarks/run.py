@@ -1,54 +1,42 @@
 #!/usr/bin/env python
 """Benchmark driver: runs benchmark sections, writes JSON/PNG, prints tables, and keeps
-the generated blocks of BENCHMARKS.md in step with a real run.
+the generated blocks of BENCHMARKS.md (and README.md) in step with a real run.
 
-    python benchmarks/run.py [--quick] [--all]
-                             [--sections kernels,solvers,branches,distill,speedup]
+    python benchmarks/run.py [--quick] [--all | --sections kernels,solvers,...]
                              [--out benchmarks/results] [--markdown BENCHMARKS.md]
-                             [--readme README.md]
-                             [--device cpu|cuda] [--backend auto|cpp|triton|reference]
-                             [--sizes 256K,4M] [--ks 2,4] [--dtypes float32,bfloat16]
-                             [--repeats N] [--impls fused,eager,compile] [--threads N]
-                             [--models a,b] [--time-budget-s S]
+                             [--readme README.md] [section options, see --help]
 
-Sections. Section NAME lives in `benchmarks/bench_NAME.py` and exposes
-`run(quick: bool, out_dir: pathlib.Path) -> dict`. Modules are imported lazily, only when
-their section runs. Keyword options (`device`, `backend`, `sizes`, `ks`, `dtypes`,
-`repeats`, `impls`, `threads`, `demo_distilled`, `models`, `time_budget_s`) are passed to
-`run` only when its signature names them.
+Sections. Section NAME lives in `benchmarks/bench_NAME.py` (imported only when it runs)
+and exposes `run(quick: bool, out_dir: pathlib.Path, **options) -> dict`; of the keyword
+options (`OPTION_NAMES`) it gets those its signature names.
 
 Failed or skipped. A section whose module is missing, fails to import, has no `run`, or
-whose `run` raises has FAILED: the run goes on with the other sections and exits 1,
-naming the failed ones. A section is SKIPPED (and the exit status stays 0) only for a
-stated reason: its `run` returned ``{"skipped": "reason"}``, or the import or the run
-raised ModuleNotFoundError for one of the package's optional dependencies
-(`OPTIONAL_PACKAGES`, the extras of pyproject.toml), which is named in the reason.
+whose `run` raises has FAILED: the other sections still run and the exit status is 1,
+naming the failed ones. A section is SKIPPED (exit status 0) only for a stated reason: its
+`run` returned ``{"skipped": "reason"}``, or an optional dependency (`OPTIONAL_PACKAGES`,
+the extras of pyproject.toml) is missing, which is named in the reason.
 
-What `run` returns (all keys optional; the dict is also dumped to out/NAME.json when the
-section did not write that file itself):
+What `run` returns (all keys optional; dumped to out/NAME.json unless the section wrote it):
     "tables": [{"title": str, "columns": [str], "rows": [[cell, ...] or {column: cell}]}]
     "rows":   [{column: cell}]          (a single untitled table, when there is no "tables")
     "table":  str                       (preformatted text, printed as is)
     "notes":  [str]                     (printed under the tables, bullets in markdown)
     "plot" / "plots": file name(s) in out_dir, linked from the markdown block
-    "readme": {"block": NAME, "table": i, "notes": [str]}
-                                        (what --readme writes for the section: table i of
-                                        "tables" with its title, the notes, the machine
-                                        and command, between <!-- NAME:start --> and
-                                        <!-- NAME:end -->; without "readme", the first
-                                        table between <!-- bench:readme-SECTION:start/end -->)
+    "readme": {"block": NAME, "table": i, "notes": [str]}  (what --readme writes: table i,
+              the notes, machine and command between <!-- NAME:start/end -->; without it,
+              the first table between <!-- bench:readme-SECTION:start/end -->)
     "skipped": str                      (the section did not run, for this reason)
 
-Machine information (CPU model, cores, torch version and threads, backend, date, git
-commit, the exact command line) goes to out/machine.json. With `--markdown PATH`, the
-block between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` is rewritten for
-every section that ran successfully (file and markers are created when absent); text
+The machine (CPU, torch and threads, backend, date, git commit, command line) goes to
+out/machine.json. `--markdown PATH` rewrites, per successful section, the block between
+`<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` (created when absent); text
 outside the markers is never touched. Exit status: 1 when a section failed (or a markdown
 block could not be written), 2 for an unknown section name, else 0.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import inspect
@@ -64,7 +52,8 @@ import sys
 import time
 import traceback
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from importlib import metadata
+from typing import Callable, List, Optional, Sequence, Tuple
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -74,6 +63,9 @@ DEFAULT_SECTIONS = ("kernels",)
 #: section that needs one of them and does not find it is skipped, with the reason.
 OPTIONAL_PACKAGES = {"triton": "triton", "matplotlib": "matplotlib",
                      "sklearn": "scikit-learn", "diffusers": "diffusers"}
+#: The keyword options a section's `run` may name (from the command line).
+OPTION_NAMES = ("device", "backend", "sizes", "ks", "dtypes", "repeats", "impls", "threads",
+                "demo_distilled", "models", "time_budget_s")
 
 for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
@@ -96,11 +88,10 @@ def module_path(name: str) -> pathlib.Path:
 
 def missing_optional(e: BaseException) -> Optional[str]:
     """The reason to skip when `e` says an optional dependency is not installed, else None."""
-    if isinstance(e, ModuleNotFoundError) and e.name:
-        top = e.name.split(".")[0]
-        if top in OPTIONAL_PACKAGES:
-            return (f"needs the optional package {OPTIONAL_PACKAGES[top]!r}, which is not "
-                    f"installed (pip install {OPTIONAL_PACKAGES[top]})")
+    top = (getattr(e, "name", None) or "").split(".")[0]
+    if isinstance(e, ModuleNotFoundError) and top in OPTIONAL_PACKAGES:
+        return (f"needs the optional package {OPTIONAL_PACKAGES[top]!r}, which is not "
+                f"installed (pip install {OPTIONAL_PACKAGES[top]})")
     return None
 
 
@@ -129,9 +120,60 @@ def call_run(mod, quick: bool, out_dir: pathlib.Path, options: dict) -> Tuple[di
     result = mod.run(quick, out_dir, **passed)
     if result is None:
         result = {}
-    if not isinstance(result, dict):
-        result = {"result": result}
-    return result, passed
+    return (result if isinstance(result, dict) else {"result": result}), passed
+
+
+# --------------------------------------------------------------------------------------
+# helpers the sections share
+
+
+def loadavg() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]):
+    """torch's intra-op thread count set to ``n`` (None: unchanged) and restored after."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def reporter(section: str, verbose: bool = True) -> Callable:
+    """A print function prefixed with the section's name and its elapsed seconds."""
+    t0 = time.perf_counter()
+
+    def say(*parts):
+        if verbose:
+            print(f"[{section} +{time.perf_counter() - t0:5.1f}s]", *parts, flush=True)
+    return say
+
+
+def section_main(name: str, run: Callable, options: Sequence[Tuple[str, dict]] = (),
+                 argv: Optional[Sequence[str]] = None) -> int:
+    """A section module run as a script: --quick, --out and its own `options` (flag,
+    argparse keywords), passed to `run` by name when given; prints its tables."""
+    ap = argparse.ArgumentParser(description=f"benchmark section {name!r} alone")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=pathlib.Path, default=HERE / "results")
+    for flag, kw in options:
+        ap.add_argument(flag, **kw)
+    args = vars(ap.parse_args(argv))
+    quick, out = args.pop("quick"), args.pop("out")
+    t0 = time.perf_counter()
+    result = run(quick, out, **{k: v for k, v in args.items() if v is not None})
+    print(render_text(name, result))
+    print(f"\nwrote {out / (name + '.json')} in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -141,9 +183,7 @@ def call_run(mod, quick: bool, out_dir: pathlib.Path, options: dict) -> Tuple[di
 def _cell(v) -> str:
     if v is None:
         return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def section_tables(result: dict) -> List[dict]:
@@ -158,14 +198,9 @@ def section_tables(result: dict) -> List[dict]:
         cols = list(t.get("columns") or [])
         if not cols:
             for r in rows:
-                if isinstance(r, dict):
-                    cols += [k for k in r if k not in cols]
-        body = []
-        for r in rows:
-            if isinstance(r, dict):
-                body.append([_cell(r.get(c)) for c in cols])
-            else:
-                body.append([_cell(c) for c in r])
+                cols += [k for k in r if k not in cols] if isinstance(r, dict) else []
+        body = [[_cell(r.get(c)) for c in cols] if isinstance(r, dict) else [_cell(c) for c in r]
+                for r in rows]
         out.append(dict(title=t.get("title", ""), columns=[str(c) for c in cols], rows=body))
     return out
 
@@ -180,18 +215,16 @@ def _numeric_column(rows, i) -> bool:
 
 def text_table(t: dict) -> str:
     cols, rows = t["columns"], t["rows"]
-    widths = [len(c) for c in cols]
-    for r in rows:
-        for i, c in enumerate(r):
-            if i < len(widths):
-                widths[i] = max(widths[i], len(c))
+    widths = [max([len(c)] + [len(r[i]) for r in rows if i < len(r)])
+              for i, c in enumerate(cols)]
     right = [_numeric_column(rows, i) for i in range(len(cols))]
-    fmt = lambda r: "  ".join(c.rjust(w) if right[i] else c.ljust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if right[i] else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     lines = [t["title"]] if t.get("title") else []
-    lines += [fmt(cols), fmt(["-" * w for w in widths])]
-    lines += [fmt(r) for r in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + [line(cols), line(["-" * w for w in widths])]
+                     + [line(r) for r in rows])
 
 
 def _md_escape(s: str) -> str:
@@ -200,9 +233,7 @@ def _md_escape(s: str) -> str:
 
 def markdown_table(t: dict) -> str:
     cols = t["columns"]
-    lines = []
-    if t.get("title"):
-        lines += [f"**{_md_escape(t['title'])}**", ""]
+    lines = [f"**{_md_escape(t['title'])}**", ""] if t.get("title") else []
     lines.append("| " + " | ".join(_md_escape(c) for c in cols) + " |")
     lines.append("|" + "|".join("---:" if _numeric_column(t["rows"], i) else "---"
                                 for i in range(len(cols))) + "|")
@@ -214,9 +245,8 @@ def render_text(name: str, result: dict) -> str:
     parts = [text_table(t) for t in section_tables(result)]
     if isinstance(result.get("table"), str):
         parts.append(result["table"])
-    notes = result.get("notes") or []
-    if notes:
-        parts.append("\n".join(f"  * {n}" for n in notes))
+    if result.get("notes"):
+        parts.append("\n".join(f"  * {n}" for n in result["notes"]))
     return "\n\n".join(parts) if parts else f"(section {name} returned no table)"
 
 
@@ -224,15 +254,25 @@ def render_text(name: str, result: dict) -> str:
 # machine information
 
 
+def cpu_model() -> str:
+    m = re.search(r"^model name\s*:\s*(.+)$", _read("/proc/cpuinfo"), re.M)
+    return m.group(1).strip() if m else (platform.processor() or platform.machine())
+
+
+def commit_label(commit: Optional[str], dirty: Optional[bool]) -> str:
+    """'abcdef0123', with ' + uncommitted changes' when the tracked tree differs from it."""
+    return (commit or "unknown")[:10] + (" + uncommitted changes" if dirty else "")
+
+
 def _read(path: str) -> str:
     try:
-        with open(path) as f:
-            return f.read()
+        return pathlib.Path(path).read_text()
     except OSError:
         return ""
 
 
-def _git(*args) -> Optional[str]:
+def git(*args) -> Optional[str]:
+    """Output of a git command in the repository, None when it fails."""
     try:
         out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
                              timeout=10)
@@ -243,99 +283,66 @@ def _git(*args) -> Optional[str]:
 
 def _pkg_version(name: str) -> Optional[str]:
     try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
         return None
+
+
+def _backend_info(device: str) -> dict:
+    """The backend `device` gets, the available ones, and any warning the choice gave."""
+    import torch
+
     try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
+        from epd_kernels import backends
 
-
-def command_line() -> str:
-    return shlex.join(["python"] + sys.argv)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            name = backends.for_device(torch.device(device)).name
+        return dict(backend=name, backends_available=backends.available(),
+                    backend_note="; ".join(str(w.message) for w in caught) or None)
+    except Exception as e:  # noqa: BLE001
+        return dict(backend=None, backends_available=None, backend_note=(
+            f"could not query epd_kernels.backends: {type(e).__name__}: {e}"))
 
 
 def machine_info(device: str = "cpu") -> dict:
     import torch
 
     cpuinfo = _read("/proc/cpuinfo")
-    m = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    cpu_model = m.group(1).strip() if m else (platform.processor() or platform.machine())
-    cores = {(a, b) for a, b in re.findall(
-        r"^physical id\s*:\s*(\d+)$.*?^core id\s*:\s*(\d+)$", cpuinfo, re.M | re.S)}
+    cores = set(re.findall(r"^physical id\s*:\s*(\d+)$.*?^core id\s*:\s*(\d+)$", cpuinfo,
+                           re.M | re.S))
     flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
     flags = set(flags.group(1).split()) if flags else set()
     mem = re.search(r"^MemTotal:\s*(\d+) kB", _read("/proc/meminfo"), re.M)
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = None
-
-    backend, backends_available, backend_note = None, None, None
-    try:
-        from epd_kernels import backends
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            backend = backends.for_device(torch.device(device)).name
-        backends_available = backends.available()
-        backend_note = "; ".join(str(w.message) for w in caught) or None
-    except Exception as e:  # noqa: BLE001
-        backend_note = f"could not query epd_kernels.backends: {type(e).__name__}: {e}"
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    info = dict(
-        cpu_model=cpu_model,
-        logical_cpus=os.cpu_count(),
-        usable_cpus=affinity,
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return dict(
+        cpu_model=cpu_model(), logical_cpus=os.cpu_count(),
+        usable_cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         physical_cores=len(cores) or None,
-        cpu_flags=sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16",
-                                                  "fma", "f16c", "avx512bw", "avx512vl")),
+        cpu_flags=sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma", "f16c",
+                                  "avx512bw", "avx512vl"}),
         mem_total_gb=round(int(mem.group(1)) / 2**20, 1) if mem else None,
-        platform=platform.platform(),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        torch_threads=torch.get_num_threads(),
+        platform=platform.platform(), python=platform.python_version(),
+        torch=torch.__version__, torch_threads=torch.get_num_threads(),
         torch_interop_threads=torch.get_num_interop_threads(),
-        numpy=_pkg_version("numpy"),
-        triton=_pkg_version("triton"),
-        cuda_available=torch.cuda.is_available(),
-        cuda_version=torch.version.cuda,
+        numpy=_pkg_version("numpy"), triton=_pkg_version("triton"),
+        cuda_available=torch.cuda.is_available(), cuda_version=torch.version.cuda,
         gpu=(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
-        device=device,
-        backend=backend,
-        backends_available=backends_available,
-        backend_note=backend_note,
-        date_utc=now.isoformat(timespec="seconds"),
-        git_commit=commit,
+        device=device, **_backend_info(device),
+        date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git("rev-parse", "HEAD"),
         git_dirty=(bool(dirty) if dirty is not None else None),
-        git_branch=_git("rev-parse", "--abbrev-ref", "HEAD"),
-        command=command_line(),
-        argv=sys.argv,
-        cwd=os.getcwd(),
+        git_branch=git("rev-parse", "--abbrev-ref", "HEAD"),
+        command=shlex.join(["python"] + sys.argv), argv=sys.argv, cwd=os.getcwd(),
         executable=sys.executable,
         env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                         "EPD_KERNELS_BACKEND", "TRITON_INTERPRET",
                                         "CUDA_VISIBLE_DEVICES") if k in os.environ},
-        loadavg_start=_loadavg(),
+        loadavg_start=loadavg(),
     )
-    return info
-
-
-def _loadavg():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return None
 
 
 def machine_line(info: dict) -> str:
-    commit = (info.get("git_commit") or "unknown")[:10]
-    if info.get("git_dirty"):
-        commit += " + uncommitted changes"
     parts = [
         info.get("cpu_model") or "unknown CPU",
         f"{info.get('logical_cpus')} logical CPUs",
@@ -343,7 +350,7 @@ def machine_line(info: dict) -> str:
         f"{info.get('torch_threads')} threads",
         f"device {info.get('device')}" + (f" ({info['gpu']})" if info.get("gpu") else ""),
         f"backend `{info.get('backend')}`",
-        f"commit `{commit}`",
+        f"commit `{commit_label(info.get('git_commit'), info.get('git_dirty'))}`",
         f"{info.get('date_utc')}",
     ]
     if info.get("loadavg_start"):
@@ -355,41 +362,34 @@ def machine_line(info: dict) -> str:
 # markdown
 
 
-def markers(section: str) -> Tuple[str, str]:
-    return f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
-
-
 MARKDOWN_HEADER = (
     "# Benchmarks\n\n"
     "Every number between `<!-- bench:...:start/end -->` markers is written by "
     "`python benchmarks/run.py --markdown BENCHMARKS.md` from a real run; do not edit "
     "inside the markers (it is overwritten). Text outside them is kept.\n"
 )
+#: Where `markdown_body` copies the plots, relative to the markdown file: the run's output
+#: folder is usually outside the repository (or ignored), so a link into it would break.
+PLOT_DIR = pathlib.PurePosixPath("docs") / "bench"
 
 
-def readme_markers(block: str) -> Tuple[str, str]:
-    """The markers of a README block a section names itself (``result["readme"]``)."""
+def markers(block: str) -> Tuple[str, str]:
     return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
 
 
 def update_markdown(path: pathlib.Path, section: str, body: str,
                     marker_pair: Optional[Tuple[str, str]] = None) -> str:
-    """(Re)writes the generated block of `section` in `path` (between `markers(section)`,
-    or `marker_pair`); returns 'created', 'appended' or 'replaced'. Raises ValueError on
-    malformed markers (nothing written)."""
+    """(Re)writes the generated block of `section` in `path` (between the bench:SECTION
+    markers, or `marker_pair`); returns 'created', 'appended' or 'replaced'. Raises
+    ValueError on malformed markers (nothing written)."""
     path = pathlib.Path(path)
-    start, end = marker_pair or markers(section)
+    start, end = marker_pair or markers(f"bench:{section}")
     block = f"{start}\n{body.strip()}\n{end}"
-    if path.exists():
-        text = path.read_text()
-        how = None
-    else:
-        text = MARKDOWN_HEADER
-        how = "created"
+    text = path.read_text() if path.exists() else MARKDOWN_HEADER
+    how = None if path.exists() else "created"
     n_start, n_end = text.count(start), text.count(end)
     if n_start == 1 and n_end == 1 and text.index(start) < text.index(end):
-        i, j = text.index(start), text.index(end) + len(end)
-        text = text[:i] + block + text[j:]
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
         how = how or "replaced"
     elif n_start == 0 and n_end == 0:
         text = text.rstrip("\n") + f"\n\n## {section}\n\n{block}\n"
@@ -406,32 +406,19 @@ def update_markdown(path: pathlib.Path, section: str, body: str,
 
 def markdown_body(name: str, result: dict, info: dict, out_dir: pathlib.Path,
                   md_path: pathlib.Path) -> str:
-    lines = [
-        f"_Generated by `{info['command']}` — do not edit inside this block; rerun instead._",
-        "",
-        f"**Machine:** {machine_line(info)}",
-        "",
-    ]
+    lines = [f"_Generated by `{info['command']}` — do not edit inside this block; rerun "
+             "instead._", "", f"**Machine:** {machine_line(info)}", ""]
     if result.get("wall_time_s") is not None:
         lines += [f"Section wall time: {result['wall_time_s']:.1f} s.", ""]
     for t in section_tables(result):
         lines += [markdown_table(t), ""]
     if isinstance(result.get("table"), str):
         lines += ["```", result["table"].rstrip(), "```", ""]
-    for n in result.get("notes") or []:
-        lines.append(f"- {n}")
     if result.get("notes"):
-        lines.append("")
-    plots = result.get("plots") or ([result["plot"]] if result.get("plot") else [])
-    for p in plots:
-        rel = publish_plot(out_dir / p, md_path)
-        lines += [f"![{name}: {p}]({rel})", ""]
+        lines += [f"- {n}" for n in result["notes"]] + [""]
+    for p in result.get("plots") or ([result["plot"]] if result.get("plot") else []):
+        lines += [f"![{name}: {p}]({publish_plot(out_dir / p, md_path)})", ""]
     return "\n".join(lines)
-
-
-#: Where `markdown_body` copies the plots, relative to the markdown file: the run's output
-#: folder is usually outside the repository (or ignored), so a link into it would break.
-PLOT_DIR = pathlib.PurePosixPath("docs") / "bench"
 
 
 def publish_plot(plot: pathlib.Path, md_path: pathlib.Path) -> str:
@@ -443,26 +430,44 @@ def publish_plot(plot: pathlib.Path, md_path: pathlib.Path) -> str:
     return (PLOT_DIR / dest.name).as_posix()
 
 
+def write_readme(path: pathlib.Path, name: str, result: dict, info: dict) -> Optional[str]:
+    """Writes the section's README block: the block it names itself (``result["readme"]``),
+    else its first table between ``bench:readme-NAME`` markers. Returns a message or None."""
+    own = result.get("readme")
+    tables = section_tables(result)
+    if isinstance(own, dict) and own.get("block"):
+        t = tables[int(own.get("table", 0))]
+        lines = [f"_{machine_line(info)}; `{info['command']}`_", "", markdown_table(t), ""]
+        lines += [f"- {n}" for n in own.get("notes") or []]
+        how = update_markdown(path, name, "\n".join(lines), markers(own["block"]))
+        return f"README block {own['block']!r} {how} in {path}"
+    if not tables:
+        return None
+    head = tables[0]
+    body = (f"_{head['title']}_ — {machine_line(info)}; `{info['command']}`\n\n"
+            f"{markdown_table(head)}\n")
+    return f"headline table {update_markdown(path, f'readme-{name}', body)} in {path}"
+
+
 # --------------------------------------------------------------------------------------
 # command line
 
 
-def _int_list(s: str) -> List[int]:
+def int_list(s: str) -> List[int]:
+    """'4096,256K,4M' -> [4096, 262144, 4194304]."""
     out = []
-    for tok in s.split(","):
-        tok = tok.strip().upper()
+    for tok in (t.strip().upper() for t in s.split(",")):
         if not tok:
             continue
         mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(tok[-1], 1)
-        num = tok[:-1] if mult > 1 else tok
         try:
-            out.append(int(float(num) * mult))
+            out.append(int(float(tok[:-1] if mult > 1 else tok) * mult))
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a size: {tok!r} (use e.g. 4096, 256K, 4M)")
     return out
 
 
-def _str_list(s: str) -> List[str]:
+def str_list(s: str) -> List[str]:
     return [t.strip() for t in s.split(",") if t.strip()]
 
 
@@ -471,7 +476,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few sizes and repeats (< 1 min/section)")
     ap.add_argument("--all", action="store_true", help="every section whose module exists")
-    ap.add_argument("--sections", type=_str_list, default=None,
+    ap.add_argument("--sections", type=str_list, default=None,
                     help=f"comma list from {','.join(SECTIONS)} (default: kernels)")
     ap.add_argument("--out", type=pathlib.Path, default=HERE / "results",
                     help="output folder for JSON/PNG (default benchmarks/results)")
@@ -485,39 +490,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="force an epd_kernels backend (default: per device)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     g = ap.add_argument_group("section options (passed to sections whose run() accepts them)")
-    g.add_argument("--sizes", type=_int_list, default=None, help="e.g. 256K,4M (elements of x)")
-    g.add_argument("--ks", type=_int_list, default=None, help="branch counts, e.g. 2,3,4")
-    g.add_argument("--dtypes", type=_str_list, default=None, help="e.g. float32,bfloat16")
+    g.add_argument("--sizes", type=int_list, default=None, help="e.g. 256K,4M (elements of x)")
+    g.add_argument("--ks", type=int_list, default=None, help="branch counts, e.g. 2,3,4")
+    g.add_argument("--dtypes", type=str_list, default=None, help="e.g. float32,bfloat16")
     g.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
-    g.add_argument("--impls", type=_str_list, default=None, help="e.g. fused,eager,compile")
+    g.add_argument("--impls", type=str_list, default=None, help="e.g. fused,eager,compile")
     g.add_argument("--no-distilled", action="store_true",
                    help="solvers section: skip fitting the distilled solvers on the demo model")
-    g.add_argument("--models", type=_str_list, default=None,
+    g.add_argument("--models", type=str_list, default=None,
                    help="models of the sections that take them, in each section's own names "
                         "(speedup: gmm,gaussian,digits-unet)")
     g.add_argument("--time-budget-s", type=float, default=None,
                    help="speedup section: distill(..., time_budget_s=...) per distillation")
     return ap.parse_args(argv)
-
-
-def write_readme(path: pathlib.Path, name: str, result: dict, info: dict) -> Optional[str]:
-    """Writes the section's README block: the block it names itself (``result["readme"]``),
-    else its first table between ``bench:readme-NAME`` markers. Returns a message or None."""
-    own = result.get("readme")
-    tables = section_tables(result)
-    if isinstance(own, dict) and own.get("block"):
-        t = tables[int(own.get("table", 0))]
-        lines = [f"_{machine_line(info)}; `{info['command']}`_", "", markdown_table(t), ""]
-        lines += [f"- {n}" for n in own.get("notes") or []]
-        how = update_markdown(path, name, "\n".join(lines), readme_markers(own["block"]))
-        return f"README block {own['block']!r} {how} in {path}"
-    if not tables:
-        return None
-    head = tables[0]
-    body = (f"_{head['title']}_ — {machine_line(info)}; `{info['command']}`\n\n"
-            f"{markdown_table(head)}\n")
-    how = update_markdown(path, f"readme-{name}", body)
-    return f"headline table {how} in {path}"
 
 
 def run_section(name: str, args, options: dict, info: dict, out_dir: pathlib.Path) -> dict:
@@ -547,9 +532,7 @@ def run_section(name: str, args, options: dict, info: dict, out_dir: pathlib.Pat
     if not json_path.exists() or json_path.stat().st_mtime < started - 1:
         with open(json_path, "w") as f:  # the section did not write its own JSON
             json.dump(result, f, indent=1, default=str)
-    print()
-    print(render_text(name, result))
-    print(f"\n[{name}] {wall:.1f} s; wrote {json_path}")
+    print(f"\n{render_text(name, result)}\n\n[{name}] {wall:.1f} s; wrote {json_path}")
     entry = dict(status="ok", wall_time_s=wall, options=passed, json=str(json_path))
     for kind, path in (("markdown", args.markdown), ("readme", args.readme)):
         if not path:
@@ -591,22 +574,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         backends.set_backend(args.backend)  # for every section (and the machine info)
     info = machine_info(args.device)
-    print(f"machine: {machine_line(info)}")
-    print(f"command: {info['command']}")
+    print(f"machine: {machine_line(info)}\ncommand: {info['command']}")
     if info.get("backend_note"):
         print(f"note: {info['backend_note']}")
     info["sections"] = {}
 
     def write_machine():
-        info["loadavg_end"] = _loadavg()
+        info["loadavg_end"] = loadavg()
         with open(out_dir / "machine.json", "w") as f:
             json.dump(info, f, indent=1, default=str)
 
     write_machine()
-    options = dict(device=args.device, backend=args.backend, sizes=args.sizes, ks=args.ks,
-                   dtypes=args.dtypes, repeats=args.repeats, impls=args.impls,
-                   threads=args.threads, demo_distilled=not args.no_distilled,
-                   models=args.models, time_budget_s=args.time_budget_s)
+    options = {k: getattr(args, k, None) for k in OPTION_NAMES}
+    options["demo_distilled"] = not args.no_distilled
     for name in wanted:
         print(f"\n=== section {name} ===", flush=True)
         info["sections"][name] = run_section(name, args, options, info, out_dir)

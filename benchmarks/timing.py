@@ -1,33 +1,22 @@
 """The one timer of the benchmark sections: candidates of a comparison timed interleaved.
 
-    timer = Timer(torch.device("cpu"))
-    stats = bench_interleaved(timer, {"fused": f, "eager": g}, repeats=25, warmup=3,
-                              min_sample_s=0.005)
+    stats = bench_interleaved(Timer(device), {"fused": f, "eager": g}, repeats=25)
     stats["fused"]["median_s"], stats["fused"]["min_s"], stats["fused"]["q25_s"], ...
 
-How a comparison is timed:
+Every candidate is warmed up; its calls per sample (``inner``) are chosen so that a sample
+lasts about ``min_sample_s``, so sub-millisecond calls are not measured at the clock's
+resolution. Then ``repeats`` rounds each take one sample of every candidate, the order
+rotating from round to round (round r starts with candidate r mod n): a burst of load from
+another process hits all candidates alike, and no candidate is always first after a switch
+(cold caches, a clock ramping up). The garbage collector is paused while timing; on CUDA,
+samples are CUDA events after a synchronisation.
 
-- every candidate is warmed up, then its number of back-to-back calls per sample
-  (``inner``) is chosen so that one sample lasts about ``min_sample_s`` (at least one call,
-  at most 1000): sub-millisecond kernels are then not measured at the clock's resolution;
-- ``repeats`` rounds follow; each round takes one sample of every candidate, and the order
-  of the candidates rotates from round to round (round r starts with candidate r mod n).
-  A burst of load from another process then hits all candidates alike instead of the one
-  that happened to be timed at that moment, and no candidate is always first after a
-  switch (cold caches, a clock that ramps up);
-- the garbage collector is paused while timing; on CUDA, samples are taken with CUDA
-  events after a synchronisation.
-
-What is reported, per candidate: the **median** over the rounds (``median_s``, seconds per
-call) is the figure the tables show; the spread is reported beside it as the minimum and
-the quartiles (``min_s``, ``q25_s``, ``q75_s``), with ``repeats`` and ``inner``.
-
-Why the median and not the minimum: the benchmarks run on shared machines. The minimum is
-the single luckiest sample; for calls that allocate and last milliseconds it is neither
-what a user sees nor stable from one run to the next. The median ignores any disturbance
-that hits fewer than half of the rounds, and because the rounds interleave the candidates,
-the ratio of two medians compares them under the same load. The quartiles show how much
-load there was: a wide q25-q75 band says the run should be repeated on a quiet machine.
+Reported per candidate: the **median** over the rounds (seconds per call, the figure the
+tables show), the minimum and quartiles, ``repeats`` and ``inner``. Why the median: on a
+shared machine the minimum is the single luckiest sample, neither what a user sees nor
+stable between runs; the median ignores disturbances that hit fewer than half the rounds,
+and with interleaved rounds the ratio of two medians compares them under the same load. A
+wide q25-q75 band says the run should be repeated on a quiet machine.
 """
 from __future__ import annotations
 
@@ -39,7 +28,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-__all__ = ["Timer", "bench_interleaved", "summarize"]
+__all__ = ["Timer", "bench_interleaved"]
 
 #: Bounds on the calls per sample: at least one; at most this many, so that a call far
 #: faster than its first timed call suggested cannot make a sample run for minutes.
@@ -60,8 +49,7 @@ class Timer:
     def measure(self, fn: Callable, inner: int) -> float:
         if self.cuda:
             self.sync()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
             for _ in range(inner):
                 fn()
@@ -74,7 +62,7 @@ class Timer:
         return (time.perf_counter() - t0) / inner
 
 
-def summarize(samples: List[float], inner: int = 1) -> dict:
+def _summarize(samples: List[float], inner: int = 1) -> dict:
     """The statistics `bench_interleaved` reports for one candidate's samples."""
     if not samples:
         raise ValueError("samples: need at least one timing")
@@ -87,7 +75,7 @@ def summarize(samples: List[float], inner: int = 1) -> dict:
 def bench_interleaved(timer: Timer, fns: Dict[str, Callable], *, repeats: int,
                       warmup: int = 1, min_sample_s: float = 0.0) -> Dict[str, dict]:
     """Times every candidate of ``fns`` (name -> no-argument callable), interleaved with a
-    rotating order (module docstring); returns name -> `summarize` statistics."""
+    rotating order (module docstring); returns name -> `_summarize` statistics."""
     if not fns:
         raise ValueError("fns: need at least one candidate to time")
     if int(repeats) < 1:
@@ -101,11 +89,8 @@ def bench_interleaved(timer: Timer, fns: Dict[str, Callable], *, repeats: int,
         for _ in range(int(warmup)):
             fn()
         timer.sync()
-        if min_sample_s > 0:
-            t = timer.measure(fn, 1)
-            inner[name] = max(1, min(MAX_INNER, math.ceil(min_sample_s / max(t, 1e-7))))
-        else:
-            inner[name] = 1
+        once = timer.measure(fn, 1) if min_sample_s > 0 else math.inf
+        inner[name] = max(1, min(MAX_INNER, math.ceil(min_sample_s / max(once, 1e-7))))
     names = list(fns)
     samples: Dict[str, List[float]] = {n: [] for n in names}
     gc_was_enabled = gc.isenabled()
@@ -118,4 +103,4 @@ def bench_interleaved(timer: Timer, fns: Dict[str, Callable], *, repeats: int,
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {n: summarize(samples[n], inner[n]) for n in names}
+    return {n: _summarize(samples[n], inner[n]) for n in names}

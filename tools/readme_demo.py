@@ -14,38 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
+import pathlib
 import shutil
 import subprocess
 import sys
 
-START, END = "<!-- demo:start -->", "<!-- demo:end -->"
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.run import commit_label, cpu_model, git, markers, update_markdown  # noqa: E402
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return rev + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+START, END = markers("demo")
 
 
 def block(run_dir: str, readme_dir: str, commit: str) -> str:
+    """The README block's text (without its markers) for the demo run in `run_dir`."""
     with open(os.path.join(run_dir, "results.json")) as f:
         res = json.load(f)
     with open(os.path.join(run_dir, "table.md")) as f:
@@ -56,9 +37,8 @@ def block(run_dir: str, readme_dir: str, commit: str) -> str:
     t = res["timings"]
     skipped = res.get("skipped", [])
     lines = [
-        START,
         f"_Written by `python tools/readme_demo.py` from a run of `{res['command']}` — "
-        f"{_cpu_name()} · {os.cpu_count()} logical CPUs · {res['threads']} thread(s) · "
+        f"{cpu_model()} · {os.cpu_count()} logical CPUs · {res['threads']} thread(s) · "
         f"torch {torch.__version__} · commit `{commit}`; total {t['total']:.0f} s "
         f"(reference {t['reference']:.0f} s, baselines {t['baselines']:.0f} s, D-ODE "
         f"{t['d-ode']:.0f} s, EPD {t['epd']:.0f} s"
@@ -82,22 +62,14 @@ def block(run_dir: str, readme_dir: str, commit: str) -> str:
         f"![RMSE to the reference versus latency NFE]({rel}/rmse_vs_nfe.png)",
         "",
         f"![Samples: rows are solvers, columns NFE]({rel}/samples_grid.png)",
-        END,
     ]
     return "\n".join(lines)
 
 
 def update_readme(readme: str, text: str) -> None:
-    with open(readme) as f:
-        old = f.read()
-    pat = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    if not pat.search(old):
+    if START not in pathlib.Path(readme).read_text():
         raise SystemExit(f"{readme}: no {START} ... {END} block to replace")
-    new = pat.sub(lambda _: text, old, count=1)
-    tmp = readme + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, readme)
+    update_markdown(pathlib.Path(readme), "demo", text, (START, END))
 
 
 def main(argv=None) -> int:
@@ -108,7 +80,9 @@ def main(argv=None) -> int:
     args, demo_args = ap.parse_known_args(argv)
     run_dir = args.src
     # The tree the demo runs on, read before the run rewrites docs/demo and the README.
-    commit = _commit() if run_dir is None else "of an earlier run (--from)"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    commit = (commit_label(git("rev-parse", "HEAD"), bool(dirty)) if run_dir is None
+              else "of an earlier run (--from)")
     if run_dir is None:
         run_dir = args.out
         if os.path.isdir(run_dir):

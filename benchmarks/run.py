@@ -57,7 +57,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-SECTIONS = ("kernels", "solvers", "branches", "distill", "speedup")  # canonical order
+SECTIONS = ("kernels", "solvers", "branches", "distill")  # canonical order
 DEFAULT_SECTIONS = ("kernels",)
 #: Top-level modules of the package's optional dependencies (pyproject.toml extras): a
 #: section that needs one of them and does not find it is skipped, with the reason.
@@ -65,7 +65,7 @@ OPTIONAL_PACKAGES = {"triton": "triton", "matplotlib": "matplotlib",
                      "sklearn": "scikit-learn", "diffusers": "diffusers"}
 #: The keyword options a section's `run` may name (from the command line).
 OPTION_NAMES = ("device", "backend", "sizes", "ks", "dtypes", "repeats", "impls", "threads",
-                "demo_distilled", "models", "time_budget_s")
+                "demo_distilled", "models", "nfes")
 
 for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
@@ -499,9 +499,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="solvers section: skip fitting the distilled solvers on the demo model")
     g.add_argument("--models", type=str_list, default=None,
                    help="models of the sections that take them, in each section's own names "
-                        "(speedup: gmm,gaussian,digits-unet)")
-    g.add_argument("--time-budget-s", type=float, default=None,
-                   help="speedup section: distill(..., time_budget_s=...) per distillation")
+                        "(distill: gaussian,gmm,skewed-16,mixture-128,mixture-768,digits-unet)")
+    g.add_argument("--nfes", type=int_list, default=None,
+                   help="NFEs of the sections that take them (distill: 3,5,7,9)")
     return ap.parse_args(argv)
 
 

@@ -309,7 +309,7 @@ def test_distill_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(mo
     kw = dict(TINY, iterations=10)
     params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
     assert len(calls) == 5
-    (search_kw, winner), (fixed_kw, fixed), (grid_kw, learned) = calls[2], calls[3], calls[4]
+    (fixed_kw, fixed), (grid_kw, learned) = calls[3], calls[4]
     assert not fixed_kw.get("learn_grid") and grid_kw["learn_grid"] is True
     assert fixed_kw["init"] is report["candidates"][report["chosen"]]["params"]
     assert grid_kw["lr"] == pytest.approx(TINY["lr"] * schedule_search.LEARN_GRID_LR_SCALE)

@@ -137,6 +137,12 @@ def _rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     return v if math.isfinite(v) else math.inf
 
 
+def _dtype(model) -> torch.dtype:
+    """The model's floating dtype (its first tensor's; float32 for a model without any)."""
+    return next((v.dtype for v in model.state_dict().values() if v.is_floating_point()),
+                torch.float32)
+
+
 def reference(model, noise: torch.Tensor) -> tuple:
     """(state at sigma_min, info): `REF_SOLVER` at `REF_NFE`, its error estimated as
     RMSE(half budget, ref) / 7 (third order), and measured where a closed form exists."""
@@ -168,8 +174,7 @@ def baseline_curve(model, noise, ref, solver: str, max_nfe: int) -> dict:
 def distill_epd(model, noise, ref, nfe: int, kw: dict, progress: bool) -> dict:
     """EPD distilled at ``nfe`` (on a float32 copy of a float64 model), timed and scored;
     with what the budget chose and what distill's own held-out check said."""
-    student = model if next(iter(model.state_dict().values()), torch.zeros(())).dtype \
-        != F64 else copy.deepcopy(model).to(torch.float32)
+    student = copy.deepcopy(model).to(torch.float32) if _dtype(model) == F64 else model
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -233,7 +238,7 @@ def run(quick: bool, out_dir: pathlib.Path, *, models: Optional[Sequence[str]] =
 
 def _measure(name: str, cfg: dict, data: dict, say, verbose: bool) -> None:
     model = MODELS[name][1]()
-    dtype = next(iter(model.state_dict().values()), torch.zeros((), dtype=F64)).dtype
+    dtype = _dtype(model)
     noise = make_noise(range(TEST_SEED, TEST_SEED + cfg["samples"]), tuple(model.shape),
                        dtype=dtype)
     with torch.no_grad(), warnings.catch_warnings():

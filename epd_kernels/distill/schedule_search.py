@@ -407,8 +407,9 @@ def _auto(denoiser, s: DistillSettings, cond: dict):
         if not full:
             final = s.replace(schedule=schedule, iterations=final_it or s.iterations,
                               progress=False, search=SearchSettings())
-            params, report["final"] = _final_runs(denoiser, score, params, final, cond,
-                                                  grid_it, s.progress)
+            start_score = report["candidates"][report["chosen"]]["val_rmse"]
+            params, report["final"] = _final_runs(denoiser, score, (params, start_score),
+                                                  final, cond, grid_it, s.progress)
     params.meta["schedule_search"] = {
         "chosen": report["chosen"], "final": report.get("final"),
         "val_rmse": {n: (r["val_rmse"] if math.isfinite(r["val_rmse"]) else None)
@@ -422,7 +423,8 @@ def _auto(denoiser, s: DistillSettings, cond: dict):
 
 def _final_runs(denoiser, score, start, s: DistillSettings, cond: dict,
                 grid_iterations: Optional[int], progress: bool):
-    """The final run(s) from the search winner ``start``: (params, record).
+    """The final run(s) from the search winner ``start`` = (params, its validation RMSE,
+    scored by the search): (params, record).
 
     The winner is distilled in full on its grid; with ``learn_grid`` (default for EPD) the
     better of the two on validation starts a second run that also learns the grid
@@ -432,10 +434,11 @@ def _final_runs(denoiser, score, start, s: DistillSettings, cond: dict,
     full run, whose trajectory loss does not see the few draws that end in another
     component)."""
     learn = s.method == "epd" if s.learn_grid is None else bool(s.learn_grid)
+    start, start_score = start
     fixed = train(denoiser, s.replace(init=start, learn_grid=False,
                                       match=None if learn else s.match, progress=progress), cond)
     runs = {"search": start, "fixed": fixed}
-    scores = {"search": score(start), "fixed": score(fixed)}
+    scores = {"search": start_score, "fixed": score(fixed)}
     if learn:
         base = runs[min(scores, key=scores.get)]
         its = s.iterations if grid_iterations is None else grid_iterations

@@ -75,7 +75,7 @@ FIT_SEED_BASE = 2 ** 40
 #: d-ipndm on the digits U-Net, log-SNR grid, NFE 9, held-out RMSE / iPNDM's: 1.000 with
 #: 128 samples (in-sample MSE -32%), 0.93-0.95 with 512 (two seeds), 0.94 with 1024. On
 #: the three 64-dim models of the distill benchmark (NFE 3-9, three solvers, five grids,
-#: 180 cases, 1024 held-out draws; session 7): 512 was >1% better than 128 in 54 cases,
+#: 180 cases, 1024 held-out draws): 512 was >1% better than 128 in 54 cases,
 #: >1% worse in 28, level in 98, geometric mean of the ratio to the base solver 0.249 at
 #: both. Two of the worse cases are large (Gaussian NFE 9 d-ipndm on rho = 3.5: 0.02 ->
 #: 0.23; digits-exact NFE 9 d-heun on rho = 5: 0.72 -> 1.31, an error made of a few draws

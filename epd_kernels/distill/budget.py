@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from .teacher import CALLS_PER_STEP
 from .settings import (AUTO, DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_M, DEFAULT_POOL,
                        DistillSettings)
 
@@ -134,7 +135,7 @@ def plan(s: DistillSettings, cost: dict, candidates: int = 1) -> tuple:
     S, afs = s.steps, int(s.afs)
     per_call = cost["call_chunk"] + cost["overhead"]               # per chunk of draws
     per_draw = lambda calls: calls * per_call / cost["chunk"]      # noqa: E731
-    teacher_calls = lambda M: 2 * S * (M + 1)                      # noqa: E731
+    teacher_calls = lambda M: CALLS_PER_STEP[s.teacher] * S * (M + 1)  # noqa: E731
     compare_draw = per_draw(REFERENCE_STEPS + _BASELINE_COUNT * s.nfe + 2 * (2 * S - afs))
     auto = s.auto_schedule
     runs = candidates / 3 + 2 if auto else 1          # training runs' worth of iterations
@@ -191,7 +192,10 @@ def _validation_plan(s: DistillSettings, candidates: int, per_draw, budget: floa
 
 def _teacher_plan(s: DistillSettings, seconds: float, per_draw, batch: int):
     """``(M, pool)`` for the teacher's share of the budget (module docstring)."""
-    choices = (DEFAULT_M, 7, 3) if s.M == AUTO else (s.M,)
+    # The same three costs per student interval for every teacher: (M + 1) calls per step.
+    per_step = CALLS_PER_STEP[s.teacher]
+    choices = tuple((DEFAULT_M + 1) * 2 // per_step // 2 ** i - 1 for i in range(3))
+    choices = choices if s.M == AUTO else (s.M,)
     for M in choices:
         affordable = int(seconds / per_draw(M)) if seconds > 0 else 0
         if s.pool != AUTO:       # pool given (or None: fresh noise): only M is chosen

@@ -21,12 +21,14 @@ import torch
 
 from ..solvers.dpm2 import sample_dpm2
 from ..solvers.heun import sample_heun
+from ..solvers.ipndm import sample_ipndm
 from ..solvers.schedules import check_sigmas
 
-__all__ = ["TEACHERS", "INSERTIONS", "refine_sigmas", "teacher_targets"]
+__all__ = ["TEACHERS", "CALLS_PER_STEP", "INSERTIONS", "refine_sigmas", "teacher_targets"]
 
-#: Teacher solvers by name.
-TEACHERS = {"dpm2": sample_dpm2, "heun": sample_heun}
+#: Teacher solvers by name, and their denoiser calls per step of the refined grid.
+TEACHERS = {"ipndm": sample_ipndm, "dpm2": sample_dpm2, "heun": sample_heun}
+CALLS_PER_STEP = {"ipndm": 1, "dpm2": 2, "heun": 2}
 #: Ways to insert the M extra points, by name.
 INSERTIONS = ("polynomial", "logsnr", "geometric")
 

@@ -192,10 +192,7 @@ def _validation_plan(s: DistillSettings, candidates: int, per_draw, budget: floa
 
 def _teacher_plan(s: DistillSettings, seconds: float, per_draw, batch: int):
     """``(M, pool)`` for the teacher's share of the budget (module docstring)."""
-    # The same three costs per student interval for every teacher: (M + 1) calls per step.
-    per_step = CALLS_PER_STEP[s.teacher]
-    choices = tuple((DEFAULT_M + 1) * 2 // per_step // 2 ** i - 1 for i in range(3))
-    choices = choices if s.M == AUTO else (s.M,)
+    choices = (DEFAULT_M, 7, 3) if s.M == AUTO else (s.M,)
     for M in choices:
         affordable = int(seconds / per_draw(M)) if seconds > 0 else 0
         if s.pool != AUTO:       # pool given (or None: fresh noise): only M is chosen

@@ -92,7 +92,7 @@ class DistillSettings:
     schedule: object = None
     afs: bool = True
     max_order: int = 4
-    teacher: str = "dpm2"
+    teacher: str = "ipndm"
     M: object = AUTO
     insert: str = "polynomial"
     iterations: object = AUTO

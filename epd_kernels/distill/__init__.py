@@ -32,8 +32,8 @@ mixture (NFE 5, K = 2, RMSE to the ODE solution on 1024 held-out draws, 2 seeds)
 iterations 300 (150: 0.139, 300: 0.116-0.121, 600: no better); lr 0.05 (0.02: 0.157-0.163);
 M = 15 (the paper's 3 leaves the teacher as the error: 0.131-0.136); batch 64 with a pool
 of 4096 (with the search, 1024 / 32: 0.110, 4096 / 64: 0.086, 4096 / 128 and 600
-iterations: 0.083). Wider bounds, K > 2, Heun as teacher or a final-state loss did no better. The AMED
-predictor's weights learn at ``lr * WEIGHT_LR_SCALE`` (`students`).
+iterations: 0.083). Wider bounds, K > 2, Heun as teacher or a final-state loss did no
+better. The AMED predictor's weights learn at ``lr * WEIGHT_LR_SCALE`` (`students`).
 """
 import sys as _sys
 import types as _types

@@ -37,6 +37,7 @@ from ..sampling import sample
 from ..solvers.common import check_int
 from .batches import shared_pools
 from .budget import _cycle
+from .conditioning import slice_rows
 from .loop import default_device, dist_info, train
 from .noise import row_seed
 from .settings import AUTO, DistillSettings, SearchSettings
@@ -150,21 +151,12 @@ def _split_cond(cond: dict, val_cond: Optional[dict], rows: tuple, val_size: int
     return {k: cycled.get(k, v) for k, v in cond.items()}
 
 
-def _chunks(n: int, size: int):
-    for a in range(0, n, size):
-        yield a, min(n, a + size)
-
-
-def _slice_cond(cond: dict, a: int, b: int, n: int) -> dict:
-    return {k: (v[a:b] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n
-                else v) for k, v in cond.items()}
-
-
 @torch.no_grad()
 def _run(denoiser, noise, cond, chunk, **kw) -> torch.Tensor:
     n = noise.shape[0]
-    return torch.cat([sample(denoiser, noise[a:b], **kw, **_slice_cond(cond, a, b, n))
-                      for a, b in _chunks(n, chunk)])
+    rows = [range(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+    return torch.cat([sample(denoiser, noise[r.start:r.stop], **kw, **slice_rows(cond, n, r))
+                      for r in rows])
 
 
 class _Validation:

@@ -437,16 +437,17 @@ def test_distilled_epd_beats_euler_on_mixture_heldout():
 
 
 def test_schedule_auto_is_the_schedule_search():
-    """``distill(schedule="auto")`` is `distill_auto` with the same settings: the same
-    (deterministic) params on the grid the search chose, which is one of the candidates."""
-    from epd_kernels.distill.schedule_search import DEFAULT_CANDIDATES, distill_auto
+    """``distill(schedule="auto")`` gives the same (deterministic) params with the budget's
+    M as with the fixed default, on the grid the search chose, one of the candidates."""
+    from epd_kernels.distill.schedule_search import DEFAULT_CANDIDATES
 
     model = gaussian(8)
     kw = dict(nfe=5, shape=(8,), iterations=6, batch_size=8, pool=64, progress=False,
               val_size=16, search_iterations=3)
     p = distill(model, schedule="auto", compare=False, **kw)
-    q, report = distill_auto(model, **kw)
+    q = distill(model, schedule="auto", compare=False, time_budget_s=None, **kw)
     assert_same_params(p, q, rtol=0, atol=0)
+    report = p.meta["schedule_search"]
     from epd_kernels.solvers.registry import resolve_sigmas as _resolve_sigmas
 
     grids = [_resolve_sigmas(c, 3) for c in DEFAULT_CANDIDATES.values()]

@@ -14,8 +14,7 @@ from epd_kernels import get_sigmas, make_noise, sample
 from epd_kernels.distill import batches as batches_mod
 from epd_kernels.distill import distill
 from epd_kernels.distill import row_seed, schedule_search
-from epd_kernels.distill.schedule_search import (DEFAULT_CANDIDATES, choose_schedule,
-                                                 distill_auto, training_seeds,
+from epd_kernels.distill.schedule_search import (DEFAULT_CANDIDATES, training_seeds,
                                                  validation_seeds)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:epd_kernels. using the plain-PyTorch reference"),
@@ -29,6 +28,29 @@ BAD_GRID = [80.0, 79.0, 78.0, 0.002]
 CANDS = {"poly7": DEFAULT_CANDIDATES["poly7"], "bad": BAD_GRID, "time-uniform": "time-uniform"}
 
 
+def search(model, **kw):
+    """``distill(schedule="auto")`` with the fixed defaults and no comparison, and the
+    search's full report (every candidate's params, ``score``): ``(params, report)``."""
+    reports = []
+    real = schedule_search._auto
+
+    def spy(*args):
+        out = real(*args)
+        reports.append(out[1])
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(schedule_search, "_auto", spy)
+        params = distill(model, **{"schedule": "auto", "time_budget_s": None, "compare": False,
+                                   "progress": False, **kw})
+    return params, reports[0]
+
+
+def choose(model, **kw):
+    """The search alone: full-length candidate runs, the winner is the result."""
+    return search(model, **{"search_iterations": None, **kw})
+
+
 def exact_val_rmse(model, params, report):
     """Validation RMSE of `params` against the closed-form ODE solution (the oracle)."""
     lo, hi = report["validation"]["seeds"]
@@ -40,13 +62,12 @@ def exact_val_rmse(model, params, report):
 
 def test_choice_is_the_lowest_validation_rmse():
     model = gaussian()
-    schedule, report = choose_schedule(model, candidates=CANDS, **TINY)
+    params, report = choose(model, candidates=CANDS, **TINY)
     cands = report["candidates"]
     assert set(cands) == set(CANDS)
     vals = {n: c["val_rmse"] for n, c in cands.items()}
     assert report["chosen"] == min(vals, key=vals.get)
-    assert schedule == CANDS[report["chosen"]]
-    assert report["params"] is cands[report["chosen"]]["params"]
+    assert params is report["params"] is cands[report["chosen"]]["params"]
     assert report["chosen"] != "bad"
     # the grid travels inside the params
     torch.testing.assert_close(report["params"].sigmas,
@@ -83,7 +104,7 @@ def test_validation_noise_is_disjoint_from_training_noise(monkeypatch):
     monkeypatch.setattr(batches_mod, "training_noise", spy_training_noise)
     monkeypatch.setattr(schedule_search, "make_noise", spy_make_noise)
     kw = dict(TINY, pool=None, iterations=4)   # fresh noise every iteration
-    _, report = choose_schedule(gaussian(), candidates=["poly7", "logsnr"], **kw)
+    _, report = choose(gaussian(), candidates=["poly7", "logsnr"], **kw)
     assert len(drawn_val) == 1 and len(drawn_val[0]) == kw["val_size"]
     assert drawn_train and not (drawn_train & set(drawn_val[0]))
     assert drawn_train == training_seeds(kw["seed"], kw["iterations"], kw["batch_size"], None)
@@ -100,18 +121,18 @@ def test_a_validation_training_clash_is_refused(monkeypatch):
                                   TINY["pool"]))
     monkeypatch.setattr(schedule_search, "validation_seeds", lambda n, s=0: train[:n])
     with pytest.raises(ValueError, match="also training seeds"):
-        choose_schedule(gaussian(), candidates=["poly7"], **TINY)
+        choose(gaussian(), candidates=["poly7"], **TINY)
 
 
 def test_tie_goes_to_the_first_candidate():
     same = {"first": "time-uniform", "second": "time-uniform"}
-    schedule, report = choose_schedule(gaussian(), candidates=same, **TINY)
+    params, report = choose(gaussian(), candidates=same, **TINY)
     c = report["candidates"]
     assert c["first"]["val_rmse"] == c["second"]["val_rmse"]  # deterministic runs
-    assert report["chosen"] == "first" and schedule == "time-uniform"
+    assert report["chosen"] == "first" and params is c["first"]["params"]
 
 
-def test_distill_auto_continues_the_winner_from_its_search_params(monkeypatch):
+def test_schedule_auto_continues_the_winner_from_its_search_params(monkeypatch):
     model = gaussian()
     starts = []
     real = schedule_search.train
@@ -122,7 +143,7 @@ def test_distill_auto_continues_the_winner_from_its_search_params(monkeypatch):
 
     monkeypatch.setattr(schedule_search, "train", spy)
     kw = dict(TINY, iterations=10, learn_grid=False)
-    params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
+    params, report = search(model, candidates=CANDS, search_iterations=4, **kw)
     assert report["continued"] and report["search_iterations"] == 4
     final = report["final"]
     assert final["learn_grid"] is False and final["kept"] in ("search", "fixed")
@@ -140,7 +161,7 @@ def test_distill_auto_continues_the_winner_from_its_search_params(monkeypatch):
         assert params is chosen["params"] and final["fixed_val_rmse"] >= chosen["val_rmse"]
     assert params.meta["schedule_search"]["chosen"] == report["chosen"]
     # full-length search: the winner's run is the result, nothing is re-run
-    p2, r2 = distill_auto(model, candidates=["poly7"], search_iterations=None, **TINY)
+    p2, r2 = search(model, candidates=["poly7"], search_iterations=None, **TINY)
     assert not r2["continued"] and p2 is r2["candidates"]["poly7"]["params"]
     assert p2.meta["iterations"] == TINY["iterations"]
 
@@ -160,7 +181,7 @@ def test_final_run_reuses_the_winners_teacher_pool(monkeypatch):
 
     monkeypatch.setattr(TeacherBatches, "_compute_pool", spy)
     kw = dict(TINY, iterations=10)
-    distill_auto(model, candidates=CANDS, search_iterations=4, **kw)  # learns the grid too
+    search(model, candidates=CANDS, search_iterations=4, **kw)  # learns the grid too
     assert len(fills) == len(CANDS) and len(set(fills)) == len(CANDS)
     fills.clear()
     kw["learn_grid"] = False
@@ -168,7 +189,7 @@ def test_final_run_reuses_the_winners_teacher_pool(monkeypatch):
     real_train = schedule_search.train
     monkeypatch.setattr(schedule_search, "train",
                         lambda *a: runs.append(real_train(*a)) or runs[-1])
-    _, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
+    _, report = search(model, candidates=CANDS, search_iterations=4, **kw)
     params = runs[-1]                                  # the final run (kept or not)
     assert len(fills) == len(CANDS) and len(set(fills)) == len(CANDS)
     # the same final run from scratch (its own teacher pool) gives the same parameters
@@ -185,7 +206,7 @@ def test_final_run_reuses_the_winners_teacher_pool(monkeypatch):
 def test_other_methods_are_sampled_with_their_own_solver():
     """distill(method="amed") gives AMEDParams: the candidates are scored with AMED."""
     for plugin, solver in ((False, "amed"), (True, "amed-ipndm")):
-        _, report = choose_schedule(gaussian(), method="amed", plugin=plugin,
+        _, report = choose(gaussian(), method="amed", plugin=plugin,
                                     candidates=["poly7", "logsnr"], **TINY)
         vals = {n: c["val_rmse"] for n, c in report["candidates"].items()}
         assert report["params"].solver == solver
@@ -211,7 +232,7 @@ def test_per_row_conditioning_is_cycled_for_validation(pool):
     given = {"class_labels": torch.ones(50, dtype=torch.long)}
     assert _split_cond({"class_labels": labels}, given, (rows,), 50) == given
     # and the search runs with such labels
-    _, report = choose_schedule(gaussian(), candidates=["poly7"], class_labels=labels,
+    _, report = choose(gaussian(), candidates=["poly7"], class_labels=labels,
                                 **dict(TINY, pool=pool))
     assert report["chosen"] == "poly7"
 
@@ -239,24 +260,24 @@ def test_bad_arguments_are_refused_by_name(bad, match):
     kw = dict(TINY, candidates=["poly7"])
     kw.update(bad)
     with pytest.raises(ValueError, match=match):
-        choose_schedule(gaussian(), **kw)
+        choose(gaussian(), **kw)
 
 
-def test_distill_auto_refuses_bad_final_iterations():
+def test_schedule_auto_refuses_bad_final_iterations():
     with pytest.raises(ValueError, match="final_iterations"):
-        distill_auto(gaussian(), candidates=["poly7"], final_iterations=0, **TINY)
+        search(gaussian(), candidates=["poly7"], final_iterations=0, **TINY)
     with pytest.raises(ValueError, match="needs a final run"):
-        distill_auto(gaussian(), candidates=["poly7"], search_iterations=None,
+        search(gaussian(), candidates=["poly7"], search_iterations=None,
                      checkpoint="x.pt", **TINY)
 
 
-def test_distill_auto_checkpoint_is_the_final_runs_and_resumes(tmp_path):
+def test_schedule_auto_checkpoint_is_the_final_runs_and_resumes(tmp_path):
     ck = tmp_path / "auto.ckpt"
     kw = dict(TINY, iterations=8, candidates=["poly7", "time-uniform"], search_iterations=3)
-    p1, _ = distill_auto(gaussian(), checkpoint=str(ck), **kw)
+    p1, _ = search(gaussian(), checkpoint=str(ck), **kw)
     assert ck.is_file()
-    p2, _ = distill_auto(gaussian(), checkpoint=str(ck), **kw)  # finished: returns at once
-    p3, _ = distill_auto(gaussian(), **kw)                       # no checkpoint at all
+    p2, _ = search(gaussian(), checkpoint=str(ck), **kw)  # finished: returns at once
+    p3, _ = search(gaussian(), **kw)                       # no checkpoint at all
     for name in ("r", "weights", "delta", "o", "sigmas"):
         assert torch.equal(getattr(p1, name), getattr(p2, name)), name
         assert torch.equal(getattr(p1, name), getattr(p3, name)), name
@@ -271,10 +292,10 @@ def test_default_candidates_are_valid_grids():
             assert s.numel() == steps + 1 and s[0] == 80.0 and s[-1] == 0.002, name
 
 
-def test_fast_settings_are_accepted_by_distill_auto_and_distill():
-    """FAST_SETTINGS is a set of keyword arguments both entry points take as they are
-    (a renamed option would otherwise fail only in the benchmark), and the search records
-    its iteration count."""
+def test_fast_settings_are_accepted_with_and_without_the_search():
+    """FAST_SETTINGS is a set of keyword arguments `distill` takes as they are, with or
+    without the search (a renamed option would otherwise fail only in the benchmark), and
+    the search records its iteration count."""
     from epd_kernels.distill.schedule_search import FAST_SETTINGS, SEARCH_OPTIONS
 
     model = gaussian()
@@ -292,7 +313,7 @@ def test_fast_settings_are_accepted_by_distill_auto_and_distill():
     assert q.meta["iterations"] == FAST_SETTINGS["iterations"]
 
 
-def test_distill_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(monkeypatch):
+def test_schedule_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(monkeypatch):
     """Default for EPD: after the fixed-grid final run, a run from it that learns the grid
     (final-state loss, lr * LEARN_GRID_LR_SCALE); the lower validation RMSE is kept, and
     the recorded scores are the validation RMSEs of the two results."""
@@ -307,7 +328,7 @@ def test_distill_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(mo
 
     monkeypatch.setattr(schedule_search, "train", spy)
     kw = dict(TINY, iterations=10)
-    params, report = distill_auto(model, candidates=CANDS, search_iterations=4, **kw)
+    params, report = search(model, candidates=CANDS, search_iterations=4, **kw)
     assert len(calls) == 5
     (fixed_kw, fixed), (grid_kw, learned) = calls[3], calls[4]
     assert not fixed_kw.get("learn_grid") and grid_kw["learn_grid"] is True
@@ -316,9 +337,8 @@ def test_distill_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(mo
     assert learned.meta["match"] == "final" and learned.schedule["kind"] == "learned"
     rec = report["final"]
     assert params.meta["schedule_search"]["final"] == rec
-    # the scores are the validation RMSEs: re-score both against choose_schedule's reference
-    _, rep = choose_schedule(model, candidates={"fixed": fixed.sigmas}, search_iterations=None,
-                             **dict(TINY, iterations=1))
+    # the scores are the validation RMSEs: re-score both against the same reference
+    _, rep = choose(model, candidates={"fixed": fixed.sigmas}, **dict(TINY, iterations=1))
     score = rep["score"]
     start = fixed_kw["init"]
     runs = {"search": start, "fixed": fixed, "learned": learned}
@@ -329,10 +349,10 @@ def test_distill_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(mo
     assert params is runs[rec["kept"]] and rec["kept"] == min(runs, key=lambda n: score(runs[n]))
     # AMED has no learned grid: one final run
     calls.clear()
-    _, rep = distill_auto(model, candidates=["poly7"], search_iterations=2, method="amed",
+    _, rep = search(model, candidates=["poly7"], search_iterations=2, method="amed",
                           amed_form="table", num_points=None, **kw)
     assert rep["final"]["learn_grid"] is False and set(rep["final"]) == {
         "learn_grid", "kept", "search_val_rmse", "fixed_val_rmse"} and len(calls) == 2
     with pytest.raises(ValueError, match="learn_grid=... needs a final run"):
-        distill_auto(model, candidates=["poly7"], search_iterations=None, learn_grid=True,
+        search(model, candidates=["poly7"], search_iterations=None, learn_grid=True,
                      **TINY)

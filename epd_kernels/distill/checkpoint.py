@@ -11,14 +11,11 @@ A checkpoint is one ``torch.save`` file holding
 The settings include the method and, for AMED, the form and the feature source, so an
 AMED checkpoint is never resumed as EPD (or with other features) and vice versa.
 
-The learning rate is a pure function of the iteration and the noise a pure function of
-(seed, iteration, row), so nothing else is needed to continue exactly. Files are written
-with `epd_kernels.fileio.write_atomic` (temporary file, fsync, ``os.replace``) and the
-folder is fsync'ed after the rename, so a process killed (or a machine losing power) at
-any moment leaves either the previous or the new checkpoint, never a torn one. Stale
-temporaries of the same checkpoint are removed on the next start: only names
-``temp_prefix(path)`` followed by the 8 characters `tempfile.mkstemp` adds, and only
-regular files, so other programs' files in the folder (``--out .``) are never touched.
+The learning rate and the noise are pure functions of (seed, iteration, row), so nothing
+else is needed to continue exactly. Files are written with `fileio.write_atomic` and the
+folder is fsync'ed after the rename: a process killed (or a power loss) at any moment
+leaves the previous or the new checkpoint, never a torn one. The next start removes the
+stale temporaries of this checkpoint only (`remove_stale_temporaries`).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["conditioning_rows", "split_rank_cond", "rows_of", "per_row_keys"]
+__all__ = ["conditioning_rows", "split_rank_cond", "rows_of", "per_row_keys", "slice_rows"]
 
 
 def conditioning_rows(pool: Optional[int], global_batch: int) -> int:
@@ -26,14 +26,10 @@ def per_row_keys(cond: dict) -> list:
                   if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1)
 
 
-def _rank_cond(cond: dict, global_batch: int, rows: range) -> dict:
-    """Tensors whose leading dim is the global batch are sliced to this rank's rows."""
-    out = {}
-    for k, v in cond.items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == global_batch:
-            v = v[rows.start:rows.stop]
-        out[k] = v
-    return out
+def slice_rows(cond: dict, n: int, rows: range) -> dict:
+    """Tensors with leading dimension ``n`` (one row per sample) sliced to ``rows``."""
+    return {k: (v[rows.start:rows.stop] if isinstance(v, torch.Tensor) and v.dim() >= 1
+                and v.shape[0] == n else v) for k, v in cond.items()}
 
 
 def _pool_cond(cond: dict, pool: int, global_batch: int) -> dict:
@@ -55,7 +51,7 @@ def split_rank_cond(cond: dict, pool: Optional[int], global_batch: int, rows: ra
     """``(rank_cond, pool_cond)``: conditioning passed on every call of this rank, and the
     per-pool-entry tensors that follow the draws (empty without a pool)."""
     if pool is None:
-        return _rank_cond(cond, global_batch, rows), {}
+        return slice_rows(cond, global_batch, rows), {}
     pool_cond = _pool_cond(cond, pool, global_batch)
     return {k: v for k, v in cond.items() if k not in pool_cond}, pool_cond
 

@@ -1,47 +1,22 @@
-r"""Closed-form fitting of D-ODE lambdas (Kim, Tang, Yu, CVPR 2024, Sec. 3.3, eq. 13-14).
+r"""Closed-form fitting of D-ODE lambdas (Kim, Tang, Yu, CVPR 2024, Sec. 3.3, eq. 13-14;
+docs/design.md, "D-ODE").
 
-On one batch of noise, a teacher (an accurate solver with ``teacher_factor`` = C times
-the steps, on a refined grid that contains every student sigma) gives target states
-``T_{n+1}`` at the student sigmas. The student D-ODE solver is then run from the same
-noise and its lambdas are chosen greedily, step by step: at step n, with the student
-state ``x_n`` produced by the already-fitted steps 0..n-1, the update is affine in
-lambda (`epd_kernels.solvers.dode`),
+On one batch of noise a teacher (`teacher_targets`: ``teacher_factor`` = C times the steps
+on `refine_sigmas`, Heun without AFS by default; the paper's base solver is
+``teacher="same"``) gives targets ``T_{n+1}`` at the student sigmas. The student runs from
+the same noise with a lambda rule in place of the list (so fitted and sampled trajectories
+coincide) and fits each step as it reaches it: the update ``x_{n+1} = a_n + lambda b_n`` is
+affine, so ``lambda_n* = <T_{n+1} - a_n, b_n> / <b_n, b_n>`` (`solve_lambda`, float64 over
+the batch; ``lambda_0 = 0``).
 
-    x_{n+1}(lambda) = a_n + lambda b_n,
-
-so the least-squares problem ``min_lambda sum_batch ||T_{n+1} - a_n - lambda b_n||^2`` has
-the exact minimiser
-
-    lambda_n* = <T_{n+1} - a_n, b_n> / <b_n, b_n>          (0 when b_n = 0)
-
-(inner products over the whole batch, in float64). Step 0 has no previous estimate:
-``lambda_0 = 0``. The student run that fits the lambdas is the ordinary solver function
-with a lambda rule in place of the list, so fitted and sampled trajectories coincide.
-
-Joint refinement (``refine=True``, the default; not in the paper). The greedy fit makes
-every step match the teacher from the student's own state, which throws away the
-cancellation of errors between steps that a multistep solver such as iPNDM relies on:
-measured on 64-dim Gaussian / mixture models at NFE 5-9, greedy d-ipndm was up to 4x worse
-than plain iPNDM on some grids. What is measured in the end is the last state, so after the
-greedy pass the lambdas are refined jointly to minimise the mean squared distance between the
-student's FINAL state and the teacher's on the same batch,
-
-    min_lambda || T_S - x_S(lambda) ||^2,
-
-by Gauss-Newton: the Jacobian ``d x_S / d lambda_n`` by forward differences (one solver run
-per step), the linear least-squares step from the normal equations, a step-halving line
-search that only accepts a decrease. It starts from the better (on this batch) of the
-greedy lambdas and zeros (the base solver), so the refined solver is never worse than either
-on the fitting batch; ``lambda_0`` stays 0. Cost: about ``refine_iterations * (S + 1)``
-runs of the student on the fitting batch (seconds on the embedded models). Measured (RMSE
-on 512 held-out draws, 64-dim models, NFE 5/7/9, three grids): refined d-ipndm 0.03-0.8x
-iPNDM where greedy was 0.7-4.1x; d-euler / d-heun gain as much or stay level.
-
-Teacher grid: each student interval ``[sigma_{n+1}, sigma_n]`` is cut into C sub-steps
-uniform in ``sigma^(1/rho)`` (rho = 7), which for a polynomial (Karras) student grid is
-exactly the polynomial grid with C times the steps. The default teacher is EDM's Heun
-without AFS (second order, 2 C S calls), more accurate than the base solver itself; the
-paper's choice (the base solver / DDIM) is ``teacher="same"`` / ``"euler"``.
+Joint refinement (``refine=True``, default; not in the paper): the greedy fit throws away
+the cancellation of errors between steps that a multistep solver relies on (greedy d-ipndm
+was up to 4x worse than iPNDM on 64-dim models at NFE 5-9). `refine_lambdas` then
+minimises the final state's distance to the teacher's by Gauss-Newton (forward-difference
+Jacobian, a line search that only accepts a decrease), from the better of the greedy
+lambdas and zeros, so it is never worse than either on the fitting batch. Refined d-ipndm:
+0.03-0.8x iPNDM's held-out RMSE where greedy was 0.7-4.1x; cost about
+``refine_iterations * (S + 1)`` student runs.
 """
 from __future__ import annotations
 
@@ -56,7 +31,8 @@ from ..params.dode import DODE_BASES, DODEParams, dode_latency_nfe, normalize_do
 from ..solvers import SOLVERS
 from ..solvers.common import check_cond_keywords, check_int
 from ..solvers.dode import DODE_SOLVERS
-from ..solvers.schedules import check_sigmas, get_sigmas
+from ..solvers.registry import resolve_sigmas
+from ..solvers.schedules import check_sigmas
 
 __all__ = ["fit_dode", "refine_sigmas", "teacher_targets", "solve_lambda", "refine_lambdas",
            "FIT_SEED_BASE", "DEFAULT_FIT_BATCH"]
@@ -69,17 +45,9 @@ _DISTILL_OPTIONS = ("iterations", "lr", "num_points", "M", "plugin", "pool", "lo
 #: Fitting noise for ``seed`` uses the per-sample seeds ``FIT_SEED_BASE + seed * B + j``
 #: (`make_noise` style), a range disjoint from the small seeds used for evaluation.
 FIT_SEED_BASE = 2 ** 40
-#: Samples the lambdas are fitted on (rows of per-sample conditioning, if any). The paper's
-#: 100 suits its greedy fit (one lambda per step against every element of that step); the
-#: joint refinement fits all S lambdas to the final state and overfits a small batch:
-#: d-ipndm on the digits U-Net, log-SNR grid, NFE 9, held-out RMSE / iPNDM's: 1.000 with
-#: 128 samples (in-sample MSE -32%), 0.93-0.95 with 512 (two seeds), 0.94 with 1024. On
-#: the three 64-dim models of the distill benchmark (NFE 3-9, three solvers, five grids,
-#: 180 cases, 1024 held-out draws): 512 was >1% better than 128 in 54 cases,
-#: >1% worse in 28, level in 98, geometric mean of the ratio to the base solver 0.249 at
-#: both. Two of the worse cases are large (Gaussian NFE 9 d-ipndm on rho = 3.5: 0.02 ->
-#: 0.23; digits-exact NFE 9 d-heun on rho = 5: 0.72 -> 1.31, an error made of a few draws
-#: that end on another training image). Cost: about 40 s on that U-Net case (15 s with 128).
+#: Samples the lambdas are fitted on. The paper's 100 suits its greedy fit; the joint
+#: refinement overfits a small batch (d-ipndm, digits U-Net, NFE 9, held-out RMSE / iPNDM's:
+#: 1.000 with 128, 0.93-0.95 with 512). Cost there: about 40 s (15 s with 128).
 DEFAULT_FIT_BATCH = 512
 
 
@@ -221,23 +189,8 @@ def refine_lambdas(final_state: Callable[[torch.Tensor], torch.Tensor], target: 
 
 
 def _resolve_grid(schedule, steps: int) -> torch.Tensor:
-    """float64 grid of `steps` steps: None (polynomial), a kind name, a dict of get_sigmas
-    keyword arguments (optional "kind"), or an explicit list/tensor of sigmas."""
-    if schedule is None:
-        s = get_sigmas("polynomial", steps)
-    elif isinstance(schedule, str):
-        s = get_sigmas(schedule, steps)
-    elif isinstance(schedule, dict):
-        kw = {k: v for k, v in schedule.items() if k not in ("device", "dtype")}
-        kind = kw.pop("kind", "polynomial")
-        if kind != "explicit":
-            if kw.get("num_steps") not in (None, steps):
-                raise ValueError(f"schedule['num_steps']={kw['num_steps']} does not match the "
-                                 f"{steps} steps that the nfe budget gives")
-            kw["num_steps"] = steps
-        s = get_sigmas(kind, **kw)
-    else:
-        s = check_sigmas(schedule, "schedule")
+    """The float64 grid of `schedule` (`resolve_sigmas`), checked to have `steps` steps."""
+    s = resolve_sigmas(schedule, steps)
     if s.numel() - 1 != steps:
         raise ValueError(f"the schedule has {s.numel() - 1} steps but the nfe budget needs "
                          f"{steps}")
@@ -259,37 +212,28 @@ def fit_dode(denoiser: Callable, *, solver: str = "d-euler", nfe: Optional[int] 
              teacher: str = "heun", teacher_afs: bool = False, max_order: int = 4,
              noise: Optional[torch.Tensor] = None, refine: bool = True,
              refine_iterations: int = 4, **cond) -> DODEParams:
-    """Fits the per-step lambdas of a D-ODE solver in closed form against a teacher.
+    """Fits the per-step lambdas of a D-ODE solver against a teacher (module docstring).
 
     Args:
-        denoiser: ``D(x [B, ...], sigma [B], **cond) -> x0_hat`` (frozen).
         solver: "d-euler" (alias "d-ddim"), "d-heun" (alias "d-edm") or "d-ipndm".
-        nfe: latency budget, with the base solver's rule: ``S - afs`` sequential calls for
-            d-euler / d-ipndm, ``2 S - afs`` for d-heun. May be None with an explicit grid.
-        shape: per-sample shape ``(C, H, W)`` (not needed when `noise` is given).
-        batch_size: size B of the fitting batch (the paper uses 100).
-        teacher_factor: C, teacher sub-steps per student step (the paper's C = 10).
-        schedule: the student grid: None (polynomial, rho = 7, 80 -> 0.002), a kind name,
-            a dict of `get_sigmas` arguments, or an explicit decreasing list of sigmas.
-        afs: analytic first step of the student; None = the base solver's default in
-            `sample` (on for d-heun, off for d-euler / d-ipndm).
-        seed: the fitting noise uses per-sample seeds ``FIT_SEED_BASE + seed * B + j``,
-            disjoint from the small seeds one evaluates with.
-        device, dtype: of the fitting batch (the lambdas are solved in float64 anyway).
-        teacher: a baseline solver name ("heun", "dpm2", "euler", "ipndm", ...) or "same"
-            (the base solver, as in the paper). teacher_afs: AFS for the teacher.
-        max_order: iPNDM order cap (d-ipndm only; stored in the params).
-        noise: optional fitting batch ``[B, ...]`` of N(0, I) noise instead of the seeded one.
-        refine: after the greedy closed form, refine the lambdas jointly on the final
-            state (module docstring); False gives the paper's greedy fit alone.
-        refine_iterations: Gauss-Newton steps of the refinement (>= 0).
-        **cond: conditioning for the denoiser; tensors must have leading dimension B.
+        nfe: latency budget with the base solver's rule (``S - afs`` for d-euler / d-ipndm,
+            ``2 S - afs`` for d-heun); may be None with an explicit grid.
+        shape: per-sample shape (not needed when `noise` is given).
+        batch_size, seed: the fitting batch, per-sample seeds ``FIT_SEED_BASE + seed * B + j``
+            (or ``noise``, a ``[B, ...]`` batch of N(0, I) noise).
+        teacher_factor: C, teacher sub-steps per student step (the paper's 10).
+        schedule: the student grid: None (polynomial rho 7), a kind name, a dict of
+            `get_sigmas` arguments, or explicit decreasing sigmas.
+        afs: the student's analytic first step; None: on for d-heun, off otherwise.
+        teacher: a baseline solver name or "same" (the base solver); teacher_afs its AFS.
+        max_order: iPNDM order cap (d-ipndm). refine, refine_iterations: the joint
+            refinement and its Gauss-Newton steps (False: the paper's greedy fit alone).
+        **cond: conditioning for the denoiser; tensors have leading dimension B.
 
-    Returns: a validated `DODEParams` whose ``meta`` records the teacher settings and the
-    per-step fitting losses ``loss`` (MSE to the teacher after each step of the returned
-    lambdas), ``loss_greedy`` / ``loss_base`` (after each greedy step / the plain base step
-    from the same state) and, with ``refine``, ``lambdas_greedy`` and ``refine`` (final-state
-    MSE of the base solver, the greedy and the refined lambdas).
+    Returns: a validated `DODEParams`; ``meta`` records the teacher settings and per-step
+    MSEs to the teacher: ``loss`` (returned lambdas), ``loss_greedy`` / ``loss_base`` (greedy
+    step / plain base step from the same state) and, with ``refine``, ``lambdas_greedy`` and
+    ``refine`` (final-state MSE of the base solver, the greedy and the refined lambdas).
     """
     t0 = time.perf_counter()
     base = normalize_dode_base(solver)

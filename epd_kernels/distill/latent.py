@@ -9,11 +9,8 @@ inside the ranges `EPDParams.validate` demands, whatever the optimiser does:
     o       = o_max * tanh(e)               in (-o_max, o_max)
 
 ``delta_max`` and ``o_max`` default to `DELTA_MAX` = `O_MAX` = 0.1: delta and o are small
-corrections (of the evaluation noise level and of the step length) in the paper, and 10 %
-is already far more than an accurate denoiser needs; a bounded tanh keeps a badly
-conditioned start from sending them to values where ``1 + delta`` or ``1 + o`` would be
-close to zero. The latents are kept in float64 (they are tiny) and the map is
-differentiable, so gradients reach a, b, c, e from the sampler's natural parameters.
+corrections in the paper, and the bound keeps a badly conditioned start away from
+``1 + delta`` or ``1 + o`` near zero. The latents are float64 (they are tiny).
 
 With ``learn_grid=True`` a fifth latent ``g [S]`` moves the interior noise levels: the
 grid's log-sigma increments are ``softmax(g) * log(sigma_max / sigma_min)``, so the grid

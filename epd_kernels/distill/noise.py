@@ -2,13 +2,9 @@
 
 Row ``j`` of the global batch of iteration ``i`` is standard normal noise drawn from its
 own generator, seeded with ``row_seed(seed, i, j)`` (a SplitMix64 hash of the three
-integers). Hence:
-
-* a run resumed from a checkpoint at iteration i draws exactly what an uninterrupted run
-  draws (no generator state to carry);
-* with W processes of per-rank batch b, rank r takes rows ``[r b, (r + 1) b)`` of the
-  global batch of W b rows: together the ranks see exactly the noise of one process with
-  batch W b.
+integers). Hence a resumed run draws exactly what an uninterrupted one draws (no generator
+state to carry), and W processes of per-rank batch b, rank r taking rows ``[r b, (r + 1)
+b)``, see exactly the noise of one process with batch W b.
 """
 from __future__ import annotations
 

@@ -60,8 +60,11 @@ _OTHER_OPTIONS = ("teacher_factor", "refine", "refine_iterations", "solver", "pa
 
 @dataclasses.dataclass
 class SearchSettings:
-    """Options of the grid search (``schedule="auto"``; `schedule_search.distill_auto`).
-    None: the search's own default (or the budget's choice)."""
+    """Options of the grid search (``schedule="auto"``, `schedule_search`); None: its own
+    default. candidates: ``{name: schedule}`` or names of ``DEFAULT_CANDIDATES`` / schedule
+    kinds; final_iterations / grid_iterations: the final fixed-grid / learned-grid runs
+    (default ``iterations``); val_cond: conditioning of the validation draws (default: the
+    per-row tensors cycled); reference_*: the validation reference; chunk: sampling rows."""
     candidates: object = None
     search_iterations: object = AUTO   # None: full-length candidate runs, no final run
     final_iterations: Optional[int] = None

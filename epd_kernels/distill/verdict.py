@@ -1,22 +1,14 @@
 """Never silently worse: the distilled solver against the baselines on held-out noise.
 
-After training, `compare` samples ``draws`` held-out noises (per-sample seeds
-``HELD_OUT_SEED_BASE + i``: disjoint from the training pool's hashed seeds and from the
-grid search's validation seeds) with
-
-* a reference: UniPC, `budget.REFERENCE_STEPS` steps, no AFS, on the polynomial rho = 7 grid
-  with the same ends as the distilled grid;
-* every baseline of `BASELINES` that can spend exactly the same latency NFE (with its
-  default AFS setting; heun and dpm2 only at odd NFE), on that polynomial grid;
-* the distilled params, and the params the run started from (``init=``, or the neutral
-  start on the distilled grid: a known solver, since r = 1/2 with equal weights and
-  delta = o = 0 is a midpoint-type second-order step);
-
-and scores each by one RMSE: the global root mean square over every element of the
-batch, ``sqrt(mean((x - ref)^2))`` (not a mean of per-sample RMS values). The record goes
-to ``params.meta["comparison"]``; a `UserWarning` names the best baseline when the
-distilled solver lost to it. For EPD, when the trained params are worse on these draws
-than their start, the start is returned instead (``meta["comparison"]["kept"] = "init"``).
+After training, `compare` samples ``draws`` held-out noises (seeds ``HELD_OUT_SEED_BASE +
+i``) with a reference (UniPC, `budget.REFERENCE_STEPS` steps, no AFS, polynomial rho = 7
+grid with the distilled grid's ends), every baseline of `BASELINES` that can spend exactly
+the same latency NFE (on that grid), the distilled params and the params the run started
+from (``init=`` or the neutral start), and scores each by the global RMSE
+`RMSE_DEFINITION` (not a mean of per-sample values). The record goes to
+``params.meta["comparison"]``; a `UserWarning` names the best baseline when the distilled
+solver lost to it. For EPD, when the trained params are worse on these draws than their
+start, the start is returned instead (``meta["comparison"]["kept"] = "init"``).
 """
 from __future__ import annotations
 
@@ -84,7 +76,7 @@ def compare(denoiser, params, s, cond: dict, draws: int, device):
     lo, hi = float(params.sigmas[-1]), float(params.sigmas[0])
     grid = {"kind": "polynomial", "rho": 7.0, "sigma_min": lo, "sigma_max": hi}
     names = _baselines(s.nfe)
-    bar = _bar(s.progress, len(names) + 3)
+    bar = progress_bar(s.progress, len(names) + 3, "held-out comparison", "solver")
     try:
         ref = _run(denoiser, noise, cond, solver="unipc", nfe=REFERENCE_STEPS, afs=False,
                    schedule=grid)
@@ -138,13 +130,13 @@ def _json(v):
     return None if v is None or not math.isfinite(v) else float(v)
 
 
-def _bar(progress: bool, total: int):
+def progress_bar(progress: bool, total: int, desc: str, unit: str):
+    """A tqdm bar, or None without ``progress``."""
     if not progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="held-out comparison", unit="solver", leave=False,
-                dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 def _tick(bar):

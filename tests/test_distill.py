@@ -97,7 +97,8 @@ def test_pool_with_per_entry_labels_keeps_each_draw_with_its_label():
     for j in rows:
         x_j = training_noise(4, -1, [int(entry[j])], model.shape, "cpu", F64) * 80.0
         torch.testing.assert_close(x[j:j + 1], x_j, rtol=0, atol=0)
-        direct = teacher_targets(model, x_j, s, M=2, class_labels=labels[entry[j:j + 1]])
+        direct = teacher_targets(model, x_j, s, M=2, teacher="dpm2",
+                                 class_labels=labels[entry[j:j + 1]])
         torch.testing.assert_close(y[:, j:j + 1], direct, rtol=1e-12, atol=1e-12)
     # the labels matter: the unconditional teacher lands elsewhere
     free = teacher_targets(model, x, s, M=2)
@@ -156,7 +157,7 @@ def test_loss_decreases_params_in_range_and_meta():
     for key in ("teacher", "M", "iterations", "lr", "batch_size", "seed", "final_loss",
                 "wall_time_s", "pool", "dtype"):
         assert key in m, key
-    assert m["teacher"] == "dpm2" and m["M"] == 3 and m["iterations"] == 30
+    assert m["teacher"] == "ipndm" and m["M"] == 3 and m["iterations"] == 30
     assert p.nfe == 5 and p.num_points == 2 and not p.plugin and p.afs
 
 

@@ -81,7 +81,7 @@ def test_budget_sizes_the_run_and_records_it():
     gives a smaller run than a large one, both recorded, and the fixed defaults apply
     without a budget."""
     kw = dict(nfe=5, shape=(8,), progress=False, compare=False, schedule="polynomial")
-    small = distill(gaussian(), time_budget_s=0.5, **kw).meta["budget"]
+    small = distill(gaussian(), time_budget_s=0.2, **kw).meta["budget"]
     big = distill(gaussian(), time_budget_s=600, iterations=5, **kw).meta["budget"]
     assert set(small["chosen"]) == {"iterations", "pool", "M", "batch_size"}
     assert small["measured"]["iteration"] > 0 and small["estimated_s"] > 0

@@ -42,7 +42,7 @@ def distill(denoiser: Callable, *, nfe: Optional[int] = None, shape=None,
                            search of `schedule_search` (about 3x the cost; its options are
                            `SearchSettings` fields: val_size, search_iterations, ...).
         afs                analytic first step (default on).
-        teacher, M, insert DPM-Solver-2 ("dpm2", default) or "heun" on the student grid
+        teacher, M, insert "ipndm" (default), "dpm2" (the paper's) or "heun" on the student grid
                            with M points inserted per interval ("polynomial" or "logsnr").
         iterations, batch_size (per process), lr (0.05; 0.1 with "auto"), pool (a fixed
                            pool of P draws whose teacher runs once, or None: fresh noise

@@ -16,12 +16,12 @@ budget:
   of 1024 draws (at most 4096), else M = 3 and the pool the rest affords (at least one
   batch).
 
-Costs, in sequential calls on chunks of draws: the teacher DPM-Solver-2 on the refined
-grid makes ``2 S (M + 1)`` calls; the comparison a reference of `REFERENCE_STEPS` UniPC
-steps, every baseline at the NFE, the init and the result; each call costs the measured
-call plus the solver's overhead per call; a training iteration scales with the batch. With ``schedule="auto"`` the grid
-search runs one teacher pool per candidate grid and about ``C / 3 + 2`` runs' worth of
-training (`schedule_search.distill_auto`), and the plan divides accordingly.
+Costs, in sequential calls on chunks of draws: the teacher on the refined grid makes
+``S (M + 1)`` calls (iPNDM; twice that for DPM-Solver-2 or Heun); the comparison a
+reference of `REFERENCE_STEPS` UniPC steps, every baseline at the NFE, the init and the
+result; each call costs the measured call plus the solver's overhead per call; a training
+iteration scales with the batch. With ``schedule="auto"`` the grid search runs one teacher pool per candidate grid and about ``C / 3 + 2`` runs' worth of
+training (`schedule_search`), and the plan divides accordingly.
 
 The chosen values and the estimate are recorded in ``params.meta["budget"]``. Timings on
 a loaded machine are noisy; the plan is an estimate, not a guarantee.

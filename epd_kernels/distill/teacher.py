@@ -8,10 +8,13 @@ every student interval, ``S (M + 1) + 1`` levels in all, the student's among the
   ``S (M + 1)`` steps with the same rho.
 * ``insert="logsnr"`` (alias "geometric"): uniform in ``log sigma`` (geometric means).
 
-The teacher (DPM-Solver-2 or Heun, no analytic first step: the teacher should be
-accurate, not cheap) integrates the refined grid from the same starting state as the
-student, without autograd; its states at the student levels ``t_1 .. t_S`` are the
-distillation targets.
+The teacher (iPNDM by default, DPM-Solver-2 as in the EPD paper, or Heun; no analytic
+first step: the teacher should be accurate, not cheap) integrates the refined grid from
+the same starting state as the student, without autograd; its states at the student
+levels ``t_1 .. t_S`` are the distillation targets. iPNDM makes one call per step where
+the other two make two: at the same calls its error to a 512-step reference was 4-40x
+lower on every model of benchmarks/bench_distill.py (digits U-Net, 3-step grid, 24 calls:
+0.0047 against DPM-Solver-2's 0.028).
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ def refine_sigmas(sigmas, M: int, insert: str = "polynomial", rho: float = 7.0) 
 
 
 @torch.no_grad()
-def teacher_targets(denoiser: Callable, x: torch.Tensor, sigmas, M: int, teacher: str = "dpm2",
+def teacher_targets(denoiser: Callable, x: torch.Tensor, sigmas, M: int, teacher: str = "ipndm",
                     insert: str = "polynomial", rho: float = 7.0, on_step=None,
                     **cond) -> torch.Tensor:
     """Teacher states at ``sigmas[1:]`` from ``x`` at ``sigmas[0]``: ``[S, *x.shape]``.

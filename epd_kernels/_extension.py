@@ -1,16 +1,13 @@
 """Loading the C++ extension built against exactly the torch that runs: `load()` gives it
 (its ops registered with torch) or None, `load_error()` says why not.
 
-Two builds can provide it: `pip install --no-build-isolation .` compiles `epd_kernels/_C*.so`
-ahead of time and records the torch it was built against in `_C.build.json` (setup.py);
-a plain `pip install .` (no torch in its isolated build) installs the sources as
-`epd_kernels/_csrc/`, and the first `load()` compiles them with ninja into a cache folder
-per torch build, `$EPD_KERNELS_CACHE_DIR` or `${XDG_CACHE_HOME:-~/.cache}/epd_kernels`.
-A prebuilt library is loaded only when its record names the running torch: one compiled
-against other torch headers may load and then corrupt memory.
-
-Only the standard library is imported at module level: setup.py loads this file by path
-(before torch can be imported) for `compile_flags` and the build record.
+`pip install --no-build-isolation .` compiles `epd_kernels/_C*.so` ahead of time and records
+its torch in `_C.build.json`; a plain `pip install .` installs the sources as
+`epd_kernels/_csrc/`, which the first `load()` compiles with ninja into a cache folder per
+torch build (`$EPD_KERNELS_CACHE_DIR` or `${XDG_CACHE_HOME:-~/.cache}/epd_kernels`). A
+prebuilt library loads only when its record names the running torch: one compiled against
+other headers may load and then corrupt memory. Only the standard library is imported at
+module level: setup.py loads this file by path, before torch can be imported.
 """
 from __future__ import annotations
 
@@ -247,14 +244,9 @@ def _compile(sources: list, build_dir: str, torch_version: str) -> str:
         start = time.monotonic()
         with _heartbeat("still compiling", enabled=stale):
             path = cpp_extension.load(
-                name=EXTENSION_NAME,
-                sources=sources,
-                extra_cflags=compile_flags(torch_version),
-                extra_ldflags=LINK_FLAGS,
-                build_directory=build_dir,
-                is_python_module=False,
-                verbose=False,
-            )
+                name=EXTENSION_NAME, sources=sources, extra_cflags=compile_flags(torch_version),
+                extra_ldflags=LINK_FLAGS, build_directory=build_dir, is_python_module=False,
+                verbose=False)
         if stale:
             _say(f"compiled in {time.monotonic() - start:.0f} s")
     return path

@@ -5,16 +5,11 @@
     x0 = kd.sample_epd(model, x, sigmas, params=EPDParams.load("p.safetensors"))
 
 k-diffusion's conventions: ``model(x, sigma [B], **extra_args) -> denoised``; ``x`` already
-scaled; ``sigmas`` decreasing, > 0 except a possible final 0; ``callback`` once per step with
-``{"x", "i", "sigma", "sigma_hat", "denoised"}`` (the step's starting values; no churn, so
-``sigma_hat == sigma``); ``disable`` turns the progress bar off (None: off unless stderr is a
-terminal); ``**opts`` are the solver's options, and k-diffusion's churn options are accepted
-with ``s_churn=0``.
-
-A grid ending in 0 runs the solver on ``sigmas[:-1]`` and takes the last step, as k-diffusion
-does, as an Euler step to 0, which lands on ``D(x, sigmas[-2])``: one more call, counted in the
-NFE. AFS is off by default (k-diffusion has none); EPD, AMED and D-ODE take it from their
-params. ``extra_args`` tensors with B rows are tiled for EPD's K*B-row branch call."""
+scaled; ``callback`` once per step with ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` (no
+churn: ``sigma_hat == sigma``); ``disable`` (None: off unless stderr is a terminal);
+``**opts`` are the solver's options (churn options accepted with ``s_churn=0``). A grid
+ending in 0 takes the last step as an Euler step to 0, which lands on ``D(x, sigmas[-2])``:
+one more call. AFS is off (k-diffusion has none) except from EPD, AMED and D-ODE params."""
 from __future__ import annotations
 
 import importlib

@@ -1,9 +1,8 @@
 """Plain-PyTorch versions of every op: the oracle for tests and the fallback backend.
 
-Any floating dtype and any strides; each function is the formula of docs/design.md ("EPD
-step") with no fusion tricks, and the kernels in `csrc/` and `kernels/` must agree with it
-to per-dtype tolerances. The arguments are the canonical ones of the `torch.ops.epd_kernels`
-ops (`csrc/ops.cpp`), to which `ops.py` brings user inputs:
+Each function is the formula of docs/design.md ("EPD step") with no fusion tricks; the
+kernels in `csrc/` and `kernels/` must agree with it to per-dtype tolerances. Arguments are
+the canonical ones of the `torch.ops.epd_kernels` ops (`csrc/ops.cpp`):
 
     x       [B, N]          state, flattened per sample (or all samples as one row)
     grads   [K, B, N]       K branch gradients

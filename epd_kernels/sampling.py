@@ -5,9 +5,8 @@
     x0, stats = sample(denoiser, noise, solver="epd", params=p, return_stats=True)
 
 ``nfe`` is the latency budget, mapped exactly to steps per solver; a budget a solver cannot
-meet is refused (docs/design.md, "NFE rules"; `epd_kernels.solvers.registry`). `SampleStats`
-reports latency NFE and total evaluations as counted: calls that run in Python through
-`CountingDenoiser`, graph replays by whoever replays them (branch runner, solve graph).
+meet is refused (docs/design.md, "NFE rules"). `SampleStats` reports the counted latency NFE
+and total evaluations (graph replays reported by whoever replays them).
 """
 from __future__ import annotations
 
@@ -107,7 +106,7 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
 def _run(fn, s, denoiser, counter, noise, sigmas, params, kwargs, cond, mode, graph,
          callback, progress):
     """``(x, graph captures, graph replays)``: a captured solve, or the solver in Python
-    with the EPD branch call on the cached runner (whose counters give the graph work)."""
+    with the EPD branch call on the cached runner."""
     if graph == "solve":
         done = _solve_graph.solve(fn, denoiser, counter, noise, sigmas, params, kwargs, cond,
                                   mode)

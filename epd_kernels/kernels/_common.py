@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import opmath_dtype
+
 
 def _interpret_mode() -> bool:
     knobs = getattr(triton, "knobs", None)
@@ -46,10 +48,6 @@ _CFG_2D = [(2, 4)] if INTERPRET else CONFIGS_2D
 #: Let the compiler contract a*b+c into FMA (one rounding instead of two). Passed
 #: explicitly so results do not change with Triton's default.
 FP_FUSION = True
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def autotuned_1d(kernel, key):

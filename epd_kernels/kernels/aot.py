@@ -1,11 +1,9 @@
 """Ahead-of-time compilation of the Triton kernels for a GPU that is not present.
 
-`compile_all("sm_80")` compiles every autotune config of every kernel for every data
-dtype and the usual K with `triton.compile` for `GPUTarget("cuda", 80, 32)`, and checks
-each compile for register spills (ptxas's report) and 128-bit global loads (the PTX).
-With `aligned=True` every pointer and the row length N are declared divisible by 16 (what
-Triton's JIT infers for 16-byte aligned tensors and N % 16 == 0), which allows those
-loads. Must run in a process whose kernels were not imported under TRITON_INTERPRET=1.
+`compile_all("sm_80")` compiles every autotune config of every kernel for every data dtype
+and the usual K for `GPUTarget("cuda", 80, 32)`, checking register spills (ptxas) and
+128-bit global loads (PTX; `aligned=True` declares pointers and N divisible by 16, as
+Triton's JIT infers for aligned tensors). Not under TRITON_INTERPRET=1.
 """
 import contextlib
 import io

@@ -1,9 +1,8 @@
 """Cost accounting of a sampling run: latency NFE (sequential calls) and total evaluations.
 
-`CountingDenoiser` counts the calls that run in Python. A call captured in a graph (the
-EPD branch call, or a whole captured solve) runs no Python on replay, so whoever replays
-it reports the logical call with `CountingDenoiser.count` instead (see
-`epd_kernels.branches.BranchRunner`); the counter never sits inside a captured graph.
+`CountingDenoiser` counts the calls that run in Python. A graph replay runs no Python, so
+whoever replays reports the logical call with `CountingDenoiser.count`; the counter never
+sits inside a captured graph.
 """
 from __future__ import annotations
 

@@ -15,17 +15,13 @@ to ``t' = t_{n+1}``, ``h = t' - t``. With the parameters of step n (`EPDParams`:
               all K branches in ONE denoiser call of batch K*B (`BranchRunner`)
     x_{n+1} = x_n + (1 + o_n) h sum_k lambda_k g_k     (`epd_step`, fused)
 
-AB_p: iPNDM's Adams-Bashforth combination (`ipndm.AB_COEFFS`); the plugin's history holds
-main-point gradients only (the AFS ``d_0`` included, as in the authors' code). Cost: latency
-NFE ``2 S - afs``, total evaluations ``(K + 1) S - afs``. K = 1, r = 0, lambda = 1,
-delta = o = 0 is Euler WITHOUT AFS (r = 0 leaves the branch state at x_n). EPD-Plugin
-updates with the branch gradients only, so it is NOT iPNDM for any parameters (deliberate,
-as in the authors' update rule: the history only places the branch states).
-
-With autograd on and parameters, x or the denoiser's weights requiring grad, the sampler is
-differentiable end to end; a ``sigmas`` tensor that requires grad (a learned grid equal to
-``params.sigmas``) makes it differentiable in the grid too. Otherwise the branch call runs
-on static buffers, captured in a graph where graphs are on (`epd_kernels.branches`).
+AB_p: iPNDM's Adams-Bashforth combination (`ipndm.AB_COEFFS`) over main-point gradients only
+(the AFS ``d_0`` included, as in the authors' code). Cost: latency NFE ``2 S - afs``, total
+evaluations ``(K + 1) S - afs``. K = 1, r = 0, lambda = 1, delta = o = 0 is Euler without AFS.
+EPD-Plugin updates with the branch gradients only, so it is NOT iPNDM for any parameters (as
+in the authors' update rule). Differentiable end to end when anything requires grad (a
+``sigmas`` tensor that does too); otherwise the branch call runs on static buffers, captured
+where graphs are on (`epd_kernels.branches`).
 """
 from __future__ import annotations
 
@@ -70,13 +66,9 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
     """EPD-Solver (or EPD-Plugin) from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``.
 
     ``sigmas`` (default ``params.sigmas``) and ``afs`` must match the params; ``plugin``
-    and ``max_order`` default to theirs. ``callback`` gets, after every step, the keys of
-    `common.emit` plus ``grads`` ``[K, B, ...]``. ``use_cuda_graph``: see `BranchRunner`
-    (None: ``EPD_KERNELS_GRAPH`` decides and the runner is cached, `runner_for`).
-    ``runner``: a `BranchRunner` for this same denoiser, kept across calls; a
-    `CountingDenoiser` is unwrapped and gets the runner's logical calls. Conditioning
-    tensors with leading dim B are repeated for the branch batch.
-
+    and ``max_order`` default to theirs. ``callback`` gets the keys of `common.emit` plus
+    ``grads`` ``[K, B, ...]``. ``use_cuda_graph``: see `BranchRunner` (None: the cached
+    `runner_for`). ``runner``: a `BranchRunner` for this same denoiser, kept across calls.
     Returns ``x_S``, or ``(x_S, [x_0, ..., x_S])`` with ``return_trajectory``.
     """
     sig, plugin, max_order = check_run(params, EPDParams, x, sigmas, afs, plugin, max_order)

@@ -4,9 +4,8 @@ NFE rule (docs/design.md, "NFE rules"): a solver spends ``evals_per_step`` seque
 denoiser calls per step, minus one for the analytic first step (afs), so
 ``nfe = evals_per_step * steps - afs``; a budget the rule cannot meet is refused.
 
-Options: the keyword arguments a solver function takes besides the ones `sample()` fills
-in itself (`MANAGED`) and the fixed ones a registration pins (``extra``). They are read
-from the function's signature, so a solver gains an option by gaining a keyword.
+Options: the keywords of a solver function's signature besides `MANAGED` and the fixed
+ones a registration pins (``extra``).
 """
 from __future__ import annotations
 

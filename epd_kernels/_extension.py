@@ -106,11 +106,8 @@ def source_dir() -> Optional[str]:
 
 
 def toolchain_problem(which=shutil.which) -> Optional[str]:
-    """What is missing to compile the extension here (a sentence), or None.
-
-    Looks for the C++ compiler torch will call (`$CXX`, else `c++`) and for ninja (on
-    PATH, or the `ninja` package's binary, which `_ninja_dir` puts on PATH).
-    """
+    """What is missing to compile the extension here (a sentence), or None: the C++
+    compiler torch will call (`$CXX`, else `c++`) and ninja (on PATH or the `ninja` package)."""
     missing = []
     cxx = os.environ.get("CXX", "c++")
     if which(cxx) is None:
@@ -138,11 +135,8 @@ def _ninja_dir(which=shutil.which) -> Optional[str]:
 
 
 def load() -> Optional[types.ModuleType]:
-    """The C++ extension, loaded (and compiled first if needed); None when unavailable.
-
-    The result is cached for the process; a failure is not retried. It is also placed in
-    `sys.modules["epd_kernels._C"]`, so `import epd_kernels._C` returns the same library.
-    """
+    """The C++ extension, loaded (and compiled first if needed), or None; cached for the
+    process (a failure is not retried) and placed in `sys.modules["epd_kernels._C"]`."""
     with _lock:
         if "module" not in _state:
             module, error = _load_uncached()
@@ -191,11 +185,8 @@ def _read_record() -> Optional[dict]:
 
 
 def _import_library(path: str) -> types.ModuleType:
-    """Loads the library at `path` (running its op registrations) as `epd_kernels._C`.
-
-    The library has no Python module init (csrc/ops.cpp): it is loaded by
-    torch.ops.load_library and stands in sys.modules as a module holding its path.
-    """
+    """Loads the library at `path` (running its op registrations; it has no Python module
+    init) and puts a module holding its path in sys.modules as `epd_kernels._C`."""
     import torch
 
     torch.ops.load_library(path)
@@ -276,12 +267,9 @@ def _heartbeat(message: str, enabled: bool = True, every: float = 15.0):
 
 @contextlib.contextmanager
 def _build_lock(build_dir: str):
-    """An exclusive lock on `build_dir`, released by the OS if its holder dies.
-
-    torch's own lock (a `lock` file created with O_EXCL) stays behind when a build is
-    killed, and every later build would wait for it forever; every builder of this folder
-    takes this lock first, so whoever holds it may delete a leftover `lock` file.
-    """
+    """An exclusive lock on `build_dir`, released by the OS if its holder dies. torch's own
+    `lock` file stays behind when a build is killed, and later builds would wait for it
+    forever; every builder takes this lock first, so its holder may delete that file."""
     try:
         import fcntl
     except ImportError:  # not POSIX: torch's own lock file only

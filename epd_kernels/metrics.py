@@ -21,9 +21,8 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
 def global_rmse(a: ArrayLike, b: ArrayLike) -> float:
-    """``sqrt(mean((a - b)^2))`` over all elements (float64): each element counts once, so
-    a sample with a large error weighs as its squared error says (a mean of per-sample RMS
-    values would shrink it)."""
+    """``sqrt(mean((a - b)^2))`` over all elements (float64), not a mean of per-sample RMS
+    values (which would shrink a sample's large error)."""
     a = torch.as_tensor(a).detach().to("cpu", torch.float64)
     b = torch.as_tensor(b).detach().to("cpu", torch.float64)
     if a.shape != b.shape:

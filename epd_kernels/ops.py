@@ -311,11 +311,8 @@ def epd_step(x: torch.Tensor, grads: Union[torch.Tensor, Sequence[torch.Tensor]]
 
 def branch_states(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor, *,
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Branch starting points ``out[k] = x + c[..., k] * d``, shape ``[K, *x.shape]``.
-
-    ``c`` is ``[K]`` or ``[B, K]`` (EPD uses ``c_k = tau_k - t``). Differentiable in x, d,
-    c. ``out=`` writes into a buffer as `branch_states_into` does and returns it.
-    """
+    """Branch starting points ``out[k] = x + c[..., k] * d``, shape ``[K, *x.shape]``; ``c``
+    ``[K]`` or ``[B, K]``. Differentiable; ``out=`` as in `branch_states_into`."""
     if out is not None:
         return branch_states_into(x, d, c, out)
     x2, d2, c2 = _canonical_branch_args(x, d, c)

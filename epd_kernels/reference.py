@@ -51,11 +51,8 @@ def epd_step_out(x, grads, weights, scale, alpha, out):
 
 
 def epd_step_backward(grad_out, grads, weights, scale, alpha):
-    """Returns (grad_grads [K,B,N] in the data dtype, dots [B,K] in opmath).
-
-    dots[b, k] = sum_n grad_out[b, n] * grads[k, b, n]: the partial reduction from which
-    the op layer forms the gradients of weights and scale (grad_x is grad_out itself).
-    """
+    """(grad_grads [K,B,N] in the data dtype, dots [B,K] in opmath); dots[b, k] = sum_n
+    grad_out[b, n] * grads[k, b, n] gives the op layer the weights' and scale's gradients."""
     acc = opmath_dtype(grads.dtype)
     B = grad_out.shape[0]
     coef = _factor(scale, alpha, B, acc, grads.device)[:, None] * _rows(weights, B, acc)

@@ -191,12 +191,9 @@ def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5
                      iterations: int = 100, batch_size: int = 8, pool: Optional[int] = 256,
                      seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
                      schedule=None, progress: bool = True, **distill_settings):
-    """`EPDParams` distilled for the guided pipeline over ``prompts``.
-
-    Pool entry p (or, with ``pool=None``, batch row p) gets prompt ``p mod len(prompts)``;
-    the teacher and the student call the same guided denoiser on `default_schedule`'s grid.
-    Other keywords are `distill` settings (``M``, ``lr``, ...), never conditioning.
-    """
+    """`EPDParams` distilled for the guided pipeline over ``prompts``: pool entry p (or batch
+    row p with ``pool=None``) gets prompt ``p mod len(prompts)``. Other keywords are
+    `distill` settings (``M``, ``lr``, ...), never conditioning."""
     from ..distill import distill
 
     prompts = _as_prompts(prompts)

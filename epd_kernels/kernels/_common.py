@@ -61,13 +61,10 @@ def autotuned_2d(kernel, key):
 
 
 def check_canonical(rows, stacked, coef_name, c, scale=None):
-    """The launchers' contract on canonical arguments, as ops.cpp checks it for the C++
-    kernels (a direct call with bad inputs must fail, not read out of bounds).
-
-    `rows` and `stacked` map names to the [B, N] and [K, B, N] data tensors (contiguous,
-    one dtype), `c` (named `coef_name`) holds the [K] or [B, K] opmath coefficients,
-    `scale` is None, [] or [B]. Returns (B, N, K, row stride of the coefficients).
-    """
+    """The launchers' contract, as ops.cpp checks it (bad inputs must fail, not read out of
+    bounds): `rows` / `stacked` map names to [B, N] / [K, B, N] contiguous data of one dtype,
+    `c` (named `coef_name`) [K] or [B, K] opmath, `scale` None, [] or [B].
+    Returns (B, N, K, row stride of the coefficients)."""
     data = {**rows, **stacked}
     lead = next(iter(rows.values()))
     K = c.shape[-1] if c.dim() in (1, 2) else -1

@@ -143,13 +143,9 @@ def _ptxas_log(ptx: str, number: int) -> str:
 
 
 def compile_all(arch, kernels=None, dtypes=AOT_DTYPES, ks=AOT_KS, progress=None) -> list:
-    """Compile every autotune config of every kernel for `arch` ("sm_80" or "sm_90").
-
-    Returns one dict per compile: kernel, arch, dtype (name), K, config (constexprs and
-    num_warps), spills (bytes of spill stores + loads that ptxas reports), registers,
-    vector_loads (128-bit global loads in the PTX), seconds. `progress(i, n, record)` is
-    called after each compile (the whole run takes minutes).
-    """
+    """Compile every autotune config of every kernel for `arch` ("sm_80" or "sm_90"); one
+    dict per compile: kernel, arch, dtype, K, config, spills (bytes ptxas reports),
+    registers, vector_loads (128-bit), seconds. `progress(i, n, record)` after each compile."""
     number = _arch_number(arch)
     jobs = [(name, config, dtype, K) for name in (kernels or AOT_KERNELS)
             for config in _configs(name) for dtype in dtypes for K in ks]

@@ -36,13 +36,11 @@ def load_digits_data(device=None, dtype: torch.dtype = torch.float32
 
 
 class DigitsExactDenoiser(nn.Module):
-    """Exact denoiser of ``images`` (default: the digits), in x's dtype.
-
-    Integer ``class_labels [B]`` restrict each sample to its class's images; float ``[B, 10]``
+    """Exact denoiser of ``images`` (default: the digits), in x's dtype. Integer
+    ``class_labels [B]`` restrict each sample to its class's images; float ``[B, 10]``
     multiply each image's prior weight by its class's entry. ``batch_size`` rows at a time
     bound the ``[chunk, N]`` distance matrix. The data is centred, which keeps the
-    ``|x|^2 - 2 x.y + |y|^2`` expansion accurate in float32 down to sigma_min.
-    """
+    ``|x|^2 - 2 x.y + |y|^2`` expansion accurate in float32 down to sigma_min."""
 
     sigma_min = 0.002
     sigma_max = 80.0
@@ -156,8 +154,7 @@ class DigitsExactDenoiser(nn.Module):
         exact, non-stiff rewrite, since D is nearly constant at both ends), on a grid uniform
         in log sigma whose steps double from ``min_steps`` until two solutions agree
         (a warning at ``max_steps``). ``return_info`` adds ``{"steps", "evals",
-        "error_estimate"}`` (the last difference / 15, Richardson for 4th order).
-        """
+        "error_estimate"}`` (the last difference / 15, Richardson for 4th order)."""
         check_shape(noise, self.shape, "noise")
         model = self
         if self.data.dtype != torch.float64 or self.data.device.type != "cpu":

@@ -166,11 +166,8 @@ def lam(sigma: float) -> float:
 def phi(m: int, h: float) -> float:
     """psi_m(h) = e^{-h} int_0^h e^tau tau^(m-1)/(m-1)! dtau (m >= 1, h >= 0): the weights
     of the exponential integrator ``x_t = e^{-h} x_s + sum_n psi_{n+1}(h) D^(n)(lambda_s)``
-    (DPM-Solver++, UniPC); psi_1 = 1 - e^{-h}, psi_2 = h - 1 + e^{-h}, ...
-
-    Closed form ``(-1)^m (e^{-h} - sum_{i<m} (-h)^i / i!)``; for h < 2 the series
-    ``sum_j (-1)^j h^(j+m) / (j+m)!`` instead, which avoids the cancellation.
-    """
+    (DPM-Solver++, UniPC). Closed form ``(-1)^m (e^{-h} - sum_{i<m} (-h)^i / i!)``; for
+    h < 2 the series ``sum_j (-1)^j h^(j+m) / (j+m)!``, which avoids the cancellation."""
     if m < 1:
         raise ValueError("phi: m must be >= 1")
     if h < 2.0:

@@ -100,11 +100,8 @@ DODE_SOLVERS = {"euler": sample_d_euler, "heun": sample_d_heun, "ipndm": sample_
 def dode_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: DODEParams,
                  solver: Optional[str] = None, callback: Optional[Callable] = None,
                  progress: bool = False, afs: Optional[bool] = None, **cond) -> torch.Tensor:
-    """The D-ODE solver `params` were fitted for, from ``x`` at ``sigmas[0]``.
-
-    ``sigmas`` (default ``params.sigmas``), ``afs`` and ``solver`` (e.g. "d-euler", so that
-    `sample` refuses d-heun params for it) must match the params when given.
-    """
+    """The D-ODE solver `params` were fitted for; ``sigmas`` (default ``params.sigmas``),
+    ``afs`` and ``solver`` (e.g. "d-euler") must match the params when given."""
     if not isinstance(params, DODEParams):
         raise TypeError(f"params must be a DODEParams (from fit_dode or DODEParams.load), got "
                         f"{type(params).__name__}")

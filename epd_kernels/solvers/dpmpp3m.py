@@ -63,9 +63,7 @@ def check_multistep(variant, variants, max_step_ratio) -> Optional[float]:
 
 def multistep_order(i: int, num_steps: int, max_order: int, lower_order_final: bool,
                     ratio: Optional[float] = None, max_step_ratio: Optional[float] = None) -> int:
-    """The order used on step i of a multistep method: warm-up, lower-order final steps,
-    and order 1 on a step ``ratio`` = h_i / h_{i-1} > ``max_step_ratio`` times longer than
-    the one before it."""
+    """The order on step i of a multistep method (module docstring), ``ratio`` = h_i / h_{i-1}."""
     q = min(max_order, i + 1)
     if lower_order_final and num_steps < 10:
         q = min(q, num_steps - i)

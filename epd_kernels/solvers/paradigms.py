@@ -85,11 +85,9 @@ def run_paradigms(denoiser: Callable, x: torch.Tensor, sigmas, *, window: Option
     """ParaDiGMS from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``; returns ``(x, stats)``.
 
     ``window`` W (default and cap: S). ``callback`` gets after every round: 'round', 'i'
-    (window start), 'stride', 'window' (n),
-    'x' (state at 'sigma' = t_i), 'x_next' (the new converged state at 'sigma_next' =
-    t_{i + stride}, or the extrapolated end state when the budget ran out), 'denoised' (x0
-    estimate at x_i), 'error' ([n, B] errors of positions i+1 .. i+n), 'threshold' ([n]),
-    'converged'. ``progress``: a tqdm bar over the S steps.
+    (window start), 'stride', 'window' (n), 'x' (at 'sigma' = t_i), 'x_next' (the new
+    converged state at 'sigma_next' = t_{i + stride}, or the extrapolated end state),
+    'denoised' (at x_i), 'error' ([n, B], positions i+1 .. i+n), 'threshold', 'converged'.
     """
     s = check_sigmas(sigmas, "sigmas").tolist()
     S = len(s) - 1

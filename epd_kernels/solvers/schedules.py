@@ -53,12 +53,9 @@ def vp_sigma(t, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
 
 
 def vp_sigma_inv(sigma, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
-    """The exact inverse t(sigma) of `vp_sigma` (tensor, numpy array or float), written
-    without cancellation at small sigma.
-
-    Solving ``beta_d t^2 / 2 + beta_min t = L``, ``L = log(1 + sigma^2)``, for t > 0 gives
-    ``t = (sqrt(beta_min^2 + 2 beta_d L) - beta_min) / beta_d = 2 L / (sqrt(...) + beta_min)``.
-    """
+    """The exact inverse t(sigma) of `vp_sigma` (tensor, numpy array or float): the root t > 0
+    of ``beta_d t^2 / 2 + beta_min t = L = log(1 + sigma^2)``, written without cancellation
+    as ``2 L / (sqrt(beta_min^2 + 2 beta_d L) + beta_min)``."""
     m = torch if isinstance(sigma, torch.Tensor) else np if isinstance(sigma, np.ndarray) else math
     L = m.log1p(sigma * sigma)
     return 2.0 * L / (m.sqrt(beta_min ** 2 + 2.0 * beta_d * L) + beta_min)

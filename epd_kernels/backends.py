@@ -32,8 +32,7 @@ _warned = False
 
 
 def load_library() -> bool:
-    """Loads the compiled op library (found, or built on first use, by `_extension`);
-    True when it is loaded."""
+    """Loads the compiled op library (found or built by `_extension`); True when loaded."""
     global _LIBRARY_ERROR
     if hasattr(torch.ops.epd_kernels, "epd_step"):
         return True

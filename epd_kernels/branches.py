@@ -83,14 +83,10 @@ def remember_capture_failure(denoiser: Callable) -> None:
 class BranchRunner:
     """Evaluates K branch gradients of one EPD step with one batched denoiser call.
 
-    A `CountingDenoiser` is unwrapped (``runner.denoiser`` is the model inside) and gets the
-    runner's logical calls. ``use_cuda_graph``: None (follow ``graph``), False (never
-    capture) or True (CUDA graphs; ValueError off CUDA). ``graph_strategy``: a strategy
-    object used on any device (e.g. ``SimulatedGraphStrategy()``). ``graph``: "auto",
-    "off" or "simulate"; None reads ``EPD_KERNELS_GRAPH`` now. After `run`: the static
-    ``input_buffer``, ``sigma_buffer``, ``tau_buffer``, ``cond_buffers``, and the counters
-    ``calls``, ``samples`` (rows), ``captures``, ``replays``.
-    """
+    A `CountingDenoiser` is unwrapped and gets the runner's logical calls.
+    ``use_cuda_graph``: None (follow ``graph``: "auto", "off", "simulate", None for
+    ``EPD_KERNELS_GRAPH``), False or True (ValueError off CUDA). ``graph_strategy``: a
+    strategy used on any device. Counters: ``calls``, ``samples``, ``captures``, ``replays``."""
 
     def __init__(self, denoiser: Callable, num_points: int, use_cuda_graph: Optional[bool] = None,
                  graph_strategy: Any = None, graph: Optional[str] = None):

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .models.conditioning import match_rows
+from .solvers.common import denoise
 
 __all__ = ["solver_functions", "check_grid", "BoundModel"]
 
@@ -135,10 +136,7 @@ def _run(name: str, fn: Callable, model: Callable, x: torch.Tensor, sigmas,
             x = fn(denoiser, x, positive, callback=report, progress=progress, **fixed, **opts)
         if to_zero:
             # Euler step to sigma = 0: x + (0 - s) (x - D) / s = D, exactly.
-            s = float(positive[-1])
-            sig = torch.full((x.shape[0],), s, dtype=torch.float64 if x.dtype == torch.float64
-                             else torch.float32, device=x.device)
-            denoised = denoiser(x, sig).to(x.dtype)
+            denoised = denoise(denoiser, x, float(positive[-1]), {})
             if report is not None:
                 report({"x": x, "i": grid.numel() - 2, "denoised": denoised})
             x = denoised

@@ -294,8 +294,7 @@ def epd_step(x: torch.Tensor, grads: Union[torch.Tensor, Sequence[torch.Tensor]]
 
     Accumulates in float32 (float64 for float64 data) and rounds once to x's dtype.
     Differentiable in every tensor input (first order). float16 results beyond its range
-    become +-inf, as a cast of the exact result would; NaN and inf propagate.
-    """
+    become +-inf, as a cast of the exact result would; NaN and inf propagate."""
     args = _canonical_step_args(x, grads, weights, h, o)
     ops = _ops()
     if out is None:

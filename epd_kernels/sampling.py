@@ -63,15 +63,13 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
         return_stats: also return a `SampleStats`.
         progress, callback: tqdm bar; per-step callback (see the solvers).
         options: solver options (``{"variant": "bh1"}``); valid names: `solver_options`.
-        graph: None (the EPD branch call is captured as ``EPD_KERNELS_GRAPH`` says,
-            `epd_kernels.solvers.graphs`) or "solve" (the whole loop captured once per
-            shape and replayed, `epd_kernels.solvers.solve_graph`; no callback or progress;
-            not for ParaDiGMS or predictor-form AMED).
+        graph: None (the EPD branch call is captured as ``EPD_KERNELS_GRAPH`` says) or
+            "solve" (the whole loop captured once per shape and replayed; no callback or
+            progress; not for ParaDiGMS or predictor-form AMED).
         **cond: conditioning for the denoiser, possibly nested; where a graph is captured it
             must be on noise's device (ValueError before the capture).
 
-    Returns ``x`` at sigma_min, shaped and typed like noise; ``(x, stats)`` with return_stats.
-    """
+    Returns ``x`` at sigma_min, shaped and typed like noise; ``(x, stats)`` with return_stats."""
     s = spec(solver)
     mode = graph_mode()
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() < 1:

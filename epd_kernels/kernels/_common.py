@@ -24,19 +24,16 @@ def _interpret_mode() -> bool:
 #: tensors through the Triton interpreter. Fixed when this package is first imported.
 INTERPRET: bool = _interpret_mode()
 
-# Tiling. The elementwise kernels use a 1D tile of BLOCK elements per program. The
-# reducing kernels (the backwards) use a 2D tile [S, SUB]: every program writes S partial
-# sums per branch, one per SUB-element slice, so the partial buffer is
-# [B, cdiv(N, SUB), K] whatever S the autotuner picks and can be sized before the launch.
-#
+# Tiling: elementwise kernels use a 1D tile of BLOCK elements per program; the reducing
+# ones (the backwards) a 2D tile [S, SUB] writing one partial sum per SUB-element slice,
+# so the [B, cdiv(N, SUB), K] partial buffer does not depend on the tuned S.
 #: (BLOCK, num_warps) of the elementwise kernels on a GPU: 16 elements per thread, so that
 #: fp64 and K = 16 do not spill (8 per thread made ptxas spill a few bytes for
 #: branch_states, bf16, K = 4 on sm_80). Checked for every dtype and K by aot.compile_all.
 CONFIGS_1D = [(512, 1), (1024, 2), (2048, 4), (4096, 8)]
-#: (S, num_warps) of the reducing kernels, BLOCK = S * SUB, on a GPU. Which tiles let
-#: ptxas keep everything in registers is a matter of its heuristics, not of a simple
-#: count: (1, 4), (1, 8), (2, 4) and (4, 16) each spill a few bytes for some dtype and
-#: K in {3, 4, 8} on sm_80 or sm_90; these do not. Checked by aot.compile_all.
+#: (S, num_warps) of the reducing kernels, BLOCK = S * SUB, on a GPU: (1, 4), (1, 8), (2, 4)
+#: and (4, 16) each spill a few bytes for some dtype and K in {3, 4, 8} on sm_80 or sm_90
+#: (ptxas heuristics, not a simple count); these do not. Checked by aot.compile_all.
 CONFIGS_2D = [(2, 8), (1, 16), (2, 16)]
 SUB_GPU = 1024
 # Under the interpreter one small config keeps runs fast and still exercises several
@@ -119,12 +116,9 @@ def launch_reduce(kernel, B, N, device_of, *args, **constexprs):
     return partial.sum(dim=1)  # a fresh tensor, never a view of the scratch
 
 
-# Program -> tile maps shared by the kernels (inlined by the compiler). The grid is
-# B * cdiv(N, BLOCK) programs; program pid covers block `blk` of row `b`, so a tile never
-# straddles two rows and per-row scalars are loaded once. Everything that grows with the
-# tensor (program id, row, start of the tile: `base`) is int64, so rows of more than 2^31
-# elements and K*B*N beyond 2^31 are addressed correctly; only the lane offsets inside a
-# tile (< BLOCK) are int32.
+# Program -> tile maps (inlined): B * cdiv(N, BLOCK) programs, a tile never straddles two
+# rows, so per-row scalars are loaded once. Program id, row and tile start (`base`) are
+# int64, so K*B*N beyond 2^31 is addressed correctly; only in-tile lane offsets are int32.
 
 
 @triton.jit

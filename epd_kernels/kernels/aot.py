@@ -80,9 +80,8 @@ def _signature(fn, dtype, aligned):
 
 def compile_kernel(kernel_name: str, arch, dtype: torch.dtype, K: int, aligned: bool = True,
                    config=None, has_scale: bool = False):
-    """Compile one kernel for `arch` ("sm_80", "sm_90" or 80/90); returns Triton's
-    CompiledKernel (.asm has "ptx" and "cubin"). `config` is one entry of CONFIGS_1D /
-    CONFIGS_2D (the first by default)."""
+    """Triton's CompiledKernel (.asm: "ptx", "cubin") of one kernel for `arch` ("sm_80",
+    "sm_90" or 80/90); `config`: an entry of CONFIGS_1D / CONFIGS_2D (default the first)."""
     if kernel_name not in AOT_KERNELS:
         raise ValueError(f"unknown kernel {kernel_name!r}; choose from {sorted(AOT_KERNELS)}")
     if dtype not in _TRITON_TYPE:

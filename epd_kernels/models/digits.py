@@ -1,10 +1,9 @@
 """The 8x8 handwritten digits and their exact (optimal) denoiser.
 
-The 1797 digits scikit-learn ships (CC BY 4.0, see ``models/data/README.md``), stored in
-``models/data/digits.npz`` and scaled to ``[-1, 1]`` as ``x / 8 - 1``. `DigitsExactDenoiser`
-(``load_model("digits-exact")``) is the exact denoiser of the empirical distribution,
-``D = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``; its ODE memorises (every trajectory
-ends on a training image), and `reference_solution` solves it in float64."""
+The 1797 digits scikit-learn ships (CC BY 4.0, see ``models/data/README.md``), scaled to
+``[-1, 1]`` as ``x / 8 - 1``. `DigitsExactDenoiser` is the exact denoiser of the empirical
+distribution, ``D = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``; its ODE memorises
+(every trajectory ends on a training image)."""
 from __future__ import annotations
 
 import math

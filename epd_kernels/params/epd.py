@@ -50,8 +50,7 @@ class EPDParams(ParamsBase):
         ``r_init``: ``"gauss"`` (default; distilled to a lower test RMSE than "gauss-log" in
         11 of 12 benchmark cases) puts the branches at the Gauss-Legendre nodes of each step
         in sigma with their weights; ``"gauss-log"`` the same nodes as ``r`` with equal
-        weights; ``"linspace"`` ``r = (k + 1) / (K + 1)`` with equal weights.
-        """
+        weights; ``"linspace"`` ``r = (k + 1) / (K + 1)`` with equal weights."""
         if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
             raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}")
         sig = cls._grid(sigmas)

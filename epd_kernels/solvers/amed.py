@@ -1,9 +1,6 @@
-r"""AMED-Solver and AMED-Plugin (Zhou et al. 2024, "Fast ODE-based sampling for diffusion
-models in around 5 steps", arXiv 2312.00094; formulas from the authors' diff-sampler code;
-docs/design.md, "AMED").
-
-Step n goes from ``t = t_n`` to ``t' = t_{n+1}``, ``h = t' - t``. The params (`AMEDParams`:
-a table or the predictor network) give per sample ``r in (0, 1)``, ``delta`` and ``o``:
+r"""AMED-Solver and AMED-Plugin (Zhou et al. 2024, arXiv 2312.00094; formulas from the
+authors' diff-sampler code; docs/design.md, "AMED"). Step n goes from ``t = t_n`` to
+``t' = t_{n+1}``, ``h = t' - t``; the params give per sample ``r in (0, 1)``, ``delta``, ``o``:
 
     d       = (x - D(x, t)) / t                  main point (1 evaluation)
               (AFS, step 0 only: d = x / sqrt(1 + t^2), no evaluation; features are zeros)
@@ -50,8 +47,7 @@ def amed_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: AM
                  progress: bool = False, return_trajectory: bool = False,
                  afs: Optional[bool] = None, max_order: Optional[int] = None, **cond):
     """AMED-Solver (or AMED-Plugin): arguments and result as for `epd_sampler`. The callback
-    also gets ``grads`` (``[1, B, ...]``, g), ``x_mid``, ``sigma_mid``, ``r``, ``delta``, ``o``.
-    """
+    also gets ``grads`` (``[1, B, ...]``, g), ``x_mid``, ``sigma_mid``, ``r``, ``delta``, ``o``."""
     sig, plugin, max_order = check_run(params, AMEDParams, x, sigmas, afs, plugin, max_order)
     ts = sig.tolist()
     table = params.predictor is None

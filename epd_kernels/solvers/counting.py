@@ -18,10 +18,9 @@ __all__ = ["CountingDenoiser", "parallel_calls", "SampleStats", "unwrap_counter"
 
 
 class CountingDenoiser:
-    """Wraps ``denoiser(x, sigma, **cond)`` and counts ``calls`` (sequential: latency NFE)
-    and ``evaluations`` (samples evaluated / ``batch_size``: a ``[K * B, ...]`` call is 1
-    call and K evaluations). Inside ``with counter.parallel():`` all calls count as ONE
-    sequential call; evaluations still add up."""
+    """Counts ``calls`` (latency NFE) and ``evaluations`` (samples / ``batch_size``: a ``[K * B,
+    ...]`` call is 1 call and K evaluations); inside ``with counter.parallel():`` all calls
+    count as ONE call."""
 
     def __init__(self, denoiser: Callable, batch_size: int):
         self.denoiser = denoiser

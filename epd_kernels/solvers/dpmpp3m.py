@@ -33,7 +33,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .common import afs_d, check_int, denoise, emit, lam, phi, sigma_list, step_range
+from .common import check_int, emit, gradient, lam, phi, sigma_list, step_range
 
 __all__ = ["sample_dpmpp3m"]
 
@@ -87,10 +87,7 @@ def sample_dpmpp3m(denoiser: Callable, x: torch.Tensor, sigmas, *,
     lams = [lam(v) for v in s]
     hist: List[Tuple[float, torch.Tensor]] = []  # (lambda, denoised), newest first
     for i in step_range(N, progress, "dpmpp3m"):
-        if afs and i == 0:
-            denoised = x - s[0] * afs_d(x, s[0])
-        else:
-            denoised = denoise(denoiser, x, s[i], cond)
+        _, denoised = gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
         hist.insert(0, (lams[i], denoised))
         del hist[3:]
         q = min(multistep_order(i, N, max_order, lower_order_final,

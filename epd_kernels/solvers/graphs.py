@@ -99,8 +99,7 @@ class _Captured:
 
 def cond_rebuilder(leaves: list, spec) -> Callable:
     """``rebuild(tensors) -> cond``: the flattened conditioning (`leaves`, `spec`) with its
-    tensor leaves replaced by `tensors` in order. It closes over the non-tensor leaves only,
-    so a graph replay sees whatever the static buffers hold."""
+    tensor leaves replaced by `tensors` in order (a replay sees what the buffers hold)."""
     template = [None if isinstance(v, torch.Tensor) else v for v in leaves]
     slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
 

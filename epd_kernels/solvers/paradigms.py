@@ -87,8 +87,7 @@ def run_paradigms(denoiser: Callable, x: torch.Tensor, sigmas, *, window: Option
     ``window`` W (default and cap: S). ``callback`` gets after every round: 'round', 'i'
     (window start), 'stride', 'window' (n), 'x' (at 'sigma' = t_i), 'x_next' (the new
     converged state at 'sigma_next' = t_{i + stride}, or the extrapolated end state),
-    'denoised' (at x_i), 'error' ([n, B], positions i+1 .. i+n), 'threshold', 'converged'.
-    """
+    'denoised' (at x_i), 'error' ([n, B], positions i+1 .. i+n), 'threshold', 'converged'."""
     s = check_sigmas(sigmas, "sigmas").tolist()
     S = len(s) - 1
     W = S if window is None else min(check_int("window", window), S)

@@ -1,8 +1,7 @@
 """The solvers `sample()` knows, their NFE rules, their options and the sigma grids.
 
-NFE rule (docs/design.md, "NFE rules"): a solver spends ``evals_per_step`` sequential
-denoiser calls per step, minus one for the analytic first step (afs), so
-``nfe = evals_per_step * steps - afs``; a budget the rule cannot meet is refused.
+NFE rule (docs/design.md, "NFE rules"): ``nfe = evals_per_step * steps - afs``; a budget
+the rule cannot meet is refused.
 
 Options: the keywords of a solver function's signature besides `MANAGED` and the fixed
 ones a registration pins (``extra``).

@@ -1,16 +1,13 @@
 """Loading the C++ extension built against exactly the torch that runs: `load()` gives it
 (its ops registered with torch) or None, `load_error()` says why not.
 
-Two builds can provide it: `pip install --no-build-isolation .` compiles `epd_kernels/_C*.so`
-ahead of time and records the torch it was built against in `_C.build.json` (setup.py);
-a plain `pip install .` (no torch in its isolated build) installs the sources as
-`epd_kernels/_csrc/`, and the first `load()` compiles them with ninja into a cache folder
-per torch build, `$EPD_KERNELS_CACHE_DIR` or `${XDG_CACHE_HOME:-~/.cache}/epd_kernels`.
-A prebuilt library is loaded only when its record names the running torch: one compiled
-against other torch headers may load and then corrupt memory.
-
-Only the standard library is imported at module level: setup.py loads this file by path
-(before torch can be imported) for `compile_flags` and the build record.
+`pip install --no-build-isolation .` compiles `epd_kernels/_C*.so` ahead of time and records
+its torch in `_C.build.json`; a plain `pip install .` installs the sources as
+`epd_kernels/_csrc/`, which the first `load()` compiles with ninja into a cache folder per
+torch build (`$EPD_KERNELS_CACHE_DIR` or `${XDG_CACHE_HOME:-~/.cache}/epd_kernels`). A
+prebuilt library loads only when its record names the running torch: one compiled against
+other headers may load and then corrupt memory. Only the standard library is imported at
+module level: setup.py loads this file by path, before torch can be imported.
 """
 from __future__ import annotations
 
@@ -109,11 +106,8 @@ def source_dir() -> Optional[str]:
 
 
 def toolchain_problem(which=shutil.which) -> Optional[str]:
-    """What is missing to compile the extension here (a sentence), or None.
-
-    Looks for the C++ compiler torch will call (`$CXX`, else `c++`) and for ninja (on
-    PATH, or the `ninja` package's binary, which `_ninja_dir` puts on PATH).
-    """
+    """What is missing to compile the extension here (a sentence), or None: the C++
+    compiler torch will call (`$CXX`, else `c++`) and ninja (on PATH or the `ninja` package)."""
     missing = []
     cxx = os.environ.get("CXX", "c++")
     if which(cxx) is None:
@@ -141,11 +135,8 @@ def _ninja_dir(which=shutil.which) -> Optional[str]:
 
 
 def load() -> Optional[types.ModuleType]:
-    """The C++ extension, loaded (and compiled first if needed); None when unavailable.
-
-    The result is cached for the process; a failure is not retried. It is also placed in
-    `sys.modules["epd_kernels._C"]`, so `import epd_kernels._C` returns the same library.
-    """
+    """The C++ extension, loaded (and compiled first if needed), or None; cached for the
+    process (a failure is not retried) and placed in `sys.modules["epd_kernels._C"]`."""
     with _lock:
         if "module" not in _state:
             module, error = _load_uncached()
@@ -194,11 +185,8 @@ def _read_record() -> Optional[dict]:
 
 
 def _import_library(path: str) -> types.ModuleType:
-    """Loads the library at `path` (running its op registrations) as `epd_kernels._C`.
-
-    The library has no Python module init (csrc/ops.cpp): it is loaded by
-    torch.ops.load_library and stands in sys.modules as a module holding its path.
-    """
+    """Loads the library at `path` (running its op registrations; it has no Python module
+    init) and puts a module holding its path in sys.modules as `epd_kernels._C`."""
     import torch
 
     torch.ops.load_library(path)
@@ -247,14 +235,9 @@ def _compile(sources: list, build_dir: str, torch_version: str) -> str:
         start = time.monotonic()
         with _heartbeat("still compiling", enabled=stale):
             path = cpp_extension.load(
-                name=EXTENSION_NAME,
-                sources=sources,
-                extra_cflags=compile_flags(torch_version),
-                extra_ldflags=LINK_FLAGS,
-                build_directory=build_dir,
-                is_python_module=False,
-                verbose=False,
-            )
+                name=EXTENSION_NAME, sources=sources, extra_cflags=compile_flags(torch_version),
+                extra_ldflags=LINK_FLAGS, build_directory=build_dir, is_python_module=False,
+                verbose=False)
         if stale:
             _say(f"compiled in {time.monotonic() - start:.0f} s")
     return path
@@ -284,12 +267,9 @@ def _heartbeat(message: str, enabled: bool = True, every: float = 15.0):
 
 @contextlib.contextmanager
 def _build_lock(build_dir: str):
-    """An exclusive lock on `build_dir`, released by the OS if its holder dies.
-
-    torch's own lock (a `lock` file created with O_EXCL) stays behind when a build is
-    killed, and every later build would wait for it forever; every builder of this folder
-    takes this lock first, so whoever holds it may delete a leftover `lock` file.
-    """
+    """An exclusive lock on `build_dir`, released by the OS if its holder dies. torch's own
+    `lock` file stays behind when a build is killed, and later builds would wait for it
+    forever; every builder takes this lock first, so its holder may delete that file."""
     try:
         import fcntl
     except ImportError:  # not POSIX: torch's own lock file only

@@ -1,16 +1,11 @@
 """Which kernels implement the `torch.ops.epd_kernels` ops, decided once, not per call.
 
-`load_library` loads the op library of `csrc/ops.cpp` (every schema and the C++ CPU
-kernels); the CUDA kernels are registered once here: the Triton launchers of
-`epd_kernels.kernels` when Triton can run, else the reference with one warning. Torch's
-dispatcher then picks the kernel from the tensors' device; no Python chooses per call.
-
-Backends: cpp (CPU tensors, needs the built extension), triton (a CUDA device, or CPU
-tensors under TRITON_INTERPRET=1, for tests), reference (`reference.py`, any device) and
-auto (cpp on CPU, triton on CUDA: the default). `set_backend(name)`, or the variable
-EPD_KERNELS_BACKEND read at import, forces one for CPU and CUDA tensors alike by
-registering its kernels over the defaults. Without the library `ops.py` runs the
-reference directly.
+`load_library` loads the op library of `csrc/ops.cpp` (schemas and C++ CPU kernels); the
+CUDA kernels are registered once here (Triton, else the reference with one warning), and
+torch's dispatcher picks by device. Backends: cpp, triton (CUDA, or CPU tensors under
+TRITON_INTERPRET=1), reference (any device) and auto (cpp on CPU, triton on CUDA).
+`set_backend(name)` or EPD_KERNELS_BACKEND (read at import) forces one for every device by
+registering its kernels over the defaults. Without the library `ops.py` runs the reference.
 """
 from __future__ import annotations
 
@@ -37,8 +32,7 @@ _warned = False
 
 
 def load_library() -> bool:
-    """Loads the compiled op library (found, or built on first use, by `_extension`);
-    True when it is loaded."""
+    """Loads the compiled op library (found or built by `_extension`); True when loaded."""
     global _LIBRARY_ERROR
     if hasattr(torch.ops.epd_kernels, "epd_step"):
         return True

@@ -8,13 +8,10 @@ For one EPD step from ``t`` with direction ``v`` and branch points ``tau [K]``:
     g_k     = (x_k - D_k) / tau_k                       -> returned as [K, B, ...]
 
 The batch is k-major (rows ``k*B .. k*B+B-1`` are branch k) for states, sigmas and every
-conditioning tensor leaf with leading dim B (conditioning may be nested). `BranchRunner.run`
-(no autograd) writes the states straight into static buffers and, where graphs are on
-(`epd_kernels.solvers.graphs`), captures the call once per key (x's shape, dtype, device, K,
-the conditioning's structure and tensor shapes) and replays it; `run_differentiable` is the
-autograd path (distillation). The runner reports each logical call to the counter given
-with `counting`, replayed or not. `runner_for` caches runners, so repeated `sample()` calls
-reuse one capture; a denoiser whose capture failed runs eagerly from then on.
+conditioning tensor leaf with leading dim B (possibly nested). `BranchRunner.run` (no
+autograd) fills static buffers and, with graphs on (`epd_kernels.solvers.graphs`), captures
+the call once per key and replays it; `run_differentiable` is the autograd path. `runner_for`
+caches runners; a denoiser whose capture failed runs eagerly from then on.
 """
 from __future__ import annotations
 
@@ -86,14 +83,10 @@ def remember_capture_failure(denoiser: Callable) -> None:
 class BranchRunner:
     """Evaluates K branch gradients of one EPD step with one batched denoiser call.
 
-    A `CountingDenoiser` is unwrapped (``runner.denoiser`` is the model inside) and gets the
-    runner's logical calls. ``use_cuda_graph``: None (follow ``graph``), False (never
-    capture) or True (CUDA graphs; ValueError off CUDA). ``graph_strategy``: a strategy
-    object used on any device (e.g. ``SimulatedGraphStrategy()``). ``graph``: "auto",
-    "off" or "simulate"; None reads ``EPD_KERNELS_GRAPH`` now. After `run`: the static
-    ``input_buffer``, ``sigma_buffer``, ``tau_buffer``, ``cond_buffers``, and the counters
-    ``calls``, ``samples`` (rows), ``captures``, ``replays``.
-    """
+    A `CountingDenoiser` is unwrapped and gets the runner's logical calls.
+    ``use_cuda_graph``: None (follow ``graph``: "auto", "off", "simulate", None for
+    ``EPD_KERNELS_GRAPH``), False or True (ValueError off CUDA). ``graph_strategy``: a
+    strategy used on any device. Counters: ``calls``, ``samples``, ``captures``, ``replays``."""
 
     def __init__(self, denoiser: Callable, num_points: int, use_cuda_graph: Optional[bool] = None,
                  graph_strategy: Any = None, graph: Optional[str] = None):

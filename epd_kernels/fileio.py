@@ -47,11 +47,10 @@ def _exists_error(path: str) -> FileExistsError:
 
 
 def write_atomic(path, data: bytes, *, overwrite: bool = True) -> None:
-    """Writes ``data`` to ``path`` atomically: a temporary file in the same folder, flushed
-    and fsync'ed, then moved onto ``path`` and the folder fsync'ed (a process killed at any
-    moment leaves the old file or the new one, never a torn one). With ``overwrite=False``
-    an existing ``path`` is a FileExistsError, checked before writing and at the move (a
-    hard link, which fails if the name exists), so that two writers cannot both succeed."""
+    """Writes ``data`` to ``path`` atomically (a fsync'ed temporary file in the same folder,
+    moved onto ``path``; a killed process leaves the old or the new file). With
+    ``overwrite=False`` an existing ``path`` is a FileExistsError, checked before writing and
+    at the move (a hard link, which fails if the name exists): two writers cannot both win."""
     path = os.fspath(path)
     if not overwrite and os.path.lexists(path):
         raise _exists_error(path)

@@ -5,16 +5,11 @@
     x0 = kd.sample_epd(model, x, sigmas, params=EPDParams.load("p.safetensors"))
 
 k-diffusion's conventions: ``model(x, sigma [B], **extra_args) -> denoised``; ``x`` already
-scaled; ``sigmas`` decreasing, > 0 except a possible final 0; ``callback`` once per step with
-``{"x", "i", "sigma", "sigma_hat", "denoised"}`` (the step's starting values; no churn, so
-``sigma_hat == sigma``); ``disable`` turns the progress bar off (None: off unless stderr is a
-terminal); ``**opts`` are the solver's options, and k-diffusion's churn options are accepted
-with ``s_churn=0``.
-
-A grid ending in 0 runs the solver on ``sigmas[:-1]`` and takes the last step, as k-diffusion
-does, as an Euler step to 0, which lands on ``D(x, sigmas[-2])``: one more call, counted in the
-NFE. AFS is off by default (k-diffusion has none); EPD, AMED and D-ODE take it from their
-params. ``extra_args`` tensors with B rows are tiled for EPD's K*B-row branch call."""
+scaled; ``callback`` once per step with ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` (no
+churn: ``sigma_hat == sigma``); ``disable`` (None: off unless stderr is a terminal);
+``**opts`` are the solver's options (churn options accepted with ``s_churn=0``). A grid
+ending in 0 takes the last step as an Euler step to 0, which lands on ``D(x, sigmas[-2])``:
+one more call. AFS is off (k-diffusion has none) except from EPD, AMED and D-ODE params."""
 from __future__ import annotations
 
 import importlib
@@ -26,6 +21,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .models.conditioning import match_rows
+from .solvers.common import denoise
 
 __all__ = ["solver_functions", "check_grid", "BoundModel"]
 
@@ -140,10 +136,7 @@ def _run(name: str, fn: Callable, model: Callable, x: torch.Tensor, sigmas,
             x = fn(denoiser, x, positive, callback=report, progress=progress, **fixed, **opts)
         if to_zero:
             # Euler step to sigma = 0: x + (0 - s) (x - D) / s = D, exactly.
-            s = float(positive[-1])
-            sig = torch.full((x.shape[0],), s, dtype=torch.float64 if x.dtype == torch.float64
-                             else torch.float32, device=x.device)
-            denoised = denoiser(x, sig).to(x.dtype)
+            denoised = denoise(denoiser, x, float(positive[-1]), {})
             if report is not None:
                 report({"x": x, "i": grid.numel() - 2, "denoised": denoised})
             x = denoised

@@ -1,14 +1,11 @@
 """Sample-quality metrics: RMSE to a reference, Frechet distance, and an NFE/cost table.
 
-`global_rmse` is the "error to the reference" of every solver comparison in the package
-(the demo, `epd eval`, the benchmarks, the grid search): one root of the mean over all
-samples and dimensions, to a high-accuracy solution of the same ODE from the same noise.
-`frechet_distance` fits Gaussians to features of two sets (pixel space by default; an
-Inception network as ``features`` makes it FID):
-FD = |mu_1 - mu_2|^2 + tr(C_1 + C_2 - 2 (C_1^{1/2} C_2 C_1^{1/2})^{1/2}). The trace term
-comes from the eigenvalues of the symmetric PSD matrix in float64, round-off negatives
-clipped: stable for singular covariances, no complex parts. FD is biased upwards for few
-samples: report it with the count, "FD (n=256)".
+`global_rmse` is the "error to the reference" of every solver comparison in the package.
+`frechet_distance` fits Gaussians to features of two sets (pixels by default; Inception
+features make it FID): FD = |mu_1 - mu_2|^2 + tr(C_1 + C_2 - 2 (C_1^{1/2} C_2 C_1^{1/2})^{1/2}),
+the trace term from the eigenvalues of a symmetric PSD matrix in float64 (negatives
+clipped: stable for singular covariances). FD is biased upwards for few samples: report it
+with the count, "FD (n=256)".
 """
 from __future__ import annotations
 
@@ -24,9 +21,8 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 
 
 def global_rmse(a: ArrayLike, b: ArrayLike) -> float:
-    """``sqrt(mean((a - b)^2))`` over all elements (float64): each element counts once, so
-    a sample with a large error weighs as its squared error says (a mean of per-sample RMS
-    values would shrink it)."""
+    """``sqrt(mean((a - b)^2))`` over all elements (float64), not a mean of per-sample RMS
+    values (which would shrink a sample's large error)."""
     a = torch.as_tensor(a).detach().to("cpu", torch.float64)
     b = torch.as_tensor(b).detach().to("cpu", torch.float64)
     if a.shape != b.shape:

@@ -11,12 +11,9 @@ __all__ = ["make_noise"]
 
 def make_noise(seeds: Union[int, Sequence[int]], shape: Sequence[int], device=None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[len(seeds), *shape]`` standard normal noise, one `torch.Generator` per seed.
-
-    Each sample depends on its own seed only, so a seed gives the same noise whatever the
-    batch it is drawn in. The draw is made on the CPU (float64 if ``dtype`` is float64,
-    float32 otherwise) and then moved, so it is also the same on every device.
-    """
+    """``[len(seeds), *shape]`` standard normal noise, one `torch.Generator` per seed. A seed
+    gives the same noise whatever the batch and the device: the draw is made on the CPU
+    (float64 if ``dtype`` is float64, float32 otherwise) and then moved."""
     seeds = [int(seeds)] if isinstance(seeds, numbers.Integral) else [int(s) for s in seeds]
     if len(seeds) == 0:
         raise ValueError("seeds must contain at least one seed")

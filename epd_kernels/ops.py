@@ -1,14 +1,12 @@
 """The fused EPD ops (`epd_step`, `branch_states`, `branch_states_into`): argument checks,
 canonical arguments, and the fake kernels and autograd of the `torch.ops.epd_kernels` ops.
 
-The schemas and CPU kernels are in `csrc/ops.cpp`, the CUDA kernels are registered by
-`backends.py`; without the compiled library the canonical arguments go to the formulas of
-`reference.py` (one warning). Canonical arguments: `[K]` weights with a float (or 0-d)
-step factor make the whole tensor one row `[1, B*N]`, so the kernels read K + 1 scalars;
-per-sample `[B]` h/o or `[B, K]` weights keep one row per sample. Float h and o fold into
-the float `alpha = (1 + o) * h`, tensor ones into the differentiable tensor `scale`. In a
-captured CUDA graph floats are constants: pass 0-d or [B] device tensors for h and o when
-replays must see new values.
+Schemas and CPU kernels: `csrc/ops.cpp`; CUDA kernels: `backends.py`; without the library,
+`reference.py` (one warning). Canonical arguments: `[K]` weights with a float (or 0-d) step
+factor make the tensor one row `[1, B*N]`; `[B]` h/o or `[B, K]` weights keep one row per
+sample. Float h and o fold into the float `alpha = (1 + o) * h`, tensor ones into the
+differentiable `scale`. A captured CUDA graph bakes floats in: pass 0-d or [B] device
+tensors for h and o when replays must see new values.
 """
 from __future__ import annotations
 
@@ -289,19 +287,14 @@ def epd_step(x: torch.Tensor, grads: Union[torch.Tensor, Sequence[torch.Tensor]]
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One fused EPD update: ``x + (1 + o) * h * sum_k weights[..., k] * grads[k]``.
 
-    x is ``[B, ...]`` (float16, bfloat16, float32 or float64); grads ``[K, B, ...]`` or a
-    list of K tensors shaped like x; weights ``[K]`` or ``[B, K]``; h (the step
-    ``t_{n+1} - t_n``) and o (the scale perturbation) a float, a 0-d or a ``[B]`` tensor.
-
-    ``out=`` takes a buffer of x's shape, dtype and device (any strides) and returns it.
-    It may be x itself (each element of the result depends only on the same element of x
-    and grads) but must not overlap grads, weights, h or o (ValueError); with grad mode on,
-    an input or out that requires grad is a RuntimeError (out= is outside autograd).
+    x ``[B, ...]`` (float16, bfloat16, float32 or float64); grads ``[K, B, ...]`` or K tensors
+    shaped like x; weights ``[K]`` or ``[B, K]``; h (``t_{n+1} - t_n``) and o a float, 0-d
+    or ``[B]`` tensor. ``out=`` (x's shape, dtype and device, any strides) may be x itself
+    but must not overlap grads, weights, h or o; it is outside autograd.
 
     Accumulates in float32 (float64 for float64 data) and rounds once to x's dtype.
     Differentiable in every tensor input (first order). float16 results beyond its range
-    (|y| > 65504) become +-inf, as a cast of the exact result would; NaN and inf propagate.
-    """
+    become +-inf, as a cast of the exact result would; NaN and inf propagate."""
     args = _canonical_step_args(x, grads, weights, h, o)
     ops = _ops()
     if out is None:
@@ -317,11 +310,8 @@ def epd_step(x: torch.Tensor, grads: Union[torch.Tensor, Sequence[torch.Tensor]]
 
 def branch_states(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor, *,
                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Branch starting points ``out[k] = x + c[..., k] * d``, shape ``[K, *x.shape]``.
-
-    ``c`` is ``[K]`` or ``[B, K]`` (EPD uses ``c_k = tau_k - t``). Differentiable in x, d,
-    c. ``out=`` writes into a buffer as `branch_states_into` does and returns it.
-    """
+    """Branch starting points ``out[k] = x + c[..., k] * d``, shape ``[K, *x.shape]``; ``c``
+    ``[K]`` or ``[B, K]``. Differentiable; ``out=`` as in `branch_states_into`."""
     if out is not None:
         return branch_states_into(x, d, c, out)
     x2, d2, c2 = _canonical_branch_args(x, d, c)
@@ -330,12 +320,9 @@ def branch_states(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor, *,
 
 def branch_states_into(x: torch.Tensor, d: torch.Tensor, c: torch.Tensor,
                        out: torch.Tensor) -> torch.Tensor:
-    """Writes ``branch_states(x, d, c)`` into a contiguous buffer of K*B*N elements.
-
-    The buffer is typically the static ``[K*B, ...]`` input of a batched (graph-captured)
-    denoiser call. It must not overlap x, d or c (branch k is written while they are
-    still read). No autograd: with grad mode on, inputs that require grad are refused.
-    """
+    """Writes ``branch_states(x, d, c)`` into a contiguous buffer of K*B*N elements (e.g. the
+    static ``[K*B, ...]`` input of a captured denoiser call) that does not overlap x, d or c.
+    No autograd: with grad mode on, inputs that require grad are refused."""
     x2, d2, c2 = _canonical_branch_args(x, d, c)
     size = c2.shape[-1] * x2.numel()
     _check_out("branch_states", out, None, x, False, d=d, c=c)

@@ -1,9 +1,8 @@
 """Plain-PyTorch versions of every op: the oracle for tests and the fallback backend.
 
-Any floating dtype and any strides; each function is the formula of docs/design.md ("EPD
-step") with no fusion tricks, and the kernels in `csrc/` and `kernels/` must agree with it
-to per-dtype tolerances. The arguments are the canonical ones of the `torch.ops.epd_kernels`
-ops (`csrc/ops.cpp`), to which `ops.py` brings user inputs:
+Each function is the formula of docs/design.md ("EPD step") with no fusion tricks; the
+kernels in `csrc/` and `kernels/` must agree with it to per-dtype tolerances. Arguments are
+the canonical ones of the `torch.ops.epd_kernels` ops (`csrc/ops.cpp`):
 
     x       [B, N]          state, flattened per sample (or all samples as one row)
     grads   [K, B, N]       K branch gradients
@@ -52,11 +51,8 @@ def epd_step_out(x, grads, weights, scale, alpha, out):
 
 
 def epd_step_backward(grad_out, grads, weights, scale, alpha):
-    """Returns (grad_grads [K,B,N] in the data dtype, dots [B,K] in opmath).
-
-    dots[b, k] = sum_n grad_out[b, n] * grads[k, b, n]: the partial reduction from which
-    the op layer forms the gradients of weights and scale (grad_x is grad_out itself).
-    """
+    """(grad_grads [K,B,N] in the data dtype, dots [B,K] in opmath); dots[b, k] = sum_n
+    grad_out[b, n] * grads[k, b, n] gives the op layer the weights' and scale's gradients."""
     acc = opmath_dtype(grads.dtype)
     B = grad_out.shape[0]
     coef = _factor(scale, alpha, B, acc, grads.device)[:, None] * _rows(weights, B, acc)

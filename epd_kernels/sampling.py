@@ -5,9 +5,8 @@
     x0, stats = sample(denoiser, noise, solver="epd", params=p, return_stats=True)
 
 ``nfe`` is the latency budget, mapped exactly to steps per solver; a budget a solver cannot
-meet is refused (docs/design.md, "NFE rules"; `epd_kernels.solvers.registry`). `SampleStats`
-reports latency NFE and total evaluations as counted: calls that run in Python through
-`CountingDenoiser`, graph replays by whoever replays them (branch runner, solve graph).
+meet is refused (docs/design.md, "NFE rules"). `SampleStats` reports the counted latency NFE
+and total evaluations (graph replays reported by whoever replays them).
 """
 from __future__ import annotations
 
@@ -64,15 +63,13 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
         return_stats: also return a `SampleStats`.
         progress, callback: tqdm bar; per-step callback (see the solvers).
         options: solver options (``{"variant": "bh1"}``); valid names: `solver_options`.
-        graph: None (the EPD branch call is captured as ``EPD_KERNELS_GRAPH`` says,
-            `epd_kernels.solvers.graphs`) or "solve" (the whole loop captured once per
-            shape and replayed, `epd_kernels.solvers.solve_graph`; no callback or progress;
-            not for ParaDiGMS or predictor-form AMED).
+        graph: None (the EPD branch call is captured as ``EPD_KERNELS_GRAPH`` says) or
+            "solve" (the whole loop captured once per shape and replayed; no callback or
+            progress; not for ParaDiGMS or predictor-form AMED).
         **cond: conditioning for the denoiser, possibly nested; where a graph is captured it
             must be on noise's device (ValueError before the capture).
 
-    Returns ``x`` at sigma_min, shaped and typed like noise; ``(x, stats)`` with return_stats.
-    """
+    Returns ``x`` at sigma_min, shaped and typed like noise; ``(x, stats)`` with return_stats."""
     s = spec(solver)
     mode = graph_mode()
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point() or noise.dim() < 1:
@@ -107,7 +104,7 @@ def sample(denoiser: Callable, noise: torch.Tensor, solver: str = "ipndm",
 def _run(fn, s, denoiser, counter, noise, sigmas, params, kwargs, cond, mode, graph,
          callback, progress):
     """``(x, graph captures, graph replays)``: a captured solve, or the solver in Python
-    with the EPD branch call on the cached runner (whose counters give the graph work)."""
+    with the EPD branch call on the cached runner."""
     if graph == "solve":
         done = _solve_graph.solve(fn, denoiser, counter, noise, sigmas, params, kwargs, cond,
                                   mode)

@@ -6,11 +6,9 @@ solvers (EPD included), with classifier-free guidance.
                              guidance_scale=7.5, seeds=[0])                 # [B, 3, H, W]
 
 A pipeline is any object with ``tokenizer``, ``text_encoder``, ``unet``, ``scheduler`` and
-``vae`` that behave like ``StableDiffusionPipeline``'s. Prompts are encoded as diffusers does;
-the unet becomes an EDM denoiser (`DiffusersDenoiser.from_scheduler`) wrapped in
-`CFGDenoiser` when guidance is on (one unet call of 2B rows per evaluation); latents come
-from one generator per seed; the default grid is the polynomial schedule on the model's own
-sigma range (`default_schedule`); `decode_latents` maps the VAE output to [0, 1]."""
+``vae`` like ``StableDiffusionPipeline``'s. The unet becomes an EDM denoiser
+(`DiffusersDenoiser.from_scheduler`), in `CFGDenoiser` when guidance is on; one generator
+per seed; the default grid is polynomial on the model's sigma range (`default_schedule`)."""
 from __future__ import annotations
 
 import numbers
@@ -193,12 +191,9 @@ def distill_pipeline(pipe, prompts: Prompts, *, nfe: int = 5, guidance_scale=7.5
                      iterations: int = 100, batch_size: int = 8, pool: Optional[int] = 256,
                      seed: int = 0, height: Optional[int] = None, width: Optional[int] = None,
                      schedule=None, progress: bool = True, **distill_settings):
-    """`EPDParams` distilled for the guided pipeline over ``prompts``.
-
-    Pool entry p (or, with ``pool=None``, batch row p) gets prompt ``p mod len(prompts)``;
-    the teacher and the student call the same guided denoiser on `default_schedule`'s grid.
-    Other keywords are `distill` settings (``M``, ``lr``, ...), never conditioning.
-    """
+    """`EPDParams` distilled for the guided pipeline over ``prompts``: pool entry p (or batch
+    row p with ``pool=None``) gets prompt ``p mod len(prompts)``. Other keywords are
+    `distill` settings (``M``, ``lr``, ...), never conditioning."""
     from ..distill import distill
 
     prompts = _as_prompts(prompts)

@@ -1,14 +1,10 @@
 """Triton kernels of epd_kernels (docs/design.md, "Layers": the kernels layer).
 
-Launchers on the canonical arguments of the `torch.ops.epd_kernels` ops (schemas in
-`csrc/ops.cpp`, formulas in `reference.py`), registered as their CUDA kernels by
-`backends.py`. The kernels autotune over a few tiles on GPU: run each launch once before
-capturing a CUDA graph. `kernels.aot` compiles them for GPUs that are not present.
-
-Importing this package never fails: without triton, `HAS_TRITON` is False and every
-launcher raises a RuntimeError that says so. With TRITON_INTERPRET=1 set before its first
-import, the kernels run on CPU tensors through the Triton interpreter (`INTERPRET`; for
-tests only).
+Launchers on the canonical arguments of the `torch.ops.epd_kernels` ops (formulas in
+`reference.py`), registered as their CUDA kernels by `backends.py`. They autotune on GPU:
+run each launch once before capturing a CUDA graph. `kernels.aot` compiles ahead of time.
+Importing never fails: without triton, `HAS_TRITON` is False and every launcher raises.
+With TRITON_INTERPRET=1 set before the first import they run on CPU tensors (tests).
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import opmath_dtype
+
 
 def _interpret_mode() -> bool:
     knobs = getattr(triton, "knobs", None)
@@ -22,19 +24,16 @@ def _interpret_mode() -> bool:
 #: tensors through the Triton interpreter. Fixed when this package is first imported.
 INTERPRET: bool = _interpret_mode()
 
-# Tiling. The elementwise kernels use a 1D tile of BLOCK elements per program. The
-# reducing kernels (the backwards) use a 2D tile [S, SUB]: every program writes S partial
-# sums per branch, one per SUB-element slice, so the partial buffer is
-# [B, cdiv(N, SUB), K] whatever S the autotuner picks and can be sized before the launch.
-#
+# Tiling: elementwise kernels use a 1D tile of BLOCK elements per program; the reducing
+# ones (the backwards) a 2D tile [S, SUB] writing one partial sum per SUB-element slice,
+# so the [B, cdiv(N, SUB), K] partial buffer does not depend on the tuned S.
 #: (BLOCK, num_warps) of the elementwise kernels on a GPU: 16 elements per thread, so that
 #: fp64 and K = 16 do not spill (8 per thread made ptxas spill a few bytes for
 #: branch_states, bf16, K = 4 on sm_80). Checked for every dtype and K by aot.compile_all.
 CONFIGS_1D = [(512, 1), (1024, 2), (2048, 4), (4096, 8)]
-#: (S, num_warps) of the reducing kernels, BLOCK = S * SUB, on a GPU. Which tiles let
-#: ptxas keep everything in registers is a matter of its heuristics, not of a simple
-#: count: (1, 4), (1, 8), (2, 4) and (4, 16) each spill a few bytes for some dtype and
-#: K in {3, 4, 8} on sm_80 or sm_90; these do not. Checked by aot.compile_all.
+#: (S, num_warps) of the reducing kernels, BLOCK = S * SUB, on a GPU: (1, 4), (1, 8), (2, 4)
+#: and (4, 16) each spill a few bytes for some dtype and K in {3, 4, 8} on sm_80 or sm_90
+#: (ptxas heuristics, not a simple count); these do not. Checked by aot.compile_all.
 CONFIGS_2D = [(2, 8), (1, 16), (2, 16)]
 SUB_GPU = 1024
 # Under the interpreter one small config keeps runs fast and still exercises several
@@ -48,10 +47,6 @@ _CFG_2D = [(2, 4)] if INTERPRET else CONFIGS_2D
 FP_FUSION = True
 
 
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def autotuned_1d(kernel, key):
     return triton.autotune([triton.Config({"BLOCK": b}, num_warps=w) for b, w in _CFG_1D],
                            key=key)(kernel)
@@ -63,13 +58,10 @@ def autotuned_2d(kernel, key):
 
 
 def check_canonical(rows, stacked, coef_name, c, scale=None):
-    """The launchers' contract on canonical arguments, as ops.cpp checks it for the C++
-    kernels (a direct call with bad inputs must fail, not read out of bounds).
-
-    `rows` and `stacked` map names to the [B, N] and [K, B, N] data tensors (contiguous,
-    one dtype), `c` (named `coef_name`) holds the [K] or [B, K] opmath coefficients,
-    `scale` is None, [] or [B]. Returns (B, N, K, row stride of the coefficients).
-    """
+    """The launchers' contract, as ops.cpp checks it (bad inputs must fail, not read out of
+    bounds): `rows` / `stacked` map names to [B, N] / [K, B, N] contiguous data of one dtype,
+    `c` (named `coef_name`) [K] or [B, K] opmath, `scale` None, [] or [B].
+    Returns (B, N, K, row stride of the coefficients)."""
     data = {**rows, **stacked}
     lead = next(iter(rows.values()))
     K = c.shape[-1] if c.dim() in (1, 2) else -1
@@ -124,12 +116,9 @@ def launch_reduce(kernel, B, N, device_of, *args, **constexprs):
     return partial.sum(dim=1)  # a fresh tensor, never a view of the scratch
 
 
-# Program -> tile maps shared by the kernels (inlined by the compiler). The grid is
-# B * cdiv(N, BLOCK) programs; program pid covers block `blk` of row `b`, so a tile never
-# straddles two rows and per-row scalars are loaded once. Everything that grows with the
-# tensor (program id, row, start of the tile: `base`) is int64, so rows of more than 2^31
-# elements and K*B*N beyond 2^31 are addressed correctly; only the lane offsets inside a
-# tile (< BLOCK) are int32.
+# Program -> tile maps (inlined): B * cdiv(N, BLOCK) programs, a tile never straddles two
+# rows, so per-row scalars are loaded once. Program id, row and tile start (`base`) are
+# int64, so K*B*N beyond 2^31 is addressed correctly; only in-tile lane offsets are int32.
 
 
 @triton.jit

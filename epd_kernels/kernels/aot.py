@@ -1,11 +1,9 @@
 """Ahead-of-time compilation of the Triton kernels for a GPU that is not present.
 
-`compile_all("sm_80")` compiles every autotune config of every kernel for every data
-dtype and the usual K with `triton.compile` for `GPUTarget("cuda", 80, 32)`, and checks
-each compile for register spills (ptxas's report) and 128-bit global loads (the PTX).
-With `aligned=True` every pointer and the row length N are declared divisible by 16 (what
-Triton's JIT infers for 16-byte aligned tensors and N % 16 == 0), which allows those
-loads. Must run in a process whose kernels were not imported under TRITON_INTERPRET=1.
+`compile_all("sm_80")` compiles every autotune config of every kernel for every data dtype
+and the usual K for `GPUTarget("cuda", 80, 32)`, checking register spills (ptxas) and
+128-bit global loads (PTX; `aligned=True` declares pointers and N divisible by 16, as
+Triton's JIT infers for aligned tensors). Not under TRITON_INTERPRET=1.
 """
 import contextlib
 import io
@@ -82,9 +80,8 @@ def _signature(fn, dtype, aligned):
 
 def compile_kernel(kernel_name: str, arch, dtype: torch.dtype, K: int, aligned: bool = True,
                    config=None, has_scale: bool = False):
-    """Compile one kernel for `arch` ("sm_80", "sm_90" or 80/90); returns Triton's
-    CompiledKernel (.asm has "ptx" and "cubin"). `config` is one entry of CONFIGS_1D /
-    CONFIGS_2D (the first by default)."""
+    """Triton's CompiledKernel (.asm: "ptx", "cubin") of one kernel for `arch` ("sm_80",
+    "sm_90" or 80/90); `config`: an entry of CONFIGS_1D / CONFIGS_2D (default the first)."""
     if kernel_name not in AOT_KERNELS:
         raise ValueError(f"unknown kernel {kernel_name!r}; choose from {sorted(AOT_KERNELS)}")
     if dtype not in _TRITON_TYPE:
@@ -145,13 +142,9 @@ def _ptxas_log(ptx: str, number: int) -> str:
 
 
 def compile_all(arch, kernels=None, dtypes=AOT_DTYPES, ks=AOT_KS, progress=None) -> list:
-    """Compile every autotune config of every kernel for `arch` ("sm_80" or "sm_90").
-
-    Returns one dict per compile: kernel, arch, dtype (name), K, config (constexprs and
-    num_warps), spills (bytes of spill stores + loads that ptxas reports), registers,
-    vector_loads (128-bit global loads in the PTX), seconds. `progress(i, n, record)` is
-    called after each compile (the whole run takes minutes).
-    """
+    """Compile every autotune config of every kernel for `arch` ("sm_80" or "sm_90"); one
+    dict per compile: kernel, arch, dtype, K, config, spills (bytes ptxas reports),
+    registers, vector_loads (128-bit), seconds. `progress(i, n, record)` after each compile."""
     number = _arch_number(arch)
     jobs = [(name, config, dtype, K) for name in (kernels or AOT_KERNELS)
             for config in _configs(name) for dtype in dtypes for K in ks]

@@ -6,12 +6,10 @@ Backward, one pass over grads and grad_out:
     grad_grads[k, b, n] = f[b] * weights[b, k] * grad_out[b, n]
     dots[b, k]          = sum_n grad_out[b, n] * grads[k, b, n]
 
-weights is [K] (row stride 0) or [B, K]; scale a 0-d tensor (stride 0), [B], or absent;
-alpha an fp64 argument (a Python float is fp32 in Triton, which would round it for
-float64 data). Tensor coefficients are read inside the kernel, so a captured CUDA graph
-replays correctly after they are updated in place; a float alpha is baked into it.
-Data is loaded and stored in its dtype T, arithmetic is in opmath (float64 for float64
-data, float32 otherwise), the dtype of weights and scale.
+weights is [K] (row stride 0) or [B, K]; scale 0-d (stride 0), [B], or absent; alpha an
+fp64 argument (a Python float is fp32 in Triton). Tensor coefficients are read inside the
+kernel, so a captured graph sees in-place updates; a float alpha is baked in. Data is loaded
+and stored in its dtype T, arithmetic is in opmath (the dtype of weights and scale).
 """
 import torch
 import triton

@@ -1,10 +1,8 @@
 """Adapters: other libraries' networks as EDM denoisers ``D(x, sigma [B], **cond) -> x0_hat``.
 
 `DiffusersDenoiser`: a diffusers discrete-time VP unet (input ``x / sqrt(1 + sigma^2)``, a
-fractional timestep interpolated in log sigma from ``alphas_cumprod``, epsilon / v / sample
-outputs converted to D). `KDiffusionDenoiser`: a k-diffusion-style denoiser; `EpsDenoiser`
-and `VDenoiser`: eps- and v-prediction models in sigma space. diffusers is imported only by
-`DiffusersDenoiser.from_pretrained`."""
+fractional timestep interpolated in log sigma from ``alphas_cumprod``). `KDiffusionDenoiser`,
+`EpsDenoiser` and `VDenoiser`: k-diffusion-style, eps- and v-prediction models."""
 from __future__ import annotations
 
 from typing import Callable, Optional

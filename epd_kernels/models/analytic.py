@@ -1,10 +1,8 @@
 """Analytic denoisers: the exact D(x, sigma) of Gaussian and Gaussian-mixture data.
 
-`GaussianModel` (``N(mu, diag(s^2))``: ``D = mu + s^2 / (s^2 + sigma^2) (x - mu)``, and its
-ODE has a closed-form solution, `exact_solution`) and `GaussianMixtureModel` (posterior-
-weighted component denoisers; ``class_labels`` select or reweight components). Both
-compute in x's dtype; `reference_solution` solves the ODE in float64 with scipy's DOP853 in
-``u = log sigma`` (``dx/du = x - D``)."""
+`GaussianModel` (``N(mu, diag(s^2))``: ``D = mu + s^2 / (s^2 + sigma^2) (x - mu)``, with a
+closed-form ODE solution) and `GaussianMixtureModel` (posterior-weighted component
+denoisers), in x's dtype; `reference_solution`: scipy's DOP853 in ``u = log sigma``."""
 from __future__ import annotations
 
 import math

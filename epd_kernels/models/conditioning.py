@@ -1,9 +1,8 @@
 """Conditioning helpers shared by the model wrappers: row matching and a missing-label check.
 
-A denoiser call has B rows, or K*B in EPD's branch call, where per-sample tensors are tiled
-K times branch after branch (`epd_kernels.branches.repeat_cond`); `match_rows` gives a
-wrapper's own conditioning the same rows. `warn_missing_labels` warns once when a
-class-conditional model is called without its labels (it would sample from its default)."""
+A call has B rows, or K*B tiled branch after branch in EPD's branch call; `match_rows` gives
+a wrapper's own conditioning the same rows. `warn_missing_labels` warns once when a
+class-conditional model is called without its labels."""
 from __future__ import annotations
 
 import warnings

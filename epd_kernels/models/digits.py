@@ -1,10 +1,9 @@
 """The 8x8 handwritten digits and their exact (optimal) denoiser.
 
-The 1797 digits scikit-learn ships (CC BY 4.0, see ``models/data/README.md``), stored in
-``models/data/digits.npz`` and scaled to ``[-1, 1]`` as ``x / 8 - 1``. `DigitsExactDenoiser`
-(``load_model("digits-exact")``) is the exact denoiser of the empirical distribution,
-``D = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``; its ODE memorises (every trajectory
-ends on a training image), and `reference_solution` solves it in float64."""
+The 1797 digits scikit-learn ships (CC BY 4.0, see ``models/data/README.md``), scaled to
+``[-1, 1]`` as ``x / 8 - 1``. `DigitsExactDenoiser` is the exact denoiser of the empirical
+distribution, ``D = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i``; its ODE memorises
+(every trajectory ends on a training image)."""
 from __future__ import annotations
 
 import math
@@ -36,13 +35,11 @@ def load_digits_data(device=None, dtype: torch.dtype = torch.float32
 
 
 class DigitsExactDenoiser(nn.Module):
-    """Exact denoiser of ``images`` (default: the digits), in x's dtype.
-
-    Integer ``class_labels [B]`` restrict each sample to its class's images; float ``[B, 10]``
+    """Exact denoiser of ``images`` (default: the digits), in x's dtype. Integer
+    ``class_labels [B]`` restrict each sample to its class's images; float ``[B, 10]``
     multiply each image's prior weight by its class's entry. ``batch_size`` rows at a time
     bound the ``[chunk, N]`` distance matrix. The data is centred, which keeps the
-    ``|x|^2 - 2 x.y + |y|^2`` expansion accurate in float32 down to sigma_min.
-    """
+    ``|x|^2 - 2 x.y + |y|^2`` expansion accurate in float32 down to sigma_min."""
 
     sigma_min = 0.002
     sigma_max = 80.0
@@ -156,8 +153,7 @@ class DigitsExactDenoiser(nn.Module):
         exact, non-stiff rewrite, since D is nearly constant at both ends), on a grid uniform
         in log sigma whose steps double from ``min_steps`` until two solutions agree
         (a warning at ``max_steps``). ``return_info`` adds ``{"steps", "evals",
-        "error_estimate"}`` (the last difference / 15, Richardson for 4th order).
-        """
+        "error_estimate"}`` (the last difference / 15, Richardson for 4th order)."""
         check_shape(noise, self.shape, "noise")
         model = self
         if self.data.dtype != torch.float64 or self.data.device.type != "cpu":

@@ -2,10 +2,9 @@ r"""Flow-matching (rectified-flow) models as EDM denoisers: `FlowMatchDenoiser(m
 
 Convention (SD3, Flux): ``x_t = (1 - t) x0 + t n`` with t in [0, 1] and a velocity model
 ``v(x_t, t) = model(x_t, t [B], **cond)`` predicting ``n - x0``. Dividing by ``1 - t`` gives
-EDM's state: ``sigma = t / (1 - t)``, ``x = x_t / (1 - t)``, and ``D(x, sigma) = x_t - t v``.
-The two ODEs are the same curve, so a solver on the sigma grid integrates the flow exactly
-(docs/design.md, "EDM convention"). ``t_scale`` multiplies the time handed to the model
-(diffusers' SD3 / Flux transformers take ``1000 t``)."""
+EDM's state: ``sigma = t / (1 - t)``, ``x = x_t / (1 - t)``, and ``D(x, sigma) = x_t - t v``
+(the same ODE curve). ``t_scale`` multiplies the time handed to the model (diffusers' SD3 /
+Flux transformers take ``1000 t``)."""
 from __future__ import annotations
 
 from typing import Callable, Optional

@@ -1,10 +1,9 @@
 """Classifier-free guidance as a denoiser: `CFGDenoiser(denoiser, guidance_scale, uncond)`.
 
 ``D_cfg = D_u + s (D_c - D_u)`` with the conditional and unconditional rows stacked into one
-call of 2N rows, so the latency NFE is unchanged (EPD's K*B-row branch call becomes 2*K*B).
-``uncond`` tensors and a per-row scale get the call's rows by `conditioning.match_rows`.
-Values that must follow a distillation's pool travel as call-time keywords: ``uncond_<name>=``
-overrides ``uncond[name]`` and ``guidance_scale=`` overrides the wrapper's scale."""
+call of 2N rows, so the latency NFE is unchanged. Values that must follow a distillation's
+pool travel as call-time keywords: ``uncond_<name>=`` overrides ``uncond[name]`` and
+``guidance_scale=`` the wrapper's scale."""
 from __future__ import annotations
 
 import math
@@ -42,11 +41,9 @@ def _check_scale(scale, name: str = "guidance_scale") -> Scale:
 
 class CFGDenoiser(nn.Module):
     """``D_u + s (D_c - D_u)`` of ``denoiser`` with one stacked call per evaluation.
-
     ``uncond`` maps conditioning keywords to their unconditional tensors (1 row or one per
     sample), e.g. ``{"class_labels": null_class}``; each must also be given at call time,
-    and keywords not in it are shared by both halves. ``guidance_scale``: a float or [B].
-    """
+    and keywords not in it are shared by both halves. ``guidance_scale``: a float or [B]."""
 
     def __init__(self, denoiser: Callable, guidance_scale: Scale,
                  uncond: Dict[str, torch.Tensor]):

@@ -1,9 +1,8 @@
 """`load_model(spec)`: an embedded denoiser by name, or any model from ``"module:factory"``.
 
 Names: "digits-unet" (the default), "digits-exact", "gaussian", "gmm" (64 dims). Every model
-has ``.shape``, ``.sigma_min`` / ``.sigma_max`` and, if conditional, ``.num_classes``. For
-``"pkg.mod:factory"`` (the path after ":" may be dotted) the factory is called with
-``**kwargs``; an ``nn.Module`` is put in eval mode and moved to ``device``."""
+has ``.shape``, ``.sigma_min`` / ``.sigma_max`` and, if conditional, ``.num_classes``. A
+factory gets ``**kwargs``; an ``nn.Module`` is put in eval mode and moved to ``device``."""
 from __future__ import annotations
 
 import importlib

@@ -4,11 +4,9 @@ the 8x8 digits with EDM preconditioning (Karras et al. 2022, Table 1; sigma_data
     D = load_model("digits-unet")                  # eval mode, float32, CPU
     x0 = D(x, sigma, class_labels=labels)          # x [B, 1, 8, 8]; labels int [B] or [B, 10]
 
-An all-zero label means "no label" (trained with probability 0.1), so the same network is
-also unconditional. Architecture: `UNetConfig`. The shipped EMA weights
-(``models/weights/digits_unet.safetensors``) carry their config and training record
-(`weights_metadata()`); ``python/train_digits_unet.py`` reproduces them and reports their
-quality (Frechet distances in its docstring)."""
+An all-zero label means "no label" (trained with probability 0.1). The shipped EMA weights
+carry their config and training record (`weights_metadata()`);
+``python/train_digits_unet.py`` reproduces them."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,8 +1,6 @@
-"""AMED-Solver / AMED-Plugin parameters (docs/design.md, "AMED"), in one of two forms:
-a TABLE ``r, delta, o [S]`` (one value per step), or the paper's PREDICTOR, an
-`AMEDPredictor` mapping per-sample features and the step's sigmas to ``[B]`` values.
-`AMEDParams.init` gives the neutral start r = 1/2, delta = o = 0 (DPM-Solver-2, or iPNDM on
-the grid refined by geometric midpoints)."""
+"""AMED-Solver / AMED-Plugin parameters (docs/design.md, "AMED"): a TABLE ``r, delta, o [S]``,
+or the paper's PREDICTOR, an `AMEDPredictor` mapping per-sample features and the step's
+sigmas to ``[B]`` values. `AMEDParams.init`: the neutral start r = 1/2, delta = o = 0."""
 from __future__ import annotations
 
 import copy

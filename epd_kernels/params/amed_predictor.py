@@ -1,14 +1,11 @@
 r"""The AMED predictor network and the features it reads (arXiv 2312.00094).
 
 ``AMEDPredictor(features [B, F], t, t') -> (r, delta, o)``: a sinusoidal embedding of
-``log sigma`` for t and t', a two-layer feature encoder, and three heads bounded by
-sigmoids (``|delta| < delta_max``, ``|o| < o_max``; the paper's 0.2 and 0.01). The heads
-start at zero, so an untrained predictor gives r = 1/2, delta = o = 0.
-
-Features (``features=``, always detached): ``"denoised"`` (the main-point x0 estimate),
-``"module:<dotted.name>"`` (a forward hook on that submodule; the digits U-Net's bottleneck
-is ``"module:net.mid2"``), or a callable ``(x, sigma, denoised) -> [B, F]``. Tensors are
-pooled to at most 64 values per sample (`pool_features`); the AFS step reads zeros."""
+``log sigma`` for t and t', a two-layer feature encoder, and three sigmoid-bounded heads
+(``|delta| < delta_max``, ``|o| < o_max``) starting at zero (r = 1/2, delta = o = 0).
+Features (detached): ``"denoised"`` (the main-point x0 estimate), ``"module:<dotted.name>"``
+(a forward hook on that submodule, e.g. ``"module:net.mid2"`` of the digits U-Net), or a
+callable ``(x, sigma, denoised) -> [B, F]``, pooled to at most 64 values per sample."""
 from __future__ import annotations
 
 import math

@@ -17,16 +17,6 @@ __all__ = ["EPDParams"]
 _R_INITS = ("gauss", "gauss-log", "linspace")
 
 
-def epd_latency_nfe(num_steps: int, afs: bool) -> int:
-    """Sequential denoiser evaluations of EPD: 2 per step, minus 1 with AFS."""
-    return 2 * num_steps - int(bool(afs))
-
-
-def epd_total_evaluations(num_steps: int, num_points: int, afs: bool) -> int:
-    """All denoiser evaluations (samples x calls / B) of EPD: (K + 1) per step, minus 1 with AFS."""
-    return (num_points + 1) * num_steps - int(bool(afs))
-
-
 @dataclass
 class EPDParams(ParamsBase):
     """EPD / EPD-Plugin parameters on one grid: `init`, `distill` or `load` make them."""
@@ -57,12 +47,10 @@ class EPDParams(ParamsBase):
              meta: Optional[dict] = None) -> "EPDParams":
         """An untrained start on `sigmas` with `num_points` branches, ``delta = o = 0``.
 
-        ``r_init``: ``"gauss"`` (default) puts the branches at the Gauss-Legendre nodes of
-        each step in sigma with their weights (the EPD update is a quadrature of the
-        gradient over the step; against "gauss-log" it distilled to a lower test RMSE in 11
-        of 12 benchmark cases); ``"gauss-log"`` the same nodes as ``r`` (in log sigma) with
-        equal weights; ``"linspace"`` ``r = (k + 1) / (K + 1)`` with equal weights.
-        """
+        ``r_init``: ``"gauss"`` (default; distilled to a lower test RMSE than "gauss-log" in
+        11 of 12 benchmark cases) puts the branches at the Gauss-Legendre nodes of each step
+        in sigma with their weights; ``"gauss-log"`` the same nodes as ``r`` with equal
+        weights; ``"linspace"`` ``r = (k + 1) / (K + 1)`` with equal weights."""
         if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
             raise ValueError(f"num_points must be an integer >= 1, got {num_points!r}")
         sig = cls._grid(sigmas)
@@ -97,7 +85,8 @@ class EPDParams(ParamsBase):
 
     @property
     def total_evaluations(self) -> int:
-        return epd_total_evaluations(self.num_steps, self.num_points, self.afs)
+        """(K + 1) evaluations per step, minus 1 with AFS."""
+        return (self.num_points + 1) * self.num_steps - int(self.afs)
 
     def step(self, n: int):
         """(r[n], weights[n], delta[n], o[n]) for step n."""

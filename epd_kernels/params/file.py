@@ -1,10 +1,9 @@
 """The params file format, shared by EPD, AMED and D-ODE params.
 
-One safetensors file: the tensors, plus one JSON-encoded header value per field
-(``format_version``, ``solver``, ``S``, ``nfe``, ``afs``, ``max_order``, ``schedule``,
-``meta``, ``package_version``, ``checksum`` and the family's own; ``kind`` names the family,
-absent in EPD files, the first layout), written atomically. Every load error is a one-line
-ValueError starting with the file's path, except FileNotFoundError and IsADirectoryError."""
+One safetensors file, written atomically: the tensors, plus one JSON-encoded header value
+per field (the common ones of `base._COMMON_KEYS` and the family's own; ``kind`` names the
+family, absent in EPD files). Every load error is a one-line ValueError starting with the
+file's path, except FileNotFoundError and IsADirectoryError."""
 from __future__ import annotations
 
 import contextlib

@@ -6,9 +6,7 @@ Every baseline solver has one signature (k-diffusion style)::
     x_final = solver(denoiser, x, sigmas, *, callback=None, progress=False, afs=False, **cond)
 
 with ``x = noise * sigmas[0]``; the result is the state at ``sigmas[-1] > 0``. The solvers
-are autograd-transparent. ``SOLVERS`` maps the baseline names to functions; ``epd_sampler``
-is imported lazily. Beside them: `registry` (names, NFE rules, options), `counting`,
-`graphs` (``EPD_KERNELS_GRAPH``) and `solve_graph` (``sample(..., graph="solve")``).
+are autograd-transparent. ``SOLVERS`` maps the baseline names to functions.
 """
 from .common import afs_d
 from .deis import deis_coefficients, sample_deis

@@ -1,9 +1,6 @@
-r"""AMED-Solver and AMED-Plugin (Zhou et al. 2024, "Fast ODE-based sampling for diffusion
-models in around 5 steps", arXiv 2312.00094; formulas from the authors' diff-sampler code;
-docs/design.md, "AMED").
-
-Step n goes from ``t = t_n`` to ``t' = t_{n+1}``, ``h = t' - t``. The params (`AMEDParams`:
-a table or the predictor network) give per sample ``r in (0, 1)``, ``delta`` and ``o``:
+r"""AMED-Solver and AMED-Plugin (Zhou et al. 2024, arXiv 2312.00094; formulas from the
+authors' diff-sampler code; docs/design.md, "AMED"). Step n goes from ``t = t_n`` to
+``t' = t_{n+1}``, ``h = t' - t``; the params give per sample ``r in (0, 1)``, ``delta``, ``o``:
 
     d       = (x - D(x, t)) / t                  main point (1 evaluation)
               (AFS, step 0 only: d = x / sqrt(1 + t^2), no evaluation; features are zeros)
@@ -22,10 +19,8 @@ AMED-Plugin on iPNDM (``AB(v, history)`` = `ipndm.ab_direction`):
     g       = (x_mid - D(x_mid, (1 + delta) t_mid)) / t_mid
     x'      = x_mid + (1 + o) (t' - t_mid) AB(g, history);   push g
 
-so its history holds BOTH the main-point and the mid-point gradients (at the neutral start
-it is iPNDM on the refined grid ``t_0, mid_0, t_1, mid_1, ...``). Cost: latency NFE = total
-evaluations = ``2 S - afs``. Differentiable when autograd is on (r through t_mid, delta
-through the denoiser's sigma, o through `epd_step`); features are always detached.
+so its history holds BOTH the main-point and the mid-point gradients. Cost: latency NFE =
+total evaluations = ``2 S - afs``. Differentiable in r, delta, o; features are detached.
 """
 from __future__ import annotations
 
@@ -51,12 +46,8 @@ def amed_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: AM
                  plugin: Optional[bool] = None, callback: Optional[Callable] = None,
                  progress: bool = False, return_trajectory: bool = False,
                  afs: Optional[bool] = None, max_order: Optional[int] = None, **cond):
-    """AMED-Solver (or AMED-Plugin) from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``.
-
-    Arguments as for `epd_sampler`. The callback dict also holds ``grads`` (``[1, B, ...]``,
-    the mid-point gradient g), ``x_mid``, ``sigma_mid`` (t_mid), ``r``, ``delta``, ``o``.
-    Returns ``x_S``, or ``(x_S, [x_0, ..., x_S])`` with ``return_trajectory``.
-    """
+    """AMED-Solver (or AMED-Plugin): arguments and result as for `epd_sampler`. The callback
+    also gets ``grads`` (``[1, B, ...]``, g), ``x_mid``, ``sigma_mid``, ``r``, ``delta``, ``o``."""
     sig, plugin, max_order = check_run(params, AMEDParams, x, sigmas, afs, plugin, max_order)
     ts = sig.tolist()
     table = params.predictor is None

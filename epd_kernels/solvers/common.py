@@ -1,10 +1,9 @@
 """Helpers shared by the solvers: grids as floats, gradients, AFS, the one-direction loop.
 
-Conventions: docs/design.md, "EDM convention" (``d = (x - D) / sigma``, integrated from
-``sigmas[0]`` down to ``sigmas[-1] > 0``). The analytic first step (AFS, from the AMED / EPD
-authors' code) replaces the first gradient at sigma_0 = 80, where ``D`` is tiny next to
-``x``, by ``d_0 = x_0 / sqrt(1 + sigma_0^2)`` (relative error ~ |D| / |x| + 1 / (2 sigma_0^2)),
-saving one call; its implied denoised estimate is ``x_0 - sigma_0 * d_0``.
+Conventions: docs/design.md, "EDM convention". The analytic first step (AFS, from the AMED
+/ EPD authors' code) replaces the first gradient at sigma_0 = 80, where ``D`` is tiny next to
+``x``, by ``d_0 = x_0 / sqrt(1 + sigma_0^2)``, saving one call; its implied denoised estimate
+is ``x_0 - sigma_0 * d_0``.
 """
 from __future__ import annotations
 
@@ -38,8 +37,7 @@ def afs_d(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def gradient(denoiser: Callable, x: torch.Tensor, sigma: float, cond: dict, *,
              analytic: bool = False):
-    """``(d, denoised)`` at ``(x, sigma)``: one denoiser call, or with ``analytic`` the AFS
-    gradient and the denoised value it implies, with no call."""
+    """``(d, denoised)`` at ``(x, sigma)``: one call, or the AFS gradient with ``analytic``."""
     if analytic:
         d = afs_d(x, sigma)
         return d, x - sigma * d
@@ -81,9 +79,7 @@ def keyword_names(denoiser: Callable):
 def check_cond_keywords(denoiser: Callable, cond: dict, *, where: str,
                         options: Iterable[str] = ()) -> None:
     """ValueError for a conditioning keyword that is surely a mistake: one named like an
-    option of a related function (`options`), or one the denoiser cannot take. Functions
-    that forward ``**cond`` would otherwise pass a typo on silently or fail deep inside a
-    model call."""
+    option of a related function (`options`), or one the denoiser cannot take."""
     if not cond:
         return
     misplaced = sorted(k for k in cond if k in set(options))
@@ -104,8 +100,7 @@ def check_cond_keywords(denoiser: Callable, cond: dict, *, where: str,
 
 
 def check_int(name: str, value, minimum: int = 1, maximum: Optional[int] = None) -> int:
-    """``int(value)``, or ValueError naming `name` unless it is an integer in range (bools
-    are refused: True would pass as 1)."""
+    """``int(value)``, or ValueError naming `name` unless an integer (not a bool) in range."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum \
             or (maximum is not None and value > maximum):
         want = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
@@ -124,9 +119,8 @@ def step_range(num_steps: int, progress: bool, desc: str):
 
 def emit(callback: Optional[Callable], i: int, x: torch.Tensor, x_next: torch.Tensor,
          sigma: float, sigma_next: float, denoised: Optional[torch.Tensor], **extra) -> None:
-    """Calls ``callback`` once per step, after the update, with 'i', 'x' (the state at
-    'sigma'), 'x_next' (at 'sigma_next'), 'denoised' (the x0 estimate at x; for an AFS step
-    the implied ``x - sigma * d_0``) and any `extra` keys: the keys of the EPD sampler's."""
+    """Calls ``callback`` after each step with 'i', 'x' (at 'sigma'), 'x_next' (at
+    'sigma_next'), 'denoised' (the x0 estimate at x; AFS: ``x - sigma * d_0``) and `extra`."""
     if callback is not None:
         callback({"i": i, "x": x, "x_next": x_next, "sigma": sigma, "sigma_next": sigma_next,
                   "denoised": denoised, **extra})
@@ -143,8 +137,7 @@ def integrate(denoiser: Callable, x: torch.Tensor, sigmas, direction: Callable, 
         x_{n+1} = x_n + h_n v_n [+ lambda_n h_n (v_n - v_{n-1})]   (D-ODE, with ``rule``)
 
     ``rule(i, a, b) -> lambda_i`` gets the base step ``a`` and ``b = h_n (v_n - v_{n-1})``;
-    step 0 has no previous direction and is the base step. The D-ODE callback also holds
-    ``'lambda'``."""
+    step 0 is the base step."""
     s = sigma_list(sigmas)
     v_prev = None
     for i in step_range(len(s) - 1, progress, desc):
@@ -173,11 +166,8 @@ def lam(sigma: float) -> float:
 def phi(m: int, h: float) -> float:
     """psi_m(h) = e^{-h} int_0^h e^tau tau^(m-1)/(m-1)! dtau (m >= 1, h >= 0): the weights
     of the exponential integrator ``x_t = e^{-h} x_s + sum_n psi_{n+1}(h) D^(n)(lambda_s)``
-    (DPM-Solver++, UniPC); psi_1 = 1 - e^{-h}, psi_2 = h - 1 + e^{-h}, ...
-
-    Closed form ``(-1)^m (e^{-h} - sum_{i<m} (-h)^i / i!)``; for h < 2 the series
-    ``sum_j (-1)^j h^(j+m) / (j+m)!`` instead, which avoids the cancellation.
-    """
+    (DPM-Solver++, UniPC). Closed form ``(-1)^m (e^{-h} - sum_{i<m} (-h)^i / i!)``; for
+    h < 2 the series ``sum_j (-1)^j h^(j+m) / (j+m)!``, which avoids the cancellation."""
     if m < 1:
         raise ValueError("phi: m must be >= 1")
     if h < 2.0:

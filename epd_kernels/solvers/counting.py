@@ -1,9 +1,8 @@
 """Cost accounting of a sampling run: latency NFE (sequential calls) and total evaluations.
 
-`CountingDenoiser` counts the calls that run in Python. A call captured in a graph (the
-EPD branch call, or a whole captured solve) runs no Python on replay, so whoever replays
-it reports the logical call with `CountingDenoiser.count` instead (see
-`epd_kernels.branches.BranchRunner`); the counter never sits inside a captured graph.
+`CountingDenoiser` counts the calls that run in Python. A graph replay runs no Python, so
+whoever replays reports the logical call with `CountingDenoiser.count`; the counter never
+sits inside a captured graph.
 """
 from __future__ import annotations
 
@@ -19,10 +18,9 @@ __all__ = ["CountingDenoiser", "parallel_calls", "SampleStats", "unwrap_counter"
 
 
 class CountingDenoiser:
-    """Wraps ``denoiser(x, sigma, **cond)`` and counts ``calls`` (sequential: latency NFE)
-    and ``evaluations`` (samples evaluated / ``batch_size``: a ``[K * B, ...]`` call is 1
-    call and K evaluations). Inside ``with counter.parallel():`` all calls count as ONE
-    sequential call; evaluations still add up."""
+    """Counts ``calls`` (latency NFE) and ``evaluations`` (samples / ``batch_size``: a ``[K * B,
+    ...]`` call is 1 call and K evaluations); inside ``with counter.parallel():`` all calls
+    count as ONE call."""
 
     def __init__(self, denoiser: Callable, batch_size: int):
         self.denoiser = denoiser

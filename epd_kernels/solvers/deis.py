@@ -10,13 +10,10 @@ it exactly:
     C_{n,j} = int_{sigma_n}^{sigma_{n+1}} L_j(t(sigma)) dsigma,
     L_j(t)  = prod_{m<q, m!=j} (t - t_{n-m}) / (t_{n-j} - t_{n-m}).
 
-``mode="rhoab"`` fits in ``rho = sigma`` instead (variable-step Adams-Bashforth in sigma).
-The coefficients are computed once per grid by composite Gauss-Legendre quadrature in
-``log sigma`` (8 panels x 32 nodes per step: float64 round-off for this analytic integrand).
-
-Order: ``q = min(max_order, n + 1)`` points; ``max_order = 3`` (default, the paper's tAB2
-with degree ``r = q - 1``) gives global order 3; q = 1 is Euler/DDIM.
-One call per step: N steps -> N - afs.
+``mode="rhoab"`` fits in ``rho = sigma`` instead. The coefficients are computed once per
+grid by Gauss-Legendre quadrature in ``log sigma`` (8 panels x 32 nodes: float64 round-off).
+``q = min(max_order, n + 1)``; ``max_order = 3`` (the paper's tAB2) gives global order 3;
+q = 1 is Euler/DDIM. One call per step: N steps -> N - afs.
 """
 from __future__ import annotations
 
@@ -27,7 +24,7 @@ import numpy as np
 import torch
 
 from .common import check_int, emit, gradient, sigma_list, step_range
-from .schedules import VP_BETA_D, VP_BETA_MIN
+from .schedules import vp_sigma_inv
 
 __all__ = ["sample_deis"]
 
@@ -47,17 +44,11 @@ def _quadrature_in_sigma(s_a: float, s_b: float):
     return sig, w
 
 
-def _vp_t(sig: np.ndarray) -> np.ndarray:
-    """`schedules.vp_sigma_inv` on numpy arrays."""
-    L = np.log1p(sig * sig)
-    return 2.0 * L / (np.sqrt(VP_BETA_MIN ** 2 + 2.0 * VP_BETA_D * L) + VP_BETA_MIN)
-
-
 def deis_coefficients(sigmas: Sequence[float], max_order: int = 3,
                       mode: str = "tab") -> List[List[float]]:
     """C[n][j]: the weight of eps_{n-j} in step n (see module docstring), float64."""
     if mode == "tab":
-        to_t = _vp_t
+        to_t = vp_sigma_inv
     elif mode == "rhoab":
         to_t = lambda s: s  # noqa: E731
     else:

@@ -1,28 +1,24 @@
 r"""D-ODE solvers (Kim, Tang, Yu, "Distilling ODE Solvers of Diffusion Models into Smaller
 Steps", CVPR 2024), in EDM's sigma convention (docs/design.md, "D-ODE").
 
-The paper's eq. (10) replaces a solver's estimate ``d_t`` by ``O_t = d_t + lambda_t (d_t -
-d_{t+1})``, one scalar per step; for higher-order solvers on "the high-order approximation
-of each method" (Sec. 3.2). Here the estimate is the direction ``v_n`` the base solver moves
-along (`common.integrate`), and the step is
+The paper's eq. (10), ``O_t = d_t + lambda_t (d_t - d_{t+1})``, applied to the direction
+``v_n`` the base solver moves along (`common.integrate`):
 
     x_{n+1} = x_n + h_n O_n,   O_n = v_n + lambda_n (v_n - v_{n-1})
             = a_n + lambda_n b_n,   a_n = x_n + h_n v_n (the base step), b_n = h_n (v_n - v_{n-1})
 
-affine in lambda_n (so `epd_kernels.distill.dode_fit` fits it in closed form). ``v_{n-1}``
-is the previous base estimate (not its O), so multistep histories are untouched; step 0 is
-the plain base step (``lambdas[0]`` must be 0). With all lambdas 0 each solver is
-bit-for-bit its base solver. The bases:
+affine in lambda_n (fitted in closed form by `epd_kernels.distill.dode_fit`). ``v_{n-1}`` is
+the previous base estimate (not its O), so multistep histories are untouched; step 0 is the
+base step (``lambdas[0]`` must be 0); all lambdas 0 is bit-for-bit the base solver:
 
     d-euler  (D-DDIM)  v_n = d_n = (x_n - D(x_n, sigma_n)) / sigma_n
     d-heun   (D-EDM)   x~ = x_n + h_n d_n,  d~ = (x~ - D(x~, sigma_{n+1})) / sigma_{n+1},
                        v_n = (d_n + d~) / 2          (the predictor is unchanged)
     d-ipndm            v_n = AB_p(d_n, d_{n-1}, ...),  p = min(max_order, n + 1)
 
-AFS as in the base solvers; the NFE rule is the base solver's (lambda costs nothing).
-``lambdas``: S floats (``lambdas[0] == 0``) or a callable ``rule(i, a, b) -> lambda_i``
-(the fitter's, so that fitting and sampling share one code path). The callback dict also
-holds ``'lambda'``. `dode_sampler` runs the solver a `DODEParams` was fitted for.
+AFS and the NFE rule are the base solver's. ``lambdas``: S floats or a callable
+``rule(i, a, b) -> lambda_i`` (the fitter's: one code path). The callback also gets
+``'lambda'``.
 """
 from __future__ import annotations
 
@@ -104,11 +100,8 @@ DODE_SOLVERS = {"euler": sample_d_euler, "heun": sample_d_heun, "ipndm": sample_
 def dode_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: DODEParams,
                  solver: Optional[str] = None, callback: Optional[Callable] = None,
                  progress: bool = False, afs: Optional[bool] = None, **cond) -> torch.Tensor:
-    """The D-ODE solver `params` were fitted for, from ``x`` at ``sigmas[0]``.
-
-    ``sigmas`` (default ``params.sigmas``), ``afs`` and ``solver`` (e.g. "d-euler", so that
-    `sample` refuses d-heun params for it) must match the params when given.
-    """
+    """The D-ODE solver `params` were fitted for; ``sigmas`` (default ``params.sigmas``),
+    ``afs`` and ``solver`` (e.g. "d-euler") must match the params when given."""
     if not isinstance(params, DODEParams):
         raise TypeError(f"params must be a DODEParams (from fit_dode or DODEParams.load), got "
                         f"{type(params).__name__}")

@@ -1,8 +1,7 @@
 """DPM-Solver-2 (Lu et al. 2022, Alg. 1 with r_1 = 1/2), noise prediction, EDM sigma form.
 
-For ``alpha = 1`` (``lambda = -log sigma``) the exponential integrator with noise
-prediction ``eps = d`` is Euler in sigma; the second-order method evaluates eps once at the
-midpoint in lambda and uses it for the whole step:
+For ``alpha = 1`` the noise-prediction exponential integrator is Euler in sigma; the
+second-order method evaluates eps = d once at the midpoint in lambda = -log sigma:
 
     sigma_mid = sqrt(sigma_n * sigma_{n+1})                    (r = 0.5 in log sigma)
     d_n       = (x_n - D(x_n, sigma_n)) / sigma_n
@@ -10,9 +9,8 @@ midpoint in lambda and uses it for the whole step:
     d_mid     = (u - D(u, sigma_mid)) / sigma_mid
     x_{n+1}   = x_n + (sigma_{n+1} - sigma_n) * d_mid
 
-(the paper's ``u = x_s - sigma_s1 (e^{h/2} - 1) eps(x_s)``, ``x_t = x_s - sigma_t (e^h - 1)
-eps(u, s1)`` for alpha = 1). Global error O(h^2); every step, the last one included, is a
-DPM-Solver-2 step (the grid ends at sigma_min > 0). Two calls per step: N steps -> 2N - afs.
+Global error O(h^2); every step, the last one included, is a DPM-Solver-2 step (the grid
+ends at sigma_min > 0). Two calls per step: N steps -> 2N - afs.
 """
 from __future__ import annotations
 

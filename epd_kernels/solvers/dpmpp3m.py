@@ -14,23 +14,17 @@ denoised values (Newton form, ``a = lambda_n - lambda_{n-1}``):
     q = 3:  D'_n ~ D[n, n-1] + a D[n, n-1, n-2],  D''_n ~ 2 D[n, n-1, n-2]
 
 Global error O(h^q). ``variant="reference"`` weights D'' by ``psi_3`` instead of
-``2 psi_3``, as the DPM-Solver(++) and k-diffusion code does (``- phi_3 * D2``,
-``phi_3 = -psi_3 / h^2``): asymptotically second order (measured 1.95 against 3.00 on the
-Gaussian test model) but often a little more accurate at NFE <= 10; it reproduces published
-baselines.
+``2 psi_3``, as the DPM-Solver(++) and k-diffusion code does: asymptotically second order
+(1.95 against 3.00 on the Gaussian test model), often a little more accurate at NFE <= 10.
 
-Order schedule (`multistep_order`): ``q = min(3, n + 1)``; for grids of fewer than 10 steps
-``q <= N - n`` on the final steps (``lower_order_final``, as in the reference code); and
-order 1 on a step more than ``max_step_ratio`` (3) times longer in lambda than the one before
-it. The multistep terms extrapolate across the new step, multiplying their error by about
-``(h / a)^(q - 1)``; the time-uniform grid's last step is 6-7 times the one before it, and
-without the guard sampling there did not converge (UniPC on ``load_model("gmm")``, RMSE at
-10 / 20 / 40 / 80 steps: 0.73 / 0.24 / 0.25 / 0.11, with it 0.086 / 0.034 / 0.013 / 0.0055;
-``test_multistep_converges_on_time_uniform_grid``). Polynomial and log-SNR grids have ratios
-below 1.6. ``max_step_ratio=None`` is the reference code's behaviour.
+Order schedule (`multistep_order`): ``q = min(3, n + 1)``; ``q <= N - n`` on the final steps
+of grids under 10 steps (``lower_order_final``, as in the reference code); order 1 on a step
+more than ``max_step_ratio`` (3) times longer in lambda than the previous one, whose
+extrapolation error grows like ``(h / a)^(q - 1)``. The time-uniform grid's last ratio is
+6-7; without the guard UniPC on ``load_model("gmm")`` did not converge there (RMSE 0.11 at
+80 steps against 0.0055). ``max_step_ratio=None`` is the reference code's behaviour.
 
-One call per step (at sigma_0 .. sigma_{N-1}): N steps -> N - afs (docs/design.md, "NFE
-rules").
+One call per step: N steps -> N - afs (docs/design.md, "NFE rules").
 """
 from __future__ import annotations
 
@@ -39,7 +33,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .common import afs_d, check_int, denoise, emit, lam, phi, sigma_list, step_range
+from .common import check_int, emit, gradient, lam, phi, sigma_list, step_range
 
 __all__ = ["sample_dpmpp3m"]
 
@@ -69,9 +63,7 @@ def check_multistep(variant, variants, max_step_ratio) -> Optional[float]:
 
 def multistep_order(i: int, num_steps: int, max_order: int, lower_order_final: bool,
                     ratio: Optional[float] = None, max_step_ratio: Optional[float] = None) -> int:
-    """The order used on step i of a multistep method: warm-up, lower-order final steps,
-    and order 1 on a step ``ratio`` = h_i / h_{i-1} > ``max_step_ratio`` times longer than
-    the one before it."""
+    """The order on step i of a multistep method (module docstring), ``ratio`` = h_i / h_{i-1}."""
     q = min(max_order, i + 1)
     if lower_order_final and num_steps < 10:
         q = min(q, num_steps - i)
@@ -95,10 +87,7 @@ def sample_dpmpp3m(denoiser: Callable, x: torch.Tensor, sigmas, *,
     lams = [lam(v) for v in s]
     hist: List[Tuple[float, torch.Tensor]] = []  # (lambda, denoised), newest first
     for i in step_range(N, progress, "dpmpp3m"):
-        if afs and i == 0:
-            denoised = x - s[0] * afs_d(x, s[0])
-        else:
-            denoised = denoise(denoiser, x, s[i], cond)
+        _, denoised = gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
         hist.insert(0, (lams[i], denoised))
         del hist[3:]
         q = min(multistep_order(i, N, max_order, lower_order_final,

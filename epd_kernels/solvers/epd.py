@@ -1,9 +1,8 @@
 r"""EPD-Solver and EPD-Plugin (Ensemble Parallel Direction; arXiv 2507.14797).
 
-Sigmas decrease, ``t_0 = sigma_max > ... > t_S = sigma_min``; step n goes from ``t = t_n``
-to ``t' = t_{n+1}``, ``h = t' - t``. With the parameters of step n (`EPDParams`: ``r [K]``,
-``lambda [K]`` on the simplex, ``delta [K]``, ``o``; docs/design.md, "EPD step" and
-"EPD-Plugin"):
+Step n goes from ``t = t_n`` to ``t' = t_{n+1}``, ``h = t' - t``, with the parameters of step
+n (`EPDParams`: ``r [K]``, ``lambda [K]`` on the simplex, ``delta [K]``, ``o``;
+docs/design.md, "EPD step" and "EPD-Plugin"):
 
     d_n     = (x_n - D(x_n, t)) / t                    main-point gradient (1 evaluation)
               (AFS, step 0 only:  d_0 = x_0 / sqrt(1 + t_0^2), no evaluation)
@@ -15,17 +14,13 @@ to ``t' = t_{n+1}``, ``h = t' - t``. With the parameters of step n (`EPDParams`:
               all K branches in ONE denoiser call of batch K*B (`BranchRunner`)
     x_{n+1} = x_n + (1 + o_n) h sum_k lambda_k g_k     (`epd_step`, fused)
 
-AB_p: iPNDM's Adams-Bashforth combination (`ipndm.AB_COEFFS`); the plugin's history holds
-main-point gradients only (the AFS ``d_0`` included, as in the authors' code). Cost: latency
-NFE ``2 S - afs``, total evaluations ``(K + 1) S - afs``. K = 1, r = 0, lambda = 1,
-delta = o = 0 is Euler WITHOUT AFS (r = 0 leaves the branch state at x_n). EPD-Plugin
-updates with the branch gradients only, so it is NOT iPNDM for any parameters (deliberate,
-as in the authors' update rule: the history only places the branch states).
-
-With autograd on and parameters, x or the denoiser's weights requiring grad, the sampler is
-differentiable end to end; a ``sigmas`` tensor that requires grad (a learned grid equal to
-``params.sigmas``) makes it differentiable in the grid too. Otherwise the branch call runs
-on static buffers, captured in a graph where graphs are on (`epd_kernels.branches`).
+AB_p: iPNDM's Adams-Bashforth combination (`ipndm.AB_COEFFS`) over main-point gradients only
+(the AFS ``d_0`` included, as in the authors' code). Cost: latency NFE ``2 S - afs``, total
+evaluations ``(K + 1) S - afs``. K = 1, r = 0, lambda = 1, delta = o = 0 is Euler without AFS.
+EPD-Plugin updates with the branch gradients only, so it is NOT iPNDM for any parameters (as
+in the authors' update rule). Differentiable end to end when anything requires grad (a
+``sigmas`` tensor that does too); otherwise the branch call runs on static buffers, captured
+where graphs are on (`epd_kernels.branches`).
 """
 from __future__ import annotations
 
@@ -38,7 +33,7 @@ from ..branches import BranchRunner, runner_for
 from ..ops import epd_step
 from ..params.epd import EPDParams
 from ..reference import opmath_dtype
-from .common import call_denoiser, check_int, denoise, step_range
+from .common import call_denoiser, check_int, gradient, step_range
 from .counting import unwrap_counter
 from .ipndm import ab_direction, push_history
 
@@ -70,15 +65,10 @@ def epd_sampler(denoiser: Callable, x: torch.Tensor, sigmas=None, *, params: EPD
     """EPD-Solver (or EPD-Plugin) from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``.
 
     ``sigmas`` (default ``params.sigmas``) and ``afs`` must match the params; ``plugin``
-    and ``max_order`` default to theirs. ``callback`` gets, after every step, the keys of
-    `common.emit` plus ``grads`` ``[K, B, ...]``. ``use_cuda_graph``: see `BranchRunner`
-    (None: ``EPD_KERNELS_GRAPH`` decides and the runner is cached, `runner_for`).
-    ``runner``: a `BranchRunner` for this same denoiser, kept across calls; a
-    `CountingDenoiser` is unwrapped and gets the runner's logical calls. Conditioning
-    tensors with leading dim B are repeated for the branch batch.
-
-    Returns ``x_S``, or ``(x_S, [x_0, ..., x_S])`` with ``return_trajectory``.
-    """
+    and ``max_order`` default to theirs. ``callback`` gets the keys of `common.emit` plus
+    ``grads`` ``[K, B, ...]``. ``use_cuda_graph``: see `BranchRunner` (None: the cached
+    `runner_for`). ``runner``: a `BranchRunner` for this same denoiser, kept across calls.
+    Returns ``x_S``, or ``(x_S, [x_0, ..., x_S])`` with ``return_trajectory``."""
     sig, plugin, max_order = check_run(params, EPDParams, x, sigmas, afs, plugin, max_order)
     K = params.num_points
     raw, counter = unwrap_counter(denoiser)
@@ -118,15 +108,13 @@ def _epd_loop(denoiser, x, sig, sigmas, params, plugin, max_order, runner, callb
     for n in step_range(params.num_steps, progress, "epd-ipndm" if plugin else "epd"):
         t, t_next = ts[n], ts[n + 1]
         # d_n: main-point gradient (one sequential evaluation), or AFS on step 0.
-        if n == 0 and params.afs:
-            d = x / math.sqrt(1.0 + float(sig[0]) ** 2)  # (sigma_max: an end of the grid, fixed)
-            denoised = x - float(sig[0]) * d
+        if n == 0 and params.afs:   # at sigma_max, an end of the grid (fixed, never learned)
+            d, denoised = gradient(denoiser, x, float(sig[0]), cond, analytic=True)
         elif isinstance(t, torch.Tensor):
             denoised = call_denoiser(denoiser, x, t.expand(x.shape[0]), cond)
             d = (x - denoised) / t.to(x.dtype)
         else:
-            denoised = denoise(denoiser, x, t, cond)
-            d = (x - denoised) / t
+            d, denoised = gradient(denoiser, x, t, cond)
         v = ab_direction(d, history, max_order) if plugin else d
         r, w, delta, o = r_all[n], w_all[n], delta_all[n], o_all[n]
         # tau_k = t'^{r_k} t^{1 - r_k} = t * (t'/t)^{r_k}; branch gradients in one call.

@@ -1,7 +1,6 @@
 """Euler (= DDIM) in EDM's sigma variable.
 
-Formula (Karras et al. 2022, Alg. 1 without the correction; DDIM (Song et al. 2021) is
-exactly Euler in ``sigma = sigma_t / alpha_t`` for the probability-flow ODE):
+Karras et al. 2022, Alg. 1 without the correction; DDIM is exactly Euler in ``sigma``:
 
     d_n     = (x_n - D(x_n, sigma_n)) / sigma_n
     x_{n+1} = x_n + (sigma_{n+1} - sigma_n) * d_n

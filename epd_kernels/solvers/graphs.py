@@ -1,12 +1,10 @@
 """Graph capture and replay: CUDA graphs on GPUs, and a CPU stand-in with the same semantics.
 
 A *strategy* captures ``fn(*inputs) -> tensor`` once (``inputs``: static buffers the caller
-refills) and returns an object whose ``replay()`` reruns the captured work and returns one
-static output tensor. `CudaGraphStrategy`: warm-up on a side stream, one
-``torch.cuda.CUDAGraph`` capture in a memory pool kept for the strategy's lifetime.
-`SimulatedGraphStrategy`: warm-up, then one trace of ``fn``; a replay runs the trace on the
-buffers' current contents and no Python of ``fn``, so code that relies on Python running at
-replay time (a counter inside a denoiser, data-dependent branches) is caught on a CPU.
+refills); ``replay()`` of the result reruns the work and returns one static output.
+`CudaGraphStrategy`: ``torch.cuda.CUDAGraph``. `SimulatedGraphStrategy`: one trace of
+``fn``, replayed without its Python, so code that relies on Python running at replay time
+(a counter inside a denoiser, data-dependent branches) is caught on a CPU.
 
 `graph_mode` reads ``EPD_KERNELS_GRAPH``: ``auto`` (default: CUDA graphs for CUDA tensors),
 ``off`` or ``simulate``; ``EPD_KERNELS_NO_CUDA_GRAPH=1`` means ``off`` when it is unset.
@@ -101,8 +99,7 @@ class _Captured:
 
 def cond_rebuilder(leaves: list, spec) -> Callable:
     """``rebuild(tensors) -> cond``: the flattened conditioning (`leaves`, `spec`) with its
-    tensor leaves replaced by `tensors` in order. It closes over the non-tensor leaves only,
-    so a graph replay sees whatever the static buffers hold."""
+    tensor leaves replaced by `tensors` in order (a replay sees what the buffers hold)."""
     template = [None if isinstance(v, torch.Tensor) else v for v in leaves]
     slots = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
 

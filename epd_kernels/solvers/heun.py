@@ -7,8 +7,8 @@ Per step n, ``h = sigma_{n+1} - sigma_n``:
     d~       = (x~ - D(x~, sigma_{n+1})) / sigma_{n+1}
     x_{n+1}  = x_n + h * (d_n + d~) / 2                        (trapezoidal corrector)
 
-The correction runs on every step, the last one included, because the grid ends at
-``sigma_min > 0``. Global error O(h^2). Two calls per step: N steps -> 2N - afs.
+The correction runs on every step, the last one included (the grid ends at sigma_min > 0).
+Two calls per step: N steps -> 2N - afs.
 """
 from __future__ import annotations
 

@@ -10,11 +10,8 @@ order ``p = min(max_order, n + 1)`` (lower order during the warm-up, history = p
     p = 4:  x_{n+1} = x_n + h_n (55 d_n - 59 d_{n-1} + 37 d_{n-2} - 9 d_{n-3}) / 24
 
 The constant-step coefficients (as in the EPD, AMED and diff-sampler code) are used
-unchanged on non-uniform grids: global order 4 on a grid uniform in sigma, 2 on a smoothly
-graded one (the step-size variation leaves a local error ``~ h_n (h_n - h_{n-1}) d'``); at
-few steps the higher-order terms dominate and iPNDM is one of the best baselines.
-
-One call per step: N steps -> N - afs (the AFS gradient enters the history too).
+unchanged on non-uniform grids: global order 4 on a uniform grid, 2 on a graded one. One
+call per step: N steps -> N - afs (the AFS gradient enters the history too).
 """
 from __future__ import annotations
 

@@ -3,51 +3,36 @@ r"""ParaDiGMS: Picard iterations over a sliding window of the Euler (DDIM) traje
 Shih, Belkhale, Ermon, Sadigh, Anari, "Parallel Sampling of Diffusion Models", NeurIPS 2023,
 written from the paper's algorithm (no code taken from other implementations).
 
-Grid ``t_0 > ... > t_S``, ``h_m = t_{m+1} - t_m``, ``d(x, t) = (x - D(x, t)) / t``. The target
-is the sequential Euler trajectory ``x_{m+1} = x_m + h_m d(x_m, t_m)``, written as a fixed
-point over a window and solved by Picard iteration in the variable of the DDIM update, the
-VP-scaled state ``y = x / a``, ``a_m = sqrt(1 + t_m^2)``:
+Grid ``t_0 > ... > t_S``, ``h_m = t_{m+1} - t_m``, ``d(x, t) = (x - D(x, t)) / t``. The
+sequential Euler trajectory is solved as a fixed point over a window by Picard iteration in
+the VP-scaled state ``y = x / a``, ``a_m = sqrt(1 + t_m^2)`` (in EDM units, copies fed at
+far lower noise are out of distribution: errors 10..500x larger on a Gaussian mixture):
 
     y_k = y_i + sum_{m=i}^{k-1} Delta_m,    Delta_m = (x_m + h_m d_m) / a_{m+1} - x_m / a_m.
-
-(The same sum in EDM units has the same fixed point but iterates badly from copied states:
-a copy at noise ``t_i`` fed to the network at ``t_k << t_i`` is far out of distribution in
-EDM units, not in VP units; measured on a Gaussian mixture, errors 10..500x larger.)
 
 State: a guess ``x_0 .. x_S`` (initially VP copies ``x_k = x_0 a_k / a_0``) and a window
 ``[i, i + n)``, ``n = min(W, S - i)``. One *round*:
 
-1. ``d_j`` for every window position in ONE denoiser call of batch ``n * B`` (position-major,
-   conditioning repeated as `epd_kernels.branches.repeat_cond` does) inside
-   ``parallel_calls``: 1 latency NFE, ``n`` evaluations;
+1. ``d_j`` for every window position in ONE denoiser call of batch ``n * B`` (position-major)
+   inside ``parallel_calls``: 1 latency NFE, ``n`` evaluations;
 2. Picard update by a cumulative sum: ``x'_{i+1} = x_i + h_i d_i`` (exact Euler, EDM units),
    ``x'_{i+j+1} = a_{i+j+1} (x'_{i+1} / a_{i+1} + sum_{m=i+1}^{i+j} Delta_m)``;
 3. errors ``e_k = ||x'_k - x_k||^2 / D`` (per sample) for ``k = i+1 .. i+n``;
 4. slide to the first ``k`` with ``e_k > tol^2 v_k`` for ANY sample (NaN fails), or to
-   ``i + n``: the states before it did not move, so they are converged (stride 1..n);
+   ``i + n`` (stride 1..n);
 5. refill ``k > i + n`` with VP copies of the newest state, ``x'_{i+n} a_k / a_{i+n}``.
 
-Rounds repeat until the window start reaches S (at most S rounds, at least ``ceil(S / W)``);
-``window=1`` is sequential Euler bit for bit. The batch shares one window, so with a loose
-tolerance a sample's result can depend on its batch. Tolerance (``noise_scale``, as the
-paper's comparison with the injected noise variance): ``"step"`` (default) ``v_k = t_k^2
-(t_{k-1}^2 - t_k^2) / t_{k-1}^2``, the DDPM posterior variance in EDM units (tighter on finer
-grids); ``"sigma"`` ``v_k = t_k^2`` (relative to the noise level). ``tol`` = 1e-3 (the
-paper's value for DDIM).
+Rounds repeat until the window start reaches S; ``window=1`` is sequential Euler bit for
+bit. The batch shares one window, so with a loose tolerance a sample's result can depend on
+its batch. ``noise_scale``: ``"step"`` ``v_k = t_k^2 (t_{k-1}^2 - t_k^2) / t_{k-1}^2`` (the
+DDPM posterior variance in EDM units) or ``"sigma"`` ``v_k = t_k^2``; ``tol`` = 1e-3 (the
+paper's value for DDIM). ``max_rounds=R`` stops after R rounds and takes the newest state
+at the window end ``e`` to ``t_S`` by one Euler jump, ``x_S = x'_e + (t_S - t_e) d_{e-1}``.
 
-``max_rounds=R`` stops after R rounds and returns, with no further call, the newest state
-at the window end ``e`` taken to ``t_S`` by one Euler jump with the newest gradient,
-``x_S = x'_e + (t_S - t_e) d_{e-1}``: the batched calls are ``min(R, rounds to converge)``.
-
-Latency budget (`paradigms_sampler`, used by ``sample()``): ``nfe`` batched rounds.
-``sample()`` hands over the ``nfe``-step grid (Euler's rule, no AFS); every interval is
-refined into ``substeps`` (4) sub-intervals uniform in ``sigma^(1/rho)`` (on the default
-polynomial schedule this IS the ``4 nfe``-step grid), and ParaDiGMS runs there with
-``max_rounds = nfe`` and the window over all remaining steps. Latency: exactly ``nfe``
-calls, fewer only if it converges earlier (exactly ``nfe`` whenever ``window <=
-substeps``). Measured on Gaussian mixtures at nfe 3/5/7/9: this beats Euler at every budget
-and iPNDM at 3 and 5; a window of only ``substeps`` is worse than Euler; tolerances
-1e-2..1e-4 agree within 10%. `run_paradigms` returns the measured cost, `ParadigmsStats`.
+Latency budget (`paradigms_sampler`, used by ``sample()``): the ``nfe``-step grid refined
+into ``substeps`` (4) sub-intervals per interval, ``max_rounds = nfe``, window over all
+remaining steps. Measured on Gaussian mixtures at nfe 3..9: beats Euler at every budget and
+iPNDM at 3 and 5; a window of only ``substeps`` is worse than Euler.
 """
 from __future__ import annotations
 
@@ -72,10 +57,8 @@ NOISE_SCALES = ("step", "sigma")
 
 @dataclasses.dataclass(frozen=True)
 class ParadigmsStats:
-    """Cost and outcome of one run: ``rounds`` = batched calls = latency NFE;
-    ``evaluations`` = the sum of the window sizes; ``converged``: the window reached the end
-    (False: stopped by max_rounds, result extrapolated); the window's ``strides``; S
-    ``steps``; the window ``W``."""
+    """``rounds`` = batched calls = latency NFE; ``evaluations`` = the sum of the window
+    sizes; ``converged``: False when stopped by max_rounds (result extrapolated)."""
 
     rounds: int
     evaluations: int
@@ -101,14 +84,10 @@ def run_paradigms(denoiser: Callable, x: torch.Tensor, sigmas, *, window: Option
                   progress: bool = False, **cond) -> Tuple[torch.Tensor, ParadigmsStats]:
     """ParaDiGMS from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``; returns ``(x, stats)``.
 
-    ``window`` W >= 1 positions per round (default and cap: S); ``tol`` > 0;
-    ``max_rounds`` >= 1 or None; ``noise_scale`` "step" or "sigma" (module docstring).
-    ``callback`` gets after every round: 'round', 'i' (window start), 'stride', 'window' (n),
-    'x' (state at 'sigma' = t_i), 'x_next' (the new converged state at 'sigma_next' =
-    t_{i + stride}, or the extrapolated end state when the budget ran out), 'denoised' (x0
-    estimate at x_i), 'error' ([n, B] errors of positions i+1 .. i+n), 'threshold' ([n]),
-    'converged'. ``progress``: a tqdm bar over the S steps.
-    """
+    ``window`` W (default and cap: S). ``callback`` gets after every round: 'round', 'i'
+    (window start), 'stride', 'window' (n), 'x' (at 'sigma' = t_i), 'x_next' (the new
+    converged state at 'sigma_next' = t_{i + stride}, or the extrapolated end state),
+    'denoised' (at x_i), 'error' ([n, B], positions i+1 .. i+n), 'threshold', 'converged'."""
     s = check_sigmas(sigmas, "sigmas").tolist()
     S = len(s) - 1
     W = S if window is None else min(check_int("window", window), S)
@@ -230,8 +209,7 @@ def paradigms_sampler(denoiser: Callable, x: torch.Tensor, sigmas, *,
                       tol: float = 1e-3, noise_scale: str = "step", rho: float = 7.0,
                       **cond) -> torch.Tensor:
     """ParaDiGMS at a latency budget of ``N = len(sigmas) - 1`` batched rounds, on
-    `paradigms_grid(sigmas, substeps, rho)` with ``max_rounds = N`` (module docstring).
-    ``afs`` must be False. `run_paradigms` on `paradigms_grid(...)` gives the cost."""
+    `paradigms_grid(sigmas, substeps, rho)` with ``max_rounds = N``; ``afs`` must be False."""
     if afs:
         raise ValueError("afs must be False for ParaDiGMS: the first gradient is evaluated in "
                          "the first batched round together with the rest of the window, so "

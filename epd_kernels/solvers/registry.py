@@ -1,12 +1,10 @@
 """The solvers `sample()` knows, their NFE rules, their options and the sigma grids.
 
-NFE rule (docs/design.md, "NFE rules"): a solver spends ``evals_per_step`` sequential
-denoiser calls per step, minus one for the analytic first step (afs), so
-``nfe = evals_per_step * steps - afs``; a budget the rule cannot meet is refused.
+NFE rule (docs/design.md, "NFE rules"): ``nfe = evals_per_step * steps - afs``; a budget
+the rule cannot meet is refused.
 
-Options: the keyword arguments a solver function takes besides the ones `sample()` fills
-in itself (`MANAGED`) and the fixed ones a registration pins (``extra``). They are read
-from the function's signature, so a solver gains an option by gaining a keyword.
+Options: the keywords of a solver function's signature besides `MANAGED` and the fixed
+ones a registration pins (``extra``).
 """
 from __future__ import annotations
 
@@ -93,22 +91,18 @@ register_solver("dpmpp3m", sample_dpmpp3m)
 register_solver("unipc", sample_unipc)
 register_solver("ipndm", sample_ipndm)
 register_solver("deis", sample_deis)
-register_solver("epd", lazy=".epd:epd_sampler", needs_params=True, plugin=False, **_TWO_CALLS)
-register_solver("epd-ipndm", lazy=".epd:epd_sampler", needs_params=True, plugin=True,
-                **_TWO_CALLS)
-# AMED-Solver / AMED-Plugin: AMEDParams (table or predictor form).
-register_solver("amed", lazy=".amed:amed_sampler", needs_params=True, plugin=False,
-                **_TWO_CALLS)
-register_solver("amed-ipndm", lazy=".amed:amed_sampler", needs_params=True, plugin=True,
-                **_TWO_CALLS)
+# EPD and AMED (table or predictor form), each with its iPNDM plugin variant.
+for _family in ("epd", "amed"):
+    for _name, _plugin in ((_family, False), (_family + "-ipndm", True)):
+        register_solver(_name, lazy=f".{_family}:{_family}_sampler", needs_params=True,
+                        plugin=_plugin, **_TWO_CALLS)
 # ParaDiGMS: the budget counts batched rounds on a 4x finer Euler grid.
 register_solver("paradigms", lazy=".paradigms:paradigms_sampler")
 # D-ODE: DODEParams; the NFE rule is the base solver's.
-register_solver("d-euler", lazy=".dode:dode_sampler", needs_params=True, solver="d-euler")
-register_solver("d-ddim", lazy=".dode:dode_sampler", needs_params=True, solver="d-euler")
-register_solver("d-heun", lazy=".dode:dode_sampler", needs_params=True, solver="d-heun",
-                **_TWO_CALLS)
-register_solver("d-ipndm", lazy=".dode:dode_sampler", needs_params=True, solver="d-ipndm")
+for _name, _base in (("d-euler", "d-euler"), ("d-ddim", "d-euler"), ("d-heun", "d-heun"),
+                     ("d-ipndm", "d-ipndm")):
+    register_solver(_name, lazy=".dode:dode_sampler", needs_params=True, solver=_base,
+                    **(_TWO_CALLS if _base == "d-heun" else {}))
 
 
 def solver_names() -> list:

@@ -1,31 +1,25 @@
 """Noise-level grids (time schedules) for the samplers, in EDM's sigma convention.
 
-``get_sigmas(kind, num_steps)`` returns ``num_steps + 1`` noise levels, strictly
-decreasing, from ``sigma_max`` to ``sigma_min`` (no appended zero: sampling ends at
-``sigma_min > 0``). With ``i = 0..N`` and ``N = num_steps``:
+``get_sigmas(kind, num_steps)`` returns ``num_steps + 1`` strictly decreasing noise levels
+from ``sigma_max`` to ``sigma_min`` (no appended zero), computed in float64 and cast to
+``dtype``. With ``i = 0..N``, ``N = num_steps``:
 
-- ``"polynomial"`` (Karras et al. 2022, EDM eq. 5)::
+- ``"polynomial"`` (Karras et al. 2022, EDM eq. 5; ``rho = 1`` uniform in sigma, ``rho ->
+  inf`` the log-SNR grid)::
 
       sigma_i = (sigma_max^(1/rho) + i/N * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
 
-  ``rho = 1`` is uniform in sigma; larger ``rho`` puts more steps at low noise; as
-  ``rho -> inf`` it tends to the log-SNR grid.
-- ``"logsnr"``: uniform in ``log sigma`` (= uniform in the half log-SNR ``lambda = -log sigma``
-  for EDM's ``alpha = 1``)::
+- ``"logsnr"``: uniform in ``log sigma`` (the half log-SNR for EDM's ``alpha = 1``)::
 
       sigma_i = exp(log sigma_max + i/N * (log sigma_min - log sigma_max))
 
-- ``"time-uniform"``: the VP-SDE time grid the EPD authors use, ``beta_d = 19.9``,
-  ``beta_min = 0.1``::
+- ``"time-uniform"``: the VP-SDE time grid of the EPD authors (``beta_d = 19.9``,
+  ``beta_min = 0.1``), ends set to exactly ``sigma_max`` and ``sigma_min``::
 
       sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1),
       t_i = t(sigma_max) + i/N * (t(sigma_min) - t(sigma_max)),   sigma_i = sigma(t_i)
 
-  where ``t(sigma)`` is the exact inverse of ``sigma(t)``. The two ends are set to exactly
-  ``sigma_max`` and ``sigma_min`` (the round trip is exact to ~1 ulp anyway).
 - ``"explicit"``: the list/tensor given as ``sigmas`` (strictly decreasing, all > 0).
-
-Everything is computed in float64 and cast to ``dtype`` at the end.
 """
 from __future__ import annotations
 
@@ -33,6 +27,7 @@ import math
 import numbers
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 __all__ = ["SCHEDULES", "get_sigmas", "check_sigmas", "vp_sigma", "vp_sigma_inv"]
@@ -58,12 +53,10 @@ def vp_sigma(t, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
 
 
 def vp_sigma_inv(sigma, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
-    """The exact inverse t(sigma) of `vp_sigma`, written without cancellation at small sigma.
-
-    Solving ``beta_d t^2 / 2 + beta_min t = L``, ``L = log(1 + sigma^2)``, for t > 0 gives
-    ``t = (sqrt(beta_min^2 + 2 beta_d L) - beta_min) / beta_d = 2 L / (sqrt(...) + beta_min)``.
-    """
-    m = torch if isinstance(sigma, torch.Tensor) else math
+    """The exact inverse t(sigma) of `vp_sigma` (tensor, numpy array or float): the root t > 0
+    of ``beta_d t^2 / 2 + beta_min t = L = log(1 + sigma^2)``, written without cancellation
+    as ``2 L / (sqrt(beta_min^2 + 2 beta_d L) + beta_min)``."""
+    m = torch if isinstance(sigma, torch.Tensor) else np if isinstance(sigma, np.ndarray) else math
     L = m.log1p(sigma * sigma)
     return 2.0 * L / (m.sqrt(beta_min ** 2 + 2.0 * beta_d * L) + beta_min)
 
@@ -109,13 +102,9 @@ def get_sigmas(kind: str, num_steps: Optional[int] = None, sigma_min: float = 0.
                sigma_max: float = 80.0, rho: float = 7.0, sigmas: Optional[SigmasLike] = None,
                device: Union[str, torch.device, None] = None,
                dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``num_steps + 1`` strictly decreasing noise levels from ``sigma_max`` down to
-    ``sigma_min`` (module docstring), computed in float64 and returned in ``dtype``.
-
-    ``kind``: "polynomial" (alias "karras"), "logsnr", "time-uniform" (alias "vp") or
-    "explicit" (``sigmas`` given; ``num_steps`` None or ``len(sigmas) - 1``; the ends and
-    ``rho``, the polynomial's exponent, unused).
-    """
+    """The grid of the module docstring. ``kind``: "polynomial" (alias "karras"), "logsnr",
+    "time-uniform" (alias "vp") or "explicit" (``sigmas`` given; ``num_steps`` None or
+    ``len(sigmas) - 1``; the ends and ``rho`` unused)."""
     if not isinstance(kind, str):
         raise ValueError(f"kind must be one of {SCHEDULES}, got {kind!r}")
     key = _ALIASES.get(kind.strip().lower())

@@ -1,14 +1,11 @@
 """Whole-solve capture (``sample(..., graph="solve")``): the sampling loop captured once
 for fixed shapes and replayed, which removes the launch overhead that dominates at batch 1.
 
-The captured function is ``fn(noise, *param tensors, *conditioning tensors) -> x_final``,
-all static buffers refilled at every call, so new noise, parameter values and conditioning
-of the same shapes replay one graph. What the graph bakes in is keyed: the denoiser, the
-solver and its options, the grid, the shapes and dtypes, the parameter structure (and
-D-ODE's lambdas), the conditioning structure. The EPD branch call runs without a graph of
-its own inside. The capture runs the solver once through a `CountingDenoiser`; its calls
-are the cost reported for every replay. CUDA graphs and the CPU stand-in alike
-(`epd_kernels.solvers.graphs`).
+The captured function is ``fn(noise, *param tensors, *conditioning tensors) -> x_final``
+on static buffers refilled at every call, so new values of the same shapes replay one
+graph. Everything the graph bakes in (denoiser, solver and options, grid, shapes, params
+structure and D-ODE's lambdas, conditioning structure) is in the cache key. The calls the
+capture run makes are the cost reported for every replay.
 """
 from __future__ import annotations
 

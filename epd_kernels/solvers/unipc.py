@@ -11,21 +11,16 @@ with ``a`` matching the Taylor terms of the exact solution up to ``j = K`` (K po
     sum_k a_k r_k^(j-1) = j! psi_{j+1}(h) / (h^j B(h)),     j = 1..K
 
 (the paper's ``R_p(h) a_p = g_p(h) / B(h)``; ``B(h) = 1 - e^{-h}`` is "bh2", ``B(h) = h``
-"bh1"). For K >= 2 the Vandermonde system is solved exactly; for one point UniPC uses
-``a_1 = 1/2``, the h -> 0 limit, which keeps the order (there the choice of B matters).
+"bh1"), solved exactly for K >= 2; for one point ``a_1 = 1/2``, the h -> 0 limit.
 
 * UniP-p (predictor): the K = p - 1 previous outputs, ``r_k = (lambda_{n-k} - lambda_n) / h``.
-* UniC (corrector): after ``m_{n+1} = D(x~_{n+1}, sigma_{n+1})`` at the predicted state, the
-  step from x_n is redone with the same points plus ``r = 1`` (``m_{n+1}``), raising the
-  order by one; ``m_{n+1}`` is reused by the next step, so the corrector costs no call.
-  No corrector after the final step.
+* UniC (corrector): with ``m_{n+1} = D(x~_{n+1}, sigma_{n+1})`` at the predicted state, the
+  step from x_n is redone with the points plus ``r = 1``, raising the order by one;
+  ``m_{n+1}`` is reused by the next step (no extra call). None after the final step.
 
-Order schedule: `dpmpp3m.multistep_order` with ``order`` as the cap (warm-up,
-``lower_order_final`` for fewer than 10 steps, order 1 past ``max_step_ratio``; the
-corrector of the previous step is unaffected). Predictor order p gives global order p + 1
-(UniPC paper, Thm. 3.1): ``order = 3`` (default) is global order 4.
-
-One call per step (at sigma_0 and each predicted state but the last): N steps -> N - afs.
+Order schedule: `dpmpp3m.multistep_order` with ``order`` as the cap (the corrector of the
+previous step is unaffected). Predictor order p gives global order p + 1 (UniPC paper,
+Thm. 3.1). One call per step: N steps -> N - afs.
 """
 from __future__ import annotations
 
@@ -35,7 +30,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .common import afs_d, check_int, denoise, emit, lam, phi, sigma_list, step_range
+from .common import check_int, denoise, emit, gradient, lam, phi, sigma_list, step_range
 from .dpmpp3m import MAX_STEP_RATIO, check_multistep, multistep_order, step_ratio
 
 __all__ = ["sample_unipc"]
@@ -85,10 +80,7 @@ def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas, *,
     s = sigma_list(sigmas)
     N = len(s) - 1
     lams = [lam(v) for v in s]
-    if afs:
-        m = x - s[0] * afs_d(x, s[0])
-    else:
-        m = denoise(denoiser, x, s[0], cond)
+    _, m = gradient(denoiser, x, s[0], cond, analytic=afs)
     hist: List[Tuple[float, torch.Tensor]] = [(lams[0], m)]  # newest first
     prev = None  # (x_n, previous points used by the predictor) for the corrector
     for i in step_range(N, progress, "unipc"):

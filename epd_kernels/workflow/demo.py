@@ -11,19 +11,12 @@ the same noise, in stages (sizes in `DemoConfig`; each stage timed in ``results.
 7. ``table.md``, ``samples_grid.png``, ``rmse_vs_nfe.png``, ``params/``, ``results.json``.
 ``--quick`` uses tiny settings (seconds) for tests; the defaults take 2-3 minutes on 2 cores.
 
-Why these settings (digits-unet; RMSE to the reference on the demo's 256 samples, as a mean
-of per-sample RMS values, which ranks the solvers as the table's global RMSE does):
-- EPD on a pool: an iteration no longer runs the teacher, so 150 iterations cost what 40
-  on fresh noise did (which left EPD-Plugin behind iPNDM, NFE 5: 0.148 against 0.098).
-  EPD, lr 0.1: NFE 5 / 3: 0.049 / 0.094; EPD-Plugin, NFE 5: 0.096 / 0.112 / 0.151 at
-  lr 0.05 / 0.1 / 0.2, NFE 3: 0.131 / 0.144 / 0.162 at lr 0.05 / 0.075 / 0.1, against
-  iPNDM's 0.107 / 0.212 on the same samples.
-- AMED (40 iterations, M = 3, seeds 0 and 1): the denoised estimate (64 values) beat the
-  U-Net bottleneck ("module:net.mid2", 4 values) as the predictor's input in all 7 matched
-  runs (NFE 5, lr 0.1: 0.136-0.138 against 0.145-0.151). lr 0.2 for AMED-Solver (0.4 gave
-  the same); 0.05 for AMED-Plugin (NFE 5: 0.140-0.151, against 0.149-0.157 at 0.1), which
-  starts from iPNDM, much closer to the teacher than AMED-Solver's DPM-Solver-2 start. The
-  table form beat the predictor at NFE 5 (0.088); the demo shows the paper's predictor.
+Why these settings (digits-unet, mean per-sample RMSE to the reference on 256 samples):
+EPD trains on a pool (the teacher runs once), so 150 iterations cost what 40 on fresh noise
+did; lr 0.1 gives 0.049 at NFE 5 against iPNDM's 0.107, and EPD-Plugin does best at lr 0.05.
+AMED's predictor reads the denoised estimate, which beat the U-Net bottleneck
+("module:net.mid2") in all 7 matched runs; lr 0.2 (0.05 for AMED-Plugin, which starts from
+iPNDM, much closer to the teacher).
 """
 from __future__ import annotations
 

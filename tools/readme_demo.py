@@ -5,9 +5,8 @@
 
 The README block between ``<!-- demo:start -->`` and ``<!-- demo:end -->`` is replaced by
 the run's machine, command, wall time, its ``table.md`` and links to its two PNGs, so that
-the figures in the README always come from a run, never from typing. The demo's params and
-JSON stay in the output folder (``docs/demo/``; only the PNGs, the table and the JSON are
-meant to be committed).
+the figures in the README always come from a run, never from typing. Of ``docs/demo/`` only
+the PNGs, the table and the JSON are meant to be committed.
 """
 from __future__ import annotations
 

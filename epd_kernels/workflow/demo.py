@@ -81,7 +81,7 @@ QUICK = DemoConfig(num_samples=12, nfes=(3, 5), distill_nfes=(3, 5), ref_nfe=20,
 #: The files a demo writes in its folder (params go to params/).
 _RESULTS = ("table.md", "results.json", "samples_grid.png", "rmse_vs_nfe.png")
 _OWN_FILES = "|".join(name.replace(".", r"\.") for name in _RESULTS)
-
+_NO_MATPLOTLIB = "matplotlib, a dependency of epd_kernels, is missing (pip install matplotlib)"
 
 _log = partial(print, flush=True)
 
@@ -390,20 +390,17 @@ class _Demo:
                                              title=title)
             files["samples_grid"] = grid_path
             if not labelled:
-                _log("  (matplotlib, a dependency of epd_kernels, is missing: the grid has "
-                     "no labels; pip install matplotlib)")
+                _log(f"  (the grid has no labels: {_NO_MATPLOTLIB})")
         except ValueError as e:
             _log(f"  no sample grid: {e}")
         series: Dict[str, List[Tuple[int, float]]] = {}
         for r in self.rows:
             series.setdefault(r["solver"], []).append((r["latency_nfe"], r["rmse"]))
         if plots.error_plot_png(plot_path, series, distilled=self.distilled,
-                                title=f"{model}: global RMSE to the reference ({self.N} "
-                                      f"samples)"):
+                                title=f"{model}: global RMSE to the reference ({self.N} samples)"):
             files["rmse_plot"] = plot_path
         else:
-            _log("  no RMSE plot: matplotlib, a dependency of epd_kernels, is missing "
-                 "(pip install matplotlib)")
+            _log(f"  no RMSE plot: {_NO_MATPLOTLIB}")
         return files
 
     def write_outputs(self) -> None:

@@ -26,15 +26,11 @@ START, END = markers("demo")
 
 def block(run_dir: str, readme_dir: str, commit: str) -> str:
     """The README block's text (without its markers) for the demo run in `run_dir`."""
-    with open(os.path.join(run_dir, "results.json")) as f:
-        res = json.load(f)
-    with open(os.path.join(run_dir, "table.md")) as f:
-        table = f.read().strip()
     import torch
 
-    rel = os.path.relpath(run_dir, readme_dir)
-    t = res["timings"]
-    skipped = res.get("skipped", [])
+    res = json.loads(pathlib.Path(run_dir, "results.json").read_text())
+    table = pathlib.Path(run_dir, "table.md").read_text().strip()
+    rel, t, skipped = os.path.relpath(run_dir, readme_dir), res["timings"], res.get("skipped")
     lines = [
         f"_Written by `python tools/readme_demo.py` from a run of `{res['command']}` — "
         f"{cpu_model()} · {os.cpu_count()} logical CPUs · {res['threads']} thread(s) · "

@@ -194,8 +194,8 @@ def run_sample(args) -> int:
 def _sample_seeds(args, mine, solver, nfe, params, model, shape, label_mode, folder, png,
                   show) -> list:
     """Samples ``mine`` in batches and writes their files; returns ``[(n, stats)]``."""
-    png = png and outputs.image_layout(shape) is not None
-    scale = (args.png_scale or max(1, 64 // max(outputs.image_layout(shape)[:2]))) if png else 1
+    layout = outputs.image_layout(shape) if png else None
+    scale = args.png_scale or max(1, 64 // max(layout[:2])) if layout else 1
     batches = -(-len(mine) // args.batch_size)
     try:
         steps = nfe_to_steps(solver, nfe)
@@ -217,7 +217,7 @@ def _sample_seeds(args, mine, solver, nfe, params, model, shape, label_mode, fol
             stats_list.append((len(chunk), st))
             arr = x.detach().to("cpu", torch.float32).numpy()
             for s, xs in zip(chunk, arr):
-                if png:
+                if layout:
                     outputs.write_png(outputs.seed_path(folder, s, ".png"),
                                       outputs.to_uint8_image(xs, shape, scale))
                 outputs.write_npy(outputs.seed_path(folder, s), xs)

@@ -230,11 +230,6 @@ _COMMANDS = {"list": ("listing", "run_list"), "demo": ("demo", "run_demo"),
              "eval": ("eval_job", "run_eval")}
 
 
-def _dispatch(args) -> int:
-    module, function = _COMMANDS[args.command]
-    return getattr(importlib.import_module(f".workflow.{module}", __package__), function)(args)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -244,9 +239,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .workflow.errors import UserError, one_line
     from .workflow.outputs import new_folders
 
+    module, function = _COMMANDS[args.command]
     with new_folders() as remove_empty:   # folders a failed command made and left empty go
         try:
-            code = int(_dispatch(args) or 0)
+            job = getattr(importlib.import_module(f".workflow.{module}", __package__), function)
+            code = int(job(args) or 0)
         except UserError as e:
             sys.stderr.write(f"epd: error: {one_line(e)}\n")
             code = EXIT_USER_ERROR

@@ -109,10 +109,8 @@ def _table(rows: List[dict], ref: dict) -> str:
     lines = [_table_cells(ref, f"reference: {ref['solver']}",
                           _fmt(ref["error_estimate"]) + " (est.)")]
     best = {n: min(r["rmse"] for r in rows if r["nfe"] == n) for n in {r["nfe"] for r in rows}}
-    first: Dict[str, int] = {}   # solvers of equal NFE and kind in the order they ran
-    for r in rows:
-        first.setdefault(r["solver"], len(first))
-    for r in sorted(rows, key=lambda r: (r["nfe"], r["distilled"], first[r["solver"]])):
+    ran = list(dict.fromkeys(r["solver"] for r in rows))   # equal NFE and kind: in run order
+    for r in sorted(rows, key=lambda r: (r["nfe"], r["distilled"], ran.index(r["solver"]))):
         star = " *" if r["rmse"] == best[r["nfe"]] else ""
         lines.append(_table_cells(r, r["solver"], _fmt(r["rmse"]) + star))
     w = [max(len(head[i]), *(len(cells[i]) for cells in lines)) for i in range(len(head))]
@@ -405,12 +403,10 @@ class _Demo:
 
     def write_outputs(self) -> None:
         _log("[7/7] figures and files")
-        self.files = {"params": [p["path"] for p in self.params_files]}
-        self.files.update(self.write_figures())
+        self.files = {"params": [p["path"] for p in self.params_files], **self.write_figures(),
+                      "table": os.path.join(self.out, "table.md")}
         self.table = _table(self.rows, self.ref_info)
-        table_path = os.path.join(self.out, "table.md")
-        outputs.write_atomic(table_path, (self.table + "\n").encode())
-        self.files["table"] = table_path
+        outputs.write_atomic(self.files["table"], (self.table + "\n").encode())
 
     def report(self) -> None:
         """Writes results.json (with every stage's time) and prints the table."""
@@ -419,13 +415,12 @@ class _Demo:
         json_path = self.files["results"] = os.path.join(self.out, "results.json")
         outputs.write_json(json_path, {
             "model": self.args.model, "shape": list(self.shape), "num_samples": N,
-            "seeds": f"0-{N - 1}",
-            "class_labels": "seed % num_classes" if self.cond else None,
+            "seeds": f"0-{N - 1}", "class_labels": "seed % num_classes" if self.cond else None,
             "threads": self.threads, "rmse_kind": "global", "quick": bool(self.args.quick),
             "config": dataclasses.asdict(self.cfg), "reference": self.ref_info,
-            "results": self.rows,
-            "skipped": self.skipped, "params": self.params_files, "files": self.files,
-            "timings": self.timings, "command": "epd " + " ".join(sys.argv[1:])})
+            "results": self.rows, "skipped": self.skipped, "params": self.params_files,
+            "files": self.files, "timings": self.timings,
+            "command": "epd " + " ".join(sys.argv[1:])})
         _log("\n" + self.table)
         _log(f"\n* = lowest RMSE at that NFE. Global RMSE: the root of the mean squared "
              f"difference, over all {N} samples and their dimensions, to the reference "

@@ -73,13 +73,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/demo", help="demo output folder (default docs/demo)")
     ap.add_argument("--readme", default="README.md")
     args, demo_args = ap.parse_known_args(argv)
-    run_dir = args.src
-    # The tree the demo runs on, read before the run rewrites docs/demo and the README.
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    commit = (commit_label(git("rev-parse", "HEAD"), bool(dirty)) if run_dir is None
-              else "of an earlier run (--from)")
+    run_dir, commit = args.src, "of an earlier run (--from)"
     if run_dir is None:
-        run_dir = args.out
+        # The tree the demo runs on, read before the run rewrites docs/demo and the README.
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        commit, run_dir = commit_label(git("rev-parse", "HEAD"), bool(dirty)), args.out
         if os.path.isdir(run_dir):
             shutil.rmtree(run_dir)
         epd = os.path.join(os.path.dirname(sys.executable), "epd")

@@ -195,7 +195,7 @@ def _sample_seeds(args, mine, solver, nfe, params, model, shape, label_mode, fol
                   show) -> list:
     """Samples ``mine`` in batches and writes their files; returns ``[(n, stats)]``."""
     layout = outputs.image_layout(shape) if png else None
-    scale = args.png_scale or max(1, 64 // max(layout[:2])) if layout else 1
+    scale = (args.png_scale or max(1, 64 // max(layout[:2]))) if layout else 1
     batches = -(-len(mine) // args.batch_size)
     try:
         steps = nfe_to_steps(solver, nfe)

@@ -1,10 +1,5 @@
-"""The ``epd`` command line (also ``python -m epd_kernels``).
-
-    epd demo [--out DIR] [--model NAME] [--quick]        compare every solver, write figures
-    epd distill --model M --solver epd|amed|d-euler... --nfe 5 --out p.safetensors
-    epd sample --model M --solver epd --params p.safetensors --seeds 0-99 --out DIR|X.npz
-    epd eval --samples DIR|X.npz [--model M | --data F] [--reference DIR|X.npz] [--json F]
-    epd list                                             solvers, NFE rules, models
+"""The ``epd`` command line (also ``python -m epd_kernels``): ``epd demo``, ``distill``,
+``sample``, ``eval`` and ``list``; ``epd COMMAND --help`` for each.
 
 Errors the user can fix print one line ``epd: error: ...`` and exit with code 2; a failed
 command removes the output folders it created and left empty. This file only parses
@@ -31,8 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_at_least(minimum: int, word: Optional[str] = None):
-    """argparse type: an integer >= minimum (or ``word``, kept as is), with a one-line error
-    naming the bound."""
+    """argparse type: an integer >= minimum (or ``word``, kept as is)."""
     expected = f"an integer >= {minimum}" + (f" or '{word}'" if word else "")
 
     def parse(text: str):
@@ -108,10 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_demo(sub, default_model: str) -> None:
     p = sub.add_parser("demo", help="distill and compare every solver on the default model",
                        description="Distills EPD and AMED (and their plugins on iPNDM when "
-                       "time allows) and D-ODE, "
-                       "samples with every solver at NFE 3, 5, 7, 9 from the same noise, and "
-                       "writes a table, a sample grid, an error-vs-NFE plot, the params and a "
-                       "JSON of all figures.")
+                       "time allows) and D-ODE, samples with every solver at NFE 3, 5, 7, 9 "
+                       "from the same noise, and writes a table, a sample grid, an error-vs-NFE "
+                       "plot, the params and a JSON of all figures.")
     p.add_argument("--out", default="epd_demo", help="output folder (default ./epd_demo)")
     p.add_argument("--force", action="store_true",
                    help="replace the results of an earlier demo in --out")
@@ -237,11 +230,6 @@ _COMMANDS = {"list": ("listing", "run_list"), "demo": ("demo", "run_demo"),
              "eval": ("eval_job", "run_eval")}
 
 
-def _dispatch(args) -> int:
-    module, function = _COMMANDS[args.command]
-    return getattr(importlib.import_module(f".workflow.{module}", __package__), function)(args)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -251,9 +239,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .workflow.errors import UserError, one_line
     from .workflow.outputs import new_folders
 
+    module, function = _COMMANDS[args.command]
     with new_folders() as remove_empty:   # folders a failed command made and left empty go
         try:
-            code = int(_dispatch(args) or 0)
+            job = getattr(importlib.import_module(f".workflow.{module}", __package__), function)
+            code = int(job(args) or 0)
         except UserError as e:
             sys.stderr.write(f"epd: error: {one_line(e)}\n")
             code = EXIT_USER_ERROR

@@ -46,8 +46,7 @@ class GaussianFlow(torch.nn.Module):
         """The flow's solution from EDM's start ``x = sigma_max n`` to ``sigma_min``, in EDM's
         variables: ``x_t = a mu + sqrt(V(t)) z`` with z constant, ``V = a^2 s^2 + t^2``."""
         t0, t1 = sigma_to_flow_t(sigma_max), sigma_to_flow_t(sigma_min)
-        V0 = (1 - t0) ** 2 * self.s ** 2 + t0 ** 2
-        V1 = (1 - t1) ** 2 * self.s ** 2 + t1 ** 2
+        V0, V1 = ((1 - t) ** 2 * self.s ** 2 + t ** 2 for t in (t0, t1))
         x_t0 = noise * sigma_max / (1 + sigma_max)
         x_t1 = (1 - t1) * self.mu + torch.sqrt(V1 / V0) * (x_t0 - (1 - t0) * self.mu)
         return x_t1 * (1 + sigma_min)

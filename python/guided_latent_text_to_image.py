@@ -87,24 +87,6 @@ def load_pipeline(name: str, device: str):
     return pipe.to(device)
 
 
-def save_grid(rows: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rows)
-    n = rows[names[0]].shape[0]
-    fig, axes = plt.subplots(len(names), n, figsize=(1.6 * n, 1.6 * len(names)), squeeze=False)
-    for r, name in enumerate(names):
-        for c in range(n):
-            ax = axes[r][c]
-            ax.imshow(rows[name][c].permute(1, 2, 0).cpu().numpy())
-            ax.set_xticks([]), ax.set_yticks([])
-        axes[r][0].set_ylabel(name, rotation=0, ha="right")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    print(f"saved {path}")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="StableDiffusionPipeline directory or hub id")
@@ -119,7 +101,7 @@ def main(argv=None):
     ap.add_argument("--pool", type=int, default=16, help="distillation noise pool")
     ap.add_argument("--ref-nfe", type=int, default=41, help="latency NFE of the reference")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", help="save a PNG grid (needs matplotlib)")
+    ap.add_argument("--out", help="save a PNG grid of the decoded images")
     args = ap.parse_args(argv)
 
     if args.model:
@@ -154,10 +136,14 @@ def main(argv=None):
     print(f"guidance {args.guidance}, {len(args.prompts)} prompts, reference: dpm2 at NFE "
           f"{args.ref_nfe}")
     print(nfe_table(rows))
-    if args.out:
-        images = {name: decode_latents(pipe, x) for name, x in latents.items()}
-        images["reference"] = decode_latents(pipe, ref)
-        save_grid(images, args.out)
+    if args.out:   # the decoded images, in [0, 1], drawn as [-1, 1]: a row per solver
+        from epd_kernels.workflow.plots import sample_grid_png
+
+        img = {n: (2 * decode_latents(pipe, x) - 1).cpu().numpy()
+               for n, x in {**latents, "reference": ref}.items()}
+        sample_grid_png(args.out, {(n, args.nfe): a for n, a in img.items()}, list(img),
+                        [args.nfe], img["reference"].shape[1:])
+        print(f"saved {args.out}")
 
 
 if __name__ == "__main__":

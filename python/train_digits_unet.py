@@ -84,26 +84,18 @@ def evaluate(model, n=1000, nfe=39, png=None, seed=0):
     for name, x in (("unet", x_u), ("exact", x_e)):
         nearest = torch.cdist(x.flatten(1), data.flatten(1)).min(dim=1).values
         res[name + "_nn_dist_median"] = float(nearest.median())
-    if png:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    if png:   # rows: unconditional, then one per class
+        from epd_kernels.workflow.plots import sample_grid_png
 
-        rows = [x_u[:10]] + [x_c[k:k + 100:10] for k in range(10)]
-        fig, axes = plt.subplots(len(rows), 10, figsize=(6, 6.6))
-        for r, row in enumerate(rows):
-            for c in range(10):
-                axes[r][c].imshow(row[c, 0].clamp(-1, 1).numpy(), cmap="gray_r", vmin=-1, vmax=1)
-                axes[r][c].set_xticks([]), axes[r][c].set_yticks([])
-            axes[r][0].set_ylabel("uncond" if r == 0 else str(r - 1), rotation=0, ha="right",
-                                  va="center")
-        fig.suptitle(f"digits-unet, Heun nfe={nfe}")
-        fig.savefig(png, dpi=100, bbox_inches="tight")
+        cells = {("uncond", nfe): x_u[:10].numpy()}
+        cells.update({(str(k), nfe): x_c[k:k + 100:10].numpy() for k in range(10)})
+        sample_grid_png(png, cells, [r for r, _ in cells], [nfe], (1, 8, 8),
+                        title=f"digits-unet, Heun nfe={nfe}")
         res["png"] = png
     return res
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=4000)
     ap.add_argument("--minutes", type=float, default=10.0,
@@ -126,50 +118,34 @@ def main(argv=None):
     ap.add_argument("--eval-only", metavar="WEIGHTS",
                     help="do not train: sample from these weights, print FDs, write --png")
     ap.add_argument("--png", help="sample grid PNG written by the evaluation")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.eval_only:
-        from epd_kernels.models.unet import load_digits_unet
+    return ap.parse_args(argv)
 
-        print(json.dumps(evaluate(load_digits_unet(args.eval_only), png=args.png), indent=1))
-        return
-    torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    data, labels = load_digits_data()
-    N = data.shape[0]
 
-    cfg = UNetConfig.from_dict({**UNetConfig().to_dict(), **json.loads(args.config)})
-    model = EDMPrecond(cfg).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    nparams = sum(p.numel() for p in model.parameters())
-    print(f"params: {nparams}  config: {json.dumps(cfg.to_dict())}", flush=True)
+def lr_at(args, it, elapsed=0.0):
+    """Warm-up, then cosine decay over the training *progress*: the larger of the iteration
+    fraction and the wall-time fraction, so the schedule completes even when the time limit
+    stops training before --iters (a busy shared CPU)."""
+    if it < args.warmup:
+        return args.lr * (it + 1) / args.warmup
+    p = max((it - args.warmup) / max(1, args.iters - args.warmup),
+            elapsed / (60.0 * args.minutes))
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def train(args, model, ema, data, labels, g):
+    """Trains ``model`` (and its EMA ``ema``) until --iters or the --minutes budget;
+    returns ``(per-iteration losses, the last learning rate, wall time)``."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.99), eps=1e-8)
-
-    budget = 60.0 * args.minutes
-
-    def lr_at(it, elapsed=0.0):
-        """Warm-up, then cosine decay over the training *progress*: the larger of the
-        iteration fraction and the wall-time fraction, so the schedule completes even
-        when the time limit stops training before --iters (a busy shared CPU)."""
-        if it < args.warmup:
-            return args.lr * (it + 1) / args.warmup
-        p = max((it - args.warmup) / max(1, args.iters - args.warmup), elapsed / budget)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
-    losses = []
+    N, losses, lr = data.shape[0], [], args.lr
     t0 = time.perf_counter()
-    perm = torch.randperm(N, generator=g)
-    pos = 0
-    it = 0
+    perm, pos = torch.randperm(N, generator=g), 0
     for it in range(args.iters):
         if pos + args.batch > N:
             perm, pos = torch.randperm(N, generator=g), 0
         idx = perm[pos:pos + args.batch]
         pos += args.batch
-        y = data[idx]
-        if args.shift:
-            y = shift_batch(y, g)
-        lr = lr_at(it, time.perf_counter() - t0)
+        y = shift_batch(data[idx], g) if args.shift else data[idx]
+        lr = lr_at(args, it, time.perf_counter() - t0)
         for group in opt.param_groups:
             group["lr"] = lr
         loss = edm_loss(model, y, labels[idx], g, label_dropout=args.label_dropout).mean()
@@ -187,18 +163,37 @@ def main(argv=None):
             recent = sum(losses[-args.log_every:]) / len(losses[-args.log_every:])
             print(f"it {it + 1:6d}  loss {recent:.4f}  lr {lr:.2e}  {elapsed:7.1f}s",
                   flush=True)
-        if elapsed > budget:
+        if elapsed > 60.0 * args.minutes:
             print(f"time limit reached after {it + 1} iterations", flush=True)
             break
-    iters_done = it + 1
-    tail = losses[-max(1, iters_done // 10):]
+    return losses, lr, time.perf_counter() - t0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.eval_only:
+        from epd_kernels.models.unet import load_digits_unet
+
+        print(json.dumps(evaluate(load_digits_unet(args.eval_only), png=args.png), indent=1))
+        return
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    data, labels = load_digits_data()
+    cfg = UNetConfig.from_dict({**UNetConfig().to_dict(), **json.loads(args.config)})
+    model = EDMPrecond(cfg).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    nparams = sum(p.numel() for p in model.parameters())
+    print(f"params: {nparams}  config: {json.dumps(cfg.to_dict())}", flush=True)
+    losses, lr, wall = train(args, model, ema, data, labels, g)
+    iters_done, tail = len(losses), losses[-max(1, len(losses) // 10):]
     command = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     training = {
         "command": "python python/train_digits_unet.py " + command,
         "iterations": iters_done, "max_iterations": args.iters,
         "minutes_budget": args.minutes,
         "stopped_by": "time budget" if iters_done < args.iters else "iterations",
-        "final_lr": lr, "wall_time_s": round(time.perf_counter() - t0, 1),
+        "final_lr": lr, "wall_time_s": round(wall, 1),
         "final_loss": round(sum(tail) / len(tail), 5),
         "final_loss_note": "mean EDM training loss over the last 10% of iterations",
         "eval_loss_ema": round(eval_loss(ema, data, labels), 5),

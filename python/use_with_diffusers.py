@@ -44,7 +44,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=8, help="number of samples")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", help="save a PNG grid of the samples (needs matplotlib)")
+    ap.add_argument("--out", help="save a PNG grid of the samples")
     args = ap.parse_args(argv)
 
     if args.model:
@@ -72,22 +72,11 @@ def main(argv=None):
         rows.append((st, {"rmse_to_ref": rmse(x, ref)}))
     print(nfe_table(rows))
 
-    if args.out and outs:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    if args.out and outs:   # a row per solver
+        from epd_kernels.workflow.plots import sample_grid_png
 
-        names = list(outs)
-        fig, axes = plt.subplots(len(names), args.n, figsize=(args.n, len(names)), squeeze=False)
-        for r, name in enumerate(names):
-            for c in range(args.n):
-                img = (outs[name][c].float().cpu().clamp(-1, 1) + 1) / 2
-                ax = axes[r][c]
-                ax.imshow(img.permute(1, 2, 0).squeeze(-1),
-                          cmap="gray" if img.shape[0] == 1 else None)
-                ax.set_xticks([]), ax.set_yticks([])
-            axes[r][0].set_ylabel(name, rotation=0, ha="right")
-        fig.savefig(args.out, dpi=80, bbox_inches="tight")
+        sample_grid_png(args.out, {(name, args.nfe): x.float().cpu().numpy()
+                                   for name, x in outs.items()}, list(outs), [args.nfe], D.shape)
         print(f"saved {args.out}")
 
 

@@ -5,9 +5,8 @@
 
 The README block between ``<!-- demo:start -->`` and ``<!-- demo:end -->`` is replaced by
 the run's machine, command, wall time, its ``table.md`` and links to its two PNGs, so that
-the figures in the README always come from a run, never from typing. The demo's params and
-JSON stay in the output folder (``docs/demo/``; only the PNGs, the table and the JSON are
-meant to be committed).
+the figures in the README always come from a run, never from typing. Of ``docs/demo/`` only
+the PNGs, the table and the JSON are meant to be committed.
 """
 from __future__ import annotations
 
@@ -27,15 +26,11 @@ START, END = markers("demo")
 
 def block(run_dir: str, readme_dir: str, commit: str) -> str:
     """The README block's text (without its markers) for the demo run in `run_dir`."""
-    with open(os.path.join(run_dir, "results.json")) as f:
-        res = json.load(f)
-    with open(os.path.join(run_dir, "table.md")) as f:
-        table = f.read().strip()
     import torch
 
-    rel = os.path.relpath(run_dir, readme_dir)
-    t = res["timings"]
-    skipped = res.get("skipped", [])
+    res = json.loads(pathlib.Path(run_dir, "results.json").read_text())
+    table = pathlib.Path(run_dir, "table.md").read_text().strip()
+    rel, t, skipped = os.path.relpath(run_dir, readme_dir), res["timings"], res.get("skipped")
     lines = [
         f"_Written by `python tools/readme_demo.py` from a run of `{res['command']}` — "
         f"{cpu_model()} · {os.cpu_count()} logical CPUs · {res['threads']} thread(s) · "
@@ -78,13 +73,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/demo", help="demo output folder (default docs/demo)")
     ap.add_argument("--readme", default="README.md")
     args, demo_args = ap.parse_known_args(argv)
-    run_dir = args.src
-    # The tree the demo runs on, read before the run rewrites docs/demo and the README.
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    commit = (commit_label(git("rev-parse", "HEAD"), bool(dirty)) if run_dir is None
-              else "of an earlier run (--from)")
+    run_dir, commit = args.src, "of an earlier run (--from)"
     if run_dir is None:
-        run_dir = args.out
+        # The tree the demo runs on, read before the run rewrites docs/demo and the README.
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        commit, run_dir = commit_label(git("rev-parse", "HEAD"), bool(dirty)), args.out
         if os.path.isdir(run_dir):
             shutil.rmtree(run_dir)
         epd = os.path.join(os.path.dirname(sys.executable), "epd")

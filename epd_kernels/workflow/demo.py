@@ -11,19 +11,12 @@ the same noise, in stages (sizes in `DemoConfig`; each stage timed in ``results.
 7. ``table.md``, ``samples_grid.png``, ``rmse_vs_nfe.png``, ``params/``, ``results.json``.
 ``--quick`` uses tiny settings (seconds) for tests; the defaults take 2-3 minutes on 2 cores.
 
-Why these settings (digits-unet; RMSE to the reference on the demo's 256 samples, as a mean
-of per-sample RMS values, which ranks the solvers as the table's global RMSE does):
-- EPD on a pool: an iteration no longer runs the teacher, so 150 iterations cost what 40
-  on fresh noise did (which left EPD-Plugin behind iPNDM, NFE 5: 0.148 against 0.098).
-  EPD, lr 0.1: NFE 5 / 3: 0.049 / 0.094; EPD-Plugin, NFE 5: 0.096 / 0.112 / 0.151 at
-  lr 0.05 / 0.1 / 0.2, NFE 3: 0.131 / 0.144 / 0.162 at lr 0.05 / 0.075 / 0.1, against
-  iPNDM's 0.107 / 0.212 on the same samples.
-- AMED (40 iterations, M = 3, seeds 0 and 1): the denoised estimate (64 values) beat the
-  U-Net bottleneck ("module:net.mid2", 4 values) as the predictor's input in all 7 matched
-  runs (NFE 5, lr 0.1: 0.136-0.138 against 0.145-0.151). lr 0.2 for AMED-Solver (0.4 gave
-  the same); 0.05 for AMED-Plugin (NFE 5: 0.140-0.151, against 0.149-0.157 at 0.1), which
-  starts from iPNDM, much closer to the teacher than AMED-Solver's DPM-Solver-2 start. The
-  table form beat the predictor at NFE 5 (0.088); the demo shows the paper's predictor.
+Why these settings (digits-unet, mean per-sample RMSE to the reference on 256 samples):
+EPD trains on a pool (the teacher runs once), so 150 iterations cost what 40 on fresh noise
+did; lr 0.1 gives 0.049 at NFE 5 against iPNDM's 0.107, and EPD-Plugin does best at lr 0.05.
+AMED's predictor reads the denoised estimate, which beat the U-Net bottleneck
+("module:net.mid2") in all 7 matched runs; lr 0.2 (0.05 for AMED-Plugin, which starts from
+iPNDM, much closer to the teacher).
 """
 from __future__ import annotations
 
@@ -88,7 +81,7 @@ QUICK = DemoConfig(num_samples=12, nfes=(3, 5), distill_nfes=(3, 5), ref_nfe=20,
 #: The files a demo writes in its folder (params go to params/).
 _RESULTS = ("table.md", "results.json", "samples_grid.png", "rmse_vs_nfe.png")
 _OWN_FILES = "|".join(name.replace(".", r"\.") for name in _RESULTS)
-
+_NO_MATPLOTLIB = "matplotlib, a dependency of epd_kernels, is missing (pip install matplotlib)"
 
 _log = partial(print, flush=True)
 
@@ -116,10 +109,8 @@ def _table(rows: List[dict], ref: dict) -> str:
     lines = [_table_cells(ref, f"reference: {ref['solver']}",
                           _fmt(ref["error_estimate"]) + " (est.)")]
     best = {n: min(r["rmse"] for r in rows if r["nfe"] == n) for n in {r["nfe"] for r in rows}}
-    first: Dict[str, int] = {}   # solvers of equal NFE and kind in the order they ran
-    for r in rows:
-        first.setdefault(r["solver"], len(first))
-    for r in sorted(rows, key=lambda r: (r["nfe"], r["distilled"], first[r["solver"]])):
+    ran = list(dict.fromkeys(r["solver"] for r in rows))   # equal NFE and kind: in run order
+    for r in sorted(rows, key=lambda r: (r["nfe"], r["distilled"], ran.index(r["solver"]))):
         star = " *" if r["rmse"] == best[r["nfe"]] else ""
         lines.append(_table_cells(r, r["solver"], _fmt(r["rmse"]) + star))
     w = [max(len(head[i]), *(len(cells[i]) for cells in lines)) for i in range(len(head))]
@@ -397,30 +388,25 @@ class _Demo:
                                              title=title)
             files["samples_grid"] = grid_path
             if not labelled:
-                _log("  (matplotlib, a dependency of epd_kernels, is missing: the grid has "
-                     "no labels; pip install matplotlib)")
+                _log(f"  (the grid has no labels: {_NO_MATPLOTLIB})")
         except ValueError as e:
             _log(f"  no sample grid: {e}")
         series: Dict[str, List[Tuple[int, float]]] = {}
         for r in self.rows:
             series.setdefault(r["solver"], []).append((r["latency_nfe"], r["rmse"]))
         if plots.error_plot_png(plot_path, series, distilled=self.distilled,
-                                title=f"{model}: global RMSE to the reference ({self.N} "
-                                      f"samples)"):
+                                title=f"{model}: global RMSE to the reference ({self.N} samples)"):
             files["rmse_plot"] = plot_path
         else:
-            _log("  no RMSE plot: matplotlib, a dependency of epd_kernels, is missing "
-                 "(pip install matplotlib)")
+            _log(f"  no RMSE plot: {_NO_MATPLOTLIB}")
         return files
 
     def write_outputs(self) -> None:
         _log("[7/7] figures and files")
-        self.files = {"params": [p["path"] for p in self.params_files]}
-        self.files.update(self.write_figures())
+        self.files = {"params": [p["path"] for p in self.params_files], **self.write_figures(),
+                      "table": os.path.join(self.out, "table.md")}
         self.table = _table(self.rows, self.ref_info)
-        table_path = os.path.join(self.out, "table.md")
-        outputs.write_atomic(table_path, (self.table + "\n").encode())
-        self.files["table"] = table_path
+        outputs.write_atomic(self.files["table"], (self.table + "\n").encode())
 
     def report(self) -> None:
         """Writes results.json (with every stage's time) and prints the table."""
@@ -429,13 +415,12 @@ class _Demo:
         json_path = self.files["results"] = os.path.join(self.out, "results.json")
         outputs.write_json(json_path, {
             "model": self.args.model, "shape": list(self.shape), "num_samples": N,
-            "seeds": f"0-{N - 1}",
-            "class_labels": "seed % num_classes" if self.cond else None,
+            "seeds": f"0-{N - 1}", "class_labels": "seed % num_classes" if self.cond else None,
             "threads": self.threads, "rmse_kind": "global", "quick": bool(self.args.quick),
             "config": dataclasses.asdict(self.cfg), "reference": self.ref_info,
-            "results": self.rows,
-            "skipped": self.skipped, "params": self.params_files, "files": self.files,
-            "timings": self.timings, "command": "epd " + " ".join(sys.argv[1:])})
+            "results": self.rows, "skipped": self.skipped, "params": self.params_files,
+            "files": self.files, "timings": self.timings,
+            "command": "epd " + " ".join(sys.argv[1:])})
         _log("\n" + self.table)
         _log(f"\n* = lowest RMSE at that NFE. Global RMSE: the root of the mean squared "
              f"difference, over all {N} samples and their dimensions, to the reference "

@@ -1,9 +1,4 @@
-"""Rank and world size from the torchrun environment; process-group set-up and tear-down.
-
-Under ``torchrun`` (``WORLD_SIZE`` > 1) `distributed_context` initialises the default
-group from the environment (gloo on CPU, nccl on CUDA) and destroys it on exit; a group
-the caller initialised is used as is. In a plain process it is a no-op.
-"""
+"""Rank and world size from the torchrun environment; process-group set-up and tear-down."""
 from __future__ import annotations
 
 import contextlib
@@ -59,7 +54,9 @@ class Dist:
 
 @contextlib.contextmanager
 def distributed_context(device: str = "cpu"):
-    """Yields a `Dist`; initialises (and later destroys) the default group under torchrun."""
+    """Yields a `Dist`. Under torchrun (``WORLD_SIZE`` > 1) it initialises the default group
+    from the environment (gloo on CPU, nccl on CUDA) and destroys it on exit; a group the
+    caller initialised is used as is."""
     d = torch.distributed
     if d.is_available() and d.is_initialized():
         yield Dist(d.get_rank(), d.get_world_size())

@@ -1,8 +1,6 @@
-"""`UserError`: a problem with what the user asked for (bad model, budget, seeds, paths...).
-
-The command line prints it as one line, ``epd: error: <message>``, and exits with code 2,
-without a traceback. Anything else that escapes is a bug and keeps its traceback.
-"""
+"""`UserError`: a problem with what the user asked for (bad model, budget, seeds, paths...),
+which `epd_kernels.cli` prints as one line; anything else that escapes is a bug and keeps
+its traceback."""
 from __future__ import annotations
 
 __all__ = ["UserError"]

@@ -68,13 +68,6 @@ def model_data(spec: str, model) -> np.ndarray:
                     f"(.npy or .npz with 'samples'/'images'/'data')")
 
 
-def _load_data_file(path) -> np.ndarray:
-    f = outputs.load_array_file(path, ("samples", "images", "data"))
-    if isinstance(f, dict) and not f:
-        raise UserError(f"{path} has none of the arrays 'samples', 'images', 'data'")
-    return next(iter(f.values())) if isinstance(f, dict) else f
-
-
 def run_eval(args) -> int:
     if not (args.model or args.data or args.reference):
         raise UserError("give --model NAME or --data FILE (Frechet distance) and/or "
@@ -134,8 +127,12 @@ def _frechet(samples, args) -> dict:
     """The Frechet distance to the data of ``--model`` (samples of the model's shape) or to
     ``--data`` (an array of the samples' shape, or of their size, then reshaped)."""
     if args.data:
-        data = _load_data_file(args.data)
         what = os.fspath(args.data)
+        data = outputs.load_array_file(what, ("samples", "images", "data"))
+        if isinstance(data, dict):
+            if not data:
+                raise UserError(f"{what} has none of the arrays 'samples', 'images', 'data'")
+            data = next(iter(data.values()))
     else:
         model = load_model_or_fail(args.model)
         want = model_shape(model)

@@ -1,11 +1,6 @@
-"""Atomic output files (PNG, .npy, .npz, JSON) and the per-seed layout of `epd sample`.
-
-Every file is written by `fileio.write_atomic` (a killed process leaves no file or a
-complete one); `remove_stale_temporaries` removes the ``.tmp-<name>.<random>`` files a
-killed writer left for the names a command writes. `new_folders` removes the folders
-`ensure_writable_dir` created when the command fails before writing into them.
-
-Per-seed layout: ``seed-<seed:06d>.npy`` (the float32 sample) and, for images,
+"""Atomic output files (PNG, .npy, .npz, JSON; a killed process leaves no file or a complete
+one), the clean-up of what a killed or failed command left, and the per-seed layout of
+`epd sample`: ``seed-<seed:06d>.npy`` (the float32 sample) and, for images,
 ``seed-<seed:06d>.png``, written first, so a seed is finished when its .npy exists.
 """
 from __future__ import annotations

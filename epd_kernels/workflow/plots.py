@@ -1,6 +1,4 @@
-"""Figures of a solver comparison (PNG files): `sample_grid_png`, rows = solvers, columns
-= NFE, each cell the same few seeds upscaled by pixel repetition ("n/a" where a solver has
-none); `error_plot_png`, RMSE to the reference against latency NFE (distilled dashed).
+"""Figures of a solver comparison (PNG files): a grid of samples and an error-vs-NFE plot.
 
 matplotlib (a dependency; Agg backend) is imported lazily. Where it is missing all the
 same, the grid is written without labels and the plot is skipped: both return False.
@@ -49,11 +47,9 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
                     nfes: Sequence[int], shape: Sequence[int],
                     reference: Optional[np.ndarray] = None, title: str = "",
                     scale: Optional[int] = None) -> bool:
-    """Writes the grid; ``cells[(solver, nfe)]`` are ``[n, *shape]`` arrays in [-1, 1].
-
-    Returns True if drawn with matplotlib (labelled), False for the plain fallback. Raises
-    ValueError when the samples are not image-shaped (see `outputs.image_layout`).
-    """
+    """Writes the grid: rows = solvers, columns = NFE, ``cells[(solver, nfe)]`` ``[n, *shape]``
+    arrays in [-1, 1] upscaled by pixel repetition ("n/a" where missing). ValueError when the
+    samples are not image-shaped (see `outputs.image_layout`)."""
     layout = image_layout(shape)
     if layout is None:
         raise ValueError(f"samples of shape {list(shape)} cannot be drawn as images")
@@ -80,11 +76,9 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
         for j, n in enumerate(nfes):
             y, x = i * (ch + row_gap), j * (cw + col_gap)
             img = imgs.get((r, n))
+            canvas[y:y + ch, x:x + cw] = 235 if img is None else img
             if img is None:
-                canvas[y:y + ch, x:x + cw] = 235
                 missing.append((y, x))
-            else:
-                canvas[y:y + ch, x:x + cw] = img
 
     plt = _pyplot()
     if plt is None:
@@ -116,8 +110,8 @@ def sample_grid_png(path, cells: Mapping[Tuple[str, int], np.ndarray], rows: Seq
 def error_plot_png(path, series: Mapping[str, Sequence[Tuple[int, float]]],
                    distilled: Sequence[str] = (), title: str = "",
                    ylabel: str = "global RMSE to reference") -> bool:
-    """Writes the RMSE-vs-NFE plot; ``series[solver] = [(nfe, rmse), ...]``.
-    Returns False (and writes nothing) without matplotlib."""
+    """Writes the RMSE-vs-NFE plot (distilled solvers dashed);
+    ``series[solver] = [(nfe, rmse), ...]``."""
     plt = _pyplot()
     if plt is None:
         return False
@@ -133,13 +127,12 @@ def error_plot_png(path, series: Mapping[str, Sequence[Tuple[int, float]]],
             continue
         xs, ys = zip(*pts)
         ticks.update(xs)
-        if name in distilled:
-            color, nd = strong[nd % len(strong)], nd + 1
+        if name in distilled:   # dashed, in a strong colour
+            color, nd, style = strong[nd % len(strong)], nd + 1, ("--", 1.8)
         else:
-            color, nb = base_colors[nb % len(base_colors)], nb + 1
-        ax.plot(xs, ys, marker=markers[i % len(markers)], color=color,
-                linestyle="--" if name in distilled
-                else "-", linewidth=1.8 if name in distilled else 1.2, label=name)
+            color, nb, style = base_colors[nb % len(base_colors)], nb + 1, ("-", 1.2)
+        ax.plot(xs, ys, marker=markers[i % len(markers)], color=color, linestyle=style[0],
+                linewidth=style[1], label=name)
     ax.set_yscale("log")
     if ticks:
         ax.set_xticks(sorted(ticks))

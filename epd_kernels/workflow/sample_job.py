@@ -1,17 +1,11 @@
 """`epd sample`: per-seed sampling with resume, atomic files and multi-process sharing.
 
-Output (``--out``): a folder of ``seed-NNNNNN.npy`` (float32) and, for images,
-``seed-NNNNNN.png`` per seed, plus ``run.json`` (the settings); or ``X.npz``, assembled at
-the end from per-seed shards in ``X.npz.parts/`` (``samples``, ``seeds``, ``class_labels``
-(-1: unconditional) and ``run``, the settings as JSON, in the order of ``--seeds``).
-
-Resume: a seed whose .npy exists is finished (its PNG is written first); rerunning with an
-existing .npz takes the seeds it holds. Resuming with other settings (model, solver, NFE,
-params file, labels), or unknown ones, is refused.
-
-Every sample has its own generator (`make_noise`), so a seed gives the same sample whatever
-the batch size or the number of processes. Under torchrun rank r takes
-``pending[r::world]`` of the unfinished seeds; for .npz output rank 0 assembles.
+The output layouts (a folder of per-seed files, or ``X.npz`` assembled from the shards in
+``X.npz.parts/``; ``class_labels`` -1 when unconditional) and the resume rules are the ones
+``epd sample --help`` gives. Resuming with other settings (model, solver, NFE, params file,
+labels), or unknown ones, is refused. One generator per seed (`make_noise`) makes a sample
+independent of the batch and of the processes: under torchrun rank r takes
+``pending[r::world]`` of the unfinished seeds, and rank 0 assembles an .npz.
 """
 from __future__ import annotations
 
@@ -200,8 +194,8 @@ def run_sample(args) -> int:
 def _sample_seeds(args, mine, solver, nfe, params, model, shape, label_mode, folder, png,
                   show) -> list:
     """Samples ``mine`` in batches and writes their files; returns ``[(n, stats)]``."""
-    png = png and outputs.image_layout(shape) is not None
-    scale = (args.png_scale or max(1, 64 // max(outputs.image_layout(shape)[:2]))) if png else 1
+    layout = outputs.image_layout(shape) if png else None
+    scale = (args.png_scale or max(1, 64 // max(layout[:2]))) if layout else 1
     batches = -(-len(mine) // args.batch_size)
     try:
         steps = nfe_to_steps(solver, nfe)
@@ -223,7 +217,7 @@ def _sample_seeds(args, mine, solver, nfe, params, model, shape, label_mode, fol
             stats_list.append((len(chunk), st))
             arr = x.detach().to("cpu", torch.float32).numpy()
             for s, xs in zip(chunk, arr):
-                if png:
+                if layout:
                     outputs.write_png(outputs.seed_path(folder, s, ".png"),
                                       outputs.to_uint8_image(xs, shape, scale))
                 outputs.write_npy(outputs.seed_path(folder, s), xs)

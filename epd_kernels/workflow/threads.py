@@ -72,5 +72,4 @@ def model_batch_runner(model, shape, batch: int, cond: Optional[dict] = None,
 
     x = torch.randn((batch,) + tuple(shape), device=device)
     s = torch.ones(batch, device=device)
-    cond = cond or {}
-    return lambda: model(x, s, **cond)
+    return lambda: model(x, s, **(cond or {}))

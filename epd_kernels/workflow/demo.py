@@ -322,7 +322,8 @@ class _Demo:
                             iterations=cfg.epd_iterations, pool=cfg.epd_pool,
                             **self.cond_for(range(cfg.epd_pool)))
         p = distill(self.model, nfe=nfe, shape=self.shape, plugin=plugin,
-                    batch_size=cfg.epd_batch, M=cfg.epd_teacher_points, device=self.device,
+                    batch_size=cfg.epd_batch, M=cfg.epd_teacher_points, teacher="dpm2",
+                    device=self.device,
                     progress=self.args.progress, time_budget_s=None, compare=False,
                     **settings)   # the demo sets every size itself and compares every solver
         self.save_and_sample(p, name, nfe, time.perf_counter() - t1)

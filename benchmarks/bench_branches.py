@@ -237,7 +237,5 @@ def _plot(records, batches, model, path: pathlib.Path):
 
 if __name__ == "__main__":
     sys.exit(section_main("branches", run, [
-        ("--device", dict(default="cpu")), ("--ks", dict(type=int_list)),
-        ("--batches", dict(type=int_list)), ("--repeats", dict(type=int)),
-        ("--model", dict(default=DEFAULT_MODEL)),
-        ("--threads", dict(type=int, help="torch CPU threads (default 1)"))]))
+        "--device", "--ks", "--repeats", "--threads", ("--batches", dict(type=int_list)),
+        ("--model", dict(default=DEFAULT_MODEL))]))

@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks import heap_probe  # noqa: E402
 from benchmarks.plot import line_panels, size_label  # noqa: E402
-from benchmarks.run import int_list, loadavg, reporter, section_main, str_list  # noqa: E402
+from benchmarks.run import loadavg, reporter, section_main  # noqa: E402
 from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels import epd_step  # noqa: E402
 
@@ -644,9 +644,5 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
 
 
 if __name__ == "__main__":
-    sys.exit(section_main("kernels", run, [
-        ("--device", dict(default="cpu", choices=["cpu", "cuda"])),
-        ("--sizes", dict(type=int_list)), ("--ks", dict(type=int_list)),
-        ("--dtypes", dict(type=str_list)), ("--repeats", dict(type=int)),
-        ("--impls", dict(type=str_list)),
-        ("--backend", dict(choices=["auto", "cpp", "triton", "reference"]))]))
+    sys.exit(section_main("kernels", run, ["--device", "--sizes", "--ks", "--dtypes",
+                                           "--repeats", "--impls", "--backend"]))

@@ -52,7 +52,7 @@ if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
 from benchmarks.plot import error_panels  # noqa: E402
-from benchmarks.run import int_list, section_main, str_list, torch_threads  # noqa: E402
+from benchmarks.run import section_main, str_list, torch_threads  # noqa: E402
 from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels.distill.dode_fit import DEFAULT_FIT_BATCH as DODE_BATCH  # noqa: E402
 from epd_kernels.models import GaussianMixtureModel, GaussianModel  # noqa: E402
@@ -541,7 +541,5 @@ def _plot(results, model_names, nfes, row_names, path: pathlib.Path):
 if __name__ == "__main__":
     sys.exit(section_main("solvers", run, [
         ("--params-dir", {}), ("--distill", dict(action="store_true")),
-        ("--samples", dict(type=int)),
-        ("--nfes", dict(type=int_list, help="comma-separated budgets (default 3,5,7,9)")),
-        ("--models", dict(type=str_list,
-                          help=f"comma-separated subset of {','.join(model_names())}"))]))
+        ("--samples", dict(type=int)), "--nfes",
+        ("--models", dict(type=str_list, help=f"subset of {','.join(model_names())}"))]))

@@ -2,27 +2,16 @@
 
     y = x + (1 + o) * h * sum_k w_k * g_k          x [B, N/B], g [K, B, N/B], w [K], h, o [B]
 
-Three implementations of the same maths, timed in one interleaved comparison per
-configuration and direction (benchmarks/timing.py):
+Timed in one interleaved comparison per configuration and direction (benchmarks/timing.py):
+fused = `epd_kernels.epd_step` (public API, on the backend `backends.for_device` picks);
+eager = the fastest of `EAGER_FORMS`, raced in this run per dtype and direction; compile =
+`torch.compile(dynamic=False)` of the broadcast-sum form (compile time reported, not timed).
+Forward runs in inference; backward is `torch.autograd.grad(y, (x, g, w, h, o), gy,
+retain_graph=True)` on a graph built once, so the forward is excluded exactly.
 
-- fused:   `epd_kernels.epd_step` through the public API (argument checks included), on the
-           backend `epd_kernels.backends.for_device` picks (C++ on CPU, Triton on CUDA, or
-           the plain-PyTorch reference when the extension is not built);
-- eager:   the fastest of the eager forms `EAGER_FORMS`, raced in this same run per dtype
-           and direction at the target size;
-- compile: `torch.compile` (inductor, dynamic=False) of the broadcast-sum form, compiled
-           once per shape; compile time is reported, not timed.
-
-Forward runs in inference (inputs without grad), as samplers use it. Backward is
-`torch.autograd.grad(y, (x, g, w, h, o), gy, retain_graph=True)` on a graph built once: the
-forward is excluded exactly, and the fresh gradients are what a real backward allocates.
-
-Byte floors: forward (K + 2) N itemsize (x and K grads read, y written), backward (2K + 1)
-N itemsize; GB/s = floor / median time. `dst.copy_(src)` (64 MB fp32 on CPU, 2 bytes moved
-per byte copied) is timed at the start, at the end and inside every row's comparison, so
-"% of copy" is taken under the same load. The op's own targets (`OP_TARGETS`, run when
-eager and compile are timed: fp32, K = 3, float h and o, [K] weights) are stored in
-kernels.json ("op_targets") and noted as met or missed.
+GB/s = byte floor (`floor_bytes`) / median time. `dst.copy_(src)` is timed at the start, at
+the end and inside every row's comparison, so "% of copy" is taken under the same load. The
+op's own targets (`OP_TARGETS`) are stored in kernels.json ("op_targets") and noted.
 """
 from __future__ import annotations
 
@@ -34,7 +23,6 @@ import os
 import pathlib
 import sys
 import time
-import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -44,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks import heap_probe  # noqa: E402
 from benchmarks.plot import line_panels, size_label  # noqa: E402
-from benchmarks.run import loadavg, reporter, section_main  # noqa: E402
+from benchmarks.run import backend_info, loadavg, reporter, section_main  # noqa: E402
 from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels import epd_step  # noqa: E402
 
@@ -158,18 +146,14 @@ def _tol(dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 5e-2
 
 
-def _grad_fns(graphs: Dict[str, torch.Tensor], leaves, gy) -> Dict[str, Callable]:
-    return {n: (lambda y=y: torch.autograd.grad(y, leaves, gy, retain_graph=True))
-            for n, y in graphs.items()}
-
-
 def _bench(timer, fns: Dict[str, Callable], p: dict) -> Dict[str, dict]:
     return bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"],
                              min_sample_s=p["min_sample_s"])
 
 
 def floor_bytes(K: int, N: int, itemsize: int) -> dict:
-    """Bytes the op must move at least (module docstring): {"fwd": ..., "bwd": ...}."""
+    """Bytes the op must move at least: forward (K + 2) N itemsize (x and the K grads read,
+    y written), backward (2K + 1) N itemsize."""
     return {"fwd": (K + 2) * N * itemsize, "bwd": (2 * K + 1) * N * itemsize}
 
 
@@ -202,7 +186,8 @@ def _time_ops(timer, inputs, fwd_ops: Dict[str, Callable], bwd_ops: Dict[str, Ca
         del ref
         out["fwd"] = _bench(timer, {**fns, **extra}, p)
     leaves = [t.requires_grad_(True) for t in (x, g, w, h, o)]
-    fns = _grad_fns({n: op(*leaves) for n, op in bwd_ops.items()}, leaves, gy)
+    fns = {n: (lambda y=op(*leaves): torch.autograd.grad(y, leaves, gy, retain_graph=True))
+           for n, op in bwd_ops.items()}
     ref_leaves = [t.detach().requires_grad_(True) for t in _upcast(leaves)]
     ref = torch.autograd.grad(eager_bcast(*ref_leaves), ref_leaves, gy.float())
     for n, fn in fns.items():
@@ -486,17 +471,15 @@ def _select_all_eager(timer, dev, configs, p, say, notes) -> dict:
 def _measure(timer, dev, quick, configs, impls, p, say) -> dict:
     """Everything timed in this process: bandwidth at start and end, the eager race, one
     row per configuration, the op targets; notes on what was timed and any mismatch."""
-    from epd_kernels import backends
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        backend_name = backends.for_device(dev).name
+    bi = backend_info(dev)
+    backend_name = bi["backend"]
     notes = [f"backend timed as 'fused': {backend_name} (device {dev.type}; available: "
-             f"{', '.join(backends.available())})"]
+             f"{', '.join(bi['backends_available'])})"]
     if backend_name == "reference":
         notes.append("the C++/Triton extension is not in use, so 'fused' times the "
                      "plain-PyTorch reference fallback (einsum), not a fused kernel")
-    notes += [f"warning: {w.message}" for w in caught]
+    if bi["backend_note"]:
+        notes.append(f"warning: {bi['backend_note']}")
     say(notes[0])
     say(f"{len(configs)} configurations, {p['repeats']} repeats, "
         f"{torch.get_num_threads()} threads, impls: {', '.join(impls)}")

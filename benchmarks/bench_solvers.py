@@ -1,37 +1,24 @@
 #!/usr/bin/env python
 """Solver benchmark: final-state RMSE against a converged ODE solution, per latency NFE.
 
-Every baseline solver at latency NFE 3, 5, 7, 9 (each solver's default AFS setting: on for
-Heun and DPM-Solver-2, whose budgets are then odd, off for the others), on four models, all
-sampled from the same noise (``make_noise`` seeds 0..n-1):
+Every baseline solver at latency NFE 3, 5, 7, 9 (AFS on for Heun and DPM-Solver-2, whose
+budgets are then odd), sampled from the same noise (``make_noise`` seeds 0..n-1) on:
 
-* ``digits-unet``: the model of ``epd demo`` (`registry.DEFAULT_MODEL`), float32, class
-  labels ``seed % 10`` as the demo gives them. Reference: the demo's reference solver
-  with twice its steps; its error is estimated as RMSE(half the steps, reference) / 7.
-* ``digits-exact``: the exact denoiser of the 1797 digits, float64, same labels.
-  Reference: `DigitsExactDenoiser.reference_solution` (RK4 in 1/sigma with step doubling
-  to a max-abs change <= 1e-6; 1e-5 in quick mode), its Richardson estimate reported.
-* ``gaussian-64``: per-dimension Gaussian data; the reference is the closed form.
-* ``gmm-64x8``: a mixture of 8 isotropic Gaussians; the reference is scipy's DOP853 at
-  rtol = atol = 1e-12 (1e-10 in quick mode), checked against a 100x looser solve.
+* ``digits-unet``, the `epd demo` model (float32, labels ``seed % 10``); reference: the
+  demo's reference solver with twice its steps, error estimated as RMSE(half steps) / 7;
+* ``digits-exact``, the exact denoiser of the digits (float64); reference:
+  `DigitsExactDenoiser.reference_solution` (RK4 with step doubling, Richardson estimate);
+* ``gaussian-64`` (closed form) and ``gmm-64x8`` (scipy DOP853 at rtol = atol = 1e-12,
+  checked against a 100x looser solve).
 
-Row ``dpmpp3m-ref`` is DPM-Solver++(3M) with the k-diffusion code's D'' weight
-(``variant="reference"``), for comparison with published baselines. Reported per model,
-solver and NFE: the RMSE at sigma_min as one global RMS over all samples and elements, the
-latency NFE and total evaluations measured by `sample(..., return_stats=True)` (a mismatch
-with the budget is listed), and the wall time (one thread; the median of rounds in which
-the solvers of one model and NFE are timed interleaved by benchmarks/timing.py).
+Row ``dpmpp3m-ref`` is DPM-Solver++(3M) with the k-diffusion code's D'' weight. Reported
+per row: RMSE at sigma_min (one global RMS), the latency NFE and total evaluations measured
+by `sample(..., return_stats=True)`, and the wall time (one thread; median of interleaved
+rounds, benchmarks/timing.py). Distilled solvers (`DISTILLED`) get rows when their params
+are supplied (``params={(model, solver, nfe): params or path}``, or ``--params-dir`` with
+``<model>-<solver>-nfe<N>.safetensors`` files) or with ``distill=True``.
 
-Distilled solvers (`DISTILLED`) get rows when their parameters are supplied (``params=
-{(model, solver, nfe): params or path}`` or ``--params-dir`` with files
-``<model>-<solver>-nfe<N>.safetensors``), or with ``distill=True`` (fitted per model and
-NFE with the library defaults and saved under ``out_dir/distilled_params``).
-
-Writes ``out_dir/solvers.json`` and ``out_dir/solvers.png`` (log-y error vs NFE, one panel
-per model).
-
-    python benchmarks/bench_solvers.py [--quick] [--out benchmarks/results]
-                                       [--params-dir DIR] [--distill] [--models a,b]
+Writes ``out_dir/solvers.json`` and ``out_dir/solvers.png`` (log-y error vs NFE).
 """
 from __future__ import annotations
 
@@ -68,8 +55,7 @@ SOLVERS = ["euler", "heun", "dpm2", "dpmpp3m", "unipc", "ipndm", "deis"]
 VARIANTS = {"dpmpp3m-ref": ("dpmpp3m", {"variant": "reference"})}
 NFES = [3, 5, 7, 9]
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
-# The whole quick section runs in about 15-30 s on 2 shared cores, so it keeps all four
-# budgets (stable table columns) and saves time on samples and reference tolerances.
+# The quick section (15-30 s on 2 shared cores) keeps all four budgets (stable columns).
 QUICK = dict(samples=64, rtol=1e-10, digits_tol=1e-5, time_repeats=3)
 FULL = dict(samples=256, rtol=1e-12, digits_tol=1e-6, time_repeats=7)
 F64 = torch.float64
@@ -87,8 +73,6 @@ REF_TOLERANCE = 0.01
 
 @dataclasses.dataclass
 class BenchModel:
-    """A model of the benchmark: the denoiser, its sample shape and dtype, its class labels
-    and how its reference solution is made."""
 
     name: str
     denoiser: Callable
@@ -108,7 +92,6 @@ class BenchModel:
 
 
 def build_models(dim: int = 64, components: int = 8, seed: int = 0) -> Dict[str, torch.nn.Module]:
-    """The two analytic models (name -> model)."""
     g = torch.Generator().manual_seed(seed)
     gauss = GaussianModel(0.8 * torch.randn(dim, generator=g, dtype=F64),
                           0.3 + 0.7 * torch.rand(dim, generator=g, dtype=F64))
@@ -195,9 +178,8 @@ def bench_models(names: Optional[Sequence[str]] = None) -> Dict[str, BenchModel]
 
 @dataclasses.dataclass(frozen=True)
 class Distilled:
-    """How the benchmark gets parameters for a distilled solver: ``params_class.load(path)``
-    reads a file; ``fit(bench_model, nfe, **overrides)`` makes params with the library's
-    defaults or ``overrides`` of its keyword arguments (only with ``distill=True``)."""
+    """``params_class.load(path)`` reads a file; ``fit(bench_model, nfe, **overrides)`` makes
+    params with the library's defaults or ``overrides`` (only with ``distill=True``)."""
 
     params_class: type
     fit: Callable
@@ -265,11 +247,6 @@ def params_for(bm: BenchModel, solver, nfe, params, params_dir, distill, notes,
         save_dir.mkdir(parents=True, exist_ok=True)
         p.save(str(save_dir / file_name), overwrite=True)
     return p
-
-
-def expected_total(params, nfe: int):
-    total = getattr(params, "total_evaluations", None)
-    return nfe if total is None else total
 
 
 #: Fitting settings of `epd demo` (read from its DemoConfig), used by
@@ -385,7 +362,8 @@ def _run_model(bm, cfg, row_names, nfes, get_params, results, skipped) -> dict:
             except ValueError as e:  # a budget the solver cannot meet, mismatched params
                 skipped.append(dict(model=bm.name, solver=solver, nfe=nfe, reason=str(e)))
                 continue
-            _record(results, bm, solver, nfe, x, st, ref, expected_total(kw.get("params"), nfe))
+            total = getattr(kw.get("params"), "total_evaluations", None)
+            _record(results, bm, solver, nfe, x, st, ref, nfe if total is None else total)
             calls[(solver, nfe)] = call
     _time_calls(results, bm.name, calls, nfes, cfg)
     return info

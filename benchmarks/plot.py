@@ -9,31 +9,13 @@ import math
 import pathlib
 from typing import Dict, Optional, Sequence
 
-__all__ = ["have_matplotlib", "pyplot", "size_label", "line_panels", "error_panels"]
+__all__ = ["size_label", "line_panels", "error_panels"]
 
 # One colour per implementation, one line style per series variant (e.g. K).
 _COLORS = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown",
            "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
 _STYLES = ["-", "--", ":", "-."]
 _MARKERS = ["o", "s", "^", "D", "v", "x"]
-
-
-def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def size_label(n: int) -> str:
@@ -47,9 +29,13 @@ def size_label(n: int) -> str:
 def _grid(path, panels: Sequence[dict], draw, *, title: str, ncols: int, width: float):
     """Draws ``draw(ax, panel)`` in a grid of ``ncols`` columns, labels each panel from its
     "title", "xlabel", "ylabel", blanks the unused cells and writes the figure."""
-    if not have_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
         return None
-    plt = pyplot()
+    matplotlib.use("Agg", force=True)  # headless
+    import matplotlib.pyplot as plt
+
     nrows = (len(panels) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 4.4 * nrows), squeeze=False)
     cells = [ax for row in axes for ax in row]

@@ -311,7 +311,7 @@ def _pkg_version(name: str) -> Optional[str]:
         return None
 
 
-def _backend_info(device: str) -> dict:
+def backend_info(device: str) -> dict:
     """The backend `device` gets, the available ones, and any warning the choice gave."""
     import torch
 
@@ -351,7 +351,7 @@ def machine_info(device: str = "cpu") -> dict:
         numpy=_pkg_version("numpy"), triton=_pkg_version("triton"),
         cuda_available=torch.cuda.is_available(), cuda_version=torch.version.cuda,
         gpu=(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
-        device=device, **_backend_info(device),
+        device=device, **backend_info(device),
         date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         git_commit=git("rev-parse", "HEAD"),
         git_dirty=(bool(dirty) if dirty is not None else None),

@@ -374,9 +374,8 @@ def _op_target_case(timer, dev, shape, p, compiled_cache) -> dict:
     g = torch.randn((K,) + tuple(shape), device=dev, generator=gen)
     w = torch.softmax(torch.randn(K, device=dev, generator=gen), 0)
     out, src, dst = torch.empty_like(x), torch.randn_like(x), torch.empty_like(x)
-    if len(shape) not in compiled_cache:
-        compiled_cache[len(shape)] = torch.compile(_uniform_expression, dynamic=False)
-    compiled = compiled_cache[len(shape)]
+    compiled = compiled_cache.setdefault(len(shape),
+                                         torch.compile(_uniform_expression, dynamic=False))
     with torch.no_grad():
         want = _uniform_expression(x, g, w, h, o)
         compiled(x, g, w, h, o)  # compile outside the timing
@@ -404,15 +403,9 @@ def op_targets(timer, dev, quick, p, say) -> List[dict]:
         say(f"op target case {name} {c['shape']}: fused {ms['fused']:.3g} ms, out= "
             f"{ms['fused_out']:.3g}, eager {ms['eager']:.3g}, compile {ms['compile']:.3g}, "
             f"copy_ {ms['copy']:.3g} (rel err {c['rel_err']:.1e})")
-    verdicts = []
-    for case, what, key, need in OP_TARGETS:
-        got = cases[case][key]
-        v = dict(case=case, shape=cases[case]["shape"], target=what, measured=got, need=need,
-                 met=bool(got >= need))
-        verdicts.append(v)
-        say(f"target {what} at {v['shape']}: {got:.2f} (need >= {need}) "
-            f"{'met' if v['met'] else 'missed'}")
-    return verdicts
+    return [dict(case=case, shape=cases[case]["shape"], target=what, measured=cases[case][key],
+                 need=need, met=bool(cases[case][key] >= need))
+            for case, what, key, need in OP_TARGETS]
 
 
 # --------------------------------------------------------------------------------------

@@ -249,10 +249,8 @@ def params_for(bm: BenchModel, solver, nfe, params, params_dir, distill, notes,
     return p
 
 
-#: Fitting settings of `epd demo` (read from its DemoConfig), used by
-#: ``demo_distilled=True``: the distilled rows then show what the demo's one-command run
-#: gets, in seconds per fit. The full-default distillations and the bars are the `distill`
-#: section's job.
+#: `epd demo`'s fitting settings, for ``demo_distilled=True``: the rows show what the demo's
+#: one-command run gets; full-default fits and the bars are the `distill` section's job.
 _DEMO_EPD = dict(iterations=DEMO.epd_iterations, batch_size=DEMO.epd_batch,
                  M=DEMO.epd_teacher_points, pool=DEMO.epd_pool)
 _DEMO_AMED = dict(iterations=DEMO.amed_iterations, batch_size=DEMO.epd_batch,
@@ -262,8 +260,7 @@ DEMO_FIT = {"epd": dict(_DEMO_EPD, lr=DEMO.epd_lr),
             "epd-ipndm": dict(_DEMO_EPD, lr=DEMO.plugin_lr),
             "amed": dict(_DEMO_AMED, lr=DEMO.amed_lr),
             "amed-ipndm": dict(_DEMO_AMED, lr=DEMO.amed_plugin_lr),
-            "d-euler": dict(_DEMO_DODE),
-            "d-ipndm": dict(_DEMO_DODE)}
+            "d-euler": dict(_DEMO_DODE), "d-ipndm": dict(_DEMO_DODE)}
 
 
 # --------------------------------------------------------------------------------------
@@ -275,13 +272,11 @@ def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
         nfes=NFES, models: Optional[Sequence[str]] = None,
         distill_settings: Optional[Dict[str, dict]] = None,
         demo_distilled: bool = False) -> dict:
-    """Runs the benchmark; writes out_dir/solvers.json and solvers.png; returns the tables.
-
-    `models`: names from `bench_models` (default all). `distill_settings`: solver ->
-    keyword overrides of its `DISTILLED` fit (only with ``distill=True``). `demo_distilled`
-    (what run.py asks for): with neither params nor ``distill``, fit every distilled solver
-    on the `epd demo` model only, with the demo's settings (`DEMO_FIT`), so the headline
-    table compares every solver at equal latency."""
+    """Writes out_dir/solvers.json and solvers.png; returns the tables. `models`: names from
+    `bench_models` (default all). `distill_settings`: solver -> keyword overrides of its
+    `DISTILLED` fit (only with ``distill=True``). `demo_distilled` (what run.py asks for):
+    with neither params nor ``distill``, fit every distilled solver on the `epd demo` model
+    only, with the demo's settings (`DEMO_FIT`): every solver at equal latency."""
     if demo_distilled and not distill and not params and params_dir is None:
         distill = [DEFAULT_MODEL]
         distill_settings = {**DEMO_FIT, **(distill_settings or {})}
@@ -289,13 +284,10 @@ def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
     if unknown:
         raise ValueError(f"distill_settings: unknown solvers {unknown}; known: {list(DISTILLED)}")
     cfg = dict(QUICK if quick else FULL, quick=bool(quick))
-    if samples is not None:
-        if int(samples) < 1:
-            raise ValueError(f"samples must be >= 1, got {samples!r}")
-        cfg["samples"] = int(samples)
+    cfg["samples"] = int(cfg["samples"] if samples is None else samples)
     nfes = [int(n) for n in nfes]
-    if not nfes or any(n < 1 for n in nfes):
-        raise ValueError(f"nfes must be latency budgets >= 1, got {nfes!r}")
+    if cfg["samples"] < 1 or not nfes or min(nfes) < 1:
+        raise ValueError(f"samples and nfes must be >= 1, got {samples!r} and {nfes!r}")
     # The analytic models are tiny elementwise computations and the U-Net runs small
     # batches: one thread avoids thread-pool dispatch costs and most of the noise from
     # other processes (and matches what `epd demo` picks on a busy machine).

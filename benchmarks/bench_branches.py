@@ -128,8 +128,7 @@ def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
     plot = _plot(records, batches, model, out_dir / "branches.png")
     if plot:
         result["plot"] = plot
-    with open(out_dir / "branches.json", "w") as f:
-        json.dump(result, f, indent=2)
+    (out_dir / "branches.json").write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -552,9 +552,9 @@ def _closing_notes(m: dict, dev, quick: bool, configs, say) -> list:
 def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
         sizes: Optional[Sequence[int]] = None, ks: Optional[Sequence[int]] = None,
         dtypes: Optional[Sequence[str]] = None, repeats: Optional[int] = None,
-        impls: Optional[Sequence[str]] = None, backend: Optional[str] = None,
-        verbose: bool = True) -> dict:
-    """Runs the section; writes out_dir/kernels.json and out_dir/kernels.png."""
+        impls: Optional[Sequence[str]] = None, verbose: bool = True) -> dict:
+    """Writes out_dir/kernels.json and out_dir/kernels.png; times the backend in force
+    (run.py and `section_main` apply --backend)."""
     from epd_kernels import backends
 
     t_start = time.perf_counter()
@@ -571,27 +571,20 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
         p["repeats"] = max(1, int(repeats))
     configs = _configs(quick, sizes, ks, dtypes)
     say = reporter("kernels", verbose)
-    prev_forced = backends.current_forced() if backend else None
-    if backend:
-        backends.set_backend(backend)
-    try:
-        with contextlib.ExitStack() as stack:
-            if "compile" in impls:
-                # The backward is timed with retain_graph=True, which a backward compiled
-                # with donated buffers refuses (it did for bfloat16).
-                import torch._functorch.config as functorch_config
+    with contextlib.ExitStack() as stack:
+        if "compile" in impls:
+            # The backward is timed with retain_graph=True, which a backward compiled
+            # with donated buffers refuses (it did for bfloat16).
+            import torch._functorch.config as functorch_config
 
-                stack.enter_context(functorch_config.patch(donated_buffer=False))
-            if "compile" in impls and dev.type == "cpu":
-                # One compile worker: on a small machine the worker pool's start-up dominates
-                # the compile time. Only compile time changes, not the generated code.
-                import torch._inductor.config as inductor_config
+            stack.enter_context(functorch_config.patch(donated_buffer=False))
+        if "compile" in impls and dev.type == "cpu":
+            # One compile worker: on a small machine the worker pool's start-up dominates
+            # the compile time. Only compile time changes, not the generated code.
+            import torch._inductor.config as inductor_config
 
-                stack.enter_context(inductor_config.patch(compile_threads=1))
-            m = _measure(Timer(dev), dev, quick, configs, impls, p, say)
-    finally:
-        if backend:
-            backends.set_backend(prev_forced or "auto")
+            stack.enter_context(inductor_config.patch(compile_threads=1))
+        m = _measure(Timer(dev), dev, quick, configs, impls, p, say)
     notes = _closing_notes(m, dev, quick, configs, say)
 
     result = dict(
@@ -610,11 +603,9 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
                 f"epd_step on {dev.type} ({m['backend']} backend), "
                 f"{torch.get_num_threads()} threads")
     if png is not None:
-        result["files"].append("kernels.png")
-        result["plot"] = "kernels.png"
+        result.update(plot="kernels.png", files=["kernels.json", "kernels.png"])
     result["wall_time_s"] = time.perf_counter() - t_start
-    with open(out_dir / "kernels.json", "w") as f:
-        json.dump(_json_safe(result), f, indent=1)
+    (out_dir / "kernels.json").write_text(json.dumps(_json_safe(result), indent=1))
     say(f"done in {result['wall_time_s']:.1f} s -> {out_dir / 'kernels.json'}")
     return result
 

@@ -192,6 +192,11 @@ def section_main(name: str, run: Callable, options: Sequence = (),
         ap.add_argument(flag, **kw)
     args = vars(ap.parse_args(argv))
     quick, out = args.pop("quick"), args.pop("out")
+    backend = args.pop("backend", None)
+    if backend:  # for the whole process, as main() does
+        from epd_kernels import backends
+
+        backends.set_backend(backend)
     t0 = time.perf_counter()
     result = run(quick, out, **{k: v for k, v in args.items() if v is not None})
     print(render_text(name, result))
@@ -523,8 +528,7 @@ def run_section(name: str, args, options: dict, info: dict, out_dir: pathlib.Pat
     result.setdefault("wall_time_s", wall)
     json_path = out_dir / f"{name}.json"
     if not json_path.exists() or json_path.stat().st_mtime < started - 1:
-        with open(json_path, "w") as f:  # the section did not write its own JSON
-            json.dump(result, f, indent=1, default=str)
+        json_path.write_text(json.dumps(result, indent=1, default=str))  # the section wrote none
     print(f"\n{render_text(name, result)}\n\n[{name}] {wall:.1f} s; wrote {json_path}")
     entry = dict(status="ok", wall_time_s=wall, options=passed, json=str(json_path))
     for kind, path in (("markdown", args.markdown), ("readme", args.readme)):
@@ -574,8 +578,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def write_machine():
         info["loadavg_end"] = loadavg()
-        with open(out_dir / "machine.json", "w") as f:
-            json.dump(info, f, indent=1, default=str)
+        (out_dir / "machine.json").write_text(json.dumps(info, indent=1, default=str))
 
     write_machine()
     options = {k: getattr(args, k, None) for k in OPTION_NAMES}

@@ -25,9 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 * 2 ** 30), "MALLOC_TRIM_THRESHOLD_": str(4 * 2 ** 30)}
 SETTINGS = {"glibc default": {}, "freed blocks kept": HEAP_ENV}
 
-# The child imports the parent's epd_kernels (its directory goes first on sys.path: with
-# ``python -c`` the working directory, possibly a source tree without the built extension,
-# would otherwise come first) and this file's ``benchmarks`` package.
+# The child imports the parent's epd_kernels (first on sys.path: else ``python -c`` puts the
+# working directory first, maybe a source tree without the built extension).
 _CHILD = """
 import json, sys
 sys.path.insert(0, {pkg_root!r})
@@ -42,8 +41,7 @@ def is_glibc() -> bool:
 
 
 def measure(n: int, ks: Sequence[int], repeats: int, threads: int) -> dict:
-    """In this process: GB/s of copy_, clone, the fused forward and its backward (fp32, n
-    elements)."""
+    """In this process: GB/s of copy_, clone, the fused forward and backward (fp32, n)."""
     import torch
 
     import epd_kernels

@@ -1,8 +1,5 @@
-"""Panel grids for the benchmark sections (matplotlib, headless).
-
-Each grid helper returns the written path, or None when matplotlib is not installed (the
-sections still write their JSON; the PNG is optional).
-"""
+"""Panel grids for the benchmark sections (matplotlib, headless). Each grid helper returns
+the written path, or None when matplotlib is not installed (the PNG is optional)."""
 from __future__ import annotations
 
 import math
@@ -59,12 +56,9 @@ def _grid(path, panels: Sequence[dict], draw, *, title: str, ncols: int, width: 
 
 def line_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
                 xlog2: bool = True, ncols: Optional[int] = None) -> Optional[pathlib.Path]:
-    """A grid of line plots.
-
-    Each panel: {"title", "xlabel", "ylabel", "series": [{"label", "x", "y", "group",
-    "variant"}], "hlines": [{"y", "label"}]}. `group` picks the colour (e.g. the
-    implementation), `variant` the line style and marker (e.g. K).
-    """
+    """A grid of line plots. Each panel: {"title", "xlabel", "ylabel", "series": [{"label",
+    "x", "y", "group", "variant"}], "hlines": [{"y", "label"}]}. `group` picks the colour
+    (e.g. the implementation), `variant` the line style and marker (e.g. K)."""
     groups: Dict[str, int] = {}
     variants: Dict[str, int] = {}
     for p in panels:
@@ -100,13 +94,10 @@ def line_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
 
 def error_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
                  ncols: Optional[int] = None) -> Optional[pathlib.Path]:
-    """A grid of error-vs-NFE plots on a log error axis.
-
-    Each panel: {"title", "xlabel", "ylabel", "series": [{"label", "x", "y", optional
-    "linestyle"}] (lines, one colour each), "points": [{"label", "x", "y"}] (large black
-    markers, e.g. the distilled solver), optional "ylim": (bottom, top) and "xticks".
-    Non-positive or non-finite errors are left out (they have no log).
-    """
+    """A grid of error-vs-NFE plots on a log error axis. Each panel: {"title", "xlabel",
+    "ylabel", "series": [{"label", "x", "y", optional "linestyle"}] (lines, one colour each),
+    "points": [{"label", "x", "y"}] (large black markers, e.g. the distilled solver),
+    optional "ylim": (bottom, top) and "xticks"}. Errors <= 0 or not finite are left out."""
     def finite(s):
         pts = [(a, b) for a, b in zip(s["x"], s["y"])
                if b is not None and math.isfinite(b) and b > 0]

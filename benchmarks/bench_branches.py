@@ -49,8 +49,7 @@ def _branch_fns(net, x, cond, K, use_cuda_graph):
     r = torch.linspace(0.2, 0.8, K, dtype=torch.float64)
     tau = (T * (T_NEXT / T) ** r).to(torch.float32)     # geometric branch points in (t', t)
     d = (x - net(x, torch.full((B,), T, device=x.device), **cond)) / T
-    runner = BranchRunner(net, K, use_cuda_graph=use_cuda_graph)
-    tau_d = tau.to(x.device)
+    runner, tau_d = BranchRunner(net, K, use_cuda_graph=use_cuda_graph), tau.to(x.device)
 
     def batched():
         return runner.run(x, d, T, tau_d, None, **cond)

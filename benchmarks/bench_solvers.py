@@ -296,19 +296,9 @@ def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
                     dict(distill_settings or {}))
 
 
-def _record(results, bm, solver, nfe, x, st, ref, expected):
-    rmse = _rmse(x, ref)
-    results.append(dict(model=bm.name, solver=solver, nfe=nfe, steps=st.steps,
-                        latency_nfe=st.latency_nfe, total_evals=st.total_evals,
-                        expected_total_evals=expected, rmse=rmse,
-                        relative_rmse=rmse / _rmse(ref, torch.zeros_like(ref)),
-                        wall_time_s=None, finite=bool(torch.isfinite(x).all())))
-
-
 def _time_calls(results, mname, calls, nfes, cfg):
-    """Wall time per (solver, NFE) of one model: at each NFE, the solvers' calls are one
-    interleaved comparison; the median goes to ``wall_time_s``, the spread to
-    ``wall_stats_s``."""
+    """Per NFE, one interleaved comparison of the solvers' calls of one model: the median
+    goes to ``wall_time_s``, the spread to ``wall_stats_s``."""
     by_key = {(r["solver"], r["nfe"]): r for r in results if r["model"] == mname}
     for nfe in nfes:
         fns = {solver: fn for (solver, n), fn in calls.items() if n == nfe}
@@ -354,8 +344,12 @@ def _run_model(bm, cfg, row_names, nfes, get_params, results, skipped) -> dict:
             except ValueError as e:  # a budget the solver cannot meet, mismatched params
                 skipped.append(dict(model=bm.name, solver=solver, nfe=nfe, reason=str(e)))
                 continue
-            total = getattr(kw.get("params"), "total_evaluations", None)
-            _record(results, bm, solver, nfe, x, st, ref, nfe if total is None else total)
+            total, rmse = getattr(kw.get("params"), "total_evaluations", None), _rmse(x, ref)
+            results.append(dict(model=bm.name, solver=solver, nfe=nfe, steps=st.steps,
+                                latency_nfe=st.latency_nfe, total_evals=st.total_evals,
+                                expected_total_evals=nfe if total is None else total, rmse=rmse,
+                                relative_rmse=rmse / _rmse(ref, torch.zeros_like(ref)),
+                                wall_time_s=None, finite=bool(torch.isfinite(x).all())))
             calls[(solver, nfe)] = call
     _time_calls(results, bm.name, calls, nfes, cfg)
     return info

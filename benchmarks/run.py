@@ -366,8 +366,7 @@ def machine_info(device: str = "cpu") -> dict:
         env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                         "EPD_KERNELS_BACKEND", "TRITON_INTERPRET",
                                         "CUDA_VISIBLE_DEVICES") if k in os.environ},
-        loadavg_start=loadavg(),
-    )
+        loadavg_start=loadavg())
 
 
 def machine_line(info: dict) -> str:

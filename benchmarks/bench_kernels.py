@@ -534,10 +534,9 @@ def _closing_notes(m: dict, dev, quick: bool, configs, say) -> list:
     ncpu = os.cpu_count() or 1
     if loads and max(loads) > 1.5 * ncpu:
         notes.insert(0, f"WARNING: 1-min load average reached {max(loads):.1f} on {ncpu} CPUs "
-                        "during this run (this benchmark alone accounts for about "
-                        f"{torch.get_num_threads()}): other processes competed for the cores, "
-                        "so absolute times are inflated and noisy; same-row ratios are "
-                        "less affected but still unreliable")
+                        f"(this benchmark: about {torch.get_num_threads()}): other processes "
+                        "competed, so absolute times are inflated and noisy; same-row ratios "
+                        "less so")
     if dev.type not in TARGET_TEXT:
         return notes + [f"no targets defined for device {dev.type}"]
     verdicts = [r[f"target_{d}"] for r in m["rows"] for d in ("fwd", "bwd") if r[f"target_{d}"]]

@@ -392,7 +392,7 @@ def _reference_notes(refs, results) -> list:
     notes = []
     for mname, info in refs.items():
         best = min((r["rmse"] for r in results if r["model"] == mname), default=math.inf)
-        head = f"{mname}" + (f" ({info['role']})" if info.get("role") else "")
+        head = mname + (f" ({info['role']})" if info.get("role") else "")
         if info["method"] == "closed form":
             extra = (f" (the ODE solver used for the mixture is off by "
                      f"{info['ode_solver_max_abs_error']:.1e} here)"
@@ -422,13 +422,9 @@ def _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill, 
                      + (f" from {params_dir}" if params_dir is not None else "")
                      + " (rows missing where no file matched)")
     if isinstance(distill, list):
-        notes.append(f"distilled rows fitted here on {', '.join(distill)} only, with the "
-                     f"settings of `epd demo` (short runs: EPD / EPD-Plugin "
-                     f"{DEMO.epd_iterations} iterations of batch {DEMO.epd_batch} from a pool of "
-                     f"{DEMO.epd_pool} labelled draws, AMED {DEMO.amed_iterations} on fresh "
-                     f"noise, M = {DEMO.epd_teacher_points}; D-ODE batch {DEMO.dode_batch}); the "
-                     f"`distill` section fits with the library defaults and checks the bars; "
-                     f"settings: {settings}")
+        notes.append(f"distilled rows fitted here on {', '.join(distill)} only, with the short "
+                     "runs of `epd demo` (the `distill` section fits with the library defaults "
+                     f"and checks the bars); settings: {settings}")
     elif distill:
         notes.append("distilled rows fitted here with the library defaults: EPD / EPD-Plugin "
                      "by epd_kernels.distill (K=2, teacher dpm2, AFS; class-conditional "

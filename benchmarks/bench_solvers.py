@@ -288,9 +288,8 @@ def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
     nfes = [int(n) for n in nfes]
     if cfg["samples"] < 1 or not nfes or min(nfes) < 1:
         raise ValueError(f"samples and nfes must be >= 1, got {samples!r} and {nfes!r}")
-    # The analytic models are tiny elementwise computations and the U-Net runs small
-    # batches: one thread avoids thread-pool dispatch costs and most of the noise from
-    # other processes (and matches what `epd demo` picks on a busy machine).
+    # Tiny elementwise models and small U-Net batches: one thread avoids dispatch costs and
+    # most of the noise from other processes (and is what `epd demo` picks when busy).
     with torch_threads(1):
         return _run(pathlib.Path(out_dir), cfg, params, params_dir, distill, nfes, models,
                     dict(distill_settings or {}))

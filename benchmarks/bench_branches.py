@@ -1,25 +1,19 @@
 #!/usr/bin/env python
 """Branch benchmark: the K branch evaluations of one EPD step, batched vs sequential.
 
-An EPD step makes one main-point call ``d_n = (x - D(x, t)) / t`` (batch B), then needs
-the K branch gradients ``g_k = (x_k - D(x_k, tau_k)) / tau_k``: from ONE call on a
-``[K*B, ...]`` batch (`BranchRunner.run`, what the sampler does) or from K sequential calls
-of batch B. Timed per batch size B and K = 1..4 on the `epd demo` model (the trained
-class-conditional digits U-Net, labels ``row % 10``):
+After the main-point call ``d_n = (x - D(x, t)) / t`` (batch B), an EPD step needs the K
+branch gradients ``g_k = (x_k - D(x_k, tau_k)) / tau_k``: from ONE call on a ``[K*B, ...]``
+batch (`BranchRunner.run`, what the sampler does) or from K sequential calls of batch B.
+Timed per B and K = 1..4 on the `epd demo` model (digits U-Net, labels ``row % 10``):
 
     main        one forward of batch B (the main-point call)
     batched     branch states + one forward of batch K*B + gradients (BranchRunner.run)
     sequential  K x (branch state + one forward of batch B + gradient)
 
-with the ratios ``batched / main`` (the latency price of K parallel branches: 1 would mean
-free), ``sequential / main`` and ``sequential / batched`` (what batching saves). For each
-B, all variants of every K are one interleaved comparison (benchmarks/timing.py), after a
-check that batched and sequential gradients agree. On a GPU the batched call is also timed
-with CUDA-graph replay; without one those columns stay empty and a note says so.
-
-    python benchmarks/bench_branches.py [--quick] [--out benchmarks/results] [--device cpu]
-                                        [--ks 1,2,3,4] [--batches 8,64] [--repeats N]
-
+with the ratios batched / main (1 would mean the branches are free), sequential / main and
+sequential / batched (what batching saves). Per B, all variants are one interleaved
+comparison (benchmarks/timing.py), after a check that batched and sequential agree. On a
+GPU the batched call is also timed with CUDA-graph replay (else those columns stay empty).
 Writes out_dir/branches.json and out_dir/branches.png.
 """
 from __future__ import annotations
@@ -55,8 +49,7 @@ def _branch_fns(net, x, cond, K, use_cuda_graph):
     r = torch.linspace(0.2, 0.8, K, dtype=torch.float64)
     tau = (T * (T_NEXT / T) ** r).to(torch.float32)     # geometric branch points in (t', t)
     d = (x - net(x, torch.full((B,), T, device=x.device), **cond)) / T
-    runner = BranchRunner(net, K, use_cuda_graph=use_cuda_graph)
-    tau_d = tau.to(x.device)
+    runner, tau_d = BranchRunner(net, K, use_cuda_graph=use_cuda_graph), tau.to(x.device)
 
     def batched():
         return runner.run(x, d, T, tau_d, None, **cond)
@@ -83,12 +76,9 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
         ks: Optional[Sequence[int]] = None, repeats: Optional[int] = None,
         batches: Optional[Sequence[int]] = None, model: str = DEFAULT_MODEL,
         threads: Optional[int] = None, verbose: bool = True) -> dict:
-    """Times the branch evaluations per (B, K); writes out_dir/branches.json (and .png).
-
-    `threads`: torch CPU threads for the run (restored after); default 1 on a CPU: the
-    8x8 U-Net batches are too small to split well, and on a shared 2-core machine two
-    intra-op threads made the medians erratic (a B=64 main call: 11 ms in one quick run,
-    89 ms in another; with one thread, two runs under load agreed within 10%)."""
+    """`threads`: torch CPU threads for the run (restored after); default 1 on a CPU: the
+    8x8 U-Net batches are too small to split well, and two threads on a shared 2-core
+    machine made the medians erratic (a B=64 main call: 11 ms in one run, 89 in another)."""
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads must be >= 1, got {threads!r}")
     cpu = torch.device(device).type == "cpu"
@@ -103,17 +93,12 @@ def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda asked for, but torch.cuda.is_available() is False")
-    p = dict(QUICK if quick else FULL)
-    if repeats is not None:
-        if int(repeats) < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats!r}")
-        p["repeats"] = int(repeats)
+    p = dict(QUICK if quick else FULL, **({} if repeats is None else {"repeats": int(repeats)}))
     ks = tuple(int(k) for k in (ks or p["ks"]))
     batches = tuple(int(b) for b in (batches or p["batches"]))
-    if any(k < 1 for k in ks):
-        raise ValueError(f"ks must be branch counts >= 1, got {list(ks)}")
-    if any(b < 1 for b in batches):
-        raise ValueError(f"batches must be batch sizes >= 1, got {list(batches)}")
+    for what, values in (("repeats", [p["repeats"]]), ("ks", ks), ("batches", batches)):
+        if min(values) < 1:
+            raise ValueError(f"{what} must be >= 1, got {list(values)}")
     say = reporter("branches", verbose)
     timer = Timer(dev)
 
@@ -142,8 +127,7 @@ def _run(quick, out_dir, device, ks, repeats, batches, model, verbose) -> dict:
     plot = _plot(records, batches, model, out_dir / "branches.png")
     if plot:
         result["plot"] = plot
-    with open(out_dir / "branches.json", "w") as f:
-        json.dump(result, f, indent=2)
+    (out_dir / "branches.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -237,7 +221,5 @@ def _plot(records, batches, model, path: pathlib.Path):
 
 if __name__ == "__main__":
     sys.exit(section_main("branches", run, [
-        ("--device", dict(default="cpu")), ("--ks", dict(type=int_list)),
-        ("--batches", dict(type=int_list)), ("--repeats", dict(type=int)),
-        ("--model", dict(default=DEFAULT_MODEL)),
-        ("--threads", dict(type=int, help="torch CPU threads (default 1)"))]))
+        "--device", "--ks", "--repeats", "--threads", ("--batches", dict(type=int_list)),
+        ("--model", dict(default=DEFAULT_MODEL))]))

@@ -2,27 +2,16 @@
 
     y = x + (1 + o) * h * sum_k w_k * g_k          x [B, N/B], g [K, B, N/B], w [K], h, o [B]
 
-Three implementations of the same maths, timed in one interleaved comparison per
-configuration and direction (benchmarks/timing.py):
+Timed in one interleaved comparison per configuration and direction (benchmarks/timing.py):
+fused = `epd_kernels.epd_step` (public API, on the backend `backends.for_device` picks);
+eager = the fastest of `EAGER_FORMS`, raced in this run per dtype and direction; compile =
+`torch.compile(dynamic=False)` of the broadcast-sum form (compile time reported, not timed).
+Forward runs in inference; backward is `torch.autograd.grad(y, (x, g, w, h, o), gy,
+retain_graph=True)` on a graph built once, so the forward is excluded exactly.
 
-- fused:   `epd_kernels.epd_step` through the public API (argument checks included), on the
-           backend `epd_kernels.backends.for_device` picks (C++ on CPU, Triton on CUDA, or
-           the plain-PyTorch reference when the extension is not built);
-- eager:   the fastest of the eager forms `EAGER_FORMS`, raced in this same run per dtype
-           and direction at the target size;
-- compile: `torch.compile` (inductor, dynamic=False) of the broadcast-sum form, compiled
-           once per shape; compile time is reported, not timed.
-
-Forward runs in inference (inputs without grad), as samplers use it. Backward is
-`torch.autograd.grad(y, (x, g, w, h, o), gy, retain_graph=True)` on a graph built once: the
-forward is excluded exactly, and the fresh gradients are what a real backward allocates.
-
-Byte floors: forward (K + 2) N itemsize (x and K grads read, y written), backward (2K + 1)
-N itemsize; GB/s = floor / median time. `dst.copy_(src)` (64 MB fp32 on CPU, 2 bytes moved
-per byte copied) is timed at the start, at the end and inside every row's comparison, so
-"% of copy" is taken under the same load. The op's own targets (`OP_TARGETS`, run when
-eager and compile are timed: fp32, K = 3, float h and o, [K] weights) are stored in
-kernels.json ("op_targets") and noted as met or missed.
+GB/s = byte floor (`floor_bytes`) / median time. `dst.copy_(src)` is timed at the start, at
+the end and inside every row's comparison, so "% of copy" is taken under the same load. The
+op's own targets (`OP_TARGETS`) are stored in kernels.json ("op_targets") and noted.
 """
 from __future__ import annotations
 
@@ -34,7 +23,6 @@ import os
 import pathlib
 import sys
 import time
-import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -44,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks import heap_probe  # noqa: E402
 from benchmarks.plot import line_panels, size_label  # noqa: E402
-from benchmarks.run import int_list, loadavg, reporter, section_main, str_list  # noqa: E402
+from benchmarks.run import backend_info, loadavg, reporter, section_main  # noqa: E402
 from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels import epd_step  # noqa: E402
 
@@ -158,18 +146,14 @@ def _tol(dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 5e-2
 
 
-def _grad_fns(graphs: Dict[str, torch.Tensor], leaves, gy) -> Dict[str, Callable]:
-    return {n: (lambda y=y: torch.autograd.grad(y, leaves, gy, retain_graph=True))
-            for n, y in graphs.items()}
-
-
 def _bench(timer, fns: Dict[str, Callable], p: dict) -> Dict[str, dict]:
     return bench_interleaved(timer, fns, repeats=p["repeats"], warmup=p["warmup"],
                              min_sample_s=p["min_sample_s"])
 
 
 def floor_bytes(K: int, N: int, itemsize: int) -> dict:
-    """Bytes the op must move at least (module docstring): {"fwd": ..., "bwd": ...}."""
+    """Bytes the op must move at least: forward (K + 2) N itemsize (x and the K grads read,
+    y written), backward (2K + 1) N itemsize."""
     return {"fwd": (K + 2) * N * itemsize, "bwd": (2 * K + 1) * N * itemsize}
 
 
@@ -202,7 +186,8 @@ def _time_ops(timer, inputs, fwd_ops: Dict[str, Callable], bwd_ops: Dict[str, Ca
         del ref
         out["fwd"] = _bench(timer, {**fns, **extra}, p)
     leaves = [t.requires_grad_(True) for t in (x, g, w, h, o)]
-    fns = _grad_fns({n: op(*leaves) for n, op in bwd_ops.items()}, leaves, gy)
+    fns = {n: (lambda y=op(*leaves): torch.autograd.grad(y, leaves, gy, retain_graph=True))
+           for n, op in bwd_ops.items()}
     ref_leaves = [t.detach().requires_grad_(True) for t in _upcast(leaves)]
     ref = torch.autograd.grad(eager_bcast(*ref_leaves), ref_leaves, gy.float())
     for n, fn in fns.items():
@@ -282,8 +267,11 @@ def _verdict(row: dict, device_type: str) -> None:
     for d, checks in TARGET_CHECKS.items():
         m = row[f"{d}_metrics"]
         missing = [what for key, _, what in checks if key not in m]
+        if missing:
+            row[f"target_{d}"] = "n/a (not run: " + ", ".join(missing) + ")"
+            continue
         misses = []
-        for key, target, what in (c for c in checks if c[0] in m):
+        for key, target, what in checks:
             val, need = m[key], tg[target]
             if key == "fused_frac_copy":
                 if val < need:
@@ -291,10 +279,7 @@ def _verdict(row: dict, device_type: str) -> None:
             # "faster than" (need == 1) is strict; ratios with a threshold are inclusive
             elif val < need or (need == 1.0 and val == need):
                 misses.append(f"{val:.2f}x{'<=' if need == 1.0 else '<'}{need:g}x {what}")
-        if missing:
-            row[f"target_{d}"] = "n/a (not run: " + ", ".join(missing) + ")"
-        else:
-            row[f"target_{d}"] = "MISS: " + "; ".join(misses) if misses else "PASS"
+        row[f"target_{d}"] = "MISS: " + "; ".join(misses) if misses else "PASS"
 
 
 # --------------------------------------------------------------------------------------
@@ -389,9 +374,8 @@ def _op_target_case(timer, dev, shape, p, compiled_cache) -> dict:
     g = torch.randn((K,) + tuple(shape), device=dev, generator=gen)
     w = torch.softmax(torch.randn(K, device=dev, generator=gen), 0)
     out, src, dst = torch.empty_like(x), torch.randn_like(x), torch.empty_like(x)
-    if len(shape) not in compiled_cache:
-        compiled_cache[len(shape)] = torch.compile(_uniform_expression, dynamic=False)
-    compiled = compiled_cache[len(shape)]
+    compiled = compiled_cache.setdefault(len(shape),
+                                         torch.compile(_uniform_expression, dynamic=False))
     with torch.no_grad():
         want = _uniform_expression(x, g, w, h, o)
         compiled(x, g, w, h, o)  # compile outside the timing
@@ -419,15 +403,9 @@ def op_targets(timer, dev, quick, p, say) -> List[dict]:
         say(f"op target case {name} {c['shape']}: fused {ms['fused']:.3g} ms, out= "
             f"{ms['fused_out']:.3g}, eager {ms['eager']:.3g}, compile {ms['compile']:.3g}, "
             f"copy_ {ms['copy']:.3g} (rel err {c['rel_err']:.1e})")
-    verdicts = []
-    for case, what, key, need in OP_TARGETS:
-        got = cases[case][key]
-        v = dict(case=case, shape=cases[case]["shape"], target=what, measured=got, need=need,
-                 met=bool(got >= need))
-        verdicts.append(v)
-        say(f"target {what} at {v['shape']}: {got:.2f} (need >= {need}) "
-            f"{'met' if v['met'] else 'missed'}")
-    return verdicts
+    return [dict(case=case, shape=cases[case]["shape"], target=what, measured=cases[case][key],
+                 need=need, met=bool(cases[case][key] >= need))
+            for case, what, key, need in OP_TARGETS]
 
 
 # --------------------------------------------------------------------------------------
@@ -472,31 +450,26 @@ def _select_all_eager(timer, dev, configs, p, say, notes) -> dict:
         sel = eager_forms[dt] = _select_eager_forms(timer, dev, DTYPES[dt], k_sel, n_sel, psel,
                                                     list(p["select_forms"]))
         at = f"K={k_sel}, N={size_label(n_sel)}"
-        medians = {d: ", ".join(f"{f} {t * 1e3:.3g}" for f, t in sel[f"{d}_median_s"].items())
-                   for d in ("fwd", "bwd")}
-        say(f"eager form {SHORT.get(dt, dt)} ({at}): fwd {sel['fwd']}, bwd {sel['bwd']}  "
-            f"medians ms fwd {medians['fwd']} | bwd {medians['bwd']}")
         notes.append(f"eager {SHORT.get(dt, dt)}: forward = {sel['fwd']} "
                      f"[{EAGER_FORM_TEXT[sel['fwd']]}], backward = {sel['bwd']} "
                      f"[{EAGER_FORM_TEXT[sel['bwd']]}] (fastest of "
                      f"{', '.join(p['select_forms'])} at {at}, timed in this run)")
+        say(notes[-1])  # the race's medians are in kernels.json ("eager_forms")
     return eager_forms
 
 
 def _measure(timer, dev, quick, configs, impls, p, say) -> dict:
     """Everything timed in this process: bandwidth at start and end, the eager race, one
     row per configuration, the op targets; notes on what was timed and any mismatch."""
-    from epd_kernels import backends
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        backend_name = backends.for_device(dev).name
+    bi = backend_info(dev)
+    backend_name = bi["backend"]
     notes = [f"backend timed as 'fused': {backend_name} (device {dev.type}; available: "
-             f"{', '.join(backends.available())})"]
+             f"{', '.join(bi['backends_available'])})"]
     if backend_name == "reference":
         notes.append("the C++/Triton extension is not in use, so 'fused' times the "
                      "plain-PyTorch reference fallback (einsum), not a fused kernel")
-    notes += [f"warning: {w.message}" for w in caught]
+    if bi["backend_note"]:
+        notes.append(f"warning: {bi['backend_note']}")
     say(notes[0])
     say(f"{len(configs)} configurations, {p['repeats']} repeats, "
         f"{torch.get_num_threads()} threads, impls: {', '.join(impls)}")
@@ -561,10 +534,9 @@ def _closing_notes(m: dict, dev, quick: bool, configs, say) -> list:
     ncpu = os.cpu_count() or 1
     if loads and max(loads) > 1.5 * ncpu:
         notes.insert(0, f"WARNING: 1-min load average reached {max(loads):.1f} on {ncpu} CPUs "
-                        "during this run (this benchmark alone accounts for about "
-                        f"{torch.get_num_threads()}): other processes competed for the cores, "
-                        "so absolute times are inflated and noisy; same-row ratios are "
-                        "less affected but still unreliable")
+                        f"(this benchmark: about {torch.get_num_threads()}): other processes "
+                        "competed, so absolute times are inflated and noisy; same-row ratios "
+                        "less so")
     if dev.type not in TARGET_TEXT:
         return notes + [f"no targets defined for device {dev.type}"]
     verdicts = [r[f"target_{d}"] for r in m["rows"] for d in ("fwd", "bwd") if r[f"target_{d}"]]
@@ -576,9 +548,9 @@ def _closing_notes(m: dict, dev, quick: bool, configs, say) -> list:
 def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
         sizes: Optional[Sequence[int]] = None, ks: Optional[Sequence[int]] = None,
         dtypes: Optional[Sequence[str]] = None, repeats: Optional[int] = None,
-        impls: Optional[Sequence[str]] = None, backend: Optional[str] = None,
-        verbose: bool = True) -> dict:
-    """Runs the section; writes out_dir/kernels.json and out_dir/kernels.png."""
+        impls: Optional[Sequence[str]] = None, verbose: bool = True) -> dict:
+    """Writes out_dir/kernels.json and out_dir/kernels.png; times the backend in force
+    (run.py and `section_main` apply --backend)."""
     from epd_kernels import backends
 
     t_start = time.perf_counter()
@@ -595,27 +567,20 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
         p["repeats"] = max(1, int(repeats))
     configs = _configs(quick, sizes, ks, dtypes)
     say = reporter("kernels", verbose)
-    prev_forced = backends.current_forced() if backend else None
-    if backend:
-        backends.set_backend(backend)
-    try:
-        with contextlib.ExitStack() as stack:
-            if "compile" in impls:
-                # The backward is timed with retain_graph=True, which a backward compiled
-                # with donated buffers refuses (it did for bfloat16).
-                import torch._functorch.config as functorch_config
+    with contextlib.ExitStack() as stack:
+        if "compile" in impls:
+            # The backward is timed with retain_graph=True, which a backward compiled
+            # with donated buffers refuses (it did for bfloat16).
+            import torch._functorch.config as functorch_config
 
-                stack.enter_context(functorch_config.patch(donated_buffer=False))
-            if "compile" in impls and dev.type == "cpu":
-                # One compile worker: on a small machine the worker pool's start-up dominates
-                # the compile time. Only compile time changes, not the generated code.
-                import torch._inductor.config as inductor_config
+            stack.enter_context(functorch_config.patch(donated_buffer=False))
+        if "compile" in impls and dev.type == "cpu":
+            # One compile worker: on a small machine the worker pool's start-up dominates
+            # the compile time. Only compile time changes, not the generated code.
+            import torch._inductor.config as inductor_config
 
-                stack.enter_context(inductor_config.patch(compile_threads=1))
-            m = _measure(Timer(dev), dev, quick, configs, impls, p, say)
-    finally:
-        if backend:
-            backends.set_backend(prev_forced or "auto")
+            stack.enter_context(inductor_config.patch(compile_threads=1))
+        m = _measure(Timer(dev), dev, quick, configs, impls, p, say)
     notes = _closing_notes(m, dev, quick, configs, say)
 
     result = dict(
@@ -634,19 +599,13 @@ def run(quick: bool, out_dir: pathlib.Path, *, device: str = "cpu",
                 f"epd_step on {dev.type} ({m['backend']} backend), "
                 f"{torch.get_num_threads()} threads")
     if png is not None:
-        result["files"].append("kernels.png")
-        result["plot"] = "kernels.png"
+        result.update(plot="kernels.png", files=["kernels.json", "kernels.png"])
     result["wall_time_s"] = time.perf_counter() - t_start
-    with open(out_dir / "kernels.json", "w") as f:
-        json.dump(_json_safe(result), f, indent=1)
+    (out_dir / "kernels.json").write_text(json.dumps(_json_safe(result), indent=1))
     say(f"done in {result['wall_time_s']:.1f} s -> {out_dir / 'kernels.json'}")
     return result
 
 
 if __name__ == "__main__":
-    sys.exit(section_main("kernels", run, [
-        ("--device", dict(default="cpu", choices=["cpu", "cuda"])),
-        ("--sizes", dict(type=int_list)), ("--ks", dict(type=int_list)),
-        ("--dtypes", dict(type=str_list)), ("--repeats", dict(type=int)),
-        ("--impls", dict(type=str_list)),
-        ("--backend", dict(choices=["auto", "cpp", "triton", "reference"]))]))
+    sys.exit(section_main("kernels", run, ["--device", "--sizes", "--ks", "--dtypes",
+                                           "--repeats", "--impls", "--backend"]))

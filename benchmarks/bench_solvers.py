@@ -1,37 +1,24 @@
 #!/usr/bin/env python
 """Solver benchmark: final-state RMSE against a converged ODE solution, per latency NFE.
 
-Every baseline solver at latency NFE 3, 5, 7, 9 (each solver's default AFS setting: on for
-Heun and DPM-Solver-2, whose budgets are then odd, off for the others), on four models, all
-sampled from the same noise (``make_noise`` seeds 0..n-1):
+Every baseline solver at latency NFE 3, 5, 7, 9 (AFS on for Heun and DPM-Solver-2, whose
+budgets are then odd), sampled from the same noise (``make_noise`` seeds 0..n-1) on:
 
-* ``digits-unet``: the model of ``epd demo`` (`registry.DEFAULT_MODEL`), float32, class
-  labels ``seed % 10`` as the demo gives them. Reference: the demo's reference solver
-  with twice its steps; its error is estimated as RMSE(half the steps, reference) / 7.
-* ``digits-exact``: the exact denoiser of the 1797 digits, float64, same labels.
-  Reference: `DigitsExactDenoiser.reference_solution` (RK4 in 1/sigma with step doubling
-  to a max-abs change <= 1e-6; 1e-5 in quick mode), its Richardson estimate reported.
-* ``gaussian-64``: per-dimension Gaussian data; the reference is the closed form.
-* ``gmm-64x8``: a mixture of 8 isotropic Gaussians; the reference is scipy's DOP853 at
-  rtol = atol = 1e-12 (1e-10 in quick mode), checked against a 100x looser solve.
+* ``digits-unet``, the `epd demo` model (float32, labels ``seed % 10``); reference: the
+  demo's reference solver with twice its steps, error estimated as RMSE(half steps) / 7;
+* ``digits-exact``, the exact denoiser of the digits (float64); reference:
+  `DigitsExactDenoiser.reference_solution` (RK4 with step doubling, Richardson estimate);
+* ``gaussian-64`` (closed form) and ``gmm-64x8`` (scipy DOP853 at rtol = atol = 1e-12,
+  checked against a 100x looser solve).
 
-Row ``dpmpp3m-ref`` is DPM-Solver++(3M) with the k-diffusion code's D'' weight
-(``variant="reference"``), for comparison with published baselines. Reported per model,
-solver and NFE: the RMSE at sigma_min as one global RMS over all samples and elements, the
-latency NFE and total evaluations measured by `sample(..., return_stats=True)` (a mismatch
-with the budget is listed), and the wall time (one thread; the median of rounds in which
-the solvers of one model and NFE are timed interleaved by benchmarks/timing.py).
+Row ``dpmpp3m-ref`` is DPM-Solver++(3M) with the k-diffusion code's D'' weight. Reported
+per row: RMSE at sigma_min (one global RMS), the latency NFE and total evaluations measured
+by `sample(..., return_stats=True)`, and the wall time (one thread; median of interleaved
+rounds, benchmarks/timing.py). Distilled solvers (`DISTILLED`) get rows when their params
+are supplied (``params={(model, solver, nfe): params or path}``, or ``--params-dir`` with
+``<model>-<solver>-nfe<N>.safetensors`` files) or with ``distill=True``.
 
-Distilled solvers (`DISTILLED`) get rows when their parameters are supplied (``params=
-{(model, solver, nfe): params or path}`` or ``--params-dir`` with files
-``<model>-<solver>-nfe<N>.safetensors``), or with ``distill=True`` (fitted per model and
-NFE with the library defaults and saved under ``out_dir/distilled_params``).
-
-Writes ``out_dir/solvers.json`` and ``out_dir/solvers.png`` (log-y error vs NFE, one panel
-per model).
-
-    python benchmarks/bench_solvers.py [--quick] [--out benchmarks/results]
-                                       [--params-dir DIR] [--distill] [--models a,b]
+Writes ``out_dir/solvers.json`` and ``out_dir/solvers.png`` (log-y error vs NFE).
 """
 from __future__ import annotations
 
@@ -52,7 +39,7 @@ if str(HERE.parent) not in sys.path:
     sys.path.append(str(HERE.parent))  # an installed epd_kernels wins
 
 from benchmarks.plot import error_panels  # noqa: E402
-from benchmarks.run import int_list, section_main, str_list, torch_threads  # noqa: E402
+from benchmarks.run import section_main, str_list, torch_threads  # noqa: E402
 from benchmarks.timing import Timer, bench_interleaved  # noqa: E402
 from epd_kernels.distill.dode_fit import DEFAULT_FIT_BATCH as DODE_BATCH  # noqa: E402
 from epd_kernels.models import GaussianMixtureModel, GaussianModel  # noqa: E402
@@ -68,8 +55,7 @@ SOLVERS = ["euler", "heun", "dpm2", "dpmpp3m", "unipc", "ipndm", "deis"]
 VARIANTS = {"dpmpp3m-ref": ("dpmpp3m", {"variant": "reference"})}
 NFES = [3, 5, 7, 9]
 SIGMA_MAX, SIGMA_MIN = 80.0, 0.002
-# The whole quick section runs in about 15-30 s on 2 shared cores, so it keeps all four
-# budgets (stable table columns) and saves time on samples and reference tolerances.
+# The quick section (15-30 s on 2 shared cores) keeps all four budgets (stable columns).
 QUICK = dict(samples=64, rtol=1e-10, digits_tol=1e-5, time_repeats=3)
 FULL = dict(samples=256, rtol=1e-12, digits_tol=1e-6, time_repeats=7)
 F64 = torch.float64
@@ -87,8 +73,6 @@ REF_TOLERANCE = 0.01
 
 @dataclasses.dataclass
 class BenchModel:
-    """A model of the benchmark: the denoiser, its sample shape and dtype, its class labels
-    and how its reference solution is made."""
 
     name: str
     denoiser: Callable
@@ -108,7 +92,6 @@ class BenchModel:
 
 
 def build_models(dim: int = 64, components: int = 8, seed: int = 0) -> Dict[str, torch.nn.Module]:
-    """The two analytic models (name -> model)."""
     g = torch.Generator().manual_seed(seed)
     gauss = GaussianModel(0.8 * torch.randn(dim, generator=g, dtype=F64),
                           0.3 + 0.7 * torch.rand(dim, generator=g, dtype=F64))
@@ -195,9 +178,8 @@ def bench_models(names: Optional[Sequence[str]] = None) -> Dict[str, BenchModel]
 
 @dataclasses.dataclass(frozen=True)
 class Distilled:
-    """How the benchmark gets parameters for a distilled solver: ``params_class.load(path)``
-    reads a file; ``fit(bench_model, nfe, **overrides)`` makes params with the library's
-    defaults or ``overrides`` of its keyword arguments (only with ``distill=True``)."""
+    """``params_class.load(path)`` reads a file; ``fit(bench_model, nfe, **overrides)`` makes
+    params with the library's defaults or ``overrides`` (only with ``distill=True``)."""
 
     params_class: type
     fit: Callable
@@ -267,15 +249,8 @@ def params_for(bm: BenchModel, solver, nfe, params, params_dir, distill, notes,
     return p
 
 
-def expected_total(params, nfe: int):
-    total = getattr(params, "total_evaluations", None)
-    return nfe if total is None else total
-
-
-#: Fitting settings of `epd demo` (read from its DemoConfig), used by
-#: ``demo_distilled=True``: the distilled rows then show what the demo's one-command run
-#: gets, in seconds per fit. The full-default distillations and the bars are the `distill`
-#: section's job.
+#: `epd demo`'s fitting settings, for ``demo_distilled=True``: the rows show what the demo's
+#: one-command run gets; full-default fits and the bars are the `distill` section's job.
 _DEMO_EPD = dict(iterations=DEMO.epd_iterations, batch_size=DEMO.epd_batch,
                  M=DEMO.epd_teacher_points, pool=DEMO.epd_pool)
 _DEMO_AMED = dict(iterations=DEMO.amed_iterations, batch_size=DEMO.epd_batch,
@@ -285,8 +260,7 @@ DEMO_FIT = {"epd": dict(_DEMO_EPD, lr=DEMO.epd_lr),
             "epd-ipndm": dict(_DEMO_EPD, lr=DEMO.plugin_lr),
             "amed": dict(_DEMO_AMED, lr=DEMO.amed_lr),
             "amed-ipndm": dict(_DEMO_AMED, lr=DEMO.amed_plugin_lr),
-            "d-euler": dict(_DEMO_DODE),
-            "d-ipndm": dict(_DEMO_DODE)}
+            "d-euler": dict(_DEMO_DODE), "d-ipndm": dict(_DEMO_DODE)}
 
 
 # --------------------------------------------------------------------------------------
@@ -298,13 +272,11 @@ def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
         nfes=NFES, models: Optional[Sequence[str]] = None,
         distill_settings: Optional[Dict[str, dict]] = None,
         demo_distilled: bool = False) -> dict:
-    """Runs the benchmark; writes out_dir/solvers.json and solvers.png; returns the tables.
-
-    `models`: names from `bench_models` (default all). `distill_settings`: solver ->
-    keyword overrides of its `DISTILLED` fit (only with ``distill=True``). `demo_distilled`
-    (what run.py asks for): with neither params nor ``distill``, fit every distilled solver
-    on the `epd demo` model only, with the demo's settings (`DEMO_FIT`), so the headline
-    table compares every solver at equal latency."""
+    """Writes out_dir/solvers.json and solvers.png; returns the tables. `models`: names from
+    `bench_models` (default all). `distill_settings`: solver -> keyword overrides of its
+    `DISTILLED` fit (only with ``distill=True``). `demo_distilled` (what run.py asks for):
+    with neither params nor ``distill``, fit every distilled solver on the `epd demo` model
+    only, with the demo's settings (`DEMO_FIT`): every solver at equal latency."""
     if demo_distilled and not distill and not params and params_dir is None:
         distill = [DEFAULT_MODEL]
         distill_settings = {**DEMO_FIT, **(distill_settings or {})}
@@ -312,34 +284,20 @@ def run(quick: bool, out_dir: pathlib.Path, params: Optional[dict] = None,
     if unknown:
         raise ValueError(f"distill_settings: unknown solvers {unknown}; known: {list(DISTILLED)}")
     cfg = dict(QUICK if quick else FULL, quick=bool(quick))
-    if samples is not None:
-        if int(samples) < 1:
-            raise ValueError(f"samples must be >= 1, got {samples!r}")
-        cfg["samples"] = int(samples)
+    cfg["samples"] = int(cfg["samples"] if samples is None else samples)
     nfes = [int(n) for n in nfes]
-    if not nfes or any(n < 1 for n in nfes):
-        raise ValueError(f"nfes must be latency budgets >= 1, got {nfes!r}")
-    # The analytic models are tiny elementwise computations and the U-Net runs small
-    # batches: one thread avoids thread-pool dispatch costs and most of the noise from
-    # other processes (and matches what `epd demo` picks on a busy machine).
+    if cfg["samples"] < 1 or not nfes or min(nfes) < 1:
+        raise ValueError(f"samples and nfes must be >= 1, got {samples!r} and {nfes!r}")
+    # Tiny elementwise models and small U-Net batches: one thread avoids dispatch costs and
+    # most of the noise from other processes (and is what `epd demo` picks when busy).
     with torch_threads(1):
         return _run(pathlib.Path(out_dir), cfg, params, params_dir, distill, nfes, models,
                     dict(distill_settings or {}))
 
 
-def _record(results, bm, solver, nfe, x, st, ref, expected):
-    rmse = _rmse(x, ref)
-    results.append(dict(model=bm.name, solver=solver, nfe=nfe, steps=st.steps,
-                        latency_nfe=st.latency_nfe, total_evals=st.total_evals,
-                        expected_total_evals=expected, rmse=rmse,
-                        relative_rmse=rmse / _rmse(ref, torch.zeros_like(ref)),
-                        wall_time_s=None, finite=bool(torch.isfinite(x).all())))
-
-
 def _time_calls(results, mname, calls, nfes, cfg):
-    """Wall time per (solver, NFE) of one model: at each NFE, the solvers' calls are one
-    interleaved comparison; the median goes to ``wall_time_s``, the spread to
-    ``wall_stats_s``."""
+    """Per NFE, one interleaved comparison of the solvers' calls of one model: the median
+    goes to ``wall_time_s``, the spread to ``wall_stats_s``."""
     by_key = {(r["solver"], r["nfe"]): r for r in results if r["model"] == mname}
     for nfe in nfes:
         fns = {solver: fn for (solver, n), fn in calls.items() if n == nfe}
@@ -385,7 +343,12 @@ def _run_model(bm, cfg, row_names, nfes, get_params, results, skipped) -> dict:
             except ValueError as e:  # a budget the solver cannot meet, mismatched params
                 skipped.append(dict(model=bm.name, solver=solver, nfe=nfe, reason=str(e)))
                 continue
-            _record(results, bm, solver, nfe, x, st, ref, expected_total(kw.get("params"), nfe))
+            total, rmse = getattr(kw.get("params"), "total_evaluations", None), _rmse(x, ref)
+            results.append(dict(model=bm.name, solver=solver, nfe=nfe, steps=st.steps,
+                                latency_nfe=st.latency_nfe, total_evals=st.total_evals,
+                                expected_total_evals=nfe if total is None else total, rmse=rmse,
+                                relative_rmse=rmse / _rmse(ref, torch.zeros_like(ref)),
+                                wall_time_s=None, finite=bool(torch.isfinite(x).all())))
             calls[(solver, nfe)] = call
     _time_calls(results, bm.name, calls, nfes, cfg)
     return info
@@ -428,7 +391,7 @@ def _reference_notes(refs, results) -> list:
     notes = []
     for mname, info in refs.items():
         best = min((r["rmse"] for r in results if r["model"] == mname), default=math.inf)
-        head = f"{mname}" + (f" ({info['role']})" if info.get("role") else "")
+        head = mname + (f" ({info['role']})" if info.get("role") else "")
         if info["method"] == "closed form":
             extra = (f" (the ODE solver used for the mixture is off by "
                      f"{info['ode_solver_max_abs_error']:.1e} here)"
@@ -458,13 +421,9 @@ def _add_notes(notes, cfg, refs, results, skipped, params, params_dir, distill, 
                      + (f" from {params_dir}" if params_dir is not None else "")
                      + " (rows missing where no file matched)")
     if isinstance(distill, list):
-        notes.append(f"distilled rows fitted here on {', '.join(distill)} only, with the "
-                     f"settings of `epd demo` (short runs: EPD / EPD-Plugin "
-                     f"{DEMO.epd_iterations} iterations of batch {DEMO.epd_batch} from a pool of "
-                     f"{DEMO.epd_pool} labelled draws, AMED {DEMO.amed_iterations} on fresh "
-                     f"noise, M = {DEMO.epd_teacher_points}; D-ODE batch {DEMO.dode_batch}); the "
-                     f"`distill` section fits with the library defaults and checks the bars; "
-                     f"settings: {settings}")
+        notes.append(f"distilled rows fitted here on {', '.join(distill)} only, with the short "
+                     "runs of `epd demo` (the `distill` section fits with the library defaults "
+                     f"and checks the bars); settings: {settings}")
     elif distill:
         notes.append("distilled rows fitted here with the library defaults: EPD / EPD-Plugin "
                      "by epd_kernels.distill (K=2, teacher dpm2, AFS; class-conditional "
@@ -541,7 +500,5 @@ def _plot(results, model_names, nfes, row_names, path: pathlib.Path):
 if __name__ == "__main__":
     sys.exit(section_main("solvers", run, [
         ("--params-dir", {}), ("--distill", dict(action="store_true")),
-        ("--samples", dict(type=int)),
-        ("--nfes", dict(type=int_list, help="comma-separated budgets (default 3,5,7,9)")),
-        ("--models", dict(type=str_list,
-                          help=f"comma-separated subset of {','.join(model_names())}"))]))
+        ("--samples", dict(type=int)), "--nfes",
+        ("--models", dict(type=str_list, help=f"subset of {','.join(model_names())}"))]))

@@ -1,17 +1,12 @@
 """Allocation probe: how much of a large CPU kernel call is the allocator's, not the kernel's.
 
-Every fused forward returns a fresh output tensor. glibc serves a block above its mmap
-threshold (32 MiB at most while the threshold adjusts itself) with a new mmap and unmaps it
-on free, so a 64 MB output is page-faulted in again on every call, and eager PyTorch and
-torch.compile pay the same. With ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
-both set high (`HEAP_ENV`), freed blocks stay in the heap and the next output reuses pages
-that are already resident. (Either one alone changed nothing in a 64 MB clone loop on
-glibc 2.36: the heap's top was trimmed back, or the block was still mmapped.)
-
-glibc reads these variables once at process start, so each setting is timed in its own
-child process with the parent's thread count: copy_ into an existing buffer (the
-bandwidth ceiling), clone (allocate + copy), and the fused forward and its backward (which
-allocates fresh gradients of (K + 1) N elements) at each K.
+glibc serves a block above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps
+it on free, so every 64 MB output is page-faulted in again (eager PyTorch and
+torch.compile pay the same). With ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
+both set high (`HEAP_ENV`; either alone changed nothing on glibc 2.36), freed blocks stay
+in the heap and the next output reuses resident pages. glibc reads these variables at
+start-up, so each setting is timed in its own child process (parent's thread count):
+copy_, clone, and the fused forward and backward at each K.
 
     probe(n=16 * 2**20, ks=(2, 3, 4)) -> {"glibc default": {...}, "freed blocks kept": {...}}
 """
@@ -30,9 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 * 2 ** 30), "MALLOC_TRIM_THRESHOLD_": str(4 * 2 ** 30)}
 SETTINGS = {"glibc default": {}, "freed blocks kept": HEAP_ENV}
 
-# The child imports the parent's epd_kernels (its directory goes first on sys.path: with
-# ``python -c`` the working directory, possibly a source tree without the built extension,
-# would otherwise come first) and this file's ``benchmarks`` package.
+# The child imports the parent's epd_kernels (first on sys.path: else ``python -c`` puts the
+# working directory first, maybe a source tree without the built extension).
 _CHILD = """
 import json, sys
 sys.path.insert(0, {pkg_root!r})
@@ -47,8 +41,7 @@ def is_glibc() -> bool:
 
 
 def measure(n: int, ks: Sequence[int], repeats: int, threads: int) -> dict:
-    """In this process: GB/s of copy_, clone, the fused forward and its backward (fp32, n
-    elements)."""
+    """In this process: GB/s of copy_, clone, the fused forward and backward (fp32, n)."""
     import torch
 
     import epd_kernels

@@ -1,39 +1,18 @@
-"""Panel grids for the benchmark sections (matplotlib, headless).
-
-Each grid helper returns the written path, or None when matplotlib is not installed (the
-sections still write their JSON; the PNG is optional).
-"""
+"""Panel grids for the benchmark sections (matplotlib, headless). Each grid helper returns
+the written path, or None when matplotlib is not installed (the PNG is optional)."""
 from __future__ import annotations
 
 import math
 import pathlib
 from typing import Dict, Optional, Sequence
 
-__all__ = ["have_matplotlib", "pyplot", "size_label", "line_panels", "error_panels"]
+__all__ = ["size_label", "line_panels", "error_panels"]
 
 # One colour per implementation, one line style per series variant (e.g. K).
 _COLORS = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown",
            "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
 _STYLES = ["-", "--", ":", "-."]
 _MARKERS = ["o", "s", "^", "D", "v", "x"]
-
-
-def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def size_label(n: int) -> str:
@@ -47,9 +26,13 @@ def size_label(n: int) -> str:
 def _grid(path, panels: Sequence[dict], draw, *, title: str, ncols: int, width: float):
     """Draws ``draw(ax, panel)`` in a grid of ``ncols`` columns, labels each panel from its
     "title", "xlabel", "ylabel", blanks the unused cells and writes the figure."""
-    if not have_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
         return None
-    plt = pyplot()
+    matplotlib.use("Agg", force=True)  # headless
+    import matplotlib.pyplot as plt
+
     nrows = (len(panels) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 4.4 * nrows), squeeze=False)
     cells = [ax for row in axes for ax in row]
@@ -73,12 +56,9 @@ def _grid(path, panels: Sequence[dict], draw, *, title: str, ncols: int, width: 
 
 def line_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
                 xlog2: bool = True, ncols: Optional[int] = None) -> Optional[pathlib.Path]:
-    """A grid of line plots.
-
-    Each panel: {"title", "xlabel", "ylabel", "series": [{"label", "x", "y", "group",
-    "variant"}], "hlines": [{"y", "label"}]}. `group` picks the colour (e.g. the
-    implementation), `variant` the line style and marker (e.g. K).
-    """
+    """A grid of line plots. Each panel: {"title", "xlabel", "ylabel", "series": [{"label",
+    "x", "y", "group", "variant"}], "hlines": [{"y", "label"}]}. `group` picks the colour
+    (e.g. the implementation), `variant` the line style and marker (e.g. K)."""
     groups: Dict[str, int] = {}
     variants: Dict[str, int] = {}
     for p in panels:
@@ -114,13 +94,10 @@ def line_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
 
 def error_panels(path: pathlib.Path, panels: Sequence[dict], *, title: str = "",
                  ncols: Optional[int] = None) -> Optional[pathlib.Path]:
-    """A grid of error-vs-NFE plots on a log error axis.
-
-    Each panel: {"title", "xlabel", "ylabel", "series": [{"label", "x", "y", optional
-    "linestyle"}] (lines, one colour each), "points": [{"label", "x", "y"}] (large black
-    markers, e.g. the distilled solver), optional "ylim": (bottom, top) and "xticks".
-    Non-positive or non-finite errors are left out (they have no log).
-    """
+    """A grid of error-vs-NFE plots on a log error axis. Each panel: {"title", "xlabel",
+    "ylabel", "series": [{"label", "x", "y", optional "linestyle"}] (lines, one colour each),
+    "points": [{"label", "x", "y"}] (large black markers, e.g. the distilled solver),
+    optional "ylim": (bottom, top) and "xticks"}. Errors <= 0 or not finite are left out."""
     def finite(s):
         pts = [(a, b) for a, b in zip(s["x"], s["y"])
                if b is not None and math.isfinite(b) and b > 0]

@@ -6,15 +6,12 @@ the generated blocks of BENCHMARKS.md (and README.md) in step with a real run.
                              [--out benchmarks/results] [--markdown BENCHMARKS.md]
                              [--readme README.md] [section options, see --help]
 
-Sections. Section NAME lives in `benchmarks/bench_NAME.py` (imported only when it runs)
-and exposes `run(quick: bool, out_dir: pathlib.Path, **options) -> dict`; of the keyword
-options (`OPTION_NAMES`) it gets those its signature names.
-
-Failed or skipped. A section whose module is missing, fails to import, has no `run`, or
-whose `run` raises has FAILED: the other sections still run and the exit status is 1,
-naming the failed ones. A section is SKIPPED (exit status 0) only for a stated reason: its
-`run` returned ``{"skipped": "reason"}``, or an optional dependency (`OPTIONAL_PACKAGES`,
-the extras of pyproject.toml) is missing, which is named in the reason.
+Section NAME lives in `benchmarks/bench_NAME.py` (imported only when it runs) and exposes
+`run(quick: bool, out_dir: pathlib.Path, **options) -> dict`; it gets those of the options
+(`OPTION_NAMES`) its signature names. A section whose module is missing or fails to import,
+has no `run`, or whose `run` raises has FAILED: the other sections still run and the exit
+status is 1. It is SKIPPED (exit status 0) only when its `run` returned
+``{"skipped": "reason"}`` or an optional dependency (`OPTIONAL_PACKAGES`) is missing.
 
 What `run` returns (all keys optional; dumped to out/NAME.json unless the section wrote it):
     "tables": [{"title": str, "columns": [str], "rows": [[cell, ...] or {column: cell}]}]
@@ -29,9 +26,8 @@ What `run` returns (all keys optional; dumped to out/NAME.json unless the sectio
 
 The machine (CPU, torch and threads, backend, date, git commit, command line) goes to
 out/machine.json. `--markdown PATH` rewrites, per successful section, the block between
-`<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->` (created when absent); text
-outside the markers is never touched. Exit status: 1 when a section failed (or a markdown
-block could not be written), 2 for an unknown section name, else 0.
+`<!-- bench:NAME:start/end -->` (appended when absent); text outside the markers is never
+touched. Exit status 2 for an unknown section name.
 """
 from __future__ import annotations
 
@@ -63,9 +59,6 @@ DEFAULT_SECTIONS = ("kernels",)
 #: section that needs one of them and does not find it is skipped, with the reason.
 OPTIONAL_PACKAGES = {"triton": "triton", "matplotlib": "matplotlib",
                      "sklearn": "scikit-learn", "diffusers": "diffusers"}
-#: The keyword options a section's `run` may name (from the command line).
-OPTION_NAMES = ("device", "backend", "sizes", "ks", "dtypes", "repeats", "impls", "threads",
-                "demo_distilled", "models", "nfes")
 
 for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
@@ -113,16 +106,6 @@ def load_section(name: str):
     return mod, None, None
 
 
-def call_run(mod, quick: bool, out_dir: pathlib.Path, options: dict) -> Tuple[dict, dict]:
-    """Calls mod.run with the options its signature names; returns (result, passed)."""
-    params = inspect.signature(mod.run).parameters
-    passed = {k: v for k, v in options.items() if v is not None and k in params}
-    result = mod.run(quick, out_dir, **passed)
-    if result is None:
-        result = {}
-    return (result if isinstance(result, dict) else {"result": result}), passed
-
-
 # --------------------------------------------------------------------------------------
 # helpers the sections share
 
@@ -158,17 +141,62 @@ def reporter(section: str, verbose: bool = True) -> Callable:
     return say
 
 
-def section_main(name: str, run: Callable, options: Sequence[Tuple[str, dict]] = (),
+def int_list(s: str) -> List[int]:
+    """'4096,256K,4M' -> [4096, 262144, 4194304]."""
+    out = []
+    for tok in (t.strip().upper() for t in s.split(",")):
+        if not tok:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(tok[-1], 1)
+        try:
+            out.append(int(float(tok[:-1] if mult > 1 else tok) * mult))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a size: {tok!r} (use e.g. 4096, 256K, 4M)")
+    return out
+
+
+def str_list(s: str) -> List[str]:
+    return [t.strip() for t in s.split(",") if t.strip()]
+
+
+#: Options shared by run.py and the sections run alone (`section_main`): flag -> argparse
+#: keywords. Each reaches the sections whose `run` names it.
+OPTIONS = {
+    "--device": dict(default="cpu", choices=["cpu", "cuda"]),
+    "--backend": dict(choices=["auto", "cpp", "triton", "reference"],
+                      help="force an epd_kernels backend (default: per device)"),
+    "--threads": dict(type=int, help="torch.set_num_threads"),
+    "--sizes": dict(type=int_list, help="e.g. 256K,4M (elements of x)"),
+    "--ks": dict(type=int_list, help="branch counts, e.g. 2,3,4"),
+    "--dtypes": dict(type=str_list, help="e.g. float32,bfloat16"),
+    "--repeats": dict(type=int, help="timed repeats per measurement"),
+    "--impls": dict(type=str_list, help="e.g. fused,eager,compile"),
+    "--models": dict(type=str_list, help="models of the sections that take them, in each "
+                     "section's own names (distill: gaussian,gmm,skewed-16,mixture-128,"
+                     "mixture-768,digits-unet)"),
+    "--nfes": dict(type=int_list, help="NFEs of the sections that take them (distill: 3,5,7,9)"),
+}
+#: The keyword options a section's `run` may name (`--no-distilled` is `demo_distilled`).
+OPTION_NAMES = tuple(flag[2:] for flag in OPTIONS) + ("demo_distilled",)
+
+
+def section_main(name: str, run: Callable, options: Sequence = (),
                  argv: Optional[Sequence[str]] = None) -> int:
-    """A section module run as a script: --quick, --out and its own `options` (flag,
-    argparse keywords), passed to `run` by name when given; prints its tables."""
+    """A section module run as a script: --quick, --out and its `options` (a flag of
+    `OPTIONS`, or (flag, argparse keywords)), passed to `run` by name when given."""
     ap = argparse.ArgumentParser(description=f"benchmark section {name!r} alone")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=pathlib.Path, default=HERE / "results")
-    for flag, kw in options:
+    for opt in options:
+        flag, kw = (opt, OPTIONS[opt]) if isinstance(opt, str) else opt
         ap.add_argument(flag, **kw)
     args = vars(ap.parse_args(argv))
     quick, out = args.pop("quick"), args.pop("out")
+    backend = args.pop("backend", None)
+    if backend:  # for the whole process, as main() does
+        from epd_kernels import backends
+
+        backends.set_backend(backend)
     t0 = time.perf_counter()
     result = run(quick, out, **{k: v for k, v in args.items() if v is not None})
     print(render_text(name, result))
@@ -288,7 +316,7 @@ def _pkg_version(name: str) -> Optional[str]:
         return None
 
 
-def _backend_info(device: str) -> dict:
+def backend_info(device: str) -> dict:
     """The backend `device` gets, the available ones, and any warning the choice gave."""
     import torch
 
@@ -328,7 +356,7 @@ def machine_info(device: str = "cpu") -> dict:
         numpy=_pkg_version("numpy"), triton=_pkg_version("triton"),
         cuda_available=torch.cuda.is_available(), cuda_version=torch.version.cuda,
         gpu=(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
-        device=device, **_backend_info(device),
+        device=device, **backend_info(device),
         date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         git_commit=git("rev-parse", "HEAD"),
         git_dirty=(bool(dirty) if dirty is not None else None),
@@ -338,21 +366,16 @@ def machine_info(device: str = "cpu") -> dict:
         env={k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                         "EPD_KERNELS_BACKEND", "TRITON_INTERPRET",
                                         "CUDA_VISIBLE_DEVICES") if k in os.environ},
-        loadavg_start=loadavg(),
-    )
+        loadavg_start=loadavg())
 
 
 def machine_line(info: dict) -> str:
-    parts = [
-        info.get("cpu_model") or "unknown CPU",
-        f"{info.get('logical_cpus')} logical CPUs",
-        f"torch {info.get('torch')}",
-        f"{info.get('torch_threads')} threads",
-        f"device {info.get('device')}" + (f" ({info['gpu']})" if info.get("gpu") else ""),
-        f"backend `{info.get('backend')}`",
-        f"commit `{commit_label(info.get('git_commit'), info.get('git_dirty'))}`",
-        f"{info.get('date_utc')}",
-    ]
+    gpu = f" ({info['gpu']})" if info.get("gpu") else ""
+    parts = [info.get("cpu_model") or "unknown CPU", f"{info.get('logical_cpus')} logical CPUs",
+             f"torch {info.get('torch')}", f"{info.get('torch_threads')} threads",
+             f"device {info.get('device')}{gpu}", f"backend `{info.get('backend')}`",
+             f"commit `{commit_label(info.get('git_commit'), info.get('git_dirty'))}`",
+             f"{info.get('date_utc')}"]
     if info.get("loadavg_start"):
         parts.append(f"load avg at start {info['loadavg_start'][0]}")
     return " · ".join(parts)
@@ -453,24 +476,6 @@ def write_readme(path: pathlib.Path, name: str, result: dict, info: dict) -> Opt
 # command line
 
 
-def int_list(s: str) -> List[int]:
-    """'4096,256K,4M' -> [4096, 262144, 4194304]."""
-    out = []
-    for tok in (t.strip().upper() for t in s.split(",")):
-        if not tok:
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(tok[-1], 1)
-        try:
-            out.append(int(float(tok[:-1] if mult > 1 else tok) * mult))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a size: {tok!r} (use e.g. 4096, 256K, 4M)")
-    return out
-
-
-def str_list(s: str) -> List[str]:
-    return [t.strip() for t in s.split(",") if t.strip()]
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -485,23 +490,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          "(between <!-- bench:readme-SECTION:start/end --> markers)")
     ap.add_argument("--markdown", type=pathlib.Path, default=None,
                     help="rewrite the generated blocks of this markdown file")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--backend", default=None, choices=["auto", "cpp", "triton", "reference"],
-                    help="force an epd_kernels backend (default: per device)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     g = ap.add_argument_group("section options (passed to sections whose run() accepts them)")
-    g.add_argument("--sizes", type=int_list, default=None, help="e.g. 256K,4M (elements of x)")
-    g.add_argument("--ks", type=int_list, default=None, help="branch counts, e.g. 2,3,4")
-    g.add_argument("--dtypes", type=str_list, default=None, help="e.g. float32,bfloat16")
-    g.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
-    g.add_argument("--impls", type=str_list, default=None, help="e.g. fused,eager,compile")
+    for flag, kw in OPTIONS.items():
+        (ap if flag in ("--device", "--backend", "--threads") else g).add_argument(flag, **kw)
     g.add_argument("--no-distilled", action="store_true",
                    help="solvers section: skip fitting the distilled solvers on the demo model")
-    g.add_argument("--models", type=str_list, default=None,
-                   help="models of the sections that take them, in each section's own names "
-                        "(distill: gaussian,gmm,skewed-16,mixture-128,mixture-768,digits-unet)")
-    g.add_argument("--nfes", type=int_list, default=None,
-                   help="NFEs of the sections that take them (distill: 3,5,7,9)")
     return ap.parse_args(argv)
 
 
@@ -512,9 +505,11 @@ def run_section(name: str, args, options: dict, info: dict, out_dir: pathlib.Pat
     if mod is None:
         print(f"{status}: {why}", file=sys.stderr if status == "failed" else sys.stdout)
         return dict(status=status, reason=why.splitlines()[0])
+    params = inspect.signature(mod.run).parameters
+    passed = {k: v for k, v in options.items() if v is not None and k in params}
     t0, started = time.perf_counter(), time.time()
     try:
-        result, passed = call_run(mod, args.quick, out_dir, options)
+        result = mod.run(args.quick, out_dir, **passed)
     except Exception as e:  # noqa: BLE001 - report, keep going with the other sections
         skip = missing_optional(e)
         if skip:
@@ -523,6 +518,8 @@ def run_section(name: str, args, options: dict, info: dict, out_dir: pathlib.Pat
         print(traceback.format_exc(), file=sys.stderr)
         return dict(status="failed", reason=f"{type(e).__name__}: {e}",
                     wall_time_s=time.perf_counter() - t0)
+    if not isinstance(result, dict):
+        result = {} if result is None else {"result": result}
     if result.get("skipped"):
         print(f"skipped: {result['skipped']}")
         return dict(status="skipped", reason=str(result["skipped"]))
@@ -530,8 +527,7 @@ def run_section(name: str, args, options: dict, info: dict, out_dir: pathlib.Pat
     result.setdefault("wall_time_s", wall)
     json_path = out_dir / f"{name}.json"
     if not json_path.exists() or json_path.stat().st_mtime < started - 1:
-        with open(json_path, "w") as f:  # the section did not write its own JSON
-            json.dump(result, f, indent=1, default=str)
+        json_path.write_text(json.dumps(result, indent=1, default=str))  # the section wrote none
     print(f"\n{render_text(name, result)}\n\n[{name}] {wall:.1f} s; wrote {json_path}")
     entry = dict(status="ok", wall_time_s=wall, options=passed, json=str(json_path))
     for kind, path in (("markdown", args.markdown), ("readme", args.readme)):
@@ -581,8 +577,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def write_machine():
         info["loadavg_end"] = loadavg()
-        with open(out_dir / "machine.json", "w") as f:
-            json.dump(info, f, indent=1, default=str)
+        (out_dir / "machine.json").write_text(json.dumps(info, indent=1, default=str))
 
     write_machine()
     options = {k: getattr(args, k, None) for k in OPTION_NAMES}

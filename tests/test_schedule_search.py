@@ -353,6 +353,30 @@ def test_schedule_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(m
                           amed_form="table", num_points=None, **kw)
     assert rep["final"]["learn_grid"] is False and set(rep["final"]) == {
         "learn_grid", "kept", "search_val_rmse", "fixed_val_rmse"} and len(calls) == 2
-    with pytest.raises(ValueError, match="learn_grid=... needs a final run"):
-        search(model, candidates=["poly7"], search_iterations=None, learn_grid=True,
-                     **TINY)
+    # a full-length search (no final run) with learn_grid learns every candidate's grid
+    # and keeps the candidate better on validation
+    calls.clear()
+    p, rep = search(model, candidates=["poly7", "logsnr"], search_iterations=None,
+                    learn_grid=True, **TINY)
+    assert len(calls) == 2 and all(c[0]["learn_grid"] is True for c in calls)
+    assert "final" not in rep and p.schedule["kind"] == "learned"
+    assert p is min((out for _, out in calls), key=rep["score"])
+
+
+def test_default_grid_order_search_then_learned_starts_then_small_search():
+    """With the grid and the run's length left to the budget, `distill` tries the full
+    search, then (EPD only) the grid learned from two starts, then the small search."""
+    from epd_kernels.distill import api
+    from epd_kernels.distill.settings import DistillSettings
+
+    s = DistillSettings(nfe=5, shape=(4,))
+    ways = [(d, t) for d, t in api._default_grids(s)]
+    assert [t.search.candidates for _, t in ways] == [
+        tuple(schedule_search.DEFAULT_CANDIDATES), api.LEARNED_STARTS, api.SMALL_SEARCH]
+    assert all(t.schedule == "auto" for _, t in ways)
+    learned = ways[1][1]
+    assert learned.learn_grid is True and learned.search.search_iterations is None
+    amed = DistillSettings(nfe=5, shape=(4,), method="amed")
+    assert [t.search.candidates for _, t in api._default_grids(amed)] == [
+        tuple(schedule_search.DEFAULT_CANDIDATES), api.SMALL_SEARCH]
+    assert list(api._default_grids(s.replace(schedule="logsnr"))) == []

@@ -121,21 +121,12 @@ def _sized(denoiser, s: DistillSettings, cond: dict, device):
     world, _ = dist_info()
     cost = _budget.measure_cost(denoiser, s, device, cond)
     candidates = len(s.search.candidates or DEFAULT_CANDIDATES)
-    if _may_search(s):
-        for names in (None, SMALL_SEARCH):
-            trial = s.replace(schedule="auto")
-            if names is not None:
-                trial = trial.replace(search=dataclasses.replace(s.search, candidates=names))
-            out, record = _budget.plan(trial, cost, len(names or DEFAULT_CANDIDATES))
-            if out.iterations >= MIN_SEARCH_ITERATIONS and (out.pool or 0) >= MIN_SEARCH_POOL:
-                record.update(world_size=world, schedule=f"auto: the grid search over "
-                              f"{list(names or DEFAULT_CANDIDATES)} fits the budget")
-                return out, record
+    for schedule, trial in _default_grids(s):   # the first that fits the budget
+        out, record = _budget.plan(trial, cost, len(trial.search.candidates))
+        if out.iterations >= MIN_SEARCH_ITERATIONS and (out.pool or 0) >= MIN_SEARCH_POOL:
+            record.update(world_size=world, schedule=schedule)
+            return out, record
     if _may_search(s) and s.method == "epd" and s.learn_grid is None:
-        # Without the search, the grid is learned from the polynomial one instead: one run,
-        # the final-state loss. On the digits U-Net (the search does not fit 60 s) it took
-        # the held-out RMSE at NFE 5 / 7 from 0.081 / 0.091 to 0.057 / 0.047 (docs/design.md,
-        # "Distillation").
         s = s.replace(learn_grid=True)
     out, record = _budget.plan(s, cost, candidates if s.auto_schedule else 1)
     record["world_size"] = world
@@ -153,6 +144,30 @@ MIN_SEARCH_POOL = 512
 #: per kind of model where it was best (rho 7: digits, U-Net, Gaussian; rho 3.5 and
 #: time-uniform: the mixtures; `schedule_search` docstring).
 SMALL_SEARCH = ("poly7", "poly3.5", "time-uniform")
+#: The grids the default learns from when no search fits.
+LEARNED_STARTS = ("poly7", "logsnr")
+
+
+def _default_grids(s: DistillSettings):
+    """``(description, settings)`` of the ways the default finds its grid, best first: the
+    grid search over every candidate; without it the grid is learned (final-state loss:
+    on the digits U-Net it took NFE 5 / 7 from 0.081 / 0.091 to 0.057 / 0.047) from two
+    starts, the better on validation kept (where a learned grid ends depends on its start
+    and draws: NFE 5 0.050-0.052 or 0.055-0.057); then the small search."""
+    from .schedule_search import DEFAULT_CANDIDATES
+
+    if not _may_search(s):
+        return
+    search = s.replace(schedule="auto", search=dataclasses.replace(
+        s.search, candidates=tuple(s.search.candidates or DEFAULT_CANDIDATES)))
+    yield f"auto: the grid search over {list(search.search.candidates)} fits the budget", search
+    if s.method == "epd" and s.learn_grid is None:
+        yield (f"grid learned from {list(LEARNED_STARTS)}, the better on validation kept: "
+               f"the full search does not fit the budget"), s.replace(
+                   schedule="auto", learn_grid=True, search=dataclasses.replace(
+                       s.search, candidates=LEARNED_STARTS, search_iterations=None))
+    yield (f"auto: the grid search over {list(SMALL_SEARCH)} fits the budget",
+           search.replace(search=dataclasses.replace(s.search, candidates=SMALL_SEARCH)))
 
 
 def _resumed(s: DistillSettings) -> Optional[DistillSettings]:

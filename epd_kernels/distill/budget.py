@@ -138,7 +138,10 @@ def plan(s: DistillSettings, cost: dict, candidates: int = 1) -> tuple:
     teacher_calls = lambda M: CALLS_PER_STEP[s.teacher] * S * (M + 1)  # noqa: E731
     compare_draw = per_draw(REFERENCE_STEPS + _BASELINE_COUNT * s.nfe + 2 * (2 * S - afs))
     auto = s.auto_schedule
-    runs = candidates / 3 + 2 if auto else 1          # training runs' worth of iterations
+    # Training runs' worth of iterations: full-length candidate runs, or short ones and
+    # the final runs.
+    full = s.search.search_iterations is None
+    runs = (candidates if full else candidates / 3 + 2) if auto else 1
     draws = COMPARE_DRAWS if s.compare else 0
     if draws and draws * compare_draw > 0.15 * budget:
         draws = max(64, int(0.15 * budget / compare_draw))

@@ -217,7 +217,9 @@ def _choose(denoiser, s: DistillSettings, cond: dict, search_iterations: int):
     val = _Validation(denoiser, s, cond, search_iterations)
     results, params_of = {}, {}
     bar = progress_bar(s.progress, len(candidates), "grid search", "grid")
-    run = dict(iterations=search_iterations, progress=False, checkpoint=None, learn_grid=None,
+    # Full-length runs (no final run) may learn their grid: the search is then over starts.
+    learn = s.learn_grid if s.search.search_iterations is None else None
+    run = dict(iterations=search_iterations, progress=False, checkpoint=None, learn_grid=learn,
                match=None, search=SearchSettings())
     for name, spec in candidates.items():
         t0 = time.perf_counter()
@@ -266,7 +268,7 @@ def _auto(denoiser, s: DistillSettings, cond: dict):
     grid_it = None if o.grid_iterations is None else check_int(
         "grid_iterations", o.grid_iterations, 1)
     full = o.search_iterations is None
-    for name in ("checkpoint", "learn_grid", "match"):
+    for name in ("checkpoint", "match"):
         if getattr(s, name) not in (None, False) and full:
             raise ValueError(f"{name}=... needs a final run: pass search_iterations (the "
                              f"full-length search has none)")

@@ -111,19 +111,24 @@ def measure_cost(denoiser, s: DistillSettings, device, cond: dict) -> dict:
 
     student = EPDStudent(denoiser, start, DELTA_MAX, O_MAX, device)
 
-    def iteration():   # a training iteration without the teacher (its targets are stored)
-        traj = student.unroll(noise * float(start.sigmas[0]), **_cycle(cond, batch))
+    def iteration(rows):   # a training iteration without the teacher (targets are stored)
+        traj = student.unroll(noise[:rows] * float(start.sigmas[0]), **_cycle(cond, rows))
         sum(t.pow(2).mean() for t in traj[1:]).backward()
 
     with frozen(denoiser):
         fwd_b = _time_calls(lambda: call(batch, False))
         call_chunk = _time_calls(lambda: call(chunk, False)) if chunk != batch else fwd_b
         epd_b = _time_calls(epd, max_calls=2)
-        step = _time_calls(iteration, max_calls=2)
+        step = _time_calls(lambda: iteration(batch), max_calls=2)
+        # An iteration is not proportional to its batch (fixed costs per call): a second
+        # size gives the affine fit that the plan scales with.
+        small = max(1, batch // 4)
+        step_small = _time_calls(lambda: iteration(small), max_calls=2) if small < batch else step
     calls = 2 * S - afs
     overhead = max(0.0, epd_b - ((s.K + 1) * S - afs) * fwd_b) / calls
     return {"call_chunk": call_chunk, "chunk": chunk, "overhead": overhead, "batch": batch,
-            "iteration": step, "measure_s": time.perf_counter() - t0}
+            "iteration": step, "small_batch": small, "iteration_small": step_small,
+            "measure_s": time.perf_counter() - t0}
 
 
 def plan(s: DistillSettings, cost: dict, candidates: int = 1) -> tuple:
@@ -150,7 +155,7 @@ def plan(s: DistillSettings, cost: dict, candidates: int = 1) -> tuple:
     rest -= val.get("val_size", 0) * val.get("draw_s", 0.0)
     batch = DEFAULT_BATCH_SIZE if s.batch_size == AUTO else s.batch_size
     iters = DEFAULT_ITERATIONS if s.iterations == AUTO else s.iterations
-    per_iter = lambda b: runs * cost["iteration"] * b / cost["batch"]  # noqa: E731
+    per_iter = lambda b: runs * _iteration_s(cost, b)  # noqa: E731
     if s.batch_size == AUTO:
         while batch > 16 and iters * per_iter(batch) > 0.55 * rest:
             batch //= 2
@@ -176,6 +181,16 @@ def plan(s: DistillSettings, cost: dict, candidates: int = 1) -> tuple:
                          if k == "val_size" or k in s.unresolved()},
               "compare_draws": draws, "estimated_s": estimate}
     return out, record
+
+
+def _iteration_s(cost: dict, b: int) -> float:
+    """Seconds of an iteration of batch ``b``: affine in the batch through the two measured
+    sizes (proportional when only one was measured), never below the smaller's share."""
+    big, small = cost["batch"], cost.get("small_batch", cost["batch"])
+    if small >= big:
+        return cost["iteration"] * b / big
+    slope = max(0.0, (cost["iteration"] - cost["iteration_small"]) / (big - small))
+    return max(cost["iteration_small"] + slope * (b - small), cost["iteration"] * b / big)
 
 
 def _validation_plan(s: DistillSettings, candidates: int, per_draw, budget: float) -> dict:

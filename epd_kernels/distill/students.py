@@ -1,13 +1,9 @@
 """Students of the distillation loop: what is optimised and how it is unrolled.
 
-A student has
-
-    module                     the nn.Module whose parameters Adam optimises (and whose
-                               state_dict the checkpoint stores under "latent")
-    unroll(x, **cond)          [x_0, ..., x_S]: the sampler run differentiably from x
-    export(meta)               detached, validated params carrying ``meta``
-    solver                     the `sample` name ("epd", "amed-ipndm", ...)
-    init_summary()             a JSON-able fingerprint of the start (checkpoint settings)
+A student has ``module`` (what Adam optimises; the checkpoint stores its state_dict under
+"latent"), ``unroll(x, **cond)`` (``[x_0, ..., x_S]``, the sampler run differentiably from
+x), ``export(meta)`` (detached, validated params), ``solver`` (the `sample` name) and
+``init_summary()`` (a JSON-able fingerprint of the start, for the checkpoint settings).
 
 `EPDStudent` wraps `LatentEPD` around `epd_sampler`. `AMEDStudent` wraps either
 `LatentAMEDTable` (table form) or a trainable copy of the start's `AMEDPredictor`

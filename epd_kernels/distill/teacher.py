@@ -33,7 +33,7 @@ INSERTIONS = ("polynomial", "logsnr", "geometric")
 
 
 def refine_sigmas(sigmas, M: int, insert: str = "polynomial", rho: float = 7.0) -> torch.Tensor:
-    """The student grid with ``M`` points inserted inside every interval ([S (M+1) + 1], float64)."""
+    """The student grid with ``M`` points inside every interval ([S (M+1) + 1], float64)."""
     s = check_sigmas(sigmas, "sigmas")
     if isinstance(M, bool) or not isinstance(M, int) or M < 0:
         raise ValueError(f"M (points inserted per student interval) must be an integer >= 0, "

@@ -73,11 +73,8 @@ def refine_sigmas(sigmas, factor: int, rho: float = 7.0) -> torch.Tensor:
 def teacher_targets(denoiser: Callable, x: torch.Tensor, sigmas, *, teacher: str = "heun",
                     teacher_factor: int = 10, teacher_afs: bool = False,
                     **cond) -> List[torch.Tensor]:
-    """Teacher states at ``sigmas[1:]`` from ``x`` at ``sigmas[0]`` (a list of S tensors).
-
-    The teacher is a baseline solver (`epd_kernels.solvers.SOLVERS`: "euler"/"ddim",
-    "heun", "dpm2", "ipndm", ...) run on `refine_sigmas(sigmas, teacher_factor)`.
-    """
+    """Teacher states at ``sigmas[1:]`` from ``x`` at ``sigmas[0]`` (a list of S tensors): a
+    solver of `SOLVERS` run on `refine_sigmas(sigmas, teacher_factor)`."""
     if not isinstance(teacher, str) or teacher.lower() not in SOLVERS:
         raise ValueError(f"unknown teacher {teacher!r}; use one of {sorted(SOLVERS)} or 'same'")
     fine = refine_sigmas(sigmas, teacher_factor)

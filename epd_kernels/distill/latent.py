@@ -45,11 +45,8 @@ def _atanh_scaled(v: torch.Tensor, bound: float, name: str) -> torch.Tensor:
 
 
 class LatentEPD(nn.Module):
-    """Free parameters ``a, b [S, K]``, ``c [S, K]``, ``e [S]`` behind an `EPDParams`.
-
-    Build with `LatentEPD.from_params(start)`; `natural()` gives the differentiable
-    `EPDParams` on the same grid with the same metadata as ``start``.
-    """
+    """Free parameters ``a, b, c [S, K]``, ``e [S]`` behind an `EPDParams`: built by
+    `from_params(start)`; `natural()` gives the differentiable params (start's grid, meta)."""
 
     def __init__(self, template: EPDParams, a, b, c, e, delta_max: float = DELTA_MAX,
                  o_max: float = O_MAX, g=None):
@@ -111,12 +108,8 @@ class LatentEPD(nn.Module):
 
 
 class LatentAMEDTable(nn.Module):
-    """Free parameters ``a, c, e [S]`` behind table-form `AMEDParams` (EPD with K = 1 and
-    no weights): ``r = sigmoid(a)``, ``delta = delta_max tanh(c)``, ``o = o_max tanh(e)``.
-
-    Build with `LatentAMEDTable.from_params(start)`; `natural()` gives the differentiable
-    `AMEDParams` on the same grid with the same metadata as ``start``.
-    """
+    """Free parameters ``a, c, e [S]`` behind table-form `AMEDParams` (EPD with K = 1, no
+    weights), built and read back as `LatentEPD`'s."""
 
     def __init__(self, template, a, c, e, delta_max: float, o_max: float):
         super().__init__()

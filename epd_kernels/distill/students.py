@@ -133,11 +133,8 @@ class AMEDStudent:
 def amed_start(denoiser: Callable, sigmas, *, init, form, features, plugin, afs, max_order,
                schedule, delta_max, o_max, seed, nfe, probe, cond):
     """``(start, delta_max, o_max)``: the starting `AMEDParams` of an AMED distillation
-    and the bounds in force (the paper's by default; a predictor's are its own).
-
-    ``probe``: zeros shaped like a rank's batch, for sizing the predictor's input when the
-    features come from a module hook or a callable (`probe_feature_dim`).
-    """
+    and the bounds in force (the paper's by default; a predictor's are its own). ``probe``:
+    zeros shaped like a rank's batch, to size a hook's or callable's features."""
     if features is not None and form == "table":
         raise ValueError("features= is only read by the AMED predictor (amed_form="
                          "'predictor'), not by the table form")

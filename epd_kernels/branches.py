@@ -77,12 +77,11 @@ def remember_capture_failure(denoiser: Callable) -> None:
 
 
 class BranchRunner:
-    """Evaluates K branch gradients of one EPD step with one batched denoiser call.
-
-    A `CountingDenoiser` is unwrapped and gets the runner's logical calls.
-    ``use_cuda_graph``: None (follow ``graph``: "auto", "off", "simulate", None for
-    ``EPD_KERNELS_GRAPH``), False or True (ValueError off CUDA). ``graph_strategy``: a
-    strategy used on any device. Counters: ``calls``, ``samples``, ``captures``, ``replays``."""
+    """The K branch gradients of an EPD step in one call (module docstring). A
+    `CountingDenoiser` is unwrapped and gets the runner's logical calls. ``use_cuda_graph``:
+    None (follow ``graph``: "auto", "off", "simulate", None for ``EPD_KERNELS_GRAPH``), False
+    or True (ValueError off CUDA); ``graph_strategy``: a strategy used on any device.
+    Counters: ``calls``, ``samples``, ``captures``, ``replays``."""
 
     def __init__(self, denoiser: Callable, num_points: int, use_cuda_graph: Optional[bool] = None,
                  graph_strategy: Any = None, graph: Optional[str] = None):

@@ -78,7 +78,6 @@ def run_paradigms(denoiser: Callable, x: torch.Tensor, sigmas, *, window: Option
                   noise_scale: str = "step", callback: Optional[Callable] = None,
                   progress: bool = False, **cond) -> Tuple[torch.Tensor, ParadigmsStats]:
     """ParaDiGMS from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``; returns ``(x, stats)``.
-
     ``window`` W (default and cap: S). ``callback`` gets after every round: 'round', 'i'
     (window start), 'stride', 'window' (n), 'x' (at 'sigma' = t_i), 'x_next' (the new
     converged state at 'sigma_next' = t_{i + stride}, or the extrapolated end state),

@@ -1,19 +1,18 @@
 #!/usr/bin/env python
 """Branch benchmark: the K branch evaluations of one EPD step, batched vs sequential.
 
-After the main-point call ``d_n = (x - D(x, t)) / t`` (batch B), an EPD step needs the K
-branch gradients ``g_k = (x_k - D(x_k, tau_k)) / tau_k``: from ONE call on a ``[K*B, ...]``
-batch (`BranchRunner.run`, what the sampler does) or from K sequential calls of batch B.
-Timed per B and K = 1..4 on the `epd demo` model (digits U-Net, labels ``row % 10``):
+The K branch gradients ``g_k = (x_k - D(x_k, tau_k)) / tau_k`` of a step come from ONE call
+on a ``[K*B, ...]`` batch (`BranchRunner.run`, what the sampler does) or from K sequential
+calls of batch B. Timed per B and K = 1..4 on the `epd demo` model (digits U-Net, labels
+``row % 10``) as one interleaved comparison (benchmarks/timing.py), after a check that
+batched and sequential agree:
 
     main        one forward of batch B (the main-point call)
     batched     branch states + one forward of batch K*B + gradients (BranchRunner.run)
     sequential  K x (branch state + one forward of batch B + gradient)
 
-with the ratios batched / main (1 would mean the branches are free), sequential / main and
-sequential / batched (what batching saves). Per B, all variants are one interleaved
-comparison (benchmarks/timing.py), after a check that batched and sequential agree. On a
-GPU the batched call is also timed with CUDA-graph replay (else those columns stay empty).
+with the ratios batched / main (1: the branches are free), sequential / main and sequential
+/ batched. On a GPU the batched call is also timed with CUDA-graph replay.
 Writes out_dir/branches.json and out_dir/branches.png.
 """
 from __future__ import annotations

@@ -11,13 +11,11 @@ budgets are then odd), sampled from the same noise (``make_noise`` seeds 0..n-1)
 * ``gaussian-64`` (closed form) and ``gmm-64x8`` (scipy DOP853 at rtol = atol = 1e-12,
   checked against a 100x looser solve).
 
-Row ``dpmpp3m-ref`` is DPM-Solver++(3M) with the k-diffusion code's D'' weight. Reported
-per row: RMSE at sigma_min (one global RMS), the latency NFE and total evaluations measured
-by `sample(..., return_stats=True)`, and the wall time (one thread; median of interleaved
-rounds, benchmarks/timing.py). Distilled solvers (`DISTILLED`) get rows when their params
-are supplied (``params={(model, solver, nfe): params or path}``, or ``--params-dir`` with
-``<model>-<solver>-nfe<N>.safetensors`` files) or with ``distill=True``.
-
+Row ``dpmpp3m-ref``: DPM-Solver++(3M) with the k-diffusion code's D'' weight. Per row: RMSE
+at sigma_min (one global RMS), latency NFE and total evaluations as `sample` counts them,
+wall time (one thread, benchmarks/timing.py). Distilled solvers (`DISTILLED`) get rows with
+``distill=True`` or their params (``params={(model, solver, nfe): params or path}``, or
+``--params-dir`` holding ``<model>-<solver>-nfe<N>.safetensors``).
 Writes ``out_dir/solvers.json`` and ``out_dir/solvers.png`` (log-y error vs NFE).
 """
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """Allocation probe: how much of a large CPU kernel call is the allocator's, not the kernel's.
 
 glibc serves a block above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps
-it on free, so every 64 MB output is page-faulted in again (eager PyTorch and
-torch.compile pay the same). With ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
-both set high (`HEAP_ENV`; either alone changed nothing on glibc 2.36), freed blocks stay
-in the heap and the next output reuses resident pages. glibc reads these variables at
-start-up, so each setting is timed in its own child process (parent's thread count):
-copy_, clone, and the fused forward and backward at each K.
-
-    probe(n=16 * 2**20, ks=(2, 3, 4)) -> {"glibc default": {...}, "freed blocks kept": {...}}
+it on free, so every 64 MB output is page-faulted in again (eager PyTorch and torch.compile
+pay the same). With ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` both set high
+(`HEAP_ENV`; either alone changed nothing on glibc 2.36) freed blocks stay in the heap. glibc
+reads them at start-up, so each setting is timed in its own child process (parent's thread
+count): copy_, clone, and the fused forward and backward at each K, as
+``probe(n=16 * 2**20, ks=(2, 3, 4)) -> {"glibc default": {...}, "freed blocks kept": {...}}``.
 """
 from __future__ import annotations
 

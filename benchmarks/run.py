@@ -1,17 +1,14 @@
 #!/usr/bin/env python
 """Benchmark driver: runs benchmark sections, writes JSON/PNG, prints tables, and keeps
-the generated blocks of BENCHMARKS.md (and README.md) in step with a real run.
-
-    python benchmarks/run.py [--quick] [--all | --sections kernels,solvers,...]
-                             [--out benchmarks/results] [--markdown BENCHMARKS.md]
-                             [--readme README.md] [section options, see --help]
+the generated blocks of BENCHMARKS.md (and README.md) in step with a real run
+(``python benchmarks/run.py --help`` lists the options).
 
 Section NAME lives in `benchmarks/bench_NAME.py` (imported only when it runs) and exposes
 `run(quick: bool, out_dir: pathlib.Path, **options) -> dict`; it gets those of the options
 (`OPTION_NAMES`) its signature names. A section whose module is missing or fails to import,
-has no `run`, or whose `run` raises has FAILED: the other sections still run and the exit
-status is 1. It is SKIPPED (exit status 0) only when its `run` returned
-``{"skipped": "reason"}`` or an optional dependency (`OPTIONAL_PACKAGES`) is missing.
+has no `run`, or whose `run` raises has FAILED (the others still run; exit status 1). It is
+SKIPPED (exit status 0) only when `run` returned ``{"skipped": "reason"}`` or an optional
+dependency (`OPTIONAL_PACKAGES`) is missing. Exit status 2 for an unknown section name.
 
 What `run` returns (all keys optional; dumped to out/NAME.json unless the section wrote it):
     "tables": [{"title": str, "columns": [str], "rows": [[cell, ...] or {column: cell}]}]
@@ -26,8 +23,7 @@ What `run` returns (all keys optional; dumped to out/NAME.json unless the sectio
 
 The machine (CPU, torch and threads, backend, date, git commit, command line) goes to
 out/machine.json. `--markdown PATH` rewrites, per successful section, the block between
-`<!-- bench:NAME:start/end -->` (appended when absent); text outside the markers is never
-touched. Exit status 2 for an unknown section name.
+`<!-- bench:NAME:start/end -->` (appended when absent), never the text outside the markers.
 """
 from __future__ import annotations
 

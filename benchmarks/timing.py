@@ -4,15 +4,14 @@
     stats["fused"]["median_s"], stats["fused"]["min_s"], stats["fused"]["q25_s"], ...
 
 After a warm-up, each candidate's calls per sample (``inner``) make a sample last about
-``min_sample_s``. Then ``repeats`` rounds each take one sample of every candidate, round r
-starting with candidate r mod n: a burst of load hits all candidates alike, and none is
-always first after a switch. The garbage collector is paused; on CUDA, samples are CUDA
-events after a synchronisation.
+``min_sample_s``; ``repeats`` rounds each take one sample of every candidate, round r
+starting with candidate r mod n (a burst of load hits all alike, none is always first after
+a switch). The garbage collector is paused; on CUDA, samples are CUDA events after a sync.
 
-The tables show the **median** (seconds per call): on a shared machine the minimum is the
-single luckiest sample, neither what a user sees nor stable between runs, while the median
-ignores disturbances of fewer than half the rounds, and the ratio of two interleaved medians
-compares them under the same load. A wide q25-q75 band says: repeat on a quiet machine.
+The tables show the **median** (seconds per call): the minimum is the single luckiest sample,
+neither what a user sees nor stable on a shared machine; the median ignores disturbances of
+fewer than half the rounds, and two interleaved medians compare under the same load. A wide
+q25-q75 band says: repeat on a quiet machine.
 """
 from __future__ import annotations
 

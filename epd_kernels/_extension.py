@@ -27,10 +27,8 @@ from typing import Optional
 EXTENSION_NAME = "_C"
 BUILD_RECORD = "_C.build.json"
 CACHE_ENV = "EPD_KERNELS_CACHE_DIR"
-# torch's cpp_extension compiles user extensions as C++20 from 2.13 on (its default flag
-# changed there), and from 2.14 ATen's headers refuse anything older (`#error C++20 or
-# later compatible compiler is required to use ATen`). Older releases (2.4 to 2.12) are
-# built and tested as C++17, which is what they ship with.
+# torch's cpp_extension builds C++20 from 2.13 on and ATen's headers require it from 2.14;
+# older releases (2.4 to 2.12) are built and tested as C++17, as they ship.
 CXX20_FROM = (2, 13)
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

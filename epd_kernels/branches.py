@@ -1,11 +1,7 @@
-"""K parallel branches in ONE batched denoiser call (docs/design.md, "EPD step").
-
-For one EPD step from ``t`` with direction ``v`` and branch points ``tau [K]``:
-
-    x_k     = x + (tau_k - t) * v                       branch states, k = 0..K-1
-    sigma_k = (1 + delta_k) * tau_k                     per-sample noise level
-    D       = denoiser(cat_k x_k, cat_k sigma_k, **cond repeated K times)   # batch K*B
-    g_k     = (x_k - D_k) / tau_k                       -> returned as [K, B, ...]
+"""K parallel branches in ONE batched denoiser call (docs/design.md, "EPD step"): for a step
+from ``t`` along ``v``, the states ``x_k = x + (tau_k - t) v`` at ``sigma_k = (1 + delta_k)
+tau_k`` go through one denoiser call of batch K*B (conditioning repeated K times) and come
+back as ``g_k = (x_k - D_k) / tau_k``, ``[K, B, ...]``.
 
 The batch is k-major (rows ``k*B .. k*B+B-1`` are branch k) for states, sigmas and every
 conditioning tensor leaf with leading dim B (possibly nested). `BranchRunner.run` (no
@@ -81,12 +77,11 @@ def remember_capture_failure(denoiser: Callable) -> None:
 
 
 class BranchRunner:
-    """Evaluates K branch gradients of one EPD step with one batched denoiser call.
-
-    A `CountingDenoiser` is unwrapped and gets the runner's logical calls.
-    ``use_cuda_graph``: None (follow ``graph``: "auto", "off", "simulate", None for
-    ``EPD_KERNELS_GRAPH``), False or True (ValueError off CUDA). ``graph_strategy``: a
-    strategy used on any device. Counters: ``calls``, ``samples``, ``captures``, ``replays``."""
+    """The K branch gradients of an EPD step in one call (module docstring). A
+    `CountingDenoiser` is unwrapped and gets the runner's logical calls. ``use_cuda_graph``:
+    None (follow ``graph``: "auto", "off", "simulate", None for ``EPD_KERNELS_GRAPH``), False
+    or True (ValueError off CUDA); ``graph_strategy``: a strategy used on any device.
+    Counters: ``calls``, ``samples``, ``captures``, ``replays``."""
 
     def __init__(self, denoiser: Callable, num_points: int, use_cuda_graph: Optional[bool] = None,
                  graph_strategy: Any = None, graph: Optional[str] = None):

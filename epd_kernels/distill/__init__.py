@@ -6,34 +6,22 @@ arXiv 2312.00094).
     x0 = sample(denoiser, noise, solver="epd", params=params)
     params = distill(denoiser, nfe=5, shape=(C, H, W), method="amed")     # AMEDParams
 
-This package is callable: ``distill(...)`` is `epd_kernels.distill.distill`. Modules:
-`settings` (every setting, its default and check), `api` (`distill`), `budget` (sizing to
-``time_budget_s``), `loop` (one training run: Adam, cosine decay, non-finite steps skipped
-up to ``max_failures``), `students` (what each method optimises and how it is unrolled),
-`latent` (the bounded reparametrisations), `teacher`, `batches` (a teacher pool computed
-once, or fresh noise), `noise` (training noise as a pure function of seed, iteration and
-row), `conditioning`, `checkpoint` (atomic, resumable: a run killed and resumed ends with
-an uninterrupted run's parameters), `schedule_search` (``schedule="auto"``) and `verdict`
-(the held-out comparison with the baselines).
+This package is callable: ``distill(...)`` is `epd_kernels.distill.distill`. Each module's
+docstring says what it owns (`settings`, `api`, `budget`, `loop`, `students`, `latent`,
+`teacher`, `batches`, `noise`, `conditioning`, `checkpoint`, `schedule_search`, `verdict`).
 
-Multi-process (``torch.distributed`` initialised, e.g. by torchrun): ``batch_size`` is per
-process and rank r takes rows ``[r b, (r + 1) b)`` of the global batch, so W processes with
-batch b train exactly like one with batch W b; one all-reduce per iteration; rank 0 alone
-writes the checkpoint (every rank reads it on resume: use a shared file system).
+Multi-process (``torch.distributed`` initialised): ``batch_size`` is per process and rank r
+takes rows ``[r b, (r + 1) b)`` of the global batch, so W processes with batch b train like
+one with batch W b; one all-reduce per iteration; rank 0 alone writes the checkpoint.
 
-Defaults. ``time_budget_s`` (60 s) sizes M, pool, iterations and batch_size from the model's
-measured cost (`budget`) and runs the grid search when it fits (final runs >= 150
-iterations, pools >= 512 draws), else one run that learns the grid from the polynomial
-rho = 7 one: on the 8-component 64-dim mixture at NFE 5 the search took the held-out RMSE
-from 1.18x the best baseline's (fixed grid) to 0.45-0.54x; on the digits U-Net, where it
-does not fit, learning the grid took NFE 5 / 7 from 0.081 / 0.091 to 0.057 / 0.047. The
-fixed defaults (``time_budget_s=None``, the budget's caps) were chosen for EPD on that
-mixture (NFE 5, K = 2, RMSE to the ODE solution on 1024 held-out draws, 2 seeds):
-iterations 300 (150: 0.139, 300: 0.116-0.121, 600: no better); lr 0.05 (0.02: 0.157-0.163);
-M = 15 (the paper's 3 leaves the teacher as the error: 0.131-0.136); batch 64 with a pool
-of 4096 (with the search, 1024 / 32: 0.110, 4096 / 64: 0.086, 4096 / 128 and 600
-iterations: 0.083). Wider bounds, K > 2, Heun as teacher or a final-state loss did no
-better. The AMED predictor's weights learn at ``lr * WEIGHT_LR_SCALE`` (`students`).
+Defaults. ``time_budget_s`` (60 s) sizes them (`budget`; without room for the grid search
+the grid is learned, `api`); on the 8-component 64-dim mixture at NFE 5 the search took the
+held-out RMSE from 1.18x the best baseline's to 0.45-0.54x. The fixed defaults
+(``time_budget_s=None``) were chosen for EPD on that mixture (NFE 5, K = 2, 1024 held-out
+draws, 2 seeds): iterations 300 (150: 0.139, 300: 0.116-0.121, 600: no better); lr 0.05
+(0.02: 0.157-0.163); M = 15 (the paper's 3 leaves the teacher as the error: 0.131-0.136);
+batch 64, pool 4096 (with the search, 1024 / 32: 0.110, 4096 / 64: 0.086). Wider bounds,
+K > 2, Heun as teacher or a final-state loss did no better.
 """
 import sys as _sys
 import types as _types

@@ -3,14 +3,13 @@
 Two sources, both pure functions of (seed, iteration, global row), so that resumed and
 multi-process runs see exactly the data of one uninterrupted process:
 
-* fresh noise (``pool=None``): row j of iteration i is
-  ``training_noise(seed, i, [j])``; the teacher runs on every batch.
-* a fixed pool of P noise draws (``pool=P``, the default): row j of iteration i is pool entry
-  ``row_seed(seed, i, j) mod P``, whose noise is row p of iteration -1. The
-  teacher runs once over the whole pool (in chunks of `POOL_CHUNK` rows, on the first
-  batch; split between the processes of a multi-process run) and its targets are kept,
-  so an iteration only unrolls the student. Conditioning must then be the same for every
-  row (no per-row tensors).
+* fresh noise (``pool=None``): row j of iteration i is ``training_noise(seed, i, [j])``;
+  the teacher runs on every batch.
+* a pool of P draws (``pool=P``, the default): row j of iteration i is pool entry
+  ``row_seed(seed, i, j) mod P``, the noise of row p of iteration -1. The teacher runs once
+  over the pool (chunks of `POOL_CHUNK` rows, on the first batch, split between processes)
+  and its targets are kept, so an iteration only unrolls the student. Conditioning must
+  then be the same for every row (no per-row tensors).
 """
 from __future__ import annotations
 

@@ -1,15 +1,11 @@
 """Distillation checkpoints: atomic writes, resume, and a settings check.
 
-A checkpoint is one ``torch.save`` file holding
-
-    version, settings (the run's settings, compared on resume), iteration (next to run),
-    latent (the student's module state_dict: `LatentEPD` for EPD, `LatentAMEDTable` or
-    the `AMEDPredictor` for AMED; the key keeps its historical name), optimizer (Adam
-    state_dict), torch_rng (CPU RNG state), failures (consecutive skipped steps), losses
-    (per iteration), elapsed (seconds so far)
-
-The settings include the method and, for AMED, the form and the feature source, so an
-AMED checkpoint is never resumed as EPD (or with other features) and vice versa.
+A checkpoint is one ``torch.save`` file holding version, settings (compared on resume),
+iteration (next to run), latent (the student's module state_dict: `LatentEPD`,
+`LatentAMEDTable` or the `AMEDPredictor`; the key keeps its historical name), optimizer
+(Adam), torch_rng (CPU RNG state), failures (consecutive skipped steps), losses (per
+iteration) and elapsed (seconds). The settings include the method and, for AMED, the form
+and feature source, so an AMED checkpoint is never resumed as EPD (or with other features).
 
 The learning rate and the noise are pure functions of (seed, iteration, row), so nothing
 else is needed to continue exactly. Files are written with `fileio.write_atomic` and the

@@ -1,22 +1,20 @@
 r"""Closed-form fitting of D-ODE lambdas (Kim, Tang, Yu, CVPR 2024, Sec. 3.3, eq. 13-14;
 docs/design.md, "D-ODE").
 
-On one batch of noise a teacher (`teacher_targets`: ``teacher_factor`` = C times the steps
-on `refine_sigmas`, Heun without AFS by default; the paper's base solver is
-``teacher="same"``) gives targets ``T_{n+1}`` at the student sigmas. The student runs from
-the same noise with a lambda rule in place of the list (so fitted and sampled trajectories
-coincide) and fits each step as it reaches it: the update ``x_{n+1} = a_n + lambda b_n`` is
-affine, so ``lambda_n* = <T_{n+1} - a_n, b_n> / <b_n, b_n>`` (`solve_lambda`, float64 over
-the batch; ``lambda_0 = 0``).
+A teacher (`teacher_targets`: ``teacher_factor`` = C times the steps on `refine_sigmas`,
+Heun without AFS by default, ``teacher="same"`` the paper's base solver) gives targets
+``T_{n+1}`` at the student sigmas for one batch of noise. The student runs from the same
+noise with a lambda rule (fitted and sampled trajectories coincide) and, the update being
+affine, fits ``lambda_n* = <T_{n+1} - a_n, b_n> / <b_n, b_n>`` as it reaches each step
+(`solve_lambda`, float64 over the batch; ``lambda_0 = 0``).
 
 Joint refinement (``refine=True``, default; not in the paper): the greedy fit throws away
 the cancellation of errors between steps that a multistep solver relies on (greedy d-ipndm
-was up to 4x worse than iPNDM on 64-dim models at NFE 5-9). `refine_lambdas` then
-minimises the final state's distance to the teacher's by Gauss-Newton (forward-difference
-Jacobian, a line search that only accepts a decrease), from the better of the greedy
-lambdas and zeros, so it is never worse than either on the fitting batch. Refined d-ipndm:
-0.03-0.8x iPNDM's held-out RMSE where greedy was 0.7-4.1x; cost about
-``refine_iterations * (S + 1)`` student runs.
+was up to 4x worse than iPNDM on 64-dim models at NFE 5-9). `refine_lambdas` minimises the
+final state's distance to the teacher's by Gauss-Newton (forward-difference Jacobian, a line
+search accepting only a decrease) from the better of the greedy lambdas and zeros, so never
+worse than either on the fitting batch: d-ipndm 0.03-0.8x iPNDM's held-out RMSE (greedy
+0.7-4.1x), for about ``refine_iterations * (S + 1)`` student runs.
 """
 from __future__ import annotations
 
@@ -75,11 +73,8 @@ def refine_sigmas(sigmas, factor: int, rho: float = 7.0) -> torch.Tensor:
 def teacher_targets(denoiser: Callable, x: torch.Tensor, sigmas, *, teacher: str = "heun",
                     teacher_factor: int = 10, teacher_afs: bool = False,
                     **cond) -> List[torch.Tensor]:
-    """Teacher states at ``sigmas[1:]`` from ``x`` at ``sigmas[0]`` (a list of S tensors).
-
-    The teacher is a baseline solver (`epd_kernels.solvers.SOLVERS`: "euler"/"ddim",
-    "heun", "dpm2", "ipndm", ...) run on `refine_sigmas(sigmas, teacher_factor)`.
-    """
+    """Teacher states at ``sigmas[1:]`` from ``x`` at ``sigmas[0]`` (a list of S tensors): a
+    solver of `SOLVERS` run on `refine_sigmas(sigmas, teacher_factor)`."""
     if not isinstance(teacher, str) or teacher.lower() not in SOLVERS:
         raise ValueError(f"unknown teacher {teacher!r}; use one of {sorted(SOLVERS)} or 'same'")
     fine = refine_sigmas(sigmas, teacher_factor)
@@ -222,9 +217,8 @@ def fit_dode(denoiser: Callable, *, solver: str = "d-euler", nfe: Optional[int] 
         batch_size, seed: the fitting batch, per-sample seeds ``FIT_SEED_BASE + seed * B + j``
             (or ``noise``, a ``[B, ...]`` batch of N(0, I) noise).
         teacher_factor: C, teacher sub-steps per student step (the paper's 10).
-        schedule: the student grid: None (polynomial rho 7), a kind name, a dict of
-            `get_sigmas` arguments, or explicit decreasing sigmas.
-        afs: the student's analytic first step; None: on for d-heun, off otherwise.
+        schedule, afs: the student's grid (as for `sample`) and analytic first step (None: on
+            for d-heun, off otherwise).
         teacher: a baseline solver name or "same" (the base solver); teacher_afs its AFS.
         max_order: iPNDM order cap (d-ipndm). refine, refine_iterations: the joint
             refinement and its Gauss-Newton steps (False: the paper's greedy fit alone).

@@ -1,21 +1,15 @@
 """Unconstrained latent parameters of EPD (and of table-form AMED) and their maps.
 
-The optimiser works on four free tensors; the sampler sees their images, which always lie
-inside the ranges `EPDParams.validate` demands, whatever the optimiser does:
-
-    r       = sigmoid(a)                    in (0, 1)
-    weights = softmax(b, dim=-1)            on the open simplex
-    delta   = delta_max * tanh(c)           in (-delta_max, delta_max)
-    o       = o_max * tanh(e)               in (-o_max, o_max)
-
-``delta_max`` and ``o_max`` default to `DELTA_MAX` = `O_MAX` = 0.1: delta and o are small
-corrections in the paper, and the bound keeps a badly conditioned start away from
-``1 + delta`` or ``1 + o`` near zero. The latents are float64 (they are tiny).
+The optimiser works on four free float64 tensors; the sampler sees their images
+(docs/design.md, "EPD step": ``r = sigmoid(a)``, ``weights = softmax(b)``,
+``delta = delta_max tanh(c)``, ``o = o_max tanh(e)``), always inside the ranges
+`EPDParams.validate` demands. `DELTA_MAX` = `O_MAX` = 0.1: delta and o are small corrections
+in the paper, and the bound keeps a badly conditioned start away from ``1 + delta`` or
+``1 + o`` near zero.
 
 With ``learn_grid=True`` a fifth latent ``g [S]`` moves the interior noise levels: the
-grid's log-sigma increments are ``softmax(g) * log(sigma_max / sigma_min)``, so the grid
-stays strictly decreasing with its two ends fixed whatever the optimiser does (start:
-``g = log`` of the start grid's increments).
+log-sigma increments are ``softmax(g) * log(sigma_max / sigma_min)`` (strictly decreasing,
+ends fixed; start: ``g = log`` of the start grid's increments).
 
 `LatentAMEDTable` is the same map for table-form `AMEDParams` (r, delta, o per step, no
 weights), with AMED's default bounds 0.2 / 0.01 chosen by the caller.
@@ -51,11 +45,8 @@ def _atanh_scaled(v: torch.Tensor, bound: float, name: str) -> torch.Tensor:
 
 
 class LatentEPD(nn.Module):
-    """Free parameters ``a, b [S, K]``, ``c [S, K]``, ``e [S]`` behind an `EPDParams`.
-
-    Build with `LatentEPD.from_params(start)`; `natural()` gives the differentiable
-    `EPDParams` on the same grid with the same metadata as ``start``.
-    """
+    """Free parameters ``a, b, c [S, K]``, ``e [S]`` behind an `EPDParams`: built by
+    `from_params(start)`; `natural()` gives the differentiable params (start's grid, meta)."""
 
     def __init__(self, template: EPDParams, a, b, c, e, delta_max: float = DELTA_MAX,
                  o_max: float = O_MAX, g=None):
@@ -117,12 +108,8 @@ class LatentEPD(nn.Module):
 
 
 class LatentAMEDTable(nn.Module):
-    """Free parameters ``a, c, e [S]`` behind table-form `AMEDParams` (EPD with K = 1 and
-    no weights): ``r = sigmoid(a)``, ``delta = delta_max tanh(c)``, ``o = o_max tanh(e)``.
-
-    Build with `LatentAMEDTable.from_params(start)`; `natural()` gives the differentiable
-    `AMEDParams` on the same grid with the same metadata as ``start``.
-    """
+    """Free parameters ``a, c, e [S]`` behind table-form `AMEDParams` (EPD with K = 1, no
+    weights), built and read back as `LatentEPD`'s."""
 
     def __init__(self, template, a, c, e, delta_max: float, o_max: float):
         super().__init__()

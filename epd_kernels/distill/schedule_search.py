@@ -1,26 +1,21 @@
 """Choosing the time grid of a distilled solver on held-out noise: ``distill(...,
-schedule="auto")``. The grid travels inside the params (``params.sigmas``), the search's
-record in ``params.meta["schedule_search"]``; it works for every method (the candidates
-are sampled with ``params.solver``).
+schedule="auto")``, for every method (candidates sampled with ``params.solver``). The grid
+travels in ``params.sigmas``, the search's record in ``params.meta["schedule_search"]``.
 
-Why a search: plain 300-iteration distillations on each fixed grid of `DEFAULT_CANDIDATES`
-were, at worst over the benchmark's models and NFEs, 2.2-16x off the best grid's held-out
-RMSE (EPD: rho 7 3.3x, rho 3.5 9.8x, log-SNR 14x), and every grid was the best somewhere.
-So, for the problem at hand:
+Why: plain 300-iteration distillations on each fixed grid of `DEFAULT_CANDIDATES` were, at
+worst over the benchmark's models and NFEs, 2.2-16x off the best grid's held-out RMSE (EPD:
+rho 7 3.3x, rho 3.5 9.8x, log-SNR 14x), and every grid was the best somewhere. So:
 
-1. `_choose`: one short run per candidate grid (`DEFAULT_SEARCH_ITERATIONS`, the same
-   settings for all), each scored by the RMSE of its final state on VALIDATION noise
-   (`validation_seeds`, checked disjoint from every training seed) to one shared
-   reference (UniPC, 128 steps, no AFS: 1e-6-7e-5 from the exact solution where
-   DPM-Solver-2 with as many evaluations is 1e-3-3e-2 off); the lowest wins, the first
-   on a tie.
+1. `_choose`: one short run per candidate (`DEFAULT_SEARCH_ITERATIONS`, same settings),
+   scored by its final state's RMSE on VALIDATION noise (`validation_seeds`, disjoint from
+   every training seed) to one shared reference (UniPC, 128 steps, no AFS: 1e-6-7e-5 from
+   the exact solution, DPM-Solver-2 with as many calls 1e-3-3e-2); lowest wins, first on a tie.
 2. `_final_runs`: the winner is distilled for ``iterations`` from its search parameters
-   (a warm restart of Adam and of the cosine rate: 100 + 300 iterations beat full-length
-   search runs in 12 of 16 cases at half the work; the whole costs about 2.7 plain runs);
-   for EPD a second run from the better of the two also learns the interior sigmas. The
-   lowest validation RMSE among the winner and these runs is kept. Learning the grid took
-   the digits U-Net at NFE 5 from 0.0479 to 0.0411; at NFE 9 an oracle fit showed the
-   grid, not the distillation, kept EPD behind iPNDM.
+   (a warm restart: 100 + 300 iterations beat full-length search runs in 12 of 16 cases at
+   half the work; the whole costs about 2.7 plain runs); for EPD a second run from the
+   better of the two also learns the interior sigmas (digits U-Net, NFE 5: 0.0479 to
+   0.0411; at NFE 9 an oracle fit showed the grid, not the distillation, kept EPD behind
+   iPNDM). The lowest validation RMSE among the winner and these runs is kept.
 """
 from __future__ import annotations
 

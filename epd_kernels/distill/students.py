@@ -1,13 +1,9 @@
 """Students of the distillation loop: what is optimised and how it is unrolled.
 
-A student has
-
-    module                     the nn.Module whose parameters Adam optimises (and whose
-                               state_dict the checkpoint stores under "latent")
-    unroll(x, **cond)          [x_0, ..., x_S]: the sampler run differentiably from x
-    export(meta)               detached, validated params carrying ``meta``
-    solver                     the `sample` name ("epd", "amed-ipndm", ...)
-    init_summary()             a JSON-able fingerprint of the start (checkpoint settings)
+A student has ``module`` (what Adam optimises; the checkpoint stores its state_dict under
+"latent"), ``unroll(x, **cond)`` (``[x_0, ..., x_S]``, the sampler run differentiably from
+x), ``export(meta)`` (detached, validated params), ``solver`` (the `sample` name) and
+``init_summary()`` (a JSON-able fingerprint of the start, for the checkpoint settings).
 
 `EPDStudent` wraps `LatentEPD` around `epd_sampler`. `AMEDStudent` wraps either
 `LatentAMEDTable` (table form) or a trainable copy of the start's `AMEDPredictor`
@@ -137,11 +133,8 @@ class AMEDStudent:
 def amed_start(denoiser: Callable, sigmas, *, init, form, features, plugin, afs, max_order,
                schedule, delta_max, o_max, seed, nfe, probe, cond):
     """``(start, delta_max, o_max)``: the starting `AMEDParams` of an AMED distillation
-    and the bounds in force (the paper's by default; a predictor's are its own).
-
-    ``probe``: zeros shaped like a rank's batch, for sizing the predictor's input when the
-    features come from a module hook or a callable (`probe_feature_dim`).
-    """
+    and the bounds in force (the paper's by default; a predictor's are its own). ``probe``:
+    zeros shaped like a rank's batch, to size a hook's or callable's features."""
     if features is not None and form == "table":
         raise ValueError("features= is only read by the AMED predictor (amed_form="
                          "'predictor'), not by the table form")

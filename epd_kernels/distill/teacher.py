@@ -1,20 +1,16 @@
 """Teacher trajectories: an accurate solver on the student grid refined M times.
 
-For the student grid ``t_0 > t_1 > ... > t_S`` the teacher grid inserts M points inside
-every student interval, ``S (M + 1) + 1`` levels in all, the student's among them:
+The teacher grid inserts M points inside every student interval (``S (M + 1) + 1`` levels,
+the student's among them): ``insert="polynomial"`` (default) uniform in ``sigma^(1/rho)``,
+which for the default student grid is the polynomial grid of ``S (M + 1)`` steps, or
+``insert="logsnr"`` (alias "geometric") uniform in ``log sigma``.
 
-* ``insert="polynomial"`` (default): uniform in ``sigma^(1/rho)`` inside each interval.
-  For the default polynomial student grid this is exactly the polynomial grid of
-  ``S (M + 1)`` steps with the same rho.
-* ``insert="logsnr"`` (alias "geometric"): uniform in ``log sigma`` (geometric means).
-
-The teacher (iPNDM by default, DPM-Solver-2 as in the EPD paper, or Heun; no analytic
-first step: the teacher should be accurate, not cheap) integrates the refined grid from
-the same starting state as the student, without autograd; its states at the student
-levels ``t_1 .. t_S`` are the distillation targets. iPNDM makes one call per step where
-the other two make two: at the same calls its error to a 512-step reference was 4-40x
-lower on every model of benchmarks/bench_distill.py (digits U-Net, 3-step grid, 24 calls:
-0.0047 against DPM-Solver-2's 0.028).
+The teacher (iPNDM by default, DPM-Solver-2 as in the EPD paper, or Heun; no AFS: it should
+be accurate, not cheap) integrates the refined grid from the student's starting state,
+without autograd; its states at ``t_1 .. t_S`` are the targets. iPNDM makes one call per
+step where the others make two: at the same calls its error to a 512-step reference was
+4-40x lower on every model of benchmarks/bench_distill.py (digits U-Net, 3-step grid, 24
+calls: 0.0047 against DPM-Solver-2's 0.028).
 """
 from __future__ import annotations
 
@@ -37,7 +33,7 @@ INSERTIONS = ("polynomial", "logsnr", "geometric")
 
 
 def refine_sigmas(sigmas, M: int, insert: str = "polynomial", rho: float = 7.0) -> torch.Tensor:
-    """The student grid with ``M`` points inserted inside every interval ([S (M+1) + 1], float64)."""
+    """The student grid with ``M`` points inside every interval ([S (M+1) + 1], float64)."""
     s = check_sigmas(sigmas, "sigmas")
     if isinstance(M, bool) or not isinstance(M, int) or M < 0:
         raise ValueError(f"M (points inserted per student interval) must be an integer >= 0, "

@@ -3,12 +3,10 @@
 After training, `compare` samples ``draws`` held-out noises (seeds ``HELD_OUT_SEED_BASE +
 i``) with a reference (UniPC, `budget.REFERENCE_STEPS` steps, no AFS, polynomial rho = 7
 grid with the distilled grid's ends), every baseline of `BASELINES` that can spend exactly
-the same latency NFE (on that grid), the distilled params and the params the run started
-from (``init=`` or the neutral start), and scores each by the global RMSE
-`RMSE_DEFINITION` (not a mean of per-sample values). The record goes to
-``params.meta["comparison"]``; a `UserWarning` names the best baseline when the distilled
-solver lost to it. For EPD, when the trained params are worse on these draws than their
-start, the start is returned instead (``meta["comparison"]["kept"] = "init"``).
+the same latency NFE on that grid, the distilled params and their start (``init=`` or the
+neutral one), scored by the global RMSE `RMSE_DEFINITION`, into ``params.meta["comparison"]``.
+A `UserWarning` names the best baseline when the distilled solver lost to it; for EPD, a
+start better on these draws is returned instead (``meta["comparison"]["kept"] = "init"``).
 """
 from __future__ import annotations
 

@@ -131,10 +131,9 @@ class DigitsExactDenoiser(nn.Module):
             logp = None if class_labels is None else self._log_weights(class_labels, B, dev, dt)
             out = self._posterior_mean(xf, s, Y, y2, logp)
         else:
-            # An integer label gives the other classes' images weight exactly 0, so each
-            # class's rows are computed against that class's images only: about 10x less
-            # work than masking the full [B, N] matrix, and the same sums. (index_copy
-            # out of place keeps the result differentiable.)
+            # Other classes' images have weight exactly 0: each class's rows against its own
+            # images only is ~10x less work than masking [B, N], with the same sums
+            # (out-of-place index_copy keeps it differentiable).
             out = torch.zeros_like(xf)
             for c in torch.unique(lab).tolist():
                 r = (lab == c).nonzero().squeeze(1)

@@ -1,26 +1,24 @@
 r"""AMED-Solver and AMED-Plugin (Zhou et al. 2024, arXiv 2312.00094; formulas from the
-authors' diff-sampler code; docs/design.md, "AMED"). Step n goes from ``t = t_n`` to
+authors' diff-sampler code; docs/design.md, "AMED"). Step n, ``t = t_n`` to
 ``t' = t_{n+1}``, ``h = t' - t``; the params give per sample ``r in (0, 1)``, ``delta``, ``o``:
 
-    d       = (x - D(x, t)) / t                  main point (1 evaluation)
-              (AFS, step 0 only: d = x / sqrt(1 + t^2), no evaluation; features are zeros)
+    d       = (x - D(x, t)) / t      (AFS, step 0: d = x / sqrt(1 + t^2); features are zeros)
     (r, delta, o) = table[n], or predictor(features(x, t, D(x, t)), t, t')
     t_mid   = t'^r t^(1 - r)                     intermediate time (linear in log sigma)
 
-AMED-Solver (with r = 1/2, delta = o = 0 it is DPM-Solver-2, `sample_dpm2`):
+AMED-Solver (r = 1/2, delta = o = 0: DPM-Solver-2, `sample_dpm2`):
 
     x_mid   = x + (t_mid - t) d
-    g       = (x_mid - D(x_mid, (1 + delta) t_mid)) / t_mid
-    x'      = x + (1 + o) h g
+    g       = (x_mid - D(x_mid, (1 + delta) t_mid)) / t_mid,   x' = x + (1 + o) h g
 
-AMED-Plugin on iPNDM (``AB(v, history)`` = `ipndm.ab_direction`):
+AMED-Plugin on iPNDM (``AB(v, history)`` = `ipndm.ab_direction`; the history holds BOTH the
+main-point and the mid-point gradients):
 
     x_mid   = x + (t_mid - t) AB(d, history);        push d
     g       = (x_mid - D(x_mid, (1 + delta) t_mid)) / t_mid
     x'      = x_mid + (1 + o) (t' - t_mid) AB(g, history);   push g
 
-so its history holds BOTH the main-point and the mid-point gradients. Cost: latency NFE =
-total evaluations = ``2 S - afs``. Differentiable in r, delta, o; features are detached.
+Differentiable in r, delta, o; features are detached.
 """
 from __future__ import annotations
 

@@ -1,19 +1,17 @@
 """DEIS (Zhang & Chen 2023): exponential-integrator multistep, "tAB" (Adams-Bashforth in t).
 
-In EDM's variables (``alpha = 1``) the exponential integrator with noise prediction
-``eps(x, sigma) = d(x, sigma) = (x - D) / sigma`` is ``x_{n+1} = x_n + int_{sigma_n}^{sigma_{n+1}}
-eps dsigma``. tAB-DEIS fits eps by the Lagrange polynomial through the last q evaluations in
-the VP-SDE time t (beta_d = 19.9, beta_min = 0.1, `schedules.vp_sigma_inv`) and integrates
-it exactly:
+With ``alpha = 1`` and ``eps = d = (x - D) / sigma``, the exponential integrator is
+``x_{n+1} = x_n + int_{sigma_n}^{sigma_{n+1}} eps dsigma``. tAB-DEIS integrates exactly the
+Lagrange polynomial through the last q values of eps in the VP-SDE time t
+(`schedules.vp_sigma_inv`):
 
     x_{n+1} = x_n + sum_{j<q} C_{n,j} eps_{n-j},
     C_{n,j} = int_{sigma_n}^{sigma_{n+1}} L_j(t(sigma)) dsigma,
     L_j(t)  = prod_{m<q, m!=j} (t - t_{n-m}) / (t_{n-j} - t_{n-m}).
 
-``mode="rhoab"`` fits in ``rho = sigma`` instead. The coefficients are computed once per
-grid by Gauss-Legendre quadrature in ``log sigma`` (8 panels x 32 nodes: float64 round-off).
-``q = min(max_order, n + 1)``; ``max_order = 3`` (the paper's tAB2) gives global order 3;
-q = 1 is Euler/DDIM. One call per step: N steps -> N - afs.
+``mode="rhoab"`` fits in ``rho = sigma`` instead. Coefficients: once per grid, Gauss-Legendre
+in ``log sigma`` (8 panels x 32 nodes: float64 round-off). ``q = min(max_order, n + 1)``;
+``max_order = 3`` (the paper's tAB2) gives global order 3; q = 1 is Euler/DDIM.
 """
 from __future__ import annotations
 

@@ -1,24 +1,19 @@
 r"""D-ODE solvers (Kim, Tang, Yu, "Distilling ODE Solvers of Diffusion Models into Smaller
-Steps", CVPR 2024), in EDM's sigma convention (docs/design.md, "D-ODE").
-
-The paper's eq. (10), ``O_t = d_t + lambda_t (d_t - d_{t+1})``, applied to the direction
-``v_n`` the base solver moves along (`common.integrate`):
+Steps", CVPR 2024; docs/design.md, "D-ODE"): the paper's eq. (10) applied to the direction
+``v_n`` the base solver moves along (`common.integrate`), in EDM's sigma convention:
 
     x_{n+1} = x_n + h_n O_n,   O_n = v_n + lambda_n (v_n - v_{n-1})
             = a_n + lambda_n b_n,   a_n = x_n + h_n v_n (the base step), b_n = h_n (v_n - v_{n-1})
-
-affine in lambda_n (fitted in closed form by `epd_kernels.distill.dode_fit`). ``v_{n-1}`` is
-the previous base estimate (not its O), so multistep histories are untouched; step 0 is the
-base step (``lambdas[0]`` must be 0); all lambdas 0 is bit-for-bit the base solver:
 
     d-euler  (D-DDIM)  v_n = d_n = (x_n - D(x_n, sigma_n)) / sigma_n
     d-heun   (D-EDM)   x~ = x_n + h_n d_n,  d~ = (x~ - D(x~, sigma_{n+1})) / sigma_{n+1},
                        v_n = (d_n + d~) / 2          (the predictor is unchanged)
     d-ipndm            v_n = AB_p(d_n, d_{n-1}, ...),  p = min(max_order, n + 1)
 
-AFS and the NFE rule are the base solver's. ``lambdas``: S floats or a callable
-``rule(i, a, b) -> lambda_i`` (the fitter's: one code path). The callback also gets
-``'lambda'``.
+``v_{n-1}`` is the previous base estimate (not its O), so multistep histories are untouched;
+``lambdas[0]`` must be 0; all lambdas 0 is bit-for-bit the base solver. AFS and the NFE rule
+are the base solver's. ``lambdas``: S floats or a callable ``rule(i, a, b) -> lambda_i`` (the
+fitter's, `epd_kernels.distill.dode_fit`: one code path). The callback also gets ``'lambda'``.
 """
 from __future__ import annotations
 

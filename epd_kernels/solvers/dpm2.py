@@ -1,16 +1,14 @@
 """DPM-Solver-2 (Lu et al. 2022, Alg. 1 with r_1 = 1/2), noise prediction, EDM sigma form.
 
 For ``alpha = 1`` the noise-prediction exponential integrator is Euler in sigma; the
-second-order method evaluates eps = d once at the midpoint in lambda = -log sigma:
+second-order method evaluates eps = d once at the midpoint in lambda = -log sigma, on every
+step, the last one included (global error O(h^2)):
 
     sigma_mid = sqrt(sigma_n * sigma_{n+1})                    (r = 0.5 in log sigma)
     d_n       = (x_n - D(x_n, sigma_n)) / sigma_n
     u         = x_n + (sigma_mid - sigma_n) * d_n
     d_mid     = (u - D(u, sigma_mid)) / sigma_mid
     x_{n+1}   = x_n + (sigma_{n+1} - sigma_n) * d_mid
-
-Global error O(h^2); every step, the last one included, is a DPM-Solver-2 step (the grid
-ends at sigma_min > 0). Two calls per step: N steps -> 2N - afs.
 """
 from __future__ import annotations
 

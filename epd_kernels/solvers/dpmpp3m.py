@@ -1,30 +1,28 @@
 """DPM-Solver++(3M): multistep, data prediction, third order (Lu et al. 2022, "DPM-Solver++").
 
-With EDM's ``alpha = 1``, ``lambda = -log sigma`` and ``h = lambda_{n+1} - lambda_n > 0``, the
+With EDM's ``alpha = 1``, ``lambda = -log sigma``, ``h = lambda_{n+1} - lambda_n > 0``, the
 exact step is (``D^(k)`` derivatives in lambda, ``psi_k`` from `common.phi`)
 
     x_{n+1} = e^{-h} x_n + sigma_{n+1} int_{lambda_n}^{lambda_{n+1}} e^lambda D(lambda) dlambda
             = e^{-h} x_n + psi_1(h) D_n + psi_2(h) D'_n + psi_3(h) D''_n + O(h^4)
 
-and the multistep method takes the derivatives of the polynomial through the last ``q``
-denoised values (Newton form, ``a = lambda_n - lambda_{n-1}``):
+and the multistep method differentiates the polynomial through the last ``q`` denoised values
+(Newton form, ``a = lambda_n - lambda_{n-1}``), global error O(h^q):
 
     q = 1:  D'_n ~ 0                                                (DDIM / DPM-Solver++1)
     q = 2:  D'_n ~ D[n, n-1] = (D_n - D_{n-1}) / a                  (DPM-Solver++(2M))
     q = 3:  D'_n ~ D[n, n-1] + a D[n, n-1, n-2],  D''_n ~ 2 D[n, n-1, n-2]
 
-Global error O(h^q). ``variant="reference"`` weights D'' by ``psi_3`` instead of
-``2 psi_3``, as the DPM-Solver(++) and k-diffusion code does: asymptotically second order
-(1.95 against 3.00 on the Gaussian test model), often a little more accurate at NFE <= 10.
+``variant="reference"`` weights D'' by ``psi_3``, not ``2 psi_3``, as the DPM-Solver(++) and
+k-diffusion code: order 1.95 against 3.00 on the Gaussian model, often a little more accurate
+at NFE <= 10.
 
-Order schedule (`multistep_order`): ``q = min(3, n + 1)``; ``q <= N - n`` on the final steps
-of grids under 10 steps (``lower_order_final``, as in the reference code); order 1 on a step
-more than ``max_step_ratio`` (3) times longer in lambda than the previous one, whose
-extrapolation error grows like ``(h / a)^(q - 1)``. The time-uniform grid's last ratio is
-6-7; without the guard UniPC on ``load_model("gmm")`` did not converge there (RMSE 0.11 at
-80 steps against 0.0055). ``max_step_ratio=None`` is the reference code's behaviour.
-
-One call per step: N steps -> N - afs (docs/design.md, "NFE rules").
+Order (`multistep_order`): ``q = min(3, n + 1)``; ``q <= N - n`` on the last steps of grids
+under 10 steps (``lower_order_final``, as the reference code); order 1 on a step more than
+``max_step_ratio`` (3) times longer in lambda than the previous one (extrapolation error grows
+like ``(h / a)^(q - 1)``; the time-uniform grid's last ratio is 6-7, where UniPC on
+``load_model("gmm")`` did not converge without it: RMSE 0.11 at 80 steps against 0.0055).
+``max_step_ratio=None`` is the reference code's behaviour. One call per step.
 """
 from __future__ import annotations
 

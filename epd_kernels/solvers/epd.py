@@ -1,26 +1,19 @@
-r"""EPD-Solver and EPD-Plugin (Ensemble Parallel Direction; arXiv 2507.14797).
+r"""EPD-Solver and EPD-Plugin (Ensemble Parallel Direction; arXiv 2507.14797; docs/design.md,
+"EPD step" and "EPD-Plugin"). Step n, ``t = t_n`` to ``t' = t_{n+1}``, ``h = t' - t``, with
+`EPDParams` ``r [K]``, ``lambda [K]`` (simplex), ``delta [K]``, ``o`` of step n:
 
-Step n goes from ``t = t_n`` to ``t' = t_{n+1}``, ``h = t' - t``, with the parameters of step
-n (`EPDParams`: ``r [K]``, ``lambda [K]`` on the simplex, ``delta [K]``, ``o``;
-docs/design.md, "EPD step" and "EPD-Plugin"):
-
-    d_n     = (x_n - D(x_n, t)) / t                    main-point gradient (1 evaluation)
-              (AFS, step 0 only:  d_0 = x_0 / sqrt(1 + t_0^2), no evaluation)
-    v_n     = d_n                                      EPD
-            = AB_p(d_n, d_{n-1}, ..., d_{n-p+1})       EPD-Plugin, p = min(max_order, n + 1)
-    tau_k   = t'^{r_k} t^{1 - r_k}                     branch points (linear in log sigma)
-    x_k     = x_n + (tau_k - t) v_n                    branch states
-    g_k     = (x_k - D(x_k, (1 + delta_k) tau_k)) / tau_k
-              all K branches in ONE denoiser call of batch K*B (`BranchRunner`)
+    d_n     = (x_n - D(x_n, t)) / t                    (AFS, step 0: d_0 = x_0 / sqrt(1 + t_0^2))
+    v_n     = d_n  (EPD),  AB_p(d_n, d_{n-1}, ...)     (EPD-Plugin, p = min(max_order, n + 1))
+    tau_k   = t'^{r_k} t^{1 - r_k},   x_k = x_n + (tau_k - t) v_n
+    g_k     = (x_k - D(x_k, (1 + delta_k) tau_k)) / tau_k   (K branches, ONE call: `BranchRunner`)
     x_{n+1} = x_n + (1 + o_n) h sum_k lambda_k g_k     (`epd_step`, fused)
 
 AB_p: iPNDM's Adams-Bashforth combination (`ipndm.AB_COEFFS`) over main-point gradients only
-(the AFS ``d_0`` included, as in the authors' code). Cost: latency NFE ``2 S - afs``, total
-evaluations ``(K + 1) S - afs``. K = 1, r = 0, lambda = 1, delta = o = 0 is Euler without AFS.
-EPD-Plugin updates with the branch gradients only, so it is NOT iPNDM for any parameters (as
-in the authors' update rule). Differentiable end to end when anything requires grad (a
-``sigmas`` tensor that does too); otherwise the branch call runs on static buffers, captured
-where graphs are on (`epd_kernels.branches`).
+(the AFS ``d_0`` included, as in the authors' code). K = 1, r = 0, lambda = 1, delta = o = 0
+is Euler without AFS; EPD-Plugin updates with the branch gradients only, so it is NOT iPNDM
+for any parameters (as in the authors' update rule). Differentiable end to end when anything
+requires grad (a ``sigmas`` tensor that does too); otherwise the branch call runs on static
+buffers, captured where graphs are on (`epd_kernels.branches`).
 """
 from __future__ import annotations
 

@@ -1,14 +1,12 @@
 """EDM's second-order Heun solver (Karras et al. 2022, Algorithm 1, deterministic).
 
-Per step n, ``h = sigma_{n+1} - sigma_n``:
+Per step n, ``h = sigma_{n+1} - sigma_n``, the last step included (the grid ends at
+sigma_min > 0):
 
     d_n      = (x_n - D(x_n, sigma_n)) / sigma_n
     x~       = x_n + h * d_n                                   (Euler predictor)
     d~       = (x~ - D(x~, sigma_{n+1})) / sigma_{n+1}
     x_{n+1}  = x_n + h * (d_n + d~) / 2                        (trapezoidal corrector)
-
-The correction runs on every step, the last one included (the grid ends at sigma_min > 0).
-Two calls per step: N steps -> 2N - afs.
 """
 from __future__ import annotations
 

@@ -2,16 +2,15 @@
 2022 PNDM), i.e. explicit Adams-Bashforth on the gradient d with fixed coefficients.
 
 Per step n, ``h_n = sigma_{n+1} - sigma_n``, ``d_n = (x_n - D(x_n, sigma_n)) / sigma_n``,
-order ``p = min(max_order, n + 1)`` (lower order during the warm-up, history = past d's):
+order ``p = min(max_order, n + 1)`` (history = past d's, the AFS gradient included):
 
     p = 1:  x_{n+1} = x_n + h_n d_n
     p = 2:  x_{n+1} = x_n + h_n (3 d_n - d_{n-1}) / 2
     p = 3:  x_{n+1} = x_n + h_n (23 d_n - 16 d_{n-1} + 5 d_{n-2}) / 12
     p = 4:  x_{n+1} = x_n + h_n (55 d_n - 59 d_{n-1} + 37 d_{n-2} - 9 d_{n-3}) / 24
 
-The constant-step coefficients (as in the EPD, AMED and diff-sampler code) are used
-unchanged on non-uniform grids: global order 4 on a uniform grid, 2 on a graded one. One
-call per step: N steps -> N - afs (the AFS gradient enters the history too).
+The constant-step coefficients (as in the EPD, AMED and diff-sampler code) are used unchanged
+on non-uniform grids: global order 4 on a uniform grid, 2 on a graded one.
 """
 from __future__ import annotations
 

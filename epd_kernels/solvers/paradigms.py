@@ -3,31 +3,26 @@ r"""ParaDiGMS: Picard iterations over a sliding window of the Euler (DDIM) traje
 Shih, Belkhale, Ermon, Sadigh, Anari, "Parallel Sampling of Diffusion Models", NeurIPS 2023,
 written from the paper's algorithm (no code taken from other implementations).
 
-Grid ``t_0 > ... > t_S``, ``h_m = t_{m+1} - t_m``, ``d(x, t) = (x - D(x, t)) / t``. The
-sequential Euler trajectory is solved as a fixed point over a window by Picard iteration in
-the VP-scaled state ``y = x / a``, ``a_m = sqrt(1 + t_m^2)`` (in EDM units, copies fed at
-far lower noise are out of distribution: errors 10..500x larger on a Gaussian mixture):
+Grid ``t_0 > ... > t_S``, ``h_m = t_{m+1} - t_m``, ``d(x, t) = (x - D(x, t)) / t``. Picard
+iteration runs in the VP-scaled state ``y = x / a``, ``a_m = sqrt(1 + t_m^2)`` (EDM-unit
+copies fed at far lower noise are out of distribution: errors 10..500x larger on a mixture):
 
     y_k = y_i + sum_{m=i}^{k-1} Delta_m,    Delta_m = (x_m + h_m d_m) / a_{m+1} - x_m / a_m.
 
-State: a guess ``x_0 .. x_S`` (initially VP copies ``x_k = x_0 a_k / a_0``) and a window
-``[i, i + n)``, ``n = min(W, S - i)``. One *round*:
+State: a guess ``x_0 .. x_S`` (initially ``x_k = x_0 a_k / a_0``) and a window ``[i, i + n)``,
+``n = min(W, S - i)``. One *round* (1 latency NFE, ``n`` evaluations):
 
-1. ``d_j`` for every window position in ONE denoiser call of batch ``n * B`` (position-major)
-   inside ``parallel_calls``: 1 latency NFE, ``n`` evaluations;
-2. Picard update by a cumulative sum: ``x'_{i+1} = x_i + h_i d_i`` (exact Euler, EDM units),
+1. ``d_j`` at every window position in ONE denoiser call of batch ``n * B`` (position-major);
+2. ``x'_{i+1} = x_i + h_i d_i`` (exact Euler),
    ``x'_{i+j+1} = a_{i+j+1} (x'_{i+1} / a_{i+1} + sum_{m=i+1}^{i+j} Delta_m)``;
-3. errors ``e_k = ||x'_k - x_k||^2 / D`` (per sample) for ``k = i+1 .. i+n``;
-4. slide to the first ``k`` with ``e_k > tol^2 v_k`` for ANY sample (NaN fails), or to
-   ``i + n`` (stride 1..n);
-5. refill ``k > i + n`` with VP copies of the newest state, ``x'_{i+n} a_k / a_{i+n}``.
+3. slide to the first ``k`` with ``||x'_k - x_k||^2 / D > tol^2 v_k`` for ANY sample (NaN
+   fails), or to ``i + n``; refill ``k > i + n`` with ``x'_{i+n} a_k / a_{i+n}``.
 
-Rounds repeat until the window start reaches S; ``window=1`` is sequential Euler bit for
-bit. The batch shares one window, so with a loose tolerance a sample's result can depend on
-its batch. ``noise_scale``: ``"step"`` ``v_k = t_k^2 (t_{k-1}^2 - t_k^2) / t_{k-1}^2`` (the
-DDPM posterior variance in EDM units) or ``"sigma"`` ``v_k = t_k^2``; ``tol`` = 1e-3 (the
-paper's value for DDIM). ``max_rounds=R`` stops after R rounds and takes the newest state
-at the window end ``e`` to ``t_S`` by one Euler jump, ``x_S = x'_e + (t_S - t_e) d_{e-1}``.
+``window=1`` is sequential Euler bit for bit. The batch shares one window, so with a loose
+tolerance a sample's result can depend on its batch. ``noise_scale``: ``"step"``
+``v_k = t_k^2 (t_{k-1}^2 - t_k^2) / t_{k-1}^2`` (the DDPM posterior variance) or ``"sigma"``
+``v_k = t_k^2``; ``tol`` = 1e-3 (the paper's for DDIM). ``max_rounds=R`` stops after R rounds
+and jumps from the window end ``e`` to ``t_S``: ``x_S = x'_e + (t_S - t_e) d_{e-1}``.
 
 Latency budget (`paradigms_sampler`, used by ``sample()``): the ``nfe``-step grid refined
 into ``substeps`` (4) sub-intervals per interval, ``max_rounds = nfe``, window over all
@@ -83,7 +78,6 @@ def run_paradigms(denoiser: Callable, x: torch.Tensor, sigmas, *, window: Option
                   noise_scale: str = "step", callback: Optional[Callable] = None,
                   progress: bool = False, **cond) -> Tuple[torch.Tensor, ParadigmsStats]:
     """ParaDiGMS from ``x`` at ``sigmas[0]`` to ``sigmas[-1]``; returns ``(x, stats)``.
-
     ``window`` W (default and cap: S). ``callback`` gets after every round: 'round', 'i'
     (window start), 'stride', 'window' (n), 'x' (at 'sigma' = t_i), 'x_next' (the new
     converged state at 'sigma_next' = t_{i + stride}, or the extrapolated end state),

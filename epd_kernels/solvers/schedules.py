@@ -1,23 +1,18 @@
 """Noise-level grids (time schedules) for the samplers, in EDM's sigma convention.
 
-``get_sigmas(kind, num_steps)`` returns ``num_steps + 1`` strictly decreasing noise levels
-from ``sigma_max`` to ``sigma_min`` (no appended zero), computed in float64 and cast to
-``dtype``. With ``i = 0..N``, ``N = num_steps``:
+``get_sigmas(kind, num_steps)``: ``num_steps + 1`` strictly decreasing levels from
+``sigma_max`` to ``sigma_min`` (no appended zero), computed in float64, cast to ``dtype``.
+With ``i = 0..N``, ``N = num_steps``:
 
-- ``"polynomial"`` (Karras et al. 2022, EDM eq. 5; ``rho = 1`` uniform in sigma, ``rho ->
-  inf`` the log-SNR grid)::
+- ``"polynomial"`` (EDM eq. 5; ``rho = 1`` uniform in sigma, ``rho -> inf`` log-SNR)::
 
       sigma_i = (sigma_max^(1/rho) + i/N * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
 
-- ``"logsnr"``: uniform in ``log sigma`` (the half log-SNR for EDM's ``alpha = 1``)::
-
-      sigma_i = exp(log sigma_max + i/N * (log sigma_min - log sigma_max))
-
-- ``"time-uniform"``: the VP-SDE time grid of the EPD authors (``beta_d = 19.9``,
+- ``"logsnr"``: uniform in ``log sigma`` (the half log-SNR for EDM's ``alpha = 1``);
+- ``"time-uniform"``: the EPD authors' VP-SDE time grid (``beta_d = 19.9``,
   ``beta_min = 0.1``), ends set to exactly ``sigma_max`` and ``sigma_min``::
 
-      sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1),
-      t_i = t(sigma_max) + i/N * (t(sigma_min) - t(sigma_max)),   sigma_i = sigma(t_i)
+      sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1),   t_i uniform in t
 
 - ``"explicit"``: the list/tensor given as ``sigmas`` (strictly decreasing, all > 0).
 """

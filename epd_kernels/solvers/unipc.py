@@ -1,12 +1,11 @@
 """UniPC (Zhao et al. 2023): unified predictor-corrector, data prediction, variant bh2.
 
-Notation as in `dpmpp3m` (``lambda = -log sigma``, ``h = lambda_{n+1} - lambda_n``,
-``psi_k`` from `common.phi`); ``m_k = D(x_k, sigma_k)``. For points ``lambda_n + r_k h`` with
+Notation as in `dpmpp3m`; ``m_k = D(x_k, sigma_k)``. For points ``lambda_n + r_k h`` with
 values ``m_(k)`` a step is
 
     x_{n+1} = e^{-h} x_n + psi_1(h) m_n + B(h) sum_k a_k (m_(k) - m_n) / r_k
 
-with ``a`` matching the Taylor terms of the exact solution up to ``j = K`` (K points):
+with ``a`` matching the exact solution's Taylor terms up to ``j = K`` (K points):
 
     sum_k a_k r_k^(j-1) = j! psi_{j+1}(h) / (h^j B(h)),     j = 1..K
 
@@ -18,9 +17,8 @@ with ``a`` matching the Taylor terms of the exact solution up to ``j = K`` (K po
   step from x_n is redone with the points plus ``r = 1``, raising the order by one;
   ``m_{n+1}`` is reused by the next step (no extra call). None after the final step.
 
-Order schedule: `dpmpp3m.multistep_order` with ``order`` as the cap (the corrector of the
-previous step is unaffected). Predictor order p gives global order p + 1 (UniPC paper,
-Thm. 3.1). One call per step: N steps -> N - afs.
+Order: `dpmpp3m.multistep_order` capped by ``order`` (the previous step's corrector is
+unaffected); predictor order p gives global order p + 1 (UniPC paper, Thm. 3.1).
 """
 from __future__ import annotations
 

@@ -2,14 +2,13 @@
 
 On one model (default the embedded digits U-Net, labels = seed % 10) every solver samples
 the same noise, in stages (sizes in `DemoConfig`; each stage timed in ``results.json``):
-1. reference: a many-step UniPC run, its error estimated against half the steps;
-2. baselines: every solver that needs no params (aliases skipped) at each of ``nfes``;
-3.-5. D-ODE (closed-form fit), EPD (on a pool of draws), AMED-Solver (the predictor, on
-   fresh noise), each at each of ``distill_nfes``;
-6. optional runs, each only if its estimated time fits ``--budget``: parallel solvers
-   above NFE 5 (ParaDiGMS spends ~NFE^2 evaluations), then EPD-Plugin and AMED-Plugin;
-7. ``table.md``, ``samples_grid.png``, ``rmse_vs_nfe.png``, ``params/``, ``results.json``.
-``--quick`` uses tiny settings (seconds) for tests; the defaults take 2-3 minutes on 2 cores.
+a many-step UniPC reference (error estimated against half its steps); every solver without
+params (aliases skipped) at each of ``nfes``; D-ODE (closed form), EPD (on a pool of draws)
+and AMED-Solver (the predictor, on fresh noise) at each of ``distill_nfes``; optional runs
+only if their estimated time fits ``--budget`` (parallel solvers above NFE 5, ParaDiGMS
+spending ~NFE^2 evaluations; then EPD-Plugin and AMED-Plugin); then ``table.md``,
+``samples_grid.png``, ``rmse_vs_nfe.png``, ``params/``, ``results.json``. ``--quick``: tiny
+settings (seconds) for tests; the defaults take 2-3 minutes on 2 cores.
 
 Why these settings (digits-unet, mean per-sample RMSE to the reference on 256 samples):
 EPD trains on a pool (the teacher runs once), so 150 iterations cost what 40 on fresh noise

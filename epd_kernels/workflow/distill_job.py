@@ -2,9 +2,7 @@
 
 * ``epd``, ``epd-ipndm``, ``amed``, ``amed-ipndm``: `epd_kernels.distill` (its options map
   one to one; ``--fast`` applies `FAST_SETTINGS` beneath the options given explicitly);
-  resumable with ``--checkpoint``; under torchrun every process takes ``--batch-size`` rows
-  of the global batch and gradients are averaged (W processes with batch b train like one
-  with batch W b); only rank 0 writes.
+  resumable with ``--checkpoint``; under torchrun as that package's docstring says.
 * ``d-euler``, ``d-heun``, ``d-ipndm``: `fit_dode` (closed form), computed by rank 0.
 
 An option of one family given to another is a `UserError`. Conditional models get labels

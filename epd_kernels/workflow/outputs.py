@@ -163,11 +163,8 @@ def write_png(path, img: np.ndarray) -> None:
 
 
 def image_layout(shape: Sequence[int]) -> Optional[tuple]:
-    """How a sample of ``shape`` is drawn as an image: ``(H, W, C)`` or None.
-
-    ``[C, H, W]`` with C in (1, 3) is an image; ``[H, W]`` is gray; a flat vector whose
-    length is a perfect square is shown as a square gray image (e.g. the 64-dim models).
-    """
+    """``(H, W, C)`` for ``[C, H, W]`` with C in (1, 3), ``[H, W]`` (gray) or a flat vector
+    of square length (a square gray image, e.g. the 64-dim models); else None."""
     shape = tuple(int(n) for n in shape)
     if len(shape) == 3 and shape[0] in (1, 3):
         return shape[1], shape[2], shape[0]

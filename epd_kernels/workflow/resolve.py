@@ -96,11 +96,8 @@ def parse_class_label(text: Optional[str]):
 
 
 def class_labels_for(model, keys: Sequence[int], mode) -> Optional[torch.Tensor]:
-    """Integer labels ``[len(keys)]`` for a conditional model, or None.
-
-    ``mode``: "seed" (label = key % num_classes; keys are seeds or batch rows), "none"
-    (no conditioning) or an int (the same label for all).
-    """
+    """Integer labels ``[len(keys)]`` for a conditional model, or None. ``mode``: "seed"
+    (key % num_classes; keys are seeds or rows), "none" or an int (one label for all)."""
     nc = num_classes(model)
     if mode == "none":
         return None

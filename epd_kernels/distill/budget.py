@@ -20,8 +20,10 @@ Costs, in sequential calls on chunks of draws: the teacher on the refined grid m
 ``S (M + 1)`` calls (iPNDM; twice that for DPM-Solver-2 or Heun); the comparison a
 reference of `REFERENCE_STEPS` UniPC steps, every baseline at the NFE, the init and the
 result; each call costs the measured call plus the solver's overhead per call; a training
-iteration scales with the batch. With ``schedule="auto"`` the grid search runs one teacher pool per candidate grid and about ``C / 3 + 2`` runs' worth of
-training (`schedule_search`), and the plan divides accordingly.
+iteration is affine in the batch (measured at two sizes). With ``schedule="auto"`` the grid
+search runs one teacher pool per candidate grid and about ``C / 3 + 2`` runs' worth of
+training (``C`` runs for a full-length search, as for the two learned starts), and the plan
+divides accordingly.
 
 The chosen values and the estimate are recorded in ``params.meta["budget"]``. Timings on
 a loaded machine are noisy; the plan is an estimate, not a guarantee.

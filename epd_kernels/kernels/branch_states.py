@@ -3,7 +3,8 @@
 Forward (docs/design.md, "EPD step": x_k = x_n + (tau_k - t) * d_n):
     out[k, b, n] = x[b, n] + c[b, k] * d[b, n]            -> [K, B, N]
 c is [K] (row stride 0) or [B, K]. `branch_states_out` writes into a contiguous buffer of
-K*B*N elements (k-major: sample k*B + b of the batch is branch k of sample b). Backward, one pass over grad_out:
+K*B*N elements (k-major: sample k*B + b of the batch is branch k of sample b). Backward,
+one pass over grad_out:
     grad_x[b, n] = sum_k grad_out[k, b, n]
     grad_d[b, n] = sum_k c[b, k] * grad_out[k, b, n]
     grad_c[b, k] = sum_n grad_out[k, b, n] * d[b, n]      (opmath, [B, K])

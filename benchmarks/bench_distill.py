@@ -1,26 +1,17 @@
 #!/usr/bin/env python
 """Benchmark section `distill`: `distill` with its defaults against every baseline.
 
-For each model of `MODELS` and each NFE of `NFES`:
-
-1. EPD from ``distill(D, nfe=n, shape=D.shape)`` and nothing else: the default 60-s budget
-   sizes the run, chooses the grid (search or learned) and checks the result on its own
-   held-out noise (`epd_kernels.distill`). Analytic models are distilled on a float32 copy,
-   as `distill` computes its states in float32, and evaluated in float64. Timed.
-2. Every baseline of `BASELINES` at every latency NFE it can meet up to `MAX_NFE` on the
-   default grid (polynomial, rho = 7): its error-vs-NFE curve.
-3. Per cell: EPD's RMSE over the best baseline's at the same NFE, and the equal-quality
-   speedup: the NFE the best baseline needs to reach EPD's RMSE (`match_nfe`, log RMSE
-   interpolated linearly in NFE) over EPD's NFE.
+Per model of `MODELS` and NFE of `NFES`: EPD from ``distill(D, nfe=n, shape=D.shape)``
+alone (timed; analytic models distilled on a float32 copy, scored in float64); every
+baseline of `BASELINES` at every NFE it meets up to `MAX_NFE` on the default grid (its
+error-vs-NFE curve); then EPD's RMSE over the best baseline's at the same NFE and the
+equal-quality speedup: the NFE the best baseline needs to reach EPD's RMSE (`match_nfe`:
+log RMSE linear in NFE) over EPD's. The distillation issue's bars are marked PASS / MISS.
 
 RMSE: one global RMS over all samples and elements, ``sqrt(mean((x - ref)^2))``, of the
-state at sigma_min against a reference from the same noise (`REF_SOLVER` at `REF_NFE`, its
-error estimated against half the budget; on the Gaussian also measured against the closed
-form). Test noise: ``make_noise(TEST_SEED + i)``, never seen by the distillation. The bars
-of the distillation issue are marked PASS / MISS under the headline table.
-
-Quick form: two small models, NFE 5, 64 samples, curves to NFE 12 and a short distillation
-(`QUICK_DISTILL`, not the defaults; the titles say so).
+state at sigma_min against `REF_SOLVER` at `REF_NFE` from the same noise
+(``make_noise(TEST_SEED + i)``, never seen by the distillation). ``--quick``: two small
+models, NFE 5, 64 samples, curves to NFE 12, a short distillation (`QUICK_DISTILL`).
 
     python benchmarks/bench_distill.py [--quick] [--models gaussian,skewed-16] [--out DIR]
 """

@@ -26,45 +26,39 @@ def distill(denoiser: Callable, *, nfe: Optional[int] = None, shape=None,
 
     Every setting is a keyword named like a field of `DistillSettings` (or of
     `SearchSettings` for ``schedule="auto"``), or comes from ``settings=``; all other
-    keywords are conditioning for the denoiser (``D(x, sigma, **cond)``), and a keyword
-    that looks like a misspelt setting or that the denoiser cannot take is refused
-    (`settings`). The settings:
+    keywords are conditioning for the denoiser (``D(x, sigma, **cond)``); one that looks
+    like a misspelt setting or that the denoiser cannot take is refused. The settings:
 
-        nfe, shape         latency budget (``2 S - afs``: 3, 5, 7, ... with AFS) and the
-                           per-sample shape.
-        num_points         K branches of EPD (default 2; 1 or unset for AMED).
-        plugin             EPD-Plugin / AMED-Plugin on iPNDM (``max_order``, default 4).
-        method             "epd" (default) or "amed"; amed_form "predictor" (default) or
-                           "table"; features for the AMED predictor ("denoised",
-                           "module:<name>" or a callable).
-        schedule           None (polynomial rho 7, sigma 0.002..80), a kind, a dict of
-                           `get_sigmas` arguments, explicit sigmas, or "auto": the grid
-                           search of `schedule_search` (about 3x the cost; its options are
-                           `SearchSettings` fields: val_size, search_iterations, ...).
-        afs                analytic first step (default on).
-        teacher, M, insert "ipndm" (default), "dpm2" (the paper's) or "heun" on the student grid
-                           with M points inserted per interval ("polynomial" or "logsnr").
-        iterations, batch_size (per process), lr (0.05; 0.1 with "auto"), pool (a fixed
-                           pool of P draws whose teacher runs once, or None: fresh noise
-                           every iteration), seed.
-        time_budget_s      seconds (default 60): M, pool, iterations and batch_size left
-                           at "auto" are sized to it from the model's measured cost per
-                           evaluation (`budget`); None: the fixed defaults 15 / 4096 / 300
-                           / 64. The choice is in ``meta["budget"]``.
-        compare            after training, score the result and every baseline that meets
-                           the NFE on held-out noise (`verdict`): ``meta["comparison"]``, a
-                           UserWarning naming the baseline if EPD lost, and for EPD the
-                           start returned if it beats the trained params (default True).
-        loss, match        distance (default mean squared) over the trajectory or only the
-                           final state ("final"); learn_grid: learn the interior sigmas too
-                           (EPD; default on inside "auto", off otherwise).
+        nfe, shape     latency (``2 S - afs``: 3, 5, 7, ... with AFS), per-sample shape.
+        num_points     K branches of EPD (default 2; 1 or unset for AMED).
+        plugin         EPD-Plugin / AMED-Plugin on iPNDM (``max_order``, default 4).
+        method         "epd" (default) or "amed"; amed_form "predictor" (default) or
+                       "table"; features of the AMED predictor ("denoised",
+                       "module:<name>" or a callable).
+        schedule       None: the budget's choice (`_default_grids`: the grid search, or
+                       the grid learned from two starts; polynomial rho 7 without a
+                       budget); a kind, a dict of `get_sigmas` arguments, explicit sigmas,
+                       or "auto": the grid search of `schedule_search` (its options are
+                       `SearchSettings` fields: val_size, search_iterations, ...).
+        afs            analytic first step (default on).
+        teacher, M, insert  "ipndm" (default), "dpm2" (the paper's) or "heun" on the
+                       student grid with M points per interval ("polynomial" / "logsnr").
+        iterations, batch_size (per process), lr (0.05; 0.1 with "auto"), pool (P draws
+                       whose teacher runs once, or None: fresh noise), seed.
+        time_budget_s  seconds (default 60): M, pool, iterations and batch_size left at
+                       "auto" are sized to the model's measured cost (`budget`); None:
+                       the fixed defaults 15 / 4096 / 300 / 64. See ``meta["budget"]``.
+        compare        score the result and every baseline at the NFE on held-out noise
+                       (`verdict`): ``meta["comparison"]``, a UserWarning naming the
+                       baseline if EPD lost, and for EPD the start returned if it is
+                       better (default True).
+        loss, match    distance (default mean squared) over the trajectory or the final
+                       state ("final"); learn_grid: learn the interior sigmas too (EPD).
         init, delta_max, o_max  start params and the bounds of |delta|, |o|.
-        device, dtype      where and in what the states are (default: the denoiser's
-                           device, float32).
-        checkpoint, checkpoint_every  resumable checkpoint path and write interval.
-        max_failures       consecutive non-finite steps before RuntimeError.
-        progress           tqdm bars for the teacher pool, the search, training and the
-                           comparison (rank 0).
+        device, dtype  default: the denoiser's device, float32.
+        checkpoint, checkpoint_every, max_failures  resumable checkpoint and its write
+                       interval; consecutive non-finite steps before RuntimeError.
+        progress       tqdm bars for the teacher pool, search, training and comparison.
 
     Raises:
         ValueError: invalid settings (named), an NFE the grid cannot meet, or a checkpoint

@@ -1,32 +1,21 @@
 """Sizing a distillation to a wall-time budget (``distill(time_budget_s=...)``).
 
-At the start, `measure_cost` times a few denoiser calls (forward without autograd at the
-teacher's chunk size and at the training batch size, forward plus backward to the input
-at the training batch size) and one EPD sample of a training batch (the solver's own time
-per call), and one unrolled, differentiated student on a training batch (an iteration). `plan`
-then chooses the settings the user left at `AUTO` so that the estimated total fits the
-budget:
+`measure_cost` times denoiser calls (forward at the teacher's chunk and the training batch,
+forward plus backward), one EPD sample (the solver's own time per call) and one unrolled,
+differentiated student at two batch sizes (an iteration is affine in the batch). `plan`
+then fills the settings left at `AUTO`:
 
-* the held-out comparison (`verdict`; ``compare=True``): 256 draws, fewer (at least 64)
-  if that would take over 15 % of the budget;
-* training: ``batch_size`` 64 and 300 iterations (the fixed defaults, the most the budget
-  gives), fewer iterations (at least 40) and a batch down to 16 when the training would
-  take over 55 % of what is left;
-* the teacher pool: the rest. ``M`` = 15, 7 or 3, the largest that still affords a pool
-  of 1024 draws (at most 4096), else M = 3 and the pool the rest affords (at least one
-  batch).
+* the held-out comparison (`verdict`): 256 draws, fewer (at least 64) past 15 % of the budget;
+* training: batch 64 and 300 iterations at most, fewer iterations (at least 40) and a
+  batch down to 16 when training would take over 55 % of what is left;
+* the teacher pool: the rest; ``M`` = 15, 7 or 3, the largest that affords 1024 draws
+  (at most 4096), else M = 3 and what the rest affords (at least one batch).
 
-Costs, in sequential calls on chunks of draws: the teacher on the refined grid makes
-``S (M + 1)`` calls (iPNDM; twice that for DPM-Solver-2 or Heun); the comparison a
-reference of `REFERENCE_STEPS` UniPC steps, every baseline at the NFE, the init and the
-result; each call costs the measured call plus the solver's overhead per call; a training
-iteration is affine in the batch (measured at two sizes). With ``schedule="auto"`` the grid
-search runs one teacher pool per candidate grid and about ``C / 3 + 2`` runs' worth of
-training (``C`` runs for a full-length search, as for the two learned starts), and the plan
-divides accordingly.
-
-The chosen values and the estimate are recorded in ``params.meta["budget"]``. Timings on
-a loaded machine are noisy; the plan is an estimate, not a guarantee.
+The teacher makes ``S (M + 1)`` calls per draw (iPNDM; twice that for DPM-Solver-2 or
+Heun); with ``schedule="auto"`` there is one pool per candidate grid and about
+``C / 3 + 2`` runs' worth of training (``C`` for a full-length search such as the two
+learned starts). The choice and the estimate go to ``params.meta["budget"]``; on a loaded
+machine the estimate is noisy.
 """
 from __future__ import annotations
 

@@ -2,21 +2,16 @@
 
 `distill(denoiser, nfe=5, shape=..., iterations=200, class_labels=y)` sorts its keywords by
 name: a field of `DistillSettings` (or of `SearchSettings`, the grid search's options) is a
-setting; every other keyword is conditioning and is passed to the denoiser. A misspelt
-setting would then reach the denoiser as conditioning, so `split_keywords` refuses, before
-any work, a conditioning keyword that
-
-* the denoiser cannot take (its signature, or its ``forward``'s, names no such parameter and
-  has no ``**kwargs``): ValueError naming it and the denoiser's parameters;
-* is one edit away from a setting (``iteration=``, ``batchsize=``) and is not named by the
-  denoiser's signature: ValueError "did you mean ..." (a denoiser with ``**kwargs`` would
-  otherwise swallow it silently);
-* is an option of a neighbouring function (``teacher_factor`` of `fit_dode`, ``solver`` of
-  `sample`, ...).
+setting, every other keyword conditioning for the denoiser. So that a misspelt setting
+never reaches the denoiser silently, `split_keywords` refuses, before any work, a
+conditioning keyword that the denoiser cannot take (no such parameter, no ``**kwargs``),
+that is one edit away from a setting and not named by the denoiser ("did you mean ..."),
+or that is an option of a neighbouring function (``teacher_factor`` of `fit_dode`,
+``solver`` of `sample`, ...).
 
 Settings left at `AUTO` (``iterations``, ``pool``, ``M``, ``batch_size``) are sized to
-``time_budget_s`` by `budget.plan` from the model's measured cost per evaluation; with
-``time_budget_s=None`` they take the fixed defaults below.
+``time_budget_s`` by `budget.plan`; with ``time_budget_s=None`` they take the fixed
+defaults below.
 """
 from __future__ import annotations
 

@@ -404,7 +404,7 @@ def small_amed(model, **kw):
 @pytest.mark.parametrize("plugin", [False, True])
 def test_amed_distill_loss_decreases_and_meta(form, plugin):
     model = gaussian()
-    p = small_amed(model, amed_form=form, plugin=plugin, iterations=30)
+    p = small_amed(model, amed_form=form, plugin=plugin, iterations=60)
     assert isinstance(p, AMEDParams) and p.form == form and p.plugin == plugin
     assert p.solver == ("amed-ipndm" if plugin else "amed") and p.nfe == 5 and p.afs
     m = p.meta

@@ -31,7 +31,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .common import check_int, emit, gradient, lam, phi, sigma_list, step_range
+from .common import afs_d, check_int, denoise, emit, lam, phi, sigma_list, step_range
 
 __all__ = ["sample_dpmpp3m"]
 
@@ -85,7 +85,9 @@ def sample_dpmpp3m(denoiser: Callable, x: torch.Tensor, sigmas, *,
     lams = [lam(v) for v in s]
     hist: List[Tuple[float, torch.Tensor]] = []  # (lambda, denoised), newest first
     for i in step_range(N, progress, "dpmpp3m"):
-        _, denoised = gradient(denoiser, x, s[i], cond, analytic=afs and i == 0)
+        # Only the denoised value is used: no gradient computed on the call steps.
+        denoised = (x - s[0] * afs_d(x, s[0]) if afs and i == 0
+                    else denoise(denoiser, x, s[i], cond))
         hist.insert(0, (lams[i], denoised))
         del hist[3:]
         q = min(multistep_order(i, N, max_order, lower_order_final,

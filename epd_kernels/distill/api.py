@@ -152,8 +152,9 @@ def _default_grids(s: DistillSettings):
 
     if not _may_search(s):
         return
+    # Search options are refused without schedule="auto", so the candidates are the defaults.
     search = s.replace(schedule="auto", search=dataclasses.replace(
-        s.search, candidates=tuple(s.search.candidates or DEFAULT_CANDIDATES)))
+        s.search, candidates=tuple(DEFAULT_CANDIDATES)))
     yield f"auto: the grid search over {list(search.search.candidates)} fits the budget", search
     if s.method == "epd" and s.learn_grid is None:
         yield (f"grid learned from {list(LEARNED_STARTS)}, the better on validation kept: "

@@ -10,7 +10,10 @@ log RMSE linear in NFE) over EPD's. The distillation issue's bars are marked PAS
 
 RMSE: one global RMS over all samples and elements, ``sqrt(mean((x - ref)^2))``, of the
 state at sigma_min against `REF_SOLVER` at `REF_NFE` from the same noise
-(``make_noise(TEST_SEED + i)``, never seen by the distillation). ``--quick``: two small
+(``make_noise(TEST_SEED + i)``, never seen by the distillation; `SAMPLES` per model,
+`MODEL_SAMPLES` where that is too costly). Per cell, the outlier draws of EPD and of the
+best baseline (`tail`): on the mixtures a draw near a boundary between components can end
+in the other one, and a few such draws can carry most of the squared error. ``--quick``: two small
 models, NFE 5, 64 samples, curves to NFE 12, a short distillation (`QUICK_DISTILL`).
 
     python benchmarks/bench_distill.py [--quick] [--models gaussian,skewed-16] [--out DIR]
@@ -63,7 +66,13 @@ NFES = (3, 5, 7, 9)
 MAX_NFE = 40
 REF_SOLVER, REF_NFE = "unipc", 320
 TEST_SEED = 10 ** 6
-SAMPLES = 256
+#: Held-out noises per model: 1024 where a model is cheap, since on the mixtures a few draws
+#: near a boundary between components can carry most of a solver's squared error (see
+#: `tail`), and 256 can miss them; the U-Net's reference and curves cost 4x more per draw.
+SAMPLES = 1024
+MODEL_SAMPLES = {"digits-unet": 256}
+#: A draw whose error exceeds this multiple of the solver's median draw error is an outlier.
+OUTLIER_FACTOR = 10.0
 QUICK = dict(models=["gaussian", "skewed-16"], nfes=[5], samples=64, max_nfe=12)
 #: The quick form's short distillation (the full form passes nothing: the defaults).
 QUICK_DISTILL = dict(iterations=40, pool=256, time_budget_s=None, compare=False)
@@ -134,6 +143,25 @@ def _dtype(model) -> torch.dtype:
                 torch.float32)
 
 
+def tail(x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """How much of the global RMSE a few draws carry: ``outliers`` (draws whose RMSE
+    exceeds `OUTLIER_FACTOR` times the median draw's), ``share`` (their part of the summed
+    squared error) and ``rmse_without`` (the global RMSE of the other draws)."""
+    sq = (x.double() - ref.double()).pow(2).flatten(1).mean(1)
+    sq = torch.where(torch.isfinite(sq), sq, torch.full_like(sq, math.inf))
+    out = sq > OUTLIER_FACTOR ** 2 * sq.median()
+    total = float(sq.sum())
+    share = float(sq[out].sum()) / total if 0 < total < math.inf else float(out.any())
+    rest = sq[~out]
+    return dict(outliers=int(out.sum()), draws=int(sq.numel()), share=share,
+                rmse_without=float(rest.mean().sqrt()) if rest.numel() else math.nan)
+
+
+def samples_for(cfg: dict, name: str) -> int:
+    """Held-out noises of model ``name``: the run's count, else the model's default."""
+    return cfg["samples"] or MODEL_SAMPLES.get(name, SAMPLES)
+
+
 def reference(model, noise: torch.Tensor) -> tuple:
     """(state at sigma_min, info): `REF_SOLVER` at `REF_NFE`, its error estimated as
     RMSE(half budget, ref) / 7 (third order), and measured where a closed form exists."""
@@ -175,7 +203,8 @@ def distill_epd(model, noise, ref, nfe: int, kw: dict, progress: bool) -> dict:
     if st.latency_nfe != nfe:
         raise RuntimeError(f"EPD distilled for NFE {nfe} spent latency {st.latency_nfe}")
     budget, check = params.meta.get("budget", {}), params.meta.get("comparison", {})
-    return dict(rmse=_rmse(x, ref), distill_s=wall, total_evals=st.total_evals,
+    return dict(rmse=_rmse(x, ref), tail=tail(x, ref), distill_s=wall,
+                total_evals=st.total_evals,
                 chosen=budget.get("chosen"), schedule=budget.get("schedule"),
                 estimated_s=budget.get("estimated_s"), kept=check.get("kept"),
                 check_ratio=check.get("ratio"),
@@ -192,12 +221,12 @@ def run(quick: bool, out_dir: pathlib.Path, *, models: Optional[Sequence[str]] =
         threads: Optional[int] = None, verbose: bool = True) -> dict:
     """Runs the section (module docstring); writes out_dir/distill.json and distill.png
     after every model, so an interrupted run keeps what it measured."""
-    cfg = dict(models=list(MODELS), nfes=list(NFES), samples=SAMPLES, max_nfe=MAX_NFE,
+    cfg = dict(models=list(MODELS), nfes=list(NFES), samples=None, max_nfe=MAX_NFE,
                distill_kw={}, quick=bool(quick))
     if quick:
         cfg.update(QUICK, distill_kw=dict(QUICK_DISTILL))
     cfg.update({k: list(v) for k, v in (("models", models), ("nfes", nfes)) if v})
-    cfg["samples"] = int(samples or cfg["samples"])
+    cfg["samples"] = int(samples or cfg["samples"] or 0) or None   # None: per model
     unknown = [m for m in cfg["models"] if m not in MODELS]
     if unknown:
         raise ValueError(f"models: unknown {unknown}; known: {list(MODELS)}")
@@ -230,11 +259,12 @@ def run(quick: bool, out_dir: pathlib.Path, *, models: Optional[Sequence[str]] =
 def _measure(name: str, cfg: dict, data: dict, say, verbose: bool) -> None:
     model = MODELS[name][1]()
     dtype = _dtype(model)
-    noise = make_noise(range(TEST_SEED, TEST_SEED + cfg["samples"]), tuple(model.shape),
-                       dtype=dtype)
+    count = samples_for(cfg, name)
+    noise = make_noise(range(TEST_SEED, TEST_SEED + count), tuple(model.shape), dtype=dtype)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")   # missing-label and backend notices
         ref, data["references"][name] = reference(model, noise)
+        data["references"][name]["samples"] = count
         say(f"{name}: reference {data['references'][name]['method']}, estimated error "
             f"{data['references'][name]['error_estimate']:.1e}")
         data["curves"][name] = {s: baseline_curve(model, noise, ref, s, cfg["max_nfe"])
@@ -242,6 +272,11 @@ def _measure(name: str, cfg: dict, data: dict, say, verbose: bool) -> None:
     data["epd"][name] = {}
     for n in cfg["nfes"]:
         r = distill_epd(model, noise, ref, n, cfg["distill_kw"], verbose)
+        best, _ = _best(data, name, n)
+        if best is not None:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r["best_tail"] = tail(sample(model, noise, solver=best, nfe=n), ref)
         data["epd"][name][n] = r
         say(f"{name}: EPD NFE {n}: RMSE {r['rmse']:.3g}, distilled in {r['distill_s']:.1f} s "
             f"({r['schedule']})")
@@ -286,10 +321,21 @@ def _how(cfg: dict) -> str:
             + ", ".join(f"{k}={v}" for k, v in kw.items()))
 
 
+def _samples_text(cfg: dict) -> str:
+    if cfg["samples"]:
+        return f"{cfg['samples']} per model"
+    return f"{SAMPLES} per model, " + ", ".join(f"{m} {n}" for m, n in MODEL_SAMPLES.items())
+
+
 def _rmse_text(cfg: dict) -> str:
     return (f"RMSE = global RMS over all elements, sqrt(mean((x - ref)^2)), against a "
-            f"{REF_SOLVER} NFE-{REF_NFE} reference from the same {cfg['samples']} held-out "
-            f"noises")
+            f"{REF_SOLVER} NFE-{REF_NFE} reference from the same held-out noises "
+            f"({_samples_text(cfg)})")
+
+
+def _tail_text(t: Optional[dict]) -> str:
+    """"k (s %)": outlier draws and their share of the squared error."""
+    return "-" if not t else f"{t['outliers']} ({100 * t['share']:.0f} %)"
 
 
 def tables(data: dict) -> List[dict]:
@@ -309,7 +355,8 @@ def tables(data: dict) -> List[dict]:
             chosen.append([m, n, c["schedule"] or "-", picked or "-",
                            _num(c["estimated_s"], ".0f"), f"{c['distill_s']:.0f}",
                            c["kept"] or "-", _num(c["check_ratio"], ".2f"),
-                           f"{c['rmse']:.3e}", f"{c['best']} {c['best_rmse']:.3e}", speed])
+                           f"{c['rmse']:.3e}", f"{c['best']} {c['best_rmse']:.3e}", speed,
+                           f"{_tail_text(c.get('tail'))} / {_tail_text(c.get('best_tail'))}"])
     out = [dict(title=f"EPD ({_how(cfg)}) against the best baseline at the same NFE: RMSE "
                       f"ratio, equal-quality speedup, distillation seconds "
                       f"({cfg['threads']} thread); {_rmse_text(cfg)}",
@@ -317,7 +364,8 @@ def tables(data: dict) -> List[dict]:
            dict(title="What the budget chose, and distill's own held-out check",
                 columns=["model", "NFE", "grid", "chosen", "estimated s", "wall s", "kept",
                          "own check ratio", "EPD RMSE", "best baseline RMSE",
-                         "speedup against"], rows=chosen)]
+                         "speedup against", "outlier draws: EPD / best baseline"],
+                rows=chosen)]
     cols = [n for n in CURVE_COLUMNS if n <= cfg["max_nfe"]]
     for m in done:
         rows = [[s] + [_num(c.get(n), ".3e") for n in cols]
@@ -377,13 +425,23 @@ def notes(data: dict) -> List[str]:
                    f"error {info['error_estimate']:.1e}"
                    + (f", {info['rmse_to_closed_form']:.1e} to the closed form"
                       if "rmse_to_closed_form" in info else ""))
-    for name, by_nfe in data["epd"].items():
+    out.append(f"Outlier draws: held-out draws whose RMSE exceeds {OUTLIER_FACTOR:g}x the "
+               f"solver's median draw RMSE, and their share of its squared error.")
+    for name, by_nfe in _normalised(data)["epd"].items():
         for n, r in by_nfe.items():
             out += [f"{name}, NFE {n}: distill warned: {w}" for w in r["warnings"]]
+            t, bt = r.get("tail"), r.get("best_tail")
+            if t and t["share"] > 0.5:
+                out.append(f"{name}, NFE {n}: {t['outliers']} of {t['draws']} draws carry "
+                           f"{100 * t['share']:.0f} % of EPD's squared error; without them "
+                           f"EPD's RMSE is {t['rmse_without']:.3e}"
+                           + (f" (the best baseline has {bt['outliers']}, "
+                              f"{100 * bt['share']:.0f} %; {bt['rmse_without']:.3e} without "
+                              f"them)" if bt else ""))
     if not data.get("complete", True):
         out.insert(0, "INCOMPLETE: not measured: "
                    + ", ".join(m for m in cfg["models"] if m not in data["epd"]))
-    out.append(f"{cfg['samples']} held-out noises per model (seeds {TEST_SEED}..); "
+    out.append(f"Held-out noises: {_samples_text(cfg)} (seeds {TEST_SEED}..); "
                f"{cfg['threads']} torch thread; section wall time {data['elapsed_s']:.0f} s")
     return out
 

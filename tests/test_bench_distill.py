@@ -134,3 +134,20 @@ def run_mod_readme():
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     return importlib.import_module("benchmarks.run")
+
+
+def test_tail_counts_outlier_draws_and_their_share(bench):
+    """Draw errors 1 (97 draws), 5 and 20, 40 (three draws): with the factor 10 the two
+    largest are outliers; shares and the remaining RMSE follow by hand."""
+    errs = torch.tensor([1.0] * 97 + [5.0, 20.0, 40.0], dtype=torch.float64)
+    ref = torch.zeros(100, 3, 2, dtype=torch.float64)
+    x = errs[:, None, None] * torch.ones_like(ref)      # per-draw RMSE = errs
+    t = bench.tail(x, ref)
+    total = 97 + 25 + 400 + 1600
+    assert t["outliers"] == 2 and t["draws"] == 100
+    assert t["share"] == pytest.approx(2000 / total, rel=1e-12)
+    assert t["rmse_without"] == pytest.approx(math.sqrt((97 + 25) / 98), rel=1e-12)
+    clean = bench.tail(torch.ones_like(ref), ref)        # equal errors: no outlier
+    assert clean["outliers"] == 0 and clean["share"] == 0.0 and clean["rmse_without"] == 1.0
+    x[3] = math.nan                                      # a non-finite draw is an outlier
+    assert bench.tail(x, ref)["outliers"] == 3

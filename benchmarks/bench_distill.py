@@ -13,8 +13,9 @@ state at sigma_min against `REF_SOLVER` at `REF_NFE` from the same noise
 (``make_noise(TEST_SEED + i)``, never seen by the distillation; `SAMPLES` per model,
 `MODEL_SAMPLES` where that is too costly). Per cell, the outlier draws of EPD and of the
 best baseline (`tail`): on the mixtures a draw near a boundary between components can end
-in the other one, and a few such draws can carry most of the squared error. ``--quick``: two small
-models, NFE 5, 64 samples, curves to NFE 12, a short distillation (`QUICK_DISTILL`).
+in the other one, and a few such draws can carry most of the squared error. ``--quick``:
+two small models, NFE 5, 64 samples, curves to NFE 12, a short distillation
+(`QUICK_DISTILL`).
 
     python benchmarks/bench_distill.py [--quick] [--models gaussian,skewed-16] [--out DIR]
 """
@@ -226,7 +227,8 @@ def run(quick: bool, out_dir: pathlib.Path, *, models: Optional[Sequence[str]] =
     if quick:
         cfg.update(QUICK, distill_kw=dict(QUICK_DISTILL))
     cfg.update({k: list(v) for k, v in (("models", models), ("nfes", nfes)) if v})
-    cfg["samples"] = int(samples or cfg["samples"] or 0) or None   # None: per model
+    if samples:
+        cfg["samples"] = int(samples)   # else QUICK's count, or None: per model (samples_for)
     unknown = [m for m in cfg["models"] if m not in MODELS]
     if unknown:
         raise ValueError(f"models: unknown {unknown}; known: {list(MODELS)}")
@@ -427,7 +429,7 @@ def notes(data: dict) -> List[str]:
                       if "rmse_to_closed_form" in info else ""))
     out.append(f"Outlier draws: held-out draws whose RMSE exceeds {OUTLIER_FACTOR:g}x the "
                f"solver's median draw RMSE, and their share of its squared error.")
-    for name, by_nfe in _normalised(data)["epd"].items():
+    for name, by_nfe in data["epd"].items():
         for n, r in by_nfe.items():
             out += [f"{name}, NFE {n}: distill warned: {w}" for w in r["warnings"]]
             t, bt = r.get("tail"), r.get("best_tail")

@@ -37,8 +37,8 @@ BUDGET_SHARE = 0.85
 REFERENCE_STEPS = 64
 #: Held-out draws of the comparison (at most). On the mixtures a few draws near a boundary
 #: between components can carry most of a solver's squared error (at NFE 9 on the 768-dim
-#: one, 2-7 in 2048 draws, each as much as all the others together): 256 draws often hold
-#: none of them: one run was 26x better than DEIS on 256 and 1.4x worse on 2048.
+#: one, 2-7 in 2048 draws, each as much as all the others together), and 256 draws often
+#: hold none of them (a distillation 26x better than DEIS on 256 was 1.4x worse on 2048).
 COMPARE_DRAWS = 1024
 #: Baselines the comparison runs per held-out draw, for the estimate (`verdict.BASELINES`).
 _BASELINE_COUNT = 7

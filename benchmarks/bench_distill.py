@@ -40,6 +40,8 @@ if str(HERE.parent) not in sys.path:
 from epd_kernels import distill, make_noise, sample  # noqa: E402
 from epd_kernels.models import GaussianMixtureModel  # noqa: E402
 from epd_kernels.models.registry import load_model  # noqa: E402
+from epd_kernels.distill.verdict import (  # noqa: E402
+    OUTLIER_FACTOR, draw_errors, outlier_draws)
 
 F64 = torch.float64
 
@@ -72,8 +74,6 @@ TEST_SEED = 10 ** 6
 #: `tail`), and 256 can miss them; the U-Net's reference and curves cost 4x more per draw.
 SAMPLES = 1024
 MODEL_SAMPLES = {"digits-unet": 256}
-#: A draw whose error exceeds this multiple of the solver's median draw error is an outlier.
-OUTLIER_FACTOR = 10.0
 QUICK = dict(models=["gaussian", "skewed-16"], nfes=[5], samples=64, max_nfe=12)
 #: The quick form's short distillation (the full form passes nothing: the defaults).
 QUICK_DISTILL = dict(iterations=40, pool=256, time_budget_s=None, compare=False)
@@ -145,17 +145,9 @@ def _dtype(model) -> torch.dtype:
 
 
 def tail(x: torch.Tensor, ref: torch.Tensor) -> dict:
-    """How much of the global RMSE a few draws carry: ``outliers`` (draws whose RMSE
-    exceeds `OUTLIER_FACTOR` times the median draw's), ``share`` (their part of the summed
-    squared error) and ``rmse_without`` (the global RMSE of the other draws)."""
-    sq = (x.double() - ref.double()).pow(2).flatten(1).mean(1)
-    sq = torch.where(torch.isfinite(sq), sq, torch.full_like(sq, math.inf))
-    out = sq > OUTLIER_FACTOR ** 2 * sq.median()
-    total = float(sq.sum())
-    share = float(sq[out].sum()) / total if 0 < total < math.inf else float(out.any())
-    rest = sq[~out]
-    return dict(outliers=int(out.sum()), draws=int(sq.numel()), share=share,
-                rmse_without=float(rest.mean().sqrt()) if rest.numel() else math.nan)
+    """How much of the global RMSE a few draws carry: `verdict.outlier_draws` (the same
+    statistic `distill` records in ``meta["comparison"]["outlier_draws"]``)."""
+    return outlier_draws(draw_errors(x, ref))
 
 
 def samples_for(cfg: dict, name: str) -> int:

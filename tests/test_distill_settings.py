@@ -15,7 +15,7 @@ from distill_helpers.problems import F64, gaussian, skewed_mixture
 from epd_kernels import EPDParams, make_noise, sample
 from epd_kernels.distill import DistillSettings, distill
 from epd_kernels.distill.checkpoint import remove_stale_temporaries, save_checkpoint
-from epd_kernels.distill.verdict import BASELINES
+from epd_kernels.distill.verdict import BASELINES, _verdict, draw_errors, outlier_draws
 from epd_kernels.fileio import temp_prefix
 
 pytestmark = [pytest.mark.filterwarnings("ignore:epd_kernels. using the plain-PyTorch reference"),
@@ -129,6 +129,42 @@ def test_a_lost_comparison_warns_and_the_better_start_is_kept():
     assert "returning the start" in text
     if c["ratio"] >= 1:
         assert f"baseline {c['best_baseline']!r}" in text
+
+
+def test_comparison_records_outlier_draws_and_a_loss_they_carry_is_named():
+    """`_verdict` on hand-made per-draw errors: the result is exact on 97 of 100 draws and
+    far off on 3 (a draw ending in another mode), the baseline is uniformly 0.1 off. The
+    result loses on RMSE; the record counts the 3 outliers with their share worked out by
+    hand, and the warning names them; a loss spread over every draw does not."""
+    from types import SimpleNamespace
+
+    params = EPDParams.init(torch.tensor([80.0, 2.0, 0.002], dtype=F64), 2)
+    errs = torch.tensor([1e-6] * 97 + [4.0, 9.0, 16.0], dtype=F64)    # squared, per draw
+    base = torch.full((100,), 0.01, dtype=F64)
+    s = SimpleNamespace(nfe=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, rec = _verdict(params, None, s, {"euler": base, "trained": errs}, ["euler"], 100, "")
+    t = rec["outlier_draws"]["result"]
+    assert t["outliers"] == 3 and t["draws"] == 100
+    assert t["share"] == pytest.approx(29 / (29 + 97e-6), rel=1e-12)
+    assert t["rmse_without"] == pytest.approx(1e-3, rel=1e-12)
+    assert rec["outlier_draws"]["best_baseline"]["outliers"] == 0
+    assert rec["rmse"] == pytest.approx(math.sqrt((29 + 97e-6) / 100), rel=1e-12)
+    text = " ".join(str(w.message) for w in caught)
+    assert "lost to the baseline 'euler'" in text and "3 of 100 draws carry 100%" in text
+    spread = torch.full((100,), 0.04, dtype=F64)                     # loses on every draw
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _verdict(params, None, s, {"euler": base, "trained": spread}, ["euler"], 100, "")
+    text = " ".join(str(w.message) for w in caught)
+    assert "lost to the baseline" in text and "draws carry" not in text
+    x = torch.zeros(3, 2, 2, dtype=F64)
+    x[1] = 2.0
+    x[2, 0, 0] = math.inf
+    torch.testing.assert_close(draw_errors(x, torch.zeros_like(x)),
+                               torch.tensor([0.0, 4.0, math.inf], dtype=F64))
+    assert outlier_draws(torch.zeros(4, dtype=F64))["outliers"] == 0
 
 
 def test_stale_temporaries_only_the_checkpoints_own(tmp_path):

@@ -142,9 +142,7 @@ def plan(s: DistillSettings, cost: dict, candidates: int = 1) -> tuple:
     # the final runs.
     full = s.search.search_iterations is None
     runs = (candidates if full else candidates / 3 + 2) if auto else 1
-    draws = COMPARE_DRAWS if s.compare else 0
-    if draws and draws * compare_draw > 0.10 * budget:
-        draws = max(64, int(0.10 * budget / compare_draw))
+    draws = _draws_within(COMPARE_DRAWS, 64, 0.10 * budget, compare_draw) if s.compare else 0
     rest = budget - draws * compare_draw
     val = _validation_plan(s, candidates, per_draw, budget) if auto else {}
     rest -= val.get("val_size", 0) * val.get("draw_s", 0.0)
@@ -197,10 +195,13 @@ def _validation_plan(s: DistillSettings, candidates: int, per_draw, budget: floa
     draw_s = per_draw(steps + (candidates + 2) * (2 * s.steps - int(s.afs)))
     size = s.search.val_size
     if size is None:
-        size = DEFAULT_VAL_SIZE
-        if size * draw_s > 0.15 * budget:
-            size = max(256, int(0.15 * budget / draw_s))
+        size = _draws_within(DEFAULT_VAL_SIZE, 256, 0.15 * budget, draw_s)
     return {"val_size": size, "draw_s": draw_s}
+
+
+def _draws_within(n: int, least: int, seconds: float, draw_s: float) -> int:
+    """``n`` draws, or fewer (at least ``least``) when they would take over ``seconds``."""
+    return n if n * draw_s <= seconds else max(least, int(seconds / draw_s))
 
 
 def _teacher_plan(s: DistillSettings, seconds: float, per_draw, batch: int):

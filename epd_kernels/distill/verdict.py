@@ -43,8 +43,7 @@ _OUTLIER_SHARE = 0.5
 
 
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    v = (x.to(torch.float64) - ref.to(torch.float64)).pow(2).mean().sqrt().item()
-    return v if math.isfinite(v) else math.inf
+    return _rmse_of((x.to(torch.float64) - ref.to(torch.float64)).pow(2))
 
 
 def draw_errors(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -68,6 +67,7 @@ def outlier_draws(sq: torch.Tensor) -> dict:
 
 
 def _rmse_of(sq: torch.Tensor) -> float:
+    """sqrt(mean(sq)) of squared errors (per element or per draw), inf if not finite."""
     v = float(sq.mean().sqrt())
     return v if math.isfinite(v) else math.inf
 

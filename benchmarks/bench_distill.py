@@ -118,6 +118,31 @@ def match_nfe(curve: Dict[int, float], target: float, max_nfe: int = MAX_NFE) ->
     return dict(out, nfe=n0 + frac * (n1 - n0), status="crossed")
 
 
+#: Paired bootstrap of the RMSE ratio: resamples and the central interval's level.
+BOOTSTRAP_RESAMPLES, INTERVAL_LEVEL = 4000, 0.95
+
+
+def ratio_interval(sq_a: torch.Tensor, sq_b: torch.Tensor, resamples: int = BOOTSTRAP_RESAMPLES,
+                   level: float = INTERVAL_LEVEL, seed: int = 0) -> tuple:
+    """Central ``level`` interval of RMSE(a) / RMSE(b) = sqrt(sum sq_a / sum sq_b) over
+    draws resampled with replacement, the same draws for both (paired: both solvers ran
+    from the same noises). Why: on the mixtures a handful of draws that end in another
+    component carry most of a solver's squared error, so a ratio from 1024 draws can sit
+    on either side of 1 by chance; the interval says when it does."""
+    a, b = sq_a.to(torch.float64).reshape(-1), sq_b.to(torch.float64).reshape(-1)
+    if a.shape != b.shape or a.numel() == 0:
+        raise ValueError(f"sq_a and sq_b must be per-draw errors of the same draws, got "
+                         f"{tuple(sq_a.shape)} and {tuple(sq_b.shape)}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return (math.nan, math.nan)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, a.numel(), (resamples, a.numel()), generator=g)
+    ratio = (a[idx].sum(1) / b[idx].sum(1)).sqrt()
+    tail = (1.0 - level) / 2
+    lo, hi = torch.quantile(ratio, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    return (float(lo), float(hi))
+
+
 def speedup_text(match: dict, epd_nfe: int, max_nfe: int = MAX_NFE) -> str:
     """The baseline's NFE over EPD's: "3.13x", "> 13.33x" (not reached by ``max_nfe``),
     "<= 0.33x" (reached at its first budget); "*" marks a curve that is not monotone up
@@ -196,7 +221,7 @@ def distill_epd(model, noise, ref, nfe: int, kw: dict, progress: bool) -> dict:
     if st.latency_nfe != nfe:
         raise RuntimeError(f"EPD distilled for NFE {nfe} spent latency {st.latency_nfe}")
     budget, check = params.meta.get("budget", {}), params.meta.get("comparison", {})
-    return dict(rmse=_rmse(x, ref), tail=tail(x, ref), distill_s=wall,
+    return dict(rmse=_rmse(x, ref), tail=tail(x, ref), distill_s=wall, draw_sq=draw_errors(x, ref),
                 total_evals=st.total_evals,
                 chosen=budget.get("chosen"), schedule=budget.get("schedule"),
                 estimated_s=budget.get("estimated_s"), kept=check.get("kept"),
@@ -266,11 +291,14 @@ def _measure(name: str, cfg: dict, data: dict, say, verbose: bool) -> None:
     data["epd"][name] = {}
     for n in cfg["nfes"]:
         r = distill_epd(model, noise, ref, n, cfg["distill_kw"], verbose)
+        epd_sq = r.pop("draw_sq")   # per-draw errors: kept out of the JSON
         best, _ = _best(data, name, n)
         if best is not None:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                r["best_tail"] = tail(sample(model, noise, solver=best, nfe=n), ref)
+                x_best = sample(model, noise, solver=best, nfe=n)
+            r["best_tail"] = tail(x_best, ref)
+            r["ratio_interval"] = list(ratio_interval(epd_sq, draw_errors(x_best, ref)))
         data["epd"][name][n] = r
         say(f"{name}: EPD NFE {n}: RMSE {r['rmse']:.3g}, distilled in {r['distill_s']:.1f} s "
             f"({r['schedule']})")
@@ -349,7 +377,8 @@ def tables(data: dict) -> List[dict]:
             chosen.append([m, n, c["schedule"] or "-", picked or "-",
                            _num(c["estimated_s"], ".0f"), f"{c['distill_s']:.0f}",
                            c["kept"] or "-", _num(c["check_ratio"], ".2f"),
-                           f"{c['rmse']:.3e}", f"{c['best']} {c['best_rmse']:.3e}", speed,
+                           f"{c['rmse']:.3e}", f"{c['best']} {c['best_rmse']:.3e}",
+                           _interval_text(c.get("ratio_interval")), speed,
                            f"{_tail_text(c.get('tail'))} / {_tail_text(c.get('best_tail'))}"])
     out = [dict(title=f"EPD ({_how(cfg)}) against the best baseline at the same NFE: RMSE "
                       f"ratio, equal-quality speedup, distillation seconds "
@@ -358,7 +387,7 @@ def tables(data: dict) -> List[dict]:
            dict(title="What the budget chose, and distill's own held-out check",
                 columns=["model", "NFE", "grid", "chosen", "estimated s", "wall s", "kept",
                          "own check ratio", "EPD RMSE", "best baseline RMSE",
-                         "speedup against", "outlier draws: EPD / best baseline"],
+                         f"ratio, {100 * INTERVAL_LEVEL:.0f} % interval", "speedup against", "outlier draws: EPD / best baseline"],
                 rows=chosen)]
     cols = [n for n in CURVE_COLUMNS if n <= cfg["max_nfe"]]
     for m in done:
@@ -375,6 +404,20 @@ def _headline_cell(c: dict, n: int, max_nfe: int) -> str:
             f"{c['distill_s']:.0f} s")
 
 
+def _interval_text(iv) -> str:
+    return "-" if not iv or any(math.isnan(v) for v in iv) else f"{iv[0]:.2f}-{iv[1]:.2f}"
+
+
+def _bar_text(c: dict, bar: float) -> str:
+    """"bar b", with the ratio's interval and whether it holds the bar (a cell decided by
+    the draws rather than the solvers)."""
+    iv = c.get("ratio_interval")
+    if not iv or any(math.isnan(v) for v in iv):
+        return f"bar {bar}"
+    held = "; the interval holds the bar" if iv[0] <= bar <= iv[1] else ""
+    return f"{100 * INTERVAL_LEVEL:.0f} % interval {_interval_text(iv)}{held}; bar {bar}"
+
+
 def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -388,7 +431,8 @@ def bars(data: dict) -> List[str]:
             c = _cell(data, m, n)
             bar = RATIO_BAR_NFE5 if n == 5 else RATIO_BAR
             verdict = "PASS" if c["ratio"] < bar or (n == 5 and c["ratio"] <= bar) else "MISS"
-            line = f"{verdict}: {m} NFE {n}: EPD / {c['best']} = {c['ratio']:.2f} (bar {bar})"
+            line = (f"{verdict}: {m} NFE {n}: EPD / {c['best']} = {c['ratio']:.2f} "
+                    f"({_bar_text(c, bar)})")
             if n == 5:
                 limit = MODELS[m][2]
                 line += (f"; distilled in {c['distill_s']:.0f} s "
@@ -419,6 +463,9 @@ def notes(data: dict) -> List[str]:
                    f"error {info['error_estimate']:.1e}"
                    + (f", {info['rmse_to_closed_form']:.1e} to the closed form"
                       if "rmse_to_closed_form" in info else ""))
+    out.append(f"Ratio intervals: central {100 * INTERVAL_LEVEL:.0f} % of the RMSE ratio over "
+               f"{BOOTSTRAP_RESAMPLES} resamples of the held-out draws with replacement, the "
+               f"same draws for EPD and the best baseline (paired bootstrap).")
     out.append(f"Outlier draws: held-out draws whose RMSE exceeds {OUTLIER_FACTOR:g}x the "
                f"solver's median draw RMSE, and their share of its squared error.")
     for name, by_nfe in data["epd"].items():

@@ -221,7 +221,8 @@ def distill_epd(model, noise, ref, nfe: int, kw: dict, progress: bool) -> dict:
     if st.latency_nfe != nfe:
         raise RuntimeError(f"EPD distilled for NFE {nfe} spent latency {st.latency_nfe}")
     budget, check = params.meta.get("budget", {}), params.meta.get("comparison", {})
-    return dict(rmse=_rmse(x, ref), tail=tail(x, ref), distill_s=wall, draw_sq=draw_errors(x, ref),
+    sq = draw_errors(x, ref)
+    return dict(rmse=_rmse(x, ref), tail=outlier_draws(sq), distill_s=wall, draw_sq=sq,
                 total_evals=st.total_evals,
                 chosen=budget.get("chosen"), schedule=budget.get("schedule"),
                 estimated_s=budget.get("estimated_s"), kept=check.get("kept"),
@@ -297,8 +298,9 @@ def _measure(name: str, cfg: dict, data: dict, say, verbose: bool) -> None:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 x_best = sample(model, noise, solver=best, nfe=n)
-            r["best_tail"] = tail(x_best, ref)
-            r["ratio_interval"] = list(ratio_interval(epd_sq, draw_errors(x_best, ref)))
+            best_sq = draw_errors(x_best, ref)
+            r["best_tail"] = outlier_draws(best_sq)
+            r["ratio_interval"] = list(ratio_interval(epd_sq, best_sq))
         data["epd"][name][n] = r
         say(f"{name}: EPD NFE {n}: RMSE {r['rmse']:.3g}, distilled in {r['distill_s']:.1f} s "
             f"({r['schedule']})")
@@ -387,7 +389,8 @@ def tables(data: dict) -> List[dict]:
            dict(title="What the budget chose, and distill's own held-out check",
                 columns=["model", "NFE", "grid", "chosen", "estimated s", "wall s", "kept",
                          "own check ratio", "EPD RMSE", "best baseline RMSE",
-                         f"ratio, {100 * INTERVAL_LEVEL:.0f} % interval", "speedup against", "outlier draws: EPD / best baseline"],
+                         f"ratio, {100 * INTERVAL_LEVEL:.0f} % interval", "speedup against",
+                         "outlier draws: EPD / best baseline"],
                 rows=chosen)]
     cols = [n for n in CURVE_COLUMNS if n <= cfg["max_nfe"]]
     for m in done:
@@ -412,10 +415,11 @@ def _bar_text(c: dict, bar: float) -> str:
     """"bar b", with the ratio's interval and whether it holds the bar (a cell decided by
     the draws rather than the solvers)."""
     iv = c.get("ratio_interval")
-    if not iv or any(math.isnan(v) for v in iv):
+    text = _interval_text(iv)
+    if text == "-":
         return f"bar {bar}"
     held = "; the interval holds the bar" if iv[0] <= bar <= iv[1] else ""
-    return f"{100 * INTERVAL_LEVEL:.0f} % interval {_interval_text(iv)}{held}; bar {bar}"
+    return f"{100 * INTERVAL_LEVEL:.0f} % interval {text}{held}; bar {bar}"
 
 
 def _num(v, fmt: str) -> str:

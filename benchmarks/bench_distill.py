@@ -412,14 +412,14 @@ def _interval_text(iv) -> str:
 
 
 def _bar_text(c: dict, bar: float) -> str:
-    """"bar b", with the ratio's interval and whether it holds the bar (a cell decided by
-    the draws rather than the solvers)."""
+    """"bar b", then the ratio's interval and whether it contains the bar (a cell decided
+    by the draws rather than the solvers)."""
     iv = c.get("ratio_interval")
     text = _interval_text(iv)
     if text == "-":
         return f"bar {bar}"
-    held = "; the interval holds the bar" if iv[0] <= bar <= iv[1] else ""
-    return f"{100 * INTERVAL_LEVEL:.0f} % interval {text}{held}; bar {bar}"
+    held = ", which contains the bar" if iv[0] <= bar <= iv[1] else ""
+    return f"bar {bar}; {100 * INTERVAL_LEVEL:.0f} % interval {text}{held}"
 
 
 def _num(v, fmt: str) -> str:

@@ -197,3 +197,16 @@ def test_ratio_interval_covers_the_population_ratio(bench):
     assert 0.80 <= hits / 200 <= 0.97
     w300, w1200 = (sum(w) / len(w) for w in (widths[300], widths[1200]))
     assert 0.35 < w1200 / w300 < 0.7
+
+
+@pytest.mark.parametrize("iv, bar, says", [
+    ((0.73, 1.73), 1.0, "bar 1.0; 95 % interval 0.73-1.73, which contains the bar"),
+    ((0.31, 0.37), 0.6, "bar 0.6; 95 % interval 0.31-0.37"),
+    ((0.5, 0.6), 0.6, "bar 0.6; 95 % interval 0.50-0.60, which contains the bar"),  # closed
+    ((math.nan, math.nan), 1.0, "bar 1.0"),
+    (None, 1.0, "bar 1.0"),
+])
+def test_bar_text_says_whether_the_interval_contains_the_bar(bench, iv, bar, says):
+    """The PASS / MISS line's clause: the bar, then the interval where there is one, and
+    whether the bar lies inside it (the cell is then decided by the draws)."""
+    assert bench._bar_text({"ratio_interval": iv}, bar) == says

@@ -144,7 +144,7 @@ def test_distill_schedule_auto_fast_and_dode_grid(work):
     assert p.meta["M"] == FAST_SETTINGS["M"]
     assert p.meta["pool"] == FAST_SETTINGS["pool"]   # per-row labels: one per pool entry
     assert search["final"]["learn_grid"] is True     # auto learns the grid by default
-    assert search["final"]["kept"] in ("search", "learned", "fixed")
+    assert search["final"]["kept"] in ("search", "learned", "fixed", "learned_start")
 
     out = work / "gmm-epd3-fixed-learned.safetensors"    # --learn-grid on a fixed grid
     epd("distill", "--model", "gmm", "--solver", "epd", "--nfe", 3, "--iterations", 4,

@@ -455,8 +455,9 @@ def test_schedule_auto_is_the_schedule_search():
     chosen = _resolve_sigmas(DEFAULT_CANDIDATES[report["chosen"]], 3).to(p.sigmas)
     if report["final"]["kept"] in ("search", "fixed"):   # the searched grid, else learned
         assert torch.allclose(p.sigmas, chosen), (p.sigmas, report)
-    else:
-        assert p.schedule == {"kind": "learned", "start": DEFAULT_CANDIDATES[report["chosen"]]}
+    else:   # learned from the chosen grid, or from the neutral rho-7 start
+        start = "poly7" if report["final"]["kept"] == "learned_start" else report["chosen"]
+        assert p.schedule == {"kind": "learned", "start": DEFAULT_CANDIDATES[start]}
         assert p.sigmas[0] == chosen[0] and p.sigmas[-1] == chosen[-1]
     q2 = distill(model, schedule="auto", learn_grid=False, compare=False, **kw)
     assert any(torch.allclose(q2.sigmas, g.to(p.sigmas)) for g in grids), (q2.sigmas, report)

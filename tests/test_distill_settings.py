@@ -228,3 +228,22 @@ def test_budget_chosen_settings_resume_from_the_checkpoint(tmp_path, monkeypatch
     assert again.meta["budget"]["from_checkpoint"] and again.meta["budget"]["chosen"] == chosen
     for n in ("r", "weights", "delta", "o"):
         assert torch.equal(getattr(again, n), getattr(first, n)), n
+
+
+def test_budget_counts_the_search_final_runs():
+    """With ``schedule="auto"`` the plan divides training among C / 3 + 3 runs for EPD
+    with a learned grid (fixed grid, grid learned from it, grid learned from the neutral
+    start) and C / 3 + 2 otherwise: on a budget that binds, iterations in that ratio."""
+    from epd_kernels.distill import budget
+    from epd_kernels.distill.settings import DistillSettings
+
+    cost = {"call_chunk": 1e-3, "chunk": 256, "overhead": 0.0, "batch": 64, "iteration": 0.2,
+            "small_batch": 16, "iteration_small": 0.05, "measure_s": 0.0}
+    its = {}
+    for name, kw in (("epd", {}), ("fixed", {"learn_grid": False}),
+                     ("amed", {"method": "amed", "num_points": None})):
+        s = DistillSettings(nfe=5, shape=(4,), schedule="auto", time_budget_s=60,
+                            compare=False, **kw)
+        its[name] = budget.plan(s, cost, 5)[0].iterations
+    assert 40 < its["epd"] < its["fixed"] == its["amed"] < 300   # the budget binds
+    assert its["epd"] / its["fixed"] == pytest.approx((5 / 3 + 2) / (5 / 3 + 3), abs=0.01)

@@ -315,8 +315,9 @@ def test_fast_settings_are_accepted_with_and_without_the_search():
 
 def test_schedule_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(monkeypatch):
     """Default for EPD: after the fixed-grid final run, a run from it that learns the grid
-    (final-state loss, lr * LEARN_GRID_LR_SCALE); the lower validation RMSE is kept, and
-    the recorded scores are the validation RMSEs of the two results."""
+    (final-state loss, lr * LEARN_GRID_LR_SCALE) and one that learns it from neutral params
+    on the rho-7 grid (lr as given); the lowest validation RMSE is kept, and the recorded
+    scores are the validation RMSEs of the results."""
     model = gaussian()
     calls = []
     real = schedule_search.train
@@ -329,19 +330,22 @@ def test_schedule_auto_learns_the_grid_from_the_fixed_run_and_keeps_the_better(m
     monkeypatch.setattr(schedule_search, "train", spy)
     kw = dict(TINY, iterations=10)
     params, report = search(model, candidates=CANDS, search_iterations=4, **kw)
-    assert len(calls) == 5
-    (fixed_kw, fixed), (grid_kw, learned) = calls[3], calls[4]
+    assert len(calls) == 6
+    (fixed_kw, fixed), (grid_kw, learned), (start_kw, neutral) = calls[3], calls[4], calls[5]
     assert not fixed_kw.get("learn_grid") and grid_kw["learn_grid"] is True
     assert fixed_kw["init"] is report["candidates"][report["chosen"]]["params"]
     assert grid_kw["lr"] == pytest.approx(TINY["lr"] * schedule_search.LEARN_GRID_LR_SCALE)
     assert learned.meta["match"] == "final" and learned.schedule["kind"] == "learned"
+    assert start_kw["init"] is None and start_kw["learn_grid"] is True
+    assert start_kw["lr"] == TINY["lr"] and start_kw["iterations"] == kw["iterations"]
+    assert neutral.schedule == {"kind": "learned", "start": DEFAULT_CANDIDATES["poly7"]}
     rec = report["final"]
     assert params.meta["schedule_search"]["final"] == rec
     # the scores are the validation RMSEs: re-score both against the same reference
     _, rep = choose(model, candidates={"fixed": fixed.sigmas}, **dict(TINY, iterations=1))
     score = rep["score"]
     start = fixed_kw["init"]
-    runs = {"search": start, "fixed": fixed, "learned": learned}
+    runs = {"search": start, "fixed": fixed, "learned": learned, "learned_start": neutral}
     for name, p in runs.items():
         assert rec[f"{name}_val_rmse"] == pytest.approx(score(p), rel=1e-9), name
     # the grid run starts from the better of the winner and the fixed run; the best is kept

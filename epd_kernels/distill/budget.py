@@ -14,9 +14,9 @@ then fills the settings left at `AUTO`:
 
 The teacher makes ``S (M + 1)`` calls per draw (iPNDM; twice that for DPM-Solver-2 or
 Heun); with ``schedule="auto"`` there is one pool per candidate grid and about
-``C / 3 + 2`` runs' worth of training (``C`` for a full-length search such as the two
-learned starts). The choice and the estimate go to ``params.meta["budget"]``; on a loaded
-machine the estimate is noisy.
+``C / 3 + 3`` runs' worth of training for EPD with a learned grid (else ``C / 3 + 2``;
+``C`` for a full-length search such as the two learned starts). The choice and the
+estimate go to ``params.meta["budget"]``; on a loaded machine the estimate is noisy.
 """
 from __future__ import annotations
 
@@ -141,7 +141,9 @@ def plan(s: DistillSettings, cost: dict, candidates: int = 1) -> tuple:
     # Training runs' worth of iterations: full-length candidate runs, or short ones and
     # the final runs.
     full = s.search.search_iterations is None
-    runs = (candidates if full else candidates / 3 + 2) if auto else 1
+    # EPD's final runs: the fixed grid, the grid learned from it and from the neutral start
+    finals = 3 if s.method == "epd" and s.learn_grid is not False else 2
+    runs = (candidates if full else candidates / 3 + finals) if auto else 1
     draws = _draws_within(COMPARE_DRAWS, 64, 0.10 * budget, compare_draw) if s.compare else 0
     rest = budget - draws * compare_draw
     val = _validation_plan(s, candidates, per_draw, budget) if auto else {}

@@ -15,7 +15,9 @@ rho 7 3.3x, rho 3.5 9.8x, log-SNR 14x), and every grid was the best somewhere. S
    half the work; the whole costs about 2.7 plain runs); for EPD a second run from the
    better of the two also learns the interior sigmas (digits U-Net, NFE 5: 0.0479 to
    0.0411; at NFE 9 an oracle fit showed the grid, not the distillation, kept EPD behind
-   iPNDM). The lowest validation RMSE among the winner and these runs is kept.
+   iPNDM), and a third learns them from neutral params on the rho-7 grid (`LEARNED_START`,
+   where the budget's learned-grid default starts: learned grids end in different basins
+   by start). The lowest validation RMSE among the winner and these runs is kept.
 """
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ DEFAULT_SEARCH_ITERATIONS = 100
 #: `distill`'s, as every run is short; better in 10 of 16 cases (exact digits, EPD-Plugin,
 #: NFE 7: 0.113 vs 0.219).
 AUTO_LR = 0.1
+#: The start of the final run that learns the grid from neutral params (the grid that
+#: `distill`'s learned-grid default starts from when no search fits).
+LEARNED_START = "poly7"
 #: Learning-rate factor of the final run that learns the grid: its final-state loss is
 #: dominated by a few draws, and on the mixture lr 0.1 moved grids far (NFE 7: 0.125).
 LEARN_GRID_LR_SCALE = 0.3
@@ -310,6 +315,15 @@ def _final_runs(denoiser, score, start, s: DistillSettings, cond: dict,
                          checkpoint=None if s.checkpoint is None else f"{s.checkpoint}.learn_grid")
         runs["learned"] = train(denoiser, grid, cond)
         scores["learned"] = score(runs["learned"])
+        # Learned grids end in different basins by start: the winner's can be worse than
+        # the grid learned from the neutral rho-7 start that small budgets use (U-Net,
+        # NFE 5: poly5's ended at 0.065 on test draws, rho 7's at 0.058), so a larger budget
+        # would lose what a smaller one finds. That start's run is a candidate too.
+        neutral = s.replace(schedule=DEFAULT_CANDIDATES[LEARNED_START], init=None,
+                            learn_grid=True, iterations=its, progress=progress, checkpoint=None
+                            if s.checkpoint is None else f"{s.checkpoint}.learned_start")
+        runs["learned_start"] = train(denoiser, neutral, cond)
+        scores["learned_start"] = score(runs["learned_start"])
     kept = min(scores, key=scores.get)
     record = {"learn_grid": learn, "kept": kept,
               **{f"{name}_val_rmse": v for name, v in scores.items()}}

@@ -13,6 +13,7 @@ from . import budget as _budget
 from . import verdict
 from .conditioning import per_row_keys
 from .loop import default_device, dist_info, frozen, train
+from .schedule_search import LEARNED_START
 from .settings import AUTO, DistillSettings, split_keywords
 
 __all__ = ["distill"]
@@ -139,7 +140,7 @@ MIN_SEARCH_POOL = 512
 #: time-uniform: the mixtures; `schedule_search` docstring).
 SMALL_SEARCH = ("poly7", "poly3.5", "time-uniform")
 #: The grids the default learns from when no search fits.
-LEARNED_STARTS = ("poly7", "logsnr")
+LEARNED_STARTS = (LEARNED_START, "logsnr")
 
 
 def _default_grids(s: DistillSettings):

@@ -141,8 +141,10 @@ def plan(s: DistillSettings, cost: dict, candidates: int = 1) -> tuple:
     # Training runs' worth of iterations: full-length candidate runs, or short ones and
     # the final runs.
     full = s.search.search_iterations is None
-    # EPD's final runs: the fixed grid, the grid learned from it and from the neutral start
-    finals = 3 if s.method == "epd" and s.learn_grid is not False else 2
+    from .schedule_search import learns_grid   # (it imports this module)
+
+    # The final runs: the fixed grid, and the grid learned from it and from the neutral start
+    finals = 3 if learns_grid(s) else 2
     runs = (candidates if full else candidates / 3 + finals) if auto else 1
     draws = _draws_within(COMPARE_DRAWS, 64, 0.10 * budget, compare_draw) if s.compare else 0
     rest = budget - draws * compare_draw

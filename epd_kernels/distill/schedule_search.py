@@ -42,7 +42,8 @@ from .verdict import progress_bar, rmse
 
 __all__ = ["DEFAULT_CANDIDATES", "VAL_SEED_BASE", "DEFAULT_VAL_SIZE", "DEFAULT_REFERENCE_STEPS",
            "DEFAULT_SEARCH_ITERATIONS", "AUTO_LR", "FAST_SETTINGS", "SEARCH_OPTIONS",
-           "LEARN_GRID_LR_SCALE", "validation_seeds", "training_seeds"]
+           "LEARN_GRID_LR_SCALE", "LEARNED_START", "learns_grid", "validation_seeds",
+           "training_seeds"]
 
 #: Grids tried by default, in order (the first wins ties). Each is the best for some model
 #: and NFE of the benchmark and 2.2-16x off the best for another (module docstring).
@@ -294,6 +295,12 @@ def _auto(denoiser, s: DistillSettings, cond: dict):
     return params, report
 
 
+def learns_grid(s: DistillSettings) -> bool:
+    """Whether the final runs learn the grid (from the winner and from `LEARNED_START`):
+    by default for EPD, as ``learn_grid`` says otherwise."""
+    return s.method == "epd" if s.learn_grid is None else bool(s.learn_grid)
+
+
 def _final_runs(denoiser, score, start, s: DistillSettings, cond: dict,
                 grid_iterations: Optional[int], progress: bool):
     """The final run(s) from the search winner ``start`` = (params, its validation RMSE):
@@ -301,7 +308,7 @@ def _final_runs(denoiser, score, start, s: DistillSettings, cond: dict,
     run can be worse on validation (the 64-dim mixture at NFE 9: 0.072 after the search,
     0.136 after the full run, whose trajectory loss misses the few draws that end in
     another component)."""
-    learn = s.method == "epd" if s.learn_grid is None else bool(s.learn_grid)
+    learn = learns_grid(s)
     start, start_score = start
     fixed = train(denoiser, s.replace(init=start, learn_grid=False,
                                       match=None if learn else s.match, progress=progress), cond)

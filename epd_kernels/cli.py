@@ -171,6 +171,10 @@ def _add_distill(sub, default_model: str) -> None:
                         "(fewer, smaller iterations; a shorter grid search); options given "
                         "explicitly still win")
     p.add_argument("--checkpoint", default=None, help="EPD / AMED checkpoint file (resume)")
+    p.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="EPD / AMED: skip the held-out comparison with every baseline at the "
+                        "NFE (meta 'comparison', the warning if EPD lost, the start kept if "
+                        "better); within --time-budget it takes at most a tenth")
     p.add_argument("--class-label", default=None,
                    help="conditional models: 'seed' (row %% classes, default), an int, or 'none'")
     p.add_argument("--out", required=True, help="params file (.safetensors)")

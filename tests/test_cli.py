@@ -117,6 +117,8 @@ def test_distill_writes_loadable_params(epd_params, work):
     assert p.nfe == 3 and p.solver == "epd" and p.num_points == 2
     assert p.meta["model"] == "gmm" and p.meta["shape"] == [64]
     assert p.meta["iterations"] == 3
+    # compared with the baselines on held-out noise by default (`epd_params` keeps it)
+    assert p.meta["comparison"]["baselines"]
 
     out = work / "gmm-deuler5.safetensors"
     epd("distill", "--model", "gmm", "--solver", "d-euler", "--nfe", 5, "--batch-size", 16,
@@ -410,6 +412,8 @@ def _error_cases(work, epd_params):
           "--out", work / "x.safetensors"], ["--schedule auto", "EPD and AMED"]),
         (["distill", "--model", "gmm", "--solver", "d-euler", "--nfe", 3, "--fast",
           "--out", work / "x.safetensors"], ["--fast", "closed form"]),
+        (["distill", "--model", "gmm", "--solver", "d-euler", "--nfe", 3, "--no-compare",
+          "--out", work / "x.safetensors"], ["--no-compare", "closed form"]),
         (["distill", "--model", "gmm", "--solver", "d-euler", "--nfe", 3, "--learn-grid",
           "on", "--out", work / "x.safetensors"], ["--learn-grid", "closed form"]),
         (["distill", "--model", "gmm", "--solver", "amed", "--nfe", 3, "--learn-grid",
@@ -563,9 +567,10 @@ def test_amed_module_features_on_the_unet(work):
     path = work / "unet-amed.safetensors"
     epd("distill", "--model", "digits-unet", "--solver", "amed", "--nfe", 3,
         "--features", "module:net.mid2", "--iterations", 2, "--teacher-points", 1,
-        "--batch-size", 2, "--no-progress", "--out", path)
+        "--batch-size", 2, "--no-progress", "--no-compare", "--out", path)
     p = AMEDParams.load(path)
     assert p.features == "module:net.mid2" and p.meta["features"] == "module:net.mid2"
+    assert "comparison" not in p.meta    # --no-compare
     assert p.feature_dim == 4  # 64 channels at 2x2, channel-averaged
 
     out = work / "unet-amed-samples"

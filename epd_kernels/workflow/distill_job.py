@@ -94,7 +94,8 @@ def _check_options(args) -> str:
     if solver not in AMED_SOLVERS and given:
         raise UserError(f"{', '.join(given)} only apply to the AMED solvers (amed, "
                         f"amed-ipndm), not to {solver}")
-    given = _given(args, _TRAINING_OPTIONS)
+    given = _given(args, _TRAINING_OPTIONS) + (
+        ["--no-compare"] if getattr(args, "compare", True) is False else [])
     if not trained and given:
         raise UserError(f"{', '.join(given)} only apply to the EPD and AMED solvers; "
                         f"D-ODE ({solver}) is fitted in closed form")
@@ -179,7 +180,7 @@ def _distill(args, solver, model, shape, label_mode, dist):
     try:
         return distill(model, nfe=args.nfe, shape=shape, plugin=solver.endswith("-ipndm"),
                        time_budget_s=args.time_budget, lr=args.lr, seed=args.seed,
-                       device=args.device, checkpoint=args.checkpoint,
+                       device=args.device, checkpoint=args.checkpoint, compare=args.compare,
                        progress=args.progress and dist.is_main, **method, **extra, **cond)
     except ValueError as e:
         raise UserError(one_line(e)) from None

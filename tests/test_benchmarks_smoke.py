@@ -400,7 +400,8 @@ def test_solvers_section_distilled_rows(tmp_path, run_mod):
     mod, _, why = run_mod.load_section("solvers")
     assert mod is not None, why
     demo = mod.DEFAULT_MODEL
-    tiny_epd = dict(iterations=2, M=1, batch_size=4)
+    # (compare=False: the held-out comparison is tested in test_distill_settings)
+    tiny_epd = dict(iterations=2, M=1, batch_size=4, compare=False)
     tiny_dode = dict(batch_size=8, teacher_factor=2)
     # EPD and AMED distil by gradient (iterations), D-ODE in closed form (teacher_factor).
     settings = {s: (tiny_dode if s.startswith("d-") else tiny_epd) for s in mod.DISTILLED}

@@ -94,8 +94,7 @@ def _check_options(args) -> str:
     if solver not in AMED_SOLVERS and given:
         raise UserError(f"{', '.join(given)} only apply to the AMED solvers (amed, "
                         f"amed-ipndm), not to {solver}")
-    given = _given(args, _TRAINING_OPTIONS) + (
-        ["--no-compare"] if getattr(args, "compare", True) is False else [])
+    given = _given(args, _TRAINING_OPTIONS) + ([] if args.compare else ["--no-compare"])
     if not trained and given:
         raise UserError(f"{', '.join(given)} only apply to the EPD and AMED solvers; "
                         f"D-ODE ({solver}) is fitted in closed form")
